@@ -1,0 +1,112 @@
+"""The one typed config of reloop, validated on load.
+
+Every section defaults to the embedded profile (local Kafka, SQLite Feast,
+local Ray, local directories), so an empty file, or none, is a valid config.
+Unknown keys are errors that name the key and the file. Secrets are never in
+the file: fields ending in ``_env`` name the environment variable to read.
+
+>>> cfg = ReloopConfig()
+>>> cfg.kafka.bootstrap_servers, cfg.feast.profile
+('127.0.0.1:9092', 'sqlite')
+>>> ReloopConfig.model_validate({"kafka": {"bootstrap": "x"}})
+Traceback (most recent call last):
+...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ReloopConfig
+kafka.bootstrap
+  Extra inputs are not permitted ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(Strict):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "reloop.events"
+    dlq_topic: str = "reloop.events.dlq"
+    alerts_topic: str = "reloop.alerts"
+    partitions: int = Field(4, ge=1)
+    consumer_group: str = "reloop-features"
+    #: passed through to kafka-python clients: security_protocol, sasl_mechanism, ssl_cafile, ...
+    security: dict[str, str] = Field(default_factory=dict)
+    #: name of the environment variable holding the SASL password (never the password itself)
+    sasl_password_env: str | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for any kafka-python client (bootstrap + security pass-through)."""
+        opts: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(","), **self.security}
+        if self.sasl_password_env:
+            try:
+                opts["sasl_plain_password"] = os.environ[self.sasl_password_env]
+            except KeyError:
+                raise ConfigError(f"kafka.sasl_password_env: environment variable {self.sasl_password_env} "
+                                  f"is not set") from None
+        return opts
+
+
+class FeastConfig(Strict):
+    #: sqlite = embedded online store; redis = production profile (infra Redis or your own)
+    profile: Literal["sqlite", "redis"] = "sqlite"
+    repo_path: str = "features"
+    redis_connection_string: str = "127.0.0.1:6399"
+
+
+class RayConfig(Strict):
+    #: None: a local ``ray.init()``; "auto" or "ray://host:10001" or "host:port" for a cluster
+    address: str | None = None
+    #: the dashboard/jobs address for ``ray job submit``
+    jobs_address: str = "http://127.0.0.1:8265"
+
+
+class StorageConfig(Strict):
+    #: where the model registry lives: a local path or any pyarrow.fs / fsspec URI
+    registry_uri: str = ".state/registry"
+    #: where the feature job writes training examples (partitioned Parquet)
+    examples_uri: str = ".state/examples"
+    #: where reports and evaluation results go
+    reports_dir: str = "reports"
+
+
+class ReloopConfig(Strict):
+    kafka: KafkaConfig = KafkaConfig()
+    feast: FeastConfig = FeastConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the file and field."""
+
+
+def load_config(path: str | Path | None = None) -> ReloopConfig:
+    """Load and validate a YAML config; ``None`` gives the embedded defaults."""
+    if path is None:
+        return ReloopConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ReloopConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{path}: {loc}: {what}")
+        raise ConfigError("\n".join(lines)) from None

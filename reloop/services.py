@@ -1,0 +1,407 @@
+"""Start, health-check and stop the local services reloop runs on.
+
+Each service is a process started by us, remembered by a pid file in the state
+dir (``$RELOOP_STATE_DIR``, default ``./.state``), and stopped by that pid only:
+never ``pkill``/``killall``/``ray stop``, which would hit other users' processes.
+Every call is idempotent: ``start`` on a running service returns at once,
+``stop`` on a stopped one does nothing.
+
+- Kafka 4 (KRaft, combined broker+controller) from the jars in ``infra/kafka/lib``
+  (fetched from Maven Central by ``scripts/setup.sh``), on 127.0.0.1.
+- Redis from Debian's ``redis-server`` (the Feast production profile), on 127.0.0.1.
+- A Ray head (``ray start --head --block``) with token authentication, for
+  ``ray job submit``; the token lives in the state dir, never in the repo.
+
+Command line: ``python -m reloop.services {start|stop|status} [kafka|redis|ray ...]``
+(what ``reloop up/down/status`` and the ``infra/*.sh`` scripts call).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+
+
+def state_dir() -> Path:
+    d = Path(os.environ.get("RELOOP_STATE_DIR", REPO / ".state")).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+KAFKA_PORT = _port("RELOOP_KAFKA_PORT", 9092)
+KAFKA_CONTROLLER_PORT = _port("RELOOP_KAFKA_CONTROLLER_PORT", 9093)
+REDIS_PORT = _port("RELOOP_REDIS_PORT", 6399)
+RAY_PORT = _port("RELOOP_RAY_PORT", 6385)
+RAY_DASHBOARD_PORT = _port("RELOOP_RAY_DASHBOARD_PORT", 8265)
+
+KAFKA_BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
+REDIS_URL = f"127.0.0.1:{REDIS_PORT}"
+RAY_ADDRESS = f"127.0.0.1:{RAY_PORT}"
+RAY_DASHBOARD = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started, or did not become ready in time."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); look at its state
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Status:
+    name: str
+    running: bool
+    pid: int | None
+    address: str
+    version: str
+    detail: str = ""
+
+
+class Service:
+    """A process we own: started detached, tracked by its pid file."""
+
+    name = "service"
+    ready_timeout_s = 90.0
+
+    @property
+    def dir(self) -> Path:
+        d = state_dir() / self.name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "pid"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    # subclasses fill these in
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def prepare(self) -> None:
+        """One-time set-up before the first start (formatting storage, configs)."""
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        return ""
+
+    def address(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> Status:
+        if self.pid() is not None and self.ready():
+            return self.status()
+        if self.pid() is None and self.ready():
+            raise ServiceError(f"{self.name}: {self.address()} is already in use by a process reloop did not start; "
+                               f"stop it or choose another port (see reloop/services.py)")
+        self.prepare()
+        log = open(self.dir / "process.log", "ab")
+        proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.env(), cwd=self.dir, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceError(f"{self.name} exited with code {proc.returncode}; "
+                                   f"see {self.dir / 'process.log'}\n{self._tail()}")
+            if self.ready():
+                return self.status()
+            time.sleep(0.5)
+        self.stop()  # don't leave a half-started process behind
+        raise ServiceError(f"{self.name} not ready after {self.ready_timeout_s:.0f}s; see {self.dir / 'process.log'}")
+
+    def _tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join((self.dir / "process.log").read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        # signal the whole process group we created (start_new_session), so children go too
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (crash tests)."""
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for _ in range(50):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+
+    def status(self) -> Status:
+        pid = self.pid()
+        up = pid is not None and self.ready()
+        return Status(self.name, up, pid, self.address(), self.version() if up else "")
+
+
+class Kafka(Service):
+    """Single-node Kafka 4 in KRaft combined mode."""
+
+    name = "kafka"
+    lib = INFRA / "kafka" / "lib"
+
+    def address(self) -> str:
+        return KAFKA_BOOTSTRAP
+
+    def version(self) -> str:
+        jars = sorted(self.lib.glob("kafka_2.13-*.jar"))
+        return jars[0].stem.split("-", 1)[1] if jars else "?"
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if not java:
+            raise ServiceError("java not found: Kafka needs Java 17+")
+        return java
+
+    def _classpath(self) -> str:
+        if not (self.lib / ".complete").exists():
+            raise ServiceError(f"Kafka jars missing in {self.lib}; run scripts/setup.sh (it fetches them with mvn)")
+        return str(self.lib / "*")
+
+    def _jvm(self, main: str, *args: str, heap: str = "-Xmx512m") -> list[str]:
+        return [self._java(), heap, "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={INFRA / 'kafka' / 'log4j2.properties'}",
+                f"-Dkafka.logs.dir={self.dir / 'logs'}",
+                "-cp", self._classpath(), main, *args]
+
+    @property
+    def props(self) -> Path:
+        return self.dir / "server.properties"
+
+    def prepare(self) -> None:
+        data = self.dir / "data"
+        template = (INFRA / "kafka" / "server.properties.template").read_text()
+        self.props.write_text(template.format(port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT, data_dir=data))
+        (self.dir / "logs").mkdir(exist_ok=True)
+        if not (data / "meta.properties").exists():
+            cluster_id = subprocess.run(self._jvm("kafka.tools.StorageTool", "random-uuid", heap="-Xmx128m"),
+                                        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            subprocess.run(self._jvm("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.props),
+                                     "--standalone", heap="-Xmx128m"), check=True, capture_output=True, text=True)
+
+    def command(self) -> list[str]:
+        return self._jvm("kafka.Kafka", str(self.props))
+
+    def ready(self) -> bool:
+        if not _port_open(KAFKA_PORT):
+            return False
+        try:
+            from kafka import KafkaAdminClient
+
+            admin = KafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP, request_timeout_ms=3000)
+            try:
+                admin.list_topics()
+                return True
+            finally:
+                admin.close()
+        except Exception:  # any client error means "not ready yet"; start() times out with the log
+            return False
+
+
+class Redis(Service):
+    """A private redis-server (Debian's package) on loopback, no persistence."""
+
+    name = "redis"
+    ready_timeout_s = 20.0
+
+    def address(self) -> str:
+        return REDIS_URL
+
+    def _bin(self) -> str:
+        b = shutil.which("redis-server")
+        if not b:
+            raise ServiceError("redis-server not found; run scripts/setup.sh (apt-get install redis-server)")
+        return b
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([self._bin(), "--version"], capture_output=True, text=True).stdout
+            return out.split("v=")[1].split()[0]
+        except (IndexError, OSError, ServiceError):
+            return "?"
+
+    def command(self) -> list[str]:
+        return [self._bin(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+
+    def ready(self) -> bool:
+        if not _port_open(REDIS_PORT):
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class Ray(Service):
+    """A Ray head for ``ray job submit``, with token auth; the token file lives in the state dir."""
+
+    name = "ray"
+    ready_timeout_s = 120.0
+
+    def address(self) -> str:
+        return RAY_DASHBOARD
+
+    def version(self) -> str:
+        import importlib.metadata
+
+        return importlib.metadata.version("ray")
+
+    @property
+    def token_file(self) -> Path:
+        return self.dir / "auth_token"
+
+    def prepare(self) -> None:
+        if not self.token_file.exists():
+            self.token_file.write_text(secrets.token_hex(32))
+            self.token_file.chmod(0o600)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(ray_client_env())
+        return env
+
+    def command(self) -> list[str]:
+        ray = Path(sys.executable).parent / "ray"
+        return [str(ray), "start", "--head", "--block", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--include-dashboard=true",
+                f"--temp-dir={self.dir / 'tmp'}", "--disable-usage-stats"]
+
+    def ready(self) -> bool:
+        if not _port_open(RAY_DASHBOARD_PORT):
+            return False
+        try:
+            import urllib.request
+
+            req = urllib.request.Request(f"{RAY_DASHBOARD}/api/version",
+                                         headers={"Authorization": f"Bearer {self._token()}"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 200
+        except Exception:  # not serving yet
+            return False
+
+    def _token(self) -> str:
+        try:
+            return self.token_file.read_text().strip()
+        except OSError:
+            return ""
+
+
+def ray_client_env() -> dict[str, str]:
+    """Environment for a Ray client of the local head: token auth with the state dir's token."""
+    token = state_dir() / "ray" / "auth_token"
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray}
+
+
+def get(name: str) -> Service:
+    try:
+        return SERVICES[name]()
+    except KeyError:
+        raise ServiceError(f"unknown service {name!r}; known: {', '.join(SERVICES)}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("start", "stop", "status", "kill"):
+        print(__doc__.strip().splitlines()[-2:][0], file=sys.stderr)
+        print("usage: python -m reloop.services {start|stop|status|kill} [kafka|redis|ray ...]", file=sys.stderr)
+        return 2
+    verb, names = argv[0], argv[1:] or list(SERVICES)
+    code = 0
+    for name in names:
+        svc = get(name)
+        try:
+            if verb == "start":
+                t0 = time.monotonic()
+                st = svc.start()
+                print(f"{name}: up at {st.address} (pid {st.pid}, {st.version}) in {time.monotonic() - t0:.1f}s")
+            elif verb in ("stop", "kill"):
+                getattr(svc, verb)()
+                print(f"{name}: stopped")
+            else:
+                st = svc.status()
+                print(f"{name}: {'up' if st.running else 'down'} {st.address} pid={st.pid} {st.version}")
+                code |= 0 if st.running else 3
+        except ServiceError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

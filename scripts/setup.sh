@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything reloop needs on a fresh machine:
+#   - .venv with the Python dependencies (pyproject.toml) and the MovieLens wheel
+#   - the Kafka jars from Maven Central (infra/kafka/pom.xml -> infra/kafka/lib)
+#   - redis-server from Debian's packages
+# Re-running it is cheap: each step checks a stamp or the thing itself first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.reloop-deps
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing Python dependencies (torch comes from PyPI and is large; pip caches it)"
+  .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+  .venv/bin/python -m pip install -q -e ".[test]"
+  # MovieLens-100K ships inside this wheel; its own dependencies conflict with ours, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps "recbole==1.2.1"
+  echo "$want" > "$stamp"
+else
+  echo "[setup] Python dependencies up to date"
+fi
+
+if [ ! -f infra/kafka/lib/.complete ]; then
+  echo "[setup] fetching Kafka jars from Maven Central"
+  (cd infra/kafka && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=lib \
+     && touch lib/.complete)
+else
+  echo "[setup] Kafka jars present"
+fi
+
+if ! command -v redis-server >/dev/null; then
+  echo "[setup] installing redis-server from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  # the package may start a system instance; reloop runs its own on another port
+else
+  echo "[setup] redis-server present"
+fi
+echo "[setup] done"
