@@ -13,7 +13,7 @@ the dead-letter topic.
 Event(event_id='e1', ts=881250949000, user_id='196', item_id='242', label=1, context={})
 >>> parse_event(b'{"event_id": "e1", "ts": 1, "user_id": "196", "item_id": "242", "label": 2}').reason
 'label: must be 0 or 1, got 2'
->>> parse_event(b'not json').reason[:13]
+>>> parse_event(b'not json').reason[:14]
 'malformed JSON'
 """
 
