@@ -1,0 +1,347 @@
+"""A versioned model registry with an atomically switched current version.
+
+Layout under the registry root (a local directory by default, or any
+``pyarrow.fs`` URI such as ``s3://bucket/models``, or any fsspec URI)::
+
+    versions/v000001/model.safetensors   weights (safetensors: never pickled)
+    versions/v000001/manifest.json       written LAST: config, feature service,
+                                         training range, metrics, and the sha256
+                                         and size of every file of the entry
+    CURRENT                              {"version": ..., "previous": ..., ...}
+
+An entry without a readable manifest is partial (a writer crashed) and is
+skipped by :meth:`ModelRegistry.versions`; an entry whose files do not match
+the sizes and hashes of its manifest is corrupt. Neither can be loaded or
+promoted: both raise :class:`CorruptEntryError` naming the file and the
+problem. On a local disk an entry is staged in a temporary directory and
+renamed into place, and ``CURRENT`` is replaced with ``os.replace``; on an
+object store each object is written whole in one request, the manifest after
+the weights and the pointer after the manifest, so readers never see a half
+entry become current.
+
+>>> import tempfile, torch
+>>> reg = ModelRegistry(tempfile.mkdtemp())
+>>> e = reg.publish({"w": torch.ones(2)}, model_config={"kind": "lr"}, feature_service="ctr_v1",
+...                 metrics={"auc": 0.7}, promote=True)
+>>> e.version, reg.current()
+('v000001', 'v000001')
+>>> entry, weights = reg.load()
+>>> entry.feature_service, weights["w"].tolist()
+('ctr_v1', [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+FORMAT = "reloop.registry/1"
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+POINTER = "CURRENT"
+VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+class RegistryError(RuntimeError):
+    """Base class of registry errors; the message names the registry and the version."""
+
+
+class VersionNotFound(RegistryError):
+    """The version (or a current version) does not exist."""
+
+
+class CorruptEntryError(RegistryError):
+    """An entry that is partial, tampered with or unreadable; it is never loaded or promoted."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one version (the parsed manifest)."""
+
+    version: str
+    model_config: dict[str, Any]
+    feature_service: str
+    training_range: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
+    """``(filesystem, root path, is_local)`` for a local path, a pyarrow URI or an fsspec URI.
+
+    >>> fs, root, local = open_filesystem("/tmp/reg")
+    >>> type(fs).__name__, root, local
+    ('LocalFileSystem', '/tmp/reg', True)
+    >>> fs, root, local = open_filesystem("memory://models")
+    >>> type(fs).__name__, local
+    ('PyFileSystem', False)
+    """
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri), True
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        fs = None
+    if fs is not None:
+        return fs, path, isinstance(fs, pafs.LocalFileSystem)
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - fsspec ships with the stack
+        raise RegistryError(f"{uri}: not a pyarrow filesystem URI and fsspec is not installed") from e
+    try:
+        ffs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as e:
+        raise RegistryError(f"{uri}: unsupported filesystem URI: {e}") from e
+    return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), path, False
+
+
+class ModelRegistry:
+    """Versioned model entries plus an atomically switched ``CURRENT`` pointer.
+
+    ``uri``: a local directory (default of the config: ``.state/registry``), or any
+    ``pyarrow.fs`` / fsspec URI. Loading never unpickles: weights are safetensors.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root, self.local = open_filesystem(uri)
+        self.fs.create_dir(self._p("versions"), recursive=True)
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({self.uri!r})"
+
+    # ---- paths and raw I/O -------------------------------------------------------------------
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if not self.local else os.path.join(self.root, *parts)
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        """Local disk: temp file + fsync + ``os.replace``; object stores: one whole-object write."""
+        if not self.local:
+            self._write(path, data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    # ---- versions --------------------------------------------------------------------------------
+    def _numbers(self) -> list[int]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self._p("versions"), allow_not_found=True))
+        out = []
+        for info in infos:
+            m = VERSION_RE.match(info.base_name)
+            if m and info.type == pafs.FileType.Directory:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def versions(self, include_partial: bool = False) -> list[str]:
+        """Version names in publication order; partial entries (no manifest) are left out."""
+        names = [f"v{n:06d}" for n in self._numbers()]
+        if include_partial:
+            return names
+        return [v for v in names if self._exists(self._p("versions", v, MANIFEST))]
+
+    def publish(self, state_dict: Mapping[str, Any], *, model_config: Mapping[str, Any], feature_service: str,
+                training_range: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
+                extra: Mapping[str, Any] | None = None, promote: bool = False) -> ModelEntry:
+        """Write a new version (weights, then manifest) and optionally make it current."""
+        from safetensors.torch import save
+
+        if not feature_service:
+            raise RegistryError(f"{self.uri}: publish needs a feature service name")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        blob = save(tensors)
+        files = {WEIGHTS: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}
+        for attempt in range(20):
+            nums = self._numbers()
+            version = f"v{(nums[-1] + 1 if nums else 1):06d}"
+            entry = ModelEntry(version=version, model_config=_jsonable(model_config),
+                               feature_service=feature_service, training_range=_jsonable(training_range or {}),
+                               metrics={k: float(v) for k, v in (metrics or {}).items()},
+                               extra=_jsonable(extra or {}), created_at=time.time(), files=files)
+            manifest = json.dumps(entry.to_dict(), indent=2, sort_keys=True).encode()
+            if self.local:
+                # stage the whole entry, then rename the directory into place: atomic, and a
+                # concurrent writer that took the same number makes the rename fail -> next number
+                stage = self._p("versions", f".stage-{uuid.uuid4().hex[:8]}")
+                os.makedirs(stage)
+                for name, data in ((WEIGHTS, blob), (MANIFEST, manifest)):
+                    with open(os.path.join(stage, name), "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                try:
+                    os.rename(stage, self._p("versions", version))
+                except OSError:
+                    for name in (WEIGHTS, MANIFEST):
+                        os.unlink(os.path.join(stage, name))
+                    os.rmdir(stage)
+                    continue
+            else:
+                d = self._p("versions", version)
+                self.fs.create_dir(d, recursive=True)
+                self._write(posixpath.join(d, WEIGHTS), blob)
+                self._write(posixpath.join(d, MANIFEST), manifest)  # last: marks the entry complete
+            if promote:
+                self.promote(version)
+            return entry
+        raise RegistryError(f"{self.uri}: could not allocate a version number (too many concurrent writers)")
+
+    def entry(self, version: str) -> ModelEntry:
+        """The parsed manifest of a version; raises if it is missing, partial or malformed."""
+        if not VERSION_RE.match(version or ""):
+            raise VersionNotFound(f"{self.uri}: {version!r} is not a version name (expected like v000001)")
+        d = self._p("versions", version)
+        if not self._exists(d):
+            raise VersionNotFound(f"{self.uri}: no version {version}; known: {', '.join(self.versions()) or 'none'}")
+        path = self._p("versions", version, MANIFEST)
+        try:
+            raw = json.loads(self._read(path))
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{self.uri}: version {version} is partial: {MANIFEST} is missing "
+                                    f"(its writer did not finish)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} has format "
+                                    f"{raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
+        raw.pop("format")
+        try:
+            entry = ModelEntry(**raw)
+        except TypeError as e:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} fields are wrong: {e}") from None
+        if entry.version != version:
+            raise CorruptEntryError(f"{self.uri}: version {version}: manifest says it is {entry.version}")
+        if WEIGHTS not in entry.files:
+            raise CorruptEntryError(f"{self.uri}: version {version}: manifest lists no {WEIGHTS}")
+        return entry
+
+    def load(self, version: str | None = None) -> tuple[ModelEntry, dict[str, Any]]:
+        """``(entry, state dict)`` of a version (default: current), after checking sizes and hashes."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        version = version or self._require_current()
+        entry = self.entry(version)
+        blobs = {}
+        for name, meta in entry.files.items():
+            try:
+                data = self._read(self._p("versions", version, name))
+            except FileNotFoundError:
+                raise CorruptEntryError(f"{self.uri}: version {version}: {name} is missing") from None
+            if len(data) != meta.get("bytes"):
+                raise CorruptEntryError(f"{self.uri}: version {version}: {name} has {len(data)} bytes, "
+                                        f"manifest says {meta.get('bytes')} (truncated or replaced)")
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise CorruptEntryError(f"{self.uri}: version {version}: {name} does not match its sha256 "
+                                        f"in the manifest (corrupt or tampered with)")
+            blobs[name] = data
+        try:
+            weights = load(blobs[WEIGHTS])
+        except (SafetensorError, ValueError) as e:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {WEIGHTS} is not valid safetensors: {e}") from e
+        return entry, weights
+
+    def verify(self, version: str) -> ModelEntry:
+        """Check an entry end to end (manifest, sizes, hashes, safetensors header); returns the entry."""
+        return self.load(version)[0]
+
+    # ---- the current pointer ---------------------------------------------------------------------
+    def pointer(self) -> dict[str, Any] | None:
+        """The raw ``CURRENT`` record (version, previous, promoted_at), or None before any promotion."""
+        try:
+            data = self._read(self._p(POINTER))
+        except FileNotFoundError:
+            return None
+        try:
+            rec = json.loads(data)
+            if not isinstance(rec, dict) or not VERSION_RE.match(str(rec.get("version"))):
+                raise ValueError(f"no valid version in {rec!r}")
+        except ValueError as e:
+            raise CorruptEntryError(f"{self.uri}: {POINTER} is unreadable ({e}); promote a version to repair it") \
+                from None
+        return rec
+
+    def current(self) -> str | None:
+        """The current version name, or None if nothing was promoted yet."""
+        rec = self.pointer()
+        return rec["version"] if rec else None
+
+    def _require_current(self) -> str:
+        v = self.current()
+        if v is None:
+            raise VersionNotFound(f"{self.uri}: no current version yet (publish and promote one first)")
+        return v
+
+    def promote(self, version: str, reason: str = "") -> ModelEntry:
+        """Make ``version`` current after verifying it end to end; a bad entry raises and changes nothing."""
+        entry = self.verify(version)
+        try:
+            prev = self.pointer()
+        except CorruptEntryError:
+            prev = None  # promoting repairs a damaged pointer
+        rec = {"version": version, "previous": prev["version"] if prev else None,
+               "promoted_at": time.time(), "reason": reason}
+        self._write_atomic(self._p(POINTER), json.dumps(rec, sort_keys=True).encode())
+        return entry
+
+    def rollback(self, reason: str = "rollback") -> str:
+        """Make the previously current version current again; returns it."""
+        rec = self.pointer()
+        if not rec or not rec.get("previous"):
+            raise VersionNotFound(f"{self.uri}: nothing to roll back to (no previous current version)")
+        self.promote(rec["previous"], reason=reason)
+        return rec["previous"]
+
+
+def load_model(registry: ModelRegistry, version: str | None = None):
+    """``(entry, model)``: rebuild the torch model of a version from its config and weights (eval mode)."""
+    from online_models import build_model
+    from online_models import ModelConfig
+
+    entry, weights = registry.load(version)
+    model = build_model(ModelConfig.from_dict(entry.model_config))
+    model.load_state_dict(weights)
+    model.eval()
+    return entry, model
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so a manifest can never hold something JSON cannot restore."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable in a registry manifest: {type(o).__name__}")

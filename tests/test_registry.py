@@ -1,0 +1,137 @@
+"""The model registry: versions, atomic current pointer, refusal of partial and corrupt entries."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+import torch
+
+from jobs.registry import (MANIFEST, POINTER, WEIGHTS, CorruptEntryError, ModelRegistry, RegistryError,
+                           VersionNotFound)
+
+
+def _publish(reg: ModelRegistry, value: float = 1.0, **kw):
+    return reg.publish({"w": torch.full((3,), value), "b": torch.zeros(1)}, model_config={"kind": "lr", "dim": 3},
+                       feature_service="ctr_v1", training_range={"ts_min": 0, "ts_max": 10},
+                       metrics={"auc": 0.71}, **kw)
+
+
+@pytest.fixture(params=["local", "fsspec-memory"])
+def reg(request, tmp_path) -> ModelRegistry:
+    if request.param == "local":
+        return ModelRegistry(str(tmp_path / "registry"))
+    return ModelRegistry(f"memory://reg-{uuid.uuid4().hex[:8]}")
+
+
+def test_publish_load_promote_rollback(reg):
+    assert reg.current() is None
+    with pytest.raises(VersionNotFound, match="no current version"):
+        reg.load()
+    e1 = _publish(reg, 1.0, promote=True)
+    e2 = _publish(reg, 2.0)
+    assert (e1.version, e2.version) == ("v000001", "v000002")
+    assert reg.versions() == ["v000001", "v000002"]
+    assert reg.current() == "v000001"  # publishing alone never switches
+    reg.promote("v000002", reason="better auc")
+    entry, w = reg.load()
+    assert entry.version == "v000002" and w["w"].tolist() == [2.0, 2.0, 2.0]
+    assert entry.model_config == {"kind": "lr", "dim": 3} and entry.metrics == {"auc": 0.71}
+    assert entry.training_range == {"ts_min": 0, "ts_max": 10}
+    assert reg.pointer()["previous"] == "v000001"
+    assert reg.rollback() == "v000001"
+    assert reg.current() == "v000001"
+
+
+def test_unknown_version_named_in_error(reg):
+    _publish(reg)
+    with pytest.raises(VersionNotFound, match="v000009.*known: v000001"):
+        reg.promote("v000009")
+    with pytest.raises(VersionNotFound, match="not a version name"):
+        reg.load("../etc")
+
+
+def _corrupt(reg: ModelRegistry, version: str, name: str, data: bytes | None) -> None:
+    path = reg._p("versions", version, name)
+    if data is None:
+        reg.fs.delete_file(path)
+    else:
+        reg._write(path, data)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncate", "bytes, manifest says"),
+    ("flip", "does not match its sha256"),
+    ("no-manifest", "partial"),
+    ("bad-json", "not valid JSON"),
+    ("no-weights", "model.safetensors is missing"),
+])
+def test_corrupt_entries_are_refused_and_never_current(reg, damage, match):
+    _publish(reg, 1.0, promote=True)
+    v2 = _publish(reg, 2.0).version
+    blob = reg._read(reg._p("versions", v2, WEIGHTS))
+    if damage == "truncate":
+        _corrupt(reg, v2, WEIGHTS, blob[:-7])
+    elif damage == "flip":
+        _corrupt(reg, v2, WEIGHTS, blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+    elif damage == "no-manifest":
+        _corrupt(reg, v2, MANIFEST, None)
+    elif damage == "bad-json":
+        _corrupt(reg, v2, MANIFEST, b"{not json")
+    elif damage == "no-weights":
+        _corrupt(reg, v2, WEIGHTS, None)
+    with pytest.raises(CorruptEntryError, match=match):
+        reg.promote(v2)
+    assert reg.current() == "v000001"
+    with pytest.raises(CorruptEntryError):
+        reg.load(v2)
+    if damage == "no-manifest":
+        assert reg.versions() == ["v000001"]  # a partial entry is not listed
+        assert _publish(reg).version == "v000003"  # and its number is never reused
+
+
+def test_weights_that_are_not_safetensors_are_refused(reg):
+    v = _publish(reg).version
+    fake = b"\x80\x04\x95pickle-bytes-not-safetensors"
+    manifest = json.loads(reg._read(reg._p("versions", v, MANIFEST)))
+    import hashlib
+    manifest["files"][WEIGHTS] = {"sha256": hashlib.sha256(fake).hexdigest(), "bytes": len(fake)}
+    _corrupt(reg, v, WEIGHTS, fake)
+    _corrupt(reg, v, MANIFEST, json.dumps(manifest).encode())
+    with pytest.raises(CorruptEntryError, match="not valid safetensors"):
+        reg.promote(v)
+
+
+def test_corrupt_pointer_is_a_clear_error(reg):
+    _publish(reg, promote=True)
+    reg._write(reg._p(POINTER), b"garbage")
+    with pytest.raises(CorruptEntryError, match="CURRENT is unreadable"):
+        reg.current()
+    reg.promote("v000001")  # promoting repairs it
+    assert reg.current() == "v000001"
+
+
+def test_local_pointer_switch_is_atomic_and_leaves_no_temp_files(tmp_path):
+    reg = ModelRegistry(str(tmp_path))
+    for i in range(5):
+        _publish(reg, float(i), promote=True)
+    assert reg.current() == "v000005"
+    leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    leftovers += [n for n in os.listdir(tmp_path / "versions") if n.startswith(".stage-")]
+    assert leftovers == []
+
+
+def test_publish_requires_feature_service(reg):
+    with pytest.raises(RegistryError, match="feature service"):
+        reg.publish({"w": torch.ones(1)}, model_config={}, feature_service="")
+
+
+def test_registry_reads_what_another_process_wrote(tmp_path):
+    """Two registry objects on one directory (trainer and server) see each other's promotions."""
+    a, b = ModelRegistry(str(tmp_path)), ModelRegistry(str(tmp_path))
+    _publish(a, promote=True)
+    assert b.current() == "v000001"
+    _publish(b, promote=True)
+    assert a.current() == "v000002"
