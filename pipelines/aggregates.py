@@ -1,0 +1,358 @@
+"""Leak-free, event-time windowed aggregates per user and per item, as NumPy batches.
+
+This is the one place the feature math lives: the Beam feature job, the
+chronological evaluation and the scoring service all call it, so training and
+serving see the same numbers.
+
+For every event at time ``t`` the features of its user and its item are the
+aggregates over that entity's accepted events with timestamp **strictly
+before** ``t`` (events at the same millisecond do not see each other), so a
+label never leaks into its own features:
+
+- ``{e}_imp_{w}`` / ``{e}_pos_{w}``: impressions and positives in ``[t - w, t)``
+  for each window ``w`` (1 h, 1 day, 7 days by default) and over all time (``all``);
+- ``{e}_ctr_{w}``: smoothed click rate ``(pos + m * prior) / (imp + m)``;
+- ``{e}_secs_since_last``: seconds since the entity's previous event (-1 if none);
+- ``user_last_items``: the user's last N items, most recent first.
+
+State between micro-batches (:class:`FeatureState`) is the tail of accepted
+events within ``horizon_ms`` of the watermark (the newest accepted event time)
+plus per-entity counters of the events already evicted from the tail, so the
+results are exact whatever the batch boundaries, constant in memory per
+entity, and persist as Arrow tables (Parquet; never pickle).
+
+Late events: an event older than ``watermark - allowed_lateness_ms`` is
+dropped and counted (``stats['late']``); a later one is accepted, gets exact
+as-of features, and counts towards every aggregate from then on (features
+already emitted for newer events are not revised). An ``event_id`` already in
+the tail is a duplicate: dropped and counted (``stats['duplicates']``).
+
+>>> import pyarrow as pa
+>>> ev = pa.table({"event_id": ["a", "b", "c"], "ts": [0, 1_000, 1_000], "user_id": ["u", "u", "u"],
+...                "item_id": ["i", "j", "i"], "label": pa.array([1, 0, 1], pa.int8())})
+>>> cfg = AggregateConfig()
+>>> feats, state, stats = compute_features(ev, FeatureState.empty(), cfg)
+>>> feats["user_imp_all"].to_pylist(), feats["user_pos_all"].to_pylist()
+([0, 1, 1], [0, 1, 1])
+>>> feats["item_imp_all"].to_pylist(), feats["user_last_items"].to_pylist()
+([0, 0, 1], [[], ['i'], ['i']])
+>>> feats["user_secs_since_last"].to_pylist()
+[-1.0, 1.0, 1.0]
+>>> users, items = snapshot(state, 2_000, cfg)
+>>> users["user_imp_all"].to_pylist(), users["user_last_items"].to_pylist()
+([3], [['i', 'j', 'i']])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """What to aggregate. The defaults are the feature views in ``features/``."""
+
+    windows_ms: tuple[tuple[str, int], ...] = (("1h", HOUR_MS), ("1d", DAY_MS), ("7d", 7 * DAY_MS))
+    #: smoothed CTR = (pos + prior_weight * prior_ctr) / (imp + prior_weight)
+    prior_ctr: float = 0.5
+    prior_weight: float = 10.0
+    last_n: int = 5
+    #: events older than watermark - allowed_lateness_ms are dropped (and counted)
+    allowed_lateness_ms: int = HOUR_MS
+
+    def __post_init__(self) -> None:
+        if not self.windows_ms or any(w <= 0 for _, w in self.windows_ms):
+            raise ValueError(f"windows_ms must be non-empty positive durations, got {self.windows_ms}")
+        if not 0.0 <= self.prior_ctr <= 1.0 or self.prior_weight <= 0:
+            raise ValueError(f"need 0 <= prior_ctr <= 1 and prior_weight > 0, got {self.prior_ctr}, "
+                             f"{self.prior_weight}")
+        if self.last_n < 0 or self.allowed_lateness_ms < 0:
+            raise ValueError("last_n and allowed_lateness_ms must be >= 0")
+
+    @property
+    def horizon_ms(self) -> int:
+        """How far back the tail reaches: every window and the allowed lateness fit inside it."""
+        return max(max(w for _, w in self.windows_ms), self.allowed_lateness_ms)
+
+    def feature_names(self, entity: str) -> list[str]:
+        names = []
+        for w, _ in (*self.windows_ms, ("all", 0)):
+            names += [f"{entity}_imp_{w}", f"{entity}_pos_{w}", f"{entity}_ctr_{w}"]
+        return names + [f"{entity}_secs_since_last"]
+
+
+DEFAULT_CONFIG = AggregateConfig()
+USER_FEATURES: list[str] = DEFAULT_CONFIG.feature_names("user")
+ITEM_FEATURES: list[str] = DEFAULT_CONFIG.feature_names("item")
+
+_TAIL_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
+                          ("item_id", pa.string()), ("label", pa.int8())])
+_EVICTED_SCHEMA = pa.schema([("entity", pa.string()), ("id", pa.string()), ("imp", pa.int64()),
+                             ("pos", pa.int64()), ("last_ts", pa.int64()),
+                             ("last_items", pa.list_(pa.string()))])
+
+
+@dataclass
+class FeatureState:
+    """Everything needed to continue the aggregates after a micro-batch.
+
+    ``tail``: accepted events with ``ts >= watermark - horizon`` (event_id, ts, user_id, item_id, label).
+    ``evicted``: per entity (``user``/``item``, id), counters of the events dropped from the tail:
+    impressions, positives, the newest evicted ts and (users) the newest evicted items.
+    """
+
+    tail: pa.Table
+    evicted: pa.Table
+    watermark: int = -1
+    counts: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "late": 0, "duplicates": 0})
+
+    @classmethod
+    def empty(cls) -> "FeatureState":
+        return cls(_TAIL_SCHEMA.empty_table(), _EVICTED_SCHEMA.empty_table())
+
+    def to_arrow(self) -> dict[str, pa.Table]:
+        """Two tables (``tail``, ``evicted``) whose schema metadata carries the watermark and counters."""
+        meta = {b"watermark": str(self.watermark).encode(),
+                **{f"count_{k}".encode(): str(v).encode() for k, v in self.counts.items()}}
+        return {"tail": self.tail.replace_schema_metadata(meta), "evicted": self.evicted}
+
+    @classmethod
+    def from_arrow(cls, tables: dict[str, pa.Table]) -> "FeatureState":
+        tail, evicted = tables["tail"], tables["evicted"]
+        meta = tail.schema.metadata or {}
+        counts = {k.decode()[6:]: int(v) for k, v in meta.items() if k.startswith(b"count_")}
+        state = cls(tail.cast(_TAIL_SCHEMA), evicted.cast(_EVICTED_SCHEMA), int(meta.get(b"watermark", b"-1")))
+        state.counts.update(counts)
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised core
+
+
+@dataclass
+class _Entity:
+    """The tail of one entity kind, sorted by (code, ts), with cumulative sums for O(1) window counts."""
+
+    codes: np.ndarray       # (N,) int64 entity code per tail row, sorted
+    ts: np.ndarray          # (N,) int64
+    cum_pos: np.ndarray     # (N+1,) cumulative positives
+    items: np.ndarray       # (N,) object: item ids (for last-N)
+    keys: np.ndarray        # (N,) composite sort key
+    first: np.ndarray       # (N,) index of the first row of the same code
+    ev_imp: np.ndarray      # (C,) evicted counters per code
+    ev_pos: np.ndarray
+    ev_last_ts: np.ndarray
+    ev_last_items: list     # (C,) lists
+
+
+def _composite(codes: np.ndarray, ts: np.ndarray, t0: int) -> np.ndarray:
+    # one sortable int64: entity code in the high bits, event time (ms since t0, < 2^40 ~ 34 years) below
+    return (codes.astype(np.int64) << 40) | (ts - t0).astype(np.int64)
+
+
+def _index(tail_ids: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail_items: np.ndarray,
+           vocab: np.ndarray, ev: pa.Table, t0: int) -> _Entity:
+    codes = np.searchsorted(vocab, tail_ids)
+    order = np.lexsort((tail_ts, codes))
+    codes, ts = codes[order], tail_ts[order]
+    cum_pos = np.concatenate([[0], np.cumsum(tail_labels[order], dtype=np.int64)])
+    first = np.searchsorted(codes, codes, side="left")
+    c = len(vocab)
+    ev_imp, ev_pos = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    ev_last_ts = np.full(c, -1, np.int64)
+    ev_last_items: list = [[] for _ in range(c)]
+    if ev.num_rows:
+        ids = ev["id"].to_numpy(zero_copy_only=False).astype(object)
+        pos = np.searchsorted(vocab, ids)
+        hit = (pos < c) & (vocab[np.minimum(pos, c - 1)] == ids)
+        p = pos[hit]
+        ev_imp[p] = ev["imp"].to_numpy()[hit]
+        ev_pos[p] = ev["pos"].to_numpy()[hit]
+        ev_last_ts[p] = ev["last_ts"].to_numpy()[hit]
+        li = ev["last_items"].to_pylist()
+        for j, k in zip(np.flatnonzero(hit), p):
+            ev_last_items[k] = li[j]
+    return _Entity(codes, ts, cum_pos, tail_items[order], _composite(codes, ts, t0), first,
+                   ev_imp, ev_pos, ev_last_ts, ev_last_items)
+
+
+def _query(ent: _Entity, qcodes: np.ndarray, qts: np.ndarray, t0: int, cfg: AggregateConfig, prefix: str,
+           with_last_items: bool) -> dict[str, np.ndarray | list]:
+    """Features of entities ``qcodes`` as of strictly before ``qts``, from the indexed tail."""
+    out: dict[str, np.ndarray | list] = {}
+    hi = np.searchsorted(ent.keys, _composite(qcodes, qts, t0), side="left")          # rows with ts < t
+    lo_all = np.searchsorted(ent.keys, _composite(qcodes, np.full_like(qts, t0), t0), side="left")
+    smooth = cfg.prior_weight * cfg.prior_ctr
+    for name, w in cfg.windows_ms:
+        lo = np.searchsorted(ent.keys, _composite(qcodes, np.maximum(qts - w, t0), t0), side="left")
+        imp = hi - lo
+        pos = ent.cum_pos[hi] - ent.cum_pos[lo]
+        out[f"{prefix}_imp_{name}"] = imp
+        out[f"{prefix}_pos_{name}"] = pos
+        out[f"{prefix}_ctr_{name}"] = (pos + smooth) / (imp + cfg.prior_weight)
+    imp = hi - lo_all + ent.ev_imp[qcodes]
+    pos = ent.cum_pos[hi] - ent.cum_pos[lo_all] + ent.ev_pos[qcodes]
+    out[f"{prefix}_imp_all"], out[f"{prefix}_pos_all"] = imp, pos
+    out[f"{prefix}_ctr_all"] = (pos + smooth) / (imp + cfg.prior_weight)
+    has_prev = hi > lo_all
+    prev_ts = np.where(has_prev, ent.ts[np.maximum(hi - 1, 0)] if len(ent.ts) else -1, ent.ev_last_ts[qcodes])
+    out[f"{prefix}_secs_since_last"] = np.where(prev_ts >= 0, (qts - prev_ts) / 1000.0, -1.0)
+    if with_last_items:
+        n = cfg.last_n
+        lists: list[list[str]] = []
+        items = ent.items
+        for h, l, c in zip(hi.tolist(), lo_all.tolist(), qcodes.tolist()):
+            recent = items[max(l, h - n):h][::-1].tolist()
+            if len(recent) < n:
+                recent += ent.ev_last_items[c][: n - len(recent)]
+            lists.append(recent)
+        out["user_last_items"] = lists
+    return out
+
+
+def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -> tuple[pa.Table, int, int]:
+    """Drop events too late for the allowed lateness, and event_ids already seen (in the tail or the batch)."""
+    n = events.num_rows
+    keep = np.ones(n, bool)
+    ts = events["ts"].to_numpy()
+    late = 0
+    if state.watermark >= 0:
+        keep &= ts >= state.watermark - cfg.allowed_lateness_ms
+        late = int(n - keep.sum())
+    ids = events["event_id"].to_numpy(zero_copy_only=False).astype(object)
+    seen = pc.is_in(events["event_id"], value_set=state.tail["event_id"].combine_chunks()).to_numpy(
+        zero_copy_only=False) if state.tail.num_rows else np.zeros(n, bool)
+    _, first_idx = np.unique(ids, return_index=True)
+    first = np.zeros(n, bool)
+    first[first_idx] = True
+    dup = (seen | ~first) & keep
+    keep &= ~dup
+    return events.filter(pa.array(keep)), late, int(dup.sum())
+
+
+def compute_features(events: pa.Table, state: FeatureState, cfg: AggregateConfig = DEFAULT_CONFIG
+                     ) -> tuple[pa.Table, FeatureState, dict[str, int]]:
+    """Features for each accepted event of ``events`` as of strictly before its ts; the advanced state.
+
+    Returns ``(features, new_state, stats)``: ``features`` keeps the accepted event rows (in time order,
+    all original columns) and adds ``USER_FEATURES``, ``ITEM_FEATURES`` and ``user_last_items``;
+    ``stats`` counts ``accepted``, ``late`` and ``duplicates`` of this call. The input is not mutated.
+    """
+    if events.num_rows:
+        events = events.take(pa.array(np.argsort(events["ts"].to_numpy(), kind="stable")))
+    events, late, dups = _dedupe(events, state, cfg)
+    stats = {"accepted": events.num_rows, "late": late, "duplicates": dups}
+    new_rows = events.select(_TAIL_SCHEMA.names).cast(_TAIL_SCHEMA)
+    combined = pa.concat_tables([state.tail, new_rows])
+    feats = events
+    if events.num_rows:
+        # the origin of the composite sort key: before every tail row and every window start
+        t0 = int(pc.min(combined["ts"]).as_py()) - cfg.horizon_ms - 1
+        qts = events["ts"].to_numpy()
+        for entity in ("user", "item"):
+            qids = events[f"{entity}_id"].to_numpy(zero_copy_only=False).astype(object)
+            feats = _append(feats, _entity_features(combined, state.evicted, entity, qids, qts, t0, cfg))
+    watermark = max(state.watermark, int(pc.max(events["ts"]).as_py()) if events.num_rows else -1)
+    new_state = _advance(combined, state.evicted, watermark, cfg)
+    new_state.counts = {k: state.counts.get(k, 0) + v for k, v in stats.items()}
+    return feats, new_state, stats
+
+
+def _entity_features(tail: pa.Table, evicted: pa.Table, entity: str, qids: np.ndarray, qts: np.ndarray,
+                     t0: int, cfg: AggregateConfig) -> dict[str, np.ndarray | list]:
+    """Features of one entity kind (``user``/``item``) for query ids at query times."""
+    tail_ids = tail[f"{entity}_id"].to_numpy(zero_copy_only=False).astype(object)
+    vocab = np.unique(np.concatenate([tail_ids, qids])) if len(tail_ids) + len(qids) else np.array([], object)
+    ev = evicted.filter(pc.equal(evicted["entity"], entity)) if evicted.num_rows else evicted
+    ent = _index(tail_ids, tail["ts"].to_numpy(), tail["label"].to_numpy().astype(np.int64),
+                 tail["item_id"].to_numpy(zero_copy_only=False).astype(object), vocab, ev, t0)
+    return _query(ent, np.searchsorted(vocab, qids).astype(np.int64), qts, t0, cfg, entity, entity == "user")
+
+
+def _append(table: pa.Table, cols: dict[str, np.ndarray | list]) -> pa.Table:
+    for name, values in cols.items():
+        typ = pa.list_(pa.string()) if name == "user_last_items" else None
+        table = table.append_column(name, pa.array(values, type=typ))
+    return table
+
+
+def _advance(combined: pa.Table, evicted: pa.Table, watermark: int, cfg: AggregateConfig) -> FeatureState:
+    """Move tail rows older than the horizon into the evicted counters."""
+    if watermark < 0 or combined.num_rows == 0:
+        return FeatureState(combined, evicted, watermark)
+    cutoff = watermark - cfg.horizon_ms
+    old_mask = pc.less(combined["ts"], cutoff)
+    old = combined.filter(old_mask).sort_by([("ts", "ascending")])
+    tail = combined.filter(pc.invert(old_mask))
+    if old.num_rows == 0:
+        return FeatureState(tail, evicted, watermark)
+    fresh = []
+    for entity in ("user", "item"):
+        key = f"{entity}_id"
+        agg = old.group_by(key).aggregate([("label", "count"), ("label", "sum"), ("ts", "max")])
+        ids = agg[key].to_pylist()
+        last_items: dict[str, list[str]] = {}
+        if entity == "user":  # newest first, at most last_n per user (old is sorted by ts)
+            for u, it in zip(old[key].to_pylist(), old["item_id"].to_pylist()):
+                last_items.setdefault(u, []).append(it)
+            last_items = {u: v[::-1][: cfg.last_n] for u, v in last_items.items()}
+        fresh.append(pa.table({
+            "entity": pa.array([entity] * len(ids), pa.string()), "id": agg[key],
+            "imp": pc.cast(agg["label_count"], pa.int64()), "pos": pc.cast(agg["label_sum"], pa.int64()),
+            "last_ts": agg["ts_max"],
+            "last_items": pa.array([last_items.get(u, []) for u in ids], pa.list_(pa.string()))}))
+    return FeatureState(tail, _merge_evicted(evicted, pa.concat_tables(fresh), cfg), watermark)
+
+
+def _merge_evicted(evicted: pa.Table, fresh: pa.Table, cfg: AggregateConfig) -> pa.Table:
+    """Add freshly evicted counters to the existing ones; only the touched entities are rewritten."""
+    if evicted.num_rows == 0:
+        return fresh
+    key_old = pc.binary_join_element_wise(evicted["entity"], evicted["id"], "\x00")
+    key_new = pc.binary_join_element_wise(fresh["entity"], fresh["id"], "\x00")
+    touched = pc.is_in(key_old, value_set=key_new.combine_chunks())
+    keep, prev = evicted.filter(pc.invert(touched)), evicted.filter(touched)
+    prev_by_key = {k: i for i, k in enumerate(
+        pc.binary_join_element_wise(prev["entity"], prev["id"], "\x00").to_pylist())}
+    imp, pos = fresh["imp"].to_numpy().copy(), fresh["pos"].to_numpy().copy()
+    last_ts, items = fresh["last_ts"].to_numpy().copy(), fresh["last_items"].to_pylist()
+    p_imp, p_pos, p_ts = prev["imp"].to_numpy(), prev["pos"].to_numpy(), prev["last_ts"].to_numpy()
+    p_items = prev["last_items"].to_pylist()
+    for j, k in enumerate(key_new.to_pylist()):
+        i = prev_by_key.get(k)
+        if i is not None:
+            imp[j] += p_imp[i]
+            pos[j] += p_pos[i]
+            last_ts[j] = max(last_ts[j], p_ts[i])
+            items[j] = (items[j] + p_items[i])[: cfg.last_n]  # fresh evictions are newer
+    merged = pa.table({"entity": fresh["entity"], "id": fresh["id"], "imp": imp, "pos": pos, "last_ts": last_ts,
+                       "last_items": pa.array(items, pa.list_(pa.string()))}, schema=_EVICTED_SCHEMA)
+    return pa.concat_tables([keep, merged])
+
+
+def snapshot(state: FeatureState, as_of_ts: int, cfg: AggregateConfig = DEFAULT_CONFIG,
+             users: list[str] | None = None, items: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
+    """Current features of entities, as of strictly before ``as_of_ts`` (what an event then would see).
+
+    By default every entity in the state's tail; pass ``users``/``items`` to choose. Each table has the id
+    column (``user_id`` / ``item_id``), ``event_timestamp`` (= as_of_ts, ms) and the feature columns.
+    """
+    tail = state.tail
+    t0 = min(int(pc.min(tail["ts"]).as_py()) if tail.num_rows else as_of_ts, as_of_ts) - cfg.horizon_ms - 1
+    out = []
+    for entity, chosen in (("user", users), ("item", items)):
+        key = f"{entity}_id"
+        ids = sorted(set(tail[key].to_pylist())) if chosen is None else list(chosen)
+        qts = np.full(len(ids), as_of_ts, np.int64)
+        table = pa.table({key: pa.array(ids, pa.string()), "event_timestamp": pa.array(qts, pa.int64())})
+        out.append(_append(table, _entity_features(tail, state.evicted, entity, np.asarray(ids, dtype=object),
+                                                   qts, t0, cfg)))
+    return out[0], out[1]
