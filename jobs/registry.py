@@ -324,8 +324,7 @@ class ModelRegistry:
 
 def load_model(registry: ModelRegistry, version: str | None = None):
     """``(entry, model)``: rebuild the torch model of a version from its config and weights (eval mode)."""
-    from online_models import build_model
-    from online_models import ModelConfig
+    from online_models.models import ModelConfig, build_model
 
     entry, weights = registry.load(version)
     model = build_model(ModelConfig.from_dict(entry.model_config))

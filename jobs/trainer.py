@@ -1,0 +1,439 @@
+"""The incremental trainer: a long-lived Ray actor doing test-then-train on new training examples.
+
+It reads the training examples written since its checkpointed position
+(:mod:`jobs.examples`), and for each mini-batch first **scores** it with the
+current weights (the pre-update predictions are the streaming metric: logged
+with the checkpoint and summarised as logloss/AUC) and then **learns** from
+it. Every ``checkpoint_every`` examples or ``checkpoint_seconds`` it writes a
+self-describing checkpoint: weights, optimizer and RNG state (safetensors +
+``torch.save`` read back with ``weights_only=True``), the model and encoder
+configs, the position in the example store, and the count and digest of the
+examples learned. A checkpoint becomes the latest by an atomic rename of the
+``LATEST`` pointer, so a crash at any instant resumes from a whole
+checkpoint: the examples learned after it are learned again from the same
+weights, and every example is learned exactly once by the surviving state
+(``learned`` = number of examples, ``digest`` = sum of their event-id hashes).
+
+Optionally it publishes a registry version every N checkpoints (a candidate
+for the policy, or promoted at once with ``--promote``).
+
+Locally (embedded Ray)::
+
+    python -m jobs.trainer --examples .state/examples --checkpoint-dir .state/trainer --idle-exit 10
+
+On a cluster (paths must be absolute: the job runs in an uploaded copy of the working dir)::
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json '{"excludes": [".venv", ".state", ".git", "infra/kafka/lib"]}' \\
+        -- python -m jobs.trainer --examples $PWD/.state/examples --checkpoint-dir $PWD/.state/trainer
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CKPT_FORMAT = "reloop.trainer-checkpoint/1"
+LATEST = "LATEST"
+RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
+                "features/data", "reports", "benchmarks/results", "**/__pycache__"]
+
+
+class TrainerError(RuntimeError):
+    """A trainer that cannot start or continue (bad checkpoint, no usable columns...)."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The whole configuration of an incremental trainer."""
+
+    examples_uri: str
+    checkpoint_dir: str
+    registry_uri: str | None = None
+    feature_service: str = "ctr_model_v1"
+    model_kind: str = "dcnv2"
+    hash_buckets: int = 20_011
+    batch_size: int = 256
+    lr: float = 1e-3
+    checkpoint_every: int = 5_000          # examples
+    checkpoint_seconds: float = 30.0
+    publish_every: int = 0                 # checkpoints between registry versions (0 = never)
+    promote: bool = False                  # promote each published version at once
+    poll_seconds: float = 1.0
+    idle_exit: float | None = None         # stop after this long without new examples (None: run forever)
+    max_examples: int | None = None        # stop after learning this many in this run
+    throttle_seconds: float = 0.0          # pause per batch (share a small machine; crash tests)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.checkpoint_every < 1:
+            raise TrainerError("batch_size and checkpoint_every must be >= 1")
+        if not self.lr > 0:
+            raise TrainerError(f"lr must be > 0, got {self.lr}")
+
+
+def event_digest(event_ids: list[str]) -> int:
+    """Sum (mod 2^64) of 64-bit hashes of event ids: equal sums <=> same multiset, with high probability.
+
+    >>> event_digest(["a", "b"]) == event_digest(["b", "a"]) != event_digest(["a", "a"])
+    True
+    """
+    h = np.array([int.from_bytes(hashlib.blake2b(e.encode(), digest_size=8).digest(), "little")
+                  for e in event_ids], dtype=np.uint64)
+    return int(h.sum(dtype=np.uint64)) if len(h) else 0
+
+
+def feature_columns(names: list[str]) -> list[str]:
+    """The numeric feature columns (user_/item_ aggregates) present in a table of examples."""
+    from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
+
+    return [c for c in (*USER_FEATURES, *ITEM_FEATURES) if c in names]
+
+
+class IncrementalTrainer:
+    """Test-then-train over the example store, with exact resume (see the module docstring)."""
+
+    def __init__(self, config: TrainerConfig) -> None:
+        import torch
+
+        from jobs.examples import ExampleStore, Position
+
+        self.config = config
+        self.store = ExampleStore(config.examples_uri)
+        self.position = Position()
+        self.learned, self.digest, self.seq = 0, 0, 0
+        self.model = self.optimizer = self.encoder = None
+        self.model_config: dict[str, Any] = {}
+        self.metrics = {"n": 0, "logloss_sum": 0.0, "pos": 0}
+        self.runs: list[dict[str, Any]] = []
+        self.pending_preds: list[pa.Table] = []
+        self.last_published: str | None = None
+        self._stop = threading.Event()
+        self._since_ckpt, self._ckpt_time = 0, time.monotonic()
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        resumed = self._restore()
+        self.runs.append({"started_at": time.time(), "resumed_from": resumed, "resumed_learned": self.learned,
+                          "pid": os.getpid()})
+        self._heartbeat()
+
+    # ---- model set-up ----------------------------------------------------------------------------
+    def _build(self, first: pa.Table | None, model_config: dict | None = None, encoder_config: dict | None = None):
+        import torch
+
+        from online_models.encoding import EncoderConfig, FeatureEncoder
+        from online_models.models import ModelConfig, build_model
+
+        if encoder_config is None:
+            numeric = feature_columns(first.column_names)
+            enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(numeric), hash_buckets=self.config.hash_buckets))
+            encoder_config = enc.fit(first).config.to_dict()
+        self.encoder = FeatureEncoder(EncoderConfig.from_dict(encoder_config))
+        if model_config is None:
+            ec = self.encoder.config
+            model_config = ModelConfig(kind=self.config.model_kind, num_categorical=len(ec.categorical_fields),
+                                       hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
+                                       categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
+                                       seed=self.config.seed).to_dict()
+        self.model_config = model_config
+        self.model = build_model(ModelConfig.from_dict(model_config))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        torch.manual_seed(self.config.seed)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.config.checkpoint_dir, *parts)
+
+    def _restore(self) -> str | None:
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from jobs.examples import Position
+
+        try:
+            with open(self._path(LATEST)) as f:
+                name = json.load(f)["name"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError) as e:
+            raise TrainerError(f"{self._path(LATEST)} is unreadable: {e}") from e
+        d = self._path(name)
+        try:
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+            if state.get("format") != CKPT_FORMAT:
+                raise TrainerError(f"{d}: not a {CKPT_FORMAT} checkpoint")
+            self._build(None, state["model_config"], state["encoder_config"])
+            self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            self.optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+            rng = load_file(os.path.join(d, "rng.safetensors"))
+            torch.set_rng_state(rng["torch"])
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+            raise TrainerError(f"checkpoint {d} cannot be restored: {e}") from e
+        self.position = Position.from_dict(state["position"])
+        self.learned, self.digest, self.seq = state["learned"], int(state["digest"], 16), state["seq"]
+        self.metrics, self.runs = state["metrics"], state.get("runs", [])
+        self.last_published = state.get("last_published")
+        print(f"[trainer] resumed from {name}: learned={self.learned} files_done={len(self.position.done)} "
+              f"partial={self.position.partial}", flush=True)
+        return name
+
+    def checkpoint(self) -> str:
+        """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name."""
+        import torch
+        from safetensors.torch import save_file
+
+        if self.model is None:
+            return ""
+        metrics = self.summary_metrics()
+        self.seq += 1
+        name = f"ckpt-{self.seq:06d}"
+        tmp = self._path(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        # predictions first: named by checkpoint seq, so a replay after a crash overwrites, never duplicates
+        if self.pending_preds:
+            os.makedirs(self._path("predictions"), exist_ok=True)
+            pq.write_table(pa.concat_tables(self.pending_preds), self._path("predictions", f"part-{self.seq:06d}.parquet"))
+        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
+                 "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
+                 "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
+                 "summary": metrics,
+                 "runs": self.runs, "last_published": self.last_published, "written_at": time.time(),
+                 "config": asdict(self.config)}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        _fsync_dir_files(tmp)
+        final = self._path(name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _atomic_json(self._path(LATEST), {"name": name})
+        self._gc(keep=2)
+        self.pending_preds = []
+        self._since_ckpt, self._ckpt_time = 0, time.monotonic()
+        if self.config.publish_every and self.config.registry_uri and self.seq % self.config.publish_every == 0:
+            self.publish(metrics)
+        line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "examples")
+        print(f"[trainer] checkpoint {name}: learned={self.learned} {line}", flush=True)
+        return name
+
+    def _gc(self, keep: int) -> None:
+        names = sorted(n for n in os.listdir(self.config.checkpoint_dir) if n.startswith("ckpt-"))
+        for n in names[:-keep]:
+            shutil.rmtree(self._path(n), ignore_errors=True)
+
+    def _heartbeat(self) -> None:
+        """A small progress file (pid, examples learned) for operators and crash tests; not a checkpoint."""
+        _atomic_json(self._path("heartbeat.json"), {"pid": os.getpid(), "learned": self.learned, "seq": self.seq,
+                                                   "at": time.time()})
+
+    def publish(self, metrics: dict[str, float] | None = None) -> str:
+        """Publish the current weights to the registry (a candidate unless ``promote``); returns the version."""
+        from jobs.registry import ModelRegistry
+
+        reg = ModelRegistry(self.config.registry_uri)
+        entry = reg.publish(self.model.state_dict(), model_config=self.model_config,
+                            feature_service=self.config.feature_service,
+                            training_range={"learned": self.learned, "checkpoint": self.seq,
+                                            "files_done": len(self.position.done)},
+                            metrics=metrics or self.summary_metrics(), extra={"encoder": self.encoder.config.to_dict(),
+                                                                   "source": "jobs.trainer"},
+                            promote=self.config.promote)
+        self.last_published = entry.version
+        print(f"[trainer] published {entry.version}{' (current)' if self.config.promote else ''}", flush=True)
+        return entry.version
+
+    # ---- learning --------------------------------------------------------------------------------
+    def learn_batch(self, table: pa.Table) -> np.ndarray:
+        """Test-then-train on one mini-batch; returns the pre-update predictions."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.model is None:
+            self._build(table)
+        batch = self.encoder.encode(table)
+        y = batch["label"]
+        self.model.eval()
+        with torch.no_grad():
+            p = torch.sigmoid(self.model(batch)[0])                    # (B,) before the update
+        self.model.train()
+        logits, _ = self.model(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, y) + self.model.regularization()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        pred = p.numpy()
+        eps = 1e-7
+        yn = y.numpy()
+        self.metrics["n"] += len(yn)
+        self.metrics["pos"] += int(yn.sum())
+        self.metrics["logloss_sum"] += float(-(yn * np.log(pred + eps) + (1 - yn) * np.log(1 - pred + eps)).sum())
+        self.pending_preds.append(pa.table({"event_id": table["event_id"], "ts": table["ts"],
+                                            "label": table["label"], "pred": pa.array(pred, pa.float32())}))
+        self.learned += table.num_rows
+        self.digest = (self.digest + event_digest(table["event_id"].to_pylist())) % (1 << 64)
+        return pred
+
+    def summary_metrics(self) -> dict[str, float]:
+        """Streaming (test-then-train) metrics over everything learned so far, plus AUC since the last checkpoint."""
+        n = max(1, self.metrics["n"])
+        out = {"examples": float(self.metrics["n"]), "logloss": self.metrics["logloss_sum"] / n,
+               "ctr": self.metrics["pos"] / n}
+        if self.pending_preds:
+            t = pa.concat_tables(self.pending_preds)
+            y, p = t["label"].to_numpy(), t["pred"].to_numpy()
+            if 0 < y.sum() < len(y):
+                from sklearn.metrics import roc_auc_score
+
+                out["auc_recent"] = float(roc_auc_score(y, p))
+        return out
+
+    def _due(self) -> bool:
+        return (self._since_ckpt >= self.config.checkpoint_every
+                or time.monotonic() - self._ckpt_time >= self.config.checkpoint_seconds)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to checkpoint and return after the current batch (callable from another thread)."""
+        self._stop.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"learned": self.learned, "seq": self.seq, "position": self.position.to_dict(),
+                "last_published": self.last_published, **self.summary_metrics()}
+
+    def run(self) -> dict[str, Any]:
+        """Consume examples until stopped, idle for ``idle_exit`` s, or ``max_examples`` learned this run."""
+        cfg = self.config
+        learned_this_run, idle_since = 0, time.monotonic()
+        while not self._stop.is_set():
+            got = False
+            for table, pos in self.store.batches(self.position, cfg.batch_size):
+                self.learn_batch(table)
+                self.position = pos
+                got = True
+                learned_this_run += table.num_rows
+                self._since_ckpt += table.num_rows
+                self._heartbeat()
+                if self._due():
+                    self.checkpoint()
+                if cfg.throttle_seconds:
+                    time.sleep(cfg.throttle_seconds)
+                if self._stop.is_set() or (cfg.max_examples and learned_this_run >= cfg.max_examples):
+                    self._stop.set()
+                    break
+            if got:
+                idle_since = time.monotonic()
+            elif cfg.idle_exit is not None and time.monotonic() - idle_since >= cfg.idle_exit:
+                break
+            else:
+                if self._since_ckpt and time.monotonic() - self._ckpt_time >= cfg.checkpoint_seconds:
+                    self.checkpoint()
+                self._stop.wait(cfg.poll_seconds)
+        if self._since_ckpt or self.seq == 0:
+            self.checkpoint()
+        return self.status()
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir_files(d: str) -> None:
+    for n in os.listdir(d):
+        fd = os.open(os.path.join(d, n), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_checkpoint_state(checkpoint_dir: str) -> dict[str, Any] | None:
+    """The ``state.json`` of the latest checkpoint (position, learned, digest, metrics), or None."""
+    try:
+        with open(os.path.join(checkpoint_dir, LATEST)) as f:
+            name = json.load(f)["name"]
+        with open(os.path.join(checkpoint_dir, name, "state.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+# ---- command line / Ray binding -----------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m jobs.trainer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="reloop YAML config (defaults for the paths below)")
+    p.add_argument("--examples", help="example store URI (default: storage.examples_uri)")
+    p.add_argument("--checkpoint-dir", help="local checkpoint directory (default: <state>/trainer)")
+    p.add_argument("--registry", help="registry URI (default: storage.registry_uri)")
+    p.add_argument("--feature-service", default="ctr_model_v1")
+    p.add_argument("--model", default="dcnv2", choices=["lr", "deepfm", "dcnv2"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--checkpoint-every", type=int, default=5000, help="examples between checkpoints")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0)
+    p.add_argument("--publish-every", type=int, default=0, help="checkpoints between registry versions (0: never)")
+    p.add_argument("--promote", action="store_true", help="make each published version current")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after S seconds without new examples")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause after each batch")
+    p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local ray.init)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from reloop.config import load_config
+
+    cfg = load_config(a.config)
+    examples = a.examples or cfg.storage.examples_uri
+    registry = a.registry or cfg.storage.registry_uri
+    ckpt = a.checkpoint_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer")
+    tc = TrainerConfig(examples_uri=examples, checkpoint_dir=ckpt, registry_uri=registry,
+                       feature_service=a.feature_service, model_kind=a.model, batch_size=a.batch_size, lr=a.lr,
+                       checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
+                       publish_every=a.publish_every, promote=a.promote, idle_exit=a.idle_exit,
+                       max_examples=a.max_examples, throttle_seconds=a.throttle, seed=a.seed)
+    return tc, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    tc, a = parse_args(argv)
+    in_job = bool(os.environ.get("RAY_ADDRESS")) or a.address is not None
+    if in_job:
+        ray.init(address=a.address)  # inside `ray job submit`: RAY_ADDRESS points at the cluster
+    else:
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        # max_concurrency=2: stop()/status() can be called while run() is busy
+        actor = ray.remote(num_cpus=1, max_concurrency=2, max_restarts=0)(IncrementalTrainer).remote(tc)
+        result = ray.get(actor.run.remote())
+        print("[trainer] done: " + json.dumps(result), flush=True)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
