@@ -96,9 +96,13 @@ class Service:
     name = "service"
     ready_timeout_s = 90.0
 
+    def __init__(self, root: Path | None = None) -> None:
+        #: where this instance keeps its pid file, data and logs (default: the state dir)
+        self.root = Path(root) if root is not None else None
+
     @property
     def dir(self) -> Path:
-        d = state_dir() / self.name
+        d = (self.root or state_dir()) / self.name
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -210,8 +214,13 @@ class Kafka(Service):
     name = "kafka"
     lib = INFRA / "kafka" / "lib"
 
+    def __init__(self, root: Path | None = None, port: int = KAFKA_PORT,
+                 controller_port: int = KAFKA_CONTROLLER_PORT) -> None:
+        super().__init__(root)
+        self.port, self.controller_port = port, controller_port
+
     def address(self) -> str:
-        return KAFKA_BOOTSTRAP
+        return f"127.0.0.1:{self.port}"
 
     def version(self) -> str:
         jars = sorted(self.lib.glob("kafka_2.13-*.jar"))
@@ -241,7 +250,7 @@ class Kafka(Service):
     def prepare(self) -> None:
         data = self.dir / "data"
         template = (INFRA / "kafka" / "server.properties.template").read_text()
-        self.props.write_text(template.format(port=KAFKA_PORT, controller_port=KAFKA_CONTROLLER_PORT, data_dir=data))
+        self.props.write_text(template.format(port=self.port, controller_port=self.controller_port, data_dir=data))
         (self.dir / "logs").mkdir(exist_ok=True)
         if not (data / "meta.properties").exists():
             cluster_id = subprocess.run(self._jvm("kafka.tools.StorageTool", "random-uuid", heap="-Xmx128m"),
@@ -253,12 +262,12 @@ class Kafka(Service):
         return self._jvm("kafka.Kafka", str(self.props))
 
     def ready(self) -> bool:
-        if not _port_open(KAFKA_PORT):
+        if not _port_open(self.port):
             return False
         try:
             from kafka import KafkaAdminClient
 
-            admin = KafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP, request_timeout_ms=3000)
+            admin = KafkaAdminClient(bootstrap_servers=self.address(), request_timeout_ms=3000)
             try:
                 admin.list_topics()
                 return True

@@ -12,3 +12,30 @@ import pytest
 def unique_topic() -> str:
     """A fresh topic name per test, so tests never see each other's events."""
     return f"test.{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kafka_config():
+    """The shared local broker (started on demand, idempotently) as a KafkaConfig."""
+    from reloop import services
+    from reloop.config import KafkaConfig
+
+    services.get("kafka").start()
+    return KafkaConfig(bootstrap_servers=services.KAFKA_BOOTSTRAP)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared local Redis (started on demand, idempotently), as host:port."""
+    from reloop import services
+
+    services.get("redis").start()
+    return services.REDIS_URL

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up (idempotently), start the real services the tests need, run the whole suite, stop what we started.
+# Usage: scripts/test.sh [pytest args...]     (what `make test` and .ci/run call)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh || exit 1
+export PATH="$PWD/.venv/bin:$PATH"
+export PYTHONWARNINGS=ignore::DeprecationWarning
+
+started=()
+for svc in kafka redis ray; do
+  if ! python -m reloop.services status "$svc" >/dev/null 2>&1; then
+    python -m reloop.services start "$svc" || { echo "could not start $svc" >&2; exit 1; }
+    started+=("$svc")
+  fi
+done
+cleanup() {
+  for svc in "${started[@]}"; do python -m reloop.services stop "$svc"; done
+}
+trap cleanup EXIT INT TERM
+
+python -m pytest "$@"
+code=$?
+# pytest exits 5 when nothing was collected: that is a failure of the suite, not a pass
+if [ $code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi
+exit $code
