@@ -85,5 +85,33 @@ def replay(
                f"({stats.events_per_s:,.0f} events/s)")
 
 
+@app.command()
+def run(
+    dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
+    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
+    config: Optional[str] = typer.Option(None, help="YAML config file"),
+) -> None:
+    """Run the whole loop on a dataset with the embedded defaults (starts what it needs)."""
+    import json
+
+    from reloop.config import ConfigError, load_config
+    from reloop.datasets import DatasetError
+    from reloop.replay import ReplayError, parse_speed
+    from reloop.run import run as run_loop
+
+    try:
+        summary = run_loop(load_config(config), dataset=dataset, limit=limit, speed=parse_speed(speed))
+    except (ConfigError, DatasetError, ReplayError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(summary.as_dict(), indent=2))
+    if summary.events_valid != summary.events_replayed:
+        _fail(f"lost or duplicated events: replayed {summary.events_replayed}, valid {summary.events_valid}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m reloop.cli
+    main()
