@@ -30,8 +30,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _local(env: str, default: int) -> str:
+    # the embedded services' ports can be moved with the same variables reloop.services reads
+    return f"127.0.0.1:{os.environ.get(env, default)}"
+
+
 class KafkaConfig(Strict):
-    bootstrap_servers: str = "127.0.0.1:9092"
+    bootstrap_servers: str = Field(default_factory=lambda: _local("RELOOP_KAFKA_PORT", 9092))
     events_topic: str = "reloop.events"
     dlq_topic: str = "reloop.events.dlq"
     alerts_topic: str = "reloop.alerts"
@@ -58,14 +63,14 @@ class FeastConfig(Strict):
     #: sqlite = embedded online store; redis = production profile (infra Redis or your own)
     profile: Literal["sqlite", "redis"] = "sqlite"
     repo_path: str = "features"
-    redis_connection_string: str = "127.0.0.1:6399"
+    redis_connection_string: str = Field(default_factory=lambda: _local("RELOOP_REDIS_PORT", 6399))
 
 
 class RayConfig(Strict):
     #: None: a local ``ray.init()``; "auto" or "ray://host:10001" or "host:port" for a cluster
     address: str | None = None
     #: the dashboard/jobs address for ``ray job submit``
-    jobs_address: str = "http://127.0.0.1:8265"
+    jobs_address: str = Field(default_factory=lambda: "http://" + _local("RELOOP_RAY_DASHBOARD_PORT", 8265))
 
 
 class StorageConfig(Strict):
@@ -77,11 +82,26 @@ class StorageConfig(Strict):
     reports_dir: str = "reports"
 
 
+class FeatureJobConfig(Strict):
+    """The Beam feature job (``pipelines.feature_job``); windows and smoothing are in ``pipelines.aggregates``."""
+
+    #: feature-state snapshots and pending run plans: a local path or any pyarrow.fs URI
+    state_uri: str = ".state/feature_job"
+    #: cap on the events of one micro-batch (None: everything up to the log end)
+    max_events_per_run: int | None = Field(None, ge=1)
+    #: events older than (newest event time - allowed lateness) are dropped and counted
+    allowed_lateness_s: float = Field(3600.0, ge=0)
+    #: records per Arrow batch read from Kafka, and offsets per initial split of a partition range
+    read_batch_size: int = Field(5000, ge=1)
+    split_size: int = Field(50_000, ge=1)
+
+
 class ReloopConfig(Strict):
     kafka: KafkaConfig = KafkaConfig()
     feast: FeastConfig = FeastConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    feature_job: FeatureJobConfig = FeatureJobConfig()
 
 
 class ConfigError(ValueError):
