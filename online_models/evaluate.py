@@ -1,0 +1,351 @@
+"""The chronological test-then-train evaluation of ``reloop evaluate``.
+
+Protocol (``docs``: DESIGN.md, "Evaluation protocol"):
+
+1. Load the events and compute their features with the same pure function as
+   the Beam job (:func:`pipelines.aggregates.compute_features`), leak-free:
+   every event sees only what happened strictly before it.
+2. Warm-up = the first ``warmup`` fraction of events in time order. Its last
+   ``validation`` share is the **validation slot**: the base model is trained
+   on the warm-up before it, the memory hyper-parameters (lambda, tau, ...) are
+   chosen on the validation slot by test-then-train logloss/AUC (never on a
+   test slot), then the base model also learns from the validation slot and
+   is frozen.
+3. The rest is cut into ``slots`` equal slots. For every mini-batch of every
+   slot, every variant first predicts, is scored, then learns/writes:
+   ``base`` (frozen), ``incremental`` (one optimizer step per batch after
+   scoring), ``base+memory`` / ``incremental+memory`` (the same models'
+   predictions corrected by an error-compensation memory written with each
+   labelled outcome; the memory is rebuilt from a bounded buffer of the
+   recent samples at the deployment of the model), ``river_lr`` / ``river_fm``
+   (River, learning on the same encoded stream, one sample at a time).
+
+Results: overall ``auc``/``gauc``/``logloss`` and a ``slots`` list per
+variant, plus new-vs-returning users, the memory choice and its validation
+scores, timings. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
+from online_models.memory import ErrorCompensationMemory, MemoryConfig
+from online_models.metrics import SlotMetrics, summarize
+from online_models.models import ModelConfig, build_model
+from online_models.river_baselines import RiverBaseline
+
+VARIANTS = ("base", "incremental", "base+memory", "incremental+memory", "river_lr", "river_fm")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as configured (the message says which setting)."""
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Everything that decides an evaluation run (recorded in the result JSON)."""
+
+    dataset: str = "movielens-100k"
+    model: str = "dcnv2"
+    slots: int = 10
+    warmup: float = 0.5
+    validation: float = 0.2           # share of the warm-up (its end) used as the validation slot
+    seed: int = 0
+    batch_size: int = 256
+    warmup_epochs: int = 1
+    limit: int | None = None
+    # model and optimizer
+    embedding_dim: int = 8
+    hidden_sizes: tuple[int, ...] = (64, 32)
+    dropout: float = 0.1
+    embedding_l2: float = 1e-4
+    hash_buckets: int = 20_011
+    use_history: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    # memory (the defaults of the grid search; the chosen values go to the result)
+    memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
+    memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
+    tune_memory: bool = True
+    lam_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
+    tau_grid: tuple[float, ...] = (0.05, 0.2, 1.0)
+    shrinkage_grid: tuple[float, ...] = (0.0, 5.0, 20.0)
+    # river baselines
+    river_lr: float = 0.05
+    river_fm_lr: float = 0.02
+    variants: tuple[str, ...] = VARIANTS
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise EvaluationError(f"slots must be >= 1, got {self.slots}")
+        if not 0.0 < self.warmup < 1.0:
+            raise EvaluationError(f"warmup must be a fraction in (0, 1), got {self.warmup}")
+        if not 0.0 < self.validation < 1.0:
+            raise EvaluationError(f"validation must be a fraction of the warm-up in (0, 1), got {self.validation}")
+        if self.batch_size < 1 or self.warmup_epochs < 1:
+            raise EvaluationError("batch_size and warmup_epochs must be >= 1")
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise EvaluationError(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Stream:
+    """The encoded event stream and its split points."""
+
+    batch: dict[str, torch.Tensor]
+    users: np.ndarray
+    n: int
+    train_end: int      # [0, train_end) trains the base model
+    warm_end: int       # [train_end, warm_end) is the validation slot; [warm_end, n) the test slots
+    slot_bounds: list[tuple[int, int]]
+    encoder: FeatureEncoder
+
+    def slice(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {k: v[lo:hi] for k, v in self.batch.items()}
+
+
+def prepare_stream(cfg: EvaluationConfig) -> _Stream:
+    """Events -> leak-free features (the Beam job's pure function) -> encoded tensors and split points."""
+    from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
+    from reloop.datasets import load_dataset
+
+    events = load_dataset(cfg.dataset, limit=cfg.limit)
+    feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
+    n = feats.num_rows
+    warm_end = int(n * cfg.warmup)
+    train_end = int(warm_end * (1.0 - cfg.validation))
+    if train_end < cfg.batch_size or n - warm_end < cfg.slots:
+        raise EvaluationError(f"{n} events are too few for warmup={cfg.warmup}, validation={cfg.validation}, "
+                              f"slots={cfg.slots}, batch_size={cfg.batch_size}")
+    enc_cfg = EncoderConfig(numeric_fields=tuple(USER_FEATURES) + tuple(ITEM_FEATURES),
+                            hash_buckets=cfg.hash_buckets,
+                            history_field="user_last_items" if cfg.use_history else None)
+    encoder = FeatureEncoder(enc_cfg).fit(feats.slice(0, train_end))
+    batch = encoder.encode(feats)
+    edges = np.linspace(warm_end, n, cfg.slots + 1).round().astype(int)
+    bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    users = np.asarray(feats["user_id"].to_numpy(zero_copy_only=False))
+    return _Stream(batch, users, n, train_end, warm_end, bounds, encoder)
+
+
+def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
+    enc = stream.encoder.config
+    return ModelConfig(kind=cfg.model, num_categorical=len(enc.categorical_fields), hash_buckets=enc.hash_buckets,
+                       num_numeric=len(enc.numeric_fields), embedding_dim=cfg.embedding_dim,
+                       hidden_sizes=cfg.hidden_sizes, dropout=cfg.dropout, weight_decay=cfg.weight_decay,
+                       embedding_l2=cfg.embedding_l2, use_history=cfg.use_history,
+                       categorical_fields=enc.categorical_fields, numeric_fields=enc.numeric_fields, seed=cfg.seed)
+
+
+def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ps, hs = zip(*(learner.predict(b) for b in iter_batches(batch, size)))
+    return torch.cat(ps), torch.cat(hs)
+
+
+def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
+                   size: int) -> torch.Tensor:
+    """Test-then-write a frozen model's (hidden, prediction) stream through ``mem``; compensated predictions."""
+    out = []
+    for lo in range(0, len(p), size):
+        hb, pb, yb = h[lo:lo + size], p[lo:lo + size], y[lo:lo + size]
+        out.append(mem.estimate(hb, pb))
+        mem.write(hb, yb, pb)
+    return torch.cat(out)
+
+
+def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
+    """Grid over (lam, tau, shrinkage) on the validation slot; the winner has the best AUC among the
+    settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
+    (hb, pb, yb), (hv, pv, yv) = buf, val
+    base = summarize(yv.numpy(), pv.numpy(), users)
+    trials = [{"lam": 0.0, "tau": cfg.memory.tau, "shrinkage": 0.0, **base}]
+    grid = [(lam, tau, s) for lam in cfg.lam_grid for tau in cfg.tau_grid for s in cfg.shrinkage_grid]
+    for lam, tau, s in grid:
+        mc = replace(cfg.memory, dim=hb.shape[1], lam=lam, tau=tau, shrinkage=s)
+        mem = ErrorCompensationMemory.from_config(mc)
+        mem.write(hb, yb, pb)
+        comp = _replay_memory(mem, hv, pv, yv, cfg.batch_size)
+        trials.append({"lam": lam, "tau": tau, "shrinkage": s, **summarize(yv.numpy(), comp.numpy(), users)})
+    ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
+    best = max(ok, key=lambda t: (t["auc"] or 0.0, -t["logloss"]))
+    chosen = replace(cfg.memory, dim=hb.shape[1], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
+    return chosen, trials
+
+
+def run_evaluation(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run the protocol of the module docstring; returns the JSON-ready result."""
+    # small batches on a shared 2-core box: one intra-op thread is ~10x faster than two fighting threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    stream = prepare_stream(cfg)
+    t_features = time.perf_counter() - t_start
+    bs = cfg.batch_size
+    y_all = stream.batch["label"]
+
+    # 1) base model on the warm-up before the validation slot (chronological mini-batches)
+    learner = OnlineLearner(build_model(_model_config(cfg, stream)),
+                            LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed))
+    for _ in range(cfg.warmup_epochs):
+        for b in iter_batches(stream.slice(0, stream.train_end), bs):
+            learner.learn(b)
+
+    # 2) memory hyper-parameters on the validation slot, with the base model frozen
+    buf_lo = max(0, stream.train_end - cfg.memory_buffer)
+    pb, hb = _predict_all(learner, stream.slice(buf_lo, stream.train_end), bs)
+    val_batch = stream.slice(stream.train_end, stream.warm_end)
+    pv, hv = _predict_all(learner, val_batch, bs)
+    val_users = stream.users[stream.train_end:stream.warm_end]
+    mem_cfg = replace(cfg.memory, dim=hb.shape[1])
+    trials: list[dict] = []
+    if cfg.tune_memory:
+        mem_cfg, trials = tune_memory(cfg, (hb, pb, y_all[buf_lo:stream.train_end]),
+                                      (hv, pv, y_all[stream.train_end:stream.warm_end]), val_users)
+
+    # 3) the base model also learns the validation slot (test-then-train), then it is frozen
+    for b in iter_batches(val_batch, bs):
+        learner.learn(b)
+    base = learner
+    incremental = learner.clone()
+    buf_lo = max(0, stream.warm_end - cfg.memory_buffer)
+    recent = stream.slice(buf_lo, stream.warm_end)
+    mems = {}
+    for name, lrn in (("base+memory", base), ("incremental+memory", incremental)):
+        mems[name] = ErrorCompensationMemory.from_config(mem_cfg)
+        mems[name].rebuild(iter_batches(recent, bs), lrn.model)
+
+    rivers = {}
+    for name, kind, lr in (("river_lr", "lr", cfg.river_lr), ("river_fm", "fm", cfg.river_fm_lr)):
+        if name in cfg.variants:
+            rivers[name] = RiverBaseline(kind, lr=lr, seed=cfg.seed)
+            rivers[name].learn(stream.slice(0, stream.warm_end))
+
+    # 4) test slots: predict, score, then learn / write
+    metrics = {v: SlotMetrics() for v in cfg.variants}
+    seconds = {v: 0.0 for v in cfg.variants}
+    total = sum(math_ceil(hi - lo, bs) for lo, hi in stream.slot_bounds)
+    done = 0
+    for lo, hi in stream.slot_bounds:
+        for b_lo in range(lo, hi, bs):
+            b_hi = min(b_lo + bs, hi)
+            b = stream.slice(b_lo, b_hi)
+            y, users = b["label"], stream.users[b_lo:b_hi]
+            t0 = time.perf_counter()
+            p_base, h_base = base.predict(b)
+            seconds["base"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            p_inc, h_inc = incremental.predict(b)
+            incremental.learn(b)
+            seconds["incremental"] += time.perf_counter() - t0
+            preds = {"base": p_base, "incremental": p_inc}
+            for name, (h, p) in (("base+memory", (h_base, p_base)), ("incremental+memory", (h_inc, p_inc))):
+                if name in cfg.variants:
+                    t0 = time.perf_counter()
+                    preds[name] = mems[name].estimate(h, p)
+                    mems[name].write(h, y, p)
+                    seconds[name] += time.perf_counter() - t0
+            for name, model in rivers.items():
+                t0 = time.perf_counter()
+                preds[name] = model.test_then_train(b)
+                seconds[name] += time.perf_counter() - t0
+            for name in cfg.variants:
+                metrics[name].update(y.numpy(), preds[name].double().numpy(), users)
+            done += 1
+            if progress:
+                progress(done, total)
+        for name in cfg.variants:
+            metrics[name].end_slot()
+
+    results = {name: metrics[name].result() for name in cfg.variants}
+    returning = set(stream.users[:stream.warm_end].tolist())
+    test_users = stream.users[stream.warm_end:]
+    is_new = np.array([u not in returning for u in test_users.tolist()])
+    cohorts = {}
+    for name in cfg.variants:
+        y, p, g = metrics[name].arrays()
+        cohorts[name] = {"new": summarize(y[is_new], p[is_new], g[is_new]),
+                         "returning": summarize(y[~is_new], p[~is_new], g[~is_new])}
+    return {
+        "config": cfg.to_dict(),
+        "model_config": base.model.config.to_dict(),
+        "memory_config": mem_cfg.to_dict(),
+        "memory_validation": {"slot": [stream.train_end, stream.warm_end], "trials": trials},
+        "split": {"events": stream.n, "train_end": stream.train_end, "warmup_end": stream.warm_end,
+                  "slots": stream.slot_bounds,
+                  "test_users": int(len(set(test_users.tolist()))),
+                  "test_users_new": int(len(set(test_users[is_new].tolist())))},
+        "variants": results,
+        "cohorts": cohorts,
+        "seconds": {"features": t_features, "total": time.perf_counter() - t_start, **seconds},
+    }
+
+
+def math_ceil(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def write_results(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """The JSON (variants at top level under their names, as documented) and a PNG of AUC per slot."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**result["variants"], **{k: v for k, v in result.items() if k != "variants"}}
+    out.write_text(json.dumps(doc, indent=2, default=_json_default))
+    png = out.with_suffix(".png")
+    plot_slots(result, png)
+    return out, png
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def plot_slots(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name, res in result["variants"].items():
+        aucs = [s["auc"] if s["auc"] is not None else np.nan for s in res["slots"]]
+        ax.plot(range(1, len(aucs) + 1), aucs, marker="o", label=f"{name} ({res['auc']:.4f})")
+    cfg = result["config"]
+    ax.set_xlabel("test slot (chronological)")
+    ax.set_ylabel("AUC")
+    ax.set_title(f"{cfg['dataset']} / {cfg['model']}: AUC per slot (seed {cfg['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})   # no timestamp/version: same seed, same bytes
+    plt.close(fig)

@@ -1,0 +1,246 @@
+"""The ReLoop2 error-compensation memory (Zhu et al., KDD 2023), vectorised in torch.
+
+Keys are a model's last hidden layer ``h`` (B, D). ``K`` independent SimHash
+tables (random Gaussian hyperplanes, ``L`` bits each) map ``h`` to one of
+``2^L`` buckets per table. A bucket holds the evidence of the samples that
+hashed to it: a count, the sum of labels, the sum of base predictions and the
+sum of keys (its centroid is the bucket's "key", used for the similarity).
+
+Estimate, for a query ``h`` with base prediction ``y_base``:
+
+- read the K buckets; each gives ``y_bar_k = sum_y/n``, ``p_bar_k = sum_p/n``
+  and the centroid ``c_k = sum_h/n``;
+- weights ``w = softmax(cos(h, c_k) / tau)`` over the K read-outs, with empty
+  buckets (no evidence) masked out; a query with no evidence at all gets
+  ``y_err = 0``;
+- ``y_bar = sum_k w_k y_bar_k`` and ``y_base_bar = sum_k w_k p_bar_k``;
+- ``y_err = gamma*(y_bar - y_base) + (1-gamma)*(y_bar - y_base_bar)``;
+- compensated prediction ``clip(y_base + lam * s * y_err, 0, 1)``, where the
+  optional shrinkage ``s = n/(n + shrinkage)`` (``n`` = the weighted count)
+  keeps one or two neighbours from overriding the model (0 = the paper).
+
+Optional ``decay`` (per written sample, in (0, 1]) makes old evidence fade:
+a bucket's statistics are scaled by ``decay ** (samples written since it was
+last touched)``, applied lazily when it is read or written, so a write costs
+O(B*K) and never touches the whole table. State is a fixed set of tensors
+(the size never grows with the stream) that round-trips through
+:meth:`state_dict`/:meth:`load_state_dict` and safetensors, without pickle.
+
+>>> mem = ErrorCompensationMemory(dim=4, num_tables=2, bits=3, tau=1.0, gamma=1.0, lam=1.0, seed=0)
+>>> h = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+>>> mem.estimate(h, torch.tensor([0.3]))   # no evidence yet: the base prediction
+tensor([0.3000])
+>>> mem.write(h, torch.tensor([1.0]), torch.tensor([0.3]))
+>>> mem.estimate(h, torch.tensor([0.3]))   # the neighbour was a positive
+tensor([1.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+
+STAT_NAMES = ("count", "sum_y", "sum_p")
+
+
+class MemoryConfigError(ValueError):
+    """A memory parameter out of range; the message names it and the allowed range."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Hyper-parameters of :class:`ErrorCompensationMemory` (see the module docstring)."""
+
+    dim: int
+    num_tables: int = 8
+    bits: int = 8
+    tau: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.5
+    decay: float = 1.0
+    shrinkage: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise MemoryConfigError(f"dim must be >= 1, got {self.dim}")
+        if self.num_tables < 1:
+            raise MemoryConfigError(f"num_tables (K) must be >= 1, got {self.num_tables}")
+        if not 1 <= self.bits <= 24:
+            raise MemoryConfigError(f"bits (L) must be in 1..24 (2^L buckets per table), got {self.bits}")
+        if not self.tau > 0:
+            raise MemoryConfigError(f"tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise MemoryConfigError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not self.lam >= 0.0:
+            raise MemoryConfigError(f"lam (lambda) must be >= 0, got {self.lam}")
+        if not 0.0 < self.decay <= 1.0:
+            raise MemoryConfigError(f"decay must be in (0, 1] (1 = no decay), got {self.decay}")
+        if not self.shrinkage >= 0.0:
+            raise MemoryConfigError(f"shrinkage must be >= 0, got {self.shrinkage}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ErrorCompensationMemory:
+    """K SimHash tables of 2^L buckets of (count, sum of labels, sum of base predictions, sum of keys)."""
+
+    def __init__(self, dim: int, num_tables: int = 8, bits: int = 8, tau: float = 0.1, gamma: float = 1.0,
+                 lam: float = 0.5, decay: float = 1.0, shrinkage: float = 0.0, seed: int = 0) -> None:
+        self.config = MemoryConfig(dim, num_tables, bits, tau, gamma, lam, decay, shrinkage, seed)
+        self.dim, self.num_tables, self.bits = dim, num_tables, bits
+        self.tau, self.gamma, self.lam, self.decay, self.shrinkage, self.seed = tau, gamma, lam, decay, shrinkage, seed
+        gen = torch.Generator().manual_seed(seed)
+        # hyperplanes (D, K*L): one matmul hashes a batch into all K tables
+        self.planes = torch.randn(dim, num_tables * bits, generator=gen)
+        self._powers = 2 ** torch.arange(bits, dtype=torch.int64)                    # (L,)
+        self._offsets = torch.arange(num_tables, dtype=torch.int64) * (1 << bits)    # (K,)
+        self.reset()
+
+    @classmethod
+    def from_config(cls, config: MemoryConfig) -> "ErrorCompensationMemory":
+        return cls(**config.to_dict())
+
+    def reset(self) -> None:
+        """Forget all evidence (the hyperplanes stay: they are configuration, fixed by the seed)."""
+        n = self.num_tables << self.bits
+        self.stats = torch.zeros(n, len(STAT_NAMES), dtype=torch.float64)   # (K*2^L, 3)
+        self.keys = torch.zeros(n, self.dim, dtype=torch.float32)             # (K*2^L, D) sum of keys
+        self.last = torch.zeros(n, dtype=torch.int64)                          # sample clock at last touch
+        self.clock = torch.zeros((), dtype=torch.int64)                        # samples written so far
+
+    # -- hashing -------------------------------------------------------------------------------------
+
+    def bucket_index(self, h: torch.Tensor) -> torch.Tensor:
+        """Flat bucket ids (B, K) of keys ``h`` (B, D) in the K tables."""
+        if h.dim() != 2 or h.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(h.shape)}")
+        bits = (h.detach().float() @ self.planes > 0).view(-1, self.num_tables, self.bits)   # (B, K, L)
+        return (bits.long() * self._powers).sum(-1) + self._offsets                          # (B, K)
+
+    def _decay_factor(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.decay == 1.0:
+            return torch.ones(idx.shape, dtype=torch.float64)
+        age = (self.clock - self.last[idx]).double()
+        return torch.pow(torch.tensor(self.decay, dtype=torch.float64), age)
+
+    # -- write / estimate ----------------------------------------------------------------------------
+
+    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor) -> None:
+        """Add a batch of labelled outcomes: keys (B, D), labels (B,), base predictions (B,)."""
+        y, y_base = _vector(y, "y"), _vector(y_base, "y_base")
+        if not (len(y) == len(y_base) == h.shape[0]):
+            raise ValueError(f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}")
+        if len(y) == 0:
+            return
+        idx = self.bucket_index(h)                                          # (B, K)
+        flat = idx.reshape(-1)                                              # (B*K,)
+        if self.decay != 1.0:
+            # bring every touched bucket up to the current clock once (duplicates write the same value)
+            f = self._decay_factor(flat)
+            self.stats[flat] = self.stats[flat] * f.unsqueeze(-1)
+            self.keys[flat] = self.keys[flat] * f.float().unsqueeze(-1)
+        k = self.num_tables
+        vals = torch.stack([torch.ones_like(y, dtype=torch.float64), y.double(), y_base.double()], dim=1)  # (B, 3)
+        self.stats.index_add_(0, flat, vals.repeat_interleave(k, dim=0))
+        self.keys.index_add_(0, flat, h.detach().float().repeat_interleave(k, dim=0))
+        self.clock = self.clock + len(y)
+        if self.decay != 1.0:
+            # the samples of this batch count as written "now": age them as a block
+            self.last[flat] = self.clock
+
+    def read(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted neighbourhood of each key: ``y_bar``, ``y_base_bar``, ``count`` (B,) and ``has`` (B,) bool."""
+        idx = self.bucket_index(h)                                          # (B, K)
+        st = self.stats[idx] * self._decay_factor(idx).unsqueeze(-1)        # (B, K, 3)
+        n = st[..., 0]                                                      # (B, K)
+        has = n > 1e-12
+        safe = n.clamp(min=1e-12)
+        y_bar_k, p_bar_k = st[..., 1] / safe, st[..., 2] / safe            # (B, K)
+        # the decay factor cancels in the centroid (sum_h / n), so read the raw sums
+        raw_n = self.stats[idx][..., 0].clamp(min=1e-12).float()
+        centroid = self.keys[idx] / raw_n.unsqueeze(-1)                     # (B, K, D)
+        sim = torch.nn.functional.cosine_similarity(h.detach().float().unsqueeze(1), centroid, dim=-1, eps=1e-8)
+        logits = (sim.double() / self.tau).masked_fill(~has, float("-inf"))
+        any_ = has.any(dim=1)
+        w = torch.softmax(logits.masked_fill(~any_.unsqueeze(1), 0.0), dim=1) * has   # (B, K); 0 where empty
+        return {"y_bar": (w * y_bar_k).sum(1), "y_base_bar": (w * p_bar_k).sum(1),
+                "count": (w * n).sum(1), "has": any_}
+
+    def error(self, h: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
+        """``y_err`` (B,) as in ReLoop2 (0 where there is no evidence), shrinkage applied."""
+        y_base = _vector(y_base, "y_base").double()
+        r = self.read(h)
+        err = self.gamma * (r["y_bar"] - y_base) + (1.0 - self.gamma) * (r["y_bar"] - r["y_base_bar"])
+        if self.shrinkage > 0:
+            err = err * r["count"] / (r["count"] + self.shrinkage)
+        return torch.where(r["has"], err, torch.zeros_like(err))
+
+    def estimate(self, h: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
+        """Compensated probabilities ``clip(y_base + lam * y_err, 0, 1)`` (B,), same dtype as ``y_base``."""
+        y_base = _vector(y_base, "y_base")
+        if self.lam == 0.0:
+            return y_base.clone()
+        out = (y_base.double() + self.lam * self.error(h, y_base)).clamp(0.0, 1.0)
+        return out.to(y_base.dtype)
+
+    def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module) -> int:
+        """Reset, then write ``samples`` (batches with a ``label``) keyed by ``model``'s hidden layer.
+
+        Used when a new model version is deployed: its hidden space differs, so old keys are meaningless.
+        Returns the number of samples written.
+        """
+        self.reset()
+        was_training = model.training
+        model.eval()
+        written = 0
+        try:
+            with torch.no_grad():
+                for batch in samples:
+                    logits, hidden = model(batch)
+                    self.write(hidden, batch["label"], torch.sigmoid(logits))
+                    written += len(logits)
+        finally:
+            model.train(was_training)
+        return written
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors only (safetensors-compatible); the hyper-parameters are in ``config``."""
+        return {"planes": self.planes.clone(), "stats": self.stats.clone(), "keys": self.keys.clone(),
+                "last": self.last.clone(), "clock": self.clock.clone().reshape(1)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {"planes": self.planes, "stats": self.stats, "keys": self.keys, "last": self.last}
+        missing = (set(expected) | {"clock"}) - set(state)
+        if missing:
+            raise ValueError(f"memory state misses {', '.join(sorted(missing))}")
+        for name, ref in expected.items():
+            if tuple(state[name].shape) != tuple(ref.shape):
+                raise ValueError(f"memory state {name} has shape {tuple(state[name].shape)}, "
+                                 f"this memory needs {tuple(ref.shape)} (dim, K, L must match)")
+        self.planes = state["planes"].to(self.planes.dtype).clone()
+        self.stats = state["stats"].to(torch.float64).clone()
+        self.keys = state["keys"].to(torch.float32).clone()
+        self.last = state["last"].to(torch.int64).clone()
+        self.clock = state["clock"].to(torch.int64).reshape(()).clone()
+
+    def nbytes(self) -> int:
+        """Bytes held by the state (constant in the stream length)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"ErrorCompensationMemory(dim={c.dim}, num_tables={c.num_tables}, bits={c.bits}, tau={c.tau}, "
+                f"gamma={c.gamma}, lam={c.lam}, decay={c.decay}, shrinkage={c.shrinkage}, seed={c.seed})")
+
+
+def _vector(x: torch.Tensor, name: str) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be a vector (B,), got shape {tuple(x.shape)}")
+    return x

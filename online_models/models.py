@@ -1,0 +1,236 @@
+"""Torch CTR models over field embeddings: logistic regression, DeepFM and DCNv2.
+
+Every model takes the batch dict of :class:`online_models.encoding.FeatureEncoder`
+(``cat`` (B, F) hashed ids, optional ``num`` (B, N) standardised numeric
+features, optional ``hist`` (B, H) the user's last items) and returns
+``(logits (B,), hidden (B, H))``: ``hidden`` is the last hidden layer, the key of
+the error-compensation memory.
+
+Pure-ID models overfit a sparse stream quickly, so the defaults are small
+(embedding dim 8, two hidden layers of 64 and 32), use dropout and a separate
+L2 penalty on the looked-up embeddings (:meth:`CTRModel.regularization`), and
+always feed the numeric features straight into the deep part.
+
+>>> cfg = ModelConfig(kind="dcnv2", num_categorical=2, hash_buckets=50, num_numeric=3, seed=0)
+>>> model = build_model(cfg)
+>>> batch = {"cat": torch.tensor([[1, 51], [2, 52]]), "num": torch.zeros(2, 3)}
+>>> logits, hidden = model(batch)
+>>> tuple(logits.shape), tuple(hidden.shape) == (2, model.hidden_dim)
+((2,), True)
+>>> ModelConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("lr", "deepfm", "dcnv2")
+
+
+class ModelConfigError(ValueError):
+    """A model configuration with a bad value (the message names it and the allowed values)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A CTR model; the constructor is the whole configuration (rebuild a model from ``to_dict()`` alone)."""
+
+    kind: str = "dcnv2"
+    num_categorical: int = 2          # categorical fields (user_id, item_id, ...), each with hash_buckets rows
+    hash_buckets: int = 20_011
+    num_numeric: int = 0
+    embedding_dim: int = 8
+    hidden_sizes: tuple[int, ...] = (64, 32)
+    cross_layers: int = 2             # DCNv2 only
+    dropout: float = 0.1
+    weight_decay: float = 1e-5        # L2 on the dense weights (the optimizer's job; recorded here)
+    embedding_l2: float = 1e-5        # L2 on the embeddings looked up by a batch (see regularization())
+    use_history: bool = False         # mean-pool ``hist`` into one extra field
+    categorical_fields: tuple[str, ...] = ("user_id", "item_id")
+    numeric_fields: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelConfigError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for name in ("num_categorical", "hash_buckets", "embedding_dim"):
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_numeric < 0 or self.cross_layers < 0:
+            raise ModelConfigError("num_numeric and cross_layers must be >= 0")
+        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+            raise ModelConfigError(f"hidden_sizes must be a non-empty list of positive sizes, got {self.hidden_sizes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.embedding_l2 < 0:
+            raise ModelConfigError("weight_decay and embedding_l2 must be >= 0")
+
+    @property
+    def num_fields(self) -> int:
+        return self.num_categorical + int(self.use_history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        for k in ("hidden_sizes", "categorical_fields", "numeric_fields"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ModelConfigError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class CTRModel(nn.Module):
+    """Base class: field embeddings + a head. Subclasses implement :meth:`head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        vocab = config.num_categorical * config.hash_buckets
+        self.embedding = nn.Embedding(vocab, config.embedding_dim)
+        self.linear = nn.Embedding(vocab, 1)           # first-order (wide) weights per id
+        self.num_linear = nn.Linear(config.num_numeric, 1) if config.num_numeric else None
+        self.bias = nn.Parameter(torch.zeros(1))
+        self._last_emb: torch.Tensor | None = None
+
+    @property
+    def hidden_dim(self) -> int:
+        raise NotImplementedError
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Field embeddings (B, F, D) and the first-order logit (B,)."""
+        cat = batch["cat"]                                             # (B, F_cat)
+        emb = self.embedding(cat)                                      # (B, F_cat, D)
+        wide = self.linear(cat).sum(dim=(1, 2)) + self.bias            # (B,)
+        if self.config.use_history:
+            hist = batch.get("hist")
+            if hist is None:
+                pooled = emb.new_zeros(emb.shape[0], 1, emb.shape[2])
+            else:
+                mask = (hist > 0).unsqueeze(-1).float()                # (B, H, 1)
+                pooled = (self.embedding(hist) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+            emb = torch.cat([emb, pooled], dim=1)                      # (B, F, D)
+        if self.num_linear is not None:
+            wide = wide + self.num_linear(self._num(batch)).squeeze(-1)
+        self._last_emb = emb
+        return emb, wide
+
+    def _num(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        num = batch.get("num")
+        if num is None:
+            raise KeyError(f"batch has no 'num' but the model expects {self.config.num_numeric} numeric features")
+        return num
+
+    def regularization(self) -> torch.Tensor:
+        """L2 of the embeddings looked up by the last forward pass (sparse-friendly, unlike weight decay)."""
+        if self._last_emb is None or self.config.embedding_l2 == 0:
+            return torch.zeros(())
+        return self.config.embedding_l2 * self._last_emb.pow(2).sum() / self._last_emb.shape[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class LogisticRegression(CTRModel):
+    """First-order model. Its "hidden layer" is the per-field logit contributions (B, F + N)."""
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.num_categorical + self.config.num_numeric
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.linear(batch["cat"]).squeeze(-1)                  # (B, F_cat)
+        self._last_emb = parts
+        if self.num_linear is not None:
+            parts = torch.cat([parts, self._num(batch) * self.num_linear.weight], dim=1)   # (B, F_cat + N)
+            return parts.sum(1) + self.num_linear.bias + self.bias, parts
+        return parts.sum(1) + self.bias, parts
+
+
+class DeepFM(CTRModel):
+    """DeepFM: first order + FM pairwise interactions + an MLP over [embeddings, numeric]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        d_in = config.num_fields * config.embedding_dim + config.num_numeric
+        self.mlp = _mlp([d_in, *config.hidden_sizes], config.dropout)
+        self.out = nn.Linear(config.hidden_sizes[-1], 1)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_sizes[-1]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
+        fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)      # (B,)
+        x = emb.flatten(1)                                             # (B, F*D)
+        if self.config.num_numeric:
+            x = torch.cat([x, self._num(batch)], dim=1)                # (B, F*D + N)
+        hidden = self.mlp(x)                                           # (B, H)
+        return wide + fm + self.out(hidden).squeeze(-1), hidden
+
+
+class CrossLayerV2(nn.Module):
+    """x_{l+1} = x0 * (W x_l + b) + x_l (DCN-V2, full-rank)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.lin(x) + x
+
+
+class DCNv2(CTRModel):
+    """DCN-V2 (stacked): cross layers over [embeddings, numeric], then an MLP whose last layer is the key."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        d_in = config.num_fields * config.embedding_dim + config.num_numeric
+        self.cross = nn.ModuleList(CrossLayerV2(d_in) for _ in range(config.cross_layers))
+        self.mlp = _mlp([d_in, *config.hidden_sizes], config.dropout)
+        self.out = nn.Linear(config.hidden_sizes[-1], 1)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_sizes[-1]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
+        x0 = emb.flatten(1)                                            # (B, F*D)
+        if self.config.num_numeric:
+            x0 = torch.cat([x0, self._num(batch)], dim=1)              # (B, d_in)
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)                                           # (B, d_in)
+        hidden = self.mlp(x)                                           # (B, H)
+        return wide + self.out(hidden).squeeze(-1), hidden
+
+
+def build_model(config: ModelConfig) -> CTRModel:
+    """The model of ``config.kind``, initialised deterministically from ``config.seed``."""
+    cls = {"lr": LogisticRegression, "deepfm": DeepFM, "dcnv2": DCNv2}[config.kind]
+    # a private generator: building a model never disturbs (or depends on) the global RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = cls(config)
+        with torch.no_grad():
+            nn.init.normal_(model.embedding.weight, std=0.01)
+            nn.init.zeros_(model.linear.weight)
+    return model
