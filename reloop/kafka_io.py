@@ -91,3 +91,18 @@ def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: i
                                    f"while reading offsets {start}..{stop}")
     finally:
         consumer.close()
+
+
+def partition_count(cfg: KafkaConfig, topic: str) -> int:
+    """How many partitions ``topic`` has (waits briefly for the metadata of a new topic)."""
+    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False)
+    try:
+        for _ in range(50):
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return len(parts)
+            time.sleep(0.1)
+            consumer.topics()  # refresh metadata
+        raise RuntimeError(f"topic {topic} has no partitions in the metadata of {cfg.bootstrap_servers}")
+    finally:
+        consumer.close()

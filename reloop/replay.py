@@ -66,50 +66,136 @@ def encode_batch(batch: pa.RecordBatch) -> tuple[list[bytes], list[bytes]]:
     return keys, values
 
 
+def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
+    """Kafka's default partition of each key (murmur2, as the Java client), hashed once per distinct key.
+
+    >>> partitions_for(["196", "186", "22", "244", "196"], 4)
+    [0, 0, 3, 2, 0]
+    """
+    from kafka.partitioner.default import murmur2
+
+    cache: dict[str, int] = {}
+    out = []
+    for k in keys:
+        p = cache.get(k)
+        if p is None:
+            p = cache[k] = (murmur2(k.encode()) & 0x7FFFFFFF) % num_partitions
+        out.append(p)
+    return out
+
+
 def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None, speed: float | None = None,
-                 progress: bool = False, batch_size: int = 5000) -> ReplayStats:
-    """Produce every row of an event table (already in time order) to ``topic``; wait for all acks."""
+                 progress: bool = False, batch_size: int = 5000, workers: int | None = None) -> ReplayStats:
+    """Produce every row of an event table (already in time order) to ``topic``; wait for all acks.
+
+    Each event goes to its key's default partition (so consumers see one user's events in order).
+    ``workers`` producer processes (default: 2 at full speed on >= 20k events, else 1) each own a
+    disjoint set of partitions and send them in time order; pacing (``speed``) is against one shared
+    start time, so N x real time holds across workers.
+    """
     from kafka.errors import KafkaError
 
-    from reloop.kafka_io import ensure_topics, producer
+    from reloop.kafka_io import ensure_topics, partition_count
 
     topic = topic or cfg.events_topic
     try:
         ensure_topics(cfg, [topic])
-        prod = producer(cfg)
+        num_partitions = partition_count(cfg, topic)
     except KafkaError as e:
         raise ReplayError(f"cannot reach Kafka at {cfg.bootstrap_servers}: {e} (is it up? `reloop up kafka`)") from e
+    if workers is None:
+        workers = 2 if speed is None and table.num_rows >= 20_000 else 1
+    workers = max(1, min(workers, num_partitions))
+    parts = pa.array(partitions_for(table["user_id"].to_pylist(), num_partitions), pa.int32())
+    table = table.append_column("__partition", parts)
+    ts0 = table["ts"][0].as_py() if table.num_rows else 0
+    t0 = time.time()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=table.num_rows, unit="ev", desc=f"replay -> {topic}", smoothing=0.1)
+    if workers == 1:
+        _produce(table, cfg, topic, speed, ts0, t0, batch_size, bar.update if bar else None)
+    else:
+        _produce_parallel(table, cfg, topic, speed, ts0, t0, batch_size, workers, bar)
+    if bar is not None:
+        bar.close()
+    return ReplayStats(topic, table.num_rows, time.time() - t0)
+
+
+def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None, ts0: int, t0: float,
+             batch_size: int, on_batch=None) -> None:
+    """One producer sending ``table`` in order (explicit partitions), pacing against wall-clock ``t0``."""
+    from reloop.kafka_io import producer
+
+    prod = producer(cfg)
     failures: list[Exception] = []
-    t0 = time.perf_counter()
-    ts0 = table["ts"][0].as_py() if table.num_rows else 0
     try:
         for batch in table.to_batches(batch_size):
             keys, values = encode_batch(batch)
+            partitions = batch.column("__partition").to_pylist()
+            send = prod.send
             if speed is None:
-                for k, v in zip(keys, values):
-                    prod.send(topic, key=k, value=v).add_errback(failures.append)
+                for k, v, p in zip(keys, values, partitions):
+                    send(topic, key=k, value=v, partition=p).add_errback(failures.append)
             else:
-                ts = batch.column("ts").to_pylist()
-                for k, v, t in zip(keys, values, ts):
-                    wait = (t - ts0) / 1000.0 / speed - (time.perf_counter() - t0)
+                for k, v, p, t in zip(keys, values, partitions, batch.column("ts").to_pylist()):
+                    wait = (t - ts0) / 1000.0 / speed - (time.time() - t0)
+                    if wait > 0.05:
+                        prod.flush()  # deliver what is due before sleeping
                     if wait > 0:
-                        prod.flush() if wait > 0.05 else None
-                        time.sleep(max(0.0, (t - ts0) / 1000.0 / speed - (time.perf_counter() - t0)))
-                    prod.send(topic, key=k, value=v).add_errback(failures.append)
+                        time.sleep(max(0.0, (t - ts0) / 1000.0 / speed - (time.time() - t0)))
+                    send(topic, key=k, value=v, partition=p).add_errback(failures.append)
             if failures:
                 break
-            if bar is not None:
-                bar.update(batch.num_rows)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
         prod.flush()
     finally:
         prod.close()
-        if bar is not None:
-            bar.close()
     if failures:
         raise ReplayError(f"{len(failures)} event(s) were not delivered to {topic}: {failures[0]!r}")
-    return ReplayStats(topic, table.num_rows, time.perf_counter() - t0)
+
+
+def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done) -> None:
+    table = pa.ipc.open_stream(ipc).read_all()
+
+    def tick(n: int) -> None:
+        with done.get_lock():
+            done.value += n
+
+    _produce(table, KafkaConfig.model_validate_json(cfg_json), topic, speed, ts0, t0, batch_size, tick)
+
+
+def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0: int, t0: float, batch_size: int,
+                      workers: int, bar) -> None:
+    import multiprocessing as mp
+
+    import numpy as np
+
+    owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
+    ctx = mp.get_context("spawn")  # no fork: the parent may hold client threads
+    done = ctx.Value("q", 0)
+    procs = []
+    for w in range(workers):
+        part = table.filter(pa.array(owner == w))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, part.schema) as writer:
+            writer.write_table(part)
+        proc = ctx.Process(target=_worker, args=(sink.getvalue().to_pybytes(), cfg.model_dump_json(), topic, speed,
+                                                 ts0, t0, batch_size, done), daemon=True)
+        proc.start()
+        procs.append(proc)
+    shown = 0
+    while any(p.is_alive() for p in procs):
+        time.sleep(0.2)
+        if bar is not None and done.value > shown:
+            bar.update(done.value - shown)
+            shown = done.value
+    if bar is not None and done.value > shown:
+        bar.update(done.value - shown)
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise ReplayError(f"{len(bad)} of {workers} producer process(es) failed (exit codes {bad}); "
+                          f"{done.value} of {table.num_rows} events were acknowledged")
