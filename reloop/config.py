@@ -96,12 +96,86 @@ class FeatureJobConfig(Strict):
     split_size: int = Field(50_000, ge=1)
 
 
+class WebhookConfig(Strict):
+    url: str
+    #: name of the environment variable holding the HMAC secret (never the secret itself)
+    secret_env: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    #: attempts after the first one
+    retries: int = Field(3, ge=0)
+    #: first backoff; doubles per retry up to backoff_max_s
+    backoff_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class HooksConfig(Strict):
+    """Where alerts go (several at once); a failing hook never stops monitoring."""
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    #: publish every alert and audit record on kafka.alerts_topic
+    kafka_enabled: bool = True
+    #: None: kafka.alerts_topic
+    kafka_topic: str | None = None
+    #: ``module:function`` callables, each called with the alert dict
+    python: list[str] = Field(default_factory=list)
+    #: JSONL log of alerts that could not be delivered
+    dead_letter_path: str = ".state/alerts.deadletter.jsonl"
+    #: deliver from a background thread so a slow endpoint never blocks the monitor loop
+    background: bool = True
+
+
+class MonitorSpec(Strict):
+    #: adwin, page_hinkley, kswin, ddm, eddm, hddm_a, hddm_w, psi, ks
+    kind: str
+    #: logloss, error, click, prediction, or the name of a numeric feature
+    metric: str = "logloss"
+    #: the detector's own parameters (River constructor args; PSI/KS: mode, bins, reference_size, ...)
+    params: dict[str, Any] = Field(default_factory=dict)
+    warmup: int = Field(1000, ge=0)
+    name: str | None = None
+
+
+def _default_monitors() -> list[MonitorSpec]:
+    from reloop.drift.defaults import DEFAULT_MONITORS
+
+    return [MonitorSpec(**m) for m in DEFAULT_MONITORS]
+
+
+class DriftPolicyConfig(Strict):
+    min_evidence: int = Field(2, ge=1)
+    evidence_window: int = Field(5000, ge=0)
+    cooldown_events: int = Field(20_000, ge=0)
+    clear_after: int = Field(10_000, ge=0)
+    alert_on_warning: bool = True
+    rollback_margin: float = Field(0.02, ge=0)
+    rollback_z: float = Field(2.0, ge=0)
+    watch_min_events: int = Field(2000, ge=0)
+    watch_events: int = Field(20_000, ge=0)
+
+
+class DriftConfig(Strict):
+    #: served predictions joined with labels (JSON: event_id, ts, user_id, item_id, p_base, p, label,
+    #: model_version, numeric features)
+    predictions_topic: str = "reloop.predictions"
+    consumer_group: str = "reloop-monitor"
+    monitors: list[MonitorSpec] = Field(default_factory=_default_monitors)
+    #: numeric features that also get distribution tests (``feature_tests``) against a reference window
+    features: list[str] = Field(default_factory=list)
+    feature_tests: list[Literal["psi", "ks"]] = Field(default_factory=lambda: ["psi"])
+    policy: DriftPolicyConfig = DriftPolicyConfig()
+    #: monitor + policy checkpoint (JSON) and the audit log (JSONL)
+    state_path: str = ".state/monitor/state.json"
+    audit_log_path: str = ".state/monitor/audit.jsonl"
+    checkpoint_every: int = Field(10_000, ge=1)
+
+
 class ReloopConfig(Strict):
     kafka: KafkaConfig = KafkaConfig()
     feast: FeastConfig = FeastConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     feature_job: FeatureJobConfig = FeatureJobConfig()
+    hooks: HooksConfig = HooksConfig()
+    drift: DriftConfig = DriftConfig()
 
 
 class ConfigError(ValueError):

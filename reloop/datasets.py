@@ -95,6 +95,10 @@ def load_dataset(spec: str, limit: int | None = None) -> pa.Table:
     """``movielens-100k`` or a path to a CSV/Parquet file; ``limit`` keeps the first N in time order."""
     if spec == MOVIELENS_100K:
         return load_movielens_100k(limit)
+    if spec.startswith("synthetic:"):  # e.g. synthetic:abrupt_ctr?n=100000&seed=1 (see reloop.synthetic)
+        from reloop.synthetic import load_synthetic
+
+        return load_synthetic(spec, limit)
     return load_file(spec, limit)
 
 
