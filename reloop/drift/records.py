@@ -121,6 +121,7 @@ def alert_payload(request: Request, alert_id: str | None = None, created_at: flo
     if top is not None:
         summary += f"; {top.summary()}"
     return {
+        "type": "alert",
         "id": alert_id or uuid.uuid4().hex,
         "created_at": created_at if created_at is not None else time.time(),
         "action": request.action,
