@@ -25,11 +25,12 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 @app.command()
-def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray (default: all)")) -> None:
-    """Start the local services (idempotent): Kafka (KRaft), Redis, a Ray head."""
+def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink (default: kafka, redis, ray)"),
+       with_: list[str] = typer.Option(None, "--with", help="also start these, e.g. --with flink")) -> None:
+    """Start the local services (idempotent): Kafka (KRaft), Redis, a Ray head; optionally a Flink job server."""
     from reloop import services as svc
 
-    for name in services or SERVICE_NAMES:
+    for name in [*(services or SERVICE_NAMES), *(with_ or [])]:
         try:
             st = svc.get(name).start()
         except svc.ServiceError as e:
@@ -38,11 +39,12 @@ def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray (defau
 
 
 @app.command()
-def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray (default: all)")) -> None:
+def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink (default: kafka, redis, ray)"),
+         with_: list[str] = typer.Option(None, "--with", help="also stop these, e.g. --with flink")) -> None:
     """Stop the local services that reloop started (by pid; nothing else is touched)."""
     from reloop import services as svc
 
-    for name in services or SERVICE_NAMES:
+    for name in [*(services or SERVICE_NAMES), *(with_ or [])]:
         svc.get(name).stop()
         typer.echo(f"{name:6s} stopped")
 

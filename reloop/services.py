@@ -48,6 +48,9 @@ KAFKA_CONTROLLER_PORT = _port("RELOOP_KAFKA_CONTROLLER_PORT", 9093)
 REDIS_PORT = _port("RELOOP_REDIS_PORT", 6399)
 RAY_PORT = _port("RELOOP_RAY_PORT", 6385)
 RAY_DASHBOARD_PORT = _port("RELOOP_RAY_DASHBOARD_PORT", 8265)
+FLINK_JOB_PORT = _port("RELOOP_FLINK_JOB_PORT", 8099)
+FLINK_ARTIFACT_PORT = _port("RELOOP_FLINK_ARTIFACT_PORT", 8098)
+FLINK_EXPANSION_PORT = _port("RELOOP_FLINK_EXPANSION_PORT", 8097)
 
 KAFKA_BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 REDIS_URL = f"127.0.0.1:{REDIS_PORT}"
@@ -368,13 +371,79 @@ class Ray(Service):
             return ""
 
 
+class Flink(Service):
+    """Beam's Flink job server with an embedded Flink (``--flink-master=[local]``) in one bounded JVM.
+
+    ``[local]`` is a real Flink JobManager + TaskExecutor (parallel slots, network shuffles) inside the job
+    server's JVM; pipelines reach it with ``--runner=PortableRunner --job_endpoint=localhost:8099
+    --environment_type=LOOPBACK``. The classpath comes from ``infra/flink/lib`` (``scripts/setup.sh``).
+    """
+
+    name = "flink"
+    lib = INFRA / "flink" / "lib"
+    ready_timeout_s = 120.0
+    # Flink and Beam reflect into JDK internals; Java 17 refuses without these
+    ADD_OPENS = ("java.base/java.lang", "java.base/java.lang.invoke", "java.base/java.lang.reflect",
+                 "java.base/java.io", "java.base/java.net", "java.base/java.nio", "java.base/java.text",
+                 "java.base/java.time", "java.base/java.util", "java.base/java.util.concurrent",
+                 "java.base/java.util.concurrent.atomic", "java.base/sun.nio.ch")
+
+    def __init__(self, root: Path | None = None, job_port: int = FLINK_JOB_PORT,
+                 artifact_port: int = FLINK_ARTIFACT_PORT, expansion_port: int = FLINK_EXPANSION_PORT,
+                 heap: str = os.environ.get("RELOOP_FLINK_HEAP", "1g")) -> None:
+        super().__init__(root)
+        self.job_port, self.artifact_port, self.expansion_port, self.heap = (job_port, artifact_port,
+                                                                             expansion_port, heap)
+
+    def address(self) -> str:
+        return f"localhost:{self.job_port}"
+
+    def version(self) -> str:
+        jars = sorted(self.lib.glob("beam-runners-flink-1.*-[0-9]*.jar"))
+        if not jars:
+            return "?"
+        flink, beam = jars[0].stem[len("beam-runners-flink-"):].split("-", 1)
+        return f"beam {beam}, flink {flink}"
+
+    def command(self) -> list[str]:
+        java = shutil.which("java")
+        if not java:
+            raise ServiceError("java not found: the Flink job server needs Java 11 or 17")
+        if not (self.lib / ".complete").exists():
+            raise ServiceError(f"Flink job server jars missing in {self.lib}; run scripts/setup.sh "
+                               f"(it fetches them with mvn)")
+        return [java, f"-Xmx{self.heap}", "-Xms256m", "-XX:MaxDirectMemorySize=512m", "-XX:+UseG1GC",
+                "-XX:ParallelGCThreads=2", "-Djava.awt.headless=true",
+                *(f"--add-opens={m}=ALL-UNNAMED" for m in self.ADD_OPENS),
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-Dorg.slf4j.simpleLogger.log.org.apache.beam.runners.jobsubmission=info",
+                "-Dorg.slf4j.simpleLogger.showDateTime=true",
+                "-cp", str(self.lib / "*"), "org.apache.beam.runners.flink.FlinkJobServerDriver",
+                "--flink-master=[local]", "--job-host=localhost", f"--job-port={self.job_port}",
+                f"--artifact-port={self.artifact_port}", f"--expansion-port={self.expansion_port}"]
+
+    def ready(self) -> bool:
+        """Both gRPC endpoints answer an HTTP/2 handshake (a bare TCP probe would log protocol errors)."""
+        if not (_port_open(self.job_port) and _port_open(self.expansion_port)):
+            return False
+        try:
+            import grpc
+
+            for port in (self.job_port, self.expansion_port):
+                with grpc.insecure_channel(f"localhost:{port}") as ch:
+                    grpc.channel_ready_future(ch).result(timeout=2)
+            return True
+        except Exception:  # not serving yet
+            return False
+
+
 def ray_client_env() -> dict[str, str]:
     """Environment for a Ray client of the local head: token auth with the state dir's token."""
     token = state_dir() / "ray" / "auth_token"
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray}
+SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray, "flink": Flink}
 
 
 def get(name: str) -> Service:

@@ -2,6 +2,7 @@
 # Idempotent set-up of everything reloop needs on a fresh machine:
 #   - .venv with the Python dependencies (pyproject.toml) and the MovieLens wheel
 #   - the Kafka jars from Maven Central (infra/kafka/pom.xml -> infra/kafka/lib)
+#   - the Beam Flink job server jars (infra/flink/pom.xml -> infra/flink/lib)
 #   - redis-server from Debian's packages
 # Re-running it is cheap: each step checks a stamp or the thing itself first.
 set -euo pipefail
@@ -32,6 +33,14 @@ if [ ! -f infra/kafka/lib/.complete ]; then
      && touch lib/.complete)
 else
   echo "[setup] Kafka jars present"
+fi
+
+if [ ! -f infra/flink/lib/.complete ]; then
+  echo "[setup] fetching the Beam Flink job server (Flink 1.19, embedded) from Maven Central"
+  (cd infra/flink && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=lib \
+     && touch lib/.complete)
+else
+  echo "[setup] Flink job server jars present"
 fi
 
 if ! command -v redis-server >/dev/null; then
