@@ -1,0 +1,140 @@
+"""The error-compensation memory against a brute-force reference and its invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from online_models.memory import ErrorCompensationMemory, MemoryConfigError
+
+
+def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: torch.Tensor) -> list[float]:
+    """Per-sample Python reference: recompute every bucket from the raw written samples (no decay)."""
+    out = []
+    K, L = mem.num_tables, mem.bits
+    planes = mem.planes.view(mem.dim, K, L)
+
+    def code(x: torch.Tensor, k: int) -> int:
+        return sum(int(float(x @ planes[:, k, b]) > 0) << b for b in range(L))
+
+    for q, pb in zip(h, y_base.tolist()):
+        reads = []
+        for k in range(K):
+            c = code(q, k)
+            members = [(wh, wy, wp) for wh, wy, wp in writes if code(wh, k) == c]
+            if not members:
+                continue
+            n = len(members)
+            ybar = sum(m[1] for m in members) / n
+            pbar = sum(m[2] for m in members) / n
+            centroid = sum(m[0] for m in members) / n
+            sim = float(torch.dot(q, centroid) / (q.norm().clamp(min=1e-8) * centroid.norm().clamp(min=1e-8)))
+            reads.append((sim, ybar, pbar))
+        if not reads:
+            out.append(pb)
+            continue
+        zs = [math.exp(s / mem.tau) for s, _, _ in reads]
+        w = [z / sum(zs) for z in zs]
+        ybar = sum(wi * r[1] for wi, r in zip(w, reads))
+        pbar = sum(wi * r[2] for wi, r in zip(w, reads))
+        err = mem.gamma * (ybar - pb) + (1 - mem.gamma) * (ybar - pbar)
+        out.append(min(1.0, max(0.0, pb + mem.lam * err)))
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.3])
+def test_estimate_matches_brute_force(gamma: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    mem = ErrorCompensationMemory(dim=5, num_tables=3, bits=2, tau=0.5, gamma=gamma, lam=0.7, seed=3)
+    h = torch.randn(40, 5, generator=gen)
+    y = (torch.rand(40, generator=gen) > 0.5).float()
+    p = torch.rand(40, generator=gen)
+    mem.write(h[:20], y[:20], p[:20])
+    mem.write(h[20:30], y[20:30], p[20:30])
+    writes = list(zip(h[:30], y[:30].tolist(), p[:30].tolist()))
+    q, qp = torch.randn(15, 5, generator=gen), torch.rand(15, generator=gen)
+    got = mem.estimate(q, qp).tolist()
+    assert got == pytest.approx(_brute_force(mem, writes, q, qp), abs=1e-5)
+
+
+def test_lambda_zero_returns_base_exactly() -> None:
+    mem = ErrorCompensationMemory(dim=4, num_tables=4, bits=3, lam=0.0, seed=0)
+    h, p = torch.randn(50, 4), torch.rand(50)
+    mem.write(h, torch.ones(50), p)
+    assert torch.equal(mem.estimate(h, p), p)
+
+
+def test_no_evidence_returns_base_and_estimate_stays_in_unit_interval() -> None:
+    mem = ErrorCompensationMemory(dim=3, num_tables=2, bits=4, lam=3.0, seed=0)
+    h, p = torch.randn(20, 3), torch.rand(20)
+    assert torch.equal(mem.estimate(h, p), p)
+    mem.write(h, torch.ones(20), p)
+    out = mem.estimate(h, p)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_size_does_not_grow_with_the_stream() -> None:
+    mem = ErrorCompensationMemory(dim=8, num_tables=4, bits=6, decay=0.999, seed=0)
+    before = mem.nbytes()
+    for _ in range(30):
+        mem.write(torch.randn(256, 8), torch.randint(0, 2, (256,)).float(), torch.rand(256))
+    assert mem.nbytes() == before
+    assert int(mem.clock) == 30 * 256
+
+
+def test_decay_fades_old_evidence() -> None:
+    h = torch.ones(1, 2)
+    fresh = ErrorCompensationMemory(dim=2, num_tables=1, bits=1, lam=1.0, decay=0.5, shrinkage=1.0, seed=0)
+    fresh.write(h, torch.ones(1), torch.zeros(1))
+    strong = float(fresh.estimate(h, torch.zeros(1)))
+    # the same evidence, then 10 writes elsewhere: its weight decays by 0.5**10, so shrinkage dominates
+    other = -torch.ones(10, 2)
+    fresh.write(other, torch.zeros(10), torch.zeros(10))
+    assert float(fresh.estimate(h, torch.zeros(1))) < strong / 100
+
+
+def test_state_round_trips_through_safetensors(tmp_path) -> None:
+    mem = ErrorCompensationMemory(dim=6, num_tables=3, bits=5, decay=0.99, seed=7)
+    mem.write(torch.randn(100, 6), torch.randint(0, 2, (100,)).float(), torch.rand(100))
+    save_file(mem.state_dict(), str(tmp_path / "mem.safetensors"))
+    twin = ErrorCompensationMemory(dim=6, num_tables=3, bits=5, decay=0.99, seed=99)   # other planes
+    twin.load_state_dict(load_file(str(tmp_path / "mem.safetensors")))
+    q, p = torch.randn(30, 6), torch.rand(30)
+    assert torch.equal(twin.estimate(q, p), mem.estimate(q, p))
+    with pytest.raises(ValueError, match="shape"):
+        ErrorCompensationMemory(dim=6, num_tables=3, bits=4).load_state_dict(mem.state_dict())
+
+
+def test_reset_and_rebuild() -> None:
+    from online_models.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(kind="deepfm", num_categorical=2, hash_buckets=10, num_numeric=1, seed=0))
+    batches = [{"cat": torch.tensor([[1, 11], [2, 12]]), "num": torch.zeros(2, 1), "label": torch.tensor([1.0, 0.0])}]
+    mem = ErrorCompensationMemory(dim=model.hidden_dim, num_tables=2, bits=3, seed=0)
+    mem.write(torch.randn(5, model.hidden_dim), torch.ones(5), torch.rand(5))
+    assert mem.rebuild(batches, model) == 2
+    assert float(mem.stats[:, 0].sum()) == 2 * mem.num_tables
+    assert model.training   # rebuild restores the mode it found
+    mem.reset()
+    assert float(mem.stats.abs().sum()) == 0 and int(mem.clock) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dim": 0}, "dim"), ({"dim": 4, "num_tables": 0}, "num_tables"), ({"dim": 4, "bits": 30}, "bits"),
+    ({"dim": 4, "tau": 0}, "tau"), ({"dim": 4, "gamma": 1.5}, "gamma"), ({"dim": 4, "lam": -1}, "lam"),
+    ({"dim": 4, "decay": 0}, "decay"), ({"dim": 4, "shrinkage": -1}, "shrinkage"),
+])
+def test_bad_parameters_are_named(kwargs, match) -> None:
+    with pytest.raises(MemoryConfigError, match=match):
+        ErrorCompensationMemory(**kwargs)
+
+
+def test_bad_shapes_are_clear_errors() -> None:
+    mem = ErrorCompensationMemory(dim=4)
+    with pytest.raises(ValueError, match=r"\(B, 4\)"):
+        mem.estimate(torch.randn(3, 5), torch.rand(3))
+    with pytest.raises(ValueError, match="same batch size"):
+        mem.write(torch.randn(3, 4), torch.ones(2), torch.rand(3))
