@@ -19,16 +19,22 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from reloop.drift.monitors import MonitorSuite
+from reloop.drift.policy import DriftPolicy
 from reloop.synthetic import SyntheticStream
 
 FEATURES = ("item_pop", "price", "hour", "topic")
 
 
 def score_monitors(stream: SyntheticStream, specs: Iterable[Mapping[str, Any]],
-                   default_warmup: int = 1000) -> dict[str, dict[str, Any]]:
+                   default_warmup: int = 1000, policy: DriftPolicy | None = None,
+                   policy_monitors: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
     """For each monitor: ``delay`` (events from the shift's first event to the first drift
     detection at or after it; None if missed), ``false_alarms`` (drift detections before
-    the shift, or over the whole stream if it is stable) and ``warnings``."""
+    the shift, or over the whole stream if it is stable) and ``warnings``.
+
+    With a ``policy``, the rows ``policy:retrain`` and ``policy:alert`` score its requests the same way
+    (a ``retrain`` or ``alert`` before the shift is a false alarm); ``policy_monitors`` names the
+    monitors whose detections the policy sees (default: all)."""
     suite = MonitorSuite.from_specs(specs, default_warmup=default_warmup)
     t = stream.table
     labels = t.column("label").to_numpy()
@@ -36,9 +42,23 @@ def score_monitors(stream: SyntheticStream, specs: Iterable[Mapping[str, Any]],
     feats = {f: t.column(f).to_numpy().astype(float) for f in FEATURES if f in t.column_names}
     shift = stream.shift_start if stream.shift_start is not None else len(labels)
     out = {m.name: {"delay": None, "false_alarms": 0, "warnings": 0, "detections": 0} for m in suite.monitors}
+    if policy_monitors is not None:
+        policy_monitors = set(policy_monitors)
+    if policy is not None:
+        for action in ("retrain", "alert"):
+            out[f"policy:{action}"] = {"delay": None, "false_alarms": 0, "warnings": 0, "detections": 0}
     p = stream.p_stale
     for i in range(len(labels)):
         dets = suite.update(p[i], int(labels[i]), {f: v[i] for f, v in feats.items()}, ts=int(ts[i]))
+        if policy is not None:
+            seen = dets if policy_monitors is None else [d for d in dets if d.detector in policy_monitors]
+            for req in policy.step(i, seen):
+                r = out[f"policy:{req.action}"]
+                r["detections"] += 1
+                if i < shift:
+                    r["false_alarms"] += 1
+                elif r["delay"] is None:
+                    r["delay"] = i - shift
         for d in dets:
             r = out[d.detector]
             if d.level == "warning":

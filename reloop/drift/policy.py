@@ -10,9 +10,11 @@
   alone only ever raise an ``alert``: a covariate shift is not proof that the
   model got worse.
 - **Hysteresis**: the policy is ``stable``, ``warning`` or ``drift``. A
-  warning (or a single drift detection, short of the evidence) moves
-  ``stable -> warning`` and sends one ``alert`` (level ``warning``); more
-  warnings do not re-alert. Only enough drift evidence moves to ``drift``.
+  warning moves ``stable -> warning`` and sends one ``alert`` (level
+  ``warning``); more warnings do not re-alert. A drift detection short of
+  the evidence (one performance monitor, or a distribution test) sends an
+  ``alert`` (level ``drift``), at most one per ``cooldown_events``. Only
+  enough drift evidence moves to ``drift``.
   Going back to ``stable`` needs ``clear_after`` events without any detection,
   so the state does not flap around a threshold.
 - **Cooldown**: after a ``retrain`` request (or a model change), no further
@@ -112,6 +114,7 @@ class DriftPolicy:
         self._last_detection: int | None = None
         self._last_retrain: int | None = None
         self._last_cooldown_alert: int | None = None
+        self._last_drift_alert: int | None = None
         self.watch: RollbackWatch | None = None
 
     # ------------------------------------------------------------------ drift
@@ -146,15 +149,26 @@ class DriftPolicy:
                 return [Request("retrain", f"{len(drift_perf)} performance monitors detect drift "
                                 f"({', '.join(sorted(drift_perf))})", strongest, version, index=index)]
             return self._cooldown_alert(index, strongest, version)
-        if self.state == "stable":
+        if self.state == "drift":
+            return []  # already acted on this episode; hysteresis keeps it until a quiet spell
+        fresh = [d for d in detections if d.level == "drift"]
+        if fresh:
+            # drift short of the evidence for a retrain (one performance monitor, or a distribution test):
+            # alert, at most once per cooldown
             self.state = "warning"
-            if not self.alert_on_warning and not drift_any:
+            if self._last_drift_alert is not None and index - self._last_drift_alert < self.cooldown_events:
                 return []
-            why = ("distribution shift: " + ", ".join(sorted(drift_any)) if drift_any and not drift_perf
-                   else f"early evidence ({len(drift_perf)}/{self.min_evidence} performance monitors)")
-            return [Request("alert", why, strongest, version, index=index, level="warning")]
-        if self.state == "drift" and self.in_cooldown(index):
-            return []
+            self._last_drift_alert = index
+            perf = [d for d in fresh if d.family == "performance"]
+            why = (f"early evidence: {len(drift_perf)}/{self.min_evidence} performance monitors detect drift"
+                   if perf else "distribution shift (the model may still be right): "
+                   + ", ".join(sorted({d.detector for d in fresh})))
+            return [Request("alert", why, tuple(perf or fresh), version, index=index)]
+        if self.state == "stable":
+            self.state = "warning"  # hysteresis: one warning alert per episode
+            if self.alert_on_warning:
+                return [Request("alert", "warning: " + ", ".join(sorted({d.detector for d in detections})),
+                                tuple(detections), version, index=index, level="warning")]
         return []
 
     def _cooldown_alert(self, index: int, dets: tuple[Detection, ...], version: str | None) -> list[Request]:
@@ -201,7 +215,7 @@ class DriftPolicy:
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state, "evidence": [[i, d.to_dict()] for i, d in self._evidence],
                 "last_detection": self._last_detection, "last_retrain": self._last_retrain,
-                "last_cooldown_alert": self._last_cooldown_alert,
+                "last_cooldown_alert": self._last_cooldown_alert, "last_drift_alert": self._last_drift_alert,
                 "watch": None if self.watch is None else {k: (None if isinstance(v, float) and not math.isfinite(v)
                                                               else v) for k, v in vars(self.watch).items()}}
 
@@ -212,4 +226,5 @@ class DriftPolicy:
         self._evidence = deque((int(i), Detection.from_dict(d)) for i, d in s["evidence"])
         self._last_detection, self._last_retrain = s["last_detection"], s["last_retrain"]
         self._last_cooldown_alert = s["last_cooldown_alert"]
+        self._last_drift_alert = s.get("last_drift_alert")
         self.watch = None if s["watch"] is None else RollbackWatch(**s["watch"])
