@@ -127,7 +127,10 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The gate's verdict: the candidate against the current model on the holdout slot."""
+    """The gate's verdict: the candidate against the current model on the holdout slot.
+
+    ``current_metrics["logloss"]``, when given, is the reference of the rollback watch after promotion.
+    """
 
     better: bool
     candidate_metrics: dict[str, float]
@@ -254,7 +257,12 @@ class MonitorLoop:
         except Exception as e:  # noqa: BLE001 - a failed deploy keeps the old model
             self._failed("promote", e, correlation_id)
             return False
-        baseline = sum(self._losses) / len(self._losses) if self._losses else None
+        # the rollback watch's reference: the current model's logloss on the gate's holdout slot (recent,
+        # i.e. after the drift) when the gate reports it; the live loss before promotion would be an
+        # unfair, pre-drift reference right after an abrupt shift
+        baseline = ev.current_metrics.get("logloss")
+        if baseline is None and self._losses:
+            baseline = sum(self._losses) / len(self._losses)
         self._record("promoted", f"{serving} promoted over {old}", ev.reason or "candidate better by the margin",
                      metrics, {"current": serving, "previous": old}, correlation_id=correlation_id)
         self.policy.start_watch(self.n, serving, old, baseline)

@@ -1,0 +1,160 @@
+"""The monitor loop with a fake job layer: retrain -> gate -> promote -> watch -> rollback, all audited."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jobs.monitor import (Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction,
+                          save_state)
+from reloop.drift.hooks import HookDispatcher, PythonHook
+from reloop.drift.monitors import MonitorSuite
+from reloop.drift.policy import DriftPolicy
+from reloop.drift.records import AuditLog
+from reloop.synthetic import generate
+
+SPECS = [{"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
+         {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}}]
+
+
+class FakeActions:
+    """The job layer: a registry pointer and a gate whose verdict the test chooses."""
+
+    def __init__(self, better: bool = True, fail: str | None = None) -> None:
+        self.current, self.better, self.fail = "v1", better, fail
+        self.calls: list[tuple] = []
+
+    def request_retrain(self, request):
+        self.calls.append(("request_retrain", request.action))
+        if self.fail == "request_retrain":
+            raise RuntimeError("ray is down")
+        return Candidate("v2", job_id="raysubmit_1", metrics={"train_logloss": 0.4})
+
+    def evaluate_candidate(self, candidate, current_version):
+        self.calls.append(("evaluate_candidate", candidate.version, current_version))
+        cand, cur = (0.40, 0.49) if self.better else (0.52, 0.49)
+        return Evaluation(self.better, {"logloss": cand}, {"logloss": cur}, "holdout slot of the last 2000 events")
+
+    def promote(self, candidate):
+        self.calls.append(("promote", candidate.version))
+        self.current = candidate.version
+        return candidate.version
+
+    def rollback(self, to_version, from_version):
+        self.calls.append(("rollback", to_version, from_version))
+        self.current = to_version
+        return to_version
+
+
+def run(actions, *, new_model_bad=False, n=30_000, at=10_000, tmp_path, shadow=False):
+    """Serve an abrupt CTR shift: v1 = stale model; v2 = the retrained model (knows the new concept),
+    or a broken one (new_model_bad) that predicts far too high."""
+    s = generate("abrupt_ctr", n=n, seed=8, at=at)
+    y, ts = s.table.column("label").to_numpy(), s.table.column("ts").to_numpy()
+    received: list[dict] = []
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    loop = MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(watch_min_events=1000, watch_events=5000),
+                       HookDispatcher([PythonHook(received.append, accepts_records=True)]), actions, audit)
+    for i in range(n):
+        v = actions.current
+        if v == "v1":
+            p, prev = s.p_stale[i], None
+        else:
+            p = min(0.9, s.p_true[i] * 3) if new_model_bad else s.p_true[i]
+            prev = s.p_stale[i] if shadow else None
+        loop.process(PredictionRecord(f"e{i}", int(ts[i]), "u", "i", float(p), int(y[i]), v, p_prev=prev))
+    return loop, [r.kind for r in audit.read()], received
+
+
+def test_retrain_gate_promote_then_watch_passes(tmp_path):
+    acts = FakeActions(better=True)
+    loop, kinds, received = run(acts, tmp_path=tmp_path)
+    assert [c[0] for c in acts.calls] == ["request_retrain", "evaluate_candidate", "promote"]
+    order = ["alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted", "watch_started",
+             "watch_passed"]
+    it = iter(kinds)
+    assert all(k in it for k in order), f"{order} must happen in this order within {kinds}"
+    assert "rolled_back" not in kinds and loop.current_version == "v2"
+    # every audit record and the alert went to the hooks that take records (e.g. the Kafka topic)
+    assert any(r["type"] == "alert" and r["action"] == "retrain" for r in received)
+    assert {r.get("kind") for r in received if r.get("type") == "audit"} >= {"promoted", "candidate_evaluated"}
+    promoted = next(json.loads(x) for x in open(tmp_path / "audit.jsonl") if '"promoted"' in x)
+    assert promoted["versions"] == {"current": "v2", "previous": "v1"}
+    assert promoted["metrics"]["candidate_logloss"] < promoted["metrics"]["current_logloss"]
+
+
+def test_worse_candidate_is_not_promoted(tmp_path):
+    acts = FakeActions(better=False)
+    loop, kinds, _ = run(acts, tmp_path=tmp_path, n=16_000)
+    assert ("promote", "v2") not in acts.calls and acts.current == "v1"
+    assert "not_promoted" in kinds and "promoted" not in kinds
+
+
+def test_worse_live_model_is_rolled_back(tmp_path):
+    acts = FakeActions(better=True)
+    loop, kinds, received = run(acts, tmp_path=tmp_path, new_model_bad=True, shadow=True)
+    assert acts.calls[-1] == ("rollback", "v1", "v2") and acts.current == "v1"
+    assert kinds.index("promoted") < kinds.index("rolled_back")
+    rb = [r for r in loop.requests if r.action == "rollback"]
+    assert len(rb) == 1 and rb[0].metrics["live_logloss_new"] > rb[0].metrics["reference_logloss"]
+    assert any(r.get("type") == "alert" and r["action"] == "rollback" for r in received)
+
+
+def test_failing_action_is_audited_and_monitoring_continues(tmp_path):
+    acts = FakeActions(fail="request_retrain")
+    loop, kinds, _ = run(acts, tmp_path=tmp_path, n=16_000)
+    assert loop.n == 16_000 and "action_failed" in kinds and "promoted" not in kinds
+
+
+def test_without_actions_the_loop_only_alerts(tmp_path):
+    class NoActions(FakeActions):
+        pass
+    acts = NoActions()
+    s = generate("abrupt_ctr", n=16_000, seed=8, at=8000)
+    loop = MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(), HookDispatcher([]), None,
+                       AuditLog(tmp_path / "a.jsonl"))
+    y = s.table.column("label").to_numpy()
+    for i in range(16_000):
+        loop.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), "v1"))
+    kinds = [r.kind for r in AuditLog(tmp_path / "a.jsonl").read()]
+    assert "retrain_requested" in kinds and "retrain_submitted" not in kinds and acts.calls == []
+
+
+def test_loop_checkpoint_round_trip(tmp_path):
+    s = generate("stable", n=3000, seed=1)
+    y = s.table.column("label").to_numpy()
+    mk = lambda: MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(), HookDispatcher([]))  # noqa: E731
+    a = mk()
+    for i in range(3000):
+        a.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), "v1", features={}))
+    save_state(a, tmp_path / "state.json")
+    b = mk()
+    assert load_state(b, tmp_path / "state.json")
+    assert b.state_dict() == a.state_dict()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_state(mk(), tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"{not json", "not JSON"),
+    (b"[1]", "expected a JSON object"),
+    (b'{"event_id": "e", "ts": 1, "label": 1}', "missing field(s): p"),
+    (b'{"event_id": "e", "ts": 1, "label": 1, "p": 1.5}', "probability"),
+    (b'{"event_id": "e", "ts": 1, "label": 2, "p": 0.5}', "label must be 0 or 1"),
+    (b'{"event_id": "e", "ts": -5, "label": 1, "p": 0.5}', "ts must be"),
+    (b'{"event_id": "e", "ts": 1, "label": 1, "p": NaN}', "probability"),
+])
+def test_bad_prediction_records_are_rejected_with_a_reason(raw, reason):
+    out = parse_prediction(raw)
+    assert isinstance(out, str) and reason in out
+
+
+def test_prediction_record_features():
+    rec = parse_prediction(json.dumps({"event_id": "e", "ts": 5, "label": 0, "p": 0.2, "p_base": 0.25,
+                                       "model_version": 3, "item_pop": 1.5, "device": "web", "flag": True,
+                                       "features": {"price": 9.5}}))
+    assert rec.features == {"item_pop": 1.5, "price": 9.5} and rec.model_version == "3" and rec.p_base == 0.25
+    assert np.isclose(rec.p, 0.2)
