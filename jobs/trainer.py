@@ -63,7 +63,7 @@ class TrainerConfig:
     examples_uri: str
     checkpoint_dir: str
     registry_uri: str | None = None
-    feature_service: str = "ctr_model_v1"
+    feature_service: str | None = None     # default: ctr_<model_kind>_v1 (a service of features/)
     model_kind: str = "dcnv2"
     hash_buckets: int = 20_011
     batch_size: int = 256
@@ -83,6 +83,8 @@ class TrainerConfig:
             raise TrainerError("batch_size and checkpoint_every must be >= 1")
         if not self.lr > 0:
             raise TrainerError(f"lr must be > 0, got {self.lr}")
+        if self.feature_service is None:
+            object.__setattr__(self, "feature_service", f"ctr_{self.model_kind}_v1")
 
 
 def event_digest(event_ids: list[str]) -> int:
@@ -388,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--examples", help="example store URI (default: storage.examples_uri)")
     p.add_argument("--checkpoint-dir", help="local checkpoint directory (default: <state>/trainer)")
     p.add_argument("--registry", help="registry URI (default: storage.registry_uri)")
-    p.add_argument("--feature-service", default="ctr_model_v1")
+    p.add_argument("--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v1)")
     p.add_argument("--model", default="dcnv2", choices=["lr", "deepfm", "dcnv2"])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)

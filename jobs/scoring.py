@@ -1,0 +1,269 @@
+"""The in-process scoring path: Feast online features + the current model + the error-compensation memory.
+
+:class:`Scorer` is what the HTTP service (:mod:`jobs.serve`) wraps; it has no
+HTTP in it, so tests and benchmarks drive it directly.
+
+- ``score``: online features of (user, item) from the Feast feature service
+  named by the model's registry entry, encoded with the entry's encoder, one
+  forward pass -> base probability and last hidden layer, then the memory's
+  compensated probability. The request is remembered (bounded) under its
+  request id, with its features, key and base prediction, for feedback.
+- ``feedback``: the outcome of a remembered request (or a whole event with its
+  label) is written into the memory at once, and kept in a bounded buffer of
+  recent outcomes.
+- ``reload``: when the registry's current version changes, the new model is
+  loaded and its memory rebuilt from the buffer of recent outcomes (keys in the
+  new hidden space) *beside* the serving one; then one reference is swapped,
+  so requests in flight finish on the old bundle and none is dropped. A version
+  that fails to load keeps the old one serving (and is reported).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import torch
+
+from jobs.registry import ModelRegistry, RegistryError
+
+log = logging.getLogger("reloop.serve")
+
+
+class ScoringError(RuntimeError):
+    """A request that cannot be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """How the scorer behaves; the constructor is the whole configuration."""
+
+    use_memory: bool = True
+    memory: dict[str, Any] = field(default_factory=dict)   # MemoryConfig fields except dim
+    outcome_buffer: int = 20_000     # recent outcomes kept to rebuild the memory for a new model
+    remembered_requests: int = 100_000
+    poll_seconds: float = 0.5        # how often the registry's current pointer is read
+
+
+class FeastLookup:
+    """Online features of (user, item) pairs from a Feast feature service."""
+
+    def __init__(self, store: Any, feature_service: str) -> None:
+        self.store = store
+        self.feature_service_name = feature_service
+        try:
+            self.service = store.get_feature_service(feature_service)
+        except Exception as e:  # Feast raises its own FeatureServiceNotFoundException
+            raise ScoringError(f"Feast feature service {feature_service!r} not found in {store.repo_path}: {e}",
+                               503) from e
+
+    def lookup(self, users: list[str], items: list[str]) -> pa.Table:
+        rows = [{"user_id": u, "item_id": i} for u, i in zip(users, items)]
+        d = self.store.get_online_features(features=self.service, entity_rows=rows).to_dict()
+        return pa.table(d)
+
+
+@dataclass
+class Bundle:
+    """Everything one model version serves with; swapped as a whole."""
+
+    version: str
+    model: torch.nn.Module
+    encoder: Any
+    memory: Any
+    lookup: Any
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Remembered:
+    version: str
+    row: pa.Table            # the features the request was scored with (one row)
+    hidden: torch.Tensor     # (1, H)
+    base: float
+
+
+class Scorer:
+    """Score with the registry's current model + memory; learn from feedback; swap models live."""
+
+    def __init__(self, registry: ModelRegistry, lookup_factory: Callable[[str], Any],
+                 config: ScorerConfig = ScorerConfig()) -> None:
+        self.registry = registry
+        self.lookup_factory = lookup_factory
+        self.config = config
+        self.bundle: Bundle | None = None
+        self._lookups: dict[str, Any] = {}
+        self._remembered: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
+        self._outcomes: collections.deque[tuple[int, pa.Table, int]] = collections.deque(maxlen=config.outcome_buffer)
+        self._outcome_seq = 0
+        self._lock = threading.Lock()          # memory writes/reads, remembered requests, outcome buffer
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.last_reload_error: str | None = None
+        self.stats = collections.Counter()
+
+    # ---- model lifecycle -------------------------------------------------------------------------
+    def _lookup(self, feature_service: str) -> Any:
+        if feature_service not in self._lookups:
+            self._lookups[feature_service] = self.lookup_factory(feature_service)
+        return self._lookups[feature_service]
+
+    def _load(self, version: str) -> Bundle:
+        from jobs.registry import load_model
+        from online_models.encoding import EncoderConfig, FeatureEncoder
+        from online_models.memory import ErrorCompensationMemory
+
+        entry, model = load_model(self.registry, version)
+        enc = entry.extra.get("encoder")
+        if not enc:
+            raise RegistryError(f"{self.registry.uri}: version {version} has no encoder config (extra.encoder)")
+        encoder = FeatureEncoder(EncoderConfig.from_dict(enc))
+        memory = ErrorCompensationMemory(dim=model.hidden_dim, **self.config.memory)
+        return Bundle(version, model, encoder, memory, self._lookup(entry.feature_service))
+
+    def reload(self) -> bool:
+        """Switch to the registry's current version if it changed; True if a new model now serves."""
+        with self._reload_lock:
+            try:
+                current = self.registry.current()
+            except RegistryError as e:
+                self.last_reload_error = str(e)
+                return False
+            if current is None or (self.bundle is not None and self.bundle.version == current):
+                return False
+            try:
+                new = self._load(current)
+            except (RegistryError, ScoringError, ValueError, KeyError, RuntimeError) as e:
+                self.last_reload_error = f"version {current} not deployed, keeping {self.bundle and self.bundle.version}: {e}"
+                log.error(self.last_reload_error)
+                self.stats["reload_failures"] += 1
+                return False
+            # rebuild the memory in the new hidden space from recent outcomes, outside the request lock
+            with self._lock:
+                snapshot = list(self._outcomes)
+            new.memory.reset()
+            self._write_outcomes(new, snapshot)
+            upto = snapshot[-1][0] if snapshot else 0
+            with self._lock:
+                # outcomes that arrived during the rebuild, then the swap: nothing is lost
+                self._write_outcomes(new, [o for o in self._outcomes if o[0] > upto])
+                self.bundle = new
+            self.last_reload_error = None
+            self.stats["reloads"] += 1
+            log.info("serving model %s (memory rebuilt from %d outcomes)", current, len(snapshot))
+            return True
+
+    def _write_outcomes(self, bundle: Bundle, outcomes: list[tuple[int, pa.Table, int]]) -> None:
+        """Write buffered outcomes into ``bundle``'s memory, keyed by its model (one batched forward pass)."""
+        if not outcomes:
+            return
+        rows = pa.concat_tables([o[1] for o in outcomes], promote_options="permissive")
+        batch = bundle.encoder.encode(rows)
+        labels = torch.tensor([o[2] for o in outcomes], dtype=torch.float32)
+        with torch.no_grad():
+            logits, hidden = bundle.model(batch)
+        bundle.memory.write(hidden, labels, torch.sigmoid(logits))
+
+    def start(self) -> None:
+        """Load the current model (if any) and poll the registry in a background thread."""
+        self.reload()
+        self._poller = threading.Thread(target=self._poll, name="registry-poller", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.config.poll_seconds):
+            try:
+                self.reload()
+            except Exception:  # never let the poller die: the old model keeps serving
+                log.exception("registry poll failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join(timeout=5)
+
+    # ---- scoring and feedback --------------------------------------------------------------------
+    def _features(self, bundle: Bundle, user_id: str, item_id: str, context: dict[str, Any]) -> pa.Table:
+        feats = bundle.lookup.lookup([user_id], [item_id])
+        cols = {name: feats[name] for name in feats.column_names if name not in ("user_id", "item_id")}
+        row = {"user_id": pa.array([user_id]), "item_id": pa.array([item_id])}
+        for k, v in context.items():
+            if k not in row:
+                row[k] = pa.array([v])
+        row.update({k: v for k, v in cols.items() if k not in context})
+        return pa.table(row)
+
+    def _forward(self, bundle: Bundle, row: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = bundle.encoder.encode(row)
+        with torch.no_grad():
+            logits, hidden = bundle.model(batch)
+        return torch.sigmoid(logits), hidden
+
+    def score(self, user_id: str, item_id: str, context: dict[str, Any] | None = None,
+              request_id: str | None = None) -> dict[str, Any]:
+        """Score one request; the answer names the model version and the request id to send feedback for."""
+        bundle = self.bundle
+        if bundle is None:
+            raise ScoringError(f"no model is deployed yet (registry {self.registry.uri} has no current version)", 503)
+        row = self._features(bundle, user_id, item_id, context or {})
+        base, hidden = self._forward(bundle, row)
+        comp = base
+        if self.config.use_memory:
+            with self._lock:
+                comp = bundle.memory.estimate(hidden, base)
+        rid = request_id or uuid.uuid4().hex
+        with self._lock:
+            self._remembered[rid] = Remembered(bundle.version, row, hidden, float(base[0]))
+            if len(self._remembered) > self.config.remembered_requests:
+                self._remembered.popitem(last=False)
+        self.stats["scored"] += 1
+        return {"request_id": rid, "probability": float(comp[0]), "base_probability": float(base[0]),
+                "model_version": bundle.version}
+
+    def feedback(self, request_id: str, label: int) -> dict[str, Any]:
+        """Write the outcome of a scored request into the memory now; 404 if the id is unknown or expired."""
+        with self._lock:
+            rec = self._remembered.pop(request_id, None)
+        if rec is None:
+            raise ScoringError(f"unknown request_id {request_id!r} (never scored here, already answered, "
+                               f"or older than the last {self.config.remembered_requests} requests)", 404)
+        return self._write(rec.row, label, rec)
+
+    def feedback_event(self, user_id: str, item_id: str, label: int,
+                       context: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the outcome of an event that was not scored here (features looked up now)."""
+        bundle = self.bundle
+        if bundle is None:
+            raise ScoringError("no model is deployed yet", 503)
+        return self._write(self._features(bundle, user_id, item_id, context or {}), label, None)
+
+    def _write(self, row: pa.Table, label: int, rec: Remembered | None) -> dict[str, Any]:
+        # under the lock: a model swap cannot slip between choosing the memory and writing into it
+        with self._lock:
+            bundle = self.bundle
+            if rec is not None and rec.version == bundle.version:
+                hidden, base = rec.hidden, torch.tensor([rec.base])
+            else:  # scored by another version (or not at all): key it in the serving model's hidden space
+                base, hidden = self._forward(bundle, row)
+            bundle.memory.write(hidden, torch.tensor([float(label)]), base)
+            self._outcome_seq += 1
+            self._outcomes.append((self._outcome_seq, row, int(label)))
+        self.stats["feedback"] += 1
+        return {"written": True, "model_version": bundle.version}
+
+    def health(self) -> dict[str, Any]:
+        b = self.bundle
+        return {"model_version": b.version if b else None, "use_memory": self.config.use_memory,
+                "outcomes_buffered": len(self._outcomes), "last_reload_error": self.last_reload_error,
+                **{k: int(v) for k, v in self.stats.items()}}
