@@ -181,8 +181,8 @@ class KafkaHook:
         with self._lock:
             try:
                 if self._producer is None:
-                    self._producer = producer(self.kafka_cfg, linger_ms=0,
-                                              max_block_ms=int(self.send_timeout_s * 1000))
+                    ms = int(self.send_timeout_s * 1000)  # a down broker costs this much, not 30 s
+                    self._producer = producer(self.kafka_cfg, linger_ms=0, max_block_ms=ms, bootstrap_timeout_ms=ms)
                 self._producer.send(self.topic, key=key, value=encode_body(payload)).get(timeout=self.send_timeout_s)
                 return DeliveryResult(self.name, True)
             except Exception as e:  # broker down, auth, timeout: a fresh producer next time
