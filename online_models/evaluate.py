@@ -42,7 +42,7 @@ from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import ErrorCompensationMemory, MemoryConfig
 from online_models.metrics import SlotMetrics, summarize
-from online_models.models import ModelConfig, build_model
+from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
 
 VARIANTS = ("base", "incremental", "base+memory", "incremental+memory", "river_lr", "river_fm")
@@ -72,18 +72,22 @@ class EvaluationConfig:
     embedding_l2: float = 1e-4
     hash_buckets: int = 20_011
     use_history: bool = False
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
+    memory_key: str = "hidden"        # "hidden" (ReLoop2) or "hidden+ids" (see models.memory_key)
     memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
     tune_memory: bool = True
+    tables_grid: tuple[int, ...] = (8, 16)
+    bits_grid: tuple[int, ...] = (8, 12)
     lam_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     tau_grid: tuple[float, ...] = (0.05, 0.2, 1.0)
     shrinkage_grid: tuple[float, ...] = (0.0, 5.0, 20.0)
     # river baselines
     river_lr: float = 0.05
     river_fm_lr: float = 0.02
+    river_fm_numeric: tuple[str, ...] = ("user_ctr_1d", "user_ctr_all", "item_ctr_1d", "item_ctr_all")
     variants: tuple[str, ...] = VARIANTS
 
     def __post_init__(self) -> None:
@@ -95,6 +99,10 @@ class EvaluationConfig:
             raise EvaluationError(f"validation must be a fraction of the warm-up in (0, 1), got {self.validation}")
         if self.batch_size < 1 or self.warmup_epochs < 1:
             raise EvaluationError("batch_size and warmup_epochs must be >= 1")
+        if self.model not in KINDS:
+            raise EvaluationError(f"model must be one of {', '.join(KINDS)}, got {self.model!r}")
+        if self.memory_key not in MEMORY_KEYS:
+            raise EvaluationError(f"memory_key must be one of {', '.join(MEMORY_KEYS)}, got {self.memory_key!r}")
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise EvaluationError(f"unknown variant(s) {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
@@ -152,9 +160,15 @@ def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
                        categorical_fields=enc.categorical_fields, numeric_fields=enc.numeric_fields, seed=cfg.seed)
 
 
-def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ps, hs = zip(*(learner.predict(b) for b in iter_batches(batch, size)))
-    return torch.cat(ps), torch.cat(hs)
+def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: int,
+                 key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and memory keys of a frozen model over a long batch."""
+    ps, ks = [], []
+    for b in iter_batches(batch, size):
+        p, h = learner.predict(b)
+        ps.append(p)
+        ks.append(memory_key(learner.model, b, h, key))
+    return torch.cat(ps), torch.cat(ks)
 
 
 def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
@@ -170,21 +184,27 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
 
 def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
-    """Grid over (lam, tau, shrinkage) on the validation slot; the winner has the best AUC among the
+    """Grid over (K, L, lam, tau, shrinkage) on the validation slot; the winner has the best AUC among the
     settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
     (hb, pb, yb), (hv, pv, yv) = buf, val
     base = summarize(yv.numpy(), pv.numpy(), users)
-    trials = [{"lam": 0.0, "tau": cfg.memory.tau, "shrinkage": 0.0, **base}]
-    grid = [(lam, tau, s) for lam in cfg.lam_grid for tau in cfg.tau_grid for s in cfg.shrinkage_grid]
-    for lam, tau, s in grid:
-        mc = replace(cfg.memory, dim=hb.shape[1], lam=lam, tau=tau, shrinkage=s)
-        mem = ErrorCompensationMemory.from_config(mc)
-        mem.write(hb, yb, pb)
-        comp = _replay_memory(mem, hv, pv, yv, cfg.batch_size)
-        trials.append({"lam": lam, "tau": tau, "shrinkage": s, **summarize(yv.numpy(), comp.numpy(), users)})
+    m0 = cfg.memory
+    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "lam": 0.0, "tau": m0.tau, "shrinkage": 0.0, **base}]
+    for k in cfg.tables_grid:
+        for bits in cfg.bits_grid:
+            for tau in cfg.tau_grid:
+                for s in cfg.shrinkage_grid:
+                    for lam in cfg.lam_grid:
+                        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, lam=lam, tau=tau, shrinkage=s)
+                        mem = ErrorCompensationMemory.from_config(mc)
+                        mem.write(hb, yb, pb)
+                        comp = _replay_memory(mem, hv, pv, yv, cfg.batch_size)
+                        trials.append({"num_tables": k, "bits": bits, "lam": lam, "tau": tau, "shrinkage": s,
+                                       **summarize(yv.numpy(), comp.numpy(), users)})
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
     best = max(ok, key=lambda t: (t["auc"] or 0.0, -t["logloss"]))
-    chosen = replace(cfg.memory, dim=hb.shape[1], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
+    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], lam=best["lam"],
+                     tau=best["tau"], shrinkage=best["shrinkage"])
     return chosen, trials
 
 
@@ -217,9 +237,9 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
 
     # 2) memory hyper-parameters on the validation slot, with the base model frozen
     buf_lo = max(0, stream.train_end - cfg.memory_buffer)
-    pb, hb = _predict_all(learner, stream.slice(buf_lo, stream.train_end), bs)
+    pb, hb = _predict_all(learner, stream.slice(buf_lo, stream.train_end), bs, cfg.memory_key)
     val_batch = stream.slice(stream.train_end, stream.warm_end)
-    pv, hv = _predict_all(learner, val_batch, bs)
+    pv, hv = _predict_all(learner, val_batch, bs, cfg.memory_key)
     val_users = stream.users[stream.train_end:stream.warm_end]
     mem_cfg = replace(cfg.memory, dim=hb.shape[1])
     trials: list[dict] = []
@@ -237,12 +257,16 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     mems = {}
     for name, lrn in (("base+memory", base), ("incremental+memory", incremental)):
         mems[name] = ErrorCompensationMemory.from_config(mem_cfg)
-        mems[name].rebuild(iter_batches(recent, bs), lrn.model)
+        mems[name].rebuild(iter_batches(recent, bs), lrn.model,
+                           key_fn=lambda b, h, m=lrn.model: memory_key(m, b, h, cfg.memory_key))
 
     rivers = {}
-    for name, kind, lr in (("river_lr", "lr", cfg.river_lr), ("river_fm", "fm", cfg.river_fm_lr)):
+    num_fields = stream.encoder.config.numeric_fields
+    fm_numeric = tuple(num_fields.index(c) for c in cfg.river_fm_numeric if c in num_fields)
+    for name, kind, lr, numeric in (("river_lr", "lr", cfg.river_lr, None),
+                                    ("river_fm", "fm", cfg.river_fm_lr, fm_numeric)):
         if name in cfg.variants:
-            rivers[name] = RiverBaseline(kind, lr=lr, seed=cfg.seed)
+            rivers[name] = RiverBaseline(kind, lr=lr, seed=cfg.seed, numeric=numeric)
             rivers[name].learn(stream.slice(0, stream.warm_end))
 
     # 4) test slots: predict, score, then learn / write
@@ -257,9 +281,11 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             y, users = b["label"], stream.users[b_lo:b_hi]
             t0 = time.perf_counter()
             p_base, h_base = base.predict(b)
+            h_base = memory_key(base.model, b, h_base, cfg.memory_key)
             seconds["base"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             p_inc, h_inc = incremental.predict(b)
+            h_inc = memory_key(incremental.model, b, h_inc, cfg.memory_key)
             incremental.learn(b)
             seconds["incremental"] += time.perf_counter() - t0
             preds = {"base": p_base, "incremental": p_inc}
@@ -349,3 +375,36 @@ def plot_slots(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})   # no timestamp/version: same seed, same bytes
     plt.close(fig)
+
+
+def evaluate_and_report(cfg: EvaluationConfig, out: str | Path, show_progress: bool = True) -> dict[str, Any]:
+    """Run, write JSON + PNG, print a table (the body of ``reloop evaluate``)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, disable=not show_progress) as bar:
+        task = bar.add_task(f"{cfg.dataset} / {cfg.model}", total=None)
+        result = run_evaluation(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    json_path, png_path = write_results(result, out)
+    table = Table(title=f"{cfg.dataset} / {cfg.model}, seed {cfg.seed}: {cfg.slots} test slots after "
+                        f"{cfg.warmup:.0%} warm-up")
+    for col in ("variant", "AUC", "gAUC", "logloss", "AUC new users", "AUC returning"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, res in result["variants"].items():
+        co = result["cohorts"][name]
+        table.add_row(name, *(_fmt(x) for x in (res["auc"], res["gauc"], res["logloss"], co["new"]["auc"],
+                                                   co["returning"]["auc"])))
+    Console().print(table)
+    m = result["memory_config"]
+    Console().print(f"memory (chosen on validation events {result['memory_validation']['slot']}): "
+                    f"K={m['num_tables']} L={m['bits']} tau={m['tau']} gamma={m['gamma']} lam={m['lam']} "
+                    f"shrinkage={m['shrinkage']} decay={m['decay']}\nwrote {json_path} and {png_path} "
+                    f"in {result['seconds']['total']:.1f}s")
+    return result
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

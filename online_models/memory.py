@@ -38,7 +38,7 @@ tensor([1.])
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -96,7 +96,7 @@ class ErrorCompensationMemory:
         gen = torch.Generator().manual_seed(seed)
         # hyperplanes (D, K*L): one matmul hashes a batch into all K tables
         self.planes = torch.randn(dim, num_tables * bits, generator=gen)
-        self._powers = 2 ** torch.arange(bits, dtype=torch.int64)                    # (L,)
+        self._powers = (2 ** torch.arange(bits)).float()                                # (L,), exact to 2^24
         self._offsets = torch.arange(num_tables, dtype=torch.int64) * (1 << bits)    # (K,)
         self.reset()
 
@@ -107,10 +107,15 @@ class ErrorCompensationMemory:
     def reset(self) -> None:
         """Forget all evidence (the hyperplanes stay: they are configuration, fixed by the seed)."""
         n = self.num_tables << self.bits
-        self.stats = torch.zeros(n, len(STAT_NAMES), dtype=torch.float64)   # (K*2^L, 3)
-        self.keys = torch.zeros(n, self.dim, dtype=torch.float32)             # (K*2^L, D) sum of keys
-        self.last = torch.zeros(n, dtype=torch.int64)                          # sample clock at last touch
-        self.clock = torch.zeros((), dtype=torch.int64)                        # samples written so far
+        # one row per bucket: [count, sum_y, sum_p, sum_h (D)], so a batch is one gather / one index_add
+        self.table = torch.zeros(n, len(STAT_NAMES) + self.dim, dtype=torch.float32)   # (K*2^L, 3+D)
+        self.last = torch.zeros(n, dtype=torch.int64)                                   # sample clock at last touch
+        self.clock = torch.zeros((), dtype=torch.int64)                                 # samples written so far
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """(K*2^L, 3) count, sum of labels, sum of base predictions per bucket (a view, not decayed)."""
+        return self.table[:, :len(STAT_NAMES)]
 
     # -- hashing -------------------------------------------------------------------------------------
 
@@ -119,13 +124,10 @@ class ErrorCompensationMemory:
         if h.dim() != 2 or h.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(h.shape)}")
         bits = (h.detach().float() @ self.planes > 0).view(-1, self.num_tables, self.bits)   # (B, K, L)
-        return (bits.long() * self._powers).sum(-1) + self._offsets                          # (B, K)
+        return (bits.float() @ self._powers).long() + self._offsets                          # (B, K)
 
     def _decay_factor(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.decay == 1.0:
-            return torch.ones(idx.shape, dtype=torch.float64)
-        age = (self.clock - self.last[idx]).double()
-        return torch.pow(torch.tensor(self.decay, dtype=torch.float64), age)
+        return torch.pow(self.decay, (self.clock - self.last[idx]).float())
 
     # -- write / estimate ----------------------------------------------------------------------------
 
@@ -136,43 +138,42 @@ class ErrorCompensationMemory:
             raise ValueError(f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}")
         if len(y) == 0:
             return
-        idx = self.bucket_index(h)                                          # (B, K)
-        flat = idx.reshape(-1)                                              # (B*K,)
+        flat = self.bucket_index(h).reshape(-1)                             # (B*K,)
         if self.decay != 1.0:
             # bring every touched bucket up to the current clock once (duplicates write the same value)
-            f = self._decay_factor(flat)
-            self.stats[flat] = self.stats[flat] * f.unsqueeze(-1)
-            self.keys[flat] = self.keys[flat] * f.float().unsqueeze(-1)
-        k = self.num_tables
-        vals = torch.stack([torch.ones_like(y, dtype=torch.float64), y.double(), y_base.double()], dim=1)  # (B, 3)
-        self.stats.index_add_(0, flat, vals.repeat_interleave(k, dim=0))
-        self.keys.index_add_(0, flat, h.detach().float().repeat_interleave(k, dim=0))
+            self.table[flat] = self.table[flat] * self._decay_factor(flat).unsqueeze(-1)
+        vals = torch.cat([torch.ones(len(y), 1), y.float().unsqueeze(1), y_base.float().unsqueeze(1),
+                          h.detach().float()], dim=1)                       # (B, 3+D)
+        b, c = vals.shape
+        self.table.index_add_(0, flat, vals.unsqueeze(1).expand(b, self.num_tables, c).reshape(-1, c))
         self.clock = self.clock + len(y)
         if self.decay != 1.0:
-            # the samples of this batch count as written "now": age them as a block
+            # the samples of this batch count as written "now": they age from here as a block
             self.last[flat] = self.clock
 
     def read(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weighted neighbourhood of each key: ``y_bar``, ``y_base_bar``, ``count`` (B,) and ``has`` (B,) bool."""
+        h = h.detach().float()
         idx = self.bucket_index(h)                                          # (B, K)
-        st = self.stats[idx] * self._decay_factor(idx).unsqueeze(-1)        # (B, K, 3)
-        n = st[..., 0]                                                      # (B, K)
-        has = n > 1e-12
+        rows = self.table[idx]                                              # (B, K, 3+D)
+        n = rows[..., 0]                                                    # (B, K)
+        has = n > 0
         safe = n.clamp(min=1e-12)
-        y_bar_k, p_bar_k = st[..., 1] / safe, st[..., 2] / safe            # (B, K)
-        # the decay factor cancels in the centroid (sum_h / n), so read the raw sums
-        raw_n = self.stats[idx][..., 0].clamp(min=1e-12).float()
-        centroid = self.keys[idx] / raw_n.unsqueeze(-1)                     # (B, K, D)
-        sim = torch.nn.functional.cosine_similarity(h.detach().float().unsqueeze(1), centroid, dim=-1, eps=1e-8)
-        logits = (sim.double() / self.tau).masked_fill(~has, float("-inf"))
-        any_ = has.any(dim=1)
-        w = torch.softmax(logits.masked_fill(~any_.unsqueeze(1), 0.0), dim=1) * has   # (B, K); 0 where empty
+        y_bar_k, p_bar_k = rows[..., 1] / safe, rows[..., 2] / safe        # (B, K)
+        # cosine(h, centroid) = cosine(h, sum of keys): the count cancels (and so does any decay factor)
+        sum_h = rows[..., 3:]                                               # (B, K, D)
+        dot = torch.bmm(sum_h, h.unsqueeze(-1)).squeeze(-1)                 # (B, K)
+        sim = dot / (sum_h.norm(dim=-1).clamp(min=1e-8) * h.norm(dim=1, keepdim=True).clamp(min=1e-8))
+        # empty buckets get weight exactly 0; a query with no evidence at all is flagged by ``has``
+        w = torch.softmax((sim / self.tau).masked_fill(~has, -1e30), dim=1) * has   # (B, K)
+        if self.decay != 1.0:
+            n = n * self._decay_factor(idx)
         return {"y_bar": (w * y_bar_k).sum(1), "y_base_bar": (w * p_bar_k).sum(1),
-                "count": (w * n).sum(1), "has": any_}
+                "count": (w * n).sum(1), "has": has.any(dim=1)}
 
     def error(self, h: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
         """``y_err`` (B,) as in ReLoop2 (0 where there is no evidence), shrinkage applied."""
-        y_base = _vector(y_base, "y_base").double()
+        y_base = _vector(y_base, "y_base").float()
         r = self.read(h)
         err = self.gamma * (r["y_bar"] - y_base) + (1.0 - self.gamma) * (r["y_bar"] - r["y_base_bar"])
         if self.shrinkage > 0:
@@ -184,11 +185,13 @@ class ErrorCompensationMemory:
         y_base = _vector(y_base, "y_base")
         if self.lam == 0.0:
             return y_base.clone()
-        out = (y_base.double() + self.lam * self.error(h, y_base)).clamp(0.0, 1.0)
+        out = (y_base.float() + self.lam * self.error(h, y_base)).clamp(0.0, 1.0)
         return out.to(y_base.dtype)
 
-    def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module) -> int:
-        """Reset, then write ``samples`` (batches with a ``label``) keyed by ``model``'s hidden layer.
+    def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module,
+                key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None) -> int:
+        """Reset, then write ``samples`` (batches with a ``label``) keyed by ``model``'s hidden layer
+        (or by ``key_fn(batch, hidden)``).
 
         Used when a new model version is deployed: its hidden space differs, so old keys are meaningless.
         Returns the number of samples written.
@@ -201,7 +204,8 @@ class ErrorCompensationMemory:
             with torch.no_grad():
                 for batch in samples:
                     logits, hidden = model(batch)
-                    self.write(hidden, batch["label"], torch.sigmoid(logits))
+                    key = hidden if key_fn is None else key_fn(batch, hidden)
+                    self.write(key, batch["label"], torch.sigmoid(logits))
                     written += len(logits)
         finally:
             model.train(was_training)
@@ -211,11 +215,11 @@ class ErrorCompensationMemory:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors only (safetensors-compatible); the hyper-parameters are in ``config``."""
-        return {"planes": self.planes.clone(), "stats": self.stats.clone(), "keys": self.keys.clone(),
-                "last": self.last.clone(), "clock": self.clock.clone().reshape(1)}
+        return {"planes": self.planes.clone(), "table": self.table.clone(), "last": self.last.clone(),
+                "clock": self.clock.clone().reshape(1)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {"planes": self.planes, "stats": self.stats, "keys": self.keys, "last": self.last}
+        expected = {"planes": self.planes, "table": self.table, "last": self.last}
         missing = (set(expected) | {"clock"}) - set(state)
         if missing:
             raise ValueError(f"memory state misses {', '.join(sorted(missing))}")
@@ -224,8 +228,7 @@ class ErrorCompensationMemory:
                 raise ValueError(f"memory state {name} has shape {tuple(state[name].shape)}, "
                                  f"this memory needs {tuple(ref.shape)} (dim, K, L must match)")
         self.planes = state["planes"].to(self.planes.dtype).clone()
-        self.stats = state["stats"].to(torch.float64).clone()
-        self.keys = state["keys"].to(torch.float32).clone()
+        self.table = state["table"].to(torch.float32).clone()
         self.last = state["last"].to(torch.int64).clone()
         self.clock = state["clock"].to(torch.int64).reshape(()).clone()
 

@@ -234,3 +234,36 @@ def build_model(config: ModelConfig) -> CTRModel:
             nn.init.normal_(model.embedding.weight, std=0.01)
             nn.init.zeros_(model.linear.weight)
     return model
+
+
+MEMORY_KEYS = ("hidden", "hidden+ids")
+
+
+def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Tensor, kind: str = "hidden") -> torch.Tensor:
+    """The error-compensation memory's key of a batch.
+
+    ``hidden`` is the model's last hidden layer (ReLoop2). ``hidden+ids`` also appends the (unit-normalised)
+    embeddings of the first two categorical fields (user and item), so the SimHash buckets group samples of the
+    same user/item with a similar representation: the last layer alone mostly encodes the predicted click
+    level, which the model already knows.
+
+    >>> m = build_model(ModelConfig(kind="deepfm", num_categorical=2, hash_buckets=10, embedding_dim=4))
+    >>> b = {"cat": torch.tensor([[1, 11]])}
+    >>> h = m(b)[1]
+    >>> tuple(memory_key(m, b, h, "hidden+ids").shape) == (1, m.hidden_dim + 8)
+    True
+    """
+    if kind == "hidden":
+        return hidden
+    if kind != "hidden+ids":
+        raise ValueError(f"memory key must be one of {', '.join(MEMORY_KEYS)}, got {kind!r}")
+    with torch.no_grad():
+        parts = [hidden.detach()] + [model.embedding(batch["cat"][:, j]) for j in range(min(2, batch["cat"].shape[1]))]
+        parts = [p / p.norm(dim=1, keepdim=True).clamp(min=1e-8) for p in parts]
+    return torch.cat(parts, dim=1)                                     # (B, H + 2D)
+
+
+def memory_key_dim(model: CTRModel, kind: str = "hidden") -> int:
+    """Width of :func:`memory_key` for ``model``."""
+    extra = min(2, model.config.num_categorical) * model.config.embedding_dim if kind == "hidden+ids" else 0
+    return model.hidden_dim + extra

@@ -137,6 +137,33 @@ def monitor(
                f"requests: {stats.requests or 'none'}")
 
 
+@app.command()
+def evaluate(
+    dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
+    model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
+    slots: int = typer.Option(10, min=1, help="equal test slots after the warm-up"),
+    warmup: float = typer.Option(0.5, help="fraction of events (in time order) used to warm up the base model"),
+    seed: int = typer.Option(0, help="seed of models, memory hyperplanes and River"),
+    out: str = typer.Option("reports/evaluate.json", help="result JSON (a PNG of AUC per slot goes next to it)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    batch_size: int = typer.Option(256, min=1, help="mini-batch size of test-then-train"),
+    no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
+    memory_key: str = typer.Option("hidden", help="memory key: 'hidden' (the model's last layer, as in ReLoop2) "
+                                                  "or 'hidden+ids' (plus the user and item embeddings)"),
+) -> None:
+    """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
+    from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
+    from reloop.datasets import DatasetError
+
+    try:
+        variants = tuple(v for v in VARIANTS if not (no_river and v.startswith("river")))
+        cfg = EvaluationConfig(dataset=dataset, model=model, slots=slots, warmup=warmup, seed=seed, limit=limit,
+                               batch_size=batch_size, variants=variants, memory_key=memory_key)
+        evaluate_and_report(cfg, out)
+    except (EvaluationError, DatasetError, ValueError) as e:
+        _fail(str(e))
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -1,0 +1,149 @@
+"""Benchmark: the error-compensation memory's cost next to the model it corrects, and test-then-train
+throughput of the torch models next to River's logistic regression, on the same ML-100K stream, same run.
+
+1. Per batch of ``--batch-size`` real encoded events: the model's forward pass (eval, no grad) vs the
+   memory's ``estimate`` + ``write`` of that batch. Target: memory <= 10% of the forward pass.
+2. Test-then-train samples/s over the first ``--events`` events: torch LR / DeepFM / DCNv2
+   (mini-batches) vs River LR and FM (one sample at a time, as River works).
+3. The memory's size before and after the stream (constant).
+
+Both sides run single-threaded (``torch.set_num_threads(1)``; River is pure Python), so ratios compare
+like with like. Prints a table and writes ``benchmarks/results/bench_memory.json``.
+
+    python benchmarks/bench_memory.py [--events 20000] [--batch-size 256] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from online_models.evaluate import EvaluationConfig, prepare_stream
+from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
+from online_models.memory import ErrorCompensationMemory
+from online_models.models import ModelConfig, build_model
+from online_models.river_baselines import RiverBaseline
+
+
+def _paired_median_times(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fa`` and ``fb``, interleaved so both see the same machine load."""
+    fa(), fb()  # warm
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta), statistics.median(tb)
+
+
+# (name, model overrides): the small models of the evaluation, and a DCNv2 of the size of its paper's
+# public-data setups (larger embeddings, 3 cross layers, wide MLP), where the forward pass is not all overhead
+MODELS = [("deepfm", {"kind": "deepfm"}), ("dcnv2", {"kind": "dcnv2"}),
+          ("dcnv2-large", {"kind": "dcnv2", "embedding_dim": 16, "hidden_sizes": (400, 400, 400), "cross_layers": 3})]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=20_000, help="events of ML-100K used (time order)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    stream = prepare_stream(EvaluationConfig(limit=args.events, slots=1, warmup=0.5))
+    enc = stream.encoder.config
+    batch = stream.slice(0, args.batch_size)
+
+    def model_cfg(kind: str, **kw) -> ModelConfig:
+        return ModelConfig(kind=kind, num_categorical=len(enc.categorical_fields), hash_buckets=enc.hash_buckets,
+                           num_numeric=len(enc.numeric_fields), seed=0, **kw)
+
+    # 1) memory vs forward pass, per batch
+    cost_rows = []
+    for name, overrides in MODELS:
+        model = build_model(model_cfg(**overrides)).eval()
+        with torch.no_grad():
+            logits, hidden = model(batch)
+        p, y = torch.sigmoid(logits), batch["label"]
+
+        def forward(model=model):
+            with torch.no_grad():
+                model(batch)
+
+        for k, bits in ((8, 8), (16, 12)):
+            mem = ErrorCompensationMemory(dim=hidden.shape[1], num_tables=k, bits=bits, tau=0.2, lam=0.3,
+                                          shrinkage=5.0, decay=0.9999, seed=0)
+            mem.rebuild(iter_batches(stream.slice(0, 5000), args.batch_size), model)
+
+            def mem_step(mem=mem, hidden=hidden):
+                mem.estimate(hidden, p)
+                mem.write(hidden, y, p)
+
+            t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
+            cost_rows.append({"model": name, "K": k, "L": bits, "batch": args.batch_size,
+                              "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3, "ratio": t_mem / t_fwd})
+
+    # 2) test-then-train throughput on the same stream
+    full = stream.slice(0, stream.n)
+    tput = {}
+    for kind in ("lr", "deepfm", "dcnv2"):
+        learner = OnlineLearner(build_model(model_cfg(kind)), LearnerConfig(lr=3e-3, seed=0))
+        t0 = time.perf_counter()
+        for b in iter_batches(full, args.batch_size):
+            learner.test_then_train(b)
+        tput[f"torch_{kind}"] = stream.n / (time.perf_counter() - t0)
+    fm_numeric = tuple(enc.numeric_fields.index(c) for c in EvaluationConfig().river_fm_numeric)
+    for kind in ("lr", "fm"):
+        river = RiverBaseline(kind, seed=0, numeric=fm_numeric if kind == "fm" else None)
+        t0 = time.perf_counter()
+        for b in iter_batches(full, args.batch_size):
+            river.test_then_train(b)
+        tput[f"river_{kind}"] = stream.n / (time.perf_counter() - t0)
+
+    # 3) constant size
+    mem = ErrorCompensationMemory(dim=32, num_tables=16, bits=12, decay=0.9999, seed=0)
+    size_before = mem.nbytes()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        mem.write(torch.randn(args.batch_size, 32, generator=g), torch.ones(args.batch_size), torch.rand(args.batch_size))
+    size_after = mem.nbytes()
+
+    print(f"\nmemory write+estimate vs model forward, batch {args.batch_size} (median of {args.repeats}, 1 thread)")
+    print(f"{'model':12s} {'K':>3s} {'L':>3s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}")
+    for r in cost_rows:
+        print(f"{r['model']:12s} {r['K']:3d} {r['L']:3d} {r['forward_ms']:11.3f} {r['memory_ms']:10.3f} {r['ratio']:7.1%}")
+    ref = tput["river_lr"]
+    print(f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
+          f"torch in mini-batches of {args.batch_size}, River one sample at a time; River FM: ids + 4 CTRs)")
+    print(f"{'learner':14s} {'samples/s':>12s} {'x River LR':>11s}")
+    for name, v in tput.items():
+        print(f"{name:14s} {v:12,.0f} {v / ref:11.2f}")
+    print(f"\nmemory state {size_before:,} bytes before and {size_after:,} bytes after "
+          f"{200 * args.batch_size:,} writes (K=16, L=12, dim=32)")
+
+    result = {"benchmark": "bench_memory", "events": stream.n, "batch_size": args.batch_size,
+              "repeats": args.repeats, "threads": 1, "machine": platform.machine(), "python": platform.python_version(),
+              "torch": torch.__version__, "memory_vs_forward": cost_rows, "test_then_train_samples_per_s": tput,
+              "throughput_vs_river_lr": {k: v / ref for k, v in tput.items()},
+              "memory_bytes": {"before": size_before, "after": size_after},
+              "target": {"memory_vs_forward_max_ratio": 0.10}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
