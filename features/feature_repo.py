@@ -1,0 +1,94 @@
+"""The reloop Feast repo as code: entities, push sources, feature views, feature services.
+
+Declarations only, no I/O at import (``feast -c features apply`` imports this
+module). The feature names are the columns that :mod:`pipelines.aggregates`
+computes with its default :class:`~pipelines.aggregates.AggregateConfig`
+(``tests/test_feast_repo.py`` keeps the two in step): impressions, positives and
+smoothed CTR over 1 h, 1 day, 7 days and all time, seconds since the previous
+interaction, and for users the last items seen (most recent first).
+
+Where the data lives:
+
+- online: ``feature_store.yaml`` (embedded: SQLite under ``data/``) or
+  ``feature_store.redis.yaml`` (production: Redis);
+- offline: one Parquet file per feature-job micro-batch under
+  ``data/offline/<view>/`` next to this file (``RELOOP_FEAST_OFFLINE_ROOT``
+  moves it, e.g. to an ``s3://`` prefix). The job writes these files itself,
+  named by the Kafka offset range they cover, so a re-run after a crash
+  overwrites instead of appending (Feast's own offline push rewrites the whole
+  file on every call and is not idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+from feast.types import Array, Float64, Int64, String
+from feast.value_type import ValueType
+
+WINDOWS = ("1h", "1d", "7d", "all")
+#: online values older than this are treated as missing by Feast (an idle entity's window counts are stale)
+FEATURE_TTL = timedelta(days=400)
+
+_OFFLINE_ROOT = os.environ.get("RELOOP_FEAST_OFFLINE_ROOT") or str(Path(__file__).resolve().parent / "data" / "offline")
+
+
+def _aggregate_fields(entity: str) -> list[Field]:
+    fields: list[Field] = []
+    for w in WINDOWS:
+        fields += [Field(name=f"{entity}_imp_{w}", dtype=Int64, description=f"impressions in the last {w}"),
+                   Field(name=f"{entity}_pos_{w}", dtype=Int64, description=f"positives in the last {w}"),
+                   Field(name=f"{entity}_ctr_{w}", dtype=Float64, description=f"smoothed CTR over the last {w}")]
+    fields.append(Field(name=f"{entity}_secs_since_last", dtype=Float64,
+                        description="seconds since the previous interaction (-1: none)"))
+    return fields
+
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="an end user")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING, description="a recommendable item")
+
+user_stats_batch_source = FileSource(
+    name="user_stats_batch_source",
+    path=f"{_OFFLINE_ROOT}/user_stats/*.parquet",
+    timestamp_field="event_timestamp",
+    description="per micro-batch snapshots of user aggregates written by pipelines.feature_job",
+)
+item_stats_batch_source = FileSource(
+    name="item_stats_batch_source",
+    path=f"{_OFFLINE_ROOT}/item_stats/*.parquet",
+    timestamp_field="event_timestamp",
+    description="per micro-batch snapshots of item aggregates written by pipelines.feature_job",
+)
+user_stats_push_source = PushSource(name="user_stats_push_source", batch_source=user_stats_batch_source)
+item_stats_push_source = PushSource(name="item_stats_push_source", batch_source=item_stats_batch_source)
+
+user_stats_fv = FeatureView(
+    name="user_stats",
+    entities=[user],
+    ttl=FEATURE_TTL,
+    schema=[*_aggregate_fields("user"),
+            Field(name="user_last_items", dtype=Array(String), description="last items seen, most recent first")],
+    source=user_stats_push_source,
+    online=True,
+    tags={"owner": "pipelines.feature_job"},
+)
+item_stats_fv = FeatureView(
+    name="item_stats",
+    entities=[item],
+    ttl=FEATURE_TTL,
+    schema=_aggregate_fields("item"),
+    source=item_stats_push_source,
+    online=True,
+    tags={"owner": "pipelines.feature_job"},
+)
+
+# one feature service per model family and version: models ask for a service by name
+ctr_lr_v1 = FeatureService(name="ctr_lr_v1", features=[user_stats_fv, item_stats_fv],
+                           description="logistic regression CTR model")
+ctr_deepfm_v1 = FeatureService(name="ctr_deepfm_v1", features=[user_stats_fv, item_stats_fv],
+                               description="DeepFM CTR model")
+ctr_dcnv2_v1 = FeatureService(name="ctr_dcnv2_v1", features=[user_stats_fv, item_stats_fv],
+                              description="DCNv2 CTR model")
