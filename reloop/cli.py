@@ -89,52 +89,47 @@ def replay(
 
 @app.command()
 def run(
-    dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
-    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
+    model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
+    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    inject_drift: Optional[str] = typer.Option(None, help="abrupt_interest, gradual_interest or abrupt_ctr"),
+    drift_at: float = typer.Option(0.6, help="where the injected drift starts, as a fraction of the stream"),
+    resume: bool = typer.Option(False, "--resume", help="continue the latest (or --run-id) run"),
+    run_id: Optional[str] = typer.Option(None, help="name of the run (default: time + random)"),
+    feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
+    reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
+    state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
+    quiet: bool = typer.Option(False, "--quiet", help="no live progress"),
 ) -> None:
-    """Run the whole loop on a dataset with the embedded defaults (starts what it needs)."""
+    """Run the whole loop: replay -> Beam features -> Feast + examples -> Ray trainer -> serving with memory
+    -> drift monitors -> retrain/redeploy. Writes reports/<run id>/report.html and summary.json."""
     import json
 
     from reloop.config import ConfigError, load_config
     from reloop.datasets import DatasetError
     from reloop.replay import ReplayError, parse_speed
-    from reloop.run import run as run_loop
+    from reloop.run import LoopRun, RunError, RunOptions
 
+    if model not in ("lr", "deepfm", "dcnv2"):
+        _fail(f"--model must be lr, deepfm or dcnv2, got {model!r}")
     try:
-        summary = run_loop(load_config(config), dataset=dataset, limit=limit, speed=parse_speed(speed))
-    except (ConfigError, DatasetError, ReplayError) as e:
+        opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
+                          inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
+                          feature_every_s=feature_every, progress=not quiet, report_root=reports,
+                          state_root=state_dir)
+        summary = LoopRun(load_config(config), opts).run()
+    except (ConfigError, DatasetError, ReplayError, RunError) as e:
         _fail(str(e))
-    typer.echo(json.dumps(summary.as_dict(), indent=2))
-    if summary.events_valid != summary.events_replayed:
-        _fail(f"lost or duplicated events: replayed {summary.events_replayed}, valid {summary.events_valid}")
-
-
-@app.command()
-def monitor(
-    config: Optional[str] = typer.Option(None, help="YAML config file (sections drift and hooks)"),
-    topic: Optional[str] = typer.Option(None, help="predictions topic (default: drift.predictions_topic)"),
-    from_beginning: bool = typer.Option(False, help="start at the earliest offset when the group has none"),
-    max_records: Optional[int] = typer.Option(None, min=1, help="stop after N records"),
-    idle_timeout: Optional[float] = typer.Option(None, help="stop after this many seconds without records"),
-    actions: Optional[str] = typer.Option(None, help="module:factory returning an Actions object, called "
-                                                     "with the config (default: alert only)"),
-) -> None:
-    """Run the drift monitors on the served predictions joined with labels; alert, retrain, roll back."""
-    from jobs.monitor import run_monitor
-    from reloop.config import ConfigError, load_config
-    from reloop.drift.hooks import HookError, resolve_entry_point
-
-    try:
-        cfg = load_config(config)
-        acts = resolve_entry_point(actions)(cfg) if actions else None
-        stats = run_monitor(cfg, topic=topic, from_beginning=from_beginning, max_records=max_records,
-                            idle_timeout_s=idle_timeout, actions=acts)
-    except (ConfigError, HookError, ValueError) as e:
-        _fail(str(e))
-    typer.echo(f"monitored {stats.records:,} records ({stats.rejected:,} rejected) in {stats.seconds:.1f}s; "
-               f"requests: {stats.requests or 'none'}")
+    v = summary["variants"]
+    typer.echo(json.dumps({k: summary[k] for k in ("run_id", "seconds", "counts", "memory_auc_gain")}, indent=2))
+    for name, m in v.items():
+        typer.echo(f"{name:15s} n={m['n']:>7,}  AUC {m['auc'] or float('nan'):.4f}  gAUC "
+                   f"{m['gauc'] or float('nan'):.4f}  logloss {m['logloss'] or float('nan'):.4f}")
+    typer.echo(f"report: {summary['report_dir']}/report.html")
+    if summary.get("errors"):
+        _fail("run ended with errors:\n  " + "\n  ".join(summary["errors"]))
 
 
 @app.command()

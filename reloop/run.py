@@ -1,55 +1,615 @@
-"""``reloop run``: the whole loop on one machine with the embedded defaults.
+"""``reloop run``: the whole loop on one machine, on the embedded defaults or a real deployment.
 
-This first version runs the thinnest real path: start the local broker, replay
-the dataset into a fresh events topic of this run, and consume every event
-back through the parser, checking that none was lost or duplicated.
+Five stages run concurrently, each on the real service:
+
+=============  ==========================================================================
+replay         the dataset into Kafka in event-time order (``reloop.replay``)
+features       the Beam feature job, one micro-batch every few seconds (``pipelines.feature_job``):
+               parse / dead-letter, windowed features into Feast, training examples to Parquet
+trainer        the incremental trainer, a long-lived Ray actor (``jobs.trainer``): test-then-train
+               on every new example, a checkpoint and a registry version every few thousand
+live           the serving path (``reloop.live``): score each new example with the current version
+               plus the error-compensation memory, write its outcome into the memory, feed the
+               drift monitors; the policy's requests go to the hooks and to :class:`Deployer`
+deployer       retrain on Ray when asked -> evaluation gate on the most recent slot -> promote or
+               keep -> the live path swaps models and rebuilds its memory; rollback when asked
+=============  ==========================================================================
+
+Every run has an id; its topics (``<events_topic>.<run id>``), consumer group,
+example store, trainer checkpoints, registry and audit log are its own, under
+``.state/runs/<run id>`` (the storage URIs of the config). Ctrl-C stops every
+stage cleanly: the feature job finishes its micro-batch and commits, the
+trainer checkpoints, the live state is saved; ``reloop run --resume`` goes on
+from there. At the end the report (``report.html``, PNGs, ``summary.json``)
+is written to ``reports/<run id>``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import os
+import posixpath
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from reloop.config import ReloopConfig
-from reloop.datasets import load_dataset
-from reloop.events import Event, parse_event
+
+#: the memory's hyper-parameters in the live path (chosen on the validation slot by `reloop evaluate`)
+DEFAULT_MEMORY = {"num_tables": 8, "bits": 8, "tau": 0.1, "gamma": 1.0, "lam": 0.5, "decay": 1.0}
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue (bad options, nothing to resume, a stage failed)."""
 
 
 @dataclass
-class RunSummary:
-    run_id: str
-    dataset: str
-    events_replayed: int
-    events_consumed: int
-    events_valid: int
-    replay_events_per_s: float
-    seconds: float
+class RunOptions:
+    dataset: str = "movielens-100k"
+    model: str = "dcnv2"
+    speed: float | None = None            # None: as fast as possible; else N x real time
+    limit: int | None = None
+    inject_drift: str | None = None
+    drift_at: float = 0.6
+    resume: bool = False
+    run_id: str | None = None
+    feature_every_s: float = 3.0
+    holdout: int = 2000                   # events in the gate's holdout slot
+    retrain_window: int = 20_000          # events the retrain job trains on
+    gate_margin: float = 0.0              # a candidate must beat the current logloss by this fraction
+    report_root: str = "reports"
+    state_root: str = ".state/runs"
+    progress: bool = True
+    seed: int = 0
+    memory: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MEMORY))
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+# ----------------------------------------------------------------------------------------------------
+# run layout
 
 
-def run(cfg: ReloopConfig, dataset: str = "movielens-100k", limit: int | None = None,
-        speed: float | None = None) -> RunSummary:
-    from reloop import services
-    from reloop.kafka_io import end_offsets, read_range
-    from reloop.replay import replay_table
+def latest_run(root: Path) -> str | None:
+    runs = sorted(p.name for p in root.glob("*") if (p / "run.json").exists())
+    return runs[-1] if runs else None
 
-    t0 = time.perf_counter()
-    if cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
-        services.get("kafka").start()
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    topic = f"{cfg.kafka.events_topic}.{run_id}"
-    table = load_dataset(dataset, limit=limit)
-    stats = replay_table(table, cfg.kafka, topic=topic, speed=speed, progress=True)
-    consumed = valid = 0
-    seen: set[str] = set()
-    for partition, end in end_offsets(cfg.kafka, topic).items():
-        for _, _, value in read_range(cfg.kafka, topic, partition, 0, end):
-            consumed += 1
-            ev = parse_event(value)
-            if isinstance(ev, Event) and ev.event_id not in seen:
-                seen.add(ev.event_id)
-                valid += 1
-    return RunSummary(run_id, dataset, stats.events, consumed, valid, stats.events_per_s, time.perf_counter() - t0)
+
+def run_config(cfg: ReloopConfig, run_id: str, state: Path) -> ReloopConfig:
+    """The config of one run: its own topic suffix, consumer group and storage under the run directory."""
+    def under(uri: str, name: str) -> str:
+        return str(state / name) if "://" not in uri else posixpath.join(uri, "runs", run_id, name)
+
+    return cfg.model_copy(update={
+        "kafka": cfg.kafka.model_copy(update={"consumer_group": f"{cfg.kafka.consumer_group}.{run_id}",
+                                              "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}"}),
+        "storage": cfg.storage.model_copy(update={"examples_uri": under(cfg.storage.examples_uri, "examples"),
+                                                  "registry_uri": under(cfg.storage.registry_uri, "registry")}),
+        "feature_job": cfg.feature_job.model_copy(update={"state_uri": under(cfg.feature_job.state_uri,
+                                                                             "feature_state")}),
+        "hooks": cfg.hooks.model_copy(update={"dead_letter_path": str(state / "alerts.deadletter.jsonl")}),
+        "drift": cfg.drift.model_copy(update={"state_path": str(state / "monitor" / "state.json"),
+                                              "audit_log_path": str(state / "monitor" / "audit.jsonl")}),
+    })
+
+
+# ----------------------------------------------------------------------------------------------------
+# the deployer: the job layer behind the monitor loop's Actions protocol
+
+
+class Deployer:
+    """Carries out the policy's requests and promotes the trainer's versions through one evaluation gate.
+
+    The gate compares models on the most recent ``holdout`` events that neither has learned from when it
+    predicted them: the served model's recorded (pre-feedback) predictions against the candidate's
+    predictions (a retrain candidate never saw the holdout; an incremental checkpoint's prequential
+    predictions are taken from the trainer's own test-then-train log).
+    """
+
+    def __init__(self, registry, live, opts: RunOptions, cfg: ReloopConfig, trainer_dir: str) -> None:
+        self.registry, self.live, self.opts, self.cfg = registry, live, opts, cfg
+        self.trainer_dir = trainer_dir
+        self.monitor = None                                # set by the run (the MonitorLoop)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrain")
+        self.pending: concurrent.futures.Future | None = None
+        self.considered: set[str] = set()
+        self.events: list[dict[str, Any]] = []             # what the deployer did, for the report
+        self.retrains = 0
+
+    # -- Actions protocol ---------------------------------------------------------------------------
+    def request_retrain(self, request) -> None:
+        if self.pending is not None and not self.pending.done():
+            raise RunError("a retrain is already running")
+        window, holdout = self._split_recent()
+        self.events.append({"what": "retrain submitted", "ts": self.live.last_ts, "rows": window.num_rows})
+        self.pending = self.pool.submit(self._retrain, window, holdout)
+        self.retrains += 1
+        return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
+
+    def evaluate_candidate(self, candidate, current_version):
+        from jobs.monitor import Evaluation
+
+        cand_ll, cur_ll, n = self._gate(candidate.version)
+        better = cand_ll < cur_ll * (1.0 - self.opts.gate_margin)
+        return Evaluation(better, {"logloss": cand_ll, "n": n}, {"logloss": cur_ll, "n": n},
+                          f"holdout of the last {n} events: candidate logloss {cand_ll:.4f} vs current {cur_ll:.4f}")
+
+    def promote(self, candidate) -> str:
+        self.registry.promote(candidate.version, reason="retrain after drift, passed the gate")
+        return candidate.version
+
+    def rollback(self, to_version, from_version) -> str:
+        if to_version:
+            self.registry.promote(to_version, reason=f"rollback from {from_version}: worse after promotion")
+            return to_version
+        return self.registry.rollback(reason="rollback: worse after promotion")
+
+    # -- periodic work ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Bootstrap the first version, gate new trainer checkpoints, hand finished retrains to the gate."""
+        if self.pending is not None and self.pending.done():
+            fut, self.pending = self.pending, None
+            try:
+                cand = fut.result()
+            except Exception as e:  # noqa: BLE001 - a failed retrain keeps the current model
+                self.events.append({"what": "retrain failed", "ts": self.live.last_ts, "error": repr(e)})
+            else:
+                self.considered.add(cand.version)
+                promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
+                self.events.append({"what": "retrain candidate " + ("promoted" if promoted else "rejected"),
+                                    "ts": self.live.last_ts, "version": cand.version, **cand.metrics})
+        trainer_versions = [v for v in self.registry.versions() if v not in self.considered
+                            and self.registry.entry(v).extra.get("source") == "jobs.trainer"]
+        if not trainer_versions:
+            return
+        newest = trainer_versions[-1]
+        self.considered.update(trainer_versions)
+        if self.registry.current() is None:
+            self.registry.promote(newest, reason="bootstrap: first incremental checkpoint")
+            return
+        try:
+            cand_ll, cur_ll, n = self._gate(newest, prequential=True)
+        except RunError as e:
+            self.events.append({"what": "refresh skipped", "ts": self.live.last_ts, "version": newest,
+                                "why": str(e)})
+            return
+        if cand_ll <= cur_ll * (1.0 + 1e-9):
+            self.registry.promote(newest, reason=f"refresh: incremental checkpoint, holdout logloss "
+                                                 f"{cand_ll:.4f} <= {cur_ll:.4f}")
+        else:
+            self.events.append({"what": "refresh rejected", "ts": self.live.last_ts, "version": newest,
+                                "candidate_logloss": cand_ll, "current_logloss": cur_ll, "n": n})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _split_recent(self) -> tuple[pa.Table, pa.Table]:
+        from jobs.examples import ExampleStore
+
+        store = ExampleStore(self.cfg.storage.examples_uri)
+        recent = store.read_window(ts_min=None, ts_max=None)
+        recent = recent.take(pa.array(np.argsort(recent["ts"].to_numpy(), kind="stable")))
+        scored_ids = set(self.live.trace.last(self.opts.holdout)["event_id"].tolist())
+        is_holdout = np.fromiter((e in scored_ids for e in recent["event_id"].to_pylist()), bool, recent.num_rows)
+        train = recent.filter(pa.array(~is_holdout))
+        train = train.slice(max(0, train.num_rows - self.opts.retrain_window))
+        return train, recent.filter(pa.array(is_holdout))
+
+    def _retrain(self, window: pa.Table, holdout: pa.Table):
+        from jobs.monitor import Candidate
+        from jobs.retrain import retrain_candidate
+
+        served = self.live.served
+        version, metrics = retrain_candidate(
+            window, registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
+            encoder_config=served.encoder.config.to_dict() if served else None, seed=self.opts.seed,
+            ray_address=self.cfg.ray.address)
+        return Candidate(version, None, metrics)
+
+    def _gate(self, version: str, prequential: bool = False) -> tuple[float, float, int]:
+        """(candidate logloss, current logloss, n) on the most recent scored events."""
+        from online_models.metrics import logloss
+
+        need = min(200, self.opts.holdout)
+        if prequential:
+            # the trainer usually lags the serving path: compare on the newest events both have predicted
+            preds = _trainer_predictions(self.trainer_dir)
+            a = self.live.trace.arrays()
+            idx = {e: i for i, e in enumerate(a["event_id"].tolist())}
+            both = [(i, idx[e]) for i, e in enumerate(preds["event_id"].tolist()) if e in idx][-self.opts.holdout:]
+            if len(both) < need:
+                raise RunError(f"only {len(both)} recent events scored by both models: too few for the gate")
+            ti, si = (np.array(x) for x in zip(*both))
+            y = a["y"][si]
+            return logloss(y, preds["pred"][ti]), logloss(y, a["p_base"][si]), len(both)
+        last = self.live.trace.last(self.opts.holdout)
+        if len(last["y"]) < need:
+            raise RunError(f"only {len(last['y'])} scored events so far: too few for the gate")
+        from jobs.registry import load_model
+        from online_models.encoding import EncoderConfig, FeatureEncoder
+
+        entry, model = load_model(self.registry, version)
+        recent = self.live.recent()
+        ids = set(last["event_id"].tolist())
+        rows = recent.filter(pa.array([e in ids for e in recent["event_id"].to_pylist()]))
+        order = {e: i for i, e in enumerate(last["event_id"].tolist())}
+        pos = np.array([order[e] for e in rows["event_id"].to_pylist()])
+        import torch
+
+        with torch.no_grad():
+            p = torch.sigmoid(model(FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"])).encode(rows))[0])
+        y = last["y"][pos]
+        return logloss(y, p.numpy()), logloss(y, last["p_base"][pos]), len(pos)
+
+
+def _trainer_predictions(trainer_dir: str) -> dict[str, np.ndarray]:
+    """The incremental trainer's test-then-train log: event_id, ts, label, pred (before each update)."""
+    import pyarrow.dataset as ds
+
+    d = Path(trainer_dir) / "predictions"
+    files = sorted(str(p) for p in d.glob("part-*.parquet")) if d.exists() else []
+    if not files:
+        return {"event_id": np.zeros(0, object), "ts": np.zeros(0, np.int64), "label": np.zeros(0),
+                "pred": np.zeros(0)}
+    t = ds.dataset(files, format="parquet").to_table()
+    # a crash can make the trainer re-log a batch under a new name: keep the last prediction per event
+    ids = t["event_id"].to_numpy(zero_copy_only=False).astype(object)
+    _, last = np.unique(ids[::-1], return_index=True)
+    keep = np.sort(len(ids) - 1 - last)
+    t = t.take(pa.array(keep)).sort_by("ts")
+    return {"event_id": t["event_id"].to_numpy(zero_copy_only=False).astype(object), "ts": t["ts"].to_numpy(),
+            "label": t["label"].to_numpy().astype(float), "pred": t["pred"].to_numpy().astype(float)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Counters:
+    """Live numbers of every stage (read by the progress display and the summary)."""
+
+    replayed: int = 0
+    replay_seconds: float = 0.0
+    records_read: int = 0
+    events_parsed: int = 0
+    dead_lettered: int = 0
+    accepted: int = 0
+    late: int = 0
+    duplicates: int = 0
+    examples_written: int = 0
+    feature_runs: int = 0
+    feature_seconds: float = 0.0
+    learned: int = 0
+    trainer_seconds: float = 0.0
+    scored: int = 0
+    alerts: int = 0
+    version: str | None = None
+
+
+class LoopRun:
+    """One ``reloop run`` (see the module docstring). ``run()`` returns the summary dict."""
+
+    def __init__(self, cfg: ReloopConfig, opts: RunOptions) -> None:
+        self.base_cfg, self.opts = cfg, opts
+        root = Path(opts.state_root)
+        if opts.resume:
+            run_id = opts.run_id or latest_run(root)
+            if run_id is None or not (root / run_id / "run.json").exists():
+                raise RunError(f"nothing to resume under {root}" + (f" (no run {opts.run_id})" if opts.run_id else ""))
+            saved = json.loads((root / run_id / "run.json").read_text())
+            for k in ("dataset", "model", "limit", "inject_drift", "drift_at", "seed"):
+                setattr(opts, k, saved["options"][k])
+        else:
+            run_id = opts.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        self.run_id = run_id
+        self.state = (root / run_id).resolve()
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.cfg = run_config(cfg, run_id, self.state)
+        self.topic = f"{cfg.kafka.events_topic}.{run_id}"
+        self.report_dir = Path(opts.report_root) / run_id
+        self.stop = threading.Event()
+        self.replay_done = threading.Event()
+        self.features_done = threading.Event()
+        self.c = Counters()
+        self.errors: list[str] = []
+        self.shift: dict[str, Any] | None = None
+        self.alerts: list[dict[str, Any]] = []
+        self.live = None
+        self.dataset_rows = 0
+        self.t0 = time.time()
+        if not opts.resume:
+            (self.state / "run.json").write_text(json.dumps(
+                {"run_id": run_id, "created": time.time(), "topic": self.topic,
+                 "options": {k: getattr(opts, k) for k in ("dataset", "model", "limit", "inject_drift", "drift_at",
+                                                           "seed")}}, indent=2))
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _guard(self, name: str, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - a failed stage stops the run with its reason
+            self.errors.append(f"{name}: {type(e).__name__}: {e}")
+            self.stop.set()
+
+    def _load_table(self) -> pa.Table:
+        from reloop.datasets import load_dataset
+
+        table = load_dataset(self.opts.dataset, limit=self.opts.limit)
+        if self.opts.inject_drift:
+            from reloop.inject import inject_drift
+
+            table, shift = inject_drift(table, self.opts.inject_drift, at=self.opts.drift_at, seed=self.opts.seed)
+            self.shift = shift.to_dict()
+        return table
+
+    def _replay(self, table: pa.Table) -> None:
+        from reloop.kafka_io import end_offsets, read_range
+        from reloop.replay import replay_table
+
+        if self.opts.resume:
+            # what the topic already holds is not sent again (replay is idempotent per event id)
+            have: set[str] = set()
+            for part, end in end_offsets(self.cfg.kafka, self.topic).items():
+                for _, _, v in read_range(self.cfg.kafka, self.topic, part, 0, end):
+                    try:
+                        have.add(json.loads(v)["event_id"])
+                    except (ValueError, KeyError, TypeError):
+                        pass
+            self.c.replayed = len(have)
+            if have:
+                table = table.filter(pa.array([e not in have for e in table["event_id"].to_pylist()]))
+        if table.num_rows:
+            stats = replay_table(table, self.cfg.kafka, topic=self.topic, speed=self.opts.speed)
+            self.c.replayed += stats.events
+            self.c.replay_seconds += stats.seconds
+        self.replay_done.set()
+
+    def _features(self) -> None:
+        from pipelines.feature_job import run_once
+
+        while not self.stop.is_set():
+            started = time.monotonic()
+            replay_finished = self.replay_done.is_set()
+            s = run_once(self.cfg, topic=self.topic)
+            if s.committed:
+                for name in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
+                             "examples_written"):
+                    setattr(self.c, name, getattr(self.c, name) + getattr(s, name))
+                self.c.feature_runs += 1
+                self.c.feature_seconds += s.seconds
+            elif replay_finished:
+                break  # the replay had finished before this run began and nothing new came: done
+            self.stop.wait(max(0.0, self.opts.feature_every_s - (time.monotonic() - started)))
+        self.features_done.set()
+
+    def _trainer_config(self):
+        from jobs.trainer import TrainerConfig
+
+        return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=str(self.state / "trainer"),
+                             registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
+                             checkpoint_every=5000, checkpoint_seconds=15.0, publish_every=1, promote=False,
+                             poll_seconds=0.5, seed=self.opts.seed)
+
+    def _live(self, live, deployer) -> None:
+        while not self.stop.is_set():
+            n = live.step(max_batches=8)
+            deployer.tick()
+            self.c.scored = live.scored
+            self.c.version = live.served.version if live.served else None
+            if n == 0:
+                caught_up = self.features_done.is_set() and self.c.learned >= self.c.examples_written
+                if caught_up and deployer.pending is None and not live.store.pending(live.position):
+                    # one last look: the trainer's final checkpoint may be a newer version to serve
+                    deployer.tick()
+                    live.step()
+                    break
+                self.stop.wait(0.3)
+
+    # -- the whole run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        from jobs.monitor import build_loop
+        from jobs.registry import ModelRegistry
+        from jobs.trainer import IncrementalTrainer
+        from reloop import services
+        from reloop.kafka_io import ensure_topics
+        from reloop.live import ServingLoop
+
+        if self.cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
+            services.get("kafka").start()
+        ensure_topics(self.cfg.kafka, [self.topic, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
+        table = self._load_table()
+        self.dataset_rows = table.num_rows
+        registry = ModelRegistry(self.cfg.storage.registry_uri)
+        live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
+        deployer = Deployer(registry, live, self.opts, self.cfg, str(self.state / "trainer"))
+        monitor = build_loop(self.cfg, actions=deployer, on_request=self._on_request(live))
+        deployer.monitor = live.monitor = monitor
+        if self.opts.resume:
+            self._load_live(live, monitor)
+
+        if self.cfg.ray.address:
+            ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+        trainer = ray.remote(num_cpus=1, max_concurrency=2)(IncrementalTrainer).remote(self._trainer_config())
+        trainer_run = trainer.run.remote()
+        try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously
+            ray.get(trainer.status.remote(), timeout=300)
+        except Exception as e:  # noqa: BLE001
+            ray.shutdown()
+            raise RunError(f"the trainer actor did not start: {e!r}") from e
+        threads = [threading.Thread(target=self._guard, args=(name, fn), name=name, daemon=True)
+                   for name, fn in (("replay", lambda: self._replay(table)), ("features", self._features),
+                                    ("live", lambda: self._live(live, deployer)))]
+        progress = _Progress(self) if self.opts.progress else None
+        try:
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                try:
+                    st = ray.get(trainer.status.remote(), timeout=30)
+                    self.c.learned = st["learned"]
+                except ray.exceptions.GetTimeoutError:
+                    pass  # busy machine: ask again next time
+                except ray.exceptions.RayActorError as e:
+                    self.errors.append(f"trainer died: {e!r}")
+                    self.stop.set()
+                if progress:
+                    progress.update(total=table.num_rows)
+                if self.features_done.is_set() and self.c.learned >= self.c.examples_written:
+                    ray.get(trainer.stop.remote())  # idempotent; lets the live stage see the final version
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            self.errors.append("interrupted (Ctrl-C): stopped cleanly; `reloop run --resume` continues")
+            self.stop.set()
+            for t in threads:
+                t.join()
+        finally:
+            self.stop.set()
+            try:
+                ray.get(trainer.stop.remote())
+                final = ray.get(trainer_run)
+                self.c.learned = final["learned"]
+            except Exception as e:  # noqa: BLE001
+                self.errors.append(f"trainer: {e!r}")
+            ray.shutdown()
+            deployer.close()
+            if progress:
+                progress.close()
+        self.c.trainer_seconds = time.time() - self.t0
+        self._save_live(live, monitor)
+        return self._report(live, deployer)
+
+    def _on_request(self, live):
+        def on_request(req) -> None:
+            self.c.alerts += 1
+            self.alerts.append({"ts": live.last_ts, "action": req.action, "level": req.level,
+                                "summary": req.reason, "detectors": [d.detector for d in req.detections]})
+        return on_request
+
+    # -- resume support -----------------------------------------------------------------------------
+    def _save_live(self, live, monitor) -> None:
+        from jobs.monitor import save_state
+
+        d = self.state / "live"
+        d.mkdir(exist_ok=True)
+        a = live.trace.arrays()
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in a.items()}),
+                       d / "trace.parquet")
+        (d / "state.json").write_text(json.dumps({
+            "position": live.position.to_dict(), "unscored": live.unscored, "versions": live.versions,
+            "alerts": self.alerts, "counters": self.c.__dict__}, default=str))
+        save_state(monitor, d / "monitor.json")
+
+    def _load_live(self, live, monitor) -> None:
+        import pyarrow.parquet as pq
+
+        from jobs.examples import Position
+        from jobs.monitor import load_state
+
+        d = self.state / "live"
+        if not (d / "state.json").exists():
+            return
+        s = json.loads((d / "state.json").read_text())
+        live.position = Position.from_dict(s["position"])
+        live.unscored, live.versions, self.alerts = s["unscored"], s["versions"], s["alerts"]
+        t = pq.read_table(d / "trace.parquet").to_pydict()
+        if t["ts"]:
+            live.trace.ts, live.trace.y = [np.array(t["ts"])], [np.array(t["y"], float)]
+            live.trace.p_base, live.trace.p_mem = [np.array(t["p_base"])], [np.array(t["p_mem"])]
+            live.trace.user = [np.array(t["user"], object)]
+            live.trace.event_id = [np.array(t["event_id"], object)]
+            live.scored = len(t["ts"])
+        for k in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
+                  "examples_written", "feature_runs", "feature_seconds", "alerts"):
+            setattr(self.c, k, s["counters"].get(k, 0))
+        load_state(monitor, d / "monitor.json")
+        live.maybe_swap()  # serve the current version again, memory rebuilt from nothing yet
+
+    # -- the report ---------------------------------------------------------------------------------
+    def _report(self, live, deployer) -> dict[str, Any]:
+        from reloop.report import RunRecord, Series, write_report
+
+        a = live.trace.arrays()
+        tp = _trainer_predictions(str(self.state / "trainer"))
+        series = {"served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
+                  "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"])}
+        if len(tp["ts"]):
+            users = dict(zip(a["event_id"].tolist(), a["user"].tolist()))
+            series["incremental"] = Series(tp["ts"], tp["label"], tp["pred"],
+                                           np.array([users.get(e, "?") for e in tp["event_id"]], object))
+        c = self.c
+        wall = time.time() - self.t0
+        throughput = {"replay": c.replayed / c.replay_seconds if c.replay_seconds else 0.0,
+                      "feature job": c.records_read / c.feature_seconds if c.feature_seconds else 0.0,
+                      "trainer (wall)": c.learned / wall if wall else 0.0,
+                      "scoring + memory": c.scored / live.score_seconds if live.score_seconds else 0.0}
+        counts = {"events in dataset": self.dataset_rows, "replayed": c.replayed,
+                  "consumed": c.records_read, "parsed": c.events_parsed, "dead-lettered": c.dead_lettered,
+                  "featurised (accepted)": c.accepted, "late": c.late, "duplicates": c.duplicates,
+                  "examples written": c.examples_written, "examples learned": c.learned,
+                  "scored": live.scored, "arrived before the first model": live.unscored,
+                  "alerts": c.alerts, "retrains": deployer.retrains, "model versions served": len(live.versions)}
+        rec = RunRecord(self.run_id, self.opts.dataset, self.opts.model, series, alerts=self.alerts,
+                        versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
+                        seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
+                                             "topic": self.topic, "state_dir": str(self.state),
+                                             "report_dir": str(self.report_dir)})
+        write_report(rec, self.report_dir)
+        summary = json.loads((self.report_dir / "summary.json").read_text())
+        summary.pop("over_time", None)
+        return summary
+
+
+class _Progress:
+    """Live terminal view of every stage (rich); one refresh per call."""
+
+    def __init__(self, run: LoopRun) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.run = run
+        self.console = Console(stderr=True)
+        self.live = Live(console=self.console, refresh_per_second=2, transient=False)
+        self.live.start()
+
+    def update(self, total: int) -> None:
+        from rich.table import Table
+
+        from online_models.metrics import auc
+
+        c, r = self.run.c, self.run
+        t = Table(title=f"reloop run {r.run_id}  ({time.time() - r.t0:.0f}s)", show_header=True)
+        for col in ("stage", "progress", "detail"):
+            t.add_column(col)
+        t.add_row("replay", f"{c.replayed:,} / {total:,}", r.topic)
+        t.add_row("features", f"{c.records_read:,} read", f"{c.accepted:,} featurised, {c.dead_lettered:,} "
+                  f"dead-lettered, {c.feature_runs} micro-batches")
+        t.add_row("trainer", f"{c.learned:,} learned", f"of {c.examples_written:,} examples written")
+        detail = f"version {c.version or '-'}"
+        if r.live is not None and r.live.scored >= 500:
+            last = r.live.trace.last(5000)
+            if 0 < last["y"].sum() < len(last["y"]):
+                detail += (f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
+                           f"{auc(last['y'], last['p_mem']):.4f} with memory")
+        t.add_row("serving", f"{c.scored:,} scored", detail)
+        t.add_row("drift", f"{c.alerts} alerts", "; ".join(f"{a['action']}: {a['summary'][:40]}"
+                                                           for a in r.alerts[-2:]))
+        if r.errors:
+            t.add_row("errors", str(len(r.errors)), r.errors[-1][:80])
+        self.live.update(t)
+
+    def close(self) -> None:
+        self.live.stop()

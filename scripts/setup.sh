@@ -51,4 +51,10 @@ if ! command -v redis-server >/dev/null; then
 else
   echo "[setup] redis-server present"
 fi
+if [ "${RELOOP_SETUP_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null; then
+  # the report test opens report.html in a real headless browser (Debian's Chromium, driven by playwright)
+  echo "[setup] installing chromium from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 echo "[setup] done"

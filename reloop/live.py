@@ -1,0 +1,203 @@
+"""The served side of ``reloop run``: score every new example with the current model and the memory,
+learn from its label at once, watch the stream with the drift monitors, and act on their requests.
+
+For each new training example (its features are the online features as they
+stood strictly before the event, exactly what the scoring service reads from
+Feast at request time) the loop:
+
+1. scores it with the registry's current version: base probability and the
+   model's hidden layer (the memory's key), then the compensated probability
+   from the error-compensation memory;
+2. writes the outcome into the memory (the label arrives: ``/feedback``);
+3. feeds the base model's labelled prediction to the drift monitors; the
+   policy's requests are delivered through the alert hooks and carried out by
+   :class:`Deployer` (retrain -> gate -> promote, or rollback).
+
+When the current version changes the loop swaps the model between two
+batches (no request is ever scored by half a model) and rebuilds the memory
+from a bounded buffer of recent outcomes, since the new model's hidden space
+differs. Everything here is in-process and single-threaded by design; the
+run loop drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from jobs.examples import ExampleStore, Position
+from jobs.registry import ModelRegistry, load_model
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.memory import ErrorCompensationMemory, MemoryConfig
+
+
+@dataclass
+class Served:
+    """The model version being served, with its encoder and memory."""
+
+    version: str
+    model: torch.nn.Module
+    encoder: FeatureEncoder
+    memory: ErrorCompensationMemory
+
+
+@dataclass
+class Trace:
+    """Everything scored so far, in arrival order (what the report draws)."""
+
+    ts: list[np.ndarray] = field(default_factory=list)
+    y: list[np.ndarray] = field(default_factory=list)
+    p_base: list[np.ndarray] = field(default_factory=list)
+    p_mem: list[np.ndarray] = field(default_factory=list)
+    user: list[np.ndarray] = field(default_factory=list)
+    event_id: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray) -> None:
+        self.ts.append(table["ts"].to_numpy())
+        self.y.append(table["label"].to_numpy().astype(np.float64))
+        self.user.append(table["user_id"].to_numpy(zero_copy_only=False).astype(object))
+        self.event_id.append(table["event_id"].to_numpy(zero_copy_only=False).astype(object))
+        self.p_base.append(p_base)
+        self.p_mem.append(p_mem)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        return {"ts": cat(self.ts, np.int64), "y": cat(self.y, float), "p_base": cat(self.p_base, float),
+                "p_mem": cat(self.p_mem, float), "user": cat(self.user, object),
+                "event_id": cat(self.event_id, object)}
+
+    def last(self, n: int) -> dict[str, np.ndarray]:
+        """The last ``n`` scored events (the gate's holdout)."""
+        a = self.arrays()
+        return {k: v[-n:] for k, v in a.items()}
+
+
+class ServingLoop:
+    """Score -> compensate -> learn-from-feedback -> monitor, over the example store (see the module doc).
+
+    ``monitor`` is a :class:`jobs.monitor.MonitorLoop` (monitors, policy, hooks, actions); it sees the base
+    model's prediction (retraining is about the base model; the memory would mask its decay) and, during a
+    rollback watch, the previous model's shadow prediction on the same events.
+    """
+
+    def __init__(self, examples_uri: str, registry: ModelRegistry, memory_config: dict[str, Any],
+                 monitor=None, buffer_rows: int = 5000, batch_size: int = 512, shadow_events: int = 20_000) -> None:
+        self.store = ExampleStore(examples_uri)
+        self.position = Position()
+        self.registry = registry
+        self.memory_config = dict(memory_config)
+        self.monitor = monitor
+        self.buffer: collections.deque[pa.Table] = collections.deque()
+        self.buffer_rows, self.batch_size, self.shadow_events = buffer_rows, batch_size, shadow_events
+        self.served: Served | None = None
+        self.shadow: tuple[Served, int] | None = None   # the previous model, scored alongside for a while
+        self.trace = Trace()
+        self.unscored = 0          # examples that arrived before any model was current
+        self.scored = 0
+        self.versions: list[dict[str, Any]] = []
+        self.last_ts = 0
+        self.score_seconds = 0.0
+        #: examples the first served version was trained on (in store order): never scored, that would leak
+        self.skip = 0
+
+    # -- model swaps ------------------------------------------------------------------------------
+    def recent(self) -> pa.Table | None:
+        """The bounded buffer of recent outcomes (what a new model's memory is rebuilt from)."""
+        return pa.concat_tables(list(self.buffer)) if self.buffer else None
+
+    def maybe_swap(self) -> bool:
+        """Load the registry's current version if it is not the one being served; rebuild the memory."""
+        pointer = self.registry.pointer()
+        current = pointer["version"] if pointer else None
+        if current is None or (self.served is not None and self.served.version == current):
+            return False
+        entry, model = load_model(self.registry, current)
+        encoder = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
+        memory = ErrorCompensationMemory.from_config(MemoryConfig(**{**self.memory_config, "dim": model.hidden_dim}))
+        recent = self.recent()
+        rebuilt = memory.rebuild([encoder.encode(recent)], model) if recent is not None else 0
+        previous = self.served
+        if previous is None and self.scored == 0:
+            self.skip = max(0, int(entry.training_range.get("learned", 0)) - self.unscored)
+        self.served = Served(current, model, encoder, memory)
+        self.shadow = (previous, self.scored) if previous is not None else None
+        self.versions.append({"ts": int(self.last_ts), "version": current,
+                              "previous": previous.version if previous else None,
+                              "reason": pointer.get("reason") or "promoted", "memory_rebuilt_from": rebuilt,
+                              "at_event": self.scored + self.unscored, "source": entry.extra.get("source")})
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self, max_batches: int | None = None) -> int:
+        """Process the examples that arrived since the last call (or ``max_batches`` of them).
+
+        Before the first version is current nothing is consumed: the first model's own training examples
+        are then passed over (buffered for the memory, not scored) and scoring starts right after them.
+        """
+        if self.served is None and not self.maybe_swap():
+            return 0
+        done = 0
+        for i, (table, pos) in enumerate(self.store.batches(self.position, self.batch_size)):
+            self.maybe_swap()
+            self._process(table)
+            self.position = pos
+            done += table.num_rows
+            if max_batches is not None and i + 1 >= max_batches:
+                break
+        return done
+
+    def _score(self, s: Served, table: pa.Table, learn: bool) -> tuple[np.ndarray, np.ndarray]:
+        batch = s.encoder.encode(table)
+        with torch.no_grad():
+            logits, hidden = s.model(batch)
+            p_base = torch.sigmoid(logits)
+            p_mem = s.memory.estimate(hidden, p_base)
+            if learn:  # the labels arrive: feedback goes into the memory at once (after scoring: no leakage)
+                s.memory.write(hidden, batch["label"], p_base)
+        return p_base.numpy().astype(np.float64), p_mem.numpy().astype(np.float64)
+
+    def _process(self, table: pa.Table) -> None:
+        if self.versions and not self.versions[-1]["ts"]:  # a version swapped in before any event: its start
+            self.versions[-1]["ts"] = int(table["ts"].to_numpy().min())
+        self.last_ts = int(table["ts"].to_numpy().max())
+        self.buffer.append(table)
+        while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
+            self.buffer.popleft()
+        if self.skip:
+            k = min(self.skip, table.num_rows)
+            self.skip -= k
+            self.unscored += k
+            table = table.slice(k)
+            if table.num_rows == 0:
+                return
+        t0 = time.perf_counter()
+        pb, pm = self._score(self.served, table, learn=True)
+        self.score_seconds += time.perf_counter() - t0
+        prev = None
+        if self.shadow is not None:
+            old, since = self.shadow
+            if self.scored - since < self.shadow_events:
+                prev = self._score(old, table, learn=False)[0]
+            else:
+                self.shadow = None
+        self.trace.add(table, pb, pm)
+        self.scored += table.num_rows
+        if self.monitor is not None:
+            self._monitor(table, pb, pm, prev)
+
+    def _monitor(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None) -> None:
+        from jobs.monitor import PredictionRecord
+
+        version = self.served.version if self.served else None
+        ids, users, items = (table[c].to_pylist() for c in ("event_id", "user_id", "item_id"))
+        ts, labels = table["ts"].to_pylist(), table["label"].to_pylist()
+        for j in range(len(ids)):
+            self.monitor.process(PredictionRecord(
+                ids[j], ts[j], users[j], items[j], float(p_base[j]), int(labels[j]), version, float(p_base[j]),
+                None if p_prev is None else float(p_prev[j])))

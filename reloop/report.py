@@ -1,0 +1,259 @@
+"""The report of a ``reloop run``: ``summary.json``, PNG plots and a self-contained ``report.html``.
+
+Input is plain data (:class:`RunRecord`): the served predictions with labels
+(base and memory-compensated), the trainer's test-then-train predictions, the
+alerts, the model versions, the injected shift and per-stage throughput. The
+HTML embeds its images as data URIs and needs no server, script or network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from online_models.metrics import auc, gauc, logloss
+
+#: the variants drawn over event time: (key in RunRecord.series, label, colour)
+VARIANTS = (("served", "served model", "#1f77b4"), ("served+memory", "served model + memory", "#d62728"),
+            ("incremental", "incremental trainer (test-then-train)", "#2ca02c"))
+
+
+@dataclass
+class Series:
+    """Predictions in event-time order: ``ts`` (ms), ``y`` (0/1), ``p`` and the user of each event."""
+
+    ts: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    user: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Series":
+        return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, object))
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    dataset: str
+    model: str
+    series: dict[str, Series]
+    alerts: list[dict[str, Any]] = field(default_factory=list)     # each with "ts" (ms) and "summary"
+    versions: list[dict[str, Any]] = field(default_factory=list)   # each with "ts" (ms), "version", "reason"
+    shift: dict[str, Any] | None = None                            # from reloop.inject.Shift
+    throughput: dict[str, float] = field(default_factory=dict)     # stage -> events/s
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def metrics_of(s: Series) -> dict[str, float | None]:
+    if len(s.y) == 0:
+        return {"n": 0, "auc": None, "gauc": None, "logloss": None}
+    return {"n": int(len(s.y)), "auc": _num(auc(s.y, s.p)), "gauc": _num(gauc(s.y, s.p, s.user)),
+            "logloss": _num(logloss(s.y, s.p))}
+
+
+def over_time(s: Series, buckets: int = 20) -> dict[str, list]:
+    """AUC and logloss in ``buckets`` consecutive equal-count slices of the stream (their mid event time)."""
+    out: dict[str, list] = {"ts": [], "auc": [], "logloss": []}
+    if len(s.y) < buckets * 10:
+        buckets = max(1, len(s.y) // 50)
+    if len(s.y) == 0:
+        return out
+    for part in np.array_split(np.arange(len(s.y)), buckets):
+        y, p = s.y[part], s.p[part]
+        out["ts"].append(int(s.ts[part][len(part) // 2]))
+        out["auc"].append(_num(auc(y, p)) if 0 < y.sum() < len(y) else None)
+        out["logloss"].append(_num(logloss(y, p)))
+    return out
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def summarize(rec: RunRecord) -> dict[str, Any]:
+    variants = {k: metrics_of(s) for k, s in rec.series.items()}
+    gain = None
+    if variants.get("served", {}).get("auc") is not None and variants.get("served+memory", {}).get("auc") is not None:
+        gain = round(variants["served+memory"]["auc"] - variants["served"]["auc"], 6)
+    return {"run_id": rec.run_id, "dataset": rec.dataset, "model": rec.model, "seconds": round(rec.seconds, 2),
+            "counts": rec.counts, "variants": variants, "memory_auc_gain": gain,
+            "throughput_events_per_s": {k: round(v, 1) for k, v in rec.throughput.items()},
+            "alerts": rec.alerts, "versions": rec.versions, "shift": rec.shift,
+            "over_time": {k: over_time(s) for k, s in rec.series.items()}, **rec.extra}
+
+
+def _dt(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+
+
+def _marks(ax, rec: RunRecord) -> None:
+    for i, v in enumerate(rec.versions):
+        ax.axvline(_dt(v["ts"]), color="0.55", ls=":", lw=1, label="model version" if i == 0 else None)
+    for i, a in enumerate(rec.alerts):
+        ax.axvline(_dt(a["ts"]), color="#ff7f0e", ls="--", lw=1.2, label="drift alert" if i == 0 else None)
+    if rec.shift:
+        ax.axvline(_dt(rec.shift["start_ts"]), color="k", lw=1.5, label=f"injected {rec.shift['scenario']}")
+
+
+def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+    curves = {k: over_time(s) for k, s in rec.series.items()}
+
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for key, label, colour in VARIANTS:
+        c = curves.get(key)
+        if not c or not c["ts"]:
+            continue
+        x = [_dt(t) for t in c["ts"]]
+        axes[0].plot(x, [np.nan if v is None else v for v in c["auc"]], marker="o", ms=3, color=colour, label=label)
+        axes[1].plot(x, [np.nan if v is None else v for v in c["logloss"]], marker="o", ms=3, color=colour,
+                     label=label)
+    for ax, name in zip(axes, ("AUC", "logloss")):
+        _marks(ax, rec)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"Streaming metrics over event time ({rec.dataset}, {rec.model})")
+    axes[0].legend(loc="best", fontsize=8)
+    axes[1].xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    paths["metrics"] = out_dir / "metrics_over_time.png"
+    fig.savefig(paths["metrics"], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    base, mem = curves.get("served"), curves.get("served+memory")
+    if base and mem and base["ts"]:
+        gain = [None if a is None or b is None else 100 * (b - a) for a, b in zip(base["auc"], mem["auc"])]
+        ax.bar([_dt(t) for t in base["ts"]], [0 if g is None else g for g in gain], width=3,
+               color=["#d62728" if (g or 0) >= 0 else "#7f7f7f" for g in gain])
+    _marks(ax, rec)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("AUC gain (points)")
+    ax.set_title("Error-compensation memory: AUC(served + memory) - AUC(served)")
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    paths["memory_gain"] = out_dir / "memory_gain.png"
+    fig.savefig(paths["memory_gain"], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    stages = list(rec.throughput)
+    ax.barh(stages, [rec.throughput[s] for s in stages], color="#1f77b4")
+    for i, s in enumerate(stages):
+        ax.text(rec.throughput[s], i, f" {rec.throughput[s]:,.0f}/s", va="center", fontsize=8)
+    ax.set_xlabel("events per second")
+    ax.set_title("Throughput per stage")
+    fig.tight_layout()
+    paths["throughput"] = out_dir / "throughput.png"
+    fig.savefig(paths["throughput"], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def write_report(rec: RunRecord, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``summary.json``, the PNGs and ``report.html`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rec)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    images = plot(rec, out)
+    (out / "report.html").write_text(_html(summary, images))
+    return {"summary": out / "summary.json", "html": out / "report.html", **images}
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return str(x)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>' \
+           f'{html.escape(alt)}</figcaption></figure>'
+
+
+def _when(ms: Any) -> str:
+    return _dt(ms).strftime("%Y-%m-%d %H:%M") if isinstance(ms, (int, float)) else ""
+
+
+def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
+    variants = [{"variant": k, **v} for k, v in s["variants"].items()]
+    alerts = [{"event time": _when(a.get("ts")), "action": a.get("action", "alert"), "summary": a.get("summary", "")}
+              for a in s["alerts"]]
+    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"), "reason": v.get("reason", "")}
+                for v in s["versions"]]
+    counts = [{"stage": k, "count": v} for k, v in s["counts"].items()]
+    thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
+    deploys = [{"event time": _when(e.get("ts")), "what": e.get("what"),
+                "detail": ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("ts", "what"))}
+               for e in s.get("deployer", [])]
+    errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
+    gain = s.get("memory_auc_gain")
+    shift = s.get("shift")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>reloop run {html.escape(s['run_id'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
+</style></head><body>
+<h1>reloop run <code>{html.escape(s['run_id'])}</code></h1>
+<p class="kpi">Dataset <b>{html.escape(s['dataset'])}</b>, model <b>{html.escape(s['model'])}</b>,
+{s['seconds']:.0f} s wall clock. Memory AUC gain on the served stream:
+<b>{'–' if gain is None else f'{100 * gain:+.2f} points'}</b>.</p>
+{f"<p>Injected drift: <b>{html.escape(shift['scenario'])}</b> from {_when(shift['start_ts'])} "
+ f"({shift['changed_labels']:,} labels changed).</p>" if shift else ""}
+<h2>Quality per variant</h2>{_table(variants)}
+{_img(images['metrics'], 'Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)')}
+{_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
+<h2>Drift alerts</h2>{_table(alerts)}
+<h2>Model versions</h2>{_table(versions)}
+<h2>Deployment decisions</h2>{_table(deploys)}
+{f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
+<h2>Stages</h2>{_table(counts)}{_table(thr)}
+{_img(images['throughput'], 'Throughput per stage')}
+</body></html>
+"""
