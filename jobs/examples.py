@@ -140,7 +140,8 @@ class ExampleStore:
             e2 = ds.field("ts") < ts_max
             expr = e2 if expr is None else expr & e2
         table = dataset.to_table(filter=expr, columns=self.columns)
-        return table.sort_by([("ts", "ascending"), ("event_id", "ascending")])
+        keys = [(k, "ascending") for k in ("ts", "event_id") if k in table.column_names]
+        return table.sort_by(keys) if keys else table
 
 
 def _min_ts(meta: pq.FileMetaData) -> int:
