@@ -159,6 +159,32 @@ def evaluate(
         _fail(str(e))
 
 
+@app.command()
+def monitor(
+    config: Optional[str] = typer.Option(None, help="YAML config file (sections drift and hooks)"),
+    topic: Optional[str] = typer.Option(None, help="predictions topic (default: drift.predictions_topic)"),
+    from_beginning: bool = typer.Option(False, help="start at the earliest offset when the group has none"),
+    max_records: Optional[int] = typer.Option(None, min=1, help="stop after N records"),
+    idle_timeout: Optional[float] = typer.Option(None, help="stop after this many seconds without records"),
+    actions: Optional[str] = typer.Option(None, help="module:factory returning an Actions object, called "
+                                                     "with the config (default: alert only)"),
+) -> None:
+    """Run the drift monitors on the served predictions joined with labels; alert, retrain, roll back."""
+    from jobs.monitor import run_monitor
+    from reloop.config import ConfigError, load_config
+    from reloop.drift.hooks import HookError, resolve_entry_point
+
+    try:
+        cfg = load_config(config)
+        acts = resolve_entry_point(actions)(cfg) if actions else None
+        stats = run_monitor(cfg, topic=topic, from_beginning=from_beginning, max_records=max_records,
+                            idle_timeout_s=idle_timeout, actions=acts)
+    except (ConfigError, HookError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"monitored {stats.records:,} records ({stats.rejected:,} rejected) in {stats.seconds:.1f}s; "
+               f"requests: {stats.requests or 'none'}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -82,8 +82,16 @@ def test_alert_on_warning_can_be_switched_off():
     assert pol.step(10, [det("ddm:error", 10, level="warning")]) == []
 
 
+def test_drift_that_outlives_the_cooldown_asks_again():
+    pol = DriftPolicy(min_evidence=1, cooldown_events=1000, clear_after=10_000)
+    assert [r.action for r in pol.step(0, [det("adwin:logloss", 0)])] == ["retrain"]
+    assert pol.step(500, [det("adwin:logloss", 500)]) == []
+    reqs = pol.step(1500, [det("adwin:logloss", 1500)])
+    assert [r.action for r in reqs] == ["retrain"] and "persists" in reqs[0].reason
+
+
 def test_drift_state_holds_until_quiet():
-    pol = DriftPolicy(min_evidence=1, cooldown_events=0, clear_after=500)
+    pol = DriftPolicy(min_evidence=1, cooldown_events=400, clear_after=500)
     assert [r.action for r in pol.step(0, [det("adwin:logloss", 0)])] == ["retrain"]
     assert pol.step(100, [det("adwin:logloss", 100)]) == [], "still the same episode"
     pol.step(700, [])

@@ -95,3 +95,29 @@ def test_reloop_monitor_end_to_end_on_kafka(kafka_config, tmp_path):
     assert state["n"] == n
     again = run_monitor(cfg, from_beginning=True, idle_timeout_s=3)
     assert again.records == 0, "offsets were committed: nothing is processed twice"
+
+
+def test_reloop_monitor_cli(kafka_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from reloop.cli import app
+
+    run_id = uuid.uuid4().hex[:10]
+    preds = f"test.preds.{run_id}"
+    ensure_topics(kafka_config, [preds], partitions=1)
+    prod = producer(kafka_config)
+    for i in range(300):
+        prod.send(preds, value=json.dumps({"event_id": f"e{i}", "ts": i, "p": 0.1, "label": i % 10 == 0}).encode())
+    prod.flush()
+    prod.close()
+    cfg = tmp_path / "reloop.yaml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "kafka": {"bootstrap_servers": kafka_config.bootstrap_servers, "alerts_topic": f"test.alerts.{run_id}"},
+        "hooks": {"dead_letter_path": str(tmp_path / "dl.jsonl")},
+        "drift": {"predictions_topic": preds, "consumer_group": f"g-{run_id}",
+                  "state_path": str(tmp_path / "s.json"), "audit_log_path": str(tmp_path / "a.jsonl")}}))
+    res = CliRunner().invoke(app, ["monitor", "--config", str(cfg), "--from-beginning", "--idle-timeout", "3"])
+    assert res.exit_code == 0, res.output
+    assert "monitored 300 records (0 rejected)" in res.output
+    bad = CliRunner().invoke(app, ["monitor", "--config", str(cfg), "--actions", "json:nope"])
+    assert bad.exit_code == 1 and "has no attribute" in bad.output

@@ -19,7 +19,9 @@
   so the state does not flap around a threshold.
 - **Cooldown**: after a ``retrain`` request (or a model change), no further
   ``retrain`` for ``cooldown_events`` events; drift seen meanwhile is only
-  alerted, at most once per cooldown.
+  alerted, at most once per cooldown. Drift evidence that is still there
+  after the cooldown (the retrain failed, or its candidate was not promoted)
+  asks for a retrain again.
 - **Rollback watch**: after a promotion, :meth:`start_watch` compares the live
   loss of the new model with a reference: the old model's loss on the same
   events when the records carry a shadow prediction, else the old model's
@@ -142,13 +144,16 @@ class DriftPolicy:
                                  key=lambda d: (d.level != "drift", d.family != "performance")))
         version = model_version or strongest[0].model_version
 
-        if len(drift_perf) >= self.min_evidence and self.state != "drift":
+        if len(drift_perf) >= self.min_evidence:
+            persists = self.state == "drift"
             self.state = "drift"
             if not self.in_cooldown(index):
+                # a new episode, or drift that outlived the cooldown (the retrain failed or was not promoted)
                 self._last_retrain = index
-                return [Request("retrain", f"{len(drift_perf)} performance monitors detect drift "
-                                f"({', '.join(sorted(drift_perf))})", strongest, version, index=index)]
-            return self._cooldown_alert(index, strongest, version)
+                why = f"{len(drift_perf)} performance monitors detect drift ({', '.join(sorted(drift_perf))})"
+                return [Request("retrain", why + (" that persists after the cooldown" if persists else ""),
+                                strongest, version, index=index)]
+            return [] if persists else self._cooldown_alert(index, strongest, version)
         if self.state == "drift":
             return []  # already acted on this episode; hysteresis keeps it until a quiet spell
         fresh = [d for d in detections if d.level == "drift"]
