@@ -29,3 +29,54 @@ def flink_job_endpoint() -> str:
     yield svc.address()
     if not was_up:
         svc.stop()
+
+
+def isolated_job_config(root, kafka, topic: str, name: str):
+    """A ReloopConfig whose feature job has its own consumer group, state, examples and Feast repo under
+    ``root/name``, reading ``topic``: two of them over the same topic never share anything but the events."""
+    import shutil
+    from pathlib import Path
+
+    from reloop.config import FeastConfig, FeatureJobConfig, ReloopConfig, StorageConfig
+
+    d = Path(root) / name
+    repo = d / "features"
+    repo.mkdir(parents=True)
+    features = Path(__file__).resolve().parent.parent / "features"
+    for f in ("feature_repo.py", "feature_store.yaml"):
+        shutil.copy(features / f, repo / f)
+    k = kafka.model_copy(update={"events_topic": topic, "dlq_topic": f"{topic}.dlq",
+                                 "consumer_group": f"{topic}.{name}"})
+    return ReloopConfig(kafka=k, storage=StorageConfig(examples_uri=str(d / "examples")),
+                        feature_job=FeatureJobConfig(state_uri=str(d / "state")),
+                        feast=FeastConfig(repo_path=str(repo)))
+
+
+def job_outputs(cfg) -> dict:
+    """Everything the feature job produced, in a canonical order: training examples, offline Feast
+    snapshots per view, online Feast values of every entity seen, and the saved feature states."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.feast_io import ITEM_VIEW, USER_VIEW, offline_dir, open_store
+
+    def read_all(directory: str, sort: list[str]) -> pa.Table:
+        files = sorted(Path(directory).rglob("*.parquet"))
+        assert files, f"no Parquet output under {directory}"
+        # the file names carry the run id (identical on both runners); the dt= partition is not a column
+        t = pa.concat_tables([pq.read_table(f, partitioning=None) for f in files], promote_options="default")
+        return t.sort_by([(c, "ascending") for c in sort])
+
+    store = open_store(cfg.feast, cfg.feast.repo_path)
+    out = {"examples": read_all(cfg.storage.examples_uri, ["ts", "kafka_partition", "kafka_offset"])}
+    for view, key in ((USER_VIEW, "user_id"), (ITEM_VIEW, "item_id")):
+        offline = read_all(offline_dir(store, view), ["event_timestamp", key])
+        out[f"offline_{view}"] = offline
+        ids = sorted(set(offline[key].to_pylist()))
+        fv = store.get_feature_view(view)
+        refs = [f"{view}:{f.name}" for f in fv.features]
+        online = store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids]).to_dict()
+        out[f"online_{view}"] = online
+    return out
