@@ -87,6 +87,25 @@ def replay(
                f"({stats.events_per_s:,.0f} events/s)")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def features(ctx: typer.Context,
+             once: bool = typer.Option(False, "--once", help="one micro-batch, then exit (the default)"),
+             every: Optional[float] = typer.Option(None, "--every", min=0.1, metavar="SECONDS",
+                                                   help="one micro-batch every SECONDS until interrupted"),
+             reset: bool = typer.Option(False, "--reset", help="forget the job's offsets and state, then exit"),
+             config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
+    """Beam feature job: new Kafka offsets -> DLQ / windowed features -> Feast + training examples, offsets
+    committed after the sinks. Other options go to python -m pipelines.feature_job (--max_events,
+    --examples_uri, --state_uri, --feature_repo, and Beam options such as --runner=FlinkRunner)."""
+    from pipelines.feature_job import main as job_main
+
+    if once and every is not None:
+        _fail("--once and --every are exclusive")
+    argv = list(ctx.args) + (["--every", str(every)] if every is not None else ["--once"])
+    argv += (["--reset"] if reset else []) + (["--config", config] if config else [])
+    raise typer.Exit(job_main(argv))
+
+
 @app.command()
 def run(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
