@@ -178,6 +178,88 @@ def evaluate(
         _fail(str(e))
 
 
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _run_job(ctx: typer.Context, module: str, submit: bool, wait: bool, config: Optional[str]) -> None:
+    """Run ``python -m <module>`` in-process (embedded Ray) or submit it with ``ray job submit``."""
+    import importlib
+
+    args = list(ctx.args) + (["--config", config] if config else [])
+    if submit:
+        from jobs.submit import submit as submit_job
+        from reloop.config import ConfigError, load_config
+
+        try:
+            address = load_config(config).ray.jobs_address
+        except ConfigError as e:
+            _fail(str(e))
+        raise typer.Exit(submit_job(module, list(ctx.args), address, wait=wait, config=config))
+    raise typer.Exit(importlib.import_module(module).main(args))
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def train(ctx: typer.Context,
+          submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
+          wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
+          config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
+    """Incremental trainer (test-then-train, checkpoints, exact resume). Other options go to python -m jobs.trainer
+    (--examples, --checkpoint-dir, --registry, --model, --idle-exit, --publish-every, --promote; see --help there)."""
+    _run_job(ctx, "jobs.trainer", submit, wait, config)
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def retrain(ctx: typer.Context,
+            submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
+            wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
+            config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
+    """Full retrain on Ray Train -> a candidate registry version with holdout metrics. Other options go to
+    python -m jobs.retrain (--window-days, --workers, --epochs, --model, --promote; see --help there)."""
+    _run_job(ctx, "jobs.retrain", submit, wait, config)
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def serve(ctx: typer.Context, config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
+    """Scoring service: POST /score, POST /feedback, GET /health on 127.0.0.1:8000. Other options go to
+    python -m jobs.serve (--port, --backend http|ray, --no-memory, --registry, --feast-repo)."""
+    from jobs.serve import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args) + (["--config", config] if config else [])))
+
+
+@app.command()
+def score(user_id: str = typer.Argument(..., help="user id"),
+          item_id: str = typer.Argument(..., help="item id"),
+          context: list[str] = typer.Option([], "--context", "-c", help="key=value context field (repeatable)"),
+          feedback: Optional[int] = typer.Option(None, min=0, max=1, help="then send this label for the request"),
+          url: str = typer.Option("http://127.0.0.1:8000", help="scoring service URL")) -> None:
+    """Score one (user, item) with the scoring service; optionally send the outcome back."""
+    import json as _json
+
+    import requests
+
+    ctx_fields = {}
+    for kv in context:
+        k, eq, v = kv.partition("=")
+        if not eq:
+            _fail(f"--context {kv!r}: expected key=value")
+        ctx_fields[k] = v
+    try:
+        r = requests.post(f"{url}/score", json={"user_id": user_id, "item_id": item_id, "context": ctx_fields},
+                          timeout=10)
+        if r.status_code != 200:
+            _fail(f"{r.status_code}: {r.json().get('error', r.text)}")
+        out = r.json()
+        typer.echo(_json.dumps(out))
+        if feedback is not None:
+            f = requests.post(f"{url}/feedback", json={"request_id": out["request_id"], "label": feedback}, timeout=10)
+            if f.status_code != 200:
+                _fail(f"feedback {f.status_code}: {f.json().get('error', f.text)}")
+            typer.echo(_json.dumps(f.json()))
+    except requests.RequestException as e:
+        _fail(f"{url}: {e}")
+
+
 @app.command()
 def monitor(
     config: Optional[str] = typer.Option(None, help="YAML config file (sections drift and hooks)"),
