@@ -426,6 +426,8 @@ def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = Fa
                 since_ckpt = 0
             if max_records is not None and stats.records >= max_records:
                 break
+    except KeyboardInterrupt:  # Ctrl-C: checkpoint and commit what was processed, then stop cleanly
+        log.info("interrupted after %d records", stats.records)
     finally:
         try:
             commit()
