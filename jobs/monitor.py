@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import queue
 import time
 import uuid
 from collections import deque
@@ -143,7 +144,7 @@ class Actions(Protocol):
 
     def request_retrain(self, request: Request) -> Candidate | None:
         """Submit a retrain; return the candidate when it finished synchronously, or None when the job
-        layer will call :meth:`MonitorLoop.on_candidate` later."""
+        layer will hand it over later with :meth:`MonitorLoop.candidate_ready` (thread-safe)."""
 
     def evaluate_candidate(self, candidate: Candidate, current_version: str | None) -> Evaluation:
         """Compare the candidate with the current model on a holdout slot of the most recent data."""
@@ -170,9 +171,17 @@ class MonitorLoop:
         self.requests: list[Request] = []
         self._losses: deque[float] = deque(maxlen=loss_window)
         self._ts_range: list[int | None] = [None, None]
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+
+    def candidate_ready(self, cand: Candidate, correlation_id: str | None = None) -> None:
+        """Thread-safe hand-over of a candidate from an asynchronous retrain (a Ray job watcher thread);
+        it is gated on the loop's own thread, before the next record."""
+        self._ready.put((cand, correlation_id))
 
     # ------------------------------------------------------------------ per record
     def process(self, rec: PredictionRecord) -> list[Request]:
+        while not self._ready.empty():
+            self.on_candidate(*self._ready.get_nowait())
         self.n += 1
         if rec.model_version is not None and rec.model_version != self.current_version:
             if self.current_version is not None:  # a new model serves: its history starts now
@@ -368,9 +377,13 @@ class MonitorStats:
 def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = False, max_records: int | None = None,
                 idle_timeout_s: float | None = None, actions: Actions | None = None,
                 callbacks: tuple[Callable, ...] = (), state_path: str | None = None,
-                stop: Any = None) -> MonitorStats:
+                stop: Any = None, on_request: Callable[[Request], None] | None = None,
+                loop: MonitorLoop | None = None) -> MonitorStats:
     """Consume the predictions topic and run the loop until ``max_records``, ``idle_timeout_s`` of silence,
-    or ``stop.is_set()``. Monitor state is checkpointed to JSON, then the offsets are committed."""
+    or ``stop.is_set()``. Monitor state is checkpointed to JSON, then the offsets are committed.
+
+    ``callbacks`` get every alert and audit record (dicts); ``on_request`` gets each
+    :class:`Request`; pass a prebuilt ``loop`` to keep a handle on it (e.g. for ``candidate_ready``)."""
     from kafka import KafkaConsumer
     from kafka.structs import OffsetAndMetadata
 
@@ -378,7 +391,7 @@ def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = Fa
 
     topic = topic or cfg.drift.predictions_topic
     state_path = state_path or cfg.drift.state_path
-    loop = build_loop(cfg, actions, callbacks)
+    loop = loop if loop is not None else build_loop(cfg, actions, callbacks, on_request=on_request)
     resumed = load_state(loop, state_path)
     ensure_topics(cfg.kafka, [topic, cfg.hooks.kafka_topic or cfg.kafka.alerts_topic])
     consumer = KafkaConsumer(topic, **cfg.kafka.client_options(), group_id=cfg.drift.consumer_group,

@@ -158,3 +158,33 @@ def test_prediction_record_features():
                                        "features": {"price": 9.5}}))
     assert rec.features == {"item_pop": 1.5, "price": 9.5} and rec.model_version == "3" and rec.p_base == 0.25
     assert np.isclose(rec.p, 0.2)
+
+
+def test_asynchronous_candidate_is_gated_on_the_loop_thread(tmp_path):
+    import threading
+
+    class AsyncActions(FakeActions):
+        def __init__(self):
+            super().__init__()
+            self.loop = None
+
+        def request_retrain(self, request):
+            self.calls.append(("request_retrain", request.action))
+            # a "Ray job watcher" finishes later on another thread
+            threading.Timer(0.01, self.loop.candidate_ready, args=(Candidate("v2", job_id="raysubmit_9"),)).start()
+            return None
+
+    acts = AsyncActions()
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    loop = MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(), HookDispatcher([]), acts, audit)
+    acts.loop = loop
+    s = generate("abrupt_ctr", n=16_000, seed=8, at=8000)
+    y = s.table.column("label").to_numpy()
+    import time
+    for i in range(16_000):
+        loop.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), acts.current))
+        if acts.calls and acts.current == "v1" and len(acts.calls) == 1:
+            time.sleep(0.02)  # let the timer thread hand the candidate over
+    assert [c[0] for c in acts.calls] == ["request_retrain", "evaluate_candidate", "promote"]
+    kinds = [r.kind for r in audit.read()]
+    assert kinds.index("retrain_submitted") < kinds.index("candidate_evaluated") < kinds.index("promoted")
