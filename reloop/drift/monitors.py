@@ -18,11 +18,14 @@ Every monitor ignores its first ``warmup`` events for alarms (it still
 learns from them). :class:`MonitorSuite` turns a (prediction, label,
 features) record into the signals and feeds every monitor.
 
-State is explicit and JSON-able. River's ADWIN, HDDM_W and KSWIN keep their
-state in compiled code that cannot be read; for those the checkpoint keeps
-the last ``tail`` inputs and a restore replays them into a fresh detector
-(an approximation: the window is cut to the tail). The other kinds restore
-exactly.
+State is explicit and JSON-able. River's ADWIN and HDDM_W keep their state
+in compiled (Rust) code that cannot be read, and KSWIN carries a random
+generator; for those the checkpoint keeps the last ``tail`` inputs and a
+restore replays them into a fresh detector (an approximation: the window is
+cut to the tail). The other kinds restore exactly. Cost per update (2-core
+laptop): ADWIN, Page-Hinkley, DDM, EDDM about 2-3 us; HDDM_A/HDDM_W about
+14 us; PSI/KS about 1 us (window) or 3 us (decay); KSWIN about 1 ms (a KS
+test on every update), so it is supported but not in the defaults.
 
 >>> m = DetectorMonitor("page_hinkley", "logloss", params={"threshold": 5.0, "mode": "up"}, warmup=100)
 >>> hits = [m.update(0.1 if i < 300 else 0.9, ts=i) for i in range(400)]
