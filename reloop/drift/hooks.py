@@ -17,7 +17,21 @@ payload goes to the dead-letter JSONL log with the reason, and monitoring
 continues. With ``background=True`` delivery runs on a worker thread so a
 slow endpoint does not stall monitoring either.
 
-Receivers verify a delivery with :func:`verify`:
+Configuration (YAML; the secret itself only ever lives in the environment)::
+
+    hooks:
+      webhooks:
+        - url: https://oncall.example.com/reloop
+          secret_env: RELOOP_WEBHOOK_SECRET
+          timeout_s: 5
+          retries: 3          # after the first attempt
+          backoff_s: 0.5      # 0.5, 1, 2, ... capped at backoff_max_s
+      kafka_enabled: true     # on kafka.alerts_topic (reloop.alerts)
+      python: ["mypkg.alerts:page_oncall"]
+      dead_letter_path: .state/alerts.deadletter.jsonl
+
+The body carries ``id`` and ``created_at``, so a receiver can also drop
+replayed deliveries. Receivers verify a delivery with :func:`verify`:
 
 >>> body = b'{"detector":"adwin:logloss"}'
 >>> sig = sign(body, b"s3cret")
