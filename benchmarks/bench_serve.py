@@ -1,0 +1,219 @@
+"""Scoring latency and throughput: in-process path vs HTTP, with and without the memory, uvicorn vs Ray Serve.
+
+One run measures, on the same Feast store (SQLite, features of the first
+MovieLens events) and the same registry model:
+
+1. ``feast``: ``get_online_features`` of one (user, item) alone;
+2. ``in-process``: :meth:`Scorer.score` (Feast lookup + encode + model + memory), with and without memory;
+3. ``http``: ``POST /score`` on the uvicorn server (a separate process), with and without memory:
+   sequential latency (p50/p99 over keep-alive requests) and throughput (concurrent client threads);
+4. ``ray-serve``: the same handlers as a Ray Serve deployment (``--backend ray``), with memory.
+
+The memory is filled with real outcomes (``/feedback``) before measuring. The
+client shares the 2 cores with the server, so req/s is a floor. Ratios are
+against the in-process path of the same run.
+
+    python benchmarks/bench_serve.py [--requests 500] [--seconds 5] [--threads 4] [--no-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _pct(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(xs)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(root: Path, events: int):
+    from jobs.examples import movielens_examples, write_example_files
+    from jobs.registry import ModelRegistry
+    from jobs.serve import prepare_feature_store
+    from jobs.trainer import IncrementalTrainer, TrainerConfig
+    from reloop.datasets import load_dataset
+
+    table = load_dataset("movielens-100k", limit=events)
+    store = prepare_feature_store(str(root / "features"), table)
+    write_example_files(movielens_examples(events), str(root / "examples"), rows_per_file=5000)
+    t = IncrementalTrainer(TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"),
+                                         idle_exit=0, checkpoint_every=10 ** 9, model_kind="dcnv2", batch_size=512))
+    t.run()
+    t.publish()
+    reg = ModelRegistry(str(root / "reg"))
+    reg.promote(reg.versions()[-1])
+    pairs = list(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist()))
+    labels = table["label"].to_pylist()
+    return store, reg, pairs, labels
+
+
+def bench_in_process(store, reg, pairs, labels, n: int, use_memory: bool) -> dict:
+    from jobs.scoring import FeastLookup, Scorer, ScorerConfig
+
+    scorer = Scorer(reg, lambda fs: FeastLookup(store, fs), ScorerConfig(use_memory=use_memory))
+    scorer.reload()
+    for (u, i), y in zip(pairs[:1000], labels[:1000]):  # fill the memory with real outcomes
+        scorer.feedback(scorer.score(u, i)["request_id"], y)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(pairs), n)
+    lat = []
+    for k in idx:
+        u, i = pairs[k]
+        t0 = time.perf_counter()
+        scorer.score(u, i)
+        lat.append(time.perf_counter() - t0)
+    feast = []
+    for k in idx[:n]:
+        u, i = pairs[k]
+        t0 = time.perf_counter()
+        scorer.bundle.lookup.lookup([u], [i])
+        feast.append(time.perf_counter() - t0)
+    return {"score": _pct(lat), "feast": _pct(feast)}
+
+
+class ServerProc:
+    def __init__(self, reg_uri: str, repo: str, backend: str, use_memory: bool) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "jobs.serve", "--registry", reg_uri, "--feast-repo", repo, "--port",
+               str(self.port), "--backend", backend]
+        if not use_memory:
+            cmd.append("--no-memory")
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{backend}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import requests
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {self.log.name}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).json().get("model_version"):
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready; see {self.log.name}")
+
+    def stop(self) -> None:
+        # SIGINT: a clean exit, so an embedded Ray cluster is shut down by its own driver
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def bench_http(url: str, pairs, labels, n: int, seconds: float, threads: int) -> dict:
+    import requests
+
+    s = requests.Session()
+    for (u, i), y in zip(pairs[:1000], labels[:1000]):
+        rid = s.post(f"{url}/score", json={"user_id": u, "item_id": i}).json()["request_id"]
+        s.post(f"{url}/feedback", json={"request_id": rid, "label": y})
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(pairs), n)
+    lat, errors = [], 0
+    for k in idx:
+        u, i = pairs[k]
+        t0 = time.perf_counter()
+        r = s.post(f"{url}/score", json={"user_id": u, "item_id": i})
+        lat.append(time.perf_counter() - t0)
+        errors += r.status_code != 200
+    done, stop = [0] * threads, threading.Event()
+
+    def client(j: int) -> None:
+        sess = requests.Session()
+        r2 = np.random.default_rng(j)
+        while not stop.is_set():
+            u, i = pairs[int(r2.integers(0, len(pairs)))]
+            if sess.post(f"{url}/score", json={"user_id": u, "item_id": i}).status_code == 200:
+                done[j] += 1
+
+    ts = [threading.Thread(target=client, args=(j,)) for j in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in ts:
+        t.join()
+    return {**_pct(lat), "errors": errors, "req_per_s": sum(done) / (time.perf_counter() - t0), "threads": threads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray Serve backend")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_serve.json"))
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    store, reg, pairs, labels = setup(root, a.events)
+    reg_uri, repo = str(root / "reg"), str(root / "features")
+    res: dict = {"events": a.events, "model": reg.entry(reg.current()).model_config["kind"],
+                 "feast_profile": "sqlite", "cpus": os.cpu_count()}
+    for mem in (True, False):
+        r = bench_in_process(store, reg, pairs, labels, a.requests, mem)
+        res[f"in_process{'_memory' if mem else ''}"] = r["score"]
+        res.setdefault("feast_lookup", r["feast"])
+    backends = [("http", True), ("http", False)] + ([] if a.no_ray else [("ray", True)])
+    for backend, mem in backends:
+        srv = ServerProc(reg_uri, repo, backend, mem)
+        try:
+            res[f"{backend}{'_memory' if mem else ''}"] = bench_http(srv.url, pairs, labels, a.requests, a.seconds,
+                                                                     a.threads)
+        finally:
+            srv.stop()
+    ref = res["in_process_memory"]["p50_ms"]
+    rows = [("feast_lookup", "Feast get_online_features (1 row)"),
+            ("in_process_memory", "in-process score, memory"), ("in_process", "in-process score, no memory"),
+            ("http_memory", "HTTP /score uvicorn, memory"), ("http", "HTTP /score uvicorn, no memory"),
+            ("ray_memory", "HTTP /score Ray Serve, memory")]
+    print(f"\n{'path':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'p50 / in-proc':>14s}")
+    for key, label in rows:
+        if key in res:
+            r = res[key]
+            rps = f"{r['req_per_s']:8.0f}" if "req_per_s" in r else f"{'-':>8s}"
+            print(f"{label:40s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {rps} {r['p50_ms'] / ref:14.2f}")
+    res["ratios"] = {"memory_overhead_in_process_p50": res["in_process_memory"]["p50_ms"] / res["in_process"]["p50_ms"],
+                     "http_over_in_process_p50": res["http_memory"]["p50_ms"] / ref}
+    if "ray_memory" in res:
+        res["ratios"]["ray_serve_over_uvicorn_p50"] = res["ray_memory"]["p50_ms"] / res["http_memory"]["p50_ms"]
+        res["ratios"]["ray_serve_over_uvicorn_req_s"] = res["ray_memory"]["req_per_s"] / res["http_memory"]["req_per_s"]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"\nratios: {json.dumps({k: round(v, 2) for k, v in res['ratios'].items()})}\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
