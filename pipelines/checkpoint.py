@@ -92,8 +92,19 @@ class Plan:
 
     @property
     def run_id(self) -> str:
-        """Names every output of this run; sorts in processing order."""
-        return self.stop_key
+        """Names every output of this run: ``<events before it>-<hash of start and planned stop>``.
+
+        Unique per run (two runs may plan the same stop offsets when the first deferred events) and
+        sorting in processing order.
+        """
+        canon = json.dumps({"topic": self.topic, "start": {str(p): o for p, o in sorted(self.start.items())},
+                            "stop": {str(p): o for p, o in sorted(self.stop.items())}}, sort_keys=True)
+        return f"{sum(self.start.values()):015d}-{hashlib.sha1(canon.encode()).hexdigest()[:12]}"
+
+    def with_stops(self, stop: dict[int, int]) -> "Plan":
+        """The same run, committing ``stop`` instead (events after a partition's time-aligned cut are deferred)."""
+        return Plan(self.topic, self.start, {p: stop.get(p, self.stop[p]) for p in self.start}, self.planned_at_ms,
+                    self.committed)
 
     def to_json(self) -> str:
         return json.dumps({"topic": self.topic, "start": self.start, "stop": self.stop,
@@ -182,3 +193,16 @@ class StateStore:
 
     def clear_pending(self) -> None:
         self.fs.delete_dir_contents(f"{self.root}/pending", missing_dir_ok=True)
+        self.fs.delete_dir_contents(f"{self.root}/results", missing_dir_ok=True)
+
+    def save_result(self, run_id: str, stops: dict[int, int]) -> None:
+        """The offsets a run actually completed (its time-aligned cut), for the driver to commit."""
+        write_bytes_atomic(self.fs, f"{self.root}/results/{run_id}.json",
+                           json.dumps({str(p): int(o) for p, o in stops.items()}).encode())
+
+    def load_result(self, run_id: str) -> dict[int, int] | None:
+        path = f"{self.root}/results/{run_id}.json"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return {int(p): int(o) for p, o in json.loads(f.read().decode()).items()}

@@ -44,8 +44,8 @@ from reloop.config import ReloopConfig
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
-            "examples_written", "feature_rows_written")
+COUNTERS = ("records_read", "events_parsed", "rejected", "dead_lettered", "accepted", "late", "duplicates",
+            "deferred", "examples_written", "feature_rows_written")
 
 
 class FeatureJobError(RuntimeError):
@@ -63,9 +63,11 @@ class JobStats:
     records_read: int = 0
     events_parsed: int = 0
     dead_lettered: int = 0
+    rejected: int = 0
     accepted: int = 0
     late: int = 0
     duplicates: int = 0
+    deferred: int = 0
     examples_written: int = 0
     feature_rows_written: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)
@@ -96,7 +98,7 @@ def pipeline_options(pipeline_args: list[str] | None):
     return opts
 
 
-def build(p, cfg: ReloopConfig, plan, *, fresh_start: bool, repo_path: str | None = None) -> None:
+def build(p, cfg: ReloopConfig, plan, *, repo_path: str | None = None) -> None:
     """Attach the job's transforms for one planned micro-batch to pipeline ``p``."""
     import apache_beam as beam
 
@@ -107,9 +109,8 @@ def build(p, cfg: ReloopConfig, plan, *, fresh_start: bool, repo_path: str | Non
     raw = (p | "PlanRanges" >> beam.Create(plan.ranges())
              | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
     parsed = raw | "Parse" >> ParseRecords(plan.planned_at_ms)
-    _ = parsed.dlq | "DeadLetter" >> WriteDeadLetters(cfg.kafka, plan.topic, cfg.kafka.dlq_topic)
-    out = parsed.events | "Features" >> ComputeFeatures(fj.state_uri, plan.start_key, plan.stop_key, fresh_start,
-                                                        aggregate_config(cfg))
+    out = parsed.events | "Features" >> ComputeFeatures(fj.state_uri, plan, aggregate_config(cfg))
+    _ = parsed.dlq | "DeadLetter" >> WriteDeadLetters(cfg.kafka, plan.topic, cfg.kafka.dlq_topic, out.stops)
     _ = out.examples | "TrainingExamples" >> WriteExamples(cfg.storage.examples_uri, plan.run_id)
     _ = out.snapshots | "Feast" >> WriteFeatures(cfg.feast, repo_path, plan.run_id)
 
@@ -157,8 +158,7 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
     if plan.events == 0:
         stats.seconds = time.perf_counter() - t0
         return stats
-    fresh_start = not plan.committed
-    if not fresh_start and store.load_state(plan.start_key) is None:
+    if plan.committed and store.load_state(plan.start_key) is None:
         raise FeatureJobError(
             f"no feature state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
             f"group {group}; the state was moved or wiped. `reloop features --reset` recomputes from the start.")
@@ -167,7 +167,7 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
     log.info("feature job %s: %d events %s -> %s", plan.run_id, plan.events, plan.start, plan.stop)
 
     p = beam.Pipeline(options=pipeline_options(pipeline_args))
-    build(p, cfg, plan, fresh_start=fresh_start, repo_path=repo_path)
+    build(p, cfg, plan, repo_path=repo_path)
     result = p.run()
     state = result.wait_until_finish()
     if str(state) not in ("DONE", "PipelineState.DONE"):
@@ -176,9 +176,14 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
 
     if os.environ.get("RELOOP_FAULT") == "before_commit":  # crash-test hook: sinks written, offsets not
         os.kill(os.getpid(), signal.SIGKILL)
-    consumer_group.commit(cfg.kafka, plan, group)
+    done = store.load_result(plan.run_id)
+    if done is None:
+        raise FeatureJobError(f"run {plan.run_id} finished without a result under {store.uri}; not committed")
+    completed = plan.with_stops(done)
+    consumer_group.commit(cfg.kafka, completed, group)
     store.clear_pending()
-    store.prune_states(keep={plan.stop_key})
+    store.prune_states(keep={completed.stop_key})
+    stats.stop = completed.stop
 
     for name in COUNTERS:
         setattr(stats, name, counts.get(name, 0))
@@ -230,7 +235,7 @@ def format_stats(s: JobStats) -> str:
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dlq_reasons.items()))
     return (f"feature job {s.run_id}: read {s.records_read:,}, parsed {s.events_parsed:,}, "
             f"dead-lettered {s.dead_lettered:,}{f' ({reasons})' if reasons else ''}, accepted {s.accepted:,}, "
-            f"late {s.late:,}, duplicates {s.duplicates:,}, examples {s.examples_written:,}, "
+            f"late {s.late:,}, duplicates {s.duplicates:,}, deferred {s.deferred:,}, examples {s.examples_written:,}, "
             f"feature rows {s.feature_rows_written:,} in {s.seconds:.2f}s ({s.events_per_s:,.0f} events/s)")
 
 

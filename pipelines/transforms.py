@@ -14,8 +14,10 @@ delivery is at-least-once: a re-run after a crash may publish a record again,
 with the same ``reloop.source`` header, by which consumers deduplicate.
 
 Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
-``dead_lettered`` and ``dlq_<reason kind>``, ``accepted``, ``late``,
-``duplicates``, ``examples_written``, ``feature_rows_written``.
+``rejected`` (parse failures read), ``dead_lettered`` and ``dlq_<reason kind>``
+(published to the DLQ), ``accepted``, ``late``, ``duplicates``, ``deferred``
+(after the partition-alignment cut, re-read next run), ``examples_written``,
+``feature_rows_written``.
 """
 
 
@@ -44,7 +46,7 @@ class ParseBatchFn(beam.DoFn):
     def __init__(self, now_ms: int | None = None) -> None:
         self.now_ms = now_ms  # fixed per run, so a re-run judges "far future" identically
         self.parsed = Metrics.counter(NS, "events_parsed")
-        self.rejected = Metrics.counter(NS, "dead_lettered")
+        self.rejected = Metrics.counter(NS, "rejected")
 
     def process(self, raw: pa.Table) -> Iterator:
         if raw.num_rows == 0:
@@ -61,9 +63,6 @@ class ParseBatchFn(beam.DoFn):
                 yield events
             if bad.num_rows:
                 self.rejected.inc(bad.num_rows)
-                for kind, n in zip(*np.unique([reason_kind(r) for r in bad["reason"].to_pylist()],
-                                              return_counts=True)):
-                    Metrics.counter(NS, f"dlq_{kind}").inc(int(n))
                 yield TaggedOutput("dlq", bad)
 
 
@@ -84,6 +83,7 @@ class DeadLetterFn(beam.DoFn):
 
     def __init__(self, kafka: KafkaConfig, source_topic: str, dlq_topic: str, job: str = "pipelines.feature_job"):
         self.kafka, self.source_topic, self.dlq_topic, self.job = kafka, source_topic, dlq_topic, job
+        self.published = Metrics.counter(NS, "dead_lettered")
         self._producer = None
 
     def setup(self) -> None:
@@ -91,7 +91,15 @@ class DeadLetterFn(beam.DoFn):
 
         self._producer = producer(self.kafka)
 
-    def process(self, bad: pa.Table) -> None:
+    def process(self, bad: pa.Table, stops: dict[int, int] | None = None) -> None:
+        if stops is not None:  # records after a partition's cut are deferred to the next run, with their events
+            keep = [off < stops.get(p, off + 1) for p, off in zip(bad["kafka_partition"].to_pylist(),
+                                                                 bad["kafka_offset"].to_pylist())]
+            bad = bad.filter(pa.array(keep, pa.bool_()))
+        self.published.inc(bad.num_rows)
+        if bad.num_rows:
+            for kind, n in zip(*np.unique([reason_kind(r) for r in bad["reason"].to_pylist()], return_counts=True)):
+                Metrics.counter(NS, f"dlq_{kind}").inc(int(n))
         futures = []
         d = bad.to_pydict()
         for p, off, reason, key, value in zip(d["kafka_partition"], d["kafka_offset"], d["reason"], d["key"],
@@ -110,12 +118,17 @@ class DeadLetterFn(beam.DoFn):
 
 
 class WriteDeadLetters(beam.PTransform):
-    def __init__(self, kafka: KafkaConfig, source_topic: str, dlq_topic: str) -> None:
+    """Rejections -> the DLQ topic; with ``stops`` (a singleton PCollection), only those before the cut."""
+
+    def __init__(self, kafka: KafkaConfig, source_topic: str, dlq_topic: str, stops=None) -> None:
         super().__init__()
-        self.kafka, self.source_topic, self.dlq_topic = kafka, source_topic, dlq_topic
+        self.kafka, self.source_topic, self.dlq_topic, self.stops = kafka, source_topic, dlq_topic, stops
 
     def expand(self, bad):
-        return bad | "PublishDLQ" >> beam.ParDo(DeadLetterFn(self.kafka, self.source_topic, self.dlq_topic))
+        fn = DeadLetterFn(self.kafka, self.source_topic, self.dlq_topic)
+        if self.stops is None:
+            return bad | "PublishDLQ" >> beam.ParDo(fn)
+        return bad | "PublishDLQ" >> beam.ParDo(fn, stops=beam.pvalue.AsSingleton(self.stops))
 
 
 @dataclass(frozen=True)
@@ -143,51 +156,95 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
     return BatchResult(feats, u, i, new_state, stats)
 
 
-class ComputeFeaturesFn(beam.DoFn):
-    """All event batches of the micro-batch (one key) -> examples + snapshots; saves the new state."""
+def align_partitions(events: pa.Table, stops: dict[int, int]) -> tuple[pa.Table, dict[int, int]]:
+    """Keep the events of a micro-batch that every partition has caught up with in event time.
 
-    def __init__(self, state_uri: str, start_key: str, stop_key: str, fresh_start: bool, cfg: AggregateConfig):
-        self.state_uri, self.start_key, self.stop_key = state_uri, start_key, stop_key
-        self.fresh_start, self.cfg = fresh_start, cfg
-        self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates")}
+    The cut is the smallest, over partitions with events in the batch, of their newest event time. Each
+    partition keeps its events up to (not including) its first event later than the cut; that event and
+    everything after it in the partition are deferred to the next run (the returned stop offset of the
+    partition is the deferred event's offset; ``stops`` elsewhere). Without this, a partition read further
+    ahead in event time (a capped batch, a replay racing the job) would make the others' next events late.
+    The partition defining the cut is always complete, so every run makes progress.
+
+    >>> ev = pa.table({"ts": [1, 5, 9, 2, 3], "kafka_partition": pa.array([0, 0, 0, 1, 1], pa.int32()),
+    ...                "kafka_offset": [0, 1, 2, 0, 1]})
+    >>> kept, stop = align_partitions(ev, {0: 3, 1: 4})
+    >>> kept["ts"].to_pylist(), stop
+    ([1, 2, 3], {0: 1, 1: 4})
+    """
+    if events.num_rows == 0:
+        return events, dict(stops)
+    parts = events["kafka_partition"].to_numpy()
+    ts = events["ts"].to_numpy()
+    offsets = events["kafka_offset"].to_numpy()
+    present = np.unique(parts)
+    cut = min(ts[parts == p].max() for p in present)
+    keep = np.ones(len(ts), bool)
+    out = dict(stops)
+    for p in present:
+        idx = np.flatnonzero(parts == p)
+        idx = idx[np.argsort(offsets[idx], kind="stable")]
+        late = np.flatnonzero(ts[idx] > cut)
+        if len(late):
+            first = late[0]
+            keep[idx[first:]] = False
+            out[int(p)] = int(offsets[idx[first]])
+    return (events if keep.all() else events.filter(pa.array(keep))), out
+
+
+class ComputeFeaturesFn(beam.DoFn):
+    """All event batches of the micro-batch (one key) -> examples + snapshots; saves the new state.
+
+    Also emits (tag ``stops``) the offsets the run completes after :func:`align_partitions`, saves them as
+    the run's result for the driver to commit, and saves the state under the key of those offsets.
+    """
+
+    def __init__(self, state_uri: str, plan, cfg: AggregateConfig):
+        self.state_uri, self.plan, self.cfg = state_uri, plan, cfg
+        self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred")}
 
     def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator:
         from pipelines.checkpoint import StateStore
 
+        plan = self.plan
         store = StateStore(self.state_uri)
-        state = store.load_state(self.start_key)
+        state = store.load_state(plan.start_key)
         if state is None:
-            if not self.fresh_start:
-                raise RuntimeError(f"no feature state for the committed offsets (key {self.start_key}) under "
+            if plan.committed:
+                raise RuntimeError(f"no feature state for the committed offsets (key {plan.start_key}) under "
                                    f"{self.state_uri}; reset the job (reloop features --reset) to recompute")
             state = FeatureState.empty()
-        res = compute_batch(concat_events(list(keyed[1])), state, self.cfg)
-        store.save_state(self.stop_key, res.state)
-        for k, c in self.counters.items():
-            c.inc(res.stats[k])
+        events = concat_events(list(keyed[1]))
+        kept, stops = align_partitions(events, plan.stop)
+        res = compute_batch(kept, state, self.cfg)
+        store.save_state(plan.with_stops(stops).stop_key, res.state)
+        store.save_result(plan.run_id, stops)
+        for k in ("accepted", "late", "duplicates"):
+            self.counters[k].inc(res.stats[k])
+        self.counters["deferred"].inc(events.num_rows - kept.num_rows)
+        yield TaggedOutput("stops", stops)
         yield TaggedOutput("examples", res.examples)
         yield TaggedOutput("snapshots", ("user", res.users))
         yield TaggedOutput("snapshots", ("item", res.items))
 
 
 class ComputeFeatures(beam.PTransform):
-    """``PCollection[pa.Table]`` of events -> ``{'examples': pa.Table, 'snapshots': (entity, pa.Table)}``.
+    """``PCollection[pa.Table]`` of events -> ``{'examples', 'snapshots': (entity, pa.Table), 'stops'}``.
 
     The micro-batch is aggregated as one unit (a single key): the features of an event depend on every
     earlier event of its user and of its item, across partitions.
     """
 
-    def __init__(self, state_uri: str, start_key: str, stop_key: str, fresh_start: bool,
-                 cfg: AggregateConfig = AggregateConfig()) -> None:
+    def __init__(self, state_uri: str, plan, cfg: AggregateConfig = AggregateConfig()) -> None:
         super().__init__()
-        self.args = (state_uri, start_key, stop_key, fresh_start, cfg)
+        self.args = (state_uri, plan, cfg)
 
     def expand(self, events):
         return (events
                 | "KeyAll" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, pa.Table])
                 | "GatherMicroBatch" >> beam.GroupByKey()
                 | "Aggregate" >> beam.ParDo(ComputeFeaturesFn(*self.args)).with_outputs(
-                    "examples", "snapshots"))
+                    "examples", "snapshots", "stops"))
 
 
 def example_partitions(examples: pa.Table) -> Iterator[tuple[str, pa.Table]]:

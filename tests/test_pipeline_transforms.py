@@ -14,10 +14,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
-from pipelines.checkpoint import StateStore
+from pipelines.checkpoint import Plan, StateStore
 from pipelines.kafka_source import raw_table
 from pipelines.parse import concat_events, parse_batch
-from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples, compute_batch
+from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples, align_partitions, compute_batch
 from reloop.datasets import load_dataset
 from reloop.replay import encode_batch
 
@@ -63,20 +63,26 @@ def test_compute_features_equals_direct_call_whatever_the_batch_order(events, tm
     parsed = [parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
                           offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0] for r in raws]
     cfg = AggregateConfig()
-    want, want_state, _ = compute_features(events, FeatureState.empty(), cfg)
+    plan = Plan("t", {0: 0, 1: 0}, {0: 10**6, 1: 10**6}, NOW)
+    kept, stops = align_partitions(concat_events(parsed), plan.stop)
+    assert 0 < kept.num_rows < events.num_rows and min(stops.values()) < 10**6 == max(stops.values())
+    want, want_state, _ = compute_features(kept, FeatureState.empty(), cfg)
     want_rows = [tuple(r[c] for c in ["event_id", *USER_FEATURES, *ITEM_FEATURES]) for r in want.to_pylist()]
     with TestPipeline(runner="FnApiRunner") as p:
-        out = p | beam.Create(parsed) | ComputeFeatures(str(tmp_path), "start", "stop", True, cfg)
+        out = p | beam.Create(parsed) | ComputeFeatures(str(tmp_path), plan, cfg)
         rows = out.examples | beam.FlatMap(
             lambda t: [tuple(r[c] for c in ["event_id", *USER_FEATURES, *ITEM_FEATURES]) for r in t.to_pylist()])
         entities = out.snapshots | beam.Map(lambda kv: (kv[0], kv[1].num_rows))
         assert_that(rows, equal_to(want_rows), label="examples")
-        assert_that(entities, equal_to([("user", len(set(events["user_id"].to_pylist()))),
-                                        ("item", len(set(events["item_id"].to_pylist())))]), label="snapshots")
-    saved = StateStore(str(tmp_path)).load_state("stop")
+        assert_that(entities, equal_to([("user", len(set(kept["user_id"].to_pylist()))),
+                                        ("item", len(set(kept["item_id"].to_pylist())))]), label="snapshots")
+        assert_that(out.stops, equal_to([stops]), label="stops")
+    store = StateStore(str(tmp_path))
+    assert store.load_result(plan.run_id) == stops
+    saved = store.load_state(plan.with_stops(stops).stop_key)
     assert saved is not None and saved.watermark == want_state.watermark
     assert saved.tail.num_rows + int(np.sum(saved.evicted.filter(
-        pa.compute.equal(saved.evicted["entity"], "user"))["imp"].to_numpy())) == events.num_rows
+        pa.compute.equal(saved.evicted["entity"], "user"))["imp"].to_numpy())) == kept.num_rows
 
 
 def test_compute_features_continues_from_the_saved_state(events, tmp_path):
@@ -86,9 +92,10 @@ def test_compute_features_continues_from_the_saved_state(events, tmp_path):
                                                  offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0]
                                      for r in _raw_batches(t)])
     store = StateStore(str(tmp_path))
-    store.save_state("k1", compute_batch(parse(first), FeatureState.empty(), cfg).state)
+    plan = Plan("t", {0: 1000}, {0: 3000}, NOW, committed={0: 1000})
+    store.save_state(plan.start_key, compute_batch(parse(first), FeatureState.empty(), cfg).state)
     with TestPipeline(runner="FnApiRunner") as p:
-        out = p | beam.Create([parse(second)]) | ComputeFeatures(str(tmp_path), "k1", "k2", False, cfg)
+        out = p | beam.Create([parse(second)]) | ComputeFeatures(str(tmp_path), plan, cfg)
         counts = out.examples | beam.Map(lambda t: t["user_imp_all"].to_pylist())
         want, _, _ = compute_features(events, FeatureState.empty(), cfg)
         assert_that(counts, equal_to([want["user_imp_all"].to_pylist()[1000:]]))
@@ -99,7 +106,7 @@ def test_compute_features_refuses_to_restart_without_the_committed_state(events,
         with TestPipeline(runner="FnApiRunner") as p:
             _ = (p | beam.Create([events.append_column("kafka_partition", pa.array([0] * events.num_rows, pa.int32()))
                                   .append_column("kafka_offset", pa.array(range(events.num_rows), pa.int64()))])
-                 | ComputeFeatures(str(tmp_path), "missing", "k2", False, AggregateConfig()))
+                 | ComputeFeatures(str(tmp_path), Plan("t", {0: 5}, {0: 9}, NOW, {0: 5}), AggregateConfig()))
 
 
 def test_examples_are_partitioned_by_day_and_rewritten_idempotently(events, tmp_path):
@@ -121,7 +128,7 @@ def test_plan_json_and_pending_round_trip(tmp_path):
     plan = Plan("t", {0: 5, 1: 0}, {0: 9, 1: 3}, 123, {0: 5})
     store.save_pending(plan)
     assert store.load_pending(plan.start_key) == plan
-    assert plan.committed_after == {0: 9, 1: 3} and plan.run_id == plan.stop_key != plan.start_key
+    assert plan.committed_after == {0: 9, 1: 3} and plan.run_id != plan.stop_key != plan.start_key
     assert json.loads(plan.to_json())["topic"] == "t"
     store.clear_pending()
     assert store.load_pending(plan.start_key) is None
