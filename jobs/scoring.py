@@ -67,10 +67,13 @@ class FeastLookup:
             raise ScoringError(f"Feast feature service {feature_service!r} not found in {store.repo_path}: {e}",
                                503) from e
 
-    def lookup(self, users: list[str], items: list[str]) -> pa.Table:
+    def lookup_dict(self, users: list[str], items: list[str]) -> dict[str, list]:
+        """Feature name -> values (None where the store has no value), plus the entity keys."""
         rows = [{"user_id": u, "item_id": i} for u, i in zip(users, items)]
-        d = self.store.get_online_features(features=self.service, entity_rows=rows).to_dict()
-        return pa.table(d)
+        return self.store.get_online_features(features=self.service, entity_rows=rows).to_dict()
+
+    def lookup(self, users: list[str], items: list[str]) -> pa.Table:
+        return pa.table(self.lookup_dict(users, items))
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Scorer:
         self.config = config
         self.bundle: Bundle | None = None
         self._lookups: dict[str, Any] = {}
+        self._schemas: dict[tuple[str, ...], pa.Schema] = {}
         self._remembered: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
         self._outcomes: collections.deque[tuple[int, pa.Table, int]] = collections.deque(maxlen=config.outcome_buffer)
         self._outcome_seq = 0
@@ -168,7 +172,13 @@ class Scorer:
         """Write buffered outcomes into ``bundle``'s memory, keyed by its model (one batched forward pass)."""
         if not outcomes:
             return
-        rows = pa.concat_tables([o[1] for o in outcomes], promote_options="permissive")
+        try:
+            rows = pa.concat_tables([o[1] for o in outcomes], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # a context field with different types across requests: write those rows one by one
+            for o in outcomes:  # one table never needs promotion, so this cannot recurse further
+                self._write_outcomes(bundle, [o])
+            return
         batch = bundle.encoder.encode(rows)
         labels = torch.tensor([o[2] for o in outcomes], dtype=torch.float32)
         with torch.no_grad():
@@ -195,14 +205,27 @@ class Scorer:
 
     # ---- scoring and feedback --------------------------------------------------------------------
     def _features(self, bundle: Bundle, user_id: str, item_id: str, context: dict[str, Any]) -> pa.Table:
-        feats = bundle.lookup.lookup([user_id], [item_id])
-        cols = {name: feats[name] for name in feats.column_names if name not in ("user_id", "item_id")}
-        row = {"user_id": pa.array([user_id]), "item_id": pa.array([item_id])}
+        """One row: the ids, the request's context, then the online features (context wins on a clash)."""
+        row: dict[str, list] = {"user_id": [user_id], "item_id": [item_id]}
         for k, v in context.items():
-            if k not in row:
-                row[k] = pa.array([v])
-        row.update({k: v for k, v in cols.items() if k not in context})
-        return pa.table(row)
+            row.setdefault(k, [v])
+        for k, v in bundle.lookup.lookup_dict([user_id], [item_id]).items():
+            row.setdefault(k, v)
+        return self._table(row)
+
+    def _table(self, row: dict[str, list]) -> pa.Table:
+        # type inference over ~30 columns costs more than the model: reuse the schema of the same columns
+        key = tuple(row)
+        schema = self._schemas.get(key)
+        if schema is not None:
+            try:
+                return pa.Table.from_pydict(row, schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass  # a context value of another type: infer this one
+        table = pa.table(row)
+        if len(self._schemas) < 256 and not any(pa.types.is_null(f.type) for f in table.schema):
+            self._schemas[key] = table.schema
+        return table
 
     def _forward(self, bundle: Bundle, row: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
         batch = bundle.encoder.encode(row)

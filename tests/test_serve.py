@@ -245,3 +245,17 @@ def test_a_version_that_cannot_load_keeps_the_old_model(world, server):
         assert "no_such_service" in scorer.health()["last_reload_error"]
     finally:
         reg.promote(old)
+
+
+def test_rebuild_survives_outcomes_with_mixed_context_types(world):
+    scorer = _scorer(world)
+    try:
+        for v in (1, "one", 2.5, True):
+            scorer.feedback(scorer.score("13", "100", {"device": v})["request_id"], 1)
+        version = scorer.bundle.version
+        scorer.bundle = None  # force a full reload + rebuild from the buffered outcomes
+        assert scorer.reload() and scorer.bundle.version == version
+        out = scorer.score("13", "100")
+        assert out["probability"] > out["base_probability"]
+    finally:
+        scorer.close()
