@@ -21,12 +21,17 @@ a column whose values mix types is stored as strings.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
 
-from reloop.events import Event, parse_event
+from reloop.events import MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES, MAX_TS_MS, Event, Rejection, parse_event
 
 CORE_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
                          ("item_id", pa.string()), ("label", pa.int8()), ("kafka_partition", pa.int32()),
@@ -51,14 +56,85 @@ def reason_kind(reason: str) -> str:
 
 def parse_batch(values: Sequence[bytes | None], *, partition: int, offsets: Sequence[int],
                 keys: Sequence[bytes | None] | None = None, now_ms: int | None = None) -> tuple[pa.Table, pa.Table]:
-    """``(events, rejections)`` of one batch of records from one partition (see the module docstring)."""
-    keys = keys if keys is not None else [None] * len(values)
+    """``(events, rejections)`` of one batch of records from one partition (see the module docstring).
+
+    Records of the plain shape (the five required fields, nothing else) are decoded in one vectorised
+    pass (:func:`_fast_parse`); every other record goes through :func:`reloop.events.parse_event`, so
+    acceptance and reasons are exactly the contract's (``tests/test_pipeline_parse.py`` checks that).
+    """
+    n = len(values)
+    keys = list(keys) if keys is not None else [None] * n
+    values, offsets = list(values), list(offsets)
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    fast = _fast_parse(values, now_ms)
+    if fast is None:
+        return _slow_parse(values, partition=partition, offsets=offsets, keys=keys, now_ms=now_ms)
+    accepted, ok = fast
+    events = accepted.append_column("kafka_partition", pa.array(np.full(len(accepted), partition, np.int32))) \
+        .append_column("kafka_offset", pa.array(np.asarray(offsets, np.int64)[ok]))
+    events = events.select(CORE_SCHEMA.names)
+    rest = np.flatnonzero(~ok)
+    if len(rest) == 0:
+        return events, REJECT_SCHEMA.empty_table()
+    slow_events, rejects = _slow_parse([values[i] for i in rest], partition=partition,
+                                       offsets=[offsets[i] for i in rest], keys=[keys[i] for i in rest],
+                                       now_ms=now_ms)
+    return concat_events([events, slow_events]).sort_by("kafka_offset"), rejects
+
+
+_FAST_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
+                          ("item_id", pa.string()), ("label", pa.int64())])
+_FAST_OPTIONS = pajson.ParseOptions(explicit_schema=_FAST_SCHEMA, unexpected_field_behavior="error")
+
+
+def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None:
+    """Vectorised decode of a batch whose records are all plain events: ``(accepted rows, accepted mask)``.
+
+    Returns None when the batch as a whole does not fit (a null or multi-line record, any field of
+    another type, an unknown field such as ``context``): the caller parses record by record. Rows that
+    decode but fail a check (missing field, empty or long id, ts or label out of range, oversized) are
+    left out of the mask and re-parsed one by one, which gives them the contract's exact reason.
+    """
+    if not values or any(v is None for v in values):
+        return None
+    joined = b"\n".join(values)
+    if joined.count(b"\n") != len(values) - 1:
+        return None
+    try:
+        t = pajson.read_json(pa.py_buffer(joined), parse_options=_FAST_OPTIONS,
+                             read_options=pajson.ReadOptions(block_size=max(1 << 20, len(joined) + 1)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if t.num_rows != len(values):
+        return None
+    t = t.combine_chunks()
+    ok = np.array([len(v) <= MAX_PAYLOAD_BYTES for v in values])
+    for name in ("event_id", "user_id", "item_id"):
+        length = pc.utf8_length(t[name])
+        ok &= pc.fill_null(pc.and_(pc.greater(length, 0), pc.less_equal(length, MAX_ID_CHARS)),
+                           False).to_numpy(zero_copy_only=False)
+    ceiling = min(MAX_TS_MS, now_ms + MAX_FUTURE_MS)
+    ts, label = t["ts"], t["label"]
+    ok &= pc.fill_null(pc.and_(pc.greater(ts, 0), pc.less_equal(ts, ceiling)), False).to_numpy(zero_copy_only=False)
+    ok &= pc.fill_null(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())), False).to_numpy(
+        zero_copy_only=False) & pc.is_valid(label).to_numpy(zero_copy_only=False)
+    accepted = t.filter(pa.array(ok))
+    accepted = accepted.set_column(4, "label", pc.cast(accepted["label"], pa.int8()))
+    return accepted, ok
+
+
+def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequence[int],
+                keys: Sequence[bytes | None], now_ms: int | None) -> tuple[pa.Table, pa.Table]:
+    """Record by record through :func:`reloop.events.parse_event`."""
     cols: dict[str, list] = {n: [] for n in ("event_id", "ts", "user_id", "item_id", "label", "kafka_offset")}
     contexts: list[dict] = []
     has_context = False
     bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
     for off, key, raw in zip(offsets, keys, values):
         ev = parse_event(raw, now_ms=now_ms) if raw is not None else None
+        if isinstance(ev, Event) and not _valid_unicode(ev):
+            ev = Rejection("invalid unicode: a lone surrogate escape in an id or context string", raw)
         if isinstance(ev, Event):
             cols["event_id"].append(ev.event_id)
             cols["ts"].append(ev.ts)
@@ -88,6 +164,17 @@ def parse_batch(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
                         "key": pa.array(bad["key"], pa.binary()),
                         "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
     return events, rejects
+
+
+def _valid_unicode(ev: Event) -> bool:
+    """JSON may escape lone surrogates (``"\\ud800"``), which Python accepts and Arrow strings cannot hold."""
+    try:
+        (ev.event_id + ev.user_id + ev.item_id).encode()
+        if ev.context:
+            json.dumps(ev.context, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _context_columns(contexts: list[dict]) -> dict[str, pa.Array]:

@@ -1,0 +1,204 @@
+"""Feature-job throughput on the local Beam runner vs a plain pandas group-by of the same aggregates.
+
+    python benchmarks/bench_feature_job.py [--events 100000] [--out benchmarks/results/feature_job.json]
+
+Measured in one process, on the same MovieLens-100K events (needs the local Kafka: ``reloop up kafka``):
+
+- ``job (Kafka -> Feast + examples)``: :func:`pipelines.feature_job.run_once` end to end, FnApiRunner:
+  plan, read the offset ranges from Kafka, parse, aggregate, write training examples (Parquet), Feast
+  online (SQLite) + offline, save state, commit; runs until the topic is drained;
+- ``beam transforms (in-memory)``: the same Parse + ComputeFeatures + WriteExamples transforms on
+  FnApiRunner from raw record tables already in memory (no Kafka, no Feast);
+- ``pure batch (no Beam)``: parse_batch + compute_batch in a loop, the floor of the job's own code;
+- reference ``pandas group-by``: the raw JSON parsed by pyarrow, then per-user and per-item rolling
+  time-window counts/positives/CTR over the same windows (``closed='left'``: strictly before), all-time
+  cumulative counts and seconds since the previous event, as a pandas user would write it.
+
+Ratios are events/s of a row over events/s of the pandas reference (the machine is shared, so absolute
+numbers move; the ratio is what to compare). Process start-up and imports (Feast alone takes seconds)
+are excluded from every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pajson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines.aggregates import AggregateConfig, FeatureState  # noqa: E402
+
+
+def pandas_reference(values: list[bytes], cfg: AggregateConfig) -> pd.DataFrame:
+    """The same aggregates with plain pandas: JSON -> DataFrame -> group-by rolling windows."""
+    table = pajson.read_json(pa.py_buffer(b"\n".join(values)))
+    df = table.select(["event_id", "ts", "user_id", "item_id", "label"]).to_pandas()
+    df["user_id"], df["item_id"] = df["user_id"].astype(str), df["item_id"].astype(str)
+    df = df.sort_values("ts", kind="stable").reset_index(drop=True)
+    df["time"] = pd.to_datetime(df["ts"], unit="ms")
+    df["one"] = 1
+    out = {}
+    m, prior = cfg.prior_weight, cfg.prior_ctr
+    for entity in ("user", "item"):
+        key = f"{entity}_id"
+        g = df.groupby(key, sort=False)
+        for name, w in cfg.windows_ms:
+            r = (df.set_index("time").groupby(key, sort=False)[["one", "label"]]
+                 .rolling(f"{w}ms", closed="left").sum())
+            r = r.reset_index(level=0, drop=True).fillna(0)
+            # rolling returns rows grouped by key; put them back in event order
+            order = np.concatenate([idx for idx in g.indices.values()])
+            imp = np.empty(len(df))
+            pos = np.empty(len(df))
+            imp[order], pos[order] = r["one"].to_numpy(), r["label"].to_numpy()
+            out[f"{entity}_imp_{name}"], out[f"{entity}_pos_{name}"] = imp, pos
+            out[f"{entity}_ctr_{name}"] = (pos + m * prior) / (imp + m)
+        imp_all = g.cumcount().to_numpy()
+        pos_all = (g["label"].cumsum() - df["label"]).to_numpy()
+        out[f"{entity}_imp_all"], out[f"{entity}_pos_all"] = imp_all, pos_all
+        out[f"{entity}_ctr_all"] = (pos_all + m * prior) / (imp_all + m)
+        prev = g["ts"].shift(1)
+        out[f"{entity}_secs_since_last"] = np.where(prev.isna(), -1.0, (df["ts"] - prev.fillna(0)) / 1000.0)
+    return pd.concat([df[["event_id", "ts", "user_id", "item_id", "label"]], pd.DataFrame(out)], axis=1)
+
+
+def raw_tables(values: list[bytes], keys: list[bytes], partitions: int = 4, batch: int = 5000) -> list[pa.Table]:
+    from pipelines.kafka_source import raw_table
+
+    parts = [[] for _ in range(partitions)]
+    for i, k in enumerate(keys):
+        parts[hash(k) % partitions].append(i)
+    out = []
+    for p, idx in enumerate(parts):
+        for s in range(0, len(idx), batch):
+            chunk = idx[s:s + batch]
+            out.append(raw_table(p, list(range(s, s + len(chunk))), [keys[i] for i in chunk],
+                                 [values[i] for i in chunk]))
+    return out
+
+
+def bench_pure(raws: list[pa.Table], cfg: AggregateConfig) -> float:
+    from pipelines.parse import concat_events, parse_batch
+    from pipelines.transforms import align_partitions, compute_batch
+
+    t0 = time.perf_counter()
+    events = concat_events([parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
+                                        offsets=r["kafka_offset"].to_pylist(), now_ms=10**13)[0] for r in raws])
+    kept, _ = align_partitions(events, {p: 10**9 for p in range(8)})
+    compute_batch(events, FeatureState.empty(), cfg)
+    return time.perf_counter() - t0
+
+
+def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
+    """The job's transforms on FnApiRunner; raw batches come from Arrow IPC files (``beam.Create`` of the
+    tables themselves would pickle 10 MB into the pipeline proto, which measures Create, not the job)."""
+    import apache_beam as beam
+
+    from pipelines.checkpoint import Plan
+    from pipelines.feature_job import pipeline_options
+    from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples
+
+    paths = []
+    for i, t in enumerate(raws):
+        paths.append(str(tmp / f"raw-{i}.arrow"))
+        with pa.OSFile(paths[-1], "wb") as f, pa.ipc.new_file(f, t.schema) as w:
+            w.write_table(t)
+    plan = Plan("bench", {p: 0 for p in range(4)}, {p: 10**9 for p in range(4)}, 10**13)
+    t0 = time.perf_counter()
+    with beam.Pipeline(options=pipeline_options([])) as p:
+        raw = (p | beam.Create(paths)
+                 | "ReadIPC" >> beam.Map(lambda path: pa.ipc.open_file(pa.memory_map(path)).read_all())
+                 .with_output_types(pa.Table))
+        parsed = raw | ParseRecords(10**13)
+        out = parsed.events | ComputeFeatures(str(tmp / "beam-state"), plan, cfg)
+        _ = out.examples | WriteExamples(str(tmp / "beam-examples"), plan.run_id)
+    return time.perf_counter() - t0
+
+
+def bench_job(table: pa.Table, tmp: Path) -> tuple[float, int]:
+    from pipelines.feature_job import run_once
+    from reloop.config import FeastConfig, FeatureJobConfig, KafkaConfig, ReloopConfig, StorageConfig
+    from reloop.replay import replay_table
+
+    topic = f"bench.features.{uuid.uuid4().hex[:8]}"
+    repo = tmp / "features"
+    repo.mkdir()
+    for f in ("feature_repo.py", "feature_store.yaml"):
+        shutil.copy(ROOT / "features" / f, repo / f)
+    kafka = KafkaConfig(events_topic=topic, dlq_topic=f"{topic}.dlq", consumer_group=topic)
+    cfg = ReloopConfig(kafka=kafka, feast=FeastConfig(repo_path=str(repo)),
+                       storage=StorageConfig(examples_uri=str(tmp / "examples")),
+                       feature_job=FeatureJobConfig(state_uri=str(tmp / "state")))
+    replay_table(table, kafka, topic=topic, workers=1)
+    from pipelines.feast_io import apply_repo
+
+    apply_repo(cfg.feast, str(repo))  # registry creation is a one-off, not per micro-batch
+    t0 = time.perf_counter()
+    accepted = 0
+    while (s := run_once(cfg, repo_path=str(repo))).committed:
+        accepted += s.accepted
+    return time.perf_counter() - t0, accepted
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feature_job.json"))
+    ap.add_argument("--skip-kafka", action="store_true", help="only the in-memory rows")
+    args = ap.parse_args(argv)
+
+    import feast  # noqa: F401  (warm imports: excluded from the timings)
+
+    from reloop.datasets import load_dataset
+    from reloop.replay import encode_batch
+
+    table = load_dataset("movielens-100k", limit=args.events)
+    keys, values = encode_batch(table.to_batches(max_chunksize=table.num_rows)[0])
+    n = table.num_rows
+    cfg = AggregateConfig()
+    raws = raw_tables(values, keys)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        t0 = time.perf_counter()
+        ref = pandas_reference(values, cfg)
+        t_pandas = time.perf_counter() - t0
+        assert len(ref) == n
+        rows.append(("pandas group-by (reference)", t_pandas))
+        rows.append(("pure batch code (no Beam)", bench_pure(raws, cfg)))
+        rows.append(("beam transforms (in-memory)", bench_beam(raws, cfg, tmp)))
+        if not args.skip_kafka:
+            t_job, accepted = bench_job(table, tmp)
+            assert accepted == n, f"job accepted {accepted} of {n}"
+            rows.append(("job (Kafka -> Feast + examples)", t_job))
+    ref_rate = n / t_pandas
+    print(f"\nfeature job vs pandas, {n:,} MovieLens-100K events, {os.cpu_count()} cores\n")
+    print(f"{'what':34s} {'seconds':>8s} {'events/s':>12s} {'vs pandas':>10s}")
+    results = []
+    for name, secs in rows:
+        rate = n / secs
+        print(f"{name:34s} {secs:8.2f} {rate:12,.0f} {rate / ref_rate:9.2f}x")
+        results.append({"name": name, "seconds": secs, "events_per_s": rate, "ratio_vs_pandas": rate / ref_rate})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"events": n, "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+                               "target_events_per_s": 50_000, "rows": results}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
