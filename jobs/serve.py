@@ -158,6 +158,15 @@ class ServeDeployment:
         logging.basicConfig(level=logging.INFO)
         self.scorer = build_scorer(registry_uri, feast_repo, feast_profile, ScorerConfig(**(scorer_config or {})))
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's in-place update (``serve.run`` with a new ``user_config``): ``{"use_memory": bool}``
+        switches the memory; any call also re-reads the registry's current version at once."""
+        from dataclasses import replace
+
+        if "use_memory" in user_config:
+            self.scorer.config = replace(self.scorer.config, use_memory=bool(user_config["use_memory"]))
+        self.scorer.reload()
+
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
