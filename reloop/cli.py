@@ -93,6 +93,9 @@ def features(ctx: typer.Context,
              every: Optional[float] = typer.Option(None, "--every", min=0.1, metavar="SECONDS",
                                                    help="one micro-batch every SECONDS until interrupted"),
              reset: bool = typer.Option(False, "--reset", help="forget the job's offsets and state, then exit"),
+             runner: Optional[str] = typer.Option(None, help="flink: the local Flink job server (started on "
+                                                  "demand), or a cluster with --flink_master=host:port; "
+                                                  "or any Beam runner (default: FnApiRunner)"),
              config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
     """Beam feature job: new Kafka offsets -> DLQ / windowed features -> Feast + training examples, offsets
     committed after the sinks. Other options go to python -m pipelines.feature_job (--max_events,
@@ -101,7 +104,13 @@ def features(ctx: typer.Context,
 
     if once and every is not None:
         _fail("--once and --every are exclusive")
-    argv = list(ctx.args) + (["--every", str(every)] if every is not None else ["--once"])
+    from reloop.runners import RunnerError, runner_args, start_local_flink
+
+    try:
+        argv = runner_args(None if reset else runner, list(ctx.args), start_local_flink)
+    except RunnerError as e:
+        _fail(str(e))
+    argv += ["--every", str(every)] if every is not None else ["--once"]
     argv += (["--reset"] if reset else []) + (["--config", config] if config else [])
     raise typer.Exit(job_main(argv))
 
@@ -117,6 +126,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the latest (or --run-id) run"),
     run_id: Optional[str] = typer.Option(None, help="name of the run (default: time + random)"),
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
+    refresh: bool = typer.Option(True, "--refresh/--no-refresh",
+                                 help="promote the incremental trainer's checkpoints (through the gate)"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
@@ -136,7 +147,7 @@ def run(
     try:
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
-                          feature_every_s=feature_every, progress=not quiet, report_root=reports,
+                          feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
                           state_root=state_dir)
         summary = LoopRun(load_config(config), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError) as e:
