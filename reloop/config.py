@@ -143,8 +143,8 @@ def _default_monitors() -> list[MonitorSpec]:
 class DriftPolicyConfig(Strict):
     min_evidence: int = Field(2, ge=1)
     evidence_window: int = Field(5000, ge=0)
-    cooldown_events: int = Field(20_000, ge=0)
-    clear_after: int = Field(10_000, ge=0)
+    cooldown_events: int = Field(5_000, ge=0)
+    clear_after: int = Field(5_000, ge=0)
     alert_on_warning: bool = True
     rollback_margin: float = Field(0.02, ge=0)
     rollback_z: float = Field(2.0, ge=0)

@@ -96,6 +96,9 @@ class ServingLoop:
         self.buffer: collections.deque[pa.Table] = collections.deque()
         self.buffer_rows, self.batch_size, self.shadow_events = buffer_rows, batch_size, shadow_events
         self.served: Served | None = None
+        #: the version that started the current lineage: refreshes of the same incremental model keep it, so
+        #: the monitors are not rebased (and blinded) by every refresh; a retrain, rollback or bootstrap starts one
+        self.lineage: str | None = None
         self.shadow: tuple[Served, int] | None = None   # the previous model, scored alongside for a while
         self.trace = Trace()
         self.unscored = 0          # examples that arrived before any model was current
@@ -123,32 +126,42 @@ class ServingLoop:
         recent = self.recent()
         rebuilt = memory.rebuild([encoder.encode(recent)], model) if recent is not None else 0
         previous = self.served
+        reason = pointer.get("reason") or "promoted"
+        if previous is None or not reason.startswith("refresh"):
+            self.lineage = current
         if previous is None and self.scored == 0:
             self.skip = max(0, int(entry.training_range.get("learned", 0)) - self.unscored)
         self.served = Served(current, model, encoder, memory)
         self.shadow = (previous, self.scored) if previous is not None else None
         self.versions.append({"ts": int(self.last_ts), "version": current,
                               "previous": previous.version if previous else None,
-                              "reason": pointer.get("reason") or "promoted", "memory_rebuilt_from": rebuilt,
+                              "reason": reason, "lineage": self.lineage, "memory_rebuilt_from": rebuilt,
                               "at_event": self.scored + self.unscored, "source": entry.extra.get("source")})
         return True
 
     # -- the loop ---------------------------------------------------------------------------------
-    def step(self, max_batches: int | None = None) -> int:
+    def step(self, max_batches: int | None = None, max_rows: int | None = None) -> int:
         """Process the examples that arrived since the last call (or ``max_batches`` of them).
 
         Before the first version is current nothing is consumed: the first model's own training examples
         are then passed over (buffered for the memory, not scored) and scoring starts right after them.
+        ``max_rows`` bounds how far the loop may go in this call (the run keeps serving within a bounded lag
+        of the trainer, as in real time, even when the replay runs at full speed).
         """
         if self.served is None and not self.maybe_swap():
             return 0
         done = 0
-        for i, (table, pos) in enumerate(self.store.batches(self.position, self.batch_size)):
+        size = self.batch_size if max_rows is None else max(0, min(self.batch_size, max_rows))
+        if size == 0:
+            return 0
+        for i, (table, pos) in enumerate(self.store.batches(self.position, size)):
             self.maybe_swap()
             self._process(table)
             self.position = pos
             done += table.num_rows
             if max_batches is not None and i + 1 >= max_batches:
+                break
+            if max_rows is not None and done + size > max_rows:
                 break
         return done
 
@@ -194,7 +207,7 @@ class ServingLoop:
     def _monitor(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None) -> None:
         from jobs.monitor import PredictionRecord
 
-        version = self.served.version if self.served else None
+        version = self.lineage
         ids, users, items = (table[c].to_pylist() for c in ("event_id", "user_id", "item_id"))
         ts, labels = table["ts"].to_pylist(), table["label"].to_pylist()
         for j in range(len(ids)):

@@ -61,9 +61,12 @@ class RunOptions:
     resume: bool = False
     run_id: str | None = None
     feature_every_s: float = 3.0
-    holdout: int = 2000                   # events in the gate's holdout slot
-    retrain_window: int = 20_000          # events the retrain job trains on
+    holdout: int = 1000                   # events in the gate's holdout slot (the newest scored events)
+    retrain_window: int = 20_000          # at most this many events before the holdout are trained on
+    retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
+    refresh: bool = True                  # promote the incremental trainer's checkpoints through the gate
     gate_margin: float = 0.0              # a candidate must beat the current logloss by this fraction
+    max_lag: int = 5000                   # how far (examples) serving may run ahead of the trainer
     report_root: str = "reports"
     state_root: str = ".state/runs"
     progress: bool = True
@@ -120,15 +123,18 @@ class Deployer:
         self.considered: set[str] = set()
         self.events: list[dict[str, Any]] = []             # what the deployer did, for the report
         self.retrains = 0
+        self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
 
     # -- Actions protocol ---------------------------------------------------------------------------
     def request_retrain(self, request) -> None:
-        if self.pending is not None and not self.pending.done():
-            raise RunError("a retrain is already running")
-        window, holdout = self._split_recent()
-        self.events.append({"what": "retrain submitted", "ts": self.live.last_ts, "rows": window.num_rows})
-        self.pending = self.pool.submit(self._retrain, window, holdout)
-        self.retrains += 1
+        """Note the request; :meth:`tick` starts the retrain once enough post-drift data has arrived."""
+        if self.pending is not None or self.requested is not None:
+            # the policy asked again while a retrain is queued or running: one at a time
+            self.events.append({"what": "retrain already requested", "ts": self.live.last_ts})
+            return None
+        start, _ = request.event_time_range
+        self.requested = (start if start is not None else self.live.last_ts, self.live.scored)
+        self.events.append({"what": "retrain requested", "ts": self.live.last_ts, "drift_from_ts": self.requested[0]})
         return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
 
     def evaluate_candidate(self, candidate, current_version):
@@ -151,7 +157,22 @@ class Deployer:
 
     # -- periodic work ------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Bootstrap the first version, gate new trainer checkpoints, hand finished retrains to the gate."""
+        """Bootstrap the first version, gate new trainer checkpoints, start and finish retrains."""
+        if self.requested is not None:
+            drift_ts, scored_at = self.requested
+            post = int((self.live.trace.arrays()["ts"] >= drift_ts).sum()) if self.live.scored else 0
+            if post >= self.opts.retrain_min_rows + self.opts.holdout or \
+                    self.live.scored - scored_at >= self.opts.retrain_min_rows + self.opts.holdout:
+                self.requested = None
+                try:
+                    ts_min, ts_max = self._window(drift_ts)
+                except RunError as e:
+                    self.events.append({"what": "retrain skipped", "ts": self.live.last_ts, "why": str(e)})
+                else:
+                    self.events.append({"what": "retrain submitted", "ts": self.live.last_ts,
+                                        "window_ts_min": ts_min, "window_ts_max": ts_max})
+                    self.pending = self.pool.submit(self._retrain, ts_min, ts_max)
+                    self.retrains += 1
         if self.pending is not None and self.pending.done():
             fut, self.pending = self.pending, None
             try:
@@ -172,6 +193,8 @@ class Deployer:
         if self.registry.current() is None:
             self.registry.promote(newest, reason="bootstrap: first incremental checkpoint")
             return
+        if not self.opts.refresh:
+            return
         try:
             cand_ll, cur_ll, n = self._gate(newest, prequential=True)
         except RunError as e:
@@ -189,28 +212,34 @@ class Deployer:
         self.pool.shutdown(wait=True)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _split_recent(self) -> tuple[pa.Table, pa.Table]:
+    def _window(self, drift_ts: int) -> tuple[int, int]:
+        """``[ts_min, ts_max)`` of the retrain: from where the drift began (at least ``retrain_min_rows``
+        and at most ``retrain_window`` examples) up to the gate's holdout, which it never sees."""
         from jobs.examples import ExampleStore
 
-        store = ExampleStore(self.cfg.storage.examples_uri)
-        recent = store.read_window(ts_min=None, ts_max=None)
-        recent = recent.take(pa.array(np.argsort(recent["ts"].to_numpy(), kind="stable")))
-        scored_ids = set(self.live.trace.last(self.opts.holdout)["event_id"].tolist())
-        is_holdout = np.fromiter((e in scored_ids for e in recent["event_id"].to_pylist()), bool, recent.num_rows)
-        train = recent.filter(pa.array(~is_holdout))
-        train = train.slice(max(0, train.num_rows - self.opts.retrain_window))
-        return train, recent.filter(pa.array(is_holdout))
+        last = self.live.trace.last(self.opts.holdout)
+        if len(last["ts"]) == 0:
+            raise RunError("nothing scored yet: no holdout to keep out of the retrain window")
+        ts_max = int(last["ts"].min())
+        ts = np.sort(ExampleStore(self.cfg.storage.examples_uri, columns=["ts"]).read_window(None, ts_max)["ts"]
+                     .to_numpy())
+        if len(ts) == 0:
+            raise RunError("no examples before the holdout to retrain on")
+        since = int(np.searchsorted(ts, drift_ts))
+        first = min(since, max(0, len(ts) - self.opts.retrain_min_rows))
+        first = max(first, len(ts) - self.opts.retrain_window)
+        return int(ts[first]), ts_max
 
-    def _retrain(self, window: pa.Table, holdout: pa.Table):
+    def _retrain(self, ts_min: int, ts_max: int):
+        """Ray Train ``TorchTrainer`` on the window (jobs.retrain), published as a candidate version."""
         from jobs.monitor import Candidate
-        from jobs.retrain import retrain_candidate
+        from jobs.retrain import RetrainConfig, run_retrain
 
-        served = self.live.served
-        version, metrics = retrain_candidate(
-            window, registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
-            encoder_config=served.encoder.config.to_dict() if served else None, seed=self.opts.seed,
-            ray_address=self.cfg.ray.address)
-        return Candidate(version, None, metrics)
+        res = run_retrain(RetrainConfig(
+            examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
+            storage_path=str(Path(self.trainer_dir).parent / "ray_train"), model_kind=self.opts.model,
+            window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.opts.seed))
+        return Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]})
 
     def _gate(self, version: str, prequential: bool = False) -> tuple[float, float, int]:
         """(candidate logloss, current logloss, n) on the most recent scored events."""
@@ -399,13 +428,27 @@ class LoopRun:
 
     def _live(self, live, deployer) -> None:
         while not self.stop.is_set():
-            n = live.step(max_batches=8)
+            if deployer.pending is not None and self.opts.speed is None:
+                # at full replay speed a 30-60 s retrain would let months of event time pass; in real time it
+                # is a blink. The stream waits for it, so the report's time axis stays true.
+                deployer.tick()
+                self.stop.wait(0.3)
+                continue
+            # serve at most `max_lag` examples ahead of what the trainer has learned: at full replay speed
+            # the stream would otherwise outrun training entirely, which no real-time deployment sees
+            trainer_done = self.features_done.is_set() and self.c.learned >= self.c.examples_written
+            budget = None if trainer_done else self.c.learned + self.opts.max_lag - (live.scored + live.unscored)
+            n = live.step(max_batches=8, max_rows=budget)
             deployer.tick()
             self.c.scored = live.scored
             self.c.version = live.served.version if live.served else None
             if n == 0:
                 caught_up = self.features_done.is_set() and self.c.learned >= self.c.examples_written
-                if caught_up and deployer.pending is None and not live.store.pending(live.position):
+                if caught_up and deployer.requested is not None and not live.store.pending(live.position):
+                    deployer.requested = None  # the stream ended before enough post-drift data arrived
+                    deployer.events.append({"what": "retrain dropped: the stream ended first", "ts": live.last_ts})
+                if caught_up and deployer.pending is None and deployer.requested is None \
+                        and not live.store.pending(live.position):
                     # one last look: the trainer's final checkpoint may be a newer version to serve
                     deployer.tick()
                     live.step()
