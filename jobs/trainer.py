@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -44,10 +43,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from jobs.checkpoints import CheckpointStore
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/1"
-LATEST = "LATEST"
 RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
                 "features/data", "reports", "benchmarks/results", "**/__pycache__"]
 
@@ -126,7 +125,7 @@ class IncrementalTrainer:
         self._stop = threading.Event()
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-        os.makedirs(config.checkpoint_dir, exist_ok=True)
+        self.ckpts = CheckpointStore(config.checkpoint_dir)
         resumed = self._restore()
         self.runs.append({"started_at": time.time(), "resumed_from": resumed, "resumed_learned": self.learned,
                           "pid": os.getpid()})
@@ -156,34 +155,29 @@ class IncrementalTrainer:
         torch.manual_seed(self.config.seed)
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def _path(self, *parts: str) -> str:
-        return os.path.join(self.config.checkpoint_dir, *parts)
-
     def _restore(self) -> str | None:
         import torch
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         from jobs.examples import Position
 
         try:
-            with open(self._path(LATEST)) as f:
-                name = json.load(f)["name"]
-        except FileNotFoundError:
+            name = self.ckpts.latest()
+        except ValueError as e:
+            raise TrainerError(str(e)) from e
+        if name is None:
             return None
-        except (ValueError, KeyError) as e:
-            raise TrainerError(f"{self._path(LATEST)} is unreadable: {e}") from e
-        d = self._path(name)
+        d = self.ckpts.path(name)
         try:
-            with open(os.path.join(d, "state.json")) as f:
-                state = json.load(f)
+            state = json.loads(self.ckpts.read(name, "state.json"))
             if state.get("format") != CKPT_FORMAT:
                 raise TrainerError(f"{d}: not a {CKPT_FORMAT} checkpoint")
             self._build(None, state["model_config"], state["encoder_config"])
-            self.model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            self.optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            rng = load_file(os.path.join(d, "rng.safetensors"))
-            torch.set_rng_state(rng["torch"])
+            self.model.load_state_dict(load(self.ckpts.read(name, "model.safetensors")))
+            self.optimizer.load_state_dict(torch.load(io.BytesIO(self.ckpts.read(name, "optimizer.pt")),
+                                                      weights_only=True))
+            torch.set_rng_state(load(self.ckpts.read(name, "rng.safetensors"))["torch"])
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise TrainerError(f"checkpoint {d} cannot be restored: {e}") from e
         self.position = Position.from_dict(state["position"])
@@ -197,38 +191,29 @@ class IncrementalTrainer:
     def checkpoint(self) -> str:
         """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name."""
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if self.model is None:
             return ""
         metrics = self.summary_metrics()
         self.seq += 1
         name = f"ckpt-{self.seq:06d}"
-        tmp = self._path(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         # predictions first: named by checkpoint seq, so a replay after a crash overwrites, never duplicates
         if self.pending_preds:
-            os.makedirs(self._path("predictions"), exist_ok=True)
-            pq.write_table(pa.concat_tables(self.pending_preds), self._path("predictions", f"part-{self.seq:06d}.parquet"))
-        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+            self.ckpts.write_table(pa.concat_tables(self.pending_preds), "predictions", f"part-{self.seq:06d}.parquet")
+        opt = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), opt)
         state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
                  "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
                  "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
-                 "summary": metrics,
-                 "runs": self.runs, "last_published": self.last_published, "written_at": time.time(),
-                 "config": asdict(self.config)}
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        _fsync_dir_files(tmp)
-        final = self._path(name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _atomic_json(self._path(LATEST), {"name": name})
-        self._gc(keep=2)
+                 "summary": metrics, "runs": self.runs, "last_published": self.last_published,
+                 "written_at": time.time(), "config": asdict(self.config)}
+        self.ckpts.commit(name, {
+            "model.safetensors": save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}),
+            "optimizer.pt": opt.getvalue(),
+            "rng.safetensors": save({"torch": torch.get_rng_state()}),
+            "state.json": json.dumps(state, indent=1).encode()})
+        self.ckpts.gc(keep=2)
         self.pending_preds = []
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
         if self.config.publish_every and self.config.registry_uri and self.seq % self.config.publish_every == 0:
@@ -237,15 +222,10 @@ class IncrementalTrainer:
         print(f"[trainer] checkpoint {name}: learned={self.learned} {line}", flush=True)
         return name
 
-    def _gc(self, keep: int) -> None:
-        names = sorted(n for n in os.listdir(self.config.checkpoint_dir) if n.startswith("ckpt-"))
-        for n in names[:-keep]:
-            shutil.rmtree(self._path(n), ignore_errors=True)
-
     def _heartbeat(self) -> None:
         """A small progress file (pid, examples learned) for operators and crash tests; not a checkpoint."""
-        _atomic_json(self._path("heartbeat.json"), {"pid": os.getpid(), "learned": self.learned, "seq": self.seq,
-                                                   "at": time.time()})
+        self.ckpts.write(json.dumps({"pid": os.getpid(), "learned": self.learned, "seq": self.seq,
+                                     "at": time.time()}).encode(), "heartbeat.json", durable=False)
 
     def publish(self, metrics: dict[str, float] | None = None) -> str:
         """Publish the current weights to the registry (a candidate unless ``promote``); returns the version."""
@@ -353,33 +333,11 @@ class IncrementalTrainer:
         return self.status()
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir_files(d: str) -> None:
-    for n in os.listdir(d):
-        fd = os.open(os.path.join(d, n), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def read_checkpoint_state(checkpoint_dir: str) -> dict[str, Any] | None:
     """The ``state.json`` of the latest checkpoint (position, learned, digest, metrics), or None."""
-    try:
-        with open(os.path.join(checkpoint_dir, LATEST)) as f:
-            name = json.load(f)["name"]
-        with open(os.path.join(checkpoint_dir, name, "state.json")) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    store = CheckpointStore(checkpoint_dir)
+    name = store.latest()
+    return None if name is None else json.loads(store.read(name, "state.json"))
 
 
 # ---- command line / Ray binding -----------------------------------------------------------------------

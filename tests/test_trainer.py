@@ -95,3 +95,22 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, examples):
     (d / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(TrainerError, match="cannot be restored"):
         IncrementalTrainer(_config(tmp_path))
+
+
+def test_checkpoints_on_a_non_local_filesystem(tmp_path, examples):
+    """fsspec memory:// stands in for an object store: whole-object writes, LATEST written last."""
+    import uuid
+
+    write_example_files(examples.slice(0, 600), str(tmp_path / "ex"), rows_per_file=300)
+    uri = f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+    cfg = _config(tmp_path, max_examples=300, idle_exit=None)
+    cfg = TrainerConfig(**{**cfg.__dict__, "checkpoint_dir": uri})
+    a = IncrementalTrainer(cfg)
+    a.run()
+    assert read_checkpoint_state(uri)["learned"] == 300
+    b = IncrementalTrainer(TrainerConfig(**{**cfg.__dict__, "max_examples": None, "idle_exit": 0}))
+    assert b.learned == 300
+    b.run()
+    final = read_checkpoint_state(uri)
+    assert final["learned"] == 600
+    assert int(final["digest"], 16) == event_digest(examples.slice(0, 600)["event_id"].to_pylist())
