@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
             mem.rebuild(iter_batches(stream.slice(0, 5000), args.batch_size), model)
 
             def mem_step(mem=mem, hidden=hidden):
-                mem.estimate(hidden, p)
-                mem.write(hidden, y, p)
+                idx = mem.bucket_index(hidden)
+                mem.estimate(hidden, p, idx)
+                mem.write(hidden, y, p, idx)
 
             t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
             cost_rows.append({"model": name, "K": k, "L": bits, "batch": args.batch_size,

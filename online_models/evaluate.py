@@ -45,6 +45,7 @@ from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
 
+MEMORY_WRITES = ("timestamp", "event", "batch")
 VARIANTS = ("base", "incremental", "base+memory", "incremental+memory", "river_lr", "river_fm")
 
 
@@ -72,18 +73,24 @@ class EvaluationConfig:
     embedding_l2: float = 1e-4
     hash_buckets: int = 20_011
     use_history: bool = False
+    numeric_features: tuple[str, ...] | None = None   # None = all of USER_FEATURES + ITEM_FEATURES; () = ids only
     lr: float = 3e-3
+    embedding_lr: float | None = None
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
     memory_key: str = "hidden"        # "hidden" (ReLoop2) or "hidden+ids" (see models.memory_key)
     memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
+    # when a labelled outcome reaches the memory: "timestamp" = as soon as its event time has passed (events of
+    # the same millisecond are scored together, then written: strictly-before, like the features), "event" = right
+    # after the event in stream order (River's learn_one timing), "batch" = after the whole mini-batch
+    memory_write: str = "event"
     tune_memory: bool = True
-    tables_grid: tuple[int, ...] = (8, 16)
+    tables_grid: tuple[int, ...] = (16,)
     bits_grid: tuple[int, ...] = (8, 12)
-    lam_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
-    tau_grid: tuple[float, ...] = (0.05, 0.2, 1.0)
-    shrinkage_grid: tuple[float, ...] = (0.0, 5.0, 20.0)
+    lam_grid: tuple[float, ...] = (0.1, 0.3, 0.5)
+    tau_grid: tuple[float, ...] = (0.2, 1.0)
+    shrinkage_grid: tuple[float, ...] = (0.0, 5.0)
     # river baselines
     river_lr: float = 0.05
     river_fm_lr: float = 0.02
@@ -101,6 +108,8 @@ class EvaluationConfig:
             raise EvaluationError("batch_size and warmup_epochs must be >= 1")
         if self.model not in KINDS:
             raise EvaluationError(f"model must be one of {', '.join(KINDS)}, got {self.model!r}")
+        if self.memory_write not in MEMORY_WRITES:
+            raise EvaluationError(f"memory_write must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
         if self.memory_key not in MEMORY_KEYS:
             raise EvaluationError(f"memory_key must be one of {', '.join(MEMORY_KEYS)}, got {self.memory_key!r}")
         unknown = set(self.variants) - set(VARIANTS)
@@ -117,6 +126,7 @@ class _Stream:
 
     batch: dict[str, torch.Tensor]
     users: np.ndarray
+    ts: np.ndarray
     n: int
     train_end: int      # [0, train_end) trains the base model
     warm_end: int       # [train_end, warm_end) is the validation slot; [warm_end, n) the test slots
@@ -140,7 +150,12 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     if train_end < cfg.batch_size or n - warm_end < cfg.slots:
         raise EvaluationError(f"{n} events are too few for warmup={cfg.warmup}, validation={cfg.validation}, "
                               f"slots={cfg.slots}, batch_size={cfg.batch_size}")
-    enc_cfg = EncoderConfig(numeric_fields=tuple(USER_FEATURES) + tuple(ITEM_FEATURES),
+    numeric = tuple(USER_FEATURES) + tuple(ITEM_FEATURES) if cfg.numeric_features is None else cfg.numeric_features
+    unknown = [c for c in numeric if c not in feats.column_names]
+    if unknown:
+        raise EvaluationError(f"unknown numeric feature(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(USER_FEATURES + ITEM_FEATURES)}")
+    enc_cfg = EncoderConfig(numeric_fields=numeric,
                             hash_buckets=cfg.hash_buckets,
                             history_field="user_last_items" if cfg.use_history else None)
     encoder = FeatureEncoder(enc_cfg).fit(feats.slice(0, train_end))
@@ -148,7 +163,8 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     edges = np.linspace(warm_end, n, cfg.slots + 1).round().astype(int)
     bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
     users = np.asarray(feats["user_id"].to_numpy(zero_copy_only=False))
-    return _Stream(batch, users, n, train_end, warm_end, bounds, encoder)
+    ts = feats["ts"].to_numpy()
+    return _Stream(batch, users, ts, n, train_end, warm_end, bounds, encoder)
 
 
 def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
@@ -171,19 +187,51 @@ def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: i
     return torch.cat(ps), torch.cat(ks)
 
 
+def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
+    """Consecutive groups of a batch that are scored together, then written to the memory.
+
+    >>> write_groups(np.array([5, 5, 7, 9, 9]), "timestamp")
+    [(0, 2), (2, 3), (3, 5)]
+    >>> write_groups(np.array([5, 5, 7]), "batch"), len(write_groups(np.array([5, 5, 7]), "event"))
+    ([(0, 3)], 3)
+    """
+    n = len(ts)
+    if mode == "batch":
+        return [(0, n)]
+    if mode == "event":
+        return [(i, i + 1) for i in range(n)]
+    edges = [0, *(np.flatnonzero(np.diff(ts)) + 1).tolist(), n]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def memory_step(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
+                groups: list[tuple[int, int]]) -> torch.Tensor:
+    """Compensate a batch and write its outcomes, group by group (hashing the whole batch once)."""
+    idx = mem.bucket_index(h)
+    if len(groups) == 1:
+        out = mem.estimate(h, p, idx)
+        mem.write(h, y, p, idx)
+        return out
+    out = torch.empty_like(p)
+    for lo, hi in groups:
+        out[lo:hi] = mem.estimate(h[lo:hi], p[lo:hi], idx[lo:hi])
+        mem.write(h[lo:hi], y[lo:hi], p[lo:hi], idx[lo:hi])
+    return out
+
+
 def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
-                   size: int) -> torch.Tensor:
+                   ts: np.ndarray, size: int, mode: str) -> torch.Tensor:
     """Test-then-write a frozen model's (hidden, prediction) stream through ``mem``; compensated predictions."""
     out = []
     for lo in range(0, len(p), size):
-        hb, pb, yb = h[lo:lo + size], p[lo:lo + size], y[lo:lo + size]
-        out.append(mem.estimate(hb, pb))
-        mem.write(hb, yb, pb)
+        sl = slice(lo, lo + size)
+        out.append(memory_step(mem, h[sl], p[sl], y[sl], write_groups(ts[sl], mode)))
     return torch.cat(out)
 
 
 def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
+                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray,
+                ts: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
     """Grid over (K, L, lam, tau, shrinkage) on the validation slot; the winner has the best AUC among the
     settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
     (hb, pb, yb), (hv, pv, yv) = buf, val
@@ -198,7 +246,7 @@ def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, to
                         mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, lam=lam, tau=tau, shrinkage=s)
                         mem = ErrorCompensationMemory.from_config(mc)
                         mem.write(hb, yb, pb)
-                        comp = _replay_memory(mem, hv, pv, yv, cfg.batch_size)
+                        comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
                         trials.append({"num_tables": k, "bits": bits, "lam": lam, "tau": tau, "shrinkage": s,
                                        **summarize(yv.numpy(), comp.numpy(), users)})
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
@@ -230,7 +278,8 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
 
     # 1) base model on the warm-up before the validation slot (chronological mini-batches)
     learner = OnlineLearner(build_model(_model_config(cfg, stream)),
-                            LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed))
+                            LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, embedding_lr=cfg.embedding_lr,
+                                          seed=cfg.seed))
     for _ in range(cfg.warmup_epochs):
         for b in iter_batches(stream.slice(0, stream.train_end), bs):
             learner.learn(b)
@@ -245,7 +294,8 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     trials: list[dict] = []
     if cfg.tune_memory:
         mem_cfg, trials = tune_memory(cfg, (hb, pb, y_all[buf_lo:stream.train_end]),
-                                      (hv, pv, y_all[stream.train_end:stream.warm_end]), val_users)
+                                      (hv, pv, y_all[stream.train_end:stream.warm_end]), val_users,
+                                      stream.ts[stream.train_end:stream.warm_end])
 
     # 3) the base model also learns the validation slot (test-then-train), then it is frozen
     for b in iter_batches(val_batch, bs):
@@ -279,6 +329,7 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             b_hi = min(b_lo + bs, hi)
             b = stream.slice(b_lo, b_hi)
             y, users = b["label"], stream.users[b_lo:b_hi]
+            groups = write_groups(stream.ts[b_lo:b_hi], cfg.memory_write)
             t0 = time.perf_counter()
             p_base, h_base = base.predict(b)
             h_base = memory_key(base.model, b, h_base, cfg.memory_key)
@@ -292,8 +343,7 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             for name, (h, p) in (("base+memory", (h_base, p_base)), ("incremental+memory", (h_inc, p_inc))):
                 if name in cfg.variants:
                     t0 = time.perf_counter()
-                    preds[name] = mems[name].estimate(h, p)
-                    mems[name].write(h, y, p)
+                    preds[name] = memory_step(mems[name], h, p, y, groups)
                     seconds[name] += time.perf_counter() - t0
             for name, model in rivers.items():
                 t0 = time.perf_counter()

@@ -39,6 +39,9 @@ class LearnerConfig:
     weight_decay: float = 0.0      # decoupled (AdamW) decay on dense weights only; embeddings use embedding_l2
     optimizer: str = "adam"        # "adam" | "sgd" | "adagrad"
     grad_clip: float = 10.0
+    # learning rate of the id embeddings and first-order id weights (None = lr). Each id appears in few
+    # batches, so with Adam at the dense rate a new user's bias barely moves before the user is gone.
+    embedding_lr: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,7 +68,8 @@ class OnlineLearner:
         cfg = self.config
         emb = [p for n, p in self.model.named_parameters() if n.startswith(("embedding.", "linear."))]
         dense = [p for n, p in self.model.named_parameters() if not n.startswith(("embedding.", "linear."))]
-        groups = [{"params": emb, "weight_decay": 0.0}, {"params": dense, "weight_decay": cfg.weight_decay}]
+        groups = [{"params": emb, "weight_decay": 0.0, "lr": cfg.embedding_lr or cfg.lr},
+                  {"params": dense, "weight_decay": cfg.weight_decay, "lr": cfg.lr}]
         if cfg.optimizer == "adam":
             return torch.optim.AdamW(groups, lr=cfg.lr)
         if cfg.optimizer == "adagrad":

@@ -131,19 +131,22 @@ class ErrorCompensationMemory:
 
     # -- write / estimate ----------------------------------------------------------------------------
 
-    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor) -> None:
-        """Add a batch of labelled outcomes: keys (B, D), labels (B,), base predictions (B,)."""
+    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Add a batch of labelled outcomes: keys (B, D), labels (B,), base predictions (B,).
+
+        ``index`` is ``bucket_index(h)`` when the caller already has it (e.g. from the estimate of the same keys).
+        """
         y, y_base = _vector(y, "y"), _vector(y_base, "y_base")
         if not (len(y) == len(y_base) == h.shape[0]):
             raise ValueError(f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}")
         if len(y) == 0:
             return
-        flat = self.bucket_index(h).reshape(-1)                             # (B*K,)
+        flat = (self.bucket_index(h) if index is None else index).reshape(-1)   # (B*K,)
         if self.decay != 1.0:
             # bring every touched bucket up to the current clock once (duplicates write the same value)
             self.table[flat] = self.table[flat] * self._decay_factor(flat).unsqueeze(-1)
         vals = torch.cat([torch.ones(len(y), 1), y.float().unsqueeze(1), y_base.float().unsqueeze(1),
-                          h.detach().float()], dim=1)                       # (B, 3+D)
+                          h.detach().float()], dim=1)                       # (B, 3+D); no copy if already float32
         b, c = vals.shape
         self.table.index_add_(0, flat, vals.unsqueeze(1).expand(b, self.num_tables, c).reshape(-1, c))
         self.clock = self.clock + len(y)
@@ -151,10 +154,10 @@ class ErrorCompensationMemory:
             # the samples of this batch count as written "now": they age from here as a block
             self.last[flat] = self.clock
 
-    def read(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(self, h: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The weighted neighbourhood of each key: ``y_bar``, ``y_base_bar``, ``count`` (B,) and ``has`` (B,) bool."""
         h = h.detach().float()
-        idx = self.bucket_index(h)                                          # (B, K)
+        idx = self.bucket_index(h) if index is None else index              # (B, K)
         rows = self.table[idx]                                              # (B, K, 3+D)
         n = rows[..., 0]                                                    # (B, K)
         has = n > 0
@@ -171,21 +174,21 @@ class ErrorCompensationMemory:
         return {"y_bar": (w * y_bar_k).sum(1), "y_base_bar": (w * p_bar_k).sum(1),
                 "count": (w * n).sum(1), "has": has.any(dim=1)}
 
-    def error(self, h: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
+    def error(self, h: torch.Tensor, y_base: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``y_err`` (B,) as in ReLoop2 (0 where there is no evidence), shrinkage applied."""
         y_base = _vector(y_base, "y_base").float()
-        r = self.read(h)
+        r = self.read(h, index)
         err = self.gamma * (r["y_bar"] - y_base) + (1.0 - self.gamma) * (r["y_bar"] - r["y_base_bar"])
         if self.shrinkage > 0:
             err = err * r["count"] / (r["count"] + self.shrinkage)
         return torch.where(r["has"], err, torch.zeros_like(err))
 
-    def estimate(self, h: torch.Tensor, y_base: torch.Tensor) -> torch.Tensor:
+    def estimate(self, h: torch.Tensor, y_base: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Compensated probabilities ``clip(y_base + lam * y_err, 0, 1)`` (B,), same dtype as ``y_base``."""
         y_base = _vector(y_base, "y_base")
         if self.lam == 0.0:
             return y_base.clone()
-        out = (y_base.float() + self.lam * self.error(h, y_base)).clamp(0.0, 1.0)
+        out = (y_base.float() + self.lam * self.error(h, y_base, index)).clamp(0.0, 1.0)
         return out.to(y_base.dtype)
 
     def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module,

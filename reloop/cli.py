@@ -175,6 +175,9 @@ def evaluate(
     no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
     memory_key: str = typer.Option("hidden", help="memory key: 'hidden' (the model's last layer, as in ReLoop2) "
                                                   "or 'hidden+ids' (plus the user and item embeddings)"),
+    memory_write: str = typer.Option("event", help="when outcomes reach the memory: 'event' (as each arrives, "
+                                                   "stream order), 'timestamp' (once its event time has passed), "
+                                                   "'batch' (after each mini-batch)"),
 ) -> None:
     """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
     from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
@@ -183,7 +186,8 @@ def evaluate(
     try:
         variants = tuple(v for v in VARIANTS if not (no_river and v.startswith("river")))
         cfg = EvaluationConfig(dataset=dataset, model=model, slots=slots, warmup=warmup, seed=seed, limit=limit,
-                               batch_size=batch_size, variants=variants, memory_key=memory_key)
+                               batch_size=batch_size, variants=variants, memory_key=memory_key,
+                               memory_write=memory_write)
         evaluate_and_report(cfg, out)
     except (EvaluationError, DatasetError, ValueError) as e:
         _fail(str(e))
