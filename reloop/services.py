@@ -51,6 +51,7 @@ RAY_DASHBOARD_PORT = _port("RELOOP_RAY_DASHBOARD_PORT", 8265)
 FLINK_JOB_PORT = _port("RELOOP_FLINK_JOB_PORT", 8099)
 FLINK_ARTIFACT_PORT = _port("RELOOP_FLINK_ARTIFACT_PORT", 8098)
 FLINK_EXPANSION_PORT = _port("RELOOP_FLINK_EXPANSION_PORT", 8097)
+KAFKA_EXPANSION_PORT = _port("RELOOP_KAFKA_EXPANSION_PORT", 8096)
 
 KAFKA_BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 REDIS_URL = f"127.0.0.1:{REDIS_PORT}"
@@ -437,13 +438,64 @@ class Flink(Service):
             return False
 
 
+class KafkaExpansion(Service):
+    """Beam's Java expansion service with KafkaIO, for Python's ``ReadFromKafka``/``WriteToKafka`` on Flink.
+
+    Same Beam release as the Python SDK (``infra/flink/expansion/lib``). The transforms it expands run in
+    a PROCESS environment: the Flink job server starts ``infra/flink/java-harness-boot`` per worker,
+    which runs the Java SDK harness from the same jars (no Docker).
+    """
+
+    name = "expansion"
+    lib = INFRA / "flink" / "expansion" / "lib"
+    boot = INFRA / "flink" / "java-harness-boot"
+    ready_timeout_s = 90.0
+
+    def __init__(self, root: Path | None = None, port: int = KAFKA_EXPANSION_PORT, heap: str = "384m") -> None:
+        super().__init__(root)
+        self.port, self.heap = port, heap
+
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    def version(self) -> str:
+        jars = sorted(self.lib.glob("beam-sdks-java-io-kafka-*.jar"))
+        return f"beam {jars[0].stem.rsplit('-', 1)[1]}" if jars else "?"
+
+    def command(self) -> list[str]:
+        java = shutil.which("java")
+        if not java:
+            raise ServiceError("java not found: the expansion service needs Java 11 or 17")
+        if not (self.lib / ".complete").exists():
+            raise ServiceError(f"expansion service jars missing in {self.lib}; run scripts/setup.sh")
+        import json
+
+        return [java, f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-cp", str(self.lib / "*"), "org.apache.beam.sdk.expansion.service.ExpansionService",
+                str(self.port), "--defaultEnvironmentType=PROCESS",
+                "--defaultEnvironmentConfig=" + json.dumps({"command": str(self.boot)})]
+
+    def ready(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        try:
+            import grpc
+
+            with grpc.insecure_channel(self.address()) as ch:
+                grpc.channel_ready_future(ch).result(timeout=2)
+            return True
+        except Exception:  # not serving yet
+            return False
+
+
 def ray_client_env() -> dict[str, str]:
     """Environment for a Ray client of the local head: token auth with the state dir's token."""
     token = state_dir() / "ray" / "auth_token"
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray, "flink": Flink}
+SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray, "flink": Flink,
+                                     "expansion": KafkaExpansion}
 
 
 def get(name: str) -> Service:

@@ -42,6 +42,13 @@ if [ ! -f infra/flink/lib/.complete ]; then
 else
   echo "[setup] Flink job server jars present"
 fi
+if [ ! -f infra/flink/expansion/lib/.complete ]; then
+  echo "[setup] fetching Beam's Java KafkaIO expansion service and SDK harness (ReadFromKafka on Flink)"
+  (cd infra/flink/expansion && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime \
+     -DoutputDirectory=lib && touch lib/.complete)
+else
+  echo "[setup] KafkaIO expansion service jars present"
+fi
 
 if ! command -v redis-server >/dev/null; then
   echo "[setup] installing redis-server from Debian"

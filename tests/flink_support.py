@@ -80,3 +80,19 @@ def job_outputs(cfg) -> dict:
         online = store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids]).to_dict()
         out[f"online_{view}"] = online
     return out
+
+
+@pytest.fixture(scope="session")
+def kafka_expansion_service() -> str:
+    """The Java KafkaIO expansion service (same Beam release as the Python SDK), started on demand."""
+    from reloop import services
+
+    svc = services.get("expansion")
+    was_up = svc.status().running
+    try:
+        svc.start()
+    except services.ServiceError as e:
+        pytest.fail(f"the Kafka expansion service did not start: {e}")
+    yield svc.address()
+    if not was_up:
+        svc.stop()
