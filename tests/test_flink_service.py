@@ -99,3 +99,22 @@ def test_splittable_dofn_and_shuffle_run_on_local_flink(flink_job_endpoint):
         sums = (p | beam.Create(sizes) | "Split" >> beam.ParDo(Count())
                   | beam.Map(lambda x: (x % 7, x)) | beam.CombinePerKey(sum))
         assert_that(sums, equal_to(sorted(expected.items())))
+
+
+def test_kafka_expansion_runs_java_transforms_in_a_process_environment(tmp_path, monkeypatch):
+    import json
+
+    x = services.KafkaExpansion(tmp_path, port=18096)
+    lib = tmp_path / "xlib"
+    lib.mkdir()
+    (lib / "beam-sdks-java-io-kafka-2.73.0.jar").write_bytes(b"")
+    monkeypatch.setattr(x, "lib", lib)
+    with pytest.raises(services.ServiceError, match="scripts/setup.sh"):
+        x.command()
+    (lib / ".complete").touch()
+    cmd = x.command()
+    assert cmd[cmd.index("org.apache.beam.sdk.expansion.service.ExpansionService") + 1] == "18096"
+    assert "--defaultEnvironmentType=PROCESS" in cmd
+    config = json.loads(next(a for a in cmd if a.startswith("--defaultEnvironmentConfig=")).split("=", 1)[1])
+    assert config["command"].endswith("infra/flink/java-harness-boot")
+    assert x.version() == "beam 2.73.0"
