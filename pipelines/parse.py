@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from reloop.events import MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES, MAX_TS_MS, Event, Rejection, parse_event
+from reloop.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES,
+                           MAX_TS_MS, Event, Rejection, parse_event)
 
 CORE_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
                          ("item_id", pa.string()), ("label", pa.int8()), ("kafka_partition", pa.int32()),
@@ -71,9 +72,11 @@ def parse_batch(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
     if fast is None:
         return _slow_parse(values, partition=partition, offsets=offsets, keys=keys, now_ms=now_ms)
     accepted, ok = fast
-    events = accepted.append_column("kafka_partition", pa.array(np.full(len(accepted), partition, np.int32))) \
+    core = accepted.select(_FAST_SCHEMA.names)
+    events = core.append_column("kafka_partition", pa.array(np.full(len(core), partition, np.int32))) \
         .append_column("kafka_offset", pa.array(np.asarray(offsets, np.int64)[ok]))
-    events = events.select(CORE_SCHEMA.names)
+    for name in accepted.column_names[len(_FAST_SCHEMA.names):]:
+        events = events.append_column(name, accepted[name])
     rest = np.flatnonzero(~ok)
     if len(rest) == 0:
         return events, REJECT_SCHEMA.empty_table()
@@ -85,16 +88,19 @@ def parse_batch(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
 
 _FAST_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
                           ("item_id", pa.string()), ("label", pa.int64())])
-_FAST_OPTIONS = pajson.ParseOptions(explicit_schema=_FAST_SCHEMA, unexpected_field_behavior="error")
+# core fields typed, everything else inferred: a flat ``context`` object becomes a struct column
+_FAST_OPTIONS = pajson.ParseOptions(explicit_schema=_FAST_SCHEMA, unexpected_field_behavior="infer")
+_CONTEXT_TYPES = (pa.int64(), pa.float64(), pa.string(), pa.bool_(), pa.null())
 
 
 def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None:
     """Vectorised decode of a batch whose records are all plain events: ``(accepted rows, accepted mask)``.
 
-    Returns None when the batch as a whole does not fit (a null or multi-line record, any field of
-    another type, an unknown field such as ``context``): the caller parses record by record. Rows that
-    decode but fail a check (missing field, empty or long id, ts or label out of range, oversized) are
-    left out of the mask and re-parsed one by one, which gives them the contract's exact reason.
+    Returns None when the batch as a whole does not fit (a null or multi-line record, a field of
+    another type, an unknown top-level field, a context value that is not a string, number, boolean or
+    null): the caller parses record by record. Rows that decode but fail a check (missing field, empty
+    or long id, ts or label out of range, oversized, long or non-finite context value) are left out of
+    the mask and re-parsed one by one, which gives them the contract's exact reason.
     """
     if not values or any(v is None for v in values):
         return None
@@ -106,21 +112,42 @@ def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None
                              read_options=pajson.ReadOptions(block_size=max(1 << 20, len(joined) + 1)))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    if t.num_rows != len(values):
+    if t.num_rows != len(values) or set(t.column_names) - {*_FAST_SCHEMA.names, "context"}:
         return None
     t = t.combine_chunks()
+    valid = lambda arr: pc.fill_null(arr, False).to_numpy(zero_copy_only=False)  # noqa: E731
     ok = np.array([len(v) <= MAX_PAYLOAD_BYTES for v in values])
     for name in ("event_id", "user_id", "item_id"):
         length = pc.utf8_length(t[name])
-        ok &= pc.fill_null(pc.and_(pc.greater(length, 0), pc.less_equal(length, MAX_ID_CHARS)),
-                           False).to_numpy(zero_copy_only=False)
+        ok &= valid(pc.and_(pc.greater(length, 0), pc.less_equal(length, MAX_ID_CHARS)))
     ceiling = min(MAX_TS_MS, now_ms + MAX_FUTURE_MS)
-    ts, label = t["ts"], t["label"]
-    ok &= pc.fill_null(pc.and_(pc.greater(ts, 0), pc.less_equal(ts, ceiling)), False).to_numpy(zero_copy_only=False)
-    ok &= pc.fill_null(pc.is_in(label, value_set=pa.array([0, 1], pa.int64())), False).to_numpy(
-        zero_copy_only=False) & pc.is_valid(label).to_numpy(zero_copy_only=False)
-    accepted = t.filter(pa.array(ok))
+    ok &= valid(pc.and_(pc.greater(t["ts"], 0), pc.less_equal(t["ts"], ceiling)))
+    ok &= valid(pc.is_in(t["label"], value_set=pa.array([0, 1], pa.int64())))
+    context: dict[str, pa.Array] = {}
+    if "context" in t.column_names:
+        ctx = t["context"].combine_chunks() if isinstance(t["context"], pa.ChunkedArray) else t["context"]
+        if pa.types.is_struct(ctx.type):
+            if ctx.type.num_fields > MAX_CONTEXT_FIELDS:
+                return None
+            for i in range(ctx.type.num_fields):
+                f = ctx.type.field(i)
+                if f.type not in _CONTEXT_TYPES:
+                    return None
+                child = pc.struct_field(ctx, [i])
+                if f.type == pa.string():
+                    ok &= pc.fill_null(pc.less_equal(pc.utf8_length(child), MAX_CONTEXT_STRING),
+                                       True).to_numpy(zero_copy_only=False)
+                elif f.type == pa.float64():
+                    ok &= pc.fill_null(pc.is_finite(child), True).to_numpy(zero_copy_only=False)
+                col = f"context_{f.name}" if f.name in CORE_SCHEMA.names else f.name
+                context[col] = child.cast(pa.bool_()) if f.type == pa.null() else child
+        elif not pa.types.is_null(ctx.type):
+            return None
+    keep = pa.array(ok)
+    accepted = t.select(_FAST_SCHEMA.names).filter(keep)
     accepted = accepted.set_column(4, "label", pc.cast(accepted["label"], pa.int8()))
+    for name in sorted(context):
+        accepted = accepted.append_column(name, context[name].filter(keep))
     return accepted, ok
 
 
