@@ -128,6 +128,7 @@ def run(
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh",
                                  help="promote the incremental trainer's checkpoints (through the gate)"),
+    gate_margin: float = typer.Option(0.0, help="a retrained candidate must beat the served logloss by this fraction"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
@@ -148,6 +149,7 @@ def run(
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
+                          gate_margin=gate_margin,
                           state_root=state_dir)
         summary = LoopRun(load_config(config), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError) as e:

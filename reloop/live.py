@@ -106,6 +106,10 @@ class ServingLoop:
         self.versions: list[dict[str, Any]] = []
         self.last_ts = 0
         self.score_seconds = 0.0
+        self.t0 = time.time()  # wall-clock origin of the wall_s stamps (the run sets its own)
+        #: an event time to watch for (an injected shift): the wall-clock second its first event is scored
+        self.mark_ts: int | None = None
+        self.mark_wall_s: float | None = None
         #: examples the first served version was trained on (in store order): never scored, that would leak
         self.skip = 0
 
@@ -133,7 +137,7 @@ class ServingLoop:
             self.skip = max(0, int(entry.training_range.get("learned", 0)) - self.unscored)
         self.served = Served(current, model, encoder, memory)
         self.shadow = (previous, self.scored) if previous is not None else None
-        self.versions.append({"ts": int(self.last_ts), "version": current,
+        self.versions.append({"ts": int(self.last_ts), "wall_s": round(time.time() - self.t0, 2), "version": current,
                               "previous": previous.version if previous else None,
                               "reason": reason, "lineage": self.lineage, "memory_rebuilt_from": rebuilt,
                               "at_event": self.scored + self.unscored, "source": entry.extra.get("source")})
@@ -199,6 +203,8 @@ class ServingLoop:
                 prev = self._score(old, table, learn=False)[0]
             else:
                 self.shadow = None
+        if self.mark_ts is not None and self.mark_wall_s is None and int(table["ts"].to_numpy().max()) >= self.mark_ts:
+            self.mark_wall_s = round(time.time() - self.t0, 2)
         self.trace.add(table, pb, pm)
         self.scored += table.num_rows
         if self.monitor is not None:

@@ -124,17 +124,23 @@ class Deployer:
         self.events: list[dict[str, Any]] = []             # what the deployer did, for the report
         self.retrains = 0
         self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
+        self.t0 = time.time()
+
+    def _log(self, what: str, **fields: Any) -> None:
+        """One deployment decision, stamped with event time and wall-clock seconds since the run began."""
+        self.events.append({"what": what, "ts": self.live.last_ts, "wall_s": round(time.time() - self.t0, 2),
+                            **fields})
 
     # -- Actions protocol ---------------------------------------------------------------------------
     def request_retrain(self, request) -> None:
         """Note the request; :meth:`tick` starts the retrain once enough post-drift data has arrived."""
         if self.pending is not None or self.requested is not None:
             # the policy asked again while a retrain is queued or running: one at a time
-            self.events.append({"what": "retrain already requested", "ts": self.live.last_ts})
+            self._log("retrain already requested")
             return None
         start, _ = request.event_time_range
         self.requested = (start if start is not None else self.live.last_ts, self.live.scored)
-        self.events.append({"what": "retrain requested", "ts": self.live.last_ts, "drift_from_ts": self.requested[0]})
+        self._log("retrain requested", drift_from_ts=self.requested[0])
         return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
 
     def evaluate_candidate(self, candidate, current_version):
@@ -167,10 +173,9 @@ class Deployer:
                 try:
                     ts_min, ts_max = self._window(drift_ts)
                 except RunError as e:
-                    self.events.append({"what": "retrain skipped", "ts": self.live.last_ts, "why": str(e)})
+                    self._log("retrain skipped", why=str(e))
                 else:
-                    self.events.append({"what": "retrain submitted", "ts": self.live.last_ts,
-                                        "window_ts_min": ts_min, "window_ts_max": ts_max})
+                    self._log("retrain submitted", window_ts_min=ts_min, window_ts_max=ts_max)
                     self.pending = self.pool.submit(self._retrain, ts_min, ts_max)
                     self.retrains += 1
         if self.pending is not None and self.pending.done():
@@ -178,12 +183,12 @@ class Deployer:
             try:
                 cand = fut.result()
             except Exception as e:  # noqa: BLE001 - a failed retrain keeps the current model
-                self.events.append({"what": "retrain failed", "ts": self.live.last_ts, "error": repr(e)})
+                self._log("retrain failed", error=repr(e))
             else:
                 self.considered.add(cand.version)
                 promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
-                self.events.append({"what": "retrain candidate " + ("promoted" if promoted else "rejected"),
-                                    "ts": self.live.last_ts, "version": cand.version, **cand.metrics})
+                self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
+                          **cand.metrics)
         trainer_versions = [v for v in self.registry.versions() if v not in self.considered
                             and self.registry.entry(v).extra.get("source") == "jobs.trainer"]
         if not trainer_versions:
@@ -198,15 +203,13 @@ class Deployer:
         try:
             cand_ll, cur_ll, n = self._gate(newest, prequential=True)
         except RunError as e:
-            self.events.append({"what": "refresh skipped", "ts": self.live.last_ts, "version": newest,
-                                "why": str(e)})
+            self._log("refresh skipped", version=newest, why=str(e))
             return
         if cand_ll <= cur_ll * (1.0 + 1e-9):
             self.registry.promote(newest, reason=f"refresh: incremental checkpoint, holdout logloss "
                                                  f"{cand_ll:.4f} <= {cur_ll:.4f}")
         else:
-            self.events.append({"what": "refresh rejected", "ts": self.live.last_ts, "version": newest,
-                                "candidate_logloss": cand_ll, "current_logloss": cur_ll, "n": n})
+            self._log("refresh rejected", version=newest, candidate_logloss=cand_ll, current_logloss=cur_ll, n=n)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -446,7 +449,7 @@ class LoopRun:
                 caught_up = self.features_done.is_set() and self.c.learned >= self.c.examples_written
                 if caught_up and deployer.requested is not None and not live.store.pending(live.position):
                     deployer.requested = None  # the stream ended before enough post-drift data arrived
-                    deployer.events.append({"what": "retrain dropped: the stream ended first", "ts": live.last_ts})
+                    deployer._log("retrain dropped: the stream ended first")
                 if caught_up and deployer.pending is None and deployer.requested is None \
                         and not live.store.pending(live.position):
                     # one last look: the trainer's final checkpoint may be a newer version to serve
@@ -474,6 +477,8 @@ class LoopRun:
         registry = ModelRegistry(self.cfg.storage.registry_uri)
         live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
         deployer = Deployer(registry, live, self.opts, self.cfg, str(self.state / "trainer"))
+        deployer.t0 = live.t0 = self.t0
+        live.mark_ts = self.shift["start_ts"] if self.shift else None
         monitor = build_loop(self.cfg, actions=deployer, on_request=self._on_request(live))
         deployer.monitor = live.monitor = monitor
         if self.opts.resume:
@@ -536,7 +541,8 @@ class LoopRun:
     def _on_request(self, live):
         def on_request(req) -> None:
             self.c.alerts += 1
-            self.alerts.append({"ts": live.last_ts, "action": req.action, "level": req.level,
+            self.alerts.append({"ts": live.last_ts, "wall_s": round(time.time() - self.t0, 2), "action": req.action,
+                                "level": req.level,
                                 "summary": req.reason, "detectors": [d.detector for d in req.detections]})
         return on_request
 
@@ -608,6 +614,7 @@ class LoopRun:
         rec = RunRecord(self.run_id, self.opts.dataset, self.opts.model, series, alerts=self.alerts,
                         versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
                         seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
+                                             "shift_first_served_wall_s": live.mark_wall_s,
                                              "topic": self.topic, "state_dir": str(self.state),
                                              "report_dir": str(self.report_dir)})
         write_report(rec, self.report_dir)
