@@ -130,7 +130,8 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write to a temporary name and move into place where the filesystem can (local: atomic rename)."""
     fs.create_dir(posixpath.dirname(path), recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        # a dot name: readers of the directory (the trainer's example store, Feast's *.parquet glob) skip it
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
@@ -141,7 +142,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="snappy")
     write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 

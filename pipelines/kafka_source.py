@@ -56,7 +56,8 @@ def read_batches(kafka: KafkaConfig, topic: str, partition: int, start: int, sto
         return
     consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, group_id=None,
                              max_poll_records=batch_size, fetch_max_bytes=64 * 1024 * 1024,
-                             max_partition_fetch_bytes=16 * 1024 * 1024, check_crcs=False)
+                             max_partition_fetch_bytes=16 * 1024 * 1024, check_crcs=False,
+                             retry_backoff_ms=20)  # an idle first poll sleeps this long (default 100 ms)
     tp = TopicPartition(topic, partition)
     try:
         consumer.assign([tp])

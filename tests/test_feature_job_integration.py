@@ -267,3 +267,22 @@ def test_malformed_records_go_to_the_dlq_with_reasons_and_good_ones_to_features(
     assert {"malformed JSON", "missing field(s)", "label", "ts", "unknown field(s)", "oversized payload"} <= reasons
 
     check_against_pandas(cfg, good, n_sample=30)
+
+
+def test_offset_range_reader_splits_and_reads_every_offset_once(kafka_config, unique_topic, ml20k):
+    """The splittable DoFn on FnApiRunner: many small initial splits and batches, every offset exactly once."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.consumer_group import partition_offsets
+    from pipelines.kafka_source import PartitionRange, ReadKafkaRanges
+
+    replay(ml20k.slice(0, 3000), kafka_config, unique_topic)
+    _, begin, end = partition_offsets(kafka_config, unique_topic, "probe")
+    ranges = [PartitionRange(unique_topic, p, begin[p] + 5, end[p]) for p in end]  # not from the start
+    want = [(r.partition, o) for r in ranges for o in range(r.start, r.stop)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        got = (p | beam.Create(ranges) | ReadKafkaRanges(kafka_config, batch_size=97, chunk_size=250)
+               | beam.FlatMap(lambda t: zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist())))
+        assert_that(got, equal_to(want))
