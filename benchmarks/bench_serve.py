@@ -9,9 +9,12 @@ MovieLens events) and the same registry model:
    sequential latency (p50/p99 over keep-alive requests) and throughput (concurrent client threads);
 4. ``ray-serve``: the same handlers as a Ray Serve deployment (``--backend ray``), with memory.
 
-The memory is filled with real outcomes (``/feedback``) before measuring. The
-client shares the 2 cores with the server, so req/s is a floor. Ratios are
-against the in-process path of the same run.
+The memory is filled with real outcomes (``/feedback``) before measuring.
+Latency requests are alternated between the variants (in-process: both
+scorers; HTTP: all servers, one request in flight), so a load change on a
+shared machine hits every variant alike. The client shares the 2 cores with
+the server, so req/s is a floor. Ratios are against the in-process path of
+the same run; the 1-minute load average is recorded with the results.
 
     python benchmarks/bench_serve.py [--requests 500] [--seconds 5] [--threads 4] [--no-ray]
 """
@@ -68,28 +71,31 @@ def setup(root: Path, events: int):
     return store, reg, pairs, labels
 
 
-def bench_in_process(store, reg, pairs, labels, n: int, use_memory: bool) -> dict:
+def bench_in_process(store, reg, pairs, labels, n: int) -> dict:
+    """Scorers with and without memory (same model, same memory contents), requests alternated between them
+    so load changes on a shared machine hit both alike."""
     from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 
-    scorer = Scorer(reg, lambda fs: FeastLookup(store, fs), ScorerConfig(use_memory=use_memory))
-    scorer.reload()
-    for (u, i), y in zip(pairs[:1000], labels[:1000]):  # fill the memory with real outcomes
-        scorer.feedback(scorer.score(u, i)["request_id"], y)
+    scorers = {}
+    for mem in (True, False):
+        sc = Scorer(reg, lambda fs: FeastLookup(store, fs), ScorerConfig(use_memory=mem))
+        sc.reload()
+        for (u, i), y in zip(pairs[:1000], labels[:1000]):  # fill the memory with real outcomes
+            sc.feedback(sc.score(u, i)["request_id"], y)
+        scorers["in_process_memory" if mem else "in_process"] = sc
+    lat: dict[str, list[float]] = {"in_process_memory": [], "in_process": [], "feast_lookup": []}
+    lookup = scorers["in_process"].bundle.lookup
     rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(pairs), n)
-    lat = []
-    for k in idx:
+    for k in rng.integers(0, len(pairs), n):
         u, i = pairs[k]
+        for key, sc in scorers.items():
+            t0 = time.perf_counter()
+            sc.score(u, i)
+            lat[key].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        scorer.score(u, i)
-        lat.append(time.perf_counter() - t0)
-    feast = []
-    for k in idx[:n]:
-        u, i = pairs[k]
-        t0 = time.perf_counter()
-        scorer.bundle.lookup.lookup([u], [i])
-        feast.append(time.perf_counter() - t0)
-    return {"score": _pct(lat), "feast": _pct(feast)}
+        lookup.lookup_dict([u], [i])
+        lat["feast_lookup"].append(time.perf_counter() - t0)
+    return {k: _pct(v) for k, v in lat.items()}
 
 
 class ServerProc:
@@ -126,22 +132,36 @@ class ServerProc:
             self.proc.wait()
 
 
-def bench_http(url: str, pairs, labels, n: int, seconds: float, threads: int) -> dict:
+def fill(url: str, pairs, labels) -> None:
     import requests
 
     s = requests.Session()
     for (u, i), y in zip(pairs[:1000], labels[:1000]):
         rid = s.post(f"{url}/score", json={"user_id": u, "item_id": i}).json()["request_id"]
         s.post(f"{url}/feedback", json={"request_id": rid, "label": y})
+
+
+def latency_http(urls: dict[str, str], pairs, n: int) -> dict:
+    """Sequential keep-alive requests, alternated between the servers (one request in flight at a time)."""
+    import requests
+
+    sessions = {k: requests.Session() for k in urls}
+    lat: dict[str, list[float]] = {k: [] for k in urls}
+    errors = {k: 0 for k in urls}
     rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(pairs), n)
-    lat, errors = [], 0
-    for k in idx:
+    for k in rng.integers(0, len(pairs), n):
         u, i = pairs[k]
-        t0 = time.perf_counter()
-        r = s.post(f"{url}/score", json={"user_id": u, "item_id": i})
-        lat.append(time.perf_counter() - t0)
-        errors += r.status_code != 200
+        for key, url in urls.items():
+            t0 = time.perf_counter()
+            r = sessions[key].post(f"{url}/score", json={"user_id": u, "item_id": i})
+            lat[key].append(time.perf_counter() - t0)
+            errors[key] += r.status_code != 200
+    return {k: {**_pct(v), "errors": errors[k]} for k, v in lat.items()}
+
+
+def throughput_http(url: str, pairs, seconds: float, threads: int) -> float:
+    import requests
+
     done, stop = [0] * threads, threading.Event()
 
     def client(j: int) -> None:
@@ -160,7 +180,7 @@ def bench_http(url: str, pairs, labels, n: int, seconds: float, threads: int) ->
     stop.set()
     for t in ts:
         t.join()
-    return {**_pct(lat), "errors": errors, "req_per_s": sum(done) / (time.perf_counter() - t0), "threads": threads}
+    return sum(done) / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,18 +200,23 @@ def main(argv: list[str] | None = None) -> int:
     reg_uri, repo = str(root / "reg"), str(root / "features")
     res: dict = {"events": a.events, "model": reg.entry(reg.current()).model_config["kind"],
                  "feast_profile": "sqlite", "cpus": os.cpu_count()}
-    for mem in (True, False):
-        r = bench_in_process(store, reg, pairs, labels, a.requests, mem)
-        res[f"in_process{'_memory' if mem else ''}"] = r["score"]
-        res.setdefault("feast_lookup", r["feast"])
-    backends = [("http", True), ("http", False)] + ([] if a.no_ray else [("ray", True)])
-    for backend, mem in backends:
-        srv = ServerProc(reg_uri, repo, backend, mem)
-        try:
-            res[f"{backend}{'_memory' if mem else ''}"] = bench_http(srv.url, pairs, labels, a.requests, a.seconds,
-                                                                     a.threads)
-        finally:
+    res.update(bench_in_process(store, reg, pairs, labels, a.requests))
+    backends = {"http_memory": ("http", True), "http": ("http", False)}
+    if not a.no_ray:
+        backends["ray_memory"] = ("ray", True)
+    servers = {}
+    try:
+        for key, (backend, mem) in backends.items():
+            servers[key] = ServerProc(reg_uri, repo, backend, mem)
+            fill(servers[key].url, pairs, labels)
+        res.update(latency_http({k: srv.url for k, srv in servers.items()}, pairs, a.requests))
+        for key, srv in servers.items():
+            res[key]["req_per_s"] = throughput_http(srv.url, pairs, a.seconds, a.threads)
+            res[key]["threads"] = a.threads
+    finally:
+        for srv in servers.values():
             srv.stop()
+    res["load_average_1m_at_end"] = os.getloadavg()[0]
     ref = res["in_process_memory"]["p50_ms"]
     rows = [("feast_lookup", "Feast get_online_features (1 row)"),
             ("in_process_memory", "in-process score, memory"), ("in_process", "in-process score, no memory"),
