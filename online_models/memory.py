@@ -20,9 +20,13 @@ Estimate, for a query ``h`` with base prediction ``y_base``:
   keeps one or two neighbours from overriding the model (0 = the paper).
 
 Optional ``decay`` (per written sample, in (0, 1]) makes old evidence fade:
-a bucket's statistics are scaled by ``decay ** (samples written since it was
-last touched)``, applied lazily when it is read or written, so a write costs
-O(B*K) and never touches the whole table. State is a fixed set of tensors
+a sample's weight is ``decay ** (samples written after it)``. This is done
+by *forward decay*: a write adds its sample with weight ``decay ** -age``
+(``age`` = samples written since the last renormalisation) and a read
+multiplies counts back by ``decay ** age``; ratios (label and prediction
+means, cosine similarities) need no correction at all. So a write costs
+O(B*K) and never touches the rest of the table; once in a long while (when
+the weight would pass 1e18) the whole table is rescaled. State is a fixed set of tensors
 (the size never grows with the stream) that round-trips through
 :meth:`state_dict`/:meth:`load_state_dict` and safetensors, without pickle.
 
@@ -109,8 +113,8 @@ class ErrorCompensationMemory:
         n = self.num_tables << self.bits
         # one row per bucket: [count, sum_y, sum_p, sum_h (D)], so a batch is one gather / one index_add
         self.table = torch.zeros(n, len(STAT_NAMES) + self.dim, dtype=torch.float32)   # (K*2^L, 3+D)
-        self.last = torch.zeros(n, dtype=torch.int64)                                   # sample clock at last touch
         self.clock = torch.zeros((), dtype=torch.int64)                                 # samples written so far
+        self.base = torch.zeros((), dtype=torch.int64)                                  # clock at last rescale
 
     @property
     def stats(self) -> torch.Tensor:
@@ -126,8 +130,8 @@ class ErrorCompensationMemory:
         bits = (h.detach().float() @ self.planes > 0).view(-1, self.num_tables, self.bits)   # (B, K, L)
         return (bits.float() @ self._powers).long() + self._offsets                          # (B, K)
 
-    def _decay_factor(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.pow(self.decay, (self.clock - self.last[idx]).float())
+    def _age(self) -> int:
+        return int(self.clock - self.base)
 
     # -- write / estimate ----------------------------------------------------------------------------
 
@@ -142,17 +146,19 @@ class ErrorCompensationMemory:
         if len(y) == 0:
             return
         flat = (self.bucket_index(h) if index is None else index).reshape(-1)   # (B*K,)
-        if self.decay != 1.0:
-            # bring every touched bucket up to the current clock once (duplicates write the same value)
-            self.table[flat] = self.table[flat] * self._decay_factor(flat).unsqueeze(-1)
         vals = torch.cat([torch.ones(len(y), 1), y.float().unsqueeze(1), y_base.float().unsqueeze(1),
-                          h.detach().float()], dim=1)                       # (B, 3+D); no copy if already float32
+                          h.detach().float()], dim=1)                       # (B, 3+D)
+        if self.decay != 1.0:
+            # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
+            weight = self.decay ** -(self._age() + len(y))
+            if weight > 1e18:                                               # rescale everything once, rarely
+                self.table.mul_(self.decay ** self._age())
+                self.base = self.clock.clone()
+                weight = self.decay ** -len(y)
+            vals = vals * weight
         b, c = vals.shape
         self.table.index_add_(0, flat, vals.unsqueeze(1).expand(b, self.num_tables, c).reshape(-1, c))
         self.clock = self.clock + len(y)
-        if self.decay != 1.0:
-            # the samples of this batch count as written "now": they age from here as a block
-            self.last[flat] = self.clock
 
     def read(self, h: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The weighted neighbourhood of each key: ``y_bar``, ``y_base_bar``, ``count`` (B,) and ``has`` (B,) bool."""
@@ -170,7 +176,7 @@ class ErrorCompensationMemory:
         # empty buckets get weight exactly 0; a query with no evidence at all is flagged by ``has``
         w = torch.softmax((sim / self.tau).masked_fill(~has, -1e30), dim=1) * has   # (B, K)
         if self.decay != 1.0:
-            n = n * self._decay_factor(idx)
+            n = n * self.decay ** self._age()
         return {"y_bar": (w * y_bar_k).sum(1), "y_base_bar": (w * p_bar_k).sum(1),
                 "count": (w * n).sum(1), "has": has.any(dim=1)}
 
@@ -218,12 +224,12 @@ class ErrorCompensationMemory:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors only (safetensors-compatible); the hyper-parameters are in ``config``."""
-        return {"planes": self.planes.clone(), "table": self.table.clone(), "last": self.last.clone(),
-                "clock": self.clock.clone().reshape(1)}
+        return {"planes": self.planes.clone(), "table": self.table.clone(), "clock": self.clock.clone().reshape(1),
+                "base": self.base.clone().reshape(1)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {"planes": self.planes, "table": self.table, "last": self.last}
-        missing = (set(expected) | {"clock"}) - set(state)
+        expected = {"planes": self.planes, "table": self.table}
+        missing = (set(expected) | {"clock", "base"}) - set(state)
         if missing:
             raise ValueError(f"memory state misses {', '.join(sorted(missing))}")
         for name, ref in expected.items():
@@ -232,8 +238,8 @@ class ErrorCompensationMemory:
                                  f"this memory needs {tuple(ref.shape)} (dim, K, L must match)")
         self.planes = state["planes"].to(self.planes.dtype).clone()
         self.table = state["table"].to(torch.float32).clone()
-        self.last = state["last"].to(torch.int64).clone()
         self.clock = state["clock"].to(torch.int64).reshape(()).clone()
+        self.base = state["base"].to(torch.int64).reshape(()).clone()
 
     def nbytes(self) -> int:
         """Bytes held by the state (constant in the stream length)."""

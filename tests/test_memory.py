@@ -138,3 +138,17 @@ def test_bad_shapes_are_clear_errors() -> None:
         mem.estimate(torch.randn(3, 5), torch.rand(3))
     with pytest.raises(ValueError, match="same batch size"):
         mem.write(torch.randn(3, 4), torch.ones(2), torch.rand(3))
+
+
+def test_forward_decay_survives_rescaling() -> None:
+    # one bucket, one sample per write, decay 0.5: the decayed count is sum_k 0.5**k -> 2, even after the
+    # forward-decay weights (2**t) pass the rescaling threshold many times
+    mem = ErrorCompensationMemory(dim=2, num_tables=1, bits=1, decay=0.5, seed=0)
+    h = torch.ones(1, 2)
+    for t in range(300):
+        mem.write(h, torch.tensor([float(t % 2)]), torch.zeros(1))
+    r = mem.read(h)
+    assert float(r["count"]) == pytest.approx(2.0, rel=1e-4)
+    # the last sample (label 1) weighs 1, the one before (label 0) 0.5, ...: y_bar = 1/(1+0.5) * ... = 2/3
+    assert float(r["y_bar"]) == pytest.approx(2 / 3, rel=1e-4)
+    assert torch.isfinite(mem.table).all()
