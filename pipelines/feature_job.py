@@ -109,7 +109,7 @@ def build(p, cfg: ReloopConfig, plan, *, repo_path: str | None = None) -> None:
     raw = (p | "PlanRanges" >> beam.Create(plan.ranges())
              | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
     parsed = raw | "Parse" >> ParseRecords(plan.planned_at_ms)
-    out = parsed.events | "Features" >> ComputeFeatures(fj.state_uri, plan, aggregate_config(cfg))
+    out = parsed.events | "Features" >> ComputeFeatures(fj.state_uri, plan, aggregate_config(cfg), cfg.kafka)
     _ = parsed.dlq | "DeadLetter" >> WriteDeadLetters(cfg.kafka, plan.topic, cfg.kafka.dlq_topic, out.stops)
     _ = out.examples | "TrainingExamples" >> WriteExamples(cfg.storage.examples_uri, plan.run_id)
     _ = out.snapshots | "Feast" >> WriteFeatures(cfg.feast, repo_path, plan.run_id)

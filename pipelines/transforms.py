@@ -156,7 +156,8 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
     return BatchResult(feats, u, i, new_state, stats)
 
 
-def align_partitions(events: pa.Table, stops: dict[int, int]) -> tuple[pa.Table, dict[int, int]]:
+def align_partitions(events: pa.Table, stops: dict[int, int], idle: frozenset[int] | set[int] = frozenset()
+                     ) -> tuple[pa.Table, dict[int, int]]:
     """Keep the events of a micro-batch that every partition has caught up with in event time.
 
     The cut is the smallest, over partitions with events in the batch, of their newest event time. Each
@@ -164,13 +165,17 @@ def align_partitions(events: pa.Table, stops: dict[int, int]) -> tuple[pa.Table,
     everything after it in the partition are deferred to the next run (the returned stop offset of the
     partition is the deferred event's offset; ``stops`` elsewhere). Without this, a partition read further
     ahead in event time (a capped batch, a replay racing the job) would make the others' next events late.
-    The partition defining the cut is always complete, so every run makes progress.
+    The partition defining the cut is always complete, so every run makes progress. ``idle`` partitions
+    (nothing arrived beyond what this run reads, see :class:`ComputeFeaturesFn`) do not set the cut: a
+    drained topic is processed in one run.
 
     >>> ev = pa.table({"ts": [1, 5, 9, 2, 3], "kafka_partition": pa.array([0, 0, 0, 1, 1], pa.int32()),
     ...                "kafka_offset": [0, 1, 2, 0, 1]})
     >>> kept, stop = align_partitions(ev, {0: 3, 1: 4})
     >>> kept["ts"].to_pylist(), stop
     ([1, 2, 3], {0: 1, 1: 4})
+    >>> align_partitions(ev, {0: 3, 1: 4}, idle={1})[1]
+    {0: 3, 1: 4}
     """
     if events.num_rows == 0:
         return events, dict(stops)
@@ -178,7 +183,10 @@ def align_partitions(events: pa.Table, stops: dict[int, int]) -> tuple[pa.Table,
     ts = events["ts"].to_numpy()
     offsets = events["kafka_offset"].to_numpy()
     present = np.unique(parts)
-    cut = min(ts[parts == p].max() for p in present)
+    busy = [p for p in present if int(p) not in idle]
+    if not busy:
+        return events, dict(stops)
+    cut = min(ts[parts == p].max() for p in busy)
     keep = np.ones(len(ts), bool)
     out = dict(stops)
     for p in present:
@@ -199,8 +207,8 @@ class ComputeFeaturesFn(beam.DoFn):
     the run's result for the driver to commit, and saves the state under the key of those offsets.
     """
 
-    def __init__(self, state_uri: str, plan, cfg: AggregateConfig):
-        self.state_uri, self.plan, self.cfg = state_uri, plan, cfg
+    def __init__(self, state_uri: str, plan, cfg: AggregateConfig, kafka: KafkaConfig | None = None):
+        self.state_uri, self.plan, self.cfg, self.kafka = state_uri, plan, cfg, kafka
         self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred")}
 
     def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator:
@@ -215,17 +223,34 @@ class ComputeFeaturesFn(beam.DoFn):
                                    f"{self.state_uri}; reset the job (reloop features --reset) to recompute")
             state = FeatureState.empty()
         events = concat_events(list(keyed[1]))
-        kept, stops = align_partitions(events, plan.stop)
+        prior = store.load_result(plan.run_id)
+        if prior is not None:  # a re-run of an interrupted run: the same cut, so the same outputs
+            kept = events.filter(pa.array([o < prior.get(p, o + 1) for p, o in zip(
+                events["kafka_partition"].to_pylist(), events["kafka_offset"].to_pylist())], pa.bool_()))
+            stops = {**plan.stop, **prior}
+        else:
+            kept, stops = align_partitions(events, plan.stop, self._idle_partitions())
         res = compute_batch(kept, state, self.cfg)
         store.save_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)
         for k in ("accepted", "late", "duplicates"):
             self.counters[k].inc(res.stats[k])
         self.counters["deferred"].inc(events.num_rows - kept.num_rows)
-        yield TaggedOutput("stops", stops)
+        yield TaggedOutput("stops", stops)  # after save_result: any sink output implies the cut is on disk
         yield TaggedOutput("examples", res.examples)
         yield TaggedOutput("snapshots", ("user", res.users))
         yield TaggedOutput("snapshots", ("item", res.items))
+
+
+    def _idle_partitions(self) -> set[int]:
+        """Partitions whose log end has not moved past the plan while this run read them (Flink calls such
+        a source idle). Without a Kafka config (unit tests) none is idle: the strict cut."""
+        if self.kafka is None:
+            return set()
+        from reloop.kafka_io import end_offsets
+
+        end = end_offsets(self.kafka, self.plan.topic)
+        return {p for p, stop in self.plan.stop.items() if end.get(p, stop) <= stop}
 
 
 class ComputeFeatures(beam.PTransform):
@@ -235,9 +260,10 @@ class ComputeFeatures(beam.PTransform):
     earlier event of its user and of its item, across partitions.
     """
 
-    def __init__(self, state_uri: str, plan, cfg: AggregateConfig = AggregateConfig()) -> None:
+    def __init__(self, state_uri: str, plan, cfg: AggregateConfig = AggregateConfig(),
+                 kafka: KafkaConfig | None = None) -> None:
         super().__init__()
-        self.args = (state_uri, plan, cfg)
+        self.args = (state_uri, plan, cfg, kafka)
 
     def expand(self, events):
         return (events

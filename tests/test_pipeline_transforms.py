@@ -132,3 +132,17 @@ def test_plan_json_and_pending_round_trip(tmp_path):
     assert json.loads(plan.to_json())["topic"] == "t"
     store.clear_pending()
     assert store.load_pending(plan.start_key) is None
+
+
+def test_a_rerun_reuses_the_saved_cut(events, tmp_path):
+    """After a crash the re-run must cut where the first attempt did (idleness may have changed since)."""
+    raws = _raw_batches(events)
+    parsed = [parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
+                          offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0] for r in raws]
+    plan = Plan("t", {0: 0, 1: 0}, {0: 10**6, 1: 10**6}, NOW)
+    StateStore(str(tmp_path)).save_result(plan.run_id, {0: 700, 1: 10**6})
+    with TestPipeline(runner="FnApiRunner") as p:
+        out = p | beam.Create(parsed) | ComputeFeatures(str(tmp_path), plan, AggregateConfig())
+        n0 = out.examples | beam.Map(lambda t: int((t["kafka_partition"].to_numpy() == 0).sum()))
+        assert_that(n0, equal_to([700]), label="p0")
+        assert_that(out.stops, equal_to([{0: 700, 1: 10**6}]), label="stops")
