@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     store, reg, pairs, labels = setup(root, a.events)
+    torch.set_num_threads(1)  # as the server does (the trainer of the set-up uses 2)
     reg_uri, repo = str(root / "reg"), str(root / "features")
     res: dict = {"events": a.events, "model": reg.entry(reg.current()).model_config["kind"],
                  "feast_profile": "sqlite", "cpus": os.cpu_count()}

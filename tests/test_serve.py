@@ -259,3 +259,16 @@ def test_rebuild_survives_outcomes_with_mixed_context_types(world):
         assert out["probability"] > out["base_probability"]
     finally:
         scorer.close()
+
+
+def test_reloop_score_cli(server):
+    from typer.testing import CliRunner
+
+    from reloop.cli import app
+
+    srv, scorer = server
+    r = CliRunner().invoke(app, ["score", "196", "242", "-c", "device=web", "--feedback", "1", "--url", srv.url])
+    assert r.exit_code == 0, r.output
+    assert '"model_version": "%s"' % scorer.bundle.version in r.output and '"written": true' in r.output
+    r = CliRunner().invoke(app, ["score", "196", "242", "-c", "novalue", "--url", srv.url])
+    assert r.exit_code != 0 and "expected key=value" in r.output
