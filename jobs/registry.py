@@ -322,6 +322,19 @@ class ModelRegistry:
         return rec["previous"]
 
 
+def prune(registry: ModelRegistry, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions, never the current or previous one; returns the deleted."""
+    if keep < 1:  # the newest version always stays, so its number is never handed out again
+        raise RegistryError(f"keep must be >= 1, got {keep}")
+    rec = registry.pointer() or {}
+    protected = {rec.get("version"), rec.get("previous")}
+    names = registry.versions(include_partial=True)
+    doomed = [v for v in names[:max(0, len(names) - keep)] if v not in protected]
+    for v in doomed:
+        registry.fs.delete_dir(registry._p("versions", v))
+    return doomed
+
+
 def load_model(registry: ModelRegistry, version: str | None = None):
     """``(entry, model)``: rebuild the torch model of a version from its config and weights (eval mode)."""
     from online_models.models import ModelConfig, build_model

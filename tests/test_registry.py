@@ -135,3 +135,15 @@ def test_registry_reads_what_another_process_wrote(tmp_path):
     assert b.current() == "v000001"
     _publish(b, promote=True)
     assert a.current() == "v000002"
+
+
+def test_prune_keeps_newest_and_current_and_previous(reg):
+    from jobs.registry import prune
+
+    for i in range(6):
+        _publish(reg, float(i))
+    reg.promote("v000002")
+    reg.promote("v000001")
+    assert prune(reg, keep=2) == ["v000003", "v000004"]
+    assert reg.versions() == ["v000001", "v000002", "v000005", "v000006"]
+    assert _publish(reg).version == "v000007"  # numbers are never reused
