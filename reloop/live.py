@@ -110,6 +110,7 @@ class ServingLoop:
         #: an event time to watch for (an injected shift): the wall-clock second its first event is scored
         self.mark_ts: int | None = None
         self.mark_wall_s: float | None = None
+        self.mark_event: int | None = None
         #: examples the first served version was trained on (in store order): never scored, that would leak
         self.skip = 0
 
@@ -140,7 +141,7 @@ class ServingLoop:
         self.versions.append({"ts": int(self.last_ts), "wall_s": round(time.time() - self.t0, 2), "version": current,
                               "previous": previous.version if previous else None,
                               "reason": reason, "lineage": self.lineage, "memory_rebuilt_from": rebuilt,
-                              "at_event": self.scored + self.unscored, "source": entry.extra.get("source")})
+                              "at_event": self.scored, "source": entry.extra.get("source")})
         return True
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class ServingLoop:
                 self.shadow = None
         if self.mark_ts is not None and self.mark_wall_s is None and int(table["ts"].to_numpy().max()) >= self.mark_ts:
             self.mark_wall_s = round(time.time() - self.t0, 2)
+            self.mark_event = self.scored + int((table["ts"].to_numpy() < self.mark_ts).sum())
         self.trace.add(table, pb, pm)
         self.scored += table.num_rows
         if self.monitor is not None:

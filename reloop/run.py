@@ -30,6 +30,7 @@ import concurrent.futures
 import json
 import os
 import posixpath
+import signal
 import threading
 import time
 import uuid
@@ -64,6 +65,7 @@ class RunOptions:
     holdout: int = 1000                   # events in the gate's holdout slot (the newest scored events)
     retrain_window: int = 20_000          # at most this many events before the holdout are trained on
     retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
+    retrain_lookback: int = 1000          # the drift is taken to have begun this many events before detection
     refresh: bool = True                  # promote the incremental trainer's checkpoints through the gate
     gate_margin: float = 0.0              # a candidate must beat the current logloss by this fraction
     max_lag: int = 5000                   # how far (examples) serving may run ahead of the trainer
@@ -129,7 +131,7 @@ class Deployer:
     def _log(self, what: str, **fields: Any) -> None:
         """One deployment decision, stamped with event time and wall-clock seconds since the run began."""
         self.events.append({"what": what, "ts": self.live.last_ts, "wall_s": round(time.time() - self.t0, 2),
-                            **fields})
+                            "at_event": self.live.scored, **fields})
 
     # -- Actions protocol ---------------------------------------------------------------------------
     def request_retrain(self, request) -> None:
@@ -138,8 +140,10 @@ class Deployer:
             # the policy asked again while a retrain is queued or running: one at a time
             self._log("retrain already requested")
             return None
-        start, _ = request.event_time_range
-        self.requested = (start if start is not None else self.live.last_ts, self.live.scored)
+        # where the new concept began: detectors report when they fired, not where the change was, so take
+        # the event `retrain_lookback` events before the request (about one detection delay)
+        ts = self.live.trace.last(self.opts.retrain_lookback + 1)["ts"]
+        self.requested = (int(ts[0]) if len(ts) else self.live.last_ts, self.live.scored)
         self._log("retrain requested", drift_from_ts=self.requested[0])
         return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
 
@@ -211,8 +215,9 @@ class Deployer:
         else:
             self._log("refresh rejected", version=newest, candidate_logloss=cand_ll, current_logloss=cur_ll, n=n)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Wait for a running retrain (or, when interrupted, drop it: its candidate was never gated)."""
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _window(self, drift_ts: int) -> tuple[int, int]:
@@ -354,6 +359,8 @@ class LoopRun:
         self.shift: dict[str, Any] | None = None
         self.alerts: list[dict[str, Any]] = []
         self.live = None
+        self.interrupted = False
+        self.committed: int | None = None
         self.dataset_rows = 0
         self.t0 = time.time()
         if not opts.resume:
@@ -411,8 +418,12 @@ class LoopRun:
             replay_finished = self.replay_done.is_set()
             s = run_once(self.cfg, topic=self.topic)
             if s.committed:
-                for name in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
-                             "examples_written"):
+                # events after a partition's time-aligned cut are read again by the next micro-batch: count
+                # each event once (deferred ones and the rejections among them are not done yet)
+                unfinished = s.deferred + (s.rejected - s.dead_lettered)
+                self.c.records_read += s.records_read - unfinished
+                self.c.events_parsed += s.events_parsed - s.deferred
+                for name in ("dead_lettered", "accepted", "late", "duplicates", "examples_written"):
                     setattr(self.c, name, getattr(self.c, name) + getattr(s, name))
                 self.c.feature_runs += 1
                 self.c.feature_seconds += s.seconds
@@ -471,6 +482,12 @@ class LoopRun:
 
         if self.cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
             services.get("kafka").start()
+        if not self.opts.resume:
+            from reloop.kafka_io import end_offsets
+
+            if sum(end_offsets(self.cfg.kafka, self.topic).values()):
+                raise RunError(f"run id {self.run_id!r} is taken: topic {self.topic} already holds events; choose "
+                               f"another --run-id, or --resume it")
         ensure_topics(self.cfg.kafka, [self.topic, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
         table = self._load_table()
         self.dataset_rows = table.num_rows
@@ -500,6 +517,9 @@ class LoopRun:
                    for name, fn in (("replay", lambda: self._replay(table)), ("features", self._features),
                                     ("live", lambda: self._live(live, deployer)))]
         progress = _Progress(self) if self.opts.progress else None
+        # our own handlers (after ray.init, which installs some): Ctrl-C or SIGTERM asks every stage to stop
+        # at its next safe point, whatever thread the signal lands in
+        previous = {sig: signal.signal(sig, self._interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for t in threads:
                 t.start()
@@ -517,31 +537,51 @@ class LoopRun:
                 if self.features_done.is_set() and self.c.learned >= self.c.examples_written:
                     ray.get(trainer.stop.remote())  # idempotent; lets the live stage see the final version
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            self.errors.append("interrupted (Ctrl-C): stopped cleanly; `reloop run --resume` continues")
-            self.stop.set()
             for t in threads:
                 t.join()
         finally:
             self.stop.set()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             try:
                 ray.get(trainer.stop.remote())
                 final = ray.get(trainer_run)
                 self.c.learned = final["learned"]
             except Exception as e:  # noqa: BLE001
                 self.errors.append(f"trainer: {e!r}")
+            deployer.close(wait=not self.interrupted)
             ray.shutdown()
-            deployer.close()
             if progress:
                 progress.close()
         self.c.trainer_seconds = time.time() - self.t0
+        self.committed = self._committed_offsets()
         self._save_live(live, monitor)
         return self._report(live, deployer)
+
+    def _committed_offsets(self) -> int | None:
+        """Events the feature job has finished, from the consumer group's committed offsets (an independent
+        count from the job's own counters)."""
+        from pipelines.consumer_group import partition_offsets
+
+        try:
+            committed, begin, _ = partition_offsets(self.cfg.kafka, self.topic, self.cfg.kafka.consumer_group)
+        except Exception as e:  # noqa: BLE001 - the report still comes out, with the reason
+            self.errors.append(f"reading committed offsets: {e!r}")
+            return None
+        return sum((committed[p] or begin[p]) - begin[p] for p in committed)
+
+    def _interrupt(self, signum, frame) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            self.errors.append(f"interrupted ({signal.Signals(signum).name}): stopped cleanly; "
+                               f"`reloop run --resume --run-id {self.run_id}` continues")
+        self.stop.set()
 
     def _on_request(self, live):
         def on_request(req) -> None:
             self.c.alerts += 1
-            self.alerts.append({"ts": live.last_ts, "wall_s": round(time.time() - self.t0, 2), "action": req.action,
+            self.alerts.append({"ts": live.last_ts, "wall_s": round(time.time() - self.t0, 2),
+                                "at_event": live.scored, "action": req.action,
                                 "level": req.level,
                                 "summary": req.reason, "detectors": [d.detector for d in req.detections]})
         return on_request
@@ -606,7 +646,8 @@ class LoopRun:
                       "trainer (wall)": c.learned / wall if wall else 0.0,
                       "scoring + memory": c.scored / live.score_seconds if live.score_seconds else 0.0}
         counts = {"events in dataset": self.dataset_rows, "replayed": c.replayed,
-                  "consumed": c.records_read, "parsed": c.events_parsed, "dead-lettered": c.dead_lettered,
+                  "consumed": c.records_read, "committed offsets": self.committed, "parsed": c.events_parsed,
+                  "dead-lettered": c.dead_lettered,
                   "featurised (accepted)": c.accepted, "late": c.late, "duplicates": c.duplicates,
                   "examples written": c.examples_written, "examples learned": c.learned,
                   "scored": live.scored, "arrived before the first model": live.unscored,
@@ -615,6 +656,7 @@ class LoopRun:
                         versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
                         seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
                                              "shift_first_served_wall_s": live.mark_wall_s,
+                                             "shift_first_served_at_event": live.mark_event,
                                              "topic": self.topic, "state_dir": str(self.state),
                                              "report_dir": str(self.report_dir)})
         write_report(rec, self.report_dir)

@@ -5,6 +5,7 @@ gate no candidate can pass, nothing is promoted."""
 from __future__ import annotations
 
 import json
+import uuid
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def run(tmp_path, run_id: str, *extra: str) -> dict:
+def run(tmp_path, name: str, *extra: str) -> dict:
+    run_id = f"{name}-{uuid.uuid4().hex[:8]}"  # run ids name Kafka topics: unique per test run
     proc = subprocess.run(
         [sys.executable, "-m", "reloop.cli", "run", "--quiet", "--limit", "40000", "--inject-drift",
          "abrupt_interest", "--drift-at", "0.5", "--no-refresh", "--run-id", run_id,
@@ -24,8 +26,8 @@ def run(tmp_path, run_id: str, *extra: str) -> dict:
     return json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
 
 
-def audit(tmp_path, run_id: str) -> list[dict]:
-    path = tmp_path / "runs" / run_id / "monitor" / "audit.jsonl"
+def audit(tmp_path, summary: dict) -> list[dict]:
+    path = tmp_path / "runs" / summary["run_id"] / "monitor" / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -39,7 +41,7 @@ def test_shift_alert_retrain_gate_promote_serve_recover(tmp_path, kafka_config):
     promoted = [v for v in s["versions"] if v["ts"] >= shift_ts and v["reason"].startswith("retrain")]
     assert promoted, f"no retrained version served after the shift: {s['versions']}"
     # the audit trail has every step, in order, for that retrain
-    kinds = [r["kind"] for r in audit(tmp_path, "e2e")]
+    kinds = [r["kind"] for r in audit(tmp_path, s)]
     for step in ("alert", "retrain_requested", "candidate_evaluated", "promoted", "watch_started"):
         assert step in kinds, kinds
     assert kinds.index("retrain_requested") < kinds.index("candidate_evaluated") < kinds.index("promoted")
@@ -55,7 +57,7 @@ def test_shift_alert_retrain_gate_promote_serve_recover(tmp_path, kafka_config):
 
 def test_no_candidate_passes_an_impossible_gate(tmp_path, kafka_config):
     s = run(tmp_path, "gate", "--gate-margin", "0.99")
-    kinds = [r["kind"] for r in audit(tmp_path, "gate")]
+    kinds = [r["kind"] for r in audit(tmp_path, s)]
     assert "candidate_evaluated" in kinds and "not_promoted" in kinds
     assert "promoted" not in kinds
     assert [v["reason"] for v in s["versions"]] == ["bootstrap: first incremental checkpoint"]

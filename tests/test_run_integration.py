@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 import subprocess
 import sys
 
@@ -12,19 +13,20 @@ pytestmark = pytest.mark.integration
 
 
 def run_cli(tmp_path, *args: str) -> dict:
+    run_id = f"itest-{uuid.uuid4().hex[:8]}"  # run ids name Kafka topics: unique per test run
     proc = subprocess.run(
-        [sys.executable, "-m", "reloop.cli", "run", "--quiet", "--feature-every", "2", "--run-id", "itest",
+        [sys.executable, "-m", "reloop.cli", "run", "--quiet", "--feature-every", "2", "--run-id", run_id,
          "--reports", str(tmp_path / "reports"), "--state-dir", str(tmp_path / "runs"), *args],
         capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((tmp_path / "reports" / "itest" / "summary.json").read_text())
+    return json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
 
 
 def test_short_run_counts_agree_and_report_is_written(tmp_path, kafka_config):
     summary = run_cli(tmp_path, "--limit", "12000")
     c = summary["counts"]
     assert c["events in dataset"] == c["replayed"] == 12000
-    assert c["replayed"] == c["consumed"] == c["parsed"] + c["dead-lettered"]
+    assert c["replayed"] == c["consumed"] == c["committed offsets"] == c["parsed"] + c["dead-lettered"]
     assert c["parsed"] == c["featurised (accepted)"] + c["late"] + c["duplicates"]
     assert c["examples learned"] == c["examples written"] == c["featurised (accepted)"]
     assert c["scored"] + c["arrived before the first model"] == c["examples written"]
@@ -32,4 +34,4 @@ def test_short_run_counts_agree_and_report_is_written(tmp_path, kafka_config):
     assert summary["variants"]["served"]["n"] == c["scored"] > 0
     assert summary["errors"] == []
     for name in ("report.html", "metrics_over_time.png", "memory_gain.png", "throughput.png"):
-        assert (tmp_path / "reports" / "itest" / name).stat().st_size > 0
+        assert (tmp_path / "reports" / summary["run_id"] / name).stat().st_size > 0
