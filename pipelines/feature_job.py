@@ -135,7 +135,7 @@ def _counters(result) -> dict[str, int]:
 
 
 def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
-             topic: str | None = None) -> JobStats:
+             topic: str | None = None, ensure_feast: bool = True) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
     import apache_beam as beam
     from kafka.errors import KafkaError
@@ -162,7 +162,8 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
         raise FeatureJobError(
             f"no feature state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
             f"group {group}; the state was moved or wiped. `reloop features --reset` recomputes from the start.")
-    _ensure_feast(cfg, repo_path)
+    if ensure_feast:
+        _ensure_feast(cfg, repo_path)
     store.save_pending(plan)
     log.info("feature job %s: %d events %s -> %s", plan.run_id, plan.events, plan.start, plan.stop)
 
@@ -195,23 +196,34 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
 
 def run_feature_job(cfg: ReloopConfig, once: bool = True, every: float | None = None, *,
                     pipeline_args: list[str] | None = None, repo_path: str | None = None,
-                    topic: str | None = None, max_runs: int | None = None, on_run=None) -> JobStats:
+                    topic: str | None = None, max_runs: int | None = None, on_run=None,
+                    max_failures: int = 5) -> JobStats:
     """Run one micro-batch (``once``) or one every ``every`` seconds until interrupted (or ``max_runs``).
 
-    Returns the stats of the last run; ``on_run(stats)`` is called after each run.
+    Returns the stats of the last run; ``on_run(stats)`` is called after each run. In the loop a failed
+    run (broker down, a sink failing) is logged and retried at the next tick: nothing was committed, so
+    the retry redoes the same plan. ``max_failures`` failures in a row end the loop with the error.
     """
     if once or not every:
         stats = run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic)
         if on_run:
             on_run(stats)
         return stats
-    runs, stats = 0, JobStats()
+    runs, failures, stats = 0, 0, JobStats()
     while max_runs is None or runs < max_runs:
         started = time.monotonic()
-        stats = run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic)
+        try:
+            stats = run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
+                             ensure_feast=runs == 0)
+            failures = 0
+            if on_run:
+                on_run(stats)
+        except Exception as e:  # noqa: BLE001  (a long-running job retries; the error is logged, then re-raised)
+            failures += 1
+            log.error("feature job run failed (%d in a row): %s", failures, e)
+            if failures >= max_failures:
+                raise
         runs += 1
-        if on_run:
-            on_run(stats)
         if max_runs is not None and runs >= max_runs:
             break
         time.sleep(max(0.0, every - (time.monotonic() - started)))

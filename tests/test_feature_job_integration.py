@@ -286,3 +286,20 @@ def test_offset_range_reader_splits_and_reads_every_offset_once(kafka_config, un
         got = (p | beam.Create(ranges) | ReadKafkaRanges(kafka_config, batch_size=97, chunk_size=250)
                | beam.FlatMap(lambda t: zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist())))
         assert_that(got, equal_to(want))
+
+
+def test_every_loop_picks_up_new_events_each_tick(tmp_path, kafka_config, unique_topic, ml20k):
+    from pipelines.feature_job import run_feature_job
+
+    cfg = job_config(tmp_path, kafka_config, unique_topic)
+    replay(ml20k.slice(0, 1500), kafka_config, unique_topic)
+    seen = []
+
+    def on_run(stats):
+        seen.append(stats.accepted)
+        if len(seen) == 1:  # more events arrive between two ticks
+            replay(ml20k.slice(1500, 1000), kafka_config, unique_topic)
+
+    run_feature_job(cfg, once=False, every=0.2, max_runs=3, repo_path=cfg.feast.repo_path, on_run=on_run)
+    assert seen == [1500, 1000, 0]
+    assert len(read_examples(cfg)) == 2500
