@@ -87,9 +87,13 @@ def reset(cfg: KafkaConfig, group: str) -> None:
 
     client = admin(cfg)
     try:
-        try:
-            client.delete_consumer_groups([group])
-        except GroupIdNotFoundError:
-            pass
+        result = client.delete_groups([group])
+        # kafka-python 3 answers {group: "OK" or an error class name}; a missing group is fine
+        for gid, err in (result.items() if isinstance(result, dict) else result):
+            name = err if isinstance(err, str) else getattr(err, "__name__", type(err).__name__)
+            if err is not None and name not in ("OK", "NoError", "NoneType", GroupIdNotFoundError.__name__):
+                raise OffsetsError(f"cannot delete consumer group {gid}: {name}")
+    except GroupIdNotFoundError:
+        pass
     finally:
         client.close()

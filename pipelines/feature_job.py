@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_with_overrides(args)
     if args.reset:
         reset_feature_job(cfg, args.topic)
-        print("feature job reset: offsets and state forgotten")
+        print(f"feature job reset: offsets of group {cfg.kafka.consumer_group} and the state under "
+              f"{cfg.feature_job.state_uri} forgotten. Outputs are left in place: remove "
+              f"{cfg.storage.examples_uri} and the Feast offline files (or point them elsewhere) before "
+              f"recomputing, or the examples of the old runs stay next to the new ones.")
         return 0
     try:
         run_feature_job(cfg, once=not args.every, every=args.every, pipeline_args=beam_args,

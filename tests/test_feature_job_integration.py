@@ -303,3 +303,23 @@ def test_every_loop_picks_up_new_events_each_tick(tmp_path, kafka_config, unique
     run_feature_job(cfg, once=False, every=0.2, max_runs=3, repo_path=cfg.feast.repo_path, on_run=on_run)
     assert seen == [1500, 1000, 0]
     assert len(read_examples(cfg)) == 2500
+
+
+def test_reset_forgets_offsets_and_state_and_the_job_recomputes(tmp_path, kafka_config, unique_topic, ml20k):
+    from pipelines.checkpoint import StateStore
+    from pipelines.consumer_group import partition_offsets
+    from pipelines.feature_job import FeatureJobError, reset_feature_job, run_once
+
+    cfg = job_config(tmp_path, kafka_config, unique_topic)
+    replay(ml20k.slice(0, 500), kafka_config, unique_topic)
+    assert run_once(cfg, repo_path=cfg.feast.repo_path).accepted == 500
+    # committed offsets without their state: the job refuses to guess
+    StateStore(cfg.feature_job.state_uri).prune_states(keep=set())
+    replay(ml20k.slice(500, 10), kafka_config, unique_topic)
+    with pytest.raises(FeatureJobError, match="reset"):
+        run_once(cfg, repo_path=cfg.feast.repo_path)
+    reset_feature_job(cfg)
+    committed, _, _ = partition_offsets(cfg.kafka, unique_topic, cfg.kafka.consumer_group)
+    assert all(o is None for o in committed.values())
+    again = run_once(cfg, repo_path=cfg.feast.repo_path)
+    assert again.committed and again.accepted == 510
