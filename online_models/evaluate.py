@@ -28,6 +28,7 @@ scores, timings. Deterministic for a given seed.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -79,7 +80,7 @@ class EvaluationConfig:
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
-    memory_key: str = "hidden"        # "hidden" (ReLoop2) or "hidden+ids" (see models.memory_key)
+    memory_key: str = "hidden+user"   # "hidden" (ReLoop2), "hidden+ids", "hidden+user" (see models.memory_key)
     memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
     # when a labelled outcome reaches the memory: "timestamp" = as soon as its event time has passed (events of
     # the same millisecond are scored together, then written: strictly-before, like the features), "event" = right
@@ -87,9 +88,10 @@ class EvaluationConfig:
     memory_write: str = "event"
     tune_memory: bool = True
     tables_grid: tuple[int, ...] = (16,)
-    bits_grid: tuple[int, ...] = (8, 12)
-    lam_grid: tuple[float, ...] = (0.1, 0.3, 0.5)
-    tau_grid: tuple[float, ...] = (0.2, 1.0)
+    bits_grid: tuple[int, ...] = (12,)
+    gamma_grid: tuple[float, ...] = (0.0, 1.0)
+    lam_grid: tuple[float, ...] = (0.3, 0.6, 1.0)
+    tau_grid: tuple[float, ...] = (0.2,)
     shrinkage_grid: tuple[float, ...] = (0.0, 5.0)
     # river baselines
     river_lr: float = 0.05
@@ -232,27 +234,26 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
 def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray,
                 ts: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
-    """Grid over (K, L, lam, tau, shrinkage) on the validation slot; the winner has the best AUC among the
+    """Grid over (K, L, gamma, tau, shrinkage, lam) on the validation slot; the winner has the best AUC among the
     settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
     (hb, pb, yb), (hv, pv, yv) = buf, val
     base = summarize(yv.numpy(), pv.numpy(), users)
     m0 = cfg.memory
-    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "lam": 0.0, "tau": m0.tau, "shrinkage": 0.0, **base}]
-    for k in cfg.tables_grid:
-        for bits in cfg.bits_grid:
-            for tau in cfg.tau_grid:
-                for s in cfg.shrinkage_grid:
-                    for lam in cfg.lam_grid:
-                        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, lam=lam, tau=tau, shrinkage=s)
-                        mem = ErrorCompensationMemory.from_config(mc)
-                        mem.write(hb, yb, pb)
-                        comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
-                        trials.append({"num_tables": k, "bits": bits, "lam": lam, "tau": tau, "shrinkage": s,
-                                       **summarize(yv.numpy(), comp.numpy(), users)})
+    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "gamma": m0.gamma, "lam": 0.0, "tau": m0.tau,
+               "shrinkage": 0.0, **base}]
+    grid = itertools.product(cfg.tables_grid, cfg.bits_grid, cfg.gamma_grid, cfg.tau_grid, cfg.shrinkage_grid,
+                             cfg.lam_grid)
+    for k, bits, gamma, tau, s, lam in grid:
+        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, gamma=gamma, lam=lam, tau=tau, shrinkage=s)
+        mem = ErrorCompensationMemory.from_config(mc)
+        mem.write(hb, yb, pb)
+        comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
+        trials.append({"num_tables": k, "bits": bits, "gamma": gamma, "lam": lam, "tau": tau, "shrinkage": s,
+                       **summarize(yv.numpy(), comp.numpy(), users)})
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
     best = max(ok, key=lambda t: (t["auc"] or 0.0, -t["logloss"]))
-    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], lam=best["lam"],
-                     tau=best["tau"], shrinkage=best["shrinkage"])
+    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], gamma=best["gamma"],
+                     lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
     return chosen, trials
 
 

@@ -236,7 +236,10 @@ def build_model(config: ModelConfig) -> CTRModel:
     return model
 
 
-MEMORY_KEYS = ("hidden", "hidden+ids")
+MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
+#: weight of the identity part of "hidden+user" keys relative to the unit-normalised hidden layer: with more
+#: weight on the user, the SimHash buckets mostly group a user's own recent outcomes (chosen on validation)
+USER_KEY_WEIGHT = 2.0
 
 
 def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Tensor, kind: str = "hidden") -> torch.Tensor:
@@ -245,7 +248,8 @@ def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Te
     ``hidden`` is the model's last hidden layer (ReLoop2). ``hidden+ids`` also appends the (unit-normalised)
     embeddings of the first two categorical fields (user and item), so the SimHash buckets group samples of the
     same user/item with a similar representation: the last layer alone mostly encodes the predicted click
-    level, which the model already knows.
+    level, which the model already knows. ``hidden+user`` appends only the user embedding, weighted by
+    ``USER_KEY_WEIGHT``, so a bucket is mostly one user's recent outcomes near this representation.
 
     >>> m = build_model(ModelConfig(kind="deepfm", num_categorical=2, hash_buckets=10, embedding_dim=4))
     >>> b = {"cat": torch.tensor([[1, 11]])}
@@ -255,15 +259,19 @@ def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Te
     """
     if kind == "hidden":
         return hidden
-    if kind != "hidden+ids":
+    if kind not in MEMORY_KEYS:
         raise ValueError(f"memory key must be one of {', '.join(MEMORY_KEYS)}, got {kind!r}")
+    fields = 1 if kind == "hidden+user" else min(2, batch["cat"].shape[1])
     with torch.no_grad():
-        parts = [hidden.detach()] + [model.embedding(batch["cat"][:, j]) for j in range(min(2, batch["cat"].shape[1]))]
+        parts = [hidden.detach()] + [model.embedding(batch["cat"][:, j]) for j in range(fields)]
         parts = [p / p.norm(dim=1, keepdim=True).clamp(min=1e-8) for p in parts]
-    return torch.cat(parts, dim=1)                                     # (B, H + 2D)
+        if kind == "hidden+user":
+            parts[1] = USER_KEY_WEIGHT * parts[1]
+    return torch.cat(parts, dim=1)                                     # (B, H + fields*D)
 
 
 def memory_key_dim(model: CTRModel, kind: str = "hidden") -> int:
     """Width of :func:`memory_key` for ``model``."""
-    extra = min(2, model.config.num_categorical) * model.config.embedding_dim if kind == "hidden+ids" else 0
+    fields = {"hidden": 0, "hidden+ids": min(2, model.config.num_categorical), "hidden+user": 1}[kind]
+    extra = fields * model.config.embedding_dim
     return model.hidden_dim + extra

@@ -175,8 +175,9 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
     batch_size: int = typer.Option(256, min=1, help="mini-batch size of test-then-train"),
     no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
-    memory_key: str = typer.Option("hidden", help="memory key: 'hidden' (the model's last layer, as in ReLoop2) "
-                                                  "or 'hidden+ids' (plus the user and item embeddings)"),
+    memory_key: str = typer.Option("hidden+user", help="memory key: 'hidden' (the model's last layer, as in "
+                                                       "ReLoop2), 'hidden+user' (plus the user embedding, chosen "
+                                                       "on validation) or 'hidden+ids' (plus user and item)"),
     memory_write: str = typer.Option("event", help="when outcomes reach the memory: 'event' (as each arrives, "
                                                    "stream order), 'timestamp' (once its event time has passed), "
                                                    "'batch' (after each mini-batch)"),
