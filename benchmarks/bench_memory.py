@@ -27,7 +27,9 @@ import torch
 from online_models.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import ErrorCompensationMemory
-from online_models.models import ModelConfig, build_model
+from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
+
+KEY = "hidden+user"   # the evaluation's default memory key
 from online_models.river_baselines import RiverBaseline
 
 
@@ -82,14 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
                 model(batch)
 
         for k, bits in ((8, 8), (16, 12)):
-            mem = ErrorCompensationMemory(dim=hidden.shape[1], num_tables=k, bits=bits, tau=0.2, lam=0.3,
-                                          shrinkage=5.0, decay=0.9999, seed=0)
-            mem.rebuild(iter_batches(stream.slice(0, 5000), args.batch_size), model)
+            mem = ErrorCompensationMemory(dim=memory_key_dim(model, KEY), num_tables=k, bits=bits, tau=0.2,
+                                          gamma=0.0, lam=0.6, shrinkage=5.0, decay=0.9999, seed=0)
+            mem.rebuild(iter_batches(stream.slice(0, 5000), args.batch_size), model,
+                        key_fn=lambda b, h, m=model: memory_key(m, b, h, KEY))
 
-            def mem_step(mem=mem, hidden=hidden):
-                idx = mem.bucket_index(hidden)
-                mem.estimate(hidden, p, idx)
-                mem.write(hidden, y, p, idx)
+            def mem_step(mem=mem, hidden=hidden, model=model):
+                key = memory_key(model, batch, hidden, KEY)      # building the key is part of the memory's cost
+                idx = mem.bucket_index(key)
+                mem.estimate(key, p, idx)
+                mem.write(key, y, p, idx)
 
             t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
             cost_rows.append({"model": name, "K": k, "L": bits, "batch": args.batch_size,
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         mem.write(torch.randn(args.batch_size, 32, generator=g), torch.ones(args.batch_size), torch.rand(args.batch_size))
     size_after = mem.nbytes()
 
-    print(f"\nmemory write+estimate vs model forward, batch {args.batch_size} (median of {args.repeats}, 1 thread)")
+    print(f"\nmemory key+estimate+write ({KEY} key, decay on) vs model forward, batch {args.batch_size} "
+          f"(median of {args.repeats} interleaved pairs, 1 thread)")
     print(f"{'model':12s} {'K':>3s} {'L':>3s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}")
     for r in cost_rows:
         print(f"{r['model']:12s} {r['K']:3d} {r['L']:3d} {r['forward_ms']:11.3f} {r['memory_ms']:10.3f} {r['ratio']:7.1%}")
