@@ -23,7 +23,8 @@ Exactly-once, step by step (see :mod:`pipelines.checkpoint`):
 A SIGKILL anywhere before step 3 leaves the group at the old offsets; the next
 run redoes the same plan from the same state and overwrites the same outputs.
 ``RELOOP_FAULT=before_commit`` kills the process with SIGKILL right between
-the sinks and the commit (used by the crash test).
+the sinks and the commit, ``RELOOP_FAULT=mid_sinks`` after the first
+training-example file of the run (used by the crash tests).
 
 Allowed lateness: an event older than (newest accepted event time -
 ``feature_job.allowed_lateness_s``) is dropped and counted (``late``);

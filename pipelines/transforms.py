@@ -21,6 +21,8 @@ Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
 """
 
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -297,8 +299,10 @@ class WriteExamplesFn(beam.DoFn):
         from pipelines.checkpoint import filesystem, write_parquet_atomic
 
         fs, root = filesystem(self.uri)
-        for part, rows in example_partitions(examples):
+        for i, (part, rows) in enumerate(example_partitions(examples)):
             write_parquet_atomic(fs, f"{root}/{part}/part-{self.run_id}.parquet", rows)
+            if i == 0 and os.environ.get("RELOOP_FAULT") == "mid_sinks":  # crash-test hook: some files written
+                os.kill(os.getpid(), signal.SIGKILL)
         self.written.inc(examples.num_rows)
 
 

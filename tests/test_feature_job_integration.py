@@ -156,6 +156,24 @@ def test_replayed_movielens_features_equal_pandas_recomputation(tmp_path, kafka_
     check_against_pandas(cfg, ml20k)
 
 
+def test_sigkill_in_the_middle_of_the_sinks_then_rerun(tmp_path, kafka_config, unique_topic, ml20k):
+    """SIGKILL after the first training-example file of the run: the re-run completes the same run."""
+    from pipelines.feature_job import run_once
+
+    cfg = job_config(tmp_path, kafka_config, unique_topic)
+    config_file = tmp_path / "reloop.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    replay(ml20k.slice(0, 8_000), kafka_config, unique_topic)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
+                           "--feature_repo", cfg.feast.repo_path], cwd=REPO,
+                          env={**os.environ, "RELOOP_FAULT": "mid_sinks"}, capture_output=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert 0 < len(read_examples(cfg)) < 8_000
+    while run_once(cfg, repo_path=cfg.feast.repo_path).committed:
+        pass
+    check_against_pandas(cfg, ml20k.slice(0, 8_000), n_sample=30)
+
+
 def test_sigkill_between_sinks_and_commit_then_rerun_counts_nothing_twice(tmp_path, kafka_config, unique_topic,
                                                                          ml20k):
     from pipelines.checkpoint import Plan, StateStore
