@@ -87,12 +87,13 @@ class EvaluationConfig:
     # after the event in stream order (River's learn_one timing), "batch" = after the whole mini-batch
     memory_write: str = "event"
     tune_memory: bool = True
-    tables_grid: tuple[int, ...] = (16,)
+    tables_grid: tuple[int, ...] = (16, 32)
     bits_grid: tuple[int, ...] = (12,)
+    decay_grid: tuple[float, ...] = (1.0, 0.999)
     gamma_grid: tuple[float, ...] = (0.0, 1.0)
     lam_grid: tuple[float, ...] = (0.3, 0.6, 1.0)
     tau_grid: tuple[float, ...] = (0.2,)
-    shrinkage_grid: tuple[float, ...] = (0.0, 5.0)
+    shrinkage_grid: tuple[float, ...] = (0.0,)
     # river baselines
     river_lr: float = 0.05
     river_fm_lr: float = 0.02
@@ -234,26 +235,27 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
 def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray,
                 ts: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
-    """Grid over (K, L, gamma, tau, shrinkage, lam) on the validation slot; the winner has the best AUC among the
+    """Grid over (K, L, decay, gamma, tau, shrinkage, lam) on the validation slot; the winner has the best AUC among the
     settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
     (hb, pb, yb), (hv, pv, yv) = buf, val
     base = summarize(yv.numpy(), pv.numpy(), users)
     m0 = cfg.memory
-    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "gamma": m0.gamma, "lam": 0.0, "tau": m0.tau,
-               "shrinkage": 0.0, **base}]
-    grid = itertools.product(cfg.tables_grid, cfg.bits_grid, cfg.gamma_grid, cfg.tau_grid, cfg.shrinkage_grid,
-                             cfg.lam_grid)
-    for k, bits, gamma, tau, s, lam in grid:
-        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, gamma=gamma, lam=lam, tau=tau, shrinkage=s)
+    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "decay": m0.decay, "gamma": m0.gamma, "lam": 0.0,
+               "tau": m0.tau, "shrinkage": 0.0, **base}]
+    grid = itertools.product(cfg.tables_grid, cfg.bits_grid, cfg.decay_grid, cfg.gamma_grid, cfg.tau_grid,
+                             cfg.shrinkage_grid, cfg.lam_grid)
+    for k, bits, decay, gamma, tau, s, lam in grid:
+        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, decay=decay, gamma=gamma, lam=lam, tau=tau,
+                     shrinkage=s)
         mem = ErrorCompensationMemory.from_config(mc)
         mem.write(hb, yb, pb)
         comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
-        trials.append({"num_tables": k, "bits": bits, "gamma": gamma, "lam": lam, "tau": tau, "shrinkage": s,
-                       **summarize(yv.numpy(), comp.numpy(), users)})
+        trials.append({"num_tables": k, "bits": bits, "decay": decay, "gamma": gamma, "lam": lam, "tau": tau,
+                       "shrinkage": s, **summarize(yv.numpy(), comp.numpy(), users)})
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
     best = max(ok, key=lambda t: (t["auc"] or 0.0, -t["logloss"]))
-    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], gamma=best["gamma"],
-                     lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
+    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], decay=best["decay"],
+                     gamma=best["gamma"], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
     return chosen, trials
 
 

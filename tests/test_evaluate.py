@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, run_evaluation, write_results
 
-SMALL = dict(limit=6000, slots=3, batch_size=200, tables_grid=(8,), bits_grid=(8,), lam_grid=(0.2,), gamma_grid=(1.0,),
-             tau_grid=(0.2,), shrinkage_grid=(0.0, 5.0), memory_buffer=2000)
+SMALL = dict(limit=6000, slots=3, batch_size=200, tables_grid=(8,), bits_grid=(8,), lam_grid=(0.2,),
+             gamma_grid=(1.0,), decay_grid=(1.0,), tau_grid=(0.2,), shrinkage_grid=(0.0, 5.0), memory_buffer=2000)
 
 
 @pytest.fixture(scope="module")
