@@ -53,7 +53,8 @@ def parse_speed(speed: str) -> float | None:
 def encode_batch(batch: pa.RecordBatch) -> tuple[list[bytes], list[bytes]]:
     """(keys, values) of a batch of the event table, values in the wire format."""
     d = batch.to_pydict()
-    context_cols = [c for c in batch.schema.names if c not in CORE_COLUMNS]
+    # columns named "__..." are the replay's own bookkeeping (the partition), never part of an event
+    context_cols = [c for c in batch.schema.names if c not in CORE_COLUMNS and not c.startswith("__")]
     keys = [u.encode() for u in d["user_id"]]
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     values = []

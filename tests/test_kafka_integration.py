@@ -63,3 +63,17 @@ def test_broker_killed_and_restarted_between_produce_and_consume_loses_nothing(t
         assert_same_events(consume_all(cfg, unique_topic), N)
     finally:
         broker.stop()
+
+
+def test_replay_sends_only_the_event_contract(kafka_config, unique_topic):
+    """The replay's own bookkeeping (partition column) never leaks into the events' context."""
+    import pyarrow as pa
+
+    table = load_dataset("movielens-100k", limit=50)
+    table = table.append_column("device", pa.array(["web"] * 50))
+    replay_table(table, kafka_config, topic=unique_topic, workers=2)
+    records = consume_all(kafka_config, unique_topic)
+    assert len(records) == 50
+    for _, value in records:
+        ev = parse_event(value)
+        assert isinstance(ev, Event) and ev.context == {"device": "web"}, value
