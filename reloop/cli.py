@@ -121,7 +121,7 @@ def run(
     model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
-    inject_drift: Optional[str] = typer.Option(None, help="abrupt_interest, gradual_interest or abrupt_ctr"),
+    inject_drift: Optional[str] = typer.Option(None, help="abrupt_interest, gradual_interest, abrupt_ctr or abrupt_inversion"),
     drift_at: float = typer.Option(0.6, help="where the injected drift starts, as a fraction of the stream"),
     resume: bool = typer.Option(False, "--resume", help="continue the latest (or --run-id) run"),
     run_id: Optional[str] = typer.Option(None, help="name of the run (default: time + random)"),
@@ -129,6 +129,7 @@ def run(
     refresh: bool = typer.Option(True, "--refresh/--no-refresh",
                                  help="promote the incremental trainer's checkpoints (through the gate)"),
     gate_margin: float = typer.Option(0.0, help="a retrained candidate must beat the served logloss by this fraction"),
+    retrain_min_rows: int = typer.Option(3000, min=100, help="post-drift events a retrain waits for and trains on"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
@@ -149,7 +150,7 @@ def run(
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
-                          gate_margin=gate_margin,
+                          gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
                           state_root=state_dir)
         summary = LoopRun(load_config(config), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError) as e:

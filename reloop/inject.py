@@ -12,6 +12,9 @@ report can mark it on the time axis.
   probability rising linearly from 0 to 1 over ``width`` of the stream.
 - ``abrupt_ctr``: every later positive becomes a negative with probability
   ``drop`` (a click-rate level shift).
+- ``abrupt_inversion``: every later label is flipped (tastes invert): the
+  features the model learnt to trust (all-time click rates, ids) now point
+  the wrong way, only the short windows follow; a clear test of retraining.
 
 >>> import pyarrow as pa
 >>> t = pa.table({"event_id": [str(i) for i in range(10)], "ts": list(range(10)), "user_id": ["u"] * 10,
@@ -28,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-SCENARIOS = ("abrupt_interest", "gradual_interest", "abrupt_ctr")
+SCENARIOS = ("abrupt_interest", "gradual_interest", "abrupt_ctr", "abrupt_inversion")
 
 
 class InjectionError(ValueError):
@@ -62,7 +65,10 @@ def inject_drift(table: pa.Table, scenario: str, *, at: float = 0.6, seed: int =
     end = start if scenario.startswith("abrupt") else min(n - 1, start + int(n * width))
     labels = table["label"].to_numpy().astype(np.int8).copy()
     idx = np.arange(n)
-    if scenario.endswith("interest"):
+    if scenario == "abrupt_inversion":
+        apply = idx >= start
+        labels[apply] = 1 - labels[apply]
+    elif scenario.endswith("interest"):
         items = table["item_id"].to_numpy(zero_copy_only=False).astype(object)
         uniq = np.unique(items)
         flipped = set(rng.choice(uniq, size=len(uniq) // 2, replace=False).tolist())

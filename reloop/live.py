@@ -55,22 +55,43 @@ class Trace:
     y: list[np.ndarray] = field(default_factory=list)
     p_base: list[np.ndarray] = field(default_factory=list)
     p_mem: list[np.ndarray] = field(default_factory=list)
+    p_prev: list[np.ndarray] = field(default_factory=list)   # the previous version's shadow (NaN: none)
     user: list[np.ndarray] = field(default_factory=list)
     event_id: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray) -> None:
+    def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None = None) -> None:
         self.ts.append(table["ts"].to_numpy())
         self.y.append(table["label"].to_numpy().astype(np.float64))
         self.user.append(table["user_id"].to_numpy(zero_copy_only=False).astype(object))
         self.event_id.append(table["event_id"].to_numpy(zero_copy_only=False).astype(object))
         self.p_base.append(p_base)
         self.p_mem.append(p_mem)
+        self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
 
     def arrays(self) -> dict[str, np.ndarray]:
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
         return {"ts": cat(self.ts, np.int64), "y": cat(self.y, float), "p_base": cat(self.p_base, float),
-                "p_mem": cat(self.p_mem, float), "user": cat(self.user, object),
+                "p_mem": cat(self.p_mem, float), "p_prev": cat(self.p_prev, float), "user": cat(self.user, object),
                 "event_id": cat(self.event_id, object)}
+
+    def promotions(self, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """After each model swap: the new model against the previous one (its shadow) on the same events."""
+        from online_models.metrics import auc, logloss
+
+        a = self.arrays()
+        out = []
+        starts = [v["at_event"] for v in versions] + [len(a["y"])]
+        for v, lo, hi in zip(versions, starts, starts[1:]):
+            y, new, old = a["y"][lo:hi], a["p_base"][lo:hi], a["p_prev"][lo:hi]
+            ok = ~np.isnan(old)
+            if v.get("previous") is None or ok.sum() < 50 or not 0 < y[ok].sum() < ok.sum():
+                continue
+            out.append({"version": v["version"], "previous": v["previous"], "reason": v["reason"], "ts": v["ts"],
+                        "n": int(ok.sum()), "auc_new": round(auc(y[ok], new[ok]), 6),
+                        "auc_previous": round(auc(y[ok], old[ok]), 6),
+                        "logloss_new": round(logloss(y[ok], new[ok]), 6),
+                        "logloss_previous": round(logloss(y[ok], old[ok]), 6)})
+        return out
 
     def last(self, n: int) -> dict[str, np.ndarray]:
         """The last ``n`` scored events (the gate's holdout)."""
@@ -207,7 +228,7 @@ class ServingLoop:
         if self.mark_ts is not None and self.mark_wall_s is None and int(table["ts"].to_numpy().max()) >= self.mark_ts:
             self.mark_wall_s = round(time.time() - self.t0, 2)
             self.mark_event = self.scored + int((table["ts"].to_numpy() < self.mark_ts).sum())
-        self.trace.add(table, pb, pm)
+        self.trace.add(table, pb, pm, prev)
         self.scored += table.num_rows
         if self.monitor is not None:
             self._monitor(table, pb, pm, prev)

@@ -227,6 +227,10 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     deploys = [{"event time": _when(e.get("ts")), "what": e.get("what"),
                 "detail": ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("ts", "what"))}
                for e in s.get("deployer", [])]
+    promos = [{"event time": _when(p.get("ts")), "version": p["version"], "previous": p["previous"],
+               "events": p["n"], "AUC new": p["auc_new"], "AUC previous": p["auc_previous"],
+               "logloss new": p["logloss_new"], "logloss previous": p["logloss_previous"]}
+              for p in s.get("promotions", [])]
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
     gain = s.get("memory_auc_gain")
     shift = s.get("shift")
@@ -251,6 +255,7 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 {_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
 <h2>Drift alerts</h2>{_table(alerts)}
 <h2>Model versions</h2>{_table(versions)}
+<h2>After each model change: new vs previous version on the same events</h2>{_table(promos)}
 <h2>Deployment decisions</h2>{_table(deploys)}
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Stages</h2>{_table(counts)}{_table(thr)}

@@ -618,6 +618,7 @@ class LoopRun:
         if t["ts"]:
             live.trace.ts, live.trace.y = [np.array(t["ts"])], [np.array(t["y"], float)]
             live.trace.p_base, live.trace.p_mem = [np.array(t["p_base"])], [np.array(t["p_mem"])]
+            live.trace.p_prev = [np.array(t["p_prev"], float)]
             live.trace.user = [np.array(t["user"], object)]
             live.trace.event_id = [np.array(t["event_id"], object)]
             live.scored = len(t["ts"])
@@ -655,6 +656,7 @@ class LoopRun:
         rec = RunRecord(self.run_id, self.opts.dataset, self.opts.model, series, alerts=self.alerts,
                         versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
                         seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
+                                             "promotions": live.trace.promotions(live.versions),
                                              "shift_first_served_wall_s": live.mark_wall_s,
                                              "shift_first_served_at_event": live.mark_event,
                                              "topic": self.topic, "state_dir": str(self.state),
