@@ -139,7 +139,8 @@ class FeatureEncoder:
     def encode(self, table: pa.Table) -> dict[str, torch.Tensor]:
         """The batch dict of ``table`` (see the module docstring); never mutates ``table``."""
         cfg = self.config
-        missing = [c for c in (*cfg.categorical_fields, *cfg.numeric_fields) if c not in table.column_names]
+        have = set(table.column_names)  # built once: column_names makes a new list on every access
+        missing = [c for c in (*cfg.categorical_fields, *cfg.numeric_fields) if c not in have]
         if missing:
             raise EncodingError(f"missing column(s) {', '.join(missing)}; have {', '.join(table.column_names)}")
         cols = [self._hash_column(table[c], c) + j * cfg.hash_buckets for j, c in enumerate(cfg.categorical_fields)]
