@@ -86,6 +86,27 @@ class Bundle:
     memory: Any
     lookup: Any
     loaded_at: float = field(default_factory=time.time)
+    entry: Any = None        # the registry entry (manifest) it was loaded from
+
+
+def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
+                lookup_for: Callable[[str], Any] | None = None) -> Bundle:
+    """Model, encoder and a fresh memory of one registry version: what serving swaps in as a whole.
+
+    ``memory`` holds the memory's hyper-parameters (its ``dim`` comes from the model); ``lookup_for`` maps
+    the version's feature service to an online-feature lookup (None where features come with the rows).
+    """
+    from jobs.registry import load_model
+    from online_models.encoding import EncoderConfig, FeatureEncoder
+    from online_models.memory import ErrorCompensationMemory
+
+    entry, model = load_model(registry, version)
+    enc = entry.extra.get("encoder")
+    if not enc:
+        raise RegistryError(f"{registry.uri}: version {version} has no encoder config (extra.encoder)")
+    return Bundle(version, model, FeatureEncoder(EncoderConfig.from_dict(enc)),
+                  ErrorCompensationMemory(dim=model.hidden_dim, **{k: v for k, v in memory.items() if k != "dim"}),
+                  lookup_for(entry.feature_service) if lookup_for else None, entry=entry)
 
 
 @dataclass
@@ -124,17 +145,7 @@ class Scorer:
         return self._lookups[feature_service]
 
     def _load(self, version: str) -> Bundle:
-        from jobs.registry import load_model
-        from online_models.encoding import EncoderConfig, FeatureEncoder
-        from online_models.memory import ErrorCompensationMemory
-
-        entry, model = load_model(self.registry, version)
-        enc = entry.extra.get("encoder")
-        if not enc:
-            raise RegistryError(f"{self.registry.uri}: version {version} has no encoder config (extra.encoder)")
-        encoder = FeatureEncoder(EncoderConfig.from_dict(enc))
-        memory = ErrorCompensationMemory(dim=model.hidden_dim, **self.config.memory)
-        return Bundle(version, model, encoder, memory, self._lookup(entry.feature_service))
+        return load_bundle(self.registry, version, self.config.memory, self._lookup)
 
     def reload(self) -> bool:
         """Switch to the registry's current version if it changed; True if a new model now serves."""

@@ -32,19 +32,8 @@ import pyarrow as pa
 import torch
 
 from jobs.examples import ExampleStore, Position
-from jobs.registry import ModelRegistry, load_model
-from online_models.encoding import EncoderConfig, FeatureEncoder
-from online_models.memory import ErrorCompensationMemory, MemoryConfig
-
-
-@dataclass
-class Served:
-    """The model version being served, with its encoder and memory."""
-
-    version: str
-    model: torch.nn.Module
-    encoder: FeatureEncoder
-    memory: ErrorCompensationMemory
+from jobs.registry import ModelRegistry
+from jobs.scoring import Bundle, load_bundle
 
 
 @dataclass
@@ -116,11 +105,11 @@ class ServingLoop:
         self.monitor = monitor
         self.buffer: collections.deque[pa.Table] = collections.deque()
         self.buffer_rows, self.batch_size, self.shadow_events = buffer_rows, batch_size, shadow_events
-        self.served: Served | None = None
+        self.served: Bundle | None = None
         #: the version that started the current lineage: refreshes of the same incremental model keep it, so
         #: the monitors are not rebased (and blinded) by every refresh; a retrain, rollback or bootstrap starts one
         self.lineage: str | None = None
-        self.shadow: tuple[Served, int] | None = None   # the previous model, scored alongside for a while
+        self.shadow: tuple[Bundle, int] | None = None   # the previous model, scored alongside for a while
         self.trace = Trace()
         self.unscored = 0          # examples that arrived before any model was current
         self.scored = 0
@@ -146,18 +135,17 @@ class ServingLoop:
         current = pointer["version"] if pointer else None
         if current is None or (self.served is not None and self.served.version == current):
             return False
-        entry, model = load_model(self.registry, current)
-        encoder = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
-        memory = ErrorCompensationMemory.from_config(MemoryConfig(**{**self.memory_config, "dim": model.hidden_dim}))
+        new = load_bundle(self.registry, current, self.memory_config)
+        entry = new.entry
         recent = self.recent()
-        rebuilt = memory.rebuild([encoder.encode(recent)], model) if recent is not None else 0
+        rebuilt = new.memory.rebuild([new.encoder.encode(recent)], new.model) if recent is not None else 0
         previous = self.served
         reason = pointer.get("reason") or "promoted"
         if previous is None or not reason.startswith("refresh"):
             self.lineage = current
         if previous is None and self.scored == 0:
             self.skip = max(0, int(entry.training_range.get("learned", 0)) - self.unscored)
-        self.served = Served(current, model, encoder, memory)
+        self.served = new
         self.shadow = (previous, self.scored) if previous is not None else None
         self.versions.append({"ts": int(self.last_ts), "wall_s": round(time.time() - self.t0, 2), "version": current,
                               "previous": previous.version if previous else None,
@@ -191,7 +179,7 @@ class ServingLoop:
                 break
         return done
 
-    def _score(self, s: Served, table: pa.Table, learn: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, s: Bundle, table: pa.Table, learn: bool) -> tuple[np.ndarray, np.ndarray]:
         batch = s.encoder.encode(table)
         with torch.no_grad():
             logits, hidden = s.model(batch)

@@ -268,19 +268,18 @@ class Deployer:
         last = self.live.trace.last(self.opts.holdout)
         if len(last["y"]) < need:
             raise RunError(f"only {len(last['y'])} scored events so far: too few for the gate")
-        from jobs.registry import load_model
-        from online_models.encoding import EncoderConfig, FeatureEncoder
+        import torch
 
-        entry, model = load_model(self.registry, version)
+        from jobs.scoring import load_bundle
+
+        b = load_bundle(self.registry, version, self.opts.memory)
         recent = self.live.recent()
         ids = set(last["event_id"].tolist())
         rows = recent.filter(pa.array([e in ids for e in recent["event_id"].to_pylist()]))
         order = {e: i for i, e in enumerate(last["event_id"].tolist())}
         pos = np.array([order[e] for e in rows["event_id"].to_pylist()])
-        import torch
-
         with torch.no_grad():
-            p = torch.sigmoid(model(FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"])).encode(rows))[0])
+            p = torch.sigmoid(b.model(b.encoder.encode(rows))[0])
         y = last["y"][pos]
         return logloss(y, p.numpy()), logloss(y, last["p_base"][pos]), len(pos)
 
