@@ -132,7 +132,7 @@ def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
 def bench_kafka_read(topic: str) -> float:
     """Only reading every partition of the topic (kafka-python decode, no parsing): the job's input floor."""
     from pipelines.consumer_group import partition_offsets
-    from pipelines.kafka_source import read_batches
+    from reloop.kafka_io import read_batches
     from reloop.config import KafkaConfig
 
     kafka = KafkaConfig()

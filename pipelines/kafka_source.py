@@ -24,6 +24,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.parse import RAW_SCHEMA
 from reloop.config import KafkaConfig
+from reloop.kafka_io import read_batches
 
 
 @dataclass(frozen=True)
@@ -38,48 +39,6 @@ class PartitionRange:
     @property
     def size(self) -> int:
         return max(0, self.stop - self.start)
-
-
-def read_batches(kafka: KafkaConfig, topic: str, partition: int, start: int, stop: int, batch_size: int = 5000,
-                 timeout_s: float = 60.0) -> Iterator[tuple[list[int], list, list]]:
-    """Yield ``(offsets, keys, values)`` lists for offsets ``[start, stop)`` of one partition, in order.
-
-    Like :func:`reloop.kafka_io.read_range` (assign + seek + poll, no group) but a poll's records come out
-    as one batch. CRCs are not re-checked on the client (``check_crcs=False``): the broker validated them
-    on produce and TCP protects the fetch, and kafka-python's pure-Python CRC32C costs 2/3 of the read time.
-    """
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-
-    if stop <= start:
-        return
-    consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, group_id=None,
-                             max_poll_records=batch_size, fetch_max_bytes=64 * 1024 * 1024,
-                             max_partition_fetch_bytes=16 * 1024 * 1024, check_crcs=False,
-                             retry_backoff_ms=20)  # an idle first poll sleeps this long (default 100 ms)
-    tp = TopicPartition(topic, partition)
-    try:
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            records = consumer.poll(timeout_ms=1000).get(tp, [])
-            if records:
-                deadline = time.monotonic() + timeout_s
-                if records[-1].offset >= stop:
-                    records = [r for r in records if r.offset < stop]
-                if records:
-                    yield [r.offset for r in records], [r.key for r in records], [r.value for r in records]
-                if not records or records[-1].offset + 1 >= stop:
-                    return
-            elif consumer.position(tp) >= stop:
-                return
-            elif time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}[{partition}]: no records for {timeout_s:.0f}s "
-                                   f"while reading offsets {start}..{stop}")
-    finally:
-        consumer.close()
 
 
 def raw_table(partition: int, offsets: list[int], keys: list, values: list) -> pa.Table:

@@ -55,35 +55,36 @@ def end_offsets(cfg: KafkaConfig, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: int,
-               max_poll_records: int = 5000, timeout_s: float = 60.0) -> Iterator[tuple[int, bytes | None, bytes | None]]:
-    """Yield ``(offset, key, value)`` for offsets ``[start, stop)`` of one partition, in order.
+def read_batches(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: int, batch_size: int = 5000,
+                 timeout_s: float = 60.0) -> Iterator[tuple[list[int], list, list]]:
+    """Yield ``(offsets, keys, values)`` lists for offsets ``[start, stop)`` of one partition, in order.
 
-    Uses ``assign`` + ``seek`` + ``poll`` until the position reaches ``stop``; no
-    consumer group is involved, so reading is side-effect free and repeatable.
+    Uses ``assign`` + ``seek`` + ``poll`` until the position reaches ``stop``; no consumer group is
+    involved, so reading is side-effect free and repeatable; one poll's records come out as one batch.
+    CRCs are not re-checked on the client (``check_crcs=False``): the broker validated them on produce
+    and TCP protects the fetch, and kafka-python's pure-Python CRC32C costs 2/3 of the read time.
     """
     if stop <= start:
         return
     consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False, group_id=None,
-                             max_poll_records=max_poll_records, fetch_max_bytes=64 * 1024 * 1024,
-                             max_partition_fetch_bytes=16 * 1024 * 1024)
+                             max_poll_records=batch_size, fetch_max_bytes=64 * 1024 * 1024,
+                             max_partition_fetch_bytes=16 * 1024 * 1024, check_crcs=False,
+                             retry_backoff_ms=20)  # an idle first poll sleeps this long (default 100 ms)
     tp = TopicPartition(topic, partition)
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
         deadline = time.monotonic() + timeout_s
         while True:
-            batches = consumer.poll(timeout_ms=1000)
-            got = False
-            for record in batches.get(tp, ()):
-                got = True
-                if record.offset >= stop:
-                    return
-                yield record.offset, record.key, record.value
-                if record.offset + 1 >= stop:
-                    return
-            if got:
+            records = consumer.poll(timeout_ms=1000).get(tp, [])
+            if records:
                 deadline = time.monotonic() + timeout_s
+                if records[-1].offset >= stop:
+                    records = [r for r in records if r.offset < stop]
+                if records:
+                    yield [r.offset for r in records], [r.key for r in records], [r.value for r in records]
+                if not records or records[-1].offset + 1 >= stop:
+                    return
             elif consumer.position(tp) >= stop:
                 return
             elif time.monotonic() > deadline:
@@ -91,6 +92,14 @@ def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: i
                                    f"while reading offsets {start}..{stop}")
     finally:
         consumer.close()
+
+
+def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: int,
+               timeout_s: float = 60.0) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+    """Yield ``(offset, key, value)`` for offsets ``[start, stop)`` of one partition, in order (see
+    :func:`read_batches`)."""
+    for offsets, keys, values in read_batches(cfg, topic, partition, start, stop, timeout_s=timeout_s):
+        yield from zip(offsets, keys, values)
 
 
 def partition_count(cfg: KafkaConfig, topic: str) -> int:
