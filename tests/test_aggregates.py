@@ -10,29 +10,9 @@ import pytest
 from pipelines.aggregates import (ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState,
                                   compute_features, snapshot)
 from reloop.datasets import load_dataset
+from tests.reference import pandas_features as brute_force
 
 CFG = AggregateConfig()
-
-
-def brute_force(df: pd.DataFrame, entity: str, qids, qts, cfg: AggregateConfig = CFG) -> pd.DataFrame:
-    """Features of ``entity`` ids as of strictly before each query time, one slow loop per query."""
-    groups = {k: g for k, g in df.groupby(f"{entity}_id")}
-    rows = []
-    m, prior = cfg.prior_weight, cfg.prior_ctr
-    for q, t in zip(qids, qts):
-        g = groups.get(q)
-        past = g[g.ts < t] if g is not None else df.iloc[:0]
-        r = {}
-        for name, w in (*cfg.windows_ms, ("all", None)):
-            win = past if w is None else past[past.ts >= t - w]
-            imp, pos = len(win), int(win.label.sum())
-            r[f"{entity}_imp_{name}"], r[f"{entity}_pos_{name}"] = imp, pos
-            r[f"{entity}_ctr_{name}"] = (pos + m * prior) / (imp + m)
-        r[f"{entity}_secs_since_last"] = (t - past.ts.max()) / 1000.0 if len(past) else -1.0
-        if entity == "user":
-            r["user_last_items"] = list(past.sort_values("ts", kind="stable").item_id[::-1][: cfg.last_n])
-        rows.append(r)
-    return pd.DataFrame(rows)
 
 
 def assert_frames_close(got: pd.DataFrame, want: pd.DataFrame) -> None:

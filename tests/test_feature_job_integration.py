@@ -23,35 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
+from tests.reference import pandas_features
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-CFG = AggregateConfig()
-
-
-# ------------------------------------------------------------------ independent pandas recomputation
-
-def pandas_features(df: pd.DataFrame, entity: str, ids, times) -> pd.DataFrame:
-    """Features of ``entity`` ids as of strictly before each time, straight from the raw events."""
-    groups = {k: g.sort_values("ts", kind="stable") for k, g in df.groupby(f"{entity}_id", sort=False)}
-    m, prior = CFG.prior_weight, CFG.prior_ctr
-    rows = []
-    for q, t in zip(ids, times):
-        g = groups.get(q, df.iloc[:0])
-        past = g[g.ts < t]
-        r = {}
-        for name, w in (*CFG.windows_ms, ("all", None)):
-            win = past if w is None else past[past.ts >= t - w]
-            imp, pos = len(win), int(win.label.sum())
-            r[f"{entity}_imp_{name}"], r[f"{entity}_pos_{name}"] = imp, pos
-            r[f"{entity}_ctr_{name}"] = (pos + m * prior) / (imp + m)
-        r[f"{entity}_secs_since_last"] = (t - past.ts.max()) / 1000.0 if len(past) else -1.0
-        if entity == "user":
-            r["user_last_items"] = list(past.item_id[::-1][: CFG.last_n])
-        rows.append(r)
-    return pd.DataFrame(rows)
 
 
 def assert_features_equal(got: pd.DataFrame, want: pd.DataFrame, what: str) -> None:
