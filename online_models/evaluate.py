@@ -27,7 +27,6 @@ scores, timings. Deterministic for a given seed.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import time
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from online_models.encoding import EncoderConfig, FeatureEncoder

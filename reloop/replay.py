@@ -173,8 +173,6 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
                       workers: int, bar) -> None:
     import multiprocessing as mp
 
-    import numpy as np
-
     owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
     ctx = mp.get_context("spawn")  # no fork: the parent may hold client threads
     done = ctx.Value("q", 0)
