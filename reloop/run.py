@@ -470,17 +470,33 @@ class LoopRun:
 
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Run every stage to the end of the stream (or a stop signal); returns the summary.
+
+        On the embedded profile the local broker is started if it is down, and stopped again at the end
+        (one that was already up is left running): a run leaves no process behind.
+        """
+        from reloop import services
+
+        own_broker = None
+        if self.cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
+            broker = services.get("kafka")
+            own_broker = None if broker.status().running else broker
+            broker.start()
+        try:
+            return self._run()
+        finally:
+            if own_broker is not None:
+                own_broker.stop()
+
+    def _run(self) -> dict[str, Any]:
         import ray
 
         from jobs.monitor import build_loop
         from jobs.registry import ModelRegistry
         from jobs.trainer import IncrementalTrainer
-        from reloop import services
         from reloop.kafka_io import ensure_topics
         from reloop.live import ServingLoop
 
-        if self.cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
-            services.get("kafka").start()
         if not self.opts.resume:
             from reloop.kafka_io import end_offsets
 
