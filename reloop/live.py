@@ -58,10 +58,16 @@ class Trace:
         self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-        return {"ts": cat(self.ts, np.int64), "y": cat(self.y, float), "p_base": cat(self.p_base, float),
-                "p_mem": cat(self.p_mem, float), "p_prev": cat(self.p_prev, float), "user": cat(self.user, object),
-                "event_id": cat(self.event_id, object)}
+        """Every column as one array. The chunks are merged in place, so the progress display, the gate and
+        the deployer, which ask often, concatenate only what arrived since the last call."""
+        out = {}
+        for name, dtype in (("ts", np.int64), ("y", float), ("p_base", float), ("p_mem", float),
+                            ("p_prev", float), ("user", object), ("event_id", object)):
+            chunks = getattr(self, name)
+            if len(chunks) > 1:
+                chunks[:] = [np.concatenate(chunks)]
+            out[name] = chunks[0] if chunks else np.zeros(0, dtype)
+        return out
 
     def promotions(self, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """After each model swap: the new model against the previous one (its shadow) on the same events."""
