@@ -124,6 +124,13 @@ class CTRModel(nn.Module):
         self._last_emb = emb
         return emb, wide
 
+    def dense_input(self, emb: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The flat input of the deep part: field embeddings, then the numeric features."""
+        x = emb.flatten(1)                                             # (B, F*D)
+        if self.config.num_numeric:
+            x = torch.cat([x, self._num(batch)], dim=1)                # (B, F*D + N)
+        return x
+
     def _num(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         num = batch.get("num")
         if num is None:
@@ -179,10 +186,7 @@ class DeepFM(CTRModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
         fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)      # (B,)
-        x = emb.flatten(1)                                             # (B, F*D)
-        if self.config.num_numeric:
-            x = torch.cat([x, self._num(batch)], dim=1)                # (B, F*D + N)
-        hidden = self.mlp(x)                                           # (B, H)
+        hidden = self.mlp(self.dense_input(emb, batch))                # (B, H)
         return wide + fm + self.out(hidden).squeeze(-1), hidden
 
 
@@ -213,9 +217,7 @@ class DCNv2(CTRModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
-        x0 = emb.flatten(1)                                            # (B, F*D)
-        if self.config.num_numeric:
-            x0 = torch.cat([x0, self._num(batch)], dim=1)              # (B, d_in)
+        x0 = self.dense_input(emb, batch)                              # (B, d_in)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)                                           # (B, d_in)
