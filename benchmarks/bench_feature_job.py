@@ -130,15 +130,16 @@ def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
 
 
 def bench_kafka_read(topic: str) -> float:
-    """Only reading every partition of the topic (kafka-python decode, no parsing): the job's input floor."""
+    """Only reading every partition of the topic (fetch + decode, no parsing): the job's input floor."""
     from pipelines.consumer_group import partition_offsets
-    from reloop.kafka_io import read_batches
     from reloop.config import KafkaConfig
+    from reloop.kafka_io import RangeReader
 
     kafka = KafkaConfig()
     _, begin, end = partition_offsets(kafka, topic, f"{topic}.probe")
     t0 = time.perf_counter()
-    n = sum(len(offsets) for p in end for offsets, _, _ in read_batches(kafka, topic, p, begin[p], end[p]))
+    with RangeReader(kafka) as reader:
+        n = sum(len(cols) for p in end for cols in reader.read(topic, p, begin[p], end[p]))
     assert n == sum(end[p] - begin[p] for p in end)
     return time.perf_counter() - t0
 

@@ -1,9 +1,10 @@
 """Read bounded offset ranges of Kafka partitions in Beam: a splittable DoFn over ``OffsetRange``.
 
 Beam's own ``ReadFromKafka`` is a Java cross-language transform that the local
-Python runners cannot execute; this reader uses kafka-python (``assign`` +
-``seek`` + ``poll``, no consumer group, so reading has no side effects) and
-runs on FnApiRunner and on every distributed runner. Each range is split into
+Python runners cannot execute; this reader uses kafka-python
+(:class:`reloop.kafka_io.RangeReader`: fetches to the partition leader, no
+consumer group, so reading has no side effects, record batches decoded
+vectorised) and runs on FnApiRunner and on every distributed runner. Each range is split into
 chunks up front (``chunk_size`` offsets), so a distributed runner reads
 chunks in parallel, and the tracker also supports dynamic splitting.
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.transforms.core import RestrictionProvider
@@ -24,7 +26,8 @@ from apache_beam.transforms.core import RestrictionProvider
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.parse import RAW_SCHEMA
 from reloop.config import KafkaConfig
-from reloop.kafka_io import read_batches
+from reloop.kafka_io import RangeReader
+from reloop.kafka_records import RecordColumns
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,11 @@ class PartitionRange:
         return max(0, self.stop - self.start)
 
 
-def raw_table(partition: int, offsets: list[int], keys: list, values: list) -> pa.Table:
-    return pa.Table.from_arrays([pa.array([partition] * len(offsets), pa.int32()), pa.array(offsets, pa.int64()),
-                                 pa.array(keys, pa.binary()), pa.array(values, pa.binary())], schema=RAW_SCHEMA)
+def raw_table(partition: int, offsets, keys, values) -> pa.Table:
+    """A :data:`RAW_SCHEMA` table from offsets, keys and values (lists, arrays or Arrow arrays)."""
+    return pa.Table.from_arrays([pa.array(np.full(len(offsets), partition, np.int32)),
+                                 pa.array(np.asarray(offsets, np.int64)), pa.array(keys, pa.binary()),
+                                 pa.array(values, pa.binary())], schema=RAW_SCHEMA)
 
 
 class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
@@ -74,31 +79,36 @@ class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
         return restriction.size()
 
     # -- DoFn
+    def setup(self) -> None:
+        self._reader = RangeReader(self.kafka, timeout_s=self.timeout_s)  # one connection for every range
+
+    def teardown(self) -> None:
+        self._reader.close()
+
     def process(self, element: PartitionRange,
                 tracker=beam.DoFn.RestrictionParam()) -> Iterator[pa.Table]:  # type: ignore[override]
         r = tracker.current_restriction()
-        for offsets, keys, values in read_batches(self.kafka, element.topic, element.partition, r.start, r.stop,
-                                                  self.batch_size, self.timeout_s):
-            out, done = self._claim(tracker, element.partition, offsets, keys, values)
-            if out is not None:
-                yield out
-            if done:
-                return
+        for cols in self._reader.read(element.topic, element.partition, r.start, r.stop):
+            for lo in range(0, len(cols), self.batch_size):
+                out, done = self._claim(tracker, element.partition, cols.slice(lo, lo + self.batch_size))
+                if out is not None:
+                    yield out
+                if done:
+                    return
         # offsets missing at the end of the range (compaction, transaction markers): finish the restriction
         tracker.try_claim(tracker.current_restriction().stop)
 
-    def _claim(self, tracker, partition: int, offsets: list[int], keys: list, values: list
-               ) -> tuple[pa.Table | None, bool]:
+    def _claim(self, tracker, partition: int, cols: RecordColumns) -> tuple[pa.Table | None, bool]:
         """Claim a whole batch by its last offset; if the runner split the range meanwhile, keep our part."""
-        if tracker.try_claim(offsets[-1]):
-            self.records_read.inc(len(offsets))
-            return raw_table(partition, offsets, keys, values), False
-        stop = tracker.current_restriction().stop
-        n = sum(1 for o in offsets if o < stop)
-        if n == 0 or not tracker.try_claim(offsets[n - 1]):
+        if tracker.try_claim(int(cols.offsets[-1])):
+            self.records_read.inc(len(cols))
+            return raw_table(partition, cols.offsets, cols.keys, cols.values), False
+        n = int(np.searchsorted(cols.offsets, tracker.current_restriction().stop))
+        if n == 0 or not tracker.try_claim(int(cols.offsets[n - 1])):
             return None, True
         self.records_read.inc(n)
-        return raw_table(partition, offsets[:n], keys[:n], values[:n]), True
+        cols = cols.slice(0, n)
+        return raw_table(partition, cols.offsets, cols.keys, cols.values), True
 
 
 class ReadKafkaRanges(beam.PTransform):
