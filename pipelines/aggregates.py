@@ -139,18 +139,22 @@ class FeatureState:
 
 @dataclass
 class _Entity:
-    """The tail of one entity kind, sorted by (code, ts), with cumulative sums for O(1) window counts."""
+    """The tail of one entity kind, sorted by (code, ts), with cumulative sums for O(1) window counts.
 
-    codes: np.ndarray       # (N,) int64 entity code per tail row, sorted
+    Codes index one dictionary shared by the tail and the queries (:func:`_encode`); the evicted
+    counters are per code, and the evicted last items are ``ev_items[ev_start[c]:ev_start[c] + ev_len[c]]``.
+    """
+
     ts: np.ndarray          # (N,) int64
     cum_pos: np.ndarray     # (N+1,) cumulative positives
-    items: np.ndarray       # (N,) object: item ids (for last-N)
+    items: pa.Array         # (N,) item ids of the sorted tail (for last-N)
     keys: np.ndarray        # (N,) composite sort key
-    first: np.ndarray       # (N,) index of the first row of the same code
     ev_imp: np.ndarray      # (C,) evicted counters per code
     ev_pos: np.ndarray
     ev_last_ts: np.ndarray
-    ev_last_items: list     # (C,) lists
+    ev_start: np.ndarray    # (C,) where the code's evicted last items start in ev_items
+    ev_len: np.ndarray      # (C,) how many there are
+    ev_items: pa.Array
 
 
 def _composite(codes: np.ndarray, ts: np.ndarray, t0: int) -> np.ndarray:
@@ -158,36 +162,48 @@ def _composite(codes: np.ndarray, ts: np.ndarray, t0: int) -> np.ndarray:
     return (codes.astype(np.int64) << 40) | (ts - t0).astype(np.int64)
 
 
-def _index(tail_ids: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail_items: np.ndarray,
-           vocab: np.ndarray, ev: pa.Table, t0: int) -> _Entity:
-    codes = np.searchsorted(vocab, tail_ids)
+def _encode(*arrays: pa.Array) -> tuple[list[np.ndarray], pa.Array]:
+    """Codes of string arrays in one shared dictionary (Arrow's C++ hashing: no sort of Python strings).
+
+    >>> codes, dictionary = _encode(pa.array(["b", "a"]), pa.array(["a", "c"]))
+    >>> [c.tolist() for c in codes], dictionary.to_pylist()
+    ([[0, 1], [1, 2]], ['b', 'a', 'c'])
+    """
+    sizes = [len(a) for a in arrays]
+    enc = pa.concat_arrays([a.cast(pa.string()) for a in arrays]).dictionary_encode()
+    codes = enc.indices.to_numpy().astype(np.int64)
+    return np.split(codes, np.cumsum(sizes)[:-1]), enc.dictionary
+
+
+def _index(codes: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail_items: pa.Array,
+           dictionary: pa.Array, ev: pa.Table, t0: int) -> _Entity:
     order = np.lexsort((tail_ts, codes))
     codes, ts = codes[order], tail_ts[order]
     cum_pos = np.concatenate([[0], np.cumsum(tail_labels[order], dtype=np.int64)])
-    first = np.searchsorted(codes, codes, side="left")
-    c = len(vocab)
+    c = len(dictionary)
     ev_imp, ev_pos = np.zeros(c, np.int64), np.zeros(c, np.int64)
     ev_last_ts = np.full(c, -1, np.int64)
-    ev_last_items: list = [[] for _ in range(c)]
+    ev_start, ev_len = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    ev_items = pa.array([], pa.string())
     if ev.num_rows:
-        ids = ev["id"].to_numpy(zero_copy_only=False).astype(object)
-        pos = np.searchsorted(vocab, ids)
-        hit = (pos < c) & (vocab[np.minimum(pos, c - 1)] == ids)
-        p = pos[hit]
+        where = pc.index_in(ev["id"], value_set=dictionary).to_numpy(zero_copy_only=False)
+        hit = ~np.isnan(where) if where.dtype.kind == "f" else np.ones(len(where), bool)
+        p = where[hit].astype(np.int64)
         ev_imp[p] = ev["imp"].to_numpy()[hit]
         ev_pos[p] = ev["pos"].to_numpy()[hit]
         ev_last_ts[p] = ev["last_ts"].to_numpy()[hit]
-        li = ev["last_items"].to_pylist()
-        for j, k in zip(np.flatnonzero(hit), p):
-            ev_last_items[k] = li[j]
-    return _Entity(codes, ts, cum_pos, tail_items[order], _composite(codes, ts, t0), first,
-                   ev_imp, ev_pos, ev_last_ts, ev_last_items)
+        lists = ev["last_items"].combine_chunks()
+        offsets = lists.offsets.to_numpy()
+        ev_start[p], ev_len[p] = offsets[:-1][hit], np.diff(offsets)[hit]
+        ev_items = lists.values
+    return _Entity(ts, cum_pos, tail_items.take(pa.array(order)), _composite(codes, ts, t0),
+                   ev_imp, ev_pos, ev_last_ts, ev_start, ev_len, ev_items)
 
 
 def _query(ent: _Entity, qcodes: np.ndarray, qts: np.ndarray, t0: int, cfg: AggregateConfig, prefix: str,
-           with_last_items: bool) -> dict[str, np.ndarray | list]:
+           with_last_items: bool) -> dict[str, np.ndarray | pa.Array]:
     """Features of entities ``qcodes`` as of strictly before ``qts``, from the indexed tail."""
-    out: dict[str, np.ndarray | list] = {}
+    out: dict[str, np.ndarray | pa.Array] = {}
     hi = np.searchsorted(ent.keys, _composite(qcodes, qts, t0), side="left")          # rows with ts < t
     lo_all = np.searchsorted(ent.keys, _composite(qcodes, np.full_like(qts, t0), t0), side="left")
     smooth = cfg.prior_weight * cfg.prior_ctr
@@ -206,16 +222,25 @@ def _query(ent: _Entity, qcodes: np.ndarray, qts: np.ndarray, t0: int, cfg: Aggr
     prev_ts = np.where(has_prev, ent.ts[np.maximum(hi - 1, 0)] if len(ent.ts) else -1, ent.ev_last_ts[qcodes])
     out[f"{prefix}_secs_since_last"] = np.where(prev_ts >= 0, (qts - prev_ts) / 1000.0, -1.0)
     if with_last_items:
-        n = cfg.last_n
-        lists: list[list[str]] = []
-        items = ent.items
-        for h, l, c in zip(hi.tolist(), lo_all.tolist(), qcodes.tolist()):
-            recent = items[max(l, h - n):h][::-1].tolist()
-            if len(recent) < n:
-                recent += ent.ev_last_items[c][: n - len(recent)]
-            lists.append(recent)
-        out["user_last_items"] = lists
+        out["user_last_items"] = _last_items(ent, qcodes, lo_all, hi, cfg.last_n)
     return out
+
+
+def _last_items(ent: _Entity, qcodes: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> pa.ListArray:
+    """Per query, the newest ``n`` items before it: tail rows ``hi-1, hi-2, ... >= lo``, then the evicted
+    items of its entity (already newest first). Built as one gather, no Python loop per query."""
+    from_tail = np.minimum(hi - lo, n)
+    from_ev = np.minimum(n - from_tail, ent.ev_len[qcodes])
+    lengths = from_tail + from_ev
+    offsets = np.zeros(len(qcodes) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    row = np.repeat(np.arange(len(qcodes)), lengths)
+    j = np.arange(offsets[-1]) - offsets[row]
+    tail_part = j < from_tail[row]
+    take = np.where(tail_part, hi[row] - 1 - j,
+                    len(ent.items) + ent.ev_start[qcodes[row]] + (j - from_tail[row]))
+    pool = pa.concat_arrays([ent.items.cast(pa.string()), ent.ev_items.cast(pa.string())])
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pool.take(pa.array(take)))
 
 
 def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -> tuple[pa.Table, int, int]:
@@ -258,7 +283,7 @@ def compute_features(events: pa.Table, state: FeatureState, cfg: AggregateConfig
         t0 = int(pc.min(combined["ts"]).as_py()) - cfg.horizon_ms - 1
         qts = events["ts"].to_numpy()
         for entity in ("user", "item"):
-            qids = events[f"{entity}_id"].to_numpy(zero_copy_only=False).astype(object)
+            qids = events[f"{entity}_id"].combine_chunks()
             feats = _append(feats, _entity_features(combined, state.evicted, entity, qids, qts, t0, cfg))
     watermark = max(state.watermark, int(pc.max(events["ts"]).as_py()) if events.num_rows else -1)
     new_state = _advance(combined, state.evicted, watermark, cfg)
@@ -266,21 +291,19 @@ def compute_features(events: pa.Table, state: FeatureState, cfg: AggregateConfig
     return feats, new_state, stats
 
 
-def _entity_features(tail: pa.Table, evicted: pa.Table, entity: str, qids: np.ndarray, qts: np.ndarray,
-                     t0: int, cfg: AggregateConfig) -> dict[str, np.ndarray | list]:
+def _entity_features(tail: pa.Table, evicted: pa.Table, entity: str, qids: pa.Array, qts: np.ndarray,
+                     t0: int, cfg: AggregateConfig) -> dict[str, np.ndarray | pa.Array]:
     """Features of one entity kind (``user``/``item``) for query ids at query times."""
-    tail_ids = tail[f"{entity}_id"].to_numpy(zero_copy_only=False).astype(object)
-    vocab = np.unique(np.concatenate([tail_ids, qids])) if len(tail_ids) + len(qids) else np.array([], object)
+    (codes, qcodes), dictionary = _encode(tail[f"{entity}_id"].combine_chunks(), qids)
     ev = evicted.filter(pc.equal(evicted["entity"], entity)) if evicted.num_rows else evicted
-    ent = _index(tail_ids, tail["ts"].to_numpy(), tail["label"].to_numpy().astype(np.int64),
-                 tail["item_id"].to_numpy(zero_copy_only=False).astype(object), vocab, ev, t0)
-    return _query(ent, np.searchsorted(vocab, qids).astype(np.int64), qts, t0, cfg, entity, entity == "user")
+    ent = _index(codes, tail["ts"].to_numpy(), tail["label"].to_numpy().astype(np.int64),
+                 tail["item_id"].combine_chunks(), dictionary, ev, t0)
+    return _query(ent, qcodes, qts, t0, cfg, entity, entity == "user")
 
 
-def _append(table: pa.Table, cols: dict[str, np.ndarray | list]) -> pa.Table:
+def _append(table: pa.Table, cols: dict[str, np.ndarray | pa.Array]) -> pa.Table:
     for name, values in cols.items():
-        typ = pa.list_(pa.string()) if name == "user_last_items" else None
-        table = table.append_column(name, pa.array(values, type=typ))
+        table = table.append_column(name, values if isinstance(values, pa.Array) else pa.array(values))
     return table
 
 
@@ -294,22 +317,33 @@ def _advance(combined: pa.Table, evicted: pa.Table, watermark: int, cfg: Aggrega
     tail = combined.filter(pc.invert(old_mask))
     if old.num_rows == 0:
         return FeatureState(tail, evicted, watermark)
-    fresh = []
-    for entity in ("user", "item"):
-        key = f"{entity}_id"
-        agg = old.group_by(key).aggregate([("label", "count"), ("label", "sum"), ("ts", "max")])
-        ids = agg[key].to_pylist()
-        last_items: dict[str, list[str]] = {}
-        if entity == "user":  # newest first, at most last_n per user (old is sorted by ts)
-            for u, it in zip(old[key].to_pylist(), old["item_id"].to_pylist()):
-                last_items.setdefault(u, []).append(it)
-            last_items = {u: v[::-1][: cfg.last_n] for u, v in last_items.items()}
-        fresh.append(pa.table({
-            "entity": pa.array([entity] * len(ids), pa.string()), "id": agg[key],
-            "imp": pc.cast(agg["label_count"], pa.int64()), "pos": pc.cast(agg["label_sum"], pa.int64()),
-            "last_ts": agg["ts_max"],
-            "last_items": pa.array([last_items.get(u, []) for u in ids], pa.list_(pa.string()))}))
+    fresh = [_evicted_counters(old, entity, cfg.last_n) for entity in ("user", "item")]
     return FeatureState(tail, _merge_evicted(evicted, pa.concat_tables(fresh), cfg), watermark)
+
+
+def _evicted_counters(old: pa.Table, entity: str, last_n: int) -> pa.Table:
+    """Per entity of ``old`` (rows sorted by ts): impressions, positives, newest ts and (users) the
+    newest ``last_n`` items, newest first."""
+    (codes,), ids = _encode(old[f"{entity}_id"].combine_chunks())
+    c = len(ids)
+    ts = old["ts"].to_numpy()
+    last_ts = np.full(c, np.iinfo(np.int64).min, np.int64)
+    np.maximum.at(last_ts, codes, ts)
+    imp = np.bincount(codes, minlength=c).astype(np.int64)
+    if entity == "user":  # rows grouped by code, newest (latest position) first; keep the first last_n
+        order = np.lexsort((-np.arange(len(codes)), codes))
+        rank = np.arange(len(order)) - np.searchsorted(codes[order], codes[order])
+        lengths = np.minimum(imp, last_n)
+        items = old["item_id"].combine_chunks().take(pa.array(order[rank < last_n]))
+    else:
+        lengths, items = np.zeros(c, np.int64), pa.array([], pa.string())
+    offsets = np.zeros(c + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.table({
+        "entity": pa.array([entity] * c, pa.string()), "id": ids.cast(pa.string()), "imp": imp,
+        "pos": np.bincount(codes, weights=old["label"].to_numpy(), minlength=c).astype(np.int64),
+        "last_ts": last_ts, "last_items": pa.ListArray.from_arrays(pa.array(offsets), items.cast(pa.string()))},
+        schema=_EVICTED_SCHEMA)
 
 
 def _merge_evicted(evicted: pa.Table, fresh: pa.Table, cfg: AggregateConfig) -> pa.Table:
@@ -353,6 +387,6 @@ def snapshot(state: FeatureState, as_of_ts: int, cfg: AggregateConfig = DEFAULT_
         ids = sorted(set(tail[key].to_pylist())) if chosen is None else list(chosen)
         qts = np.full(len(ids), as_of_ts, np.int64)
         table = pa.table({key: pa.array(ids, pa.string()), "event_timestamp": pa.array(qts, pa.int64())})
-        out.append(_append(table, _entity_features(tail, state.evicted, entity, np.asarray(ids, dtype=object),
+        out.append(_append(table, _entity_features(tail, state.evicted, entity, table[key].combine_chunks(),
                                                    qts, t0, cfg)))
     return out[0], out[1]
