@@ -252,10 +252,10 @@ def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -> tupl
     if state.watermark >= 0:
         keep &= ts >= state.watermark - cfg.allowed_lateness_ms
         late = int(n - keep.sum())
-    ids = events["event_id"].to_numpy(zero_copy_only=False).astype(object)
+    (codes,), _ = _encode(events["event_id"].combine_chunks())
     seen = pc.is_in(events["event_id"], value_set=state.tail["event_id"].combine_chunks()).to_numpy(
         zero_copy_only=False) if state.tail.num_rows else np.zeros(n, bool)
-    _, first_idx = np.unique(ids, return_index=True)
+    _, first_idx = np.unique(codes, return_index=True)
     first = np.zeros(n, bool)
     first[first_idx] = True
     dup = (seen | ~first) & keep

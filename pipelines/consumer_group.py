@@ -13,6 +13,7 @@ from kafka.structs import OffsetAndMetadata
 
 from pipelines.checkpoint import Plan, StateStore
 from reloop.config import KafkaConfig
+from reloop.kafka_io import topic_partitions
 
 
 class OffsetsError(RuntimeError):
@@ -21,7 +22,7 @@ class OffsetsError(RuntimeError):
 
 def _consumer(cfg: KafkaConfig, group: str) -> KafkaConsumer:
     return KafkaConsumer(**cfg.client_options(), group_id=group, enable_auto_commit=False,
-                         request_timeout_ms=30_000)
+                         request_timeout_ms=30_000, allow_auto_create_topics=False)
 
 
 def partition_offsets(cfg: KafkaConfig, topic: str, group: str) -> tuple[dict[int, int | None], dict[int, int],
@@ -29,7 +30,7 @@ def partition_offsets(cfg: KafkaConfig, topic: str, group: str) -> tuple[dict[in
     """``(committed, beginning, end)`` per partition of ``topic`` (committed is None where never committed)."""
     consumer = _consumer(cfg, group)
     try:
-        parts = consumer.partitions_for_topic(topic)
+        parts = topic_partitions(consumer, topic)
         if not parts:
             raise OffsetsError(f"topic {topic} does not exist on {cfg.bootstrap_servers}")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]

@@ -55,35 +55,60 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", head).strip("_")[:40] or "other"
 
 
-def parse_batch(values: Sequence[bytes | None], *, partition: int, offsets: Sequence[int],
-                keys: Sequence[bytes | None] | None = None, now_ms: int | None = None) -> tuple[pa.Table, pa.Table]:
+def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, offsets: Sequence[int] | np.ndarray,
+                keys: Sequence[bytes | None] | pa.Array | None = None, now_ms: int | None = None
+                ) -> tuple[pa.Table, pa.Table]:
     """``(events, rejections)`` of one batch of records from one partition (see the module docstring).
 
-    Records of the plain shape (the five required fields, nothing else) are decoded in one vectorised
-    pass (:func:`_fast_parse`); every other record goes through :func:`reloop.events.parse_event`, so
-    acceptance and reasons are exactly the contract's (``tests/test_pipeline_parse.py`` checks that).
+    ``values`` and ``keys`` are lists of bytes or Arrow binary arrays (what the Kafka reader emits; no
+    Python object per record is made for them). Records of the plain shape (the five required fields
+    and a flat context) are decoded in one vectorised pass (:func:`_fast_parse`); every other record goes
+    through :func:`reloop.events.parse_event`, so acceptance and reasons are exactly the contract's
+    (``tests/test_pipeline_parse.py`` checks that).
     """
+    values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.binary())
     n = len(values)
-    keys = list(keys) if keys is not None else [None] * n
-    values, offsets = list(values), list(offsets)
+    keys = keys if isinstance(keys, pa.Array) else pa.array(list(keys) if keys is not None else [None] * n,
+                                                           pa.binary())
+    offsets = np.asarray(offsets, np.int64)
     if now_ms is None:
         now_ms = int(time.time() * 1000)
     fast = _fast_parse(values, now_ms)
     if fast is None:
-        return _slow_parse(values, partition=partition, offsets=offsets, keys=keys, now_ms=now_ms)
+        return _slow_parse(values.to_pylist(), partition=partition, offsets=offsets.tolist(), keys=keys.to_pylist(),
+                           now_ms=now_ms)
     accepted, ok = fast
     core = accepted.select(_FAST_SCHEMA.names)
     events = core.append_column("kafka_partition", pa.array(np.full(len(core), partition, np.int32))) \
-        .append_column("kafka_offset", pa.array(np.asarray(offsets, np.int64)[ok]))
+        .append_column("kafka_offset", pa.array(offsets[ok]))
     for name in accepted.column_names[len(_FAST_SCHEMA.names):]:
         events = events.append_column(name, accepted[name])
     rest = np.flatnonzero(~ok)
     if len(rest) == 0:
         return events, REJECT_SCHEMA.empty_table()
-    slow_events, rejects = _slow_parse([values[i] for i in rest], partition=partition,
-                                       offsets=[offsets[i] for i in rest], keys=[keys[i] for i in rest],
+    idx = pa.array(rest)
+    slow_events, rejects = _slow_parse(values.take(idx).to_pylist(), partition=partition,
+                                       offsets=offsets[rest].tolist(), keys=keys.take(idx).to_pylist(),
                                        now_ms=now_ms)
     return concat_events([events, slow_events]).sort_by("kafka_offset"), rejects
+
+
+def _json_lines(values: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """The records joined by newlines into one buffer, and each record's length; None if a record is
+    null or contains a newline itself (then the batch is not plain JSON lines)."""
+    values = values.cast(pa.binary())
+    n = len(values)
+    if n == 0 or values.null_count:
+        return None
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + n + 1]
+    data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    if (data == 0x0A).any():
+        return None
+    joined = np.full(len(data) + n - 1, 0x0A, np.uint8)
+    keep = np.ones(len(joined), bool)
+    keep[offsets[1:-1] - offsets[0] + np.arange(n - 1)] = False  # the separators
+    joined[keep] = data
+    return joined, np.diff(offsets)
 
 
 _FAST_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
@@ -93,7 +118,7 @@ _FAST_OPTIONS = pajson.ParseOptions(explicit_schema=_FAST_SCHEMA, unexpected_fie
 _CONTEXT_TYPES = (pa.int64(), pa.float64(), pa.string(), pa.bool_(), pa.null())
 
 
-def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None:
+def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | None:
     """Vectorised decode of a batch whose records are all plain events: ``(accepted rows, accepted mask)``.
 
     Returns None when the batch as a whole does not fit (a null or multi-line record, a field of
@@ -102,11 +127,10 @@ def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None
     or long id, ts or label out of range, oversized, long or non-finite context value) are left out of
     the mask and re-parsed one by one, which gives them the contract's exact reason.
     """
-    if not values or any(v is None for v in values):
+    lines = _json_lines(values)
+    if lines is None:
         return None
-    joined = b"\n".join(values)
-    if joined.count(b"\n") != len(values) - 1:
-        return None
+    joined, lengths = lines
     try:
         t = pajson.read_json(pa.py_buffer(joined), parse_options=_FAST_OPTIONS,
                              read_options=pajson.ReadOptions(block_size=max(1 << 20, len(joined) + 1)))
@@ -116,7 +140,7 @@ def _fast_parse(values: list, now_ms: int) -> tuple[pa.Table, np.ndarray] | None
         return None
     t = t.combine_chunks()
     valid = lambda arr: pc.fill_null(arr, False).to_numpy(zero_copy_only=False)  # noqa: E731
-    ok = np.array([len(v) <= MAX_PAYLOAD_BYTES for v in values])
+    ok = lengths <= MAX_PAYLOAD_BYTES
     for name in ("event_id", "user_id", "item_id"):
         length = pc.utf8_length(t[name])
         ok &= valid(pc.and_(pc.greater(length, 0), pc.less_equal(length, MAX_ID_CHARS)))

@@ -54,11 +54,12 @@ class ParseBatchFn(beam.DoFn):
         if raw.num_rows == 0:
             return
         partitions = raw["kafka_partition"].to_numpy()
+        present = np.unique(partitions)
         # a reader batch is one partition; stay correct if a caller mixes them
-        for p in np.unique(partitions):
-            part = raw if len(np.unique(partitions)) == 1 else raw.filter(pc.equal(raw["kafka_partition"], int(p)))
-            events, bad = parse_batch(part["value"].to_pylist(), partition=int(p),
-                                      offsets=part["kafka_offset"].to_pylist(), keys=part["key"].to_pylist(),
+        for p in present:
+            part = raw if len(present) == 1 else raw.filter(pc.equal(raw["kafka_partition"], int(p)))
+            events, bad = parse_batch(part["value"].combine_chunks(), partition=int(p),
+                                      offsets=part["kafka_offset"].to_numpy(), keys=part["key"].combine_chunks(),
                                       now_ms=self.now_ms)
             self.parsed.inc(events.num_rows)
             if events.num_rows:

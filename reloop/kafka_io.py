@@ -48,11 +48,33 @@ def producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:
     return KafkaProducer(**cfg.client_options(), **opts)
 
 
+def topic_partitions(consumer: KafkaConsumer, topic: str, refresh: bool = False,
+                     timeout_s: float = 10.0) -> set[int]:
+    """The partitions of ``topic`` (empty if it does not exist), from metadata of that topic only.
+
+    ``KafkaConsumer.partitions_for_topic`` asks the broker for the metadata of every topic, which
+    costs ~0.1 s per call on a broker with a few hundred topics; this asks for the one topic. Create
+    ``consumer`` with ``allow_auto_create_topics=False``, or asking may create the topic.
+    """
+    cluster = consumer._client.cluster
+    parts = None if refresh else cluster.partitions_for_topic(topic)
+    if not parts:
+        future = cluster.add_topic(topic)
+        if refresh or future.is_done:
+            future = cluster.request_update()
+        try:
+            consumer._net.run(consumer._manager.wait_for, future, int(timeout_s * 1000))
+        except Errors.UnknownTopicOrPartitionError:
+            return set()
+        parts = cluster.partitions_for_topic(topic)
+    return set(parts or ())
+
+
 def end_offsets(cfg: KafkaConfig, topic: str) -> dict[int, int]:
     """The log-end offset of every partition of ``topic``."""
-    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False)
+    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False, allow_auto_create_topics=False)
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
+        parts = topic_partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
     finally:
@@ -103,7 +125,7 @@ class RangeReader:
         pos = start
         deadline = time.monotonic() + self.timeout_s
         if pos < stop and topic not in self._topics:
-            self._connect().partitions_for_topic(topic)  # one metadata request: the partitions' leaders
+            topic_partitions(self._connect(), topic)  # one metadata request: the partitions' leaders
             self._topics.add(topic)
         while pos < stop:
             part = self._fetch(TopicPartition(topic, partition), pos)
@@ -127,9 +149,8 @@ class RangeReader:
         cluster = consumer._client.cluster
         leader = cluster.leader_for_partition(tp)
         if leader is None or leader < 0:
-            consumer.partitions_for_topic(tp.topic)  # refreshes the metadata of a new or moved partition
-            cluster.request_update()
             time.sleep(0.05)
+            topic_partitions(consumer, tp.topic, refresh=True)  # a new or moved partition
             return None
         request = FetchRequest(
             max_wait_ms=self.max_wait_ms, min_bytes=1, max_bytes=self.max_partition_bytes,
@@ -156,7 +177,8 @@ class RangeReader:
 
     def _connect(self) -> KafkaConsumer:
         if self._consumer is None:
-            self._consumer = KafkaConsumer(**self.cfg.client_options(), enable_auto_commit=False, group_id=None)
+            self._consumer = KafkaConsumer(**self.cfg.client_options(), enable_auto_commit=False, group_id=None,
+                                           allow_auto_create_topics=False)
         return self._consumer
 
 
@@ -171,14 +193,13 @@ def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: i
 
 def partition_count(cfg: KafkaConfig, topic: str) -> int:
     """How many partitions ``topic`` has (waits briefly for the metadata of a new topic)."""
-    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False)
+    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False, allow_auto_create_topics=False)
     try:
-        for _ in range(50):
-            parts = consumer.partitions_for_topic(topic)
+        for attempt in range(50):
+            parts = topic_partitions(consumer, topic, refresh=attempt > 0)
             if parts:
                 return len(parts)
             time.sleep(0.1)
-            consumer.topics()  # refresh metadata
         raise RuntimeError(f"topic {topic} has no partitions in the metadata of {cfg.bootstrap_servers}")
     finally:
         consumer.close()
