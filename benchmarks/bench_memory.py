@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             def mem_step(mem=mem, hidden=hidden, model=model):
                 key = memory_key(model, batch, hidden, KEY)      # building the key is part of the memory's cost
-                idx = mem.bucket_index(key)
-                mem.estimate(key, p, idx)
-                mem.write(key, y, p, idx)
+                mem.step(key, p, y)
 
             t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
             cost_rows.append({"model": name, "K": k, "L": bits, "batch": args.batch_size,

@@ -13,7 +13,8 @@ the ids that collide with it) and can never raise an ``IndexError``. The price
 is collisions, which ``hash_buckets`` controls.
 
 Numeric features are ``log1p`` of their absolute value (sign kept), so counts
-spanning orders of magnitude become comparable, then standardised with a mean
+spanning orders of magnitude become comparable, or, for the ``logit_fields``
+(click rates), their log-odds; then standardised with a mean
 and standard deviation that live in the config (fitted once on warm-up data
 with :meth:`FeatureEncoder.fit`); missing values become 0 after
 standardisation (the mean) and everything is clipped to +-5.
@@ -54,6 +55,10 @@ import pyarrow.compute as pc
 import torch
 
 
+#: rates are clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] before their log-odds
+LOGIT_CLIP = 1e-3
+
+
 class EncodingError(ValueError):
     """A table that cannot be encoded: a missing column or a bad encoder configuration."""
 
@@ -67,6 +72,9 @@ class EncoderConfig:
     hash_buckets: int = 20_011
     history_field: str | None = None   # e.g. "user_last_items" (list<string>), hashed into the item_id field
     history_len: int = 10
+    # numeric fields that are rates in [0, 1] (e.g. smoothed CTRs): log-odds instead of log1p, so the model sees
+    # a click rate on the scale its logit adds up on (a rate of .9 vs .8 is a big step, .5 vs .4 a small one)
+    logit_fields: tuple[str, ...] = ()
     numeric_mean: tuple[float, ...] | None = None
     numeric_std: tuple[float, ...] | None = None
 
@@ -77,6 +85,9 @@ class EncoderConfig:
             raise EncodingError("categorical_fields must name at least one column (e.g. user_id)")
         if self.history_len < 1:
             raise EncodingError(f"history_len must be >= 1, got {self.history_len}")
+        unknown = set(self.logit_fields) - set(self.numeric_fields)
+        if unknown:
+            raise EncodingError(f"logit_fields {', '.join(sorted(unknown))} are not numeric_fields")
         for name, stats in (("numeric_mean", self.numeric_mean), ("numeric_std", self.numeric_std)):
             if stats is not None and len(stats) != len(self.numeric_fields):
                 raise EncodingError(f"{name} has {len(stats)} values for {len(self.numeric_fields)} numeric_fields")
@@ -87,7 +98,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
         d = dict(d)
-        for k in ("categorical_fields", "numeric_fields", "numeric_mean", "numeric_std"):
+        for k in ("categorical_fields", "numeric_fields", "logit_fields", "numeric_mean", "numeric_std"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -172,12 +183,17 @@ class FeatureEncoder:
 
     def _numeric_raw(self, table: pa.Table) -> np.ndarray:
         out = np.empty((table.num_rows, self.num_numeric), dtype=np.float64)
+        logit = set(self.config.logit_fields)
         for j, c in enumerate(self.config.numeric_fields):
             try:
                 x = pc.cast(table[c], pa.float64()).to_numpy(zero_copy_only=False)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise EncodingError(f"numeric column {c} cannot be read as float: {e}") from e
-            out[:, j] = np.sign(x) * np.log1p(np.abs(x))
+            if c in logit:
+                q = np.clip(x, LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+                out[:, j] = np.log(q / (1.0 - q))
+            else:
+                out[:, j] = np.sign(x) * np.log1p(np.abs(x))
         return out
 
     def _history(self, col: pa.ChunkedArray) -> np.ndarray:

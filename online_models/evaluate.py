@@ -35,16 +35,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
-from online_models.memory import ErrorCompensationMemory, MemoryConfig
+from online_models.memory import ErrorCompensationMemory, Hashed, MemoryConfig
 from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
 
 MEMORY_WRITES = ("timestamp", "event", "batch")
+SAME_TIME = ("stream", "timestamp")
+#: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
+AUC_TIE = 0.001
 VARIANTS = ("base", "incremental", "base+memory", "incremental+memory", "river_lr", "river_fm")
 
 
@@ -65,6 +69,11 @@ class EvaluationConfig:
     batch_size: int = 256
     warmup_epochs: int = 1
     limit: int | None = None
+    # events with the same timestamp: "stream" = spread by 1 ms in stream order first, so the features of an
+    # event see the earlier events of its second (ML-100K's timestamps are whole seconds: half of its events share
+    # a second with an earlier event of the same user, and the "event" memory writes see them anyway);
+    # "timestamp" = as the feature job on raw timestamps (same-ms events do not see each other)
+    same_time: str = "stream"
     # model and optimizer
     embedding_dim: int = 8
     hidden_sizes: tuple[int, ...] = (64, 32)
@@ -73,6 +82,8 @@ class EvaluationConfig:
     hash_buckets: int = 20_011
     use_history: bool = False
     numeric_features: tuple[str, ...] | None = None   # None = all of USER_FEATURES + ITEM_FEATURES; () = ids only
+    logit_ctr: bool = False           # the numeric *_ctr_* features enter as log-odds (see EncoderConfig.logit_fields)
+    optimizer: str = "adam"           # "adam" | "sgd" | "adagrad" (see LearnerConfig)
     lr: float = 3e-3
     embedding_lr: float | None = None
     weight_decay: float = 1e-4
@@ -85,13 +96,14 @@ class EvaluationConfig:
     # after the event in stream order (River's learn_one timing), "batch" = after the whole mini-batch
     memory_write: str = "event"
     tune_memory: bool = True
-    tables_grid: tuple[int, ...] = (16, 32)
-    bits_grid: tuple[int, ...] = (12,)
-    decay_grid: tuple[float, ...] = (1.0, 0.999)
+    tables_grid: tuple[int, ...] = (8, 32)
+    bits_grid: tuple[int, ...] = (10,)
+    decay_grid: tuple[float, ...] = (0.999,)
     gamma_grid: tuple[float, ...] = (0.0, 1.0)
-    lam_grid: tuple[float, ...] = (0.3, 0.6, 1.0)
+    lam_grid: tuple[float, ...] = (0.6, 1.0)
     tau_grid: tuple[float, ...] = (0.2,)
-    shrinkage_grid: tuple[float, ...] = (0.0,)
+    shrinkage_grid: tuple[float, ...] = (0.0, 10.0)
+    eps_grid: tuple[float, ...] = (0.02,)
     # river baselines
     river_lr: float = 0.05
     river_fm_lr: float = 0.02
@@ -111,6 +123,8 @@ class EvaluationConfig:
             raise EvaluationError(f"model must be one of {', '.join(KINDS)}, got {self.model!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise EvaluationError(f"memory_write must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
+        if self.same_time not in SAME_TIME:
+            raise EvaluationError(f"same_time must be one of {', '.join(SAME_TIME)}, got {self.same_time!r}")
         if self.memory_key not in MEMORY_KEYS:
             raise EvaluationError(f"memory_key must be one of {', '.join(MEMORY_KEYS)}, got {self.memory_key!r}")
         unknown = set(self.variants) - set(VARIANTS)
@@ -144,6 +158,8 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     from reloop.datasets import load_dataset
 
     events = load_dataset(cfg.dataset, limit=cfg.limit)
+    if cfg.same_time == "stream":
+        events = spread_ties(events)
     feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
     n = feats.num_rows
     warm_end = int(n * cfg.warmup)
@@ -157,6 +173,7 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
         raise EvaluationError(f"unknown numeric feature(s) {', '.join(unknown)}; "
                               f"known: {', '.join(USER_FEATURES + ITEM_FEATURES)}")
     enc_cfg = EncoderConfig(numeric_fields=numeric,
+                            logit_fields=tuple(c for c in numeric if "_ctr_" in c) if cfg.logit_ctr else (),
                             hash_buckets=cfg.hash_buckets,
                             history_field="user_last_items" if cfg.use_history else None)
     encoder = FeatureEncoder(enc_cfg).fit(feats.slice(0, train_end))
@@ -166,6 +183,25 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     users = np.asarray(feats["user_id"].to_numpy(zero_copy_only=False))
     ts = feats["ts"].to_numpy()
     return _Stream(batch, users, ts, n, train_end, warm_end, bounds, encoder)
+
+
+def spread_ties(events: pa.Table) -> pa.Table:
+    """Events whose equal timestamps are made distinct in stream order (+1 ms per earlier event of the same ms).
+
+    Only valid when ties are rarer than the resolution gap (ML-100K: at most 12 events per second, 1000 ms apart);
+    raises if the spread would reorder the stream.
+
+    >>> t = pa.table({"ts": pa.array([1000, 1000, 1000, 2000], pa.int64())})
+    >>> spread_ties(t)["ts"].to_pylist()
+    [1000, 1001, 1002, 2000]
+    """
+    ts = events["ts"].to_numpy()
+    rank = np.arange(len(ts)) - np.searchsorted(ts, ts, side="left")
+    new = ts + rank
+    if len(new) > 1 and not (np.diff(new) > 0).all():
+        raise EvaluationError("same_time='stream' needs fewer same-timestamp events than milliseconds between "
+                              "distinct timestamps; use same_time='timestamp'")
+    return events.set_column(events.column_names.index("ts"), "ts", pa.array(new, pa.int64()))
 
 
 def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
@@ -208,15 +244,14 @@ def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
 def memory_step(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
                 groups: list[tuple[int, int]]) -> torch.Tensor:
     """Compensate a batch and write its outcomes, group by group (hashing the whole batch once)."""
-    idx = mem.bucket_index(h)
     if len(groups) == 1:
-        out = mem.estimate(h, p, idx)
-        mem.write(h, y, p, idx)
-        return out
+        return mem.step(h, p, y)
+    hashed = mem.hash(h)
     out = torch.empty_like(p)
     for lo, hi in groups:
-        out[lo:hi] = mem.estimate(h[lo:hi], p[lo:hi], idx[lo:hi])
-        mem.write(h[lo:hi], y[lo:hi], p[lo:hi], idx[lo:hi])
+        part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
+        out[lo:hi] = mem.estimate(h[lo:hi], p[lo:hi], part)
+        mem.write(h[lo:hi], y[lo:hi], p[lo:hi], part)
     return out
 
 
@@ -233,27 +268,34 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
 def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray,
                 ts: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
-    """Grid over (K, L, decay, gamma, tau, shrinkage, lam) on the validation slot; the winner has the best AUC among the
-    settings whose logloss is no worse than the model alone (else the model alone, lam = 0)."""
+    """Grid over (K, L, decay, gamma, tau, shrinkage, eps, lam) on the validation slot.
+
+    A memory written with ``buf`` (keys, predictions, labels before the slot) test-then-writes the slot ``val``.
+    Admissible: logloss no worse than the model alone (else the model alone, lam = 0). Among the admissible
+    settings within ``AUC_TIE`` of the best AUC, the fewest tables win (they cost less at serving time), then
+    the lowest logloss.
+    """
     (hb, pb, yb), (hv, pv, yv) = buf, val
     base = summarize(yv.numpy(), pv.numpy(), users)
     m0 = cfg.memory
     trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "decay": m0.decay, "gamma": m0.gamma, "lam": 0.0,
-               "tau": m0.tau, "shrinkage": 0.0, **base}]
+               "tau": m0.tau, "shrinkage": 0.0, "eps": 0.0, **base}]
     grid = itertools.product(cfg.tables_grid, cfg.bits_grid, cfg.decay_grid, cfg.gamma_grid, cfg.tau_grid,
-                             cfg.shrinkage_grid, cfg.lam_grid)
-    for k, bits, decay, gamma, tau, s, lam in grid:
+                             cfg.shrinkage_grid, cfg.eps_grid, cfg.lam_grid)
+    for k, bits, decay, gamma, tau, s, eps, lam in grid:
         mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, decay=decay, gamma=gamma, lam=lam, tau=tau,
-                     shrinkage=s)
+                     shrinkage=s, eps=eps)
         mem = ErrorCompensationMemory.from_config(mc)
         mem.write(hb, yb, pb)
         comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
         trials.append({"num_tables": k, "bits": bits, "decay": decay, "gamma": gamma, "lam": lam, "tau": tau,
-                       "shrinkage": s, **summarize(yv.numpy(), comp.numpy(), users)})
+                       "shrinkage": s, "eps": eps, **summarize(yv.numpy(), comp.numpy(), users)})
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
-    best = max(ok, key=lambda t: (t["auc"] or 0.0, -t["logloss"]))
+    top = max(t["auc"] or 0.0 for t in ok)
+    best = min((t for t in ok if (t["auc"] or 0.0) >= top - AUC_TIE), key=lambda t: (t["num_tables"], t["logloss"]))
     chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], decay=best["decay"],
-                     gamma=best["gamma"], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"])
+                     gamma=best["gamma"], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"],
+                     eps=best["eps"])
     return chosen, trials
 
 
@@ -280,34 +322,41 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     # 1) base model on the warm-up before the validation slot (chronological mini-batches)
     learner = OnlineLearner(build_model(_model_config(cfg, stream)),
                             LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, embedding_lr=cfg.embedding_lr,
-                                          seed=cfg.seed))
+                                          optimizer=cfg.optimizer, seed=cfg.seed))
     for _ in range(cfg.warmup_epochs):
         for b in iter_batches(stream.slice(0, stream.train_end), bs):
             learner.learn(b)
 
-    # 2) memory hyper-parameters on the validation slot, with the base model frozen
+    # 2) memory hyper-parameters on the validation slot, per memory variant, each on the stream it will see:
+    #    base+memory on the frozen model's predictions, incremental+memory on the predictions of the model as it
+    #    keeps learning the validation slot (test-then-train), which then becomes the base model
     buf_lo = max(0, stream.train_end - cfg.memory_buffer)
     pb, hb = _predict_all(learner, stream.slice(buf_lo, stream.train_end), bs, cfg.memory_key)
+    buf = (hb, pb, y_all[buf_lo:stream.train_end])
     val_batch = stream.slice(stream.train_end, stream.warm_end)
     pv, hv = _predict_all(learner, val_batch, bs, cfg.memory_key)
-    val_users = stream.users[stream.train_end:stream.warm_end]
-    mem_cfg = replace(cfg.memory, dim=hb.shape[1])
-    trials: list[dict] = []
-    if cfg.tune_memory:
-        mem_cfg, trials = tune_memory(cfg, (hb, pb, y_all[buf_lo:stream.train_end]),
-                                      (hv, pv, y_all[stream.train_end:stream.warm_end]), val_users,
-                                      stream.ts[stream.train_end:stream.warm_end])
-
+    yv = y_all[stream.train_end:stream.warm_end]
     # 3) the base model also learns the validation slot (test-then-train), then it is frozen
+    ps, ks = [], []
     for b in iter_batches(val_batch, bs):
+        p, h = learner.predict(b)
+        ps.append(p)
+        ks.append(memory_key(learner.model, b, h, cfg.memory_key))
         learner.learn(b)
+    val_users, val_ts = stream.users[stream.train_end:stream.warm_end], stream.ts[stream.train_end:stream.warm_end]
+    mem_cfgs = {name: replace(cfg.memory, dim=hb.shape[1]) for name in ("base+memory", "incremental+memory")}
+    trials: dict[str, list[dict]] = {}
+    if cfg.tune_memory:
+        for name, (h_val, p_val) in (("base+memory", (hv, pv)), ("incremental+memory", (torch.cat(ks), torch.cat(ps)))):
+            if name in cfg.variants:
+                mem_cfgs[name], trials[name] = tune_memory(cfg, buf, (h_val, p_val, yv), val_users, val_ts)
     base = learner
     incremental = learner.clone()
     buf_lo = max(0, stream.warm_end - cfg.memory_buffer)
     recent = stream.slice(buf_lo, stream.warm_end)
     mems = {}
     for name, lrn in (("base+memory", base), ("incremental+memory", incremental)):
-        mems[name] = ErrorCompensationMemory.from_config(mem_cfg)
+        mems[name] = ErrorCompensationMemory.from_config(mem_cfgs[name])
         mems[name].rebuild(iter_batches(recent, bs), lrn.model,
                            key_fn=lambda b, h, m=lrn.model: memory_key(m, b, h, cfg.memory_key))
 
@@ -370,8 +419,10 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     return {
         "config": cfg.to_dict(),
         "model_config": base.model.config.to_dict(),
-        "memory_config": mem_cfg.to_dict(),
-        "memory_validation": {"slot": [stream.train_end, stream.warm_end], "trials": trials},
+        "memory_config": mem_cfgs["incremental+memory"].to_dict(),
+        "memory_configs": {name: c.to_dict() for name, c in mem_cfgs.items()},
+        "memory_validation": {"slot": [stream.train_end, stream.warm_end],
+                              "trials": trials.get("incremental+memory", []), "trials_base": trials.get("base+memory", [])},
         "split": {"events": stream.n, "train_end": stream.train_end, "warmup_end": stream.warm_end,
                   "slots": stream.slot_bounds,
                   "test_users": int(len(set(test_users.tolist()))),

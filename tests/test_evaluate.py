@@ -55,6 +55,21 @@ def test_bad_settings_are_named() -> None:
         EvaluationConfig(warmup=1.5)
     with pytest.raises(EvaluationError, match="memory_key"):
         EvaluationConfig(memory_key="ids")
+    with pytest.raises(EvaluationError, match="same_time"):
+        EvaluationConfig(same_time="wall")
+
+
+def test_stream_ties_let_an_event_see_the_earlier_events_of_its_second() -> None:
+    from online_models.evaluate import prepare_stream
+
+    # ML-100K timestamps are whole seconds: with "stream" ties, a user's second rating in a second counts the first
+    seen = {mode: prepare_stream(EvaluationConfig(limit=3000, slots=2, batch_size=100, same_time=mode,
+                                                  numeric_features=("user_imp_all",)))
+            for mode in ("stream", "timestamp")}
+    s, t = (seen[m].encoder.config for m in ("stream", "timestamp"))
+    raw_s = seen["stream"].batch["num"][:, 0] * s.numeric_std[0] + s.numeric_mean[0]
+    raw_t = seen["timestamp"].batch["num"][:, 0] * t.numeric_std[0] + t.numeric_mean[0]
+    assert bool((raw_s >= raw_t - 1e-4).all()) and bool((raw_s > raw_t + 1e-4).any())
 
 
 def test_cli_writes_json_and_png(tmp_path) -> None:

@@ -12,7 +12,10 @@ from online_models.memory import ErrorCompensationMemory, MemoryConfigError
 
 
 def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: torch.Tensor) -> list[float]:
-    """Per-sample Python reference: recompute every bucket from the raw written samples (no decay)."""
+    """Per-sample Python reference: recompute every bucket from the raw written samples (no decay).
+
+    The similarity is the cosine between the query and the bucket's centroid, both projected on the table's
+    own L hyperplanes (the memory's documented sketch of the cosine)."""
     out = []
     K, L = mem.num_tables, mem.bits
     planes = mem.planes.view(mem.dim, K, L)
@@ -31,7 +34,8 @@ def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: 
             ybar = sum(m[1] for m in members) / n
             pbar = sum(m[2] for m in members) / n
             centroid = sum(m[0] for m in members) / n
-            sim = float(torch.dot(q, centroid) / (q.norm().clamp(min=1e-8) * centroid.norm().clamp(min=1e-8)))
+            zq, zc = q @ planes[:, k, :], centroid @ planes[:, k, :]          # (L,) projections on table k
+            sim = float(torch.dot(zq, zc) / (zq.norm().clamp(min=1e-8) * zc.norm().clamp(min=1e-8)))
             reads.append((sim, ybar, pbar))
         if not reads:
             out.append(pb)
@@ -152,3 +156,31 @@ def test_forward_decay_survives_rescaling() -> None:
     # the last sample (label 1) weighs 1, the one before (label 0) 0.5, ...: y_bar = 1/(1+0.5) * ... = 2/3
     assert float(r["y_bar"]) == pytest.approx(2 / 3, rel=1e-4)
     assert torch.isfinite(mem.table).all()
+
+
+def test_eps_bounds_an_estimate_with_evidence_but_not_one_without() -> None:
+    mem = ErrorCompensationMemory(dim=3, num_tables=2, bits=2, lam=5.0, gamma=1.0, eps=0.05, seed=0)
+    h = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    p = torch.full((20,), 0.001)
+    assert torch.equal(mem.estimate(h, p), p)          # no evidence: the base prediction, even below eps
+    mem.write(h, torch.zeros(20), torch.full((20,), 0.9))
+    out = mem.estimate(h, torch.full((20,), 0.9))       # all-negative neighbours, lam 5: pushed to the floor
+    assert float(out.min()) == pytest.approx(0.05) and float(out.max()) <= 0.95
+
+
+def test_step_is_estimate_then_write() -> None:
+    gen = torch.Generator().manual_seed(2)
+    h, y, p = torch.randn(64, 6, generator=gen), (torch.rand(64, generator=gen) > 0.5).float(), torch.rand(64, generator=gen)
+    a = ErrorCompensationMemory(dim=6, num_tables=4, bits=3, lam=0.8, gamma=0.0, decay=0.99, shrinkage=2.0, seed=5)
+    b = ErrorCompensationMemory(dim=6, num_tables=4, bits=3, lam=0.8, gamma=0.0, decay=0.99, shrinkage=2.0, seed=5)
+    a.write(h[:32], y[:32], p[:32])
+    b.write(h[:32], y[:32], p[:32])
+    expected = b.estimate(h[32:], p[32:])
+    b.write(h[32:], y[32:], p[32:])
+    assert torch.equal(a.step(h[32:], p[32:], y[32:]), expected)
+    assert torch.equal(a.table, b.table)
+
+
+def test_row_width_does_not_depend_on_the_key_width() -> None:
+    small, wide = ErrorCompensationMemory(dim=4, num_tables=2, bits=5), ErrorCompensationMemory(dim=400, num_tables=2, bits=5)
+    assert small.table.shape == wide.table.shape == (2 * 2**5, 3 + 5)

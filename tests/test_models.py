@@ -67,3 +67,15 @@ def test_config_round_trip_rebuilds_identical_model(kind) -> None:
     cfg = ModelConfig(kind=kind, num_categorical=3, hash_buckets=31, num_numeric=2, hidden_sizes=(16, 8), seed=4)
     a, b = build_model(cfg), build_model(ModelConfig.from_dict(cfg.to_dict()))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_logit_fields_enter_as_log_odds_and_must_be_numeric() -> None:
+    import math
+
+    t = pa.table({"user_id": ["a", "b"], "item_id": ["x", "y"], "user_ctr_all": [0.8, 0.5], "user_imp_all": [3, 0]})
+    enc = FeatureEncoder(EncoderConfig(numeric_fields=("user_ctr_all", "user_imp_all"), logit_fields=("user_ctr_all",)))
+    num = enc.encode(t)["num"]
+    assert float(num[0, 0]) == pytest.approx(math.log(0.8 / 0.2)) and float(num[1, 0]) == pytest.approx(0.0)
+    assert float(num[0, 1]) == pytest.approx(math.log1p(3))
+    with pytest.raises(EncodingError, match="logit_fields"):
+        EncoderConfig(numeric_fields=("user_imp_all",), logit_fields=("user_ctr_all",))
