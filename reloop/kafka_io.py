@@ -27,15 +27,20 @@ def admin(cfg: KafkaConfig) -> KafkaAdminClient:
 
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int | None = None) -> None:
     """Create the topics that do not exist yet (replication factor 1 on the embedded broker)."""
+    topics = list(topics)
+    consumer = KafkaConsumer(**cfg.client_options(), enable_auto_commit=False, allow_auto_create_topics=False)
+    try:
+        missing = [t for t, parts in topics_partitions(consumer, topics).items() if not parts]
+    finally:
+        consumer.close()
+    if not missing:
+        return
     client = admin(cfg)
     try:
-        existing = set(client.list_topics())
-        new = [NewTopic(t, partitions or cfg.partitions, 1) for t in topics if t not in existing]
-        if new:
-            try:
-                client.create_topics(new)
-            except TopicAlreadyExistsError:  # a concurrent creator won the race: fine
-                pass
+        try:
+            client.create_topics([NewTopic(t, partitions or cfg.partitions, 1) for t in missing])
+        except TopicAlreadyExistsError:  # a concurrent creator won the race: fine
+            pass
     finally:
         client.close()
 
@@ -50,24 +55,31 @@ def producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:
 
 def topic_partitions(consumer: KafkaConsumer, topic: str, refresh: bool = False,
                      timeout_s: float = 10.0) -> set[int]:
-    """The partitions of ``topic`` (empty if it does not exist), from metadata of that topic only.
+    """The partitions of ``topic`` (empty if it does not exist); see :func:`topics_partitions`."""
+    return topics_partitions(consumer, [topic], refresh, timeout_s)[topic]
+
+
+def topics_partitions(consumer: KafkaConsumer, topics: list[str], refresh: bool = False,
+                      timeout_s: float = 10.0) -> dict[str, set[int]]:
+    """The partitions of each topic (empty if it does not exist), from metadata of these topics only.
 
     ``KafkaConsumer.partitions_for_topic`` asks the broker for the metadata of every topic, which
-    costs ~0.1 s per call on a broker with a few hundred topics; this asks for the one topic. Create
-    ``consumer`` with ``allow_auto_create_topics=False``, or asking may create the topic.
+    costs ~0.1 s per call on a broker with a few hundred topics; this asks for the ones named, and
+    never creates a missing one (whatever the broker's ``auto.create.topics.enable``).
     """
     cluster = consumer._client.cluster
-    parts = None if refresh else cluster.partitions_for_topic(topic)
-    if not parts:
-        future = cluster.add_topic(topic)
-        if refresh or future.is_done:
-            future = cluster.request_update()
+    # kafka-python 3.0 hands neither retry_backoff_ms nor allow_auto_create_topics to its ClusterMetadata:
+    # its fixed 100 ms delays any metadata request made within 100 ms of the previous one (e.g. right
+    # after bootstrap), and its default would let asking about a missing topic create it
+    cluster.config["retry_backoff_ms"] = min(cluster.config["retry_backoff_ms"], 10)
+    cluster.config["allow_auto_create_topics"] = False
+    if refresh or any(not cluster.partitions_for_topic(t) for t in topics):
+        cluster.set_topics(topics)  # exactly these: a missing topic tracked earlier would fail every refresh
         try:
-            consumer._net.run(consumer._manager.wait_for, future, int(timeout_s * 1000))
+            consumer._net.run(consumer._manager.wait_for, cluster.request_update(), int(timeout_s * 1000))
         except Errors.UnknownTopicOrPartitionError:
-            return set()
-        parts = cluster.partitions_for_topic(topic)
-    return set(parts or ())
+            pass  # the topics that exist are in the metadata all the same
+    return {t: set(cluster.partitions_for_topic(t) or ()) for t in topics}
 
 
 def end_offsets(cfg: KafkaConfig, topic: str) -> dict[int, int]:

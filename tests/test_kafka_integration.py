@@ -77,3 +77,17 @@ def test_replay_sends_only_the_event_contract(kafka_config, unique_topic):
     for _, value in records:
         ev = parse_event(value)
         assert isinstance(ev, Event) and ev.context == {"device": "web"}, value
+
+
+def test_asking_about_a_missing_topic_never_creates_it(kafka_config, unique_topic):
+    """The local broker has auto.create.topics.enable=true: looking a topic up must not create it with the
+    broker's default partition count before ensure_topics creates it as asked."""
+    import time
+
+    from reloop.kafka_io import ensure_topics
+
+    assert end_offsets(kafka_config, unique_topic) == {}
+    time.sleep(0.5)  # auto-creation would be asynchronous
+    assert end_offsets(kafka_config, unique_topic) == {}
+    ensure_topics(kafka_config, [unique_topic], partitions=1)
+    assert end_offsets(kafka_config, unique_topic) == {0: 0}
