@@ -7,6 +7,7 @@ config file to every client.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable, Iterator
 
@@ -75,11 +76,27 @@ def topics_partitions(consumer: KafkaConsumer, topics: list[str], refresh: bool 
     cluster.config["allow_auto_create_topics"] = False
     if refresh or any(not cluster.partitions_for_topic(t) for t in topics):
         cluster.set_topics(topics)  # exactly these: a missing topic tracked earlier would fail every refresh
+        quiet = _MissingTopicFilter(topics)
+        logging.getLogger("kafka.cluster").addFilter(quiet)  # a missing topic is an answer here, not an error
         try:
             consumer._net.run(consumer._manager.wait_for, cluster.request_update(), int(timeout_s * 1000))
         except Errors.UnknownTopicOrPartitionError:
             pass  # the topics that exist are in the metadata all the same
+        finally:
+            logging.getLogger("kafka.cluster").removeFilter(quiet)
     return {t: set(cluster.partitions_for_topic(t) or ()) for t in topics}
+
+
+class _MissingTopicFilter(logging.Filter):
+    """Drops kafka-python's "Topic X not found in cluster metadata" for the topics being looked up."""
+
+    def __init__(self, topics: list[str]) -> None:
+        super().__init__()
+        self.topics = set(topics)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Topic %s not found in cluster metadata" and record.args
+                    and record.args[0] in self.topics)
 
 
 def end_offsets(cfg: KafkaConfig, topic: str) -> dict[int, int]:
