@@ -1,8 +1,9 @@
 """Benchmark: the error-compensation memory's cost next to the model it corrects, and test-then-train
 throughput of the torch models next to River's logistic regression, on the same ML-100K stream, same run.
 
-1. Per batch of ``--batch-size`` real encoded events: the model's forward pass (eval, no grad) vs the
-   memory's ``estimate`` + ``write`` of that batch. Target: memory <= 10% of the forward pass.
+1. Per batch of real encoded events (``--batch-sizes``: one request, the live loop's 512): the model's forward
+   pass (eval, no grad) vs building the memory key + the memory's ``step`` (estimate, then write) of that batch.
+   Target: memory <= 10% of the forward pass.
 2. Test-then-train samples/s over the first ``--events`` events: torch LR / DeepFM / DCNv2
    (mini-batches) vs River LR and FM (one sample at a time, as River works).
 3. The memory's size before and after the stream (constant).
@@ -10,13 +11,14 @@ throughput of the torch models next to River's logistic regression, on the same 
 Both sides run single-threaded (``torch.set_num_threads(1)``; River is pure Python), so ratios compare
 like with like. Prints a table and writes ``benchmarks/results/bench_memory.json``.
 
-    python benchmarks/bench_memory.py [--events 20000] [--batch-size 256] [--repeats 30]
+    python benchmarks/bench_memory.py [--events 20000] [--batch-size 256] [--batch-sizes 1 512] [--repeats 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -57,7 +59,8 @@ MODELS = [("deepfm", {"kind": "deepfm"}), ("dcnv2", {"kind": "dcnv2"}),
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=20_000, help="events of ML-100K used (time order)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="mini-batch of the test-then-train throughput")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 512], help="batches of the memory-cost rows")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
     args = ap.parse_args(argv)
@@ -65,37 +68,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     stream = prepare_stream(EvaluationConfig(limit=args.events, slots=1, warmup=0.5))
     enc = stream.encoder.config
-    batch = stream.slice(0, args.batch_size)
 
     def model_cfg(kind: str, **kw) -> ModelConfig:
         return ModelConfig(kind=kind, num_categorical=len(enc.categorical_fields), hash_buckets=enc.hash_buckets,
                            num_numeric=len(enc.numeric_fields), seed=0, **kw)
 
-    # 1) memory vs forward pass, per batch
+    # 1) memory vs forward pass, per batch, at the batch sizes of the served paths: one request (jobs.scoring) and
+    #    the live loop's batches (reloop.live, 512); K, L, tau as in the validation grid (tau = inf: uniform weights)
     cost_rows = []
-    for name, overrides in MODELS:
-        model = build_model(model_cfg(**overrides)).eval()
-        with torch.no_grad():
-            logits, hidden = model(batch)
-        p, y = torch.sigmoid(logits), batch["label"]
-
-        def forward(model=model):
+    for bs in args.batch_sizes:
+        batch = stream.slice(0, bs)
+        for name, overrides in MODELS:
+            model = build_model(model_cfg(**overrides)).eval()
             with torch.no_grad():
-                model(batch)
+                logits, hidden = model(batch)
+            p, y = torch.sigmoid(logits), batch["label"]
 
-        for k, bits in ((8, 8), (16, 12)):
-            mem = ErrorCompensationMemory(dim=memory_key_dim(model, KEY), num_tables=k, bits=bits, tau=0.2,
-                                          gamma=0.0, lam=0.6, shrinkage=5.0, decay=0.9999, seed=0)
-            mem.rebuild(iter_batches(stream.slice(0, 5000), args.batch_size), model,
-                        key_fn=lambda b, h, m=model: memory_key(m, b, h, KEY))
+            def forward(model=model, batch=batch):
+                with torch.no_grad():
+                    model(batch)
 
-            def mem_step(mem=mem, hidden=hidden, model=model):
-                key = memory_key(model, batch, hidden, KEY)      # building the key is part of the memory's cost
-                mem.step(key, p, y)
+            for k, bits, tau in ((8, 10, 0.2), (32, 10, 0.2), (8, 10, math.inf), (32, 10, math.inf)):
+                mem = ErrorCompensationMemory(dim=memory_key_dim(model, KEY), num_tables=k, bits=bits, tau=tau,
+                                              gamma=0.0, lam=1.0, shrinkage=10.0, eps=0.02, decay=0.999, seed=0)
+                mem.rebuild(iter_batches(stream.slice(0, 5000), 256), model,
+                            key_fn=lambda b, h, m=model: memory_key(m, b, h, KEY))
 
-            t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
-            cost_rows.append({"model": name, "K": k, "L": bits, "batch": args.batch_size,
-                              "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3, "ratio": t_mem / t_fwd})
+                def mem_step(mem=mem, hidden=hidden, model=model, batch=batch, p=p, y=y):
+                    key = memory_key(model, batch, hidden, KEY)      # building the key is part of the memory's cost
+                    mem.step(key, p, y)
+
+                t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
+                cost_rows.append({"model": name, "K": k, "L": bits, "tau": tau, "batch": bs,
+                                  "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3, "ratio": t_mem / t_fwd})
 
     # 2) test-then-train throughput on the same stream
     full = stream.slice(0, stream.n)
@@ -122,11 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
         mem.write(torch.randn(args.batch_size, 32, generator=g), torch.ones(args.batch_size), torch.rand(args.batch_size))
     size_after = mem.nbytes()
 
-    print(f"\nmemory key+estimate+write ({KEY} key, decay on) vs model forward, batch {args.batch_size} "
+    print(f"\nmemory key+estimate+write ({KEY} key, decay on) vs model forward "
           f"(median of {args.repeats} interleaved pairs, 1 thread)")
-    print(f"{'model':12s} {'K':>3s} {'L':>3s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}")
+    print(f"{'model':12s} {'batch':>5s} {'K':>3s} {'L':>3s} {'tau':>4s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}")
     for r in cost_rows:
-        print(f"{r['model']:12s} {r['K']:3d} {r['L']:3d} {r['forward_ms']:11.3f} {r['memory_ms']:10.3f} {r['ratio']:7.1%}")
+        print(f"{r['model']:12s} {r['batch']:5d} {r['K']:3d} {r['L']:3d} {r['tau']:4.1f} {r['forward_ms']:11.3f} "
+              f"{r['memory_ms']:10.3f} {r['ratio']:7.1%}")
     ref = tput["river_lr"]
     print(f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
           f"torch in mini-batches of {args.batch_size}, River one sample at a time; River FM: ids + 4 CTRs)")

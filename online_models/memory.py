@@ -19,7 +19,9 @@ Estimate, for a query ``h`` with base prediction ``y_base``:
   the bucket's centroid), so a bucket row is ``3 + L`` numbers whatever the
   key width: reads and writes move ``K * (3 + L)`` floats per sample, not
   ``K * (3 + D)`` (on ML-100K the full-width cosine, the sketch and even
-  uniform weights give the same validation AUC to 0.001);
+  uniform weights give the same validation AUC to 0.001). ``tau = inf`` is
+  the limit of that softmax, uniform weights over the non-empty buckets: then
+  no similarity is computed and a row is just the 3 statistics;
 - ``y_bar = sum_k w_k y_bar_k`` and ``y_base_bar = sum_k w_k p_bar_k``;
 - ``y_err = gamma*(y_bar - y_base) + (1-gamma)*(y_bar - y_base_bar)``;
 - compensated prediction ``clip(y_base + lam * s * y_err, eps, 1 - eps)``, where
@@ -50,6 +52,7 @@ tensor([1.])
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -85,7 +88,7 @@ class MemoryConfig:
         if not 1 <= self.bits <= 24:
             raise MemoryConfigError(f"bits (L) must be in 1..24 (2^L buckets per table), got {self.bits}")
         if not self.tau > 0:
-            raise MemoryConfigError(f"tau must be > 0, got {self.tau}")
+            raise MemoryConfigError(f"tau must be > 0 (inf = uniform weights), got {self.tau}")
         if not 0.0 <= self.gamma <= 1.0:
             raise MemoryConfigError(f"gamma must be in [0, 1], got {self.gamma}")
         if not self.lam >= 0.0:
@@ -133,9 +136,14 @@ class ErrorCompensationMemory:
         n = self.num_tables << self.bits
         # one flat table, one row per bucket of every table: [count, sum_y, sum_p, sum_z (L)], so a batch is
         # one index_select and one index_add_ whatever K is
-        self.table = torch.zeros(n, len(STAT_NAMES) + self.bits, dtype=torch.float32)  # (K*2^L, 3+L)
+        self.table = torch.zeros(n, len(STAT_NAMES) + self._sketch, dtype=torch.float32)   # (K*2^L, 3+L or 3)
         self.clock = torch.zeros((), dtype=torch.int64)                                 # samples written so far
         self.base = torch.zeros((), dtype=torch.int64)                                  # clock at last rescale
+
+    @property
+    def _sketch(self) -> int:
+        """Projection sums per row: L for the cosine weights, none for uniform weights (tau = inf)."""
+        return 0 if math.isinf(self.tau) else self.bits
 
     @property
     def stats(self) -> torch.Tensor:
@@ -187,7 +195,8 @@ class ErrorCompensationMemory:
         vals[:, :, 0] = weight
         vals[:, :, 1] = (y.float() * weight).unsqueeze(1)
         vals[:, :, 2] = (y_base.float() * weight).unsqueeze(1)
-        torch.mul(hashed.proj, weight, out=vals[:, :, 3:])
+        if self._sketch:
+            torch.mul(hashed.proj, weight, out=vals[:, :, 3:])
         # index_put_(accumulate) sums repeated buckets like index_add_, about twice as fast on CPU
         self.table.index_put_((hashed.index.view(-1),), vals.view(b * k, -1), accumulate=True)
         self.clock = self.clock + len(y)
@@ -200,17 +209,22 @@ class ErrorCompensationMemory:
         rows = self.table.index_select(0, hashed.index.view(-1)).view(b, k, -1)   # (B, K, 3+L)
         n = rows[..., 0]                                                    # (B, K)
         has = n > 0
-        # cosine(z, centroid) = cosine(z, sum of z): the count cancels (and so does any decay factor)
-        sum_z = rows[..., 3:]                                               # (B, K, L)
-        dot = (sum_z * hashed.proj).sum(-1)                                 # (B, K)
-        norms = (sum_z.square().sum(-1) * hashed.proj.square().sum(-1)).clamp_(min=1e-16).rsqrt_()
-        logits = (dot * norms).div_(self.tau).masked_fill_(~has, -1e30)
-        # empty buckets get weight exactly 0; a query with no evidence at all is flagged by ``has``
-        w = torch.softmax(logits, dim=1).mul_(has)                          # (B, K)
-        # weighted per-bucket means of labels and predictions in one batched product
-        means = torch.bmm((w / n.clamp(min=1e-12)).unsqueeze(1), rows[..., 1:3]).squeeze(1)   # (B, 2)
-        y_bar, p_bar = means[:, 0], means[:, 1]
-        count = (w * n).sum(1)
+        if self._sketch:
+            # cosine(z, centroid) = cosine(z, sum of z): the count cancels (and so does any decay factor)
+            sum_z = rows[..., 3:]                                           # (B, K, L)
+            dot = (sum_z * hashed.proj).sum(-1)                             # (B, K)
+            norms = (sum_z.square().sum(-1) * hashed.proj.square().sum(-1)).clamp_(min=1e-16).rsqrt_()
+            # softmax over the non-empty buckets (shifted by the best one, so no tau underflows): empty buckets
+            # get weight exactly 0, and a query with no evidence at all is flagged by ``has``
+            logits = dot.mul_(norms).div_(self.tau).masked_fill_(~has, -float("inf"))   # (B, K)
+            shift = logits.amax(dim=1, keepdim=True).clamp_(min=-1e30)
+            w = logits.sub_(shift).exp_()                                   # (B, K) unnormalised, 0 where empty
+        else:
+            w = has.float()                                                 # tau = inf: uniform over non-empty
+        # [sum w, sum w*y_bar_k, sum w*p_bar_k] in one pass (w/n_k times each bucket's [n_k, sum_y_k, sum_p_k])
+        sums = ((w / n.clamp(min=1e-12)).unsqueeze(-1) * rows[..., :3]).sum(1)   # (B, 3)
+        z = sums[:, 0].clamp(min=1e-30)
+        y_bar, p_bar, count = sums[:, 1] / z, sums[:, 2] / z, (w * n).sum(1) / z
         if self.decay != 1.0:
             count = count * self.decay ** self._age()
         return {"y_bar": y_bar, "y_base_bar": p_bar, "count": count, "has": has.any(dim=1)}

@@ -182,6 +182,9 @@ def evaluate(
     memory_write: str = typer.Option("event", help="when outcomes reach the memory: 'event' (as each arrives, "
                                                    "stream order), 'timestamp' (once its event time has passed), "
                                                    "'batch' (after each mini-batch)"),
+    same_time: str = typer.Option("stream", help="events with equal timestamps: 'stream' (spread by 1 ms in stream "
+                                                 "order, so features see the earlier events of their second) or "
+                                                 "'timestamp' (same-ms events do not see each other)"),
 ) -> None:
     """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
     from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
@@ -191,7 +194,7 @@ def evaluate(
         variants = tuple(v for v in VARIANTS if not (no_river and v.startswith("river")))
         cfg = EvaluationConfig(dataset=dataset, model=model, slots=slots, warmup=warmup, seed=seed, limit=limit,
                                batch_size=batch_size, variants=variants, memory_key=memory_key,
-                               memory_write=memory_write)
+                               memory_write=memory_write, same_time=same_time)
         evaluate_and_report(cfg, out)
     except (EvaluationError, DatasetError, ValueError) as e:
         _fail(str(e))

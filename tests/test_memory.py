@@ -49,10 +49,10 @@ def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: 
     return out
 
 
-@pytest.mark.parametrize("gamma", [1.0, 0.3])
-def test_estimate_matches_brute_force(gamma: float) -> None:
+@pytest.mark.parametrize("gamma, tau", [(1.0, 0.5), (0.3, 0.5), (0.3, math.inf)])
+def test_estimate_matches_brute_force(gamma: float, tau: float) -> None:
     gen = torch.Generator().manual_seed(1)
-    mem = ErrorCompensationMemory(dim=5, num_tables=3, bits=2, tau=0.5, gamma=gamma, lam=0.7, seed=3)
+    mem = ErrorCompensationMemory(dim=5, num_tables=3, bits=2, tau=tau, gamma=gamma, lam=0.7, seed=3)
     h = torch.randn(40, 5, generator=gen)
     y = (torch.rand(40, generator=gen) > 0.5).float()
     p = torch.rand(40, generator=gen)
@@ -184,3 +184,14 @@ def test_step_is_estimate_then_write() -> None:
 def test_row_width_does_not_depend_on_the_key_width() -> None:
     small, wide = ErrorCompensationMemory(dim=4, num_tables=2, bits=5), ErrorCompensationMemory(dim=400, num_tables=2, bits=5)
     assert small.table.shape == wide.table.shape == (2 * 2**5, 3 + 5)
+    # uniform weights (tau = inf, the softmax's limit) need no similarity, so no projection sums either
+    assert ErrorCompensationMemory(dim=400, num_tables=2, bits=5, tau=math.inf).table.shape == (2 * 2**5, 3)
+
+
+def test_tiny_tau_does_not_underflow_to_no_evidence() -> None:
+    mem = ErrorCompensationMemory(dim=4, num_tables=8, bits=2, tau=1e-3, gamma=1.0, lam=1.0, seed=0)
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(50, 4, generator=gen)
+    mem.write(h, torch.ones(50), torch.zeros(50))
+    q = torch.randn(10, 4, generator=gen)
+    assert torch.equal(mem.estimate(q, torch.zeros(10)), torch.ones(10))   # all neighbours positive
