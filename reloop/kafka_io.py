@@ -119,9 +119,11 @@ class RangeReader:
     ``ConsumerRecord`` per record. CRCs are not re-checked on the client: the broker validated them
     on produce and TCP protects the fetch.
 
-    >>> with RangeReader(KafkaConfig()) as reader:          # doctest: +SKIP
-    ...     for cols in reader.read("reloop.events", 0, 0, 1000):
-    ...         print(len(cols), cols.offsets[0], cols.values[0])
+    Usage (needs a broker)::
+
+        with RangeReader(KafkaConfig()) as reader:
+            for cols in reader.read("reloop.events", 0, 0, 1000):
+                print(len(cols), cols.offsets[0], cols.values[0])
     """
 
     def __init__(self, cfg: KafkaConfig, *, max_partition_bytes: int = 16 * 1024 * 1024,
