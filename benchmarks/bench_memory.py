@@ -105,12 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     # 2) test-then-train throughput on the same stream
     full = stream.slice(0, stream.n)
     tput = {}
+    ev = EvaluationConfig()
     for kind in ("lr", "deepfm", "dcnv2"):
-        learner = OnlineLearner(build_model(model_cfg(kind)), LearnerConfig(lr=3e-3, seed=0))
-        t0 = time.perf_counter()
-        for b in iter_batches(full, args.batch_size):
-            learner.test_then_train(b)
-        tput[f"torch_{kind}"] = stream.n / (time.perf_counter() - t0)
+        for bs in sorted({args.batch_size, ev.batch_size}, reverse=True):   # and the evaluation's mini-batch
+            learner = OnlineLearner(build_model(model_cfg(kind)), LearnerConfig(lr=ev.lr, optimizer=ev.optimizer, seed=0))
+            t0 = time.perf_counter()
+            for b in iter_batches(full, bs):
+                learner.test_then_train(b)
+            tput[f"torch_{kind}" + ("" if bs == args.batch_size else f"_batch{bs}")] = stream.n / (time.perf_counter() - t0)
     fm_numeric = tuple(enc.numeric_fields.index(c) for c in EvaluationConfig().river_fm_numeric)
     for kind in ("lr", "fm"):
         river = RiverBaseline(kind, seed=0, numeric=fm_numeric if kind == "fm" else None)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['memory_ms']:10.3f} {r['ratio']:7.1%}")
     ref = tput["river_lr"]
     print(f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
-          f"torch in mini-batches of {args.batch_size}, River one sample at a time; River FM: ids + 4 CTRs)")
+          f"torch in mini-batches of {args.batch_size} (_batchN: of N), River one sample at a time; River FM: ids + 4 CTRs)")
     print(f"{'learner':14s} {'samples/s':>12s} {'x River LR':>11s}")
     for name, v in tput.items():
         print(f"{name:14s} {v:12,.0f} {v / ref:11.2f}")

@@ -71,7 +71,10 @@ class EvaluationConfig:
     warmup: float = 0.5
     validation: float = 0.2           # share of the warm-up (its end) used as the validation slot
     seed: int = 0
-    batch_size: int = 256
+    # test-then-train granularity: River learns one sample at a time and ML-100K users rate in bursts, so a model
+    # that waits for 256 events before learning misses most of a session (River FM on the validation slot: AUC .753
+    # per sample, .723 in batches of 256); 16 with Adagrad was chosen on the validation slot
+    batch_size: int = 16
     warmup_epochs: int = 1
     limit: int | None = None
     # events with the same timestamp: "stream" = spread by 1 ms in stream order first, so the features of an
@@ -86,10 +89,12 @@ class EvaluationConfig:
     embedding_l2: float = 1e-4
     hash_buckets: int = 20_011
     use_history: bool = False
-    numeric_features: tuple[str, ...] | None = None   # None = all of USER_FEATURES + ITEM_FEATURES; () = ids only
+    # None = all of USER_FEATURES + ITEM_FEATURES; () = ids only. The 4 CTRs beat all 26 windowed features on the
+    # validation slot (DCNv2 AUC .7527 vs .7505)
+    numeric_features: tuple[str, ...] | None = ("user_ctr_1d", "user_ctr_all", "item_ctr_1d", "item_ctr_all")
     logit_ctr: bool = False           # the numeric *_ctr_* features enter as log-odds (see EncoderConfig.logit_fields)
-    optimizer: str = "adam"           # "adam" | "sgd" | "adagrad" (see LearnerConfig)
-    lr: float = 3e-3
+    optimizer: str = "adagrad"        # "adam" | "sgd" | "adagrad" (see LearnerConfig); chosen on validation
+    lr: float = 0.1
     embedding_lr: float | None = None
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)

@@ -174,7 +174,7 @@ def evaluate(
     seed: int = typer.Option(0, help="seed of models, memory hyperplanes and River"),
     out: str = typer.Option("reports/evaluate.json", help="result JSON (a PNG of AUC per slot goes next to it)"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
-    batch_size: int = typer.Option(256, min=1, help="mini-batch size of test-then-train"),
+    batch_size: int = typer.Option(16, min=1, help="mini-batch size of test-then-train (16: chosen on validation)"),
     no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
     memory_key: str = typer.Option("hidden+user", help="memory key: 'hidden' (the model's last layer, as in "
                                                        "ReLoop2), 'hidden+user' (plus the user embedding, chosen "
