@@ -31,13 +31,10 @@ def lr_anchor(dataset: str = "movielens-100k", same_time: str = "stream", limit:
     """AUC and logloss on the second half of a logistic regression fitted on the first half."""
     from sklearn.linear_model import LogisticRegression
 
-    from online_models.evaluate import spread_ties
     from pipelines.aggregates import AggregateConfig, FeatureState, compute_features
     from reloop.datasets import load_dataset
 
-    events = load_dataset(dataset, limit=limit)
-    if same_time == "stream":
-        events = spread_ties(events)
+    events = load_dataset(dataset, limit=limit, spread_ties=same_time == "stream")
     feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
     x = np.stack([feats[c].to_numpy(zero_copy_only=False).astype(float) for c in features], axis=1)
     x = np.sign(x) * np.log1p(np.abs(x))

@@ -4,10 +4,11 @@ Protocol (``docs``: DESIGN.md, "Evaluation protocol"):
 
 1. Load the events and compute their features with the same pure function as
    the Beam job (:func:`pipelines.aggregates.compute_features`), leak-free:
-   every event sees only what happened strictly before it. Equal timestamps
-   are first spread by 1 ms in stream order (``same_time="stream"``; ML-100K
-   counts whole seconds), so "before" means before in the stream, as for the
-   memory's per-event writes.
+   every event sees only what happened strictly before it. The dataset loader
+   spreads the events of one second 1 ms apart in stream order
+   (``same_time="stream"``, the default, as for the replayed stream the feature
+   job sees; ML-100K counts whole seconds), so "before" means before in the
+   stream, as for the memory's per-event writes.
 2. Warm-up = the first ``warmup`` fraction of events in time order. Its last
    ``validation`` share is the **validation slot**: the base model is trained
    on the warm-up before it, then test-then-trains the validation slot and is
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from online_models.encoding import EncoderConfig, FeatureEncoder
@@ -77,10 +77,10 @@ class EvaluationConfig:
     batch_size: int = 16
     warmup_epochs: int = 1
     limit: int | None = None
-    # events with the same timestamp: "stream" = spread by 1 ms in stream order first, so the features of an
-    # event see the earlier events of its second (ML-100K's timestamps are whole seconds: half of its events share
-    # a second with an earlier event of the same user, and the "event" memory writes see them anyway);
-    # "timestamp" = as the feature job on raw timestamps (same-ms events do not see each other)
+    # events with the same timestamp: "stream" = spread by 1 ms in stream order by the loader (the default, and
+    # what `reloop replay` sends to the feature job), so the features of an event see the earlier events of its
+    # second (ML-100K's timestamps are whole seconds: half of its events share a second with an earlier event of the
+    # same user); "timestamp" = raw whole seconds (same-second events do not see each other)
     same_time: str = "stream"
     # model and optimizer
     embedding_dim: int = 8
@@ -167,9 +167,7 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
     from reloop.datasets import load_dataset
 
-    events = load_dataset(cfg.dataset, limit=cfg.limit)
-    if cfg.same_time == "stream":
-        events = spread_ties(events)
+    events = load_dataset(cfg.dataset, limit=cfg.limit, spread_ties=cfg.same_time == "stream")
     feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
     n = feats.num_rows
     warm_end = int(n * cfg.warmup)
@@ -193,25 +191,6 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     users = np.asarray(feats["user_id"].to_numpy(zero_copy_only=False))
     ts = feats["ts"].to_numpy()
     return _Stream(batch, users, ts, n, train_end, warm_end, bounds, encoder)
-
-
-def spread_ties(events: pa.Table) -> pa.Table:
-    """Events whose equal timestamps are made distinct in stream order (+1 ms per earlier event of the same ms).
-
-    Only valid when ties are rarer than the resolution gap (ML-100K: at most 12 events per second, 1000 ms apart);
-    raises if the spread would reorder the stream.
-
-    >>> t = pa.table({"ts": pa.array([1000, 1000, 1000, 2000], pa.int64())})
-    >>> spread_ties(t)["ts"].to_pylist()
-    [1000, 1001, 1002, 2000]
-    """
-    ts = events["ts"].to_numpy()
-    rank = np.arange(len(ts)) - np.searchsorted(ts, ts, side="left")
-    new = ts + rank
-    if len(new) > 1 and not (np.diff(new) > 0).all():
-        raise EvaluationError("same_time='stream' needs fewer same-timestamp events than milliseconds between "
-                              "distinct timestamps; use same_time='timestamp'")
-    return events.set_column(events.column_names.index("ts"), "ts", pa.array(new, pa.int64()))
 
 
 def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:

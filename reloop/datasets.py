@@ -11,6 +11,13 @@ order): ``event_id`` (string), ``ts`` (int64, epoch ms), ``user_id`` and
   (timestamp in unix seconds, label 0/1); an ``event_id`` column is used when
   present; every other column becomes a context feature.
 
+Timestamps in whole seconds tie often (half of ML-100K's events share a second
+with an earlier event of the same user), and features count only events
+*strictly before* an event's time. By default (``spread_ties=True``) the events
+of one second are spread 1 ms apart in file order, so "before" means before in
+the stream, for the feature job, the live loop and the evaluation alike (a
+second with more than 1,000 events gives its later events the 999th ms).
+
 >>> import pyarrow as pa, tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "e.csv")
 >>> _ = open(p, "w").write("user_id,item_id,timestamp,label,device\\nu2,i1,20,1,web\\nu1,i9,10,0,app\\n")
@@ -19,6 +26,9 @@ order): ``event_id`` (string), ``ts`` (int64, epoch ms), ``user_id`` and
 ['event_id', 'ts', 'user_id', 'item_id', 'label', 'device']
 >>> t.column("ts").to_pylist(), t.column("event_id").to_pylist()
 ([10000, 20000], ['e-1', 'e-0'])
+>>> _ = open(p, "a").write("u3,i1,20,1,web\\n")
+>>> load_dataset(p).column("ts").to_pylist(), load_dataset(p, spread_ties=False).column("ts").to_pylist()
+([10000, 20000, 20001], [10000, 20000, 20000])
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ def movielens_100k_path() -> Path:
     return path
 
 
-def load_movielens_100k(limit: int | None = None) -> pa.Table:
+def load_movielens_100k(limit: int | None = None, spread_ties: bool = True) -> pa.Table:
     """The 100,000 ML-100K ratings as events, label = rating >= 4."""
     path = movielens_100k_path()
     raw = pacsv.read_csv(
@@ -68,10 +78,10 @@ def load_movielens_100k(limit: int | None = None) -> pa.Table:
     label = pc.cast(pc.greater_equal(raw["rating"], 4.0), pa.int8())
     table = pa.table({"user_id": raw["user_id"], "item_id": raw["item_id"],
                       "timestamp": raw["timestamp"], "label": label})
-    return _finish(table, prefix="ml100k-", source=str(path), limit=limit)
+    return _finish(table, prefix="ml100k-", source=str(path), limit=limit, spread_ties=spread_ties)
 
 
-def load_file(path: str | Path, limit: int | None = None) -> pa.Table:
+def load_file(path: str | Path, limit: int | None = None, spread_ties: bool = True) -> pa.Table:
     """Read a CSV or Parquet file of events (see the module docstring for its columns)."""
     path = Path(path)
     if not path.is_file():
@@ -88,21 +98,25 @@ def load_file(path: str | Path, limit: int | None = None) -> pa.Table:
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; "
                            f"required: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(table.column_names)}")
-    return _finish(table, prefix="e-", source=str(path), limit=limit)
+    return _finish(table, prefix="e-", source=str(path), limit=limit, spread_ties=spread_ties)
 
 
-def load_dataset(spec: str, limit: int | None = None) -> pa.Table:
-    """``movielens-100k`` or a path to a CSV/Parquet file; ``limit`` keeps the first N in time order."""
+def load_dataset(spec: str, limit: int | None = None, spread_ties: bool = True) -> pa.Table:
+    """``movielens-100k`` or a path to a CSV/Parquet file; ``limit`` keeps the first N in time order.
+
+    ``spread_ties``: events of the same second 1 ms apart in file order (see the module docstring);
+    synthetic streams have millisecond times already and ignore it.
+    """
     if spec == MOVIELENS_100K:
-        return load_movielens_100k(limit)
+        return load_movielens_100k(limit, spread_ties)
     if spec.startswith("synthetic:"):  # e.g. synthetic:abrupt_ctr?n=100000&seed=1 (see reloop.synthetic)
         from reloop.synthetic import load_synthetic
 
         return load_synthetic(spec, limit)
-    return load_file(spec, limit)
+    return load_file(spec, limit, spread_ties)
 
 
-def _finish(table: pa.Table, *, prefix: str, source: str, limit: int | None) -> pa.Table:
+def _finish(table: pa.Table, *, prefix: str, source: str, limit: int | None, spread_ties: bool) -> pa.Table:
     if table.num_rows == 0:
         raise DatasetError(f"{source}: no rows")
     cols: dict[str, pa.Array] = {}
@@ -125,6 +139,10 @@ def _finish(table: pa.Table, *, prefix: str, source: str, limit: int | None) -> 
     # stable sort: ties in event time keep file order, so replays are deterministic
     order = np.argsort(out["ts"].to_numpy(), kind="stable")
     out = out.take(pa.array(order))
+    if spread_ties:
+        ts = out["ts"].to_numpy()
+        rank = np.arange(len(ts)) - np.searchsorted(ts, ts, side="left")  # earlier events of the same second
+        out = out.set_column(1, "ts", pa.array(ts + np.minimum(rank, 999), pa.int64()))
     if limit is not None:
         if limit <= 0:
             raise DatasetError(f"limit must be positive, got {limit}")
