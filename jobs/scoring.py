@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 
 from jobs.registry import ModelRegistry, RegistryError
+from online_models.memory import SERVING_MEMORY
 
 log = logging.getLogger("reloop.serve")
 
@@ -49,7 +50,8 @@ class ScorerConfig:
     """How the scorer behaves; the constructor is the whole configuration."""
 
     use_memory: bool = True
-    memory: dict[str, Any] = field(default_factory=dict)   # MemoryConfig fields except dim
+    # MemoryConfig fields except dim, plus the key kind (see load_bundle)
+    memory: dict[str, Any] = field(default_factory=lambda: dict(SERVING_MEMORY))
     outcome_buffer: int = 20_000     # recent outcomes kept to rebuild the memory for a new model
     remembered_requests: int = 100_000
     poll_seconds: float = 0.5        # how often the registry's current pointer is read
@@ -87,33 +89,47 @@ class Bundle:
     lookup: Any
     loaded_at: float = field(default_factory=time.time)
     entry: Any = None        # the registry entry (manifest) it was loaded from
+    memory_key: str = "hidden"  # what keys the memory: see online_models.models.memory_key
+
+    def key(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        """The memory's key of encoded rows whose last hidden layer is ``hidden``."""
+        from online_models.models import memory_key
+
+        return memory_key(self.model, batch, hidden, self.memory_key)
 
 
 def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
                 lookup_for: Callable[[str], Any] | None = None) -> Bundle:
     """Model, encoder and a fresh memory of one registry version: what serving swaps in as a whole.
 
-    ``memory`` holds the memory's hyper-parameters (its ``dim`` comes from the model); ``lookup_for`` maps
-    the version's feature service to an online-feature lookup (None where features come with the rows).
+    ``memory`` holds the memory's hyper-parameters and optionally ``key`` (``hidden`` by default, or
+    ``hidden+user``/``hidden+ids``: see :func:`online_models.models.memory_key`); its ``dim`` comes from the
+    model and the key. ``lookup_for`` maps the version's feature service to an online-feature lookup (None
+    where features come with the rows).
     """
     from jobs.registry import load_model
     from online_models.encoding import EncoderConfig, FeatureEncoder
     from online_models.memory import ErrorCompensationMemory
+    from online_models.models import MEMORY_KEYS, memory_key_dim
 
     entry, model = load_model(registry, version)
     enc = entry.extra.get("encoder")
     if not enc:
         raise RegistryError(f"{registry.uri}: version {version} has no encoder config (extra.encoder)")
+    key = memory.get("key", "hidden")
+    if key not in MEMORY_KEYS:
+        raise ValueError(f"memory key must be one of {', '.join(MEMORY_KEYS)}, got {key!r}")
+    params = {k: v for k, v in memory.items() if k not in ("dim", "key")}
     return Bundle(version, model, FeatureEncoder(EncoderConfig.from_dict(enc)),
-                  ErrorCompensationMemory(dim=model.hidden_dim, **{k: v for k, v in memory.items() if k != "dim"}),
-                  lookup_for(entry.feature_service) if lookup_for else None, entry=entry)
+                  ErrorCompensationMemory(dim=memory_key_dim(model, key), **params),
+                  lookup_for(entry.feature_service) if lookup_for else None, entry=entry, memory_key=key)
 
 
 @dataclass
 class Remembered:
     version: str
     row: pa.Table            # the features the request was scored with (one row)
-    hidden: torch.Tensor     # (1, H)
+    key: torch.Tensor        # (1, D): the memory's key the request was scored with
     base: float
 
 
@@ -194,7 +210,7 @@ class Scorer:
         labels = torch.tensor([o[2] for o in outcomes], dtype=torch.float32)
         with torch.no_grad():
             logits, hidden = bundle.model(batch)
-        bundle.memory.write(hidden, labels, torch.sigmoid(logits))
+            bundle.memory.write(bundle.key(batch, hidden), labels, torch.sigmoid(logits))
 
     def start(self) -> None:
         """Load the current model (if any) and poll the registry in a background thread."""
@@ -239,10 +255,11 @@ class Scorer:
         return table
 
     def _forward(self, bundle: Bundle, row: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base probability and the memory's key of one encoded row."""
         batch = bundle.encoder.encode(row)
         with torch.no_grad():
             logits, hidden = bundle.model(batch)
-        return torch.sigmoid(logits), hidden
+            return torch.sigmoid(logits), bundle.key(batch, hidden)
 
     def score(self, user_id: str, item_id: str, context: dict[str, Any] | None = None,
               request_id: str | None = None) -> dict[str, Any]:
@@ -251,14 +268,14 @@ class Scorer:
         if bundle is None:
             raise ScoringError(f"no model is deployed yet (registry {self.registry.uri} has no current version)", 503)
         row = self._features(bundle, user_id, item_id, context or {})
-        base, hidden = self._forward(bundle, row)
+        base, key = self._forward(bundle, row)
         comp = base
         if self.config.use_memory:
             with self._lock:
-                comp = bundle.memory.estimate(hidden, base)
+                comp = bundle.memory.estimate(key, base)
         rid = request_id or uuid.uuid4().hex
         with self._lock:
-            self._remembered[rid] = Remembered(bundle.version, row, hidden, float(base[0]))
+            self._remembered[rid] = Remembered(bundle.version, row, key, float(base[0]))
             if len(self._remembered) > self.config.remembered_requests:
                 self._remembered.popitem(last=False)
         self.stats["scored"] += 1
@@ -287,10 +304,10 @@ class Scorer:
         with self._lock:
             bundle = self.bundle
             if rec is not None and rec.version == bundle.version:
-                hidden, base = rec.hidden, torch.tensor([rec.base])
+                key, base = rec.key, torch.tensor([rec.base])
             else:  # scored by another version (or not at all): key it in the serving model's hidden space
-                base, hidden = self._forward(bundle, row)
-            bundle.memory.write(hidden, torch.tensor([float(label)]), base)
+                base, key = self._forward(bundle, row)
+            bundle.memory.write(key, torch.tensor([float(label)]), base)
             self._outcome_seq += 1
             self._outcomes.append((self._outcome_seq, row, int(label)))
         self.stats["feedback"] += 1

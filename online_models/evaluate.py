@@ -45,12 +45,11 @@ import torch
 
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
-from online_models.memory import ErrorCompensationMemory, Hashed, MemoryConfig
+from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, memory_step, write_groups
 from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
 
-MEMORY_WRITES = ("timestamp", "event", "batch")
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
 AUC_TIE = 0.001
@@ -211,37 +210,6 @@ def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: i
         ps.append(p)
         ks.append(memory_key(learner.model, b, h, key))
     return torch.cat(ps), torch.cat(ks)
-
-
-def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
-    """Consecutive groups of a batch that are scored together, then written to the memory.
-
-    >>> write_groups(np.array([5, 5, 7, 9, 9]), "timestamp")
-    [(0, 2), (2, 3), (3, 5)]
-    >>> write_groups(np.array([5, 5, 7]), "batch"), len(write_groups(np.array([5, 5, 7]), "event"))
-    ([(0, 3)], 3)
-    """
-    n = len(ts)
-    if mode == "batch":
-        return [(0, n)]
-    if mode == "event":
-        return [(i, i + 1) for i in range(n)]
-    edges = [0, *(np.flatnonzero(np.diff(ts)) + 1).tolist(), n]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def memory_step(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
-                groups: list[tuple[int, int]]) -> torch.Tensor:
-    """Compensate a batch and write its outcomes, group by group (hashing the whole batch once)."""
-    if len(groups) == 1:
-        return mem.step(h, p, y)
-    hashed = mem.hash(h)
-    out = torch.empty_like(p)
-    for lo, hi in groups:
-        part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
-        out[lo:hi] = mem.estimate(h[lo:hi], p[lo:hi], part)
-        mem.write(h[lo:hi], y[lo:hi], p[lo:hi], part)
-    return out
 
 
 def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,

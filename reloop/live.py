@@ -34,6 +34,7 @@ import torch
 from jobs.examples import ExampleStore, Position
 from jobs.registry import ModelRegistry
 from jobs.scoring import Bundle, load_bundle
+from online_models.memory import memory_step, write_groups
 
 
 @dataclass
@@ -144,7 +145,8 @@ class ServingLoop:
         new = load_bundle(self.registry, current, self.memory_config)
         entry = new.entry
         recent = self.recent()
-        rebuilt = new.memory.rebuild([new.encoder.encode(recent)], new.model) if recent is not None else 0
+        rebuilt = (new.memory.rebuild([new.encoder.encode(recent)], new.model, key_fn=new.key)
+                   if recent is not None else 0)
         previous = self.served
         reason = pointer.get("reason") or "promoted"
         if previous is None or not reason.startswith("refresh"):
@@ -190,9 +192,12 @@ class ServingLoop:
         with torch.no_grad():
             logits, hidden = s.model(batch)
             p_base = torch.sigmoid(logits)
-            p_mem = s.memory.estimate(hidden, p_base)
-            if learn:  # the labels arrive: feedback goes into the memory at once (after scoring: no leakage)
-                s.memory.write(hidden, batch["label"], p_base)
+            key = s.key(batch, hidden)
+            if learn:  # each label arrives right after its event: written before the next event is scored
+                groups = write_groups(table["ts"].to_numpy(), "timestamp")
+                p_mem = memory_step(s.memory, key, p_base, batch["label"], groups)
+            else:
+                p_mem = s.memory.estimate(key, p_base)
         return p_base.numpy().astype(np.float64), p_mem.numpy().astype(np.float64)
 
     def _process(self, table: pa.Table) -> None:

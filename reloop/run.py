@@ -41,10 +41,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from online_models.memory import SERVING_MEMORY
 from reloop.config import ReloopConfig
-
-#: the memory's hyper-parameters in the live path (chosen on the validation slot by `reloop evaluate`)
-DEFAULT_MEMORY = {"num_tables": 8, "bits": 8, "tau": 0.1, "gamma": 1.0, "lam": 0.5, "decay": 1.0}
 
 
 class RunError(RuntimeError):
@@ -73,7 +71,7 @@ class RunOptions:
     state_root: str = ".state/runs"
     progress: bool = True
     seed: int = 0
-    memory: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MEMORY))
+    memory: dict[str, Any] = field(default_factory=lambda: dict(SERVING_MEMORY))
 
 
 # ----------------------------------------------------------------------------------------------------

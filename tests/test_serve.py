@@ -272,3 +272,17 @@ def test_reloop_score_cli(server):
     assert '"model_version": "%s"' % scorer.bundle.version in r.output and '"written": true' in r.output
     r = CliRunner().invoke(app, ["score", "196", "242", "-c", "novalue", "--url", srv.url])
     assert r.exit_code != 0 and "expected key=value" in r.output
+
+
+def test_memory_key_kind_sets_the_memory_width_and_bad_kinds_are_refused(world):
+    from jobs.scoring import load_bundle
+    from online_models.models import memory_key_dim
+
+    reg = world["registry"]
+    version = reg.versions()[-1]
+    plain = load_bundle(reg, version, {"key": "hidden"})
+    keyed = load_bundle(reg, version, {"key": "hidden+user"})
+    assert plain.memory.config.dim == plain.model.hidden_dim
+    assert keyed.memory.config.dim == memory_key_dim(keyed.model, "hidden+user") > plain.model.hidden_dim
+    with pytest.raises(ValueError, match="memory key"):
+        load_bundle(reg, version, {"key": "user"})
