@@ -126,13 +126,19 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
 
 
 def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None, ts0: int, t0: float,
-             batch_size: int, on_batch=None) -> None:
-    """One producer sending ``table`` in order (explicit partitions), pacing against wall-clock ``t0``."""
+             batch_size: int, on_batch=None, ready=None) -> None:
+    """One producer sending ``table`` in order (explicit partitions), pacing against wall-clock ``t0``.
+
+    ``ready()`` is called once the producer knows the topic's partitions, right before the first send.
+    """
     from reloop.kafka_io import producer
 
     prod = producer(cfg)
     failures: list[Exception] = []
     try:
+        prod.partitions_for(topic)  # connect and fetch metadata now, not on the first send
+        if ready is not None:
+            ready()
         for batch in table.to_batches(batch_size):
             keys, values = encode_batch(batch)
             partitions = batch.column("__partition").to_pylist()
@@ -159,14 +165,22 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
         raise ReplayError(f"{len(failures)} event(s) were not delivered to {topic}: {failures[0]!r}")
 
 
-def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done) -> None:
+def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done,
+            start) -> None:
     table = pa.ipc.open_stream(ipc).read_all()
 
     def tick(n: int) -> None:
         with done.get_lock():
             done.value += n
 
-    _produce(table, KafkaConfig.model_validate_json(cfg_json), topic, speed, ts0, t0, batch_size, tick)
+    def ready() -> None:
+        start.wait(timeout=120)  # every worker sends its first event at the same moment
+
+    try:
+        _produce(table, KafkaConfig.model_validate_json(cfg_json), topic, speed, ts0, t0, batch_size, tick, ready)
+    except BaseException:
+        start.abort()  # the other workers stop waiting for this one
+        raise
 
 
 def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0: int, t0: float, batch_size: int,
@@ -176,6 +190,10 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
     owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
     ctx = mp.get_context("spawn")  # no fork: the parent may hold client threads
     done = ctx.Value("q", 0)
+    # all workers start sending together: at full speed a worker that started a second late would leave its
+    # partitions empty while the others fill months of event time, and a feature job reading then would
+    # judge those partitions idle and drop their events as late
+    start = ctx.Barrier(workers)
     procs = []
     for w in range(workers):
         part = table.filter(pa.array(owner == w))
@@ -183,7 +201,7 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
         with pa.ipc.new_stream(sink, part.schema) as writer:
             writer.write_table(part)
         proc = ctx.Process(target=_worker, args=(sink.getvalue().to_pybytes(), cfg.model_dump_json(), topic, speed,
-                                                 ts0, t0, batch_size, done), daemon=True)
+                                                 ts0, t0, batch_size, done, start), daemon=True)
         proc.start()
         procs.append(proc)
     shown = 0
