@@ -80,7 +80,12 @@ class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
 
     # -- DoFn
     def setup(self) -> None:
-        self._reader = RangeReader(self.kafka, timeout_s=self.timeout_s)  # one connection for every range
+        self._reader = RangeReader(self.kafka, timeout_s=self.timeout_s)  # one connection for a bundle's ranges
+
+    def finish_bundle(self) -> None:
+        # reconnects lazily in the next bundle: a worker between bundles (or a runner that never calls
+        # teardown) holds no connection that would keep retrying a broker that went away
+        self._reader.close()
 
     def teardown(self) -> None:
         self._reader.close()

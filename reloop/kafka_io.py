@@ -145,6 +145,7 @@ class RangeReader:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+            self._topics.clear()
 
     def read(self, topic: str, partition: int, start: int, stop: int) -> Iterator[RecordColumns]:
         """Columns of the records with offsets in ``[start, stop)``, in order, one per fetch.

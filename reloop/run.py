@@ -563,6 +563,7 @@ class LoopRun:
             except Exception as e:  # noqa: BLE001
                 self.errors.append(f"trainer: {e!r}")
             deployer.close(wait=not self.interrupted)
+            monitor.dispatcher.close()  # deliver queued alerts, close the alerts producer before the broker stops
             ray.shutdown()
             if progress:
                 progress.close()
