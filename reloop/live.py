@@ -23,6 +23,7 @@ run loop drives it from one thread.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,11 @@ from online_models.memory import memory_step, write_groups
 
 @dataclass
 class Trace:
-    """Everything scored so far, in arrival order (what the report draws)."""
+    """Everything scored so far, in arrival order (what the report draws).
+
+    The live thread adds while the progress display, the gate and the deployer read from theirs: both
+    hold ``lock``, or a merge could drop a chunk added meanwhile and leave the columns unequal.
+    """
 
     ts: list[np.ndarray] = field(default_factory=list)
     y: list[np.ndarray] = field(default_factory=list)
@@ -48,26 +53,30 @@ class Trace:
     p_prev: list[np.ndarray] = field(default_factory=list)   # the previous version's shadow (NaN: none)
     user: list[np.ndarray] = field(default_factory=list)
     event_id: list[np.ndarray] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None = None) -> None:
-        self.ts.append(table["ts"].to_numpy())
-        self.y.append(table["label"].to_numpy().astype(np.float64))
-        self.user.append(table["user_id"].to_numpy(zero_copy_only=False).astype(object))
-        self.event_id.append(table["event_id"].to_numpy(zero_copy_only=False).astype(object))
-        self.p_base.append(p_base)
-        self.p_mem.append(p_mem)
-        self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
+        cols = (table["ts"].to_numpy(), table["label"].to_numpy().astype(np.float64),
+                table["user_id"].to_numpy(zero_copy_only=False).astype(object),
+                table["event_id"].to_numpy(zero_copy_only=False).astype(object))
+        with self.lock:
+            for chunks, values in zip((self.ts, self.y, self.user, self.event_id), cols):
+                chunks.append(values)
+            self.p_base.append(p_base)
+            self.p_mem.append(p_mem)
+            self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every column as one array. The chunks are merged in place, so the progress display, the gate and
         the deployer, which ask often, concatenate only what arrived since the last call."""
         out = {}
-        for name, dtype in (("ts", np.int64), ("y", float), ("p_base", float), ("p_mem", float),
-                            ("p_prev", float), ("user", object), ("event_id", object)):
-            chunks = getattr(self, name)
-            if len(chunks) > 1:
-                chunks[:] = [np.concatenate(chunks)]
-            out[name] = chunks[0] if chunks else np.zeros(0, dtype)
+        with self.lock:
+            for name, dtype in (("ts", np.int64), ("y", float), ("p_base", float), ("p_mem", float),
+                                ("p_prev", float), ("user", object), ("event_id", object)):
+                chunks = getattr(self, name)
+                if len(chunks) > 1:
+                    chunks[:] = [np.concatenate(chunks)]
+                out[name] = chunks[0] if chunks else np.zeros(0, dtype)
         return out
 
     def promotions(self, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
