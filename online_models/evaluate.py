@@ -45,7 +45,7 @@ import torch
 
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
-from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, memory_step, write_groups
+from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, write_groups
 from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
@@ -218,7 +218,7 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
     out = []
     for lo in range(0, len(p), size):
         sl = slice(lo, lo + size)
-        out.append(memory_step(mem, h[sl], p[sl], y[sl], write_groups(ts[sl], mode)))
+        out.append(mem.step(h[sl], p[sl], y[sl], write_groups(ts[sl], mode)))
     return torch.cat(out)
 
 
@@ -350,7 +350,7 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             for name, (h, p) in (("base+memory", (h_base, p_base)), ("incremental+memory", (h_inc, p_inc))):
                 if name in cfg.variants:
                     t0 = time.perf_counter()
-                    preds[name] = memory_step(mems[name], h, p, y, groups)
+                    preds[name] = mems[name].step(h, p, y, groups)
                     seconds[name] += time.perf_counter() - t0
             for name, model in rivers.items():
                 t0 = time.perf_counter()

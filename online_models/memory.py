@@ -261,11 +261,23 @@ class ErrorCompensationMemory:
         out = (p + self.lam * self._error(r, p)).clamp(self.eps, 1.0 - self.eps)
         return torch.where(r["has"], out, p).to(y_base.dtype)
 
-    def step(self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Estimate a batch, then write its outcomes (one hashing for both); returns the compensated predictions."""
+    def step(self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor,
+             groups: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Estimate a batch, then write its outcomes; returns the compensated predictions.
+
+        ``groups`` (see :func:`write_groups`) are consecutive row ranges estimated together and written
+        before the next is estimated; None = the whole batch at once. The batch is hashed once.
+        """
         hashed = self.hash(h)
-        out = self.estimate(h, y_base, hashed)
-        self.write(h, y, y_base, hashed)
+        if groups is None or len(groups) == 1:
+            out = self.estimate(h, y_base, hashed)
+            self.write(h, y, y_base, hashed)
+            return out
+        out = torch.empty_like(y_base)
+        for lo, hi in groups:
+            part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
+            out[lo:hi] = self.estimate(h[lo:hi], y_base[lo:hi], part)
+            self.write(h[lo:hi], y[lo:hi], y_base[lo:hi], part)
         return out
 
     def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module,
@@ -351,17 +363,3 @@ def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(n)]
     edges = [0, *(np.flatnonzero(np.diff(ts)) + 1).tolist(), n]
     return list(zip(edges[:-1], edges[1:]))
-
-
-def memory_step(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
-                groups: list[tuple[int, int]]) -> torch.Tensor:
-    """Compensate a batch and write its outcomes, group by group (hashing the whole batch once)."""
-    if len(groups) == 1:
-        return mem.step(h, p, y)
-    hashed = mem.hash(h)
-    out = torch.empty_like(p)
-    for lo, hi in groups:
-        part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
-        out[lo:hi] = mem.estimate(h[lo:hi], p[lo:hi], part)
-        mem.write(h[lo:hi], y[lo:hi], p[lo:hi], part)
-    return out

@@ -186,9 +186,9 @@ def _index(codes: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail
     ev_start, ev_len = np.zeros(c, np.int64), np.zeros(c, np.int64)
     ev_items = pa.array([], pa.string())
     if ev.num_rows:
-        where = pc.index_in(ev["id"], value_set=dictionary).to_numpy(zero_copy_only=False)
-        hit = ~np.isnan(where) if where.dtype.kind == "f" else np.ones(len(where), bool)
-        p = where[hit].astype(np.int64)
+        where = pc.index_in(ev["id"], value_set=dictionary)
+        hit = where.is_valid().to_numpy(zero_copy_only=False)  # evicted ids among this batch's codes
+        p = where.drop_null().to_numpy().astype(np.int64)
         ev_imp[p] = ev["imp"].to_numpy()[hit]
         ev_pos[p] = ev["pos"].to_numpy()[hit]
         ev_last_ts[p] = ev["last_ts"].to_numpy()[hit]

@@ -178,12 +178,9 @@ class RangeReader:
         """One fetch of ``tp`` from ``offset``: the response's partition data, or None after a retriable
         error (the caller retries until its deadline)."""
         consumer = self._connect()
-        cluster = consumer._client.cluster
-        leader = cluster.leader_for_partition(tp)
+        leader = consumer._client.cluster.leader_for_partition(tp)
         if leader is None or leader < 0:
-            time.sleep(0.05)
-            topic_partitions(consumer, tp.topic, refresh=True)  # a new or moved partition
-            return None
+            return self._retry_later(tp)
         request = FetchRequest(
             max_wait_ms=self.max_wait_ms, min_bytes=1, max_bytes=self.max_partition_bytes,
             isolation_level=IsolationLevel.READ_UNCOMMITTED, session_id=0, session_epoch=-1,
@@ -202,10 +199,14 @@ class RangeReader:
             error = Errors.for_code(part.error_code)
             if not error.retriable:
                 raise error(f"fetching {tp.topic}[{tp.partition}] at offset {offset}")
-            cluster.request_update()
-            time.sleep(0.05)
-            return None
+            return self._retry_later(tp)
         return part
+
+    def _retry_later(self, tp: TopicPartition) -> None:
+        """After a missing leader or a retriable error (a new or moved partition): back off briefly and
+        refresh the topic's metadata; the caller retries until its deadline."""
+        time.sleep(0.05)
+        topic_partitions(self._connect(), tp.topic, refresh=True)
 
     def _connect(self) -> KafkaConsumer:
         if self._consumer is None:

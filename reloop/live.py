@@ -35,7 +35,7 @@ import torch
 from jobs.examples import ExampleStore, Position
 from jobs.registry import ModelRegistry
 from jobs.scoring import Bundle, load_bundle
-from online_models.memory import memory_step, write_groups
+from online_models.memory import write_groups
 
 
 @dataclass
@@ -204,7 +204,7 @@ class ServingLoop:
             key = s.key(batch, hidden)
             if learn:  # each label arrives right after its event: written before the next event is scored
                 groups = write_groups(table["ts"].to_numpy(), "timestamp")
-                p_mem = memory_step(s.memory, key, p_base, batch["label"], groups)
+                p_mem = s.memory.step(key, p_base, batch["label"], groups)
             else:
                 p_mem = s.memory.estimate(key, p_base)
         return p_base.numpy().astype(np.float64), p_mem.numpy().astype(np.float64)
