@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import report  # noqa: E402
-from reloop.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: E402
-from reloop.drift.monitors import make_monitor  # noqa: E402
-from reloop.drift.evaluate import score_monitors, summarise  # noqa: E402
-from reloop.drift.policy import DriftPolicy  # noqa: E402
+from online_models.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: E402
+from online_models.drift.monitors import make_monitor  # noqa: E402
+from reloop.evaluate_drift import score_monitors, summarise  # noqa: E402
+from online_models.drift.policy import DriftPolicy  # noqa: E402
 from reloop.synthetic import generate  # noqa: E402
 
 #: every detector the package supports, with the parameters used by the default config where it has them
@@ -60,8 +60,8 @@ def throughput(n: int) -> dict:
     import json
 
     from jobs.monitor import MonitorLoop, parse_prediction
-    from reloop.drift.hooks import HookDispatcher
-    from reloop.drift.monitors import MonitorSuite
+    from jobs.alerts import HookDispatcher
+    from online_models.drift.monitors import MonitorSuite
 
     s = generate("stable", n=n, seed=99)
     rows = s.table.to_pylist()

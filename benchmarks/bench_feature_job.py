@@ -133,8 +133,8 @@ def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
 def bench_kafka_read(topic: str) -> float:
     """Only reading every partition of the topic (fetch + decode, no parsing): the job's input floor."""
     from pipelines.consumer_group import partition_offsets
-    from reloop.config import KafkaConfig
-    from reloop.kafka_io import RangeReader
+    from pipelines.config import KafkaConfig
+    from pipelines.kafka_io import RangeReader
 
     kafka = KafkaConfig()
     _, begin, end = partition_offsets(kafka, topic, f"{topic}.probe")
@@ -147,7 +147,8 @@ def bench_kafka_read(topic: str) -> float:
 
 def bench_job(table: pa.Table, tmp: Path) -> tuple[float, float, int, int, str, float]:
     from pipelines.feature_job import run_once
-    from reloop.config import FeastConfig, FeatureJobConfig, KafkaConfig, ReloopConfig, StorageConfig
+    from pipelines.config import FeastConfig, FeatureJobConfig, KafkaConfig, StorageConfig
+    from reloop.config import ReloopConfig
     from reloop.replay import replay_table
 
     topic = f"bench.features.{uuid.uuid4().hex[:8]}"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from online_models.evaluate import EvaluationConfig, prepare_stream
+from reloop.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import ErrorCompensationMemory
 from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim

@@ -51,7 +51,8 @@ def _free_port() -> int:
 
 
 def setup(root: Path, events: int):
-    from jobs.examples import movielens_examples, write_example_files
+    from jobs.examples import write_example_files
+    from reloop.datasets import movielens_examples
     from jobs.registry import ModelRegistry
     from jobs.serve import prepare_feature_store
     from jobs.trainer import IncrementalTrainer, TrainerConfig

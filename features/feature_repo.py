@@ -29,7 +29,10 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Float64, Int64, String
 from feast.value_type import ValueType
 
-WINDOWS = ("1h", "1d", "7d", "all")
+from features.windows import feature_service_name, window_names  # noqa: E402  (after the feast imports)
+from online_models.models import KINDS  # noqa: E402
+
+WINDOWS = window_names()
 #: online values older than this are treated as missing by Feast (an idle entity's window counts are stale)
 FEATURE_TTL = timedelta(days=400)
 
@@ -85,10 +88,10 @@ item_stats_fv = FeatureView(
     tags={"owner": "pipelines.feature_job"},
 )
 
-# one feature service per model family and version: models ask for a service by name
-ctr_lr_v1 = FeatureService(name="ctr_lr_v1", features=[user_stats_fv, item_stats_fv],
-                           description="logistic regression CTR model")
-ctr_deepfm_v1 = FeatureService(name="ctr_deepfm_v1", features=[user_stats_fv, item_stats_fv],
-                               description="DeepFM CTR model")
-ctr_dcnv2_v1 = FeatureService(name="ctr_dcnv2_v1", features=[user_stats_fv, item_stats_fv],
-                              description="DCNv2 CTR model")
+# one feature service per model kind and feature-set version: models ask for a service by name
+_DESCRIPTIONS = {"lr": "logistic regression CTR model", "deepfm": "DeepFM CTR model", "dcnv2": "DCNv2 CTR model"}
+for _kind in KINDS:
+    # Feast finds the services among this module's globals
+    globals()[feature_service_name(_kind)] = FeatureService(
+        name=feature_service_name(_kind), features=[user_stats_fv, item_stats_fv],
+        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model"))

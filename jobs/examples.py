@@ -172,12 +172,3 @@ def write_example_files(table: pa.Table, root: str, rows_per_file: int, prefix: 
         os.replace(tmp, os.path.join(root, name))
         out.append(name)
     return out
-
-
-def movielens_examples(limit: int) -> pa.Table:
-    """Training examples (events + leak-free features) of the first ``limit`` MovieLens-100K events."""
-    from pipelines.aggregates import FeatureState, compute_features
-    from reloop.datasets import load_dataset
-
-    feats, _, _ = compute_features(load_dataset("movielens-100k", limit=limit), FeatureState.empty())
-    return feats

@@ -9,14 +9,14 @@ Input: a Kafka topic (default ``reloop.predictions``) of JSON records::
 
 For each record the :class:`MonitorLoop` feeds the monitors, asks the policy,
 sends alerts through the hooks, writes every step as an
-:class:`~reloop.drift.records.AuditRecord` (JSONL log + alerts topic), and
+:class:`~online_models.drift.records.AuditRecord` (JSONL log + alerts topic), and
 carries out ``retrain`` / ``rollback`` requests through an :class:`Actions`
 object. The Ray retrain job, the evaluation gate and the registry promotion
 are plugged in there; without one the loop only alerts.
 
->>> from reloop.drift.monitors import MonitorSuite
->>> from reloop.drift.policy import DriftPolicy
->>> from reloop.drift.hooks import HookDispatcher
+>>> from online_models.drift.monitors import MonitorSuite
+>>> from online_models.drift.policy import DriftPolicy
+>>> from jobs.alerts import HookDispatcher
 >>> loop = MonitorLoop(MonitorSuite.from_specs([{"kind": "adwin", "metric": "logloss"}]), DriftPolicy(),
 ...                    HookDispatcher([]))
 >>> rec = parse_prediction(b'{"event_id": "e1", "ts": 1, "user_id": "u", "item_id": "i", "p": 0.2, "label": 1}')
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from reloop.drift.monitors import MonitorSuite, event_signals
-from reloop.drift.policy import DriftPolicy
-from reloop.drift.records import AuditLog, AuditRecord, Request, alert_payload
+from online_models.drift.monitors import MonitorSuite, event_signals
+from online_models.drift.policy import DriftPolicy
+from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class MonitorLoop:
 def build_loop(cfg: Any, actions: Actions | None = None, callbacks: tuple[Callable, ...] = (),
                dispatcher: Any = None, on_request: Callable[[Request], None] | None = None) -> MonitorLoop:
     """A :class:`MonitorLoop` from a :class:`reloop.config.ReloopConfig`."""
-    from reloop.drift.hooks import dispatcher_from_config
+    from jobs.alerts import dispatcher_from_config
 
     d = cfg.drift
     specs = [m.model_dump() for m in d.monitors]
@@ -387,7 +387,7 @@ def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = Fa
     from kafka import KafkaConsumer
     from kafka.structs import OffsetAndMetadata
 
-    from reloop.kafka_io import ensure_topics
+    from pipelines.kafka_io import ensure_topics
 
     topic = topic or cfg.drift.predictions_topic
     state_path = state_path or cfg.drift.state_path

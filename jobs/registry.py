@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from online_models.errors import ReloopError
 
 FORMAT = "reloop.registry/1"
 WEIGHTS = "model.safetensors"
@@ -52,7 +53,7 @@ POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ReloopError, RuntimeError):
     """Base class of registry errors; the message names the registry and the version."""
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-DAY_MS = 86_400_000
+from features.windows import DAY_MS, feature_service_name
+from online_models.models import KINDS
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class RetrainConfig:
     registry_uri: str
     storage_path: str                      # Ray Train run directory (absolute)
     model_kind: str = "dcnv2"
-    feature_service: str | None = None     # default: ctr_<model_kind>_v1
+    feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
     window_days: float | None = 7.0
     ts_min: int | None = None
     ts_max: int | None = None
@@ -58,7 +59,7 @@ class RetrainConfig:
         if self.num_workers < 1 or self.epochs < 1:
             raise ValueError("num_workers and epochs must be >= 1")
         if self.feature_service is None:
-            object.__setattr__(self, "feature_service", f"ctr_{self.model_kind}_v1")
+            object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
 
 
 def resolve_window(cfg: RetrainConfig) -> tuple[int | None, int | None]:
@@ -218,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--examples")
     p.add_argument("--registry")
     p.add_argument("--storage-path", help="Ray Train run directory (default: <state>/ray_train)")
-    p.add_argument("--model", default="dcnv2", choices=["lr", "deepfm", "dcnv2"])
+    p.add_argument("--model", default="dcnv2", choices=list(KINDS))
     p.add_argument("--feature-service", default=None)
     p.add_argument("--window-days", type=float, default=7.0)
     p.add_argument("--ts-min", type=int, default=None)
@@ -232,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from reloop.config import load_config
+    from jobs.config import load_jobs_config as load_config
 
     c = load_config(a.config)
     examples = os.path.abspath(a.examples or c.storage.examples_uri) if "://" not in (a.examples or "") else a.examples

@@ -33,11 +33,12 @@ import torch
 
 from jobs.registry import ModelRegistry, RegistryError
 from online_models.memory import SERVING_MEMORY
+from online_models.errors import ReloopError
 
 log = logging.getLogger("reloop.serve")
 
 
-class ScoringError(RuntimeError):
+class ScoringError(ReloopError, RuntimeError):
     """A request that cannot be served; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400) -> None:

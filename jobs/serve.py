@@ -115,7 +115,7 @@ def build_scorer(registry_uri: str, feast_repo: str, feast_profile: str = "sqlit
 
     from jobs.registry import ModelRegistry
     from pipelines.feast_io import open_store
-    from reloop.config import FeastConfig
+    from pipelines.config import FeastConfig
 
     # one request is a batch of one: intra-op threads only add hand-off cost (measured ~1.5x slower with 2)
     torch.set_num_threads(1)
@@ -206,7 +206,7 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> A
 
     from pipelines.aggregates import FeatureState, compute_features, snapshot
     from pipelines.feast_io import ITEM_VIEW, USER_VIEW, apply_repo, open_store, write_snapshot
-    from reloop.config import FeastConfig
+    from pipelines.config import FeastConfig
 
     src = Path(__file__).resolve().parent.parent / "features"
     dest_p = Path(dest)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="serve base predictions only")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between registry checks")
     a = p.parse_args(argv)
-    from reloop.config import load_config
+    from jobs.config import load_jobs_config as load_config
 
     cfg = load_config(a.config)
     registry = a.registry or cfg.storage.registry_uri

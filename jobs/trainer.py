@@ -44,14 +44,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from features.windows import feature_service_name
 from jobs.checkpoints import CheckpointStore
+from online_models.models import KINDS
+from online_models.errors import ReloopError
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/1"
 RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
                 "features/data", "reports", "benchmarks/results", "**/__pycache__"]
 
 
-class TrainerError(RuntimeError):
+class TrainerError(ReloopError, RuntimeError):
     """A trainer that cannot start or continue (bad checkpoint, no usable columns...)."""
 
 
@@ -62,7 +65,7 @@ class TrainerConfig:
     examples_uri: str
     checkpoint_dir: str
     registry_uri: str | None = None
-    feature_service: str | None = None     # default: ctr_<model_kind>_v1 (a service of features/)
+    feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
     model_kind: str = "dcnv2"
     hash_buckets: int = 20_011
     batch_size: int = 256
@@ -83,7 +86,7 @@ class TrainerConfig:
         if not self.lr > 0:
             raise TrainerError(f"lr must be > 0, got {self.lr}")
         if self.feature_service is None:
-            object.__setattr__(self, "feature_service", f"ctr_{self.model_kind}_v1")
+            object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
 
 
 def event_digest(event_ids: list[str]) -> int:
@@ -348,8 +351,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--examples", help="example store URI (default: storage.examples_uri)")
     p.add_argument("--checkpoint-dir", help="local checkpoint directory (default: <state>/trainer)")
     p.add_argument("--registry", help="registry URI (default: storage.registry_uri)")
-    p.add_argument("--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v1)")
-    p.add_argument("--model", default="dcnv2", choices=["lr", "deepfm", "dcnv2"])
+    p.add_argument("--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v<feature-set version>)")
+    p.add_argument("--model", default="dcnv2", choices=list(KINDS))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=5000, help="examples between checkpoints")
@@ -362,7 +365,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local ray.init)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from reloop.config import load_config
+    from jobs.config import load_jobs_config as load_config
 
     cfg = load_config(a.config)
     examples = a.examples or cfg.storage.examples_uri

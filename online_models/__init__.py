@@ -1,4 +1,6 @@
-"""Torch CTR models, the ReLoop2 error-compensation memory, River baselines and streaming metrics.
+"""Torch CTR models, the ReLoop2 error-compensation memory, metrics, River baselines, drift detectors and policy.
 
-Pure logic only: nothing here imports Kafka, Ray or Beam.
+The ground floor: pure logic only. Nothing here imports Kafka, Ray, Beam or Feast, nor any other
+reloop package (``lint-imports`` holds both). The errors every layer raises derive from
+:class:`online_models.errors.ReloopError`.
 """

@@ -53,13 +53,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from online_models.errors import ReloopError
 
 
 #: rates are clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] before their log-odds
 LOGIT_CLIP = 1e-3
 
 
-class EncodingError(ValueError):
+class EncodingError(ReloopError, ValueError):
     """A table that cannot be encoded: a missing column or a bad encoder configuration."""
 
 

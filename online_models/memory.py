@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
+from online_models.errors import ReloopError
 
 STAT_NAMES = ("count", "sum_y", "sum_p")
 
@@ -69,7 +70,7 @@ SERVING_MEMORY: dict[str, Any] = {"key": "hidden+user", "num_tables": 32, "bits"
                                   "lam": 0.6, "shrinkage": 10.0, "eps": 0.02, "decay": 0.999}
 
 
-class MemoryConfigError(ValueError):
+class MemoryConfigError(ReloopError, ValueError):
     """A memory parameter out of range; the message names it and the allowed range."""
 
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from online_models.errors import ReloopError
 
 KINDS = ("lr", "deepfm", "dcnv2")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ReloopError, ValueError):
     """A model configuration with a bad value (the message names it and the allowed values)."""
 
 

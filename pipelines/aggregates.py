@@ -51,15 +51,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
+from features.windows import DAY_MS, HOUR_MS, WINDOWS_MS, window_names  # noqa: F401  (HOUR_MS, DAY_MS re-exported)
 
 
 @dataclass(frozen=True)
 class AggregateConfig:
     """What to aggregate. The defaults are the feature views in ``features/``."""
 
-    windows_ms: tuple[tuple[str, int], ...] = (("1h", HOUR_MS), ("1d", DAY_MS), ("7d", 7 * DAY_MS))
+    windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS
     #: smoothed CTR = (pos + prior_weight * prior_ctr) / (imp + prior_weight)
     prior_ctr: float = 0.5
     prior_weight: float = 10.0
@@ -83,7 +82,7 @@ class AggregateConfig:
 
     def feature_names(self, entity: str) -> list[str]:
         names = []
-        for w, _ in (*self.windows_ms, ("all", 0)):
+        for w in window_names(self.windows_ms):
             names += [f"{entity}_imp_{w}", f"{entity}_pos_{w}", f"{entity}_ctr_{w}"]
         return names + [f"{entity}_secs_since_last"]
 

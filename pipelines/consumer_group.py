@@ -12,11 +12,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from pipelines.checkpoint import Plan, StateStore
-from reloop.config import KafkaConfig
-from reloop.kafka_io import topic_partitions
+from pipelines.config import KafkaConfig
+from pipelines.kafka_io import topic_partitions
+from online_models.errors import ReloopError
 
 
-class OffsetsError(RuntimeError):
+class OffsetsError(ReloopError, RuntimeError):
     """The topic or the group's offsets are not in a state the job can continue from."""
 
 
@@ -84,7 +85,7 @@ def reset(cfg: KafkaConfig, group: str) -> None:
     """Forget the group's offsets (delete the group), so the next run starts from the beginning."""
     from kafka.errors import GroupIdNotFoundError
 
-    from reloop.kafka_io import admin
+    from pipelines.kafka_io import admin
 
     client = admin(cfg)
     try:

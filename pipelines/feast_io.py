@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.checkpoint import filesystem, write_parquet_atomic
-from reloop.config import FeastConfig
+from pipelines.config import FeastConfig
 
 #: feature view names of the repo in features/ (see features/feature_repo.py)
 USER_VIEW = "user_stats"

@@ -41,7 +41,8 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 
-from reloop.config import ReloopConfig
+from pipelines.config import PipelineConfig
+from online_models.errors import ReloopError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ COUNTERS = ("records_read", "events_parsed", "rejected", "dead_lettered", "accep
             "deferred", "examples_written", "feature_rows_written")
 
 
-class FeatureJobError(RuntimeError):
+class FeatureJobError(ReloopError, RuntimeError):
     """The job cannot run: unreachable broker, missing state for the committed offsets, failed pipeline."""
 
 
@@ -83,7 +84,7 @@ class JobStats:
         return asdict(self)
 
 
-def aggregate_config(cfg: ReloopConfig):
+def aggregate_config(cfg: PipelineConfig):
     from pipelines.aggregates import AggregateConfig
 
     return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000))
@@ -99,7 +100,7 @@ def pipeline_options(pipeline_args: list[str] | None):
     return opts
 
 
-def build(p, cfg: ReloopConfig, plan, *, repo_path: str | None = None) -> None:
+def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None:
     """Attach the job's transforms for one planned micro-batch to pipeline ``p``."""
     import apache_beam as beam
 
@@ -116,7 +117,7 @@ def build(p, cfg: ReloopConfig, plan, *, repo_path: str | None = None) -> None:
     _ = out.snapshots | "Feast" >> WriteFeatures(cfg.feast, repo_path, plan.run_id)
 
 
-def _ensure_feast(cfg: ReloopConfig, repo_path: str | None) -> None:
+def _ensure_feast(cfg: PipelineConfig, repo_path: str | None) -> None:
     from pipelines.feast_io import apply_repo, open_store
 
     store = open_store(cfg.feast, repo_path)
@@ -135,7 +136,7 @@ def _counters(result) -> dict[str, int]:
     return out
 
 
-def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
+def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
              topic: str | None = None, ensure_feast: bool = True) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
     import apache_beam as beam
@@ -143,7 +144,7 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
 
     from pipelines import consumer_group
     from pipelines.checkpoint import StateStore
-    from reloop.kafka_io import ensure_topics
+    from pipelines.kafka_io import ensure_topics
 
     t0 = time.perf_counter()
     topic = topic or cfg.kafka.events_topic
@@ -195,7 +196,7 @@ def run_once(cfg: ReloopConfig, *, pipeline_args: list[str] | None = None, repo_
     return stats
 
 
-def run_feature_job(cfg: ReloopConfig, once: bool = True, every: float | None = None, *,
+def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None = None, *,
                     pipeline_args: list[str] | None = None, repo_path: str | None = None,
                     topic: str | None = None, max_runs: int | None = None, on_run=None,
                     max_failures: int = 5) -> JobStats:
@@ -231,7 +232,7 @@ def run_feature_job(cfg: ReloopConfig, once: bool = True, every: float | None = 
     return stats
 
 
-def reset_feature_job(cfg: ReloopConfig, topic: str | None = None) -> None:
+def reset_feature_job(cfg: PipelineConfig, topic: str | None = None) -> None:
     """Forget the group's offsets and the saved state: the next run recomputes from the earliest offsets."""
     from pipelines import consumer_group
     from pipelines.checkpoint import StateStore
@@ -268,8 +269,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return ap.parse_known_args(argv)
 
 
-def config_with_overrides(args: argparse.Namespace) -> ReloopConfig:
-    from reloop.config import load_config
+def config_with_overrides(args: argparse.Namespace) -> PipelineConfig:
+    from pipelines.config import load_pipeline_config as load_config
 
     cfg = load_config(args.config)
     fj = cfg.feature_job.model_copy(update={k: v for k, v in (("state_uri", args.state_uri),

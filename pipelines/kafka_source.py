@@ -2,7 +2,7 @@
 
 Beam's own ``ReadFromKafka`` is a Java cross-language transform that the local
 Python runners cannot execute; this reader uses kafka-python
-(:class:`reloop.kafka_io.RangeReader`: fetches to the partition leader, no
+(:class:`pipelines.kafka_io.RangeReader`: fetches to the partition leader, no
 consumer group, so reading has no side effects, record batches decoded
 vectorised) and runs on FnApiRunner and on every distributed runner. Each range is split into
 chunks up front (``chunk_size`` offsets), so a distributed runner reads
@@ -25,9 +25,9 @@ from apache_beam.transforms.core import RestrictionProvider
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.parse import RAW_SCHEMA
-from reloop.config import KafkaConfig
-from reloop.kafka_io import RangeReader
-from reloop.kafka_records import RecordColumns
+from pipelines.config import KafkaConfig
+from pipelines.kafka_io import RangeReader
+from pipelines.kafka_records import RecordColumns
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Parse a batch of raw Kafka records into an Arrow event table plus a table of rejections.
 
 Pure: no Beam, no Kafka. Each record goes through the one parser of the event
-contract (:func:`reloop.events.parse_event`); what it accepts becomes a row of
+contract (:func:`pipelines.events.parse_event`); what it accepts becomes a row of
 a column-oriented table, what it rejects keeps its original bytes and the
 reason, for the dead-letter topic.
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from reloop.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES,
+from pipelines.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES,
                            MAX_TS_MS, Event, Rejection, parse_event)
 
 CORE_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
@@ -63,7 +63,7 @@ def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, of
     ``values`` and ``keys`` are lists of bytes or Arrow binary arrays (what the Kafka reader emits; no
     Python object per record is made for them). Records of the plain shape (the five required fields
     and a flat context) are decoded in one vectorised pass (:func:`_fast_parse`); every other record goes
-    through :func:`reloop.events.parse_event`, so acceptance and reasons are exactly the contract's
+    through :func:`pipelines.events.parse_event`, so acceptance and reasons are exactly the contract's
     (``tests/test_pipeline_parse.py`` checks that).
     """
     values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.binary())
@@ -177,7 +177,7 @@ def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | 
 
 def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequence[int],
                 keys: Sequence[bytes | None], now_ms: int | None) -> tuple[pa.Table, pa.Table]:
-    """Record by record through :func:`reloop.events.parse_event`."""
+    """Record by record through :func:`pipelines.events.parse_event`."""
     cols: dict[str, list] = {n: [] for n in ("event_id", "ts", "user_id", "item_id", "label", "kafka_offset")}
     contexts: list[dict] = []
     has_context = False

@@ -36,7 +36,7 @@ from apache_beam.pvalue import TaggedOutput
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, snapshot
 from pipelines.parse import concat_events, parse_batch, reason_kind
-from reloop.config import FeastConfig, KafkaConfig
+from pipelines.config import FeastConfig, KafkaConfig
 
 NS = "feature_job"
 DAY_MS = 86_400_000
@@ -90,7 +90,7 @@ class DeadLetterFn(beam.DoFn):
         self._producer = None
 
     def setup(self) -> None:
-        from reloop.kafka_io import producer
+        from pipelines.kafka_io import producer
 
         self._producer = producer(self.kafka)
 
@@ -250,7 +250,7 @@ class ComputeFeaturesFn(beam.DoFn):
         a source idle). Without a Kafka config (unit tests) none is idle: the strict cut."""
         if self.kafka is None:
             return set()
-        from reloop.kafka_io import end_offsets
+        from pipelines.kafka_io import end_offsets
 
         end = end_offsets(self.kafka, self.plan.topic)
         return {p for p, stop in self.plan.stop.items() if end.get(p, stop) <= stop}

@@ -72,7 +72,8 @@ def replay(
     config: Optional[str] = typer.Option(None, help="YAML config file"),
 ) -> None:
     """Stream a dataset into Kafka in event-time order (idempotent producer, key = user id)."""
-    from reloop.config import ConfigError, load_config
+    from online_models.errors import ConfigError
+    from reloop.config import load_config
     from reloop.datasets import DatasetError, load_dataset
     from reloop.replay import ReplayError, parse_speed, replay_table
 
@@ -139,13 +140,15 @@ def run(
     -> drift monitors -> retrain/redeploy. Writes reports/<run id>/report.html and summary.json."""
     import json
 
-    from reloop.config import ConfigError, load_config
+    from online_models.errors import ConfigError
+    from online_models.models import KINDS
+    from reloop.config import load_config
     from reloop.datasets import DatasetError
     from reloop.replay import ReplayError, parse_speed
     from reloop.run import LoopRun, RunError, RunOptions
 
-    if model not in ("lr", "deepfm", "dcnv2"):
-        _fail(f"--model must be lr, deepfm or dcnv2, got {model!r}")
+    if model not in KINDS:
+        _fail(f"--model must be one of {', '.join(KINDS)}, got {model!r}")
     try:
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
@@ -187,7 +190,7 @@ def evaluate(
                                                  "'timestamp' (same-ms events do not see each other)"),
 ) -> None:
     """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
-    from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
+    from reloop.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
     from reloop.datasets import DatasetError
 
     try:
@@ -209,8 +212,9 @@ def _run_job(ctx: typer.Context, module: str, submit: bool, wait: bool, config: 
 
     args = list(ctx.args) + (["--config", config] if config else [])
     if submit:
-        from jobs.submit import submit as submit_job
-        from reloop.config import ConfigError, load_config
+        from reloop.submit import submit as submit_job
+        from online_models.errors import ConfigError
+        from reloop.config import load_config
 
         try:
             address = load_config(config).ray.jobs_address
@@ -294,8 +298,9 @@ def monitor(
 ) -> None:
     """Run the drift monitors on the served predictions joined with labels; alert, retrain, roll back."""
     from jobs.monitor import run_monitor
-    from reloop.config import ConfigError, load_config
-    from reloop.drift.hooks import HookError, resolve_entry_point
+    from online_models.errors import ConfigError
+    from reloop.config import load_config
+    from jobs.alerts import HookError, resolve_entry_point
 
     try:
         cfg = load_config(config)

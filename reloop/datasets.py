@@ -42,14 +42,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from online_models.errors import DatasetError
+from pipelines.aggregates import FeatureState, compute_features
+from reloop.synthetic import load_synthetic
+
 MOVIELENS_100K = "movielens-100k"
 BUILTIN = (MOVIELENS_100K,)
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label")
 CORE_COLUMNS = ("event_id", "ts", "user_id", "item_id", "label")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read: missing file, missing or mistyped column, no rows."""
 
 
 def movielens_100k_path() -> Path:
@@ -110,7 +110,6 @@ def load_dataset(spec: str, limit: int | None = None, spread_ties: bool = True) 
     if spec == MOVIELENS_100K:
         return load_movielens_100k(limit, spread_ties)
     if spec.startswith("synthetic:"):  # e.g. synthetic:abrupt_ctr?n=100000&seed=1 (see reloop.synthetic)
-        from reloop.synthetic import load_synthetic
 
         return load_synthetic(spec, limit)
     return load_file(spec, limit, spread_ties)
@@ -158,8 +157,8 @@ def _cast(col: pa.ChunkedArray, typ: pa.DataType, source: str, name: str) -> pa.
 
 
 def iter_events(table: pa.Table, batch_size: int = 10_000):
-    """Yield the rows of an event table as :class:`reloop.events.Event`, in table order."""
-    from reloop.events import Event
+    """Yield the rows of an event table as :class:`pipelines.events.Event`, in table order."""
+    from pipelines.events import Event
 
     context_cols = [c for c in table.column_names if c not in CORE_COLUMNS]
     for batch in table.to_batches(batch_size):
@@ -167,3 +166,9 @@ def iter_events(table: pa.Table, batch_size: int = 10_000):
         for i in range(batch.num_rows):
             ctx = {c: d[c][i] for c in context_cols}
             yield Event(d["event_id"][i], d["ts"][i], d["user_id"][i], d["item_id"][i], d["label"][i], ctx)
+
+
+def movielens_examples(limit: int) -> pa.Table:
+    """Training examples (events + leak-free features) of the first ``limit`` MovieLens-100K events."""
+    feats, _, _ = compute_features(load_dataset("movielens-100k", limit=limit), FeatureState.empty())
+    return feats

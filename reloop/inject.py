@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+from online_models.errors import ReloopError
 
 SCENARIOS = ("abrupt_interest", "gradual_interest", "abrupt_ctr", "abrupt_inversion")
 
 
-class InjectionError(ValueError):
+class InjectionError(ReloopError, ValueError):
     """An unknown scenario or parameter."""
 
 

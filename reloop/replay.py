@@ -1,7 +1,7 @@
 """Replay a dataset into Kafka in event-time order, at full speed or N x real time.
 
 Keys are user ids (so one user's events stay ordered within a partition);
-values are the JSON wire format of :mod:`reloop.events`. The producer is
+values are the JSON wire format of :mod:`pipelines.events`. The producer is
 idempotent, so a broker hiccup and retry never duplicates an event.
 """
 
@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from reloop.config import KafkaConfig
+from pipelines.config import KafkaConfig
 from reloop.datasets import CORE_COLUMNS
+from online_models.errors import ReloopError
 
 
-class ReplayError(RuntimeError):
+class ReplayError(ReloopError, RuntimeError):
     """The replay could not deliver every event (the message says which and why)."""
 
 
@@ -96,7 +97,7 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     """
     from kafka.errors import KafkaError
 
-    from reloop.kafka_io import ensure_topics, partition_count
+    from pipelines.kafka_io import ensure_topics, partition_count
 
     topic = topic or cfg.events_topic
     try:
@@ -131,7 +132,7 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
 
     ``ready()`` is called once the producer knows the topic's partitions, right before the first send.
     """
-    from reloop.kafka_io import producer
+    from pipelines.kafka_io import producer
 
     prod = producer(cfg)
     failures: list[Exception] = []

@@ -43,9 +43,10 @@ import pyarrow as pa
 
 from online_models.memory import SERVING_MEMORY
 from reloop.config import ReloopConfig
+from online_models.errors import ReloopError
 
 
-class RunError(RuntimeError):
+class RunError(ReloopError, RuntimeError):
     """The run cannot start or continue (bad options, nothing to resume, a stage failed)."""
 
 
@@ -386,7 +387,7 @@ class LoopRun:
         return table
 
     def _replay(self, table: pa.Table) -> None:
-        from reloop.kafka_io import end_offsets, read_range
+        from pipelines.kafka_io import end_offsets, read_range
         from reloop.replay import replay_table
 
         if self.opts.resume:
@@ -492,11 +493,11 @@ class LoopRun:
         from jobs.monitor import build_loop
         from jobs.registry import ModelRegistry
         from jobs.trainer import IncrementalTrainer
-        from reloop.kafka_io import ensure_topics
+        from pipelines.kafka_io import ensure_topics
         from reloop.live import ServingLoop
 
         if not self.opts.resume:
-            from reloop.kafka_io import end_offsets
+            from pipelines.kafka_io import end_offsets
 
             if sum(end_offsets(self.cfg.kafka, self.topic).values()):
                 raise RunError(f"run id {self.run_id!r} is taken: topic {self.topic} already holds events; choose "

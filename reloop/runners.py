@@ -9,8 +9,9 @@ and every other Beam flag pass through unchanged.
 from __future__ import annotations
 
 from typing import Callable
+from online_models.errors import ReloopError
 
-class RunnerError(RuntimeError):
+class RunnerError(ReloopError, RuntimeError):
     """The requested runner cannot be used: e.g. the local Flink job server did not start."""
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from online_models.errors import ReloopError
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -59,7 +60,7 @@ RAY_ADDRESS = f"127.0.0.1:{RAY_PORT}"
 RAY_DASHBOARD = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ReloopError, RuntimeError):
     """A service could not be started, or did not become ready in time."""
 
 

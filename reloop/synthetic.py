@@ -60,7 +60,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pyarrow as pa
 
-from reloop.datasets import DatasetError
+from online_models.errors import DatasetError
 
 PREFIX = "synthetic:"
 MODES = ("abrupt", "gradual", "recurring")

@@ -5,6 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
 export PATH="$PWD/.venv/bin:$PATH"
+# lint, the layer contracts and types first: they take seconds and fail loudly
+scripts/check.sh || exit 1
 export PYTHONWARNINGS=ignore::DeprecationWarning
 
 started=()

@@ -26,7 +26,7 @@ def free_port() -> int:
 def kafka_config():
     """The shared local broker (started on demand, idempotently) as a KafkaConfig."""
     from reloop import services
-    from reloop.config import KafkaConfig
+    from pipelines.config import KafkaConfig
 
     services.get("kafka").start()
     return KafkaConfig(bootstrap_servers=services.KAFKA_BOOTSTRAP)

@@ -37,7 +37,8 @@ def isolated_job_config(root, kafka, topic: str, name: str):
     import shutil
     from pathlib import Path
 
-    from reloop.config import FeastConfig, FeatureJobConfig, ReloopConfig, StorageConfig
+    from pipelines.config import FeastConfig, FeatureJobConfig, StorageConfig
+    from reloop.config import ReloopConfig
 
     d = Path(root) / name
     repo = d / "features"

@@ -9,10 +9,10 @@ import pytest
 
 from jobs.monitor import (Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction,
                           save_state)
-from reloop.drift.hooks import HookDispatcher, PythonHook
-from reloop.drift.monitors import MonitorSuite
-from reloop.drift.policy import DriftPolicy
-from reloop.drift.records import AuditLog
+from jobs.alerts import HookDispatcher, PythonHook
+from online_models.drift.monitors import MonitorSuite
+from online_models.drift.policy import DriftPolicy
+from online_models.drift.records import AuditLog
 from reloop.synthetic import generate
 
 SPECS = [{"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},

@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from reloop.drift.defaults import DEFAULT_MONITORS
-from reloop.drift.evaluate import score_monitors
-from reloop.drift.monitors import (DETECTORS, DetectorMonitor, KSMonitor, MonitorError, MonitorSuite, PSIMonitor,
+from online_models.drift.defaults import DEFAULT_MONITORS
+from reloop.evaluate_drift import score_monitors
+from online_models.drift.monitors import (DETECTORS, DetectorMonitor, KSMonitor, MonitorError, MonitorSuite, PSIMonitor,
                                    _decode, make_monitor)
-from reloop.drift.policy import DriftPolicy
+from online_models.drift.policy import DriftPolicy
 from reloop.synthetic import generate
 
 N, AT = 24_000, 12_000

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from reloop.drift.policy import DriftPolicy
-from reloop.drift.records import Detection
+from online_models.drift.policy import DriftPolicy
+from online_models.drift.records import Detection
 
 
 def det(name: str, i: int, level: str = "drift", family: str = "performance") -> Detection:

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from online_models.evaluate import VARIANTS, EvaluationConfig, EvaluationError, run_evaluation, write_results
+from reloop.evaluate import VARIANTS, EvaluationConfig, EvaluationError, run_evaluation, write_results
 
 SMALL = dict(limit=6000, slots=3, batch_size=200, tables_grid=(8,), bits_grid=(8,), lam_grid=(0.2,),
              gamma_grid=(1.0,), decay_grid=(1.0,), tau_grid=(0.2,), shrinkage_grid=(0.0, 5.0), memory_buffer=2000)
@@ -60,7 +60,7 @@ def test_bad_settings_are_named() -> None:
 
 
 def test_stream_ties_let_an_event_see_the_earlier_events_of_its_second() -> None:
-    from online_models.evaluate import prepare_stream
+    from reloop.evaluate import prepare_stream
 
     # ML-100K timestamps are whole seconds: with "stream" ties, a user's second rating in a second counts the first
     seen = {mode: prepare_stream(EvaluationConfig(limit=3000, slots=2, batch_size=100, same_time=mode,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from reloop.events import MAX_PAYLOAD_BYTES, Event, Rejection, parse_event
+from pipelines.events import MAX_PAYLOAD_BYTES, Event, Rejection, parse_event
 
 NOW = 1_700_000_000_000
 GOOD = {"event_id": "e1", "ts": 881_250_949_000, "user_id": "196", "item_id": "242", "label": 1,

@@ -47,7 +47,8 @@ def assert_features_equal(got: pd.DataFrame, want: pd.DataFrame, what: str) -> N
 # ------------------------------------------------------------------ helpers
 
 def job_config(tmp_path: Path, kafka, topic: str, **feature_job):
-    from reloop.config import FeastConfig, FeatureJobConfig, ReloopConfig, StorageConfig
+    from pipelines.config import FeastConfig, FeatureJobConfig, StorageConfig
+    from reloop.config import ReloopConfig
 
     repo = tmp_path / "features"
     repo.mkdir(parents=True)
@@ -210,7 +211,7 @@ def test_malformed_records_go_to_the_dlq_with_reasons_and_good_ones_to_features(
     from kafka import KafkaConsumer, TopicPartition
 
     from pipelines.feature_job import run_once
-    from reloop.kafka_io import ensure_topics, producer
+    from pipelines.kafka_io import ensure_topics, producer
     from reloop.replay import encode_batch
 
     good = ml20k.slice(0, 10_000)

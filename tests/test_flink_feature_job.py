@@ -34,7 +34,7 @@ MALFORMED = [b"{not json", b'{"event_id": "x1", "ts": "yesterday", "user_id": "1
 
 def _replay(kafka, topic: str, start: int, stop: int, bad: list[bytes] = ()) -> None:
     from reloop.datasets import load_dataset
-    from reloop.kafka_io import producer
+    from pipelines.kafka_io import producer
     from reloop.replay import replay_table
 
     table = load_dataset("movielens-100k", limit=stop).slice(start)

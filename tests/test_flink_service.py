@@ -61,7 +61,7 @@ def test_flink_not_ready_on_a_closed_port(tmp_path):
 
 
 @pytest.mark.integration
-def test_splittable_dofn_and_shuffle_run_on_local_flink(flink_job_endpoint):
+def test_splittable_dofn_and_shuffle_run_on_local_flink(flink_job_endpoint):  # noqa: F811  (the fixture)
     import apache_beam as beam
     from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
     from apache_beam.options.pipeline_options import PipelineOptions

@@ -12,11 +12,11 @@ import pytest
 
 from jobs.monitor import MonitorLoop, PredictionRecord
 from reloop.config import ReloopConfig
-from reloop.drift.hooks import (SIGNATURE_HEADER, DeadLetterLog, HookDispatcher, HookError, PythonHook, WebhookHook,
+from jobs.alerts import (SIGNATURE_HEADER, DeadLetterLog, HookDispatcher, HookError, PythonHook, WebhookHook,
                                 dispatcher_from_config, verify)
-from reloop.drift.monitors import MonitorSuite
-from reloop.drift.policy import DriftPolicy
-from reloop.drift.records import Detection, Request, alert_payload
+from online_models.drift.monitors import MonitorSuite
+from online_models.drift.policy import DriftPolicy
+from online_models.drift.records import Detection, Request, alert_payload
 from reloop.synthetic import generate
 from tests.conftest import free_port
 

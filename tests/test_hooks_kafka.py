@@ -10,10 +10,11 @@ import uuid
 import pytest
 
 from jobs.monitor import run_monitor
-from reloop.config import KafkaConfig, ReloopConfig
-from reloop.drift.hooks import KafkaHook
-from reloop.drift.records import AuditLog, Detection, Request, alert_payload
-from reloop.kafka_io import end_offsets, ensure_topics, producer, read_range
+from pipelines.config import KafkaConfig
+from reloop.config import ReloopConfig
+from jobs.alerts import KafkaHook
+from online_models.drift.records import AuditLog, Detection, Request, alert_payload
+from pipelines.kafka_io import end_offsets, ensure_topics, producer, read_range
 from reloop.synthetic import generate
 from tests.conftest import free_port
 

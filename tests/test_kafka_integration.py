@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from reloop.config import KafkaConfig
+from pipelines.config import KafkaConfig
 from reloop.datasets import load_dataset
-from reloop.events import Event, parse_event
-from reloop.kafka_io import end_offsets, read_range
+from pipelines.events import Event, parse_event
+from pipelines.kafka_io import end_offsets, read_range
 from reloop.replay import replay_table
 from tests.conftest import free_port
 
@@ -84,7 +84,7 @@ def test_asking_about_a_missing_topic_never_creates_it(kafka_config, unique_topi
     broker's default partition count before ensure_topics creates it as asked."""
     import time
 
-    from reloop.kafka_io import ensure_topics
+    from pipelines.kafka_io import ensure_topics
 
     assert end_offsets(kafka_config, unique_topic) == {}
     time.sleep(0.5)  # auto-creation would be asynchronous

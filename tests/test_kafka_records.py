@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import CorruptRecordError
 from kafka.record import MemoryRecords, MemoryRecordsBuilder
 
-from reloop.kafka_records import decode_records
+from pipelines.kafka_records import decode_records
 
 GZIP, ZSTD = 1, 4
 
@@ -83,7 +83,7 @@ def test_corrupt_record_is_a_clear_error(where: str) -> None:
 @pytest.mark.integration
 def test_range_reader_on_the_broker_with_compression_and_headers(kafka_config, unique_topic) -> None:
     """Records produced with gzip and headers read back by RangeReader equal a KafkaConsumer's poll."""
-    from reloop.kafka_io import RangeReader, ensure_topics, producer
+    from pipelines.kafka_io import RangeReader, ensure_topics, producer
 
     ensure_topics(kafka_config, [unique_topic], partitions=1)
     recs = random_records(3000, seed=7)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-import reloop.events
+import pipelines.events
 from pipelines.parse import parse_batch
-from reloop.events import Event, parse_event
+from pipelines.events import Event, parse_event
 
 NOW = 1_700_000_000_000
 OK = {"event_id": "e", "ts": 881250949000, "user_id": "196", "item_id": "242", "label": 1}
@@ -111,4 +111,4 @@ def test_plain_batches_take_the_vectorised_path(monkeypatch):
     ev, rej = parse_batch(values, partition=0, offsets=list(range(len(values))), now_ms=NOW)
     assert ev.num_rows == 1000 and rej.num_rows == 1 and len(calls) == 1  # only the bad one, for its reason
     assert rej["reason"][0].as_py() == parse_event(values[-1], now_ms=NOW).reason
-    assert reloop.events.MAX_ID_CHARS == 256  # the fast path mirrors these limits
+    assert pipelines.events.MAX_ID_CHARS == 256  # the fast path mirrors these limits

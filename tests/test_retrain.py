@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.examples import movielens_examples, write_example_files
+from jobs.examples import write_example_files
+from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.retrain import RetrainConfig, resolve_window, run_retrain, split_window
 

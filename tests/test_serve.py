@@ -16,7 +16,8 @@ import pytest
 import requests
 import torch
 
-from jobs.examples import movielens_examples, write_example_files
+from jobs.examples import write_example_files
+from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 from jobs.serve import asgi_app, prepare_feature_store

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.examples import movielens_examples, write_example_files
+from jobs.examples import write_example_files
+from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.trainer import IncrementalTrainer, TrainerConfig, event_digest, read_checkpoint_state
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.examples import movielens_examples, write_example_files
+from jobs.examples import write_example_files
+from reloop.datasets import movielens_examples
 from jobs.trainer import RAY_EXCLUDES, event_digest, read_checkpoint_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -18,8 +18,8 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.protocol.consumer import FetchRequest, IsolationLevel
 
-from reloop.config import KafkaConfig
-from reloop.kafka_records import RecordColumns, decode_records
+from pipelines.config import KafkaConfig
+from pipelines.kafka_records import RecordColumns, decode_records
 
 
 def admin(cfg: KafkaConfig) -> KafkaAdminClient:
@@ -115,7 +115,7 @@ class RangeReader:
 
     A range is fetched with kafka-python's protocol classes (``FetchRequest`` to the partition
     leader, no consumer group, so reading has no side effects and is repeatable) and its record
-    batches are decoded by :func:`reloop.kafka_records.decode_records`, vectorised, instead of one
+    batches are decoded by :func:`pipelines.kafka_records.decode_records`, vectorised, instead of one
     ``ConsumerRecord`` per record. CRCs are not re-checked on the client: the broker validated them
     on produce and TCP protects the fetch.
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
-import json
+import json  # noqa: F401  (the module doctest uses it)
 import math
 from collections import deque
 from typing import Any, Iterable, Literal, Mapping
@@ -52,8 +52,9 @@ from river import drift
 from river.base import Base
 from river.drift import binary
 
-from reloop.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: F401  (re-exported)
-from reloop.drift.records import Detection
+from online_models.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: F401  (re-exported)
+from online_models.drift.records import Detection
+from online_models.errors import ReloopError
 
 PERFORMANCE_METRICS = ("logloss", "error", "click")
 DETECTORS: dict[str, type] = {
@@ -68,7 +69,7 @@ MONITOR_KINDS = tuple(DETECTORS) + DISTRIBUTION_KINDS
 EPS = 1e-7
 
 
-class MonitorError(ValueError):
+class MonitorError(ReloopError, ValueError):
     """A monitor configured with an unknown kind, metric or parameter; the message lists the allowed values."""
 
 

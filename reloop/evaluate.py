@@ -49,6 +49,7 @@ from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryC
 from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
+from online_models.errors import ReloopError
 
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
@@ -56,7 +57,7 @@ AUC_TIE = 0.001
 VARIANTS = ("base", "incremental", "base+memory", "incremental+memory", "river_lr", "river_fm")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ReloopError, ValueError):
     """An evaluation that cannot run as configured (the message says which setting)."""
 
 

@@ -1,7 +1,7 @@
 """The drift policy: it only decides.
 
 :class:`DriftPolicy` reads the monitors' detections and emits
-:class:`~reloop.drift.records.Request` s (``alert``, ``retrain``,
+:class:`~online_models.drift.records.Request` s (``alert``, ``retrain``,
 ``rollback``); the job layer carries them out.
 
 - **Minimum evidence**: ``retrain`` needs drift-level detections from at least
@@ -30,7 +30,7 @@
   (relative) and by ``z`` standard errors, it requests a ``rollback`` to the
   old version. After ``watch_events`` events without that, the watch passes.
 
->>> from reloop.drift.records import Detection
+>>> from online_models.drift.records import Detection
 >>> pol = DriftPolicy(min_evidence=2, evidence_window=1000, cooldown_events=5000)
 >>> d1 = Detection("adwin:logloss", "logloss", "drift", 0.5, 0.001, 900, 1, 2, 100)
 >>> [r.action for r in pol.step(100, [d1])], pol.state
@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from reloop.drift.records import Detection, Request
+from online_models.drift.records import Detection, Request
 
 STATES = ("stable", "warning", "drift")
 

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from reloop.drift.monitors import MonitorSuite
-from reloop.drift.policy import DriftPolicy
+from online_models.drift.monitors import MonitorSuite
+from online_models.drift.policy import DriftPolicy
 from reloop.synthetic import SyntheticStream
 
 FEATURES = ("item_pop", "price", "hour", "topic")

@@ -55,6 +55,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
+from online_models.errors import ReloopError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ SIGNATURE_HEADER = "X-Reloop-Signature"
 RETRYABLE_STATUS = frozenset({408, 429})
 
 
-class HookError(ValueError):
+class HookError(ReloopError, ValueError):
     """A hook that cannot be set up (missing secret variable, bad entry point); names the setting."""
 
 
@@ -189,7 +190,7 @@ class KafkaHook:
         self._lock = threading.Lock()
 
     def deliver(self, payload: Mapping[str, Any]) -> DeliveryResult:
-        from reloop.kafka_io import producer  # I/O binds here, not at import
+        from pipelines.kafka_io import producer  # I/O binds here, not at import
 
         key = str(payload.get("detector") or payload.get("kind") or payload.get("action") or "alert").encode()
         with self._lock:

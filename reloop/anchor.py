@@ -9,7 +9,7 @@ and half of its events share a second with an earlier event of the same user,
 which features computed on raw timestamps never see. So the anchor is printed
 for both treatments of equal timestamps (``EvaluationConfig.same_time``)::
 
-    python -m online_models.anchor [--dataset movielens-100k]
+    python -m reloop.anchor [--dataset movielens-100k]
 
 Measured here: ``stream`` 0.7547 / 0.5835 (the quoted anchor), ``timestamp``
 0.7510 / 0.5871; with all 26 windowed features instead of two CTRs, 0.7594 /

@@ -1,0 +1,55 @@
+"""The feature windows, declared once: the Beam job computes them and the Feast views declare them.
+
+Each window is a name and a length in milliseconds; every entity also gets an ``all`` (whole
+history) window. :mod:`pipelines.aggregates` and :mod:`features.feature_repo` both read
+:data:`WINDOWS_MS`, and the feature service's version is derived from it, so changing a window
+changes the service name models ask for.
+
+>>> [name for name, _ in WINDOWS_MS] + [ALL]
+['1h', '1d', '7d', 'all']
+>>> window_names()
+('1h', '1d', '7d', 'all')
+>>> feature_service_name("dcnv2")
+'ctr_dcnv2_v1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+#: (name, length in ms) of each sliding event-time window, shortest first
+WINDOWS_MS: tuple[tuple[str, int], ...] = (("1h", HOUR_MS), ("1d", DAY_MS), ("7d", 7 * DAY_MS))
+#: the window over an entity's whole history
+ALL = "all"
+
+
+def window_names(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> tuple[str, ...]:
+    """The window names of the feature columns, ``all`` last."""
+    return (*(name for name, _ in windows_ms), ALL)
+
+
+def windows_fingerprint(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> str:
+    """A short digest of the windows, for naming feature-service versions after them."""
+    return hashlib.sha256(repr(windows_ms).encode()).hexdigest()[:8]
+
+
+#: the feature-set version of each window layout ever served: a model trained on one layout must
+#: never be served features of another, so a new layout gets a new version (and service names)
+FEATURE_SET_VERSIONS = {"b7b61ed3": 1}
+
+
+def feature_set_version(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> int:
+    """The version of a window layout; a layout without a recorded version is an error, not a silent v1."""
+    fp = windows_fingerprint(windows_ms)
+    if fp not in FEATURE_SET_VERSIONS:
+        raise ValueError(f"windows {windows_ms} (fingerprint {fp}) have no feature-set version: add one to "
+                         f"features.windows.FEATURE_SET_VERSIONS, so models trained on older windows keep theirs")
+    return FEATURE_SET_VERSIONS[fp]
+
+
+def feature_service_name(model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> str:
+    """The Feast feature service a model of ``model_kind`` asks for: ``ctr_<kind>_v<feature-set version>``."""
+    return f"ctr_{model_kind}_v{feature_set_version(windows_ms)}"

@@ -1,0 +1,109 @@
+"""The config sections of the job layer (Ray, alert hooks, drift monitors and policy), validated on load.
+
+They extend the stream layer's sections (:class:`pipelines.config.PipelineConfig`);
+the top composes the whole file (:class:`reloop.config.ReloopConfig`).
+
+>>> JobsConfig().drift.policy.min_evidence
+2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from online_models.drift.defaults import DEFAULT_MONITORS
+from pipelines.config import PipelineConfig, Strict, _local, load_sections
+
+
+class RayConfig(Strict):
+    #: None: a local ``ray.init()``; "auto" or "ray://host:10001" or "host:port" for a cluster
+    address: str | None = None
+    #: the dashboard/jobs address for ``ray job submit``
+    jobs_address: str = Field(default_factory=lambda: "http://" + _local("RELOOP_RAY_DASHBOARD_PORT", 8265))
+
+
+class WebhookConfig(Strict):
+    url: str
+    #: name of the environment variable holding the HMAC secret (never the secret itself)
+    secret_env: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    #: attempts after the first one
+    retries: int = Field(3, ge=0)
+    #: first backoff; doubles per retry up to backoff_max_s
+    backoff_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class HooksConfig(Strict):
+    """Where alerts go (several at once); a failing hook never stops monitoring."""
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    #: publish every alert and audit record on kafka.alerts_topic
+    kafka_enabled: bool = True
+    #: None: kafka.alerts_topic
+    kafka_topic: str | None = None
+    #: ``module:function`` callables, each called with the alert dict
+    python: list[str] = Field(default_factory=list)
+    #: JSONL log of alerts that could not be delivered
+    dead_letter_path: str = ".state/alerts.deadletter.jsonl"
+    #: deliver from a background thread so a slow endpoint never blocks the monitor loop
+    background: bool = True
+
+
+class MonitorSpec(Strict):
+    #: adwin, page_hinkley, kswin, ddm, eddm, hddm_a, hddm_w, psi, ks
+    kind: str
+    #: logloss, error, click, prediction, or the name of a numeric feature
+    metric: str = "logloss"
+    #: the detector's own parameters (River constructor args; PSI/KS: mode, bins, reference_size, ...)
+    params: dict[str, Any] = Field(default_factory=dict)
+    warmup: int = Field(1000, ge=0)
+    name: str | None = None
+
+
+def _default_monitors() -> list[MonitorSpec]:
+    return [MonitorSpec(**m) for m in DEFAULT_MONITORS]
+
+
+class DriftPolicyConfig(Strict):
+    min_evidence: int = Field(2, ge=1)
+    evidence_window: int = Field(5000, ge=0)
+    cooldown_events: int = Field(5_000, ge=0)
+    clear_after: int = Field(5_000, ge=0)
+    alert_on_warning: bool = True
+    rollback_margin: float = Field(0.02, ge=0)
+    rollback_z: float = Field(2.0, ge=0)
+    watch_min_events: int = Field(2000, ge=0)
+    watch_events: int = Field(20_000, ge=0)
+
+
+class DriftConfig(Strict):
+    #: served predictions joined with labels (JSON: event_id, ts, user_id, item_id, p_base, p, label,
+    #: model_version, numeric features)
+    predictions_topic: str = "reloop.predictions"
+    consumer_group: str = "reloop-monitor"
+    monitors: list[MonitorSpec] = Field(default_factory=_default_monitors)
+    #: numeric features that also get distribution tests (``feature_tests``) against a reference window
+    features: list[str] = Field(default_factory=list)
+    feature_tests: list[Literal["psi", "ks"]] = Field(default_factory=lambda: ["psi"])
+    policy: DriftPolicyConfig = DriftPolicyConfig()
+    #: monitor + policy checkpoint (JSON) and the audit log (JSONL)
+    state_path: str = ".state/monitor/state.json"
+    audit_log_path: str = ".state/monitor/audit.jsonl"
+    checkpoint_every: int = Field(10_000, ge=1)
+
+
+
+class JobsConfig(PipelineConfig):
+    """The sections the trainer, retrain, serving and monitor jobs read."""
+
+    ray: RayConfig = RayConfig()
+    hooks: HooksConfig = HooksConfig()
+    drift: DriftConfig = DriftConfig()
+
+
+def load_jobs_config(path: str | Path | None = None) -> JobsConfig:
+    """The job layer's sections of a config file (and the stream layer's beneath them)."""
+    return load_sections(JobsConfig, path)
