@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.registry import open_filesystem
+from pipelines.storage import open_filesystem, write_bytes_atomic
 
 LATEST = "LATEST"
 
@@ -49,18 +49,7 @@ class CheckpointStore:
     def write(self, data: bytes, *parts: str, durable: bool = True) -> None:
         """One small file (pointer, heartbeat): atomic replace on a local disk (fsynced if ``durable``),
         one whole-object write elsewhere."""
-        path = self.path(*parts)
-        if not self.local:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(self.fs, self.path(*parts), data, durable=durable)
 
     def commit(self, name: str, files: dict[str, bytes]) -> None:
         """Write checkpoint ``name`` whole, then point ``LATEST`` at it."""

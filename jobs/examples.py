@@ -41,7 +41,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.registry import open_filesystem
+from pipelines.storage import open_filesystem, write_parquet_atomic
 
 
 @dataclass
@@ -167,8 +167,7 @@ def write_example_files(table: pa.Table, root: str, rows_per_file: int, prefix: 
     out = []
     for k, lo in enumerate(range(0, table.num_rows, rows_per_file)):
         name = f"{prefix}-{start + k:06d}.parquet"
-        tmp = os.path.join(root, f".{name}.tmp")
-        pq.write_table(table.slice(lo, rows_per_file), tmp)
-        os.replace(tmp, os.path.join(root, name))
+        write_parquet_atomic(pafs.LocalFileSystem(), os.path.join(os.path.abspath(root), name),
+                             table.slice(lo, rows_per_file), durable=False)
         out.append(name)
     return out

@@ -40,9 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+import pyarrow.fs as pafs
+
 from online_models.drift.monitors import MonitorSuite, event_signals
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
+from pipelines.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +350,8 @@ def build_loop(cfg: Any, actions: Actions | None = None, callbacks: tuple[Callab
 
 def save_state(loop: MonitorLoop, path: str | Path) -> None:
     """Atomic JSON checkpoint of the loop (monitors, policy, counters)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(loop.state_dict(), allow_nan=False))
-    os.replace(tmp, path)
+    write_bytes_atomic(pafs.LocalFileSystem(), os.path.abspath(path),
+                       json.dumps(loop.state_dict(), allow_nan=False).encode())
 
 
 def load_state(loop: MonitorLoop, path: str | Path) -> bool:

@@ -42,9 +42,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 from online_models.errors import ReloopError
+from pipelines.storage import open_filesystem, write_bytes_atomic
 
 FORMAT = "reloop.registry/1"
 WEIGHTS = "model.safetensors"
@@ -82,35 +82,6 @@ class ModelEntry:
         return {"format": FORMAT, **asdict(self)}
 
 
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
-    """``(filesystem, root path, is_local)`` for a local path, a pyarrow URI or an fsspec URI.
-
-    >>> fs, root, local = open_filesystem("/tmp/reg")
-    >>> type(fs).__name__, root, local
-    ('LocalFileSystem', '/tmp/reg', True)
-    >>> fs, root, local = open_filesystem("memory://models")
-    >>> type(fs).__name__, local
-    ('PyFileSystem', False)
-    """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri), True
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        fs = None
-    if fs is not None:
-        return fs, path, isinstance(fs, pafs.LocalFileSystem)
-    try:
-        import fsspec
-    except ImportError as e:  # pragma: no cover - fsspec ships with the stack
-        raise RegistryError(f"{uri}: not a pyarrow filesystem URI and fsspec is not installed") from e
-    try:
-        ffs, path = fsspec.core.url_to_fs(uri)
-    except (ValueError, ImportError) as e:
-        raise RegistryError(f"{uri}: unsupported filesystem URI: {e}") from e
-    return pafs.PyFileSystem(pafs.FSSpecHandler(ffs)), path, False
-
-
 class ModelRegistry:
     """Versioned model entries plus an atomically switched ``CURRENT`` pointer.
 
@@ -139,16 +110,7 @@ class ModelRegistry:
             f.write(data)
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        """Local disk: temp file + fsync + ``os.replace``; object stores: one whole-object write."""
-        if not self.local:
-            self._write(path, data)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(self.fs, path, data)
 
     def _exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -31,15 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.aggregates import FeatureState
 from pipelines.kafka_source import PartitionRange
+from pipelines.storage import open_filesystem, write_bytes_atomic, write_parquet_atomic
 
 
 def offsets_key(topic: str, offsets: dict[int, int]) -> str:
@@ -117,41 +116,12 @@ class Plan:
         return cls(d["topic"], ints(d["start"]), ints(d["stop"]), int(d["planned_at_ms"]), ints(d["committed"]))
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path (relative is fine) or any ``pyarrow.fs`` URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write to a temporary name and move into place where the filesystem can (local: atomic rename)."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        # a dot name: readers of the directory (the trainer's example store, Feast's *.parquet glob) skip it
-        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:  # object stores: a single PUT is atomic
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy")
-    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
-
-
 class StateStore:
     """Feature-state snapshots and pending plans under one URI (``<root>/state``, ``<root>/pending``)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.fs, self.root = filesystem(uri)
+        self.fs, self.root, _ = open_filesystem(uri)
 
     def _state_dir(self, key: str) -> str:
         return f"{self.root}/state/{key}"
@@ -159,8 +129,8 @@ class StateStore:
     def save_state(self, key: str, state: FeatureState) -> None:
         d = self._state_dir(key)
         for name, table in state.to_arrow().items():
-            write_parquet_atomic(self.fs, f"{d}/{name}.parquet", table)
-        write_bytes_atomic(self.fs, f"{d}/_SUCCESS", b"")  # written last: the snapshot is complete
+            write_parquet_atomic(self.fs, f"{d}/{name}.parquet", table, durable=False)
+        write_bytes_atomic(self.fs, f"{d}/_SUCCESS", b"", durable=False)  # written last: the snapshot is complete
 
     def load_state(self, key: str) -> FeatureState | None:
         d = self._state_dir(key)
@@ -183,7 +153,7 @@ class StateStore:
                 self.fs.delete_dir(self._state_dir(key))
 
     def save_pending(self, plan: Plan) -> None:
-        write_bytes_atomic(self.fs, f"{self.root}/pending/{plan.start_key}.json", plan.to_json().encode())
+        write_bytes_atomic(self.fs, f"{self.root}/pending/{plan.start_key}.json", plan.to_json().encode(), durable=False)
 
     def load_pending(self, start_key: str) -> Plan | None:
         path = f"{self.root}/pending/{start_key}.json"
@@ -199,7 +169,7 @@ class StateStore:
     def save_result(self, run_id: str, stops: dict[int, int]) -> None:
         """The offsets a run actually completed (its time-aligned cut), for the driver to commit."""
         write_bytes_atomic(self.fs, f"{self.root}/results/{run_id}.json",
-                           json.dumps({str(p): int(o) for p, o in stops.items()}).encode())
+                           json.dumps({str(p): int(o) for p, o in stops.items()}).encode(), durable=False)
 
     def load_result(self, run_id: str) -> dict[int, int] | None:
         path = f"{self.root}/results/{run_id}.json"

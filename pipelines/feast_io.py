@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.checkpoint import filesystem, write_parquet_atomic
+from pipelines.storage import open_filesystem, write_parquet_atomic
 from pipelines.config import FeastConfig
 
 #: feature view names of the repo in features/ (see features/feature_repo.py)
@@ -82,5 +82,5 @@ def write_snapshot(store, view: str, table: pa.Table, run_id: str) -> None:
     store.write_to_online_store(view, to_feast_frame(table))
     ts = pc.cast(table["event_timestamp"], pa.timestamp("ms", tz="UTC"))
     offline = table.set_column(table.column_names.index("event_timestamp"), "event_timestamp", ts)
-    fs, root = filesystem(offline_dir(store, view))
-    write_parquet_atomic(fs, f"{root}/part-{run_id}.parquet", offline)
+    fs, root, _ = open_filesystem(offline_dir(store, view))
+    write_parquet_atomic(fs, f"{root}/part-{run_id}.parquet", offline, durable=False)
