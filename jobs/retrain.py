@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from jobs.ray_local import init_local
+
 DAY_MS = 86_400_000
 
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RAY_ADDRESS") or a.address:
         ray.init(address=a.address)
     else:
-        ray.init(num_cpus=max(2, cfg.num_workers + 1), include_dashboard=False)
+        init_local(num_cpus=max(2, cfg.num_workers + 1))
     try:
         print("[retrain] " + json.dumps(run_retrain(cfg)), flush=True)
     finally:

@@ -54,6 +54,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.ray_local import init_local
 from jobs.scoring import FeastLookup, Remembered, Scorer, ScorerConfig, ScoringError
 from reloop.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
 
@@ -396,7 +397,7 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address=address) if address else init_local(num_cpus=2)
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(ServeDeployment, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
         registry_uri, feast_repo, feast_profile, scorer_config)

@@ -64,6 +64,9 @@ class FeastConfig(Strict):
     profile: Literal["sqlite", "redis"] = "sqlite"
     repo_path: str = "features"
     redis_connection_string: str = Field(default_factory=lambda: _local("RELOOP_REDIS_PORT", 6399))
+    #: environment variable holding the Redis password (production); without it, the local service's
+    #: generated password (``$RELOOP_STATE_DIR/redis/password``) is used when the file exists
+    redis_password_env: str | None = None
 
 
 class RayConfig(Strict):
