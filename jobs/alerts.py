@@ -4,9 +4,10 @@ Three kinds, several at once (see the ``hooks`` section of the config):
 
 - :class:`WebhookHook`: HTTP POST of the JSON alert; header
   ``X-Reloop-Signature`` = hex HMAC-SHA256 of the exact body bytes with a
-  secret read from an environment variable; a timeout; retries with
-  exponential backoff on connection errors, timeouts, 5xx, 408 and 429
-  (other 4xx are final: retrying would not help);
+  secret read from an environment variable (a hook without one is warned
+  about); one total deadline per delivery; retries with exponential backoff
+  on connection errors, timeouts, 5xx, 408 and 429 (other 4xx are final:
+  retrying would not help); redirects are refused, never followed;
 - :class:`KafkaHook`: the alert (and every audit record) as JSON on the
   alerts topic (``reloop.alerts``);
 - :class:`PythonHook`: a ``module:function`` entry point called with the alert dict.
@@ -14,8 +15,9 @@ Three kinds, several at once (see the ``hooks`` section of the config):
 :class:`HookDispatcher` fans a payload out to every hook. A hook that fails
 (raises, times out, stays down) never raises into the monitor loop: the
 payload goes to the dead-letter JSONL log with the reason, and monitoring
-continues. With ``background=True`` delivery runs on a worker thread so a
-slow endpoint does not stall monitoring either.
+continues. With ``background=True`` each hook has its own queue and worker
+thread, so a slow endpoint stalls neither monitoring nor the other hooks, and
+``close()`` dead-letters whatever it could not deliver in time.
 
 Configuration (YAML; the secret itself only ever lives in the environment)::
 
@@ -50,8 +52,6 @@ import os
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -126,13 +126,20 @@ class DeadLetterLog:
 
 
 class WebhookHook:
-    """POST the alert as signed JSON, with timeout and retries with exponential backoff."""
+    """POST the alert as signed JSON, with retries with exponential backoff, all within one deadline.
+
+    Redirects are never followed (a 3xx is a final failure): following one would send the signature to
+    another host. ``deadline_s`` bounds the whole delivery (every attempt, read and backoff), not one
+    socket read: a slow-trickling endpoint is cut off by closing its connection. Without a secret the
+    hook still works, with a warning: receivers then cannot tell its alerts from forged ones.
+    """
 
     accepts_records = False
 
     def __init__(self, url: str, secret_env: str | None = None, timeout_s: float = 5.0, retries: int = 3,
                  backoff_s: float = 0.5, backoff_max_s: float = 30.0, *, secret: bytes | None = None,
-                 sleep: Callable[[float], None] = time.sleep, environ: Mapping[str, str] | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, environ: Mapping[str, str] | None = None,
+                 deadline_s: float | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise HookError(f"webhook url must start with http:// or https://, got {url!r}")
         if secret is None and secret_env:
@@ -140,8 +147,12 @@ class WebhookHook:
             if not value:
                 raise HookError(f"webhook {url}: environment variable {secret_env} (secret_env) is not set")
             secret = value.encode()
+        if secret is None:
+            log.warning("webhook %s has no secret (secret_env): its alerts are unsigned and can be forged", url)
         self.url, self.secret_env, self.secret = url, secret_env, secret
         self.timeout_s, self.retries, self.backoff_s, self.backoff_max_s = timeout_s, retries, backoff_s, backoff_max_s
+        #: the whole delivery, all attempts included (default: one timeout per attempt)
+        self.deadline_s = deadline_s if deadline_s is not None else timeout_s * (retries + 1)
         self.name = f"webhook:{url}"
         self._sleep = sleep
 
@@ -156,26 +167,69 @@ class WebhookHook:
         if self.secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, self.secret)
         result = DeliveryResult(self.name, False, 0)
+        end = time.monotonic() + self.deadline_s
         for attempt in range(self.retries + 1):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                result.error = f"deadline of {self.deadline_s:g}s passed ({result.error})"
+                break
             result.attempts = attempt + 1
-            retry = True
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    result.status = resp.status
+            status, error = self._attempt(body, headers, min(self.timeout_s, remaining))
+            result.status = status
+            if status is not None and 200 <= status < 300:
                 result.ok, result.error = True, None
                 return result
-            except urllib.error.HTTPError as e:
-                result.status, result.error = e.code, f"HTTP {e.code} {e.reason}"
-                retry = e.code >= 500 or e.code in RETRYABLE_STATUS
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                result.error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            result.error = error
+            retry = status is None or status >= 500 or status in RETRYABLE_STATUS
             if not retry or attempt == self.retries:
                 break
-            wait = self.backoff(attempt)
+            wait = min(self.backoff(attempt), max(0.0, end - time.monotonic()))
             result.backoffs.append(wait)
             self._sleep(wait)
         return result
+
+    def _attempt(self, body: bytes, headers: dict[str, str], budget_s: float) -> tuple[int | None, str | None]:
+        """One POST that takes at most ``budget_s`` in total: ``(status or None, error)``.
+
+        Runs on a helper thread; at the budget the connection is closed under it, which ends any read.
+        """
+        import http.client
+        import urllib.parse
+
+        u = urllib.parse.urlsplit(self.url)
+        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(u.hostname, u.port, timeout=budget_s)
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read(64 * 1024)  # bounded: the answer is not needed, only its status
+                out["status"], out["reason"] = resp.status, resp.reason
+                out["location"] = resp.getheader("Location")
+            except Exception as e:  # noqa: BLE001  (reported as this attempt's error)
+                out["error"] = f"{type(e).__name__}: {e}"
+
+        t = threading.Thread(target=run, name="webhook-attempt", daemon=True)
+        t.start()
+        t.join(budget_s)
+        if t.is_alive():
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(2)
+            except OSError:
+                pass
+            conn.close()
+            t.join(1.0)
+            return None, f"TimeoutError: timed out (no complete answer within {budget_s:.2f}s)"
+        conn.close()
+        if "status" not in out:
+            return None, out.get("error", "no answer")
+        status = out["status"]
+        if 300 <= status < 400:
+            return status, f"HTTP {status}: redirect to {out.get('location')!r} refused (not followed)"
+        return status, None if 200 <= status < 300 else f"HTTP {status} {out.get('reason')}"
 
 
 class KafkaHook:
@@ -273,43 +327,50 @@ class HookDispatcher:
         self.background = background
         self.stats = {"delivered": 0, "failed": 0, "dead_lettered": 0, "queued": 0}
         self._stats_lock = threading.Lock()
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
+        # one queue and one worker per hook: a slow hook never starves the others
+        self._queues: list[queue.Queue] = []
+        self._threads: list[threading.Thread] = []
         if background:
-            self._queue = queue.Queue(maxsize=queue_size)
-            self._thread = threading.Thread(target=self._work, name="reloop-hooks", daemon=True)
-            self._thread.start()
+            for i, hook in enumerate(self.hooks):
+                q: queue.Queue = queue.Queue(maxsize=queue_size)
+                t = threading.Thread(target=self._work, args=(hook, q), name=f"reloop-hook-{i}", daemon=True)
+                t.start()
+                self._queues.append(q)
+                self._threads.append(t)
 
     def deliver(self, payload: Mapping[str, Any], record: bool = False) -> list[DeliveryResult] | None:
         """Send an alert (or, with ``record=True``, an audit record to the hooks that take records).
 
-        Returns the results, or None when queued for the background worker.
+        Returns the results, or None when queued for the background workers.
         """
-        if self._queue is None:
+        if not self.background:
             return self._deliver_now(payload, record)
-        try:
-            self._queue.put_nowait((payload, record))
-            self._count("queued")
-        except queue.Full:
-            self._dead(DeliveryResult("dispatcher", False, 0, "delivery queue full"), payload, None)
-        return None
-
-    def _deliver_now(self, payload: Mapping[str, Any], record: bool) -> list[DeliveryResult]:
-        results = []
-        for hook in self.hooks:
+        for hook, q in zip(self.hooks, self._queues):
             if record and not hook.accepts_records:
                 continue
             try:
-                res = hook.deliver(payload)
-            except Exception as e:  # a failing hook never stops monitoring
-                res = DeliveryResult(hook.name, False, 1, repr(e))
-            results.append(res)
-            if res.ok:
-                self._count("delivered")
-            else:
-                self._count("failed")
-                self._dead(res, payload, getattr(hook, "url", getattr(hook, "topic", None)))
-        return results
+                q.put_nowait((payload, record))
+                self._count("queued")
+            except queue.Full:
+                self._dead(DeliveryResult(hook.name, False, 0, "delivery queue full"), payload, _target(hook))
+        return None
+
+    def _deliver_now(self, payload: Mapping[str, Any], record: bool) -> list[DeliveryResult]:
+        return [r for r in (self._deliver_one(h, payload, record) for h in self.hooks) if r is not None]
+
+    def _deliver_one(self, hook: Hook, payload: Mapping[str, Any], record: bool) -> DeliveryResult | None:
+        if record and not hook.accepts_records:
+            return None
+        try:
+            res = hook.deliver(payload)
+        except Exception as e:  # a failing hook never stops monitoring
+            res = DeliveryResult(hook.name, False, 1, repr(e))
+        if res.ok:
+            self._count("delivered")
+        else:
+            self._count("failed")
+            self._dead(res, payload, _target(hook))
+        return res
 
     def _dead(self, res: DeliveryResult, payload: Mapping[str, Any], target: str | None) -> None:
         log.warning("alert %s not delivered by %s after %d attempt(s): %s", payload.get("id"), res.hook,
@@ -322,35 +383,47 @@ class HookDispatcher:
         with self._stats_lock:
             self.stats[key] += 1
 
-    def _work(self) -> None:
-        assert self._queue is not None
+    def _work(self, hook: Hook, q: queue.Queue) -> None:
         while True:
-            item = self._queue.get()
+            item = q.get()
             try:
                 if item is None:
                     return
-                self._deliver_now(*item)
+                self._deliver_one(hook, *item)
             except Exception:  # noqa: BLE001 - keep the worker alive whatever happens
                 log.exception("hook worker error")
             finally:
-                self._queue.task_done()
+                q.task_done()
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until queued payloads are delivered (or dead-lettered); False on timeout."""
-        if self._queue is None:
-            return True
         deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
+        while any(q.unfinished_tasks for q in self._queues):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
         return True
 
     def close(self, timeout_s: float = 30.0) -> None:
+        """Deliver what is queued within ``timeout_s``; whatever is still undelivered then is dead-lettered
+        (reason ``undelivered at close``), never silently dropped."""
         self.flush(timeout_s)
-        if self._queue is not None and self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout_s)
+        for hook, q in zip(self.hooks, self._queues):
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._dead(DeliveryResult(hook.name, False, 0, "undelivered at close"), item[0], _target(hook))
+                q.task_done()
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+        for hook, t in zip(self.hooks, self._threads):
+            # a worker still inside a delivery ends at that delivery's own deadline, then dead-letters it
+            t.join(float(getattr(hook, "deadline_s", 1.0)) + 0.5)
         for hook in self.hooks:
             close = getattr(hook, "close", None)
             if close is not None:
@@ -358,6 +431,10 @@ class HookDispatcher:
                     close()
                 except Exception:  # noqa: BLE001
                     log.exception("closing %s", hook.name)
+
+
+def _target(hook: Any) -> str | None:
+    return getattr(hook, "url", getattr(hook, "topic", None))
 
 
 def dispatcher_from_config(cfg: Any, callbacks: Iterable[Callable[[dict[str, Any]], Any]] = (),

@@ -7,6 +7,8 @@ Layout under the registry root (a local directory by default, or any
     versions/v000001/manifest.json       written LAST: config, feature service,
                                          training range, metrics, and the sha256
                                          and size of every file of the entry
+    versions/v000001/manifest.seal       sha256 of the manifest's exact bytes, and
+                                         an HMAC-SHA256 of them when a key is set
     CURRENT                              {"version": ..., "previous": ..., ...}
 
 An entry without a readable manifest is partial (a writer crashed) and is
@@ -18,6 +20,13 @@ renamed into place, and ``CURRENT`` is replaced with ``os.replace``; on an
 object store each object is written whole in one request, the manifest after
 the weights and the pointer after the manifest, so readers never see a half
 entry become current.
+
+The manifest (metrics, feature service, encoder means...) is covered too: its
+seal holds its sha256, checked on every read, so an edited manifest is refused
+like edited weights. A hash alone catches accidents; against someone who can
+write the registry, set ``RELOOP_REGISTRY_HMAC_KEY`` (for writers and readers):
+seals then carry an HMAC with that key, readers with the key require and check
+it, and a reader without the key refuses signed entries rather than trust them.
 
 >>> import tempfile, torch
 >>> reg = ModelRegistry(tempfile.mkdtemp())
@@ -33,6 +42,7 @@ entry become current.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import posixpath
@@ -49,6 +59,21 @@ from pipelines.storage import open_filesystem, write_bytes_atomic
 FORMAT = "reloop.registry/1"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+SEAL = "manifest.seal"
+HMAC_KEY_ENV = "RELOOP_REGISTRY_HMAC_KEY"
+
+
+def manifest_seal(manifest: bytes, key: bytes | None) -> bytes:
+    """The seal file of a manifest: its sha256 and, with ``key``, an HMAC-SHA256 of it."""
+    seal = {"sha256": hashlib.sha256(manifest).hexdigest()}
+    if key:
+        seal["hmac_sha256"] = hmac.new(key, manifest, hashlib.sha256).hexdigest()
+    return json.dumps(seal, sort_keys=True).encode()
+
+
+def _hmac_key() -> bytes | None:
+    value = os.environ.get(HMAC_KEY_ENV)
+    return value.encode() if value else None
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
@@ -151,12 +176,13 @@ class ModelRegistry:
                                metrics={k: float(v) for k, v in (metrics or {}).items()},
                                extra=_jsonable(extra or {}), created_at=time.time(), files=files)
             manifest = json.dumps(entry.to_dict(), indent=2, sort_keys=True).encode()
+            seal = manifest_seal(manifest, _hmac_key())
             if self.local:
                 # stage the whole entry, then rename the directory into place: atomic, and a
                 # concurrent writer that took the same number makes the rename fail -> next number
                 stage = self._p("versions", f".stage-{uuid.uuid4().hex[:8]}")
                 os.makedirs(stage)
-                for name, data in ((WEIGHTS, blob), (MANIFEST, manifest)):
+                for name, data in ((WEIGHTS, blob), (SEAL, seal), (MANIFEST, manifest)):
                     with open(os.path.join(stage, name), "wb") as f:
                         f.write(data)
                         f.flush()
@@ -164,7 +190,7 @@ class ModelRegistry:
                 try:
                     os.rename(stage, self._p("versions", version))
                 except OSError:
-                    for name in (WEIGHTS, MANIFEST):
+                    for name in (WEIGHTS, SEAL, MANIFEST):
                         os.unlink(os.path.join(stage, name))
                     os.rmdir(stage)
                     continue
@@ -172,6 +198,7 @@ class ModelRegistry:
                 d = self._p("versions", version)
                 self.fs.create_dir(d, recursive=True)
                 self._write(posixpath.join(d, WEIGHTS), blob)
+                self._write(posixpath.join(d, SEAL), seal)
                 self._write(posixpath.join(d, MANIFEST), manifest)  # last: marks the entry complete
             if promote:
                 self.promote(version)
@@ -187,7 +214,9 @@ class ModelRegistry:
             raise VersionNotFound(f"{self.uri}: no version {version}; known: {', '.join(self.versions()) or 'none'}")
         path = self._p("versions", version, MANIFEST)
         try:
-            raw = json.loads(self._read(path))
+            data = self._read(path)
+            self._check_seal(version, data)
+            raw = json.loads(data)
         except FileNotFoundError:
             raise CorruptEntryError(f"{self.uri}: version {version} is partial: {MANIFEST} is missing "
                                     f"(its writer did not finish)") from None
@@ -206,6 +235,32 @@ class ModelRegistry:
         if WEIGHTS not in entry.files:
             raise CorruptEntryError(f"{self.uri}: version {version}: manifest lists no {WEIGHTS}")
         return entry
+
+    def _check_seal(self, version: str, manifest: bytes) -> None:
+        """The manifest's bytes match its seal (sha256, and the HMAC when a key is set or the seal has one)."""
+        try:
+            seal = json.loads(self._read(self._p("versions", version, SEAL)))
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} is missing; the manifest cannot be "
+                                    f"verified (published before seals, or tampered with)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} is not valid JSON: {e}") from None
+        if not isinstance(seal, dict) or not hmac.compare_digest(str(seal.get("sha256", "")),
+                                                                 hashlib.sha256(manifest).hexdigest()):
+            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} does not match the sha256 in "
+                                    f"{SEAL} (edited or corrupt)")
+        key = _hmac_key()
+        mac = seal.get("hmac_sha256")
+        if key is None and mac is not None:
+            raise CorruptEntryError(f"{self.uri}: version {version} is HMAC-signed but ${HMAC_KEY_ENV} is not set "
+                                    f"here: refusing to load it unverified")
+        if key is not None:
+            if mac is None:
+                raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} has no HMAC but ${HMAC_KEY_ENV} is "
+                                        f"set: an unsigned entry is refused")
+            if not hmac.compare_digest(str(mac), hmac.new(key, manifest, hashlib.sha256).hexdigest()):
+                raise CorruptEntryError(f"{self.uri}: version {version}: the manifest's HMAC does not verify "
+                                        f"(tampered with, or another key)")
 
     def load(self, version: str | None = None) -> tuple[ModelEntry, dict[str, Any]]:
         """``(entry, state dict)`` of a version (default: current), after checking sizes and hashes."""

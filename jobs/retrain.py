@@ -30,6 +30,9 @@ import numpy as np
 
 from features.windows import DAY_MS, feature_service_name
 from online_models.models import KINDS
+from jobs.ray_local import init_local
+
+
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RAY_ADDRESS") or a.address:
         ray.init(address=a.address)
     else:
-        ray.init(num_cpus=max(2, cfg.num_workers + 1), include_dashboard=False)
+        init_local(num_cpus=max(2, cfg.num_workers + 1))
     try:
         print("[retrain] " + json.dumps(run_retrain(cfg)), flush=True)
     finally:

@@ -12,14 +12,28 @@ Two hosts for the same handlers:
 Requests (JSON, unknown fields rejected):
 
 - ``/score``: ``{"user_id": str, "item_id": str, "context": {str: str|number|bool}?, "request_id": str?}``
-  -> ``{"request_id", "probability" (compensated), "base_probability", "model_version"}``
-- ``/feedback``: ``{"request_id": str, "label": 0|1}`` or
-  ``{"event": {"user_id", "item_id", "label", "context"?}}`` -> ``{"written": true, "model_version"}``
+  -> ``{"request_id", "impression_id", "probability" (compensated), "base_probability", "model_version"}``;
+  or a **slate**: ``{"user_id", "candidates": [item ids, at most 1,000], "context"?, "request_id"?}`` ->
+  ``{"request_id", "model_version", "ranking": [{"item_id", "impression_id", "probability",
+  "base_probability"}, ...]}`` ranked by compensated probability: one Feast lookup, one batched forward
+  pass and one memory read for the whole slate;
+- ``/feedback``: ``{"impression_id": str, "label": 0|1}`` (or ``{"request_id", "label"}`` for a
+  one-item request). The impression must have been issued here; the outcome passes the feedback guard
+  (:mod:`jobs.feedback`: once per impression, per-pair/user/item caps, lockstep alerts) before it
+  reaches the memory or its rebuild buffer. Outcomes of events not scored here are refused.
 
-Errors: bad JSON 400, invalid fields 422 (the message names them), unknown
-request id 404, body over the size limit 413, no model deployed 503. The
-service binds 127.0.0.1 unless told otherwise, and swaps models when the
-registry's current version changes (:meth:`Scorer.reload`), without dropping requests.
+Errors: bad JSON (or nested deeper than the event contract allows) 400, invalid fields 422 (the message
+names them: also integers outside int64, non-finite numbers, context keys named like a feature or a
+core column, values the model's encoder cannot take), missing or wrong bearer token 401, unknown
+impression 404, a second outcome with another label 409, over a feedback cap 429, body over the size
+limit 413 (checked while reading: a huge body is never held in memory), no model deployed 503.
+
+At serving, request context never overrides an online feature: the lookup's values win, and a context
+key named like a pipeline column is refused. Authentication: with ``RELOOP_SERVE_TOKEN`` (or
+``--token-env NAME``) set, every route but ``GET /health`` needs ``Authorization: Bearer <token>``; a
+non-loopback ``--host`` refuses to start without one. The service binds 127.0.0.1 unless told
+otherwise, and swaps models when the registry's current version changes (:meth:`Scorer.reload`),
+without dropping requests.
 
     python -m jobs.serve --registry .state/registry --feast-repo features --port 8000
 """
@@ -28,16 +42,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import hmac
+import ipaddress
 import logging
+import math
+import os
 import sys
+import weakref
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jobs.scoring import FeastLookup, Scorer, ScorerConfig, ScoringError
+from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.ray_local import init_local
+from jobs.scoring import FeastLookup, Remembered, Scorer, ScorerConfig, ScoringError
+from pipelines.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
+
+log = logging.getLogger("reloop.serve")
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_CANDIDATES = 1_000
+TOKEN_ENV = "RELOOP_SERVE_TOKEN"
 Scalar = Union[str, int, float, bool]
 
 
@@ -45,24 +70,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _check_context(v: dict[str, Any]) -> dict[str, Any]:
+    for k, x in v.items():
+        if reserved_name(k):
+            raise ValueError(f"context key {k!r} is named like a pipeline column (feature, id or Kafka); "
+                             f"rename it")
+        if len(k) > 128:
+            raise ValueError("context keys are at most 128 characters")
+        if isinstance(x, int) and not isinstance(x, bool) and not INT64_MIN <= x <= INT64_MAX:
+            raise ValueError(f"context.{k}: integer outside the int64 range")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"context.{k}: must be finite")
+        if isinstance(x, str) and len(x) > 1024:
+            raise ValueError(f"context.{k}: string longer than 1024")
+    return v
+
+
 class ScoreRequest(_Strict):
     user_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
+    item_id: str | None = Field(default=None, min_length=1, max_length=256)
+    candidates: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CANDIDATES)
     context: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
 
+    _context = field_validator("context")(_check_context)
 
-class FeedbackEvent(_Strict):
-    user_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
-    label: Literal[0, 1]
-    context: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
+    @field_validator("candidates")
+    @classmethod
+    def _items(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not 0 < len(i) <= 256 for i in v):
+            raise ValueError("every candidate is an item id of 1 to 256 characters")
+        return v
 
 
 class FeedbackRequest(_Strict):
+    impression_id: str | None = Field(default=None, min_length=1, max_length=128)
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     label: Literal[0, 1] | None = None
-    event: FeedbackEvent | None = None
+    event: dict[str, Any] | None = None
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -73,8 +118,55 @@ def _validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def handle(scorer: Scorer, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    """One request -> ``(HTTP status, JSON body)``; every host (uvicorn, Ray Serve) calls this."""
+_GUARDS: "weakref.WeakKeyDictionary[Scorer, FeedbackGuard]" = weakref.WeakKeyDictionary()
+
+
+def guard_for(scorer: Scorer, config: GuardConfig | None = None, alert=None) -> FeedbackGuard:
+    """The feedback guard of ``scorer`` (one per scorer: impressions are issued and answered on it)."""
+    g = _GUARDS.get(scorer)
+    if g is None or config is not None:
+        g = FeedbackGuard(config or GuardConfig(), alert)
+        _GUARDS[scorer] = g
+    return g
+
+
+def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[str], context: dict[str, Any]
+                ) -> tuple[Any, list[dict[str, Any]]]:
+    """One user, many candidates: one lookup, one forward pass, one memory read; ``(bundle, rows)`` in
+    candidate order, each with its impression id (issued on ``guard``)."""
+    bundle = scorer.bundle
+    if bundle is None:
+        raise ScoringError(f"no model is deployed yet (registry {scorer.registry.uri} has no current version)", 503)
+    n = len(items)
+    row: dict[str, list] = {"user_id": [user_id] * n, "item_id": list(items)}
+    for k, v in context.items():
+        row[k] = [v] * n
+    for k, v in bundle.lookup.lookup_dict(row["user_id"], row["item_id"]).items():
+        row[k] = v  # online features win over any same-named request context
+    try:
+        table = scorer._table(row)
+        base, key = scorer._forward(bundle, table)
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError, RuntimeError) as e:
+        # pyarrow's ArrowInvalid/ArrowTypeError are ValueError/TypeError subclasses
+        raise ScoringError(f"the request cannot be encoded for model {bundle.version}: {e}", 422) from e
+    comp = base
+    if scorer.config.use_memory:
+        with scorer._lock:
+            comp = bundle.memory.estimate(key, base)
+    base_l, comp_l = base.tolist(), comp.tolist()
+    payloads = [Remembered(bundle.version, table.slice(i, 1), key[i:i + 1], base_l[i]) for i in range(n)]
+    ids = guard.impressions.issue_many(user_id, list(items), payloads)
+    scorer.stats["scored"] += n
+    return bundle, [{"item_id": it, "impression_id": iid, "probability": float(c), "base_probability": float(b)}
+                    for it, iid, c, b in zip(items, ids, comp_l, base_l)]
+
+
+def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackGuard | None = None,
+           client: str = "") -> tuple[int, dict[str, Any]]:
+    """One request -> ``(HTTP status, JSON body)``; every host (uvicorn, Ray Serve) calls this.
+
+    Input errors are 4xx, never 500: a 500 means a bug here, and is logged with its traceback.
+    """
     if path == "/health" and method == "GET":
         return 200, scorer.health()
     if path not in ("/score", "/feedback"):
@@ -83,29 +175,73 @@ def handle(scorer: Scorer, method: str, path: str, body: bytes) -> tuple[int, di
         return 405, {"error": f"{path} takes POST"}
     if len(body) > MAX_BODY_BYTES:
         return 413, {"error": f"body of {len(body)} bytes is over the limit of {MAX_BODY_BYTES}"}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        return 400, {"error": f"body is not valid JSON: {e}"}
+    data, why = decode_json(bytes(body))
+    if why:
+        return 400, {"error": f"body is not valid JSON: {why}"}
     if not isinstance(data, dict):
         return 422, {"error": f"body must be a JSON object, got {type(data).__name__}"}
+    guard = guard or guard_for(scorer)
     try:
         if path == "/score":
-            req = ScoreRequest.model_validate(data)
-            return 200, scorer.score(req.user_id, req.item_id, req.context, req.request_id)
-        fb = FeedbackRequest.model_validate(data)
-        if fb.event is not None:
-            if fb.request_id is not None or fb.label is not None:
-                return 422, {"error": "give either request_id + label, or event (with its label), not both"}
-            ev = fb.event
-            return 200, scorer.feedback_event(ev.user_id, ev.item_id, ev.label, ev.context)
-        if fb.request_id is None or fb.label is None:
-            return 422, {"error": "feedback needs request_id and label (0 or 1), or an event with its label"}
-        return 200, scorer.feedback(fb.request_id, fb.label)
+            return 200, _score(scorer, guard, ScoreRequest.model_validate(data))
+        return _feedback(scorer, guard, FeedbackRequest.model_validate(data), client)
     except ValidationError as e:
         return 422, {"error": _validation_message(e)}
     except ScoringError as e:
         return e.status, {"error": str(e)}
+    except RecursionError as e:  # defence in depth: never a 500 for a request's shape
+        return 400, {"error": f"request too deeply nested: {e}"}
+
+
+def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest) -> dict[str, Any]:
+    import uuid
+
+    if (req.item_id is None) == (req.candidates is None):
+        raise ScoringError("give either item_id (one pair) or candidates (a slate), not both", 422)
+    rid = req.request_id or uuid.uuid4().hex
+    if req.item_id is not None:
+        bundle, (one,) = score_slate(scorer, guard, req.user_id, [req.item_id], req.context)
+        _alias(guard, rid, one["impression_id"])
+        return {"request_id": rid, "impression_id": one["impression_id"], "probability": one["probability"],
+                "base_probability": one["base_probability"], "model_version": bundle.version}
+    bundle, rows = score_slate(scorer, guard, req.user_id, req.candidates, req.context)
+    rows.sort(key=lambda r: -r["probability"])
+    return {"request_id": rid, "model_version": bundle.version, "ranking": rows}
+
+
+def _alias(guard: FeedbackGuard, request_id: str, impression_id: str) -> None:
+    """request id -> impression id of a one-item request (the older feedback form), bounded like impressions."""
+    import collections
+
+    aliases = getattr(guard, "_aliases", None)
+    if aliases is None:
+        aliases = guard._aliases = collections.OrderedDict()
+    aliases[request_id] = impression_id
+    while len(aliases) > guard.config.max_impressions:
+        aliases.popitem(last=False)
+
+
+def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client: str) -> tuple[int, dict[str, Any]]:
+    if fb.event is not None:
+        raise ScoringError("feedback must name an impression issued by /score (impression_id); outcomes of "
+                           "events not scored here are not accepted", 422)
+    if fb.label is None or (fb.impression_id is None) == (fb.request_id is None):
+        raise ScoringError("feedback needs label (0 or 1) and one of impression_id or request_id", 422)
+    iid = fb.impression_id
+    if iid is None:
+        iid = getattr(guard, "_aliases", {}).get(fb.request_id)
+        if iid is None:
+            raise ScoringError(f"unknown request_id {fb.request_id!r} (never scored here as one item, or expired)",
+                               404)
+    verdict = guard.admit(iid, fb.label, client)
+    if not verdict.accepted:
+        if verdict.reason == "duplicate":
+            return 200, {"written": False, "duplicate": True}
+        what = "impression_id" if fb.impression_id else "request_id"
+        return verdict.status, {"error": f"{what} {fb.impression_id or fb.request_id!r}: {verdict.reason}"}
+    rec: Remembered = verdict.impression.payload
+    out = scorer._write(rec.row, fb.label, rec)
+    return 200, out
 
 
 def build_scorer(registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
@@ -128,15 +264,60 @@ def build_scorer(registry_uri: str, feast_repo: str, feast_profile: str = "sqlit
     return scorer
 
 
-def asgi_app(scorer: Scorer):
-    """A Starlette app over :func:`handle`."""
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (:class:`BodyTooLarge`) as soon as it passes ``limit`` bytes: by its
+    Content-Length before reading, or while streaming it in (chunked or lying clients)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise BodyTooLarge(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """``Authorization: Bearer <token>`` in constant time; everything is allowed without a token."""
+    if not token:
+        return True
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+
+
+def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | None = None):
+    """A Starlette app over :func:`handle`, with the streaming body limit and optional bearer auth."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    guard = guard or guard_for(scorer)
+
     async def endpoint(request: Request) -> JSONResponse:
-        status, out = handle(scorer, request.method, request.url.path, await request.body())
+        path, method = request.url.path, request.method
+        if not (path == "/health" and method == "GET") and not authorized(request.headers.get("authorization"),
+                                                                          token):
+            return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            body = await read_body(request)
+        except BodyTooLarge as e:
+            return JSONResponse({"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
+                                status_code=413, headers={"Connection": "close"})
+        client = request.client.host if request.client else ""
+        try:
+            status, out = handle(scorer, method, path, body, guard, client)
+        except Exception:  # noqa: BLE001  (a bug: logged with its traceback, answered as 500, still serving)
+            log.exception("internal error on %s %s", method, path)
+            status, out = 500, {"error": "internal error (logged)"}
         return JSONResponse(out, status_code=status)
 
     @contextlib.asynccontextmanager
@@ -149,10 +330,31 @@ def asgi_app(scorer: Scorer):
     return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
 
 
-def serve_http(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000) -> None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_token(host: str, token_env: str = TOKEN_ENV) -> str | None:
+    """The bearer token from the environment; required off loopback (``ScoringError``), warned about on it."""
+    token = os.environ.get(token_env) or None
+    if token is None and not is_loopback(host):
+        raise ScoringError(f"--host {host} is not loopback: set a bearer token in ${token_env} "
+                           f"(clients send Authorization: Bearer <token>)", 2)
+    if token is None:
+        log.warning("scoring service without authentication (set $%s to require a bearer token)", token_env)
+    return token
+
+
+def serve_http(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+               guard: FeedbackGuard | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(asgi_app(scorer), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(asgi_app(scorer, token, guard), host=host, port=port, log_level="warning", access_log=False)
 
 
 class ServeDeployment:
@@ -175,7 +377,16 @@ class ServeDeployment:
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
-        status, out = handle(self.scorer, request.method, request.url.path, await request.body())
+        if not authorized(request.headers.get("authorization"), os.environ.get(TOKEN_ENV) or None) and not (
+                request.url.path == "/health" and request.method == "GET"):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        try:
+            body = await read_body(request)
+        except BodyTooLarge as e:
+            return JSONResponse({"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
+                                status_code=413)
+        status, out = handle(self.scorer, request.method, request.url.path, body, None,
+                             request.client.host if request.client else "")
         return JSONResponse(out, status_code=status)
 
 
@@ -186,7 +397,7 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address=address) if address else init_local(num_cpus=2)
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(ServeDeployment, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
         registry_uri, feast_repo, feast_profile, scorer_config)
@@ -232,6 +443,18 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> A
     return store
 
 
+def _alert_sink(cfg):
+    """Lockstep alerts go through the configured hooks (webhooks, Kafka, Python), in the background."""
+    try:
+        from jobs.alerts import dispatcher_from_config
+
+        dispatcher = dispatcher_from_config(cfg)
+    except Exception as e:  # noqa: BLE001  (no hooks configured or unusable: log the alerts instead)
+        log.warning("feedback alerts go to the log only: %s", e)
+        return lambda alert: log.warning("ALERT %s", alert.get("message"))
+    return lambda alert: dispatcher.deliver(alert)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="reloop YAML config (registry URI and Feast profile defaults)")
@@ -242,20 +465,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["http", "ray"], default="http")
     p.add_argument("--no-memory", action="store_true", help="serve base predictions only")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between registry checks")
+    p.add_argument("--token-env", default=TOKEN_ENV, help=f"env var holding the bearer token (default {TOKEN_ENV})")
     a = p.parse_args(argv)
     from jobs.config import load_jobs_config as load_config
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = serve_token(a.host, a.token_env)
+    except ScoringError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = load_config(a.config)
     registry = a.registry or cfg.storage.registry_uri
     repo = a.feast_repo or cfg.feast.repo_path
     sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.backend == "ray":
         serve_ray(registry, repo, cfg.feast.profile, sc, a.host, a.port, address=cfg.ray.address)
         return 0
     scorer = build_scorer(registry, repo, cfg.feast.profile, ScorerConfig(**sc), cfg.feast.redis_connection_string)
     print(f"scoring service on http://{a.host}:{a.port} (model {scorer.health()['model_version']})", flush=True)
-    serve_http(scorer, a.host, a.port)
+    guard = guard_for(scorer, GuardConfig(), alert=_alert_sink(cfg))
+    serve_http(scorer, a.host, a.port, token, guard)
     return 0
 
 

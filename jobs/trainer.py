@@ -48,6 +48,7 @@ from features.windows import feature_service_name
 from jobs.checkpoints import CheckpointStore
 from online_models.models import KINDS
 from online_models.errors import ReloopError
+from jobs.ray_local import init_local
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/1"
 RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if in_job:
         ray.init(address=a.address)  # inside `ray job submit`: RAY_ADDRESS points at the cluster
     else:
-        ray.init(num_cpus=2, include_dashboard=False)
+        init_local(num_cpus=2)
     try:
         # max_concurrency=2: stop()/status() can be called while run() is busy
         actor = ray.remote(num_cpus=1, max_concurrency=2, max_restarts=0)(IncrementalTrainer).remote(tc)

@@ -68,6 +68,9 @@ class FeastConfig(Strict):
     profile: Literal["sqlite", "redis"] = "sqlite"
     repo_path: str = "features"
     redis_connection_string: str = Field(default_factory=lambda: _local("RELOOP_REDIS_PORT", 6399))
+    #: environment variable holding the Redis password (production); without it, the local service's
+    #: generated password (``$RELOOP_STATE_DIR/redis/password``) is used when the file exists
+    redis_password_env: str | None = None
 
 
 class StorageConfig(Strict):
@@ -88,6 +91,8 @@ class FeatureJobConfig(Strict):
     max_events_per_run: int | None = Field(None, ge=1)
     #: events older than (newest event time - allowed lateness) are dropped and counted
     allowed_lateness_s: float = Field(3600.0, ge=0)
+    #: events further ahead of their partition's recent event times are dead-lettered (pipelines.aggregates)
+    max_ahead_s: float = Field(7 * 86400.0, gt=0)
     #: records per Arrow batch read from Kafka, and offsets per initial split of a partition range
     read_batch_size: int = Field(5000, ge=1)
     split_size: int = Field(50_000, ge=1)

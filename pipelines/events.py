@@ -15,15 +15,28 @@ Event(event_id='e1', ts=881250949000, user_id='196', item_id='242', label=1, con
 'label: must be 0 or 1, got 2'
 >>> parse_event(b'not json').reason[:14]
 'malformed JSON'
+>>> parse_event(b'[' * 20_000).reason
+'too deeply nested: JSON depth 20000 > 16'
+>>> parse_event(b'{"event_id": "' + bytes([255]) + b'"}').reason[:13]
+'invalid UTF-8'
+
+Hostile bytes are screened before any JSON parser sees them (:func:`decode_json`):
+strict UTF-8, then a nesting-depth bound computed by a linear scan (deep nesting
+crashes pyarrow's JSON reader and makes Python's raise ``RecursionError``).
+Context keys share no name with a column of the event table, a feature or an
+example (:func:`reserved_name`): such a record is rejected, never renamed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Union
+
+import numpy as np
 
 #: Largest accepted payload; bigger records go to the dead-letter topic.
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -36,6 +49,11 @@ MAX_CONTEXT_STRING = 1024
 MAX_FUTURE_MS = 24 * 3600 * 1000
 #: 2100-01-01 in epoch ms: a hard ceiling that does not depend on the wall clock.
 MAX_TS_MS = 4_102_444_800_000
+#: Deepest accepted JSON nesting. The contract needs 2 (the event, its context); 16 leaves room for the
+#: contract's own reasons ("context.x: must be a string...") while no parser ever recurses far.
+MAX_JSON_DEPTH = 16
+#: Context values are stored in int64 columns; a larger integer is rejected, not overflowed.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 FIELDS = ("event_id", "ts", "user_id", "item_id", "label", "context")
 REQUIRED = FIELDS[:-1]
@@ -76,6 +94,73 @@ class Rejection:
         return False
 
 
+#: names a context key may not take: the event table's columns, its Kafka origin, every feature and
+#: example column the feature job writes (see :mod:`pipelines.aggregates`), and the old rename prefix
+_RESERVED_EXACT = frozenset({"event_id", "ts", "user_id", "item_id", "label", "context", "event_timestamp",
+                             "user_last_items"})
+_RESERVED_PATTERN = re.compile(r"^(kafka_|context_|ctx_)|^(user|item)_((imp|pos|ctr)_\w+|secs_since_last)$")
+
+
+def reserved_name(name: str) -> bool:
+    """True if a context key would collide with a column the pipeline owns.
+
+    >>> reserved_name("user_ctr_7d"), reserved_name("ts"), reserved_name("hour"), reserved_name("user_age")
+    (True, True, False, False)
+    """
+    return name in _RESERVED_EXACT or _RESERVED_PATTERN.search(name) is not None
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest ``{``/``[`` nesting of JSON text, ignoring brackets inside strings; linear time.
+
+    Cheap when the text has few brackets (their count bounds the depth). The string mask follows the
+    parser's own reading up to the first syntax error, so it bounds how deep any parser recurses.
+
+    >>> json_depth(b'{"a": [1, {"b": "[[[["}]}'), json_depth(b'"x"'), json_depth(b'[' * 50)
+    (3, 0, 50)
+    """
+    openers = raw.count(b"{") + raw.count(b"[")
+    if openers <= MAX_JSON_DEPTH:
+        return openers if openers < 2 else _scan_depth(raw)
+    return _scan_depth(raw)
+
+
+def _scan_depth(raw: bytes) -> int:
+    a = np.frombuffer(raw, np.uint8)
+    if len(a) == 0:
+        return 0
+    idx = np.arange(len(a))
+    # a quote is escaped iff an odd run of backslashes precedes it
+    last_plain = np.maximum.accumulate(np.where(a != 0x5C, idx, -1))
+    run_before = np.empty(len(a), np.int64)
+    run_before[0] = 0
+    run_before[1:] = idx[:-1] - last_plain[:-1]
+    quote = (a == 0x22) & (run_before % 2 == 0)
+    in_string = (np.cumsum(quote) % 2 == 1) & ~quote
+    step = np.where(in_string, 0, (a == 0x7B).astype(np.int64) + (a == 0x5B) - (a == 0x7D) - (a == 0x5D))
+    return max(0, int(np.cumsum(step).max()))
+
+
+def decode_json(raw: bytes) -> tuple[Any, str]:
+    """``(value, "")`` or ``(None, reason)``: strict UTF-8, a depth bound, then ``json.loads``; never raises.
+
+    The one safe entry to JSON for every wire contract (events, impressions, feedback).
+    """
+    try:
+        text = raw.decode("utf-8")  # strict: invalid bytes never reach a parser or an Arrow string
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8: {e}"
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        return None, f"too deeply nested: JSON depth {depth} > {MAX_JSON_DEPTH}"
+    try:
+        return json.loads(text), ""
+    except ValueError as e:
+        return None, f"malformed JSON: {e}"
+    except Exception as e:  # noqa: BLE001  (a record must never raise out of the parser)
+        return None, f"malformed JSON: {type(e).__name__}: {e}"
+
+
 def _id(d: dict, name: str) -> str | None:
     v = d[name]
     if isinstance(v, bool):
@@ -95,6 +180,10 @@ def _context(v: Any) -> tuple[dict[str, ContextValue] | None, str]:
     if len(v) > MAX_CONTEXT_FIELDS:
         return None, f"context: at most {MAX_CONTEXT_FIELDS} fields, got {len(v)}"
     for k, x in v.items():
+        if not isinstance(k, str) or reserved_name(k):
+            return None, f"context.{k}: name collides with a column of the pipeline (event, feature or Kafka)"
+        if isinstance(x, int) and not isinstance(x, bool) and not INT64_MIN <= x <= INT64_MAX:
+            return None, f"context.{k}: integer out of the int64 range"
         if isinstance(x, float) and not math.isfinite(x):
             return None, f"context.{k}: must be finite, got {x}"
         if isinstance(x, str) and len(x) > MAX_CONTEXT_STRING:
@@ -113,12 +202,18 @@ def parse_event(raw: bytes | str, *, now_ms: int | None = None) -> Event | Rejec
         raw = raw.encode("utf-8", "surrogatepass")
     if raw is None:
         return Rejection("empty record", b"")
+    try:
+        return _parse_event(bytes(raw), now_ms)
+    except Exception as e:  # noqa: BLE001  (last resort: one record never stops the stream)
+        return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", bytes(raw))
+
+
+def _parse_event(raw: bytes, now_ms: int | None) -> Event | Rejection:
     if len(raw) > MAX_PAYLOAD_BYTES:
         return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
-    try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        return Rejection(f"malformed JSON: {e}", raw)
+    d, why = decode_json(raw)
+    if why:
+        return Rejection(why, raw)
     if not isinstance(d, dict):
         return Rejection(f"not a JSON object: {type(d).__name__}", raw)
     missing = [f for f in REQUIRED if f not in d]

@@ -35,8 +35,28 @@ def open_store(cfg: FeastConfig, repo_path: str | None = None):
     repo = Path(repo_path or cfg.repo_path).resolve()
     config = load_repo_config(repo, yaml_path(cfg, str(repo)))
     if cfg.profile == "redis":
-        config.online_store.connection_string = cfg.redis_connection_string
+        config.online_store.connection_string = redis_connection_string(cfg)
     return FeatureStore(repo_path=str(repo), config=config)
+
+
+def redis_connection_string(cfg: FeastConfig) -> str:
+    """``cfg.redis_connection_string`` with its password: from ``$<redis_password_env>`` when configured
+    (a missing variable is a :class:`ValueError` naming it), else the local service's generated one."""
+    import os
+
+    conn = cfg.redis_connection_string
+    if "password=" in conn:
+        return conn
+    password = None
+    if cfg.redis_password_env:
+        password = os.environ.get(cfg.redis_password_env)
+        if not password:
+            raise ValueError(f"feast.redis_password_env: environment variable {cfg.redis_password_env} is not set")
+    else:
+        local = Path(os.environ.get("RELOOP_STATE_DIR", ".state")) / "redis" / "password"
+        if local.exists():
+            password = local.read_text().strip()
+    return f"{conn},password={password}" if password else conn
 
 
 def repo_objects(repo_path: str | Path) -> list:

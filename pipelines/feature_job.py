@@ -87,7 +87,8 @@ class JobStats:
 def aggregate_config(cfg: PipelineConfig):
     from pipelines.aggregates import AggregateConfig
 
-    return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000))
+    return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000),
+                           max_ahead_ms=int(cfg.feature_job.max_ahead_s * 1000))
 
 
 def pipeline_options(pipeline_args: list[str] | None):

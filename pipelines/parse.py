@@ -8,8 +8,9 @@ reason, for the dead-letter topic.
 Accepted rows carry where they came from (``kafka_partition``,
 ``kafka_offset``) so the job can order ties deterministically and the training
 examples can be traced back to the log. Context fields become columns (a
-context key that collides with a core column is prefixed with ``context_``);
-a column whose values mix types is stored as strings.
+context key that would collide with a core, Kafka or feature column is rejected
+by the contract, with a reason); a column whose values mix types is stored as
+strings.
 
 >>> ev, bad = parse_batch([b'{"event_id":"a","ts":5,"user_id":"u","item_id":"i","label":1,"context":{"hour":3}}',
 ...                        b'{"oops"'], partition=0, offsets=[10, 11], now_ms=10**13)
@@ -31,8 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from pipelines.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_PAYLOAD_BYTES,
-                           MAX_TS_MS, Event, Rejection, parse_event)
+from pipelines.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_JSON_DEPTH,
+                           MAX_PAYLOAD_BYTES, MAX_TS_MS, Event, Rejection, parse_event, reserved_name)
 
 CORE_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
                          ("item_id", pa.string()), ("label", pa.int8()), ("kafka_partition", pa.int32()),
@@ -65,19 +66,35 @@ def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, of
     and a flat context) are decoded in one vectorised pass (:func:`_fast_parse`); every other record goes
     through :func:`pipelines.events.parse_event`, so acceptance and reasons are exactly the contract's
     (``tests/test_pipeline_parse.py`` checks that).
+
+    Before pyarrow's JSON reader sees a record it must pass a vectorised screen (:func:`_screen`): not
+    null, within the size cap, one line, at most ``MAX_JSON_DEPTH`` brackets (so at most that deep:
+    deeper input crashes the reader) and valid UTF-8. Records that fail the screen take the per-record
+    path, whose own checks (:func:`reloop.events.decode_json`) give them the contract's reason. The
+    screen costs a few passes of NumPy over the bytes.
     """
     values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.binary())
+    values = values.cast(pa.binary())
     n = len(values)
     keys = keys if isinstance(keys, pa.Array) else pa.array(list(keys) if keys is not None else [None] * n,
                                                            pa.binary())
     offsets = np.asarray(offsets, np.int64)
     if now_ms is None:
         now_ms = int(time.time() * 1000)
-    fast = _fast_parse(values, now_ms)
+    screened = _screen(values)
+    fast = None
+    if screened.any():
+        sub = values if screened.all() else values.filter(pa.array(screened))
+        try:
+            fast = _fast_parse(sub, now_ms)
+        except Exception:  # noqa: BLE001  (the vectorised path is an optimisation: any failure -> per record)
+            fast = None
     if fast is None:
         return _slow_parse(values.to_pylist(), partition=partition, offsets=offsets.tolist(), keys=keys.to_pylist(),
                            now_ms=now_ms)
-    accepted, ok = fast
+    accepted, sub_ok = fast
+    ok = np.zeros(n, bool)
+    ok[np.flatnonzero(screened)[sub_ok]] = True
     core = accepted.select(_FAST_SCHEMA.names)
     events = core.append_column("kafka_partition", pa.array(np.full(len(core), partition, np.int32))) \
         .append_column("kafka_offset", pa.array(offsets[ok]))
@@ -91,6 +108,48 @@ def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, of
                                        offsets=offsets[rest].tolist(), keys=keys.take(idx).to_pylist(),
                                        now_ms=now_ms)
     return concat_events([events, slow_events]).sort_by("kafka_offset"), rejects
+
+
+def _count_at(positions: np.ndarray, offsets: np.ndarray, n: int) -> np.ndarray:
+    """Per record, how many of the byte ``positions`` fall inside it (``offsets`` delimit the records)."""
+    return np.bincount(np.searchsorted(offsets, positions, side="right") - 1, minlength=n)[:n]
+
+
+def _screen(values: pa.Array) -> np.ndarray:
+    """Which records the vectorised JSON reader may see (see :func:`parse_batch`)."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, bool)
+    ok = ~values.is_null().to_numpy(zero_copy_only=False)
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + n + 1].astype(np.int64)
+    data = values.buffers()[2]
+    base = int(offsets[0])
+    data = (np.frombuffer(data, np.uint8)[base:int(offsets[-1])] if data is not None else np.zeros(0, np.uint8))
+    rel = offsets - base
+    lengths = np.diff(rel)
+    ok &= (lengths > 0) & (lengths <= MAX_PAYLOAD_BYTES)
+    if len(data):
+        # per-record counts from the positions of the (few) bytes of interest: no pass of int64 over the data
+        newline = np.flatnonzero(data == 0x0A)
+        if len(newline):
+            ok &= _count_at(newline, rel, n) == 0
+        openers = np.flatnonzero((data == 0x7B) | (data == 0x5B))
+        if len(openers) > MAX_JSON_DEPTH:
+            ok &= _count_at(openers, rel, n) <= MAX_JSON_DEPTH
+        if (data >= 0x80).any():  # only then can a record be invalid UTF-8
+            try:
+                values.cast(pa.string())  # Arrow validates UTF-8 on this cast
+            except pa.ArrowInvalid:
+                ok &= np.array([v is None or _is_utf8(v) for v in values.to_pylist()], bool)
+    return ok
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _json_lines(values: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
@@ -155,16 +214,20 @@ def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | 
                 return None
             for i in range(ctx.type.num_fields):
                 f = ctx.type.field(i)
-                if f.type not in _CONTEXT_TYPES:
-                    return None
+                if f.type not in _CONTEXT_TYPES or reserved_name(f.name):
+                    return None  # a reserved key is rejected per record, with the contract's reason
                 child = pc.struct_field(ctx, [i])
                 if f.type == pa.string():
                     ok &= pc.fill_null(pc.less_equal(pc.utf8_length(child), MAX_CONTEXT_STRING),
                                        True).to_numpy(zero_copy_only=False)
                 elif f.type == pa.float64():
                     ok &= pc.fill_null(pc.is_finite(child), True).to_numpy(zero_copy_only=False)
-                col = f"context_{f.name}" if f.name in CORE_SCHEMA.names else f.name
-                context[col] = child.cast(pa.bool_()) if f.type == pa.null() else child
+                    # pyarrow reads an integer literal beyond int64 as a double; Python keeps it an int,
+                    # which the contract rejects: such rows take the per-record path
+                    ok &= ~pc.fill_null(pc.and_(pc.equal(pc.floor(child), child),
+                                                pc.greater_equal(pc.abs(child), 2.0 ** 63)),
+                                        False).to_numpy(zero_copy_only=False)
+                context[f.name] = child.cast(pa.bool_()) if f.type == pa.null() else child
         elif not pa.types.is_null(ctx.type):
             return None
     keep = pa.array(ok)
@@ -186,6 +249,8 @@ def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
         ev = parse_event(raw, now_ms=now_ms) if raw is not None else None
         if isinstance(ev, Event) and not _valid_unicode(ev):
             ev = Rejection("invalid unicode: a lone surrogate escape in an id or context string", raw)
+        if isinstance(ev, Event) and ev.context and not _storable(ev.context):
+            ev = Rejection("context: a value Arrow cannot store", raw)
         if isinstance(ev, Event):
             cols["event_id"].append(ev.event_id)
             cols["ts"].append(ev.ts)
@@ -228,14 +293,20 @@ def _valid_unicode(ev: Event) -> bool:
     return True
 
 
+def _storable(context: dict) -> bool:
+    """Defence in depth behind the contract's checks: every value converts to its Arrow column."""
+    try:
+        for v in context.values():
+            _typed([v])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError):
+        return False
+    return True
+
+
 def _context_columns(contexts: list[dict]) -> dict[str, pa.Array]:
+    # context keys never take a reserved name (reloop.events.reserved_name): no renaming is needed
     names = sorted({k for c in contexts for k in c})
-    out: dict[str, pa.Array] = {}
-    for name in names:
-        values = [c.get(name) for c in contexts]
-        col = f"context_{name}" if name in CORE_SCHEMA.names else name
-        out[col] = _typed(values)
-    return out
+    return {name: _typed([c.get(name) for c in contexts]) for name in names}
 
 
 def _typed(values: list) -> pa.Array:

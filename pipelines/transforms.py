@@ -15,7 +15,8 @@ with the same ``reloop.source`` header, by which consumers deduplicate.
 
 Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
 ``rejected`` (parse failures read), ``dead_lettered`` and ``dlq_<reason kind>``
-(published to the DLQ), ``accepted``, ``late``, ``duplicates``, ``deferred``
+(published to the DLQ), ``accepted``, ``late``, ``duplicates``, ``ahead`` (far-future, dead-lettered),
+``quarantined`` (records isolated by bisecting a failing batch), ``deferred``
 (after the partition-alignment cut, re-read next run), ``examples_written``,
 ``feature_rows_written``.
 """
@@ -34,8 +35,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
-from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, snapshot
-from pipelines.parse import concat_events, parse_batch, reason_kind
+from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, screen_ahead, snapshot
+from pipelines.parse import CORE_SCHEMA, REJECT_SCHEMA, concat_events, parse_batch, reason_kind
 from pipelines.config import FeastConfig, KafkaConfig
 
 NS = "feature_job"
@@ -58,15 +59,45 @@ class ParseBatchFn(beam.DoFn):
         # a reader batch is one partition; stay correct if a caller mixes them
         for p in present:
             part = raw if len(present) == 1 else raw.filter(pc.equal(raw["kafka_partition"], int(p)))
-            events, bad = parse_batch(part["value"].combine_chunks(), partition=int(p),
-                                      offsets=part["kafka_offset"].to_numpy(), keys=part["key"].combine_chunks(),
-                                      now_ms=self.now_ms)
+            events, bad = parse_quarantined(part, int(p), self.now_ms)
             self.parsed.inc(events.num_rows)
             if events.num_rows:
                 yield events
             if bad.num_rows:
                 self.rejected.inc(bad.num_rows)
                 yield TaggedOutput("dlq", bad)
+
+
+def parse_quarantined(part: pa.Table, partition: int, now_ms: int | None) -> tuple[pa.Table, pa.Table]:
+    """:func:`parse_batch` of one partition's raw records that cannot fail the run.
+
+    The parser already turns every bad record into a rejection; this is the guard behind it. If the batch
+    still raises, or yields a table Arrow does not validate (``validate(full=True)``: e.g. a string that is
+    not UTF-8, which would fail every later step), it is bisected until the culprit records stand alone,
+    and those are dead-lettered with the error as the reason while the rest proceeds. A failure is
+    re-raised only when it cannot be the records' fault (an empty batch failing).
+    """
+    try:
+        events, bad = parse_batch(part["value"].combine_chunks(), partition=partition,
+                                  offsets=part["kafka_offset"].to_numpy(), keys=part["key"].combine_chunks(),
+                                  now_ms=now_ms)
+        events.validate(full=True)
+        bad.validate(full=True)
+        return events, bad
+    except Exception as e:  # noqa: BLE001  (quarantine below; one record must not fail the micro-batch)
+        if part.num_rows == 0:
+            raise
+        if part.num_rows == 1:
+            Metrics.counter(NS, "quarantined").inc()
+            reason = f"parser error: {type(e).__name__}: {str(e)[:200]}"
+            return CORE_SCHEMA.empty_table(), pa.table({
+                "kafka_partition": pa.array([partition], pa.int32()), "kafka_offset": part["kafka_offset"],
+                "reason": pa.array([reason]), "key": part["key"], "value": pa.array(
+                    [part["value"][0].as_py() or b""], pa.binary())}, schema=REJECT_SCHEMA)
+        half = part.num_rows // 2
+        left = parse_quarantined(part.slice(0, half), partition, now_ms)
+        right = parse_quarantined(part.slice(half), partition, now_ms)
+        return concat_events([left[0], right[0]]), pa.concat_tables([left[1], right[1]])
 
 
 class ParseRecords(beam.PTransform):
@@ -141,6 +172,8 @@ class BatchResult:
     items: pa.Table
     state: FeatureState
     stats: dict[str, int]
+    #: ``(reason kind, rows)`` of the events dropped as late or duplicate (for the DLQ)
+    dropped: tuple[tuple[str, pa.Table], ...] = ()
 
 
 def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -> BatchResult:
@@ -152,11 +185,34 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
     if events.num_rows:
         events = events.sort_by([("ts", "ascending"), ("kafka_partition", "ascending"),
                                  ("kafka_offset", "ascending")])
-    feats, new_state, stats = compute_features(events, state, cfg)
+    dropped: list[tuple[str, pa.Table]] = []
+    feats, new_state, stats = compute_features(events, state, cfg, dropped=dropped)
     users = pc.unique(feats["user_id"]).to_pylist() if feats.num_rows else []
     items = pc.unique(feats["item_id"]).to_pylist() if feats.num_rows else []
     u, i = snapshot(new_state, new_state.watermark + 1, cfg, users=sorted(users), items=sorted(items))
-    return BatchResult(feats, u, i, new_state, stats)
+    return BatchResult(feats, u, i, new_state, stats, tuple(dropped))
+
+
+def dead_letter_rows(rows: pa.Table, reason: str) -> pa.Table:
+    """Accepted-then-dropped events as DLQ rows: the event re-encoded as contract JSON (its original bytes
+    are not kept past parsing), the user id as key, ``reason`` for every row."""
+    import json
+
+    core = {"event_id", "ts", "user_id", "item_id", "label", "kafka_partition", "kafka_offset"}
+    ctx_names = [n for n in rows.column_names if n not in core]
+    d = rows.to_pydict()
+    values = []
+    for i in range(rows.num_rows):
+        ev = {k: d[k][i] for k in ("event_id", "ts", "user_id", "item_id", "label")}
+        ctx = {k: d[k][i] for k in ctx_names if d[k][i] is not None}
+        if ctx:
+            ev["context"] = ctx
+        values.append(json.dumps(ev, separators=(",", ":"), default=str).encode())
+    return pa.table({"kafka_partition": rows["kafka_partition"].cast(pa.int32()),
+                     "kafka_offset": rows["kafka_offset"].cast(pa.int64()),
+                     "reason": pa.array([reason] * rows.num_rows, pa.string()),
+                     "key": pa.array([u.encode() for u in d["user_id"]], pa.binary()),
+                     "value": pa.array(values, pa.binary())}, schema=REJECT_SCHEMA)
 
 
 def align_partitions(events: pa.Table, stops: dict[int, int], idle: frozenset[int] | set[int] = frozenset()
@@ -212,7 +268,7 @@ class ComputeFeaturesFn(beam.DoFn):
 
     def __init__(self, state_uri: str, plan, cfg: AggregateConfig, kafka: KafkaConfig | None = None):
         self.state_uri, self.plan, self.cfg, self.kafka = state_uri, plan, cfg, kafka
-        self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred")}
+        self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred", "ahead")}
 
     def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator:
         from pipelines.checkpoint import StateStore
@@ -226,6 +282,8 @@ class ComputeFeaturesFn(beam.DoFn):
                                    f"{self.state_uri}; reset the job (reloop features --reset) to recompute")
             state = FeatureState.empty()
         events = concat_events(list(keyed[1]))
+        # before the cut: a far-future record must not set it (it would defer its partition forever)
+        events, ahead = screen_ahead(events, state, self.cfg)
         prior = store.load_result(plan.run_id)
         if prior is not None:  # a re-run of an interrupted run: the same cut, so the same outputs
             kept = events.filter(pa.array([o < prior.get(p, o + 1) for p, o in zip(
@@ -240,6 +298,17 @@ class ComputeFeaturesFn(beam.DoFn):
             self.counters[k].inc(res.stats[k])
         self.counters["deferred"].inc(events.num_rows - kept.num_rows)
         yield TaggedOutput("stops", stops)  # after save_result: any sink output implies the cut is on disk
+        dlq = [dead_letter_rows(rows, f"{kind}: {_DROP_REASONS[kind]}") for kind, rows in res.dropped]
+        if ahead.num_rows:  # those after the cut are re-read (and re-judged) by the next run
+            before = [o < stops.get(p, o + 1) for p, o in zip(ahead["kafka_partition"].to_pylist(),
+                                                               ahead["kafka_offset"].to_pylist())]
+            ahead = ahead.filter(pa.array(before, pa.bool_()))
+            self.counters["ahead"].inc(ahead.num_rows)
+            if ahead.num_rows:
+                dlq.append(dead_letter_rows(ahead, f"ahead: {_DROP_REASONS['ahead']} "
+                                                   f"({self.cfg.max_ahead_ms} ms)"))
+        if dlq:
+            yield TaggedOutput("dlq", pa.concat_tables(dlq))
         yield TaggedOutput("examples", res.examples)
         yield TaggedOutput("snapshots", ("user", res.users))
         yield TaggedOutput("snapshots", ("item", res.items))
@@ -256,6 +325,11 @@ class ComputeFeaturesFn(beam.DoFn):
         return {p for p, stop in self.plan.stop.items() if end.get(p, stop) <= stop}
 
 
+_DROP_REASONS = {"late": "older than the watermark minus the allowed lateness",
+                 "duplicate": "event_id already seen (the first copy in the log wins)",
+                 "ahead": "too far ahead of the partition's recent event times"}
+
+
 class ComputeFeatures(beam.PTransform):
     """``PCollection[pa.Table]`` of events -> ``{'examples', 'snapshots': (entity, pa.Table), 'stops'}``.
 
@@ -269,11 +343,19 @@ class ComputeFeatures(beam.PTransform):
         self.args = (state_uri, plan, cfg, kafka)
 
     def expand(self, events):
-        return (events
-                | "KeyAll" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, pa.Table])
-                | "GatherMicroBatch" >> beam.GroupByKey()
-                | "Aggregate" >> beam.ParDo(ComputeFeaturesFn(*self.args)).with_outputs(
-                    "examples", "snapshots", "stops"))
+        # one empty batch always joins: a micro-batch of only rejected records still aggregates (nothing),
+        # saves its result and stops, and so commits past them (else the DLQ's side input is empty and
+        # the run fails again and again on the same plan)
+        seed = events.pipeline | "SeedEmptyBatch" >> beam.Create([CORE_SCHEMA.empty_table()])
+        out = ((events, seed) | "WithSeed" >> beam.Flatten()
+               | "KeyAll" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, pa.Table])
+               | "GatherMicroBatch" >> beam.GroupByKey()
+               | "Aggregate" >> beam.ParDo(ComputeFeaturesFn(*self.args)).with_outputs(
+                   "examples", "snapshots", "stops", "dlq"))
+        state_uri, plan, cfg, kafka = self.args
+        if kafka is not None:  # late, duplicate and far-ahead events: a side output, never only a counter
+            _ = out.dlq | "DeadLetterDropped" >> WriteDeadLetters(kafka, plan.topic, kafka.dlq_topic)
+        return out
 
 
 def example_partitions(examples: pa.Table) -> Iterator[tuple[str, pa.Table]]:

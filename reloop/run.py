@@ -44,6 +44,7 @@ import pyarrow as pa
 from online_models.memory import SERVING_MEMORY
 from reloop.config import ReloopConfig
 from online_models.errors import ReloopError
+from jobs.ray_local import init_local
 
 
 class RunError(ReloopError, RuntimeError):
@@ -518,8 +519,7 @@ class LoopRun:
         if self.cfg.ray.address:
             ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
         else:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+            init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
         trainer = ray.remote(num_cpus=1, max_concurrency=2)(IncrementalTrainer).remote(self._trainer_config())
         trainer_run = trainer.run.remote()
         try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously

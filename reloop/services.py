@@ -8,7 +8,9 @@ Every call is idempotent: ``start`` on a running service returns at once,
 
 - Kafka 4 (KRaft, combined broker+controller) from the jars in ``infra/kafka/lib``
   (fetched from Maven Central by ``scripts/setup.sh``), on 127.0.0.1.
-- Redis from Debian's ``redis-server`` (the Feast production profile), on 127.0.0.1.
+- Redis from Debian's ``redis-server`` (the Feast production profile), on 127.0.0.1, with a generated
+  password in the state dir (``redis/password``; Feast reads it through ``feast.redis_password_env`` or,
+  for this local service, from that file) and FLUSHALL/FLUSHDB/CONFIG disabled.
 - A Ray head (``ray start --head --block``) with token authentication, for
   ``ray job submit``; the token lives in the state dir, never in the repo.
 
@@ -304,17 +306,49 @@ class Redis(Service):
         except (IndexError, OSError, ServiceError):
             return "?"
 
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "password"
+
+    @property
+    def conf_file(self) -> Path:
+        return self.dir / "redis.conf"
+
+    def prepare(self) -> None:
+        """A generated password in the state dir (0600), and a config file carrying it (not the command
+        line, which every local user can read in ``ps``); FLUSHALL/FLUSHDB/CONFIG are disabled."""
+        if not self.password_file.exists():
+            self.password_file.write_text(secrets.token_hex(24))
+            self.password_file.chmod(0o600)
+        pw = self.password()
+        self.conf_file.write_text(f"requirepass {pw}\nrename-command FLUSHALL \"\"\nrename-command FLUSHDB \"\"\n"
+                                  f"rename-command CONFIG \"\"\n")
+        self.conf_file.chmod(0o600)
+
+    def password(self) -> str:
+        try:
+            return self.password_file.read_text().strip()
+        except OSError:
+            return ""
+
+    def connection_string(self) -> str:
+        """For Feast's Redis online store: ``host:port,password=...``."""
+        pw = self.password()
+        return f"{REDIS_URL},password={pw}" if pw else REDIS_URL
+
     def command(self) -> list[str]:
-        return [self._bin(), "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+        return [self._bin(), str(self.conf_file), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--protected-mode", "yes"]
 
     def ready(self) -> bool:
         if not _port_open(REDIS_PORT):
             return False
         try:
             with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                s.sendall(f"AUTH {self.password()}\r\nPING\r\n".encode())
+                time.sleep(0.05)
+                return b"+PONG" in s.recv(256)
         except OSError:
             return False
 

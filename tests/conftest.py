@@ -38,4 +38,4 @@ def redis_url() -> str:
     from reloop import services
 
     services.get("redis").start()
-    return services.REDIS_URL
+    return services.get("redis").connection_string()

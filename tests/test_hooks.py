@@ -204,3 +204,101 @@ def test_dispatcher_from_config(tmp_path, monkeypatch):
     d = dispatcher_from_config(cfg, background=False)
     assert [h.name for h in d.hooks] == ["webhook:http://127.0.0.1:9/a", "python:json:dumps"]
     assert d.hooks[0].secret == SECRET.encode() and d.hooks[0].retries == 1
+
+
+# ------------------------------------------------------------------ issue 18: hostile or slow endpoints
+
+class _Endpoint:
+    """A real endpoint whose handler is ``handle(request_handler)``."""
+
+    def __init__(self, handle) -> None:
+        self.hits: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                n = int(self.headers.get("Content-Length", 0))
+                outer.hits.append({"method": "POST", "headers": dict(self.headers), "body": self.rfile.read(n)})
+                handle(self)
+
+            def do_GET(self):  # noqa: N802
+                outer.hits.append({"method": "GET", "headers": dict(self.headers), "body": b""})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_redirect_is_refused_and_the_signature_never_reaches_the_other_host(tmp_path):
+    other = _Endpoint(lambda h: (h.send_response(200), h.end_headers()))
+
+    def redirect(h):
+        h.send_response(302)
+        h.send_header("Location", other.url.replace("127.0.0.1", "localhost"))
+        h.end_headers()
+
+    first = _Endpoint(redirect)
+    try:
+        dl = DeadLetterLog(tmp_path / "dl.jsonl")
+        hook = WebhookHook(first.url, secret=SECRET.encode(), timeout_s=2, retries=2, sleep=lambda s: None)
+        (res,) = HookDispatcher([hook], dl).deliver({"id": "r1", "detector": "x"})
+        assert not res.ok and res.status == 302 and "redirect" in res.error and res.attempts == 1
+        assert other.hits == [] and len(first.hits) == 1
+        assert dl.read()[0]["payload"]["id"] == "r1"
+    finally:
+        first.close()
+        other.close()
+
+
+def test_a_trickling_endpoint_is_cut_at_the_deadline_and_does_not_starve_other_hooks(tmp_path):
+    def trickle(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        try:
+            for _ in range(1000):  # one byte every 0.5 s: every socket read succeeds within timeout_s=1
+                h.wfile.write(b"x")
+                h.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    slow = _Endpoint(trickle)
+    healthy = Receiver()
+    try:
+        dl = DeadLetterLog(tmp_path / "dl.jsonl")
+        slow_hook = WebhookHook(slow.url, secret=SECRET.encode(), timeout_s=1, retries=0)
+        t0 = time.monotonic()
+        res = slow_hook.deliver({"id": "s0"})
+        took = time.monotonic() - t0
+        assert not res.ok and took < 2.5, (res, took)  # was 32.5 s with per-read timeouts
+        d = HookDispatcher([slow_hook, WebhookHook(healthy.url, secret=SECRET.encode(), timeout_s=1)], dl,
+                           background=True)
+        for i in range(20):
+            d.deliver({"id": f"a{i}", "detector": "x"})
+        t0 = time.monotonic()
+        d.close(timeout_s=5)
+        assert time.monotonic() - t0 < 8
+        assert len(healthy.received) == 20  # the healthy hook got all 20
+        dead = {r["payload"]["id"] for r in dl.read() if r["hook"] == slow_hook.name}
+        # every alert the slow hook could not deliver is in the dead-letter log: none vanished
+        assert {f"a{i}" for i in range(20)} <= dead, dead
+    finally:
+        slow.close()
+        healthy.close()
+
+
+def test_a_webhook_without_a_secret_is_warned_about(caplog):
+    with caplog.at_level("WARNING"):
+        WebhookHook("http://127.0.0.1:9/x")
+    assert any("no secret" in r.getMessage() for r in caplog.records)

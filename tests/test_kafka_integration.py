@@ -80,7 +80,7 @@ def test_replay_sends_only_the_event_contract(kafka_config, unique_topic):
 
 
 def test_asking_about_a_missing_topic_never_creates_it(kafka_config, unique_topic):
-    """The local broker has auto.create.topics.enable=true: looking a topic up must not create it with the
+    """Even on a broker with auto.create.topics.enable=true, looking a topic up must not create it with the
     broker's default partition count before ensure_topics creates it as asked."""
     import time
 

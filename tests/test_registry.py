@@ -65,7 +65,7 @@ def _corrupt(reg: ModelRegistry, version: str, name: str, data: bytes | None) ->
     ("truncate", "bytes, manifest says"),
     ("flip", "does not match its sha256"),
     ("no-manifest", "partial"),
-    ("bad-json", "not valid JSON"),
+    ("bad-json", "manifest.json does not match the sha256"),
     ("no-weights", "model.safetensors is missing"),
 ])
 def test_corrupt_entries_are_refused_and_never_current(reg, damage, match):
@@ -100,6 +100,9 @@ def test_weights_that_are_not_safetensors_are_refused(reg):
     manifest["files"][WEIGHTS] = {"sha256": hashlib.sha256(fake).hexdigest(), "bytes": len(fake)}
     _corrupt(reg, v, WEIGHTS, fake)
     _corrupt(reg, v, MANIFEST, json.dumps(manifest).encode())
+    from jobs.registry import SEAL, manifest_seal
+
+    _corrupt(reg, v, SEAL, manifest_seal(json.dumps(manifest).encode(), None))  # a consistent forgery
     with pytest.raises(CorruptEntryError, match="not valid safetensors"):
         reg.promote(v)
 
@@ -147,3 +150,47 @@ def test_prune_keeps_newest_and_current_and_previous(reg):
     assert prune(reg, keep=2) == ["v000003", "v000004"]
     assert reg.versions() == ["v000001", "v000002", "v000005", "v000006"]
     assert _publish(reg).version == "v000007"  # numbers are never reused
+
+
+# ------------------------------------------------------------------ issue 18: the manifest is covered
+
+@pytest.mark.parametrize("edit", ["metrics", "feature_service", "encoder means"])
+def test_an_edited_manifest_is_refused(reg, edit):
+    v = _publish(reg).version
+    path = reg._p("versions", v, MANIFEST)
+    m = json.loads(reg._read(path))
+    if edit == "metrics":
+        m["metrics"] = {"auc": 0.99}
+    elif edit == "feature_service":
+        m["feature_service"] = "attacker_fs"
+    else:
+        m.setdefault("extra", {})["encoder"] = {"means": {"user_ctr_7d": 1e6}}
+    reg._write(path, json.dumps(m, indent=2, sort_keys=True).encode())
+    with pytest.raises(CorruptEntryError, match="does not match the sha256"):
+        reg.promote(v)
+    with pytest.raises(CorruptEntryError):
+        reg.load(v)
+
+
+def test_hmac_seal_with_a_key_from_the_environment(reg, monkeypatch):
+    from jobs.registry import HMAC_KEY_ENV, SEAL, manifest_seal
+
+    monkeypatch.setenv(HMAC_KEY_ENV, "k3y")
+    v = _publish(reg).version
+    reg.promote(v)
+    assert reg.load(v)[0].version == v
+    # a forger who edits the manifest and recomputes its sha256 has no key
+    path = reg._p("versions", v, MANIFEST)
+    m = json.loads(reg._read(path))
+    m["metrics"] = {"auc": 0.99}
+    forged = json.dumps(m).encode()
+    reg._write(path, forged)
+    reg._write(reg._p("versions", v, SEAL), manifest_seal(forged, None))
+    with pytest.raises(CorruptEntryError, match="no HMAC"):
+        reg.load(v)
+    reg._write(reg._p("versions", v, SEAL), manifest_seal(forged, b"wrong-key"))
+    with pytest.raises(CorruptEntryError, match="does not verify"):
+        reg.load(v)
+    monkeypatch.delenv(HMAC_KEY_ENV)
+    with pytest.raises(CorruptEntryError, match="HMAC-signed"):
+        reg.load(v)

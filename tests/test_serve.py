@@ -52,11 +52,11 @@ def _free_port() -> int:
 class Server:
     """uvicorn in a thread on a free loopback port."""
 
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, scorer: Scorer, token: str | None = None, guard=None) -> None:
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(asgi_app(scorer), host="127.0.0.1", port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(asgi_app(scorer, token, guard), host="127.0.0.1", port=self.port,
                                                     log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -80,8 +80,11 @@ def _scorer(world, **kw) -> Scorer:
 
 @pytest.fixture
 def server(world):
+    from jobs.feedback import FeedbackGuard, GuardConfig
+
     scorer = _scorer(world)
-    srv = Server(scorer)
+    # these tests teach the memory on purpose: caps far above the production defaults
+    srv = Server(scorer, guard=FeedbackGuard(GuardConfig(max_per_pair=10_000, max_per_user=10_000)))
     yield srv, scorer
     srv.stop()
     scorer.close()
@@ -92,7 +95,7 @@ def test_binds_loopback_and_scores(server):
     r = requests.post(f"{srv.url}/score", json={"user_id": "196", "item_id": "242"}, timeout=10)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert set(out) == {"request_id", "probability", "base_probability", "model_version"}
+    assert set(out) == {"request_id", "impression_id", "probability", "base_probability", "model_version"}
     assert 0 < out["base_probability"] < 1 and out["model_version"] == scorer.bundle.version
     # unknown ids are scored (hashed buckets, missing features), not refused
     r = requests.post(f"{srv.url}/score", json={"user_id": "never-seen", "item_id": "nor-this", "context": {"d": 1}})
@@ -104,16 +107,26 @@ def test_binds_loopback_and_scores(server):
 @pytest.mark.parametrize("path,body,status,needle", [
     ("/score", b"{not json", 400, "not valid JSON"),
     ("/score", b"[1, 2]", 422, "JSON object"),
-    ("/score", b'{"user_id": "1"}', 422, "item_id: Field required"),
+    ("/score", b'{"user_id": "1"}', 422, "either item_id"),
     ("/score", b'{"user_id": "1", "item_id": "2", "colour": "red"}', 422, "colour: unknown field"),
     ("/score", b'{"user_id": 1, "item_id": "2"}', 422, "user_id"),
     ("/score", b'{"user_id": "", "item_id": "2"}', 422, "user_id"),
     ("/score", b'{"user_id": "1", "item_id": "2", "context": {"x": [1]}}', 422, "context.x"),
     ("/feedback", b'{"request_id": "nope", "label": 1}', 404, "unknown request_id"),
+    ("/feedback", b'{"impression_id": "nope", "label": 1}', 404, "unknown impression"),
     ("/feedback", b'{"request_id": "x", "label": 3}', 422, "label"),
-    ("/feedback", b'{"label": 1}', 422, "request_id"),
-    ("/feedback", b'{"request_id": "x", "label": 1, "event": {"user_id": "1", "item_id": "2", "label": 1}}', 422,
-     "not both"),
+    ("/feedback", b'{"label": 1}', 422, "impression_id"),
+    ("/feedback", b'{"event": {"user_id": "1", "item_id": "2", "label": 1}}', 422, "issued by /score"),
+    # issue 18's HTTP 500s, now 4xx: a 60 KB nested body, an int beyond int64, a string in a numeric feature
+    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}", 400,
+     "too deeply nested"),
+    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"n": 1000000000000000000000000000000}}', 422, "int64"),
+    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": "high"}}', 422, "pipeline column"),
+    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": 0.99}}', 422, "pipeline column"),
+    ("/score", b'{"user_id": "1", "item_id": "2", "candidates": ["3"]}', 422, "not both"),
+    ("/score", b'{"user_id": "1", "candidates": [' + b",".join(b'"%d"' % i for i in range(1001)) + b"]}", 422,
+     "candidates"),
+    ("/score", b'{"user_id": "1", "candidates": []}', 422, "candidates"),
     ("/nowhere", b"{}", 404, "no route"),
     ("/score", b'{"user_id": "' + b"x" * 70_000 + b'"}', 413, "over the limit"),
 ])
@@ -154,17 +167,19 @@ def test_feedback_moves_compensated_score_but_not_base(server):
             rid = score(*p)["request_id"]
             r = requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 1}, timeout=10)
             assert r.status_code == 200, r.text
-    # an event-style outcome (not scored here) is accepted too
+    # an event-style outcome (not scored here) is refused: outcomes must name an issued impression
     r = requests.post(f"{srv.url}/feedback", json={"event": {"user_id": "13", "item_id": "100", "label": 1}})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 422, r.text
     after = {p: score(*p) for p in pairs}
     for p in pairs:
         assert after[p]["base_probability"] == pytest.approx(before[p]["base_probability"], abs=1e-6)
         assert after[p]["probability"] > before[p]["probability"] + 0.05, (before[p], after[p])
     # a request id is answered once
     rid = score(*pairs[0])["request_id"]
-    assert requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 0}).status_code == 200
-    assert requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 0}).status_code == 404
+    assert requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 0}).json()["written"] is True
+    again = requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 0})  # idempotent by id
+    assert again.status_code == 200 and again.json() == {"written": False, "duplicate": True}
+    assert requests.post(f"{srv.url}/feedback", json={"request_id": rid, "label": 1}).status_code == 409
 
 
 def test_without_memory_feedback_changes_nothing(world):
@@ -287,3 +302,140 @@ def test_memory_key_kind_sets_the_memory_width_and_bad_kinds_are_refused(world):
     assert keyed.memory.config.dim == memory_key_dim(keyed.model, "hidden+user") > plain.model.hidden_dim
     with pytest.raises(ValueError, match="memory key"):
         load_bundle(reg, version, {"key": "user"})
+
+
+# ------------------------------------------------------------------ issue 18: hostile clients
+
+def _guarded(world, **guard):
+    from jobs.feedback import FeedbackGuard, GuardConfig
+
+    alerts: list[dict] = []
+    scorer = _scorer(world)
+    g = FeedbackGuard(GuardConfig(**guard), alert=alerts.append)
+    return scorer, g, alerts
+
+
+def test_a_slate_is_one_batched_pass_ranked_with_one_impression_per_candidate(world):
+    scorer, g, _ = _guarded(world)
+    srv = Server(scorer, guard=g)
+    try:
+        items = [str(i) for i in range(1, 1001)]
+        r = requests.post(f"{srv.url}/score", json={"user_id": "13", "candidates": items}, timeout=60)
+        assert r.status_code == 200, r.text
+        ranking = r.json()["ranking"]
+        assert len(ranking) == 1000 and {x["item_id"] for x in ranking} == set(items)
+        probs = [x["probability"] for x in ranking]
+        assert probs == sorted(probs, reverse=True)
+        assert len({x["impression_id"] for x in ranking}) == 1000
+        one = requests.post(f"{srv.url}/score", json={"user_id": "13", "item_id": "100"}).json()
+        in_slate = next(x for x in ranking if x["item_id"] == "100")
+        assert in_slate["base_probability"] == pytest.approx(one["base_probability"], abs=1e-5)
+        iid = ranking[0]["impression_id"]
+        assert requests.post(f"{srv.url}/feedback", json={"impression_id": iid, "label": 1}).json()["written"]
+        assert requests.post(f"{srv.url}/feedback", json={"impression_id": iid, "label": 1}).json()["duplicate"]
+        assert requests.post(f"{srv.url}/feedback", json={"impression_id": iid, "label": 0}).status_code == 409
+        forged = iid.rsplit(".", 1)[0] + ".5000"
+        assert requests.post(f"{srv.url}/feedback", json={"impression_id": forged, "label": 0}).status_code == 404
+    finally:
+        srv.stop()
+        scorer.close()
+
+
+def test_context_never_overrides_an_online_feature(world):
+    scorer, g, _ = _guarded(world)
+    srv = Server(scorer, guard=g)
+    try:
+        base = requests.post(f"{srv.url}/score", json={"user_id": "13", "item_id": "100"}).json()
+        for name in ("user_ctr_7d", "item_ctr_all", "user_imp_all"):
+            r = requests.post(f"{srv.url}/score", json={"user_id": "13", "item_id": "100", "context": {name: 0.99}})
+            assert r.status_code == 422, r.text
+        # and inside the scorer the lookup wins even over a context column it was never told about
+        from jobs.serve import score_slate
+
+        _, rows = score_slate(scorer, g, "13", ["100"], {"hour": 3})
+        assert rows[0]["base_probability"] == pytest.approx(base["base_probability"], abs=0.2)
+    finally:
+        srv.stop()
+        scorer.close()
+
+
+def test_feedback_flood_from_one_client_is_capped_alerted_and_kept_out_of_the_rebuild_buffer(world):
+    """Issue 18's probe: 5,000 fake label-0 outcomes for one (user, item) from one client. With the default
+    caps (2 per pair per 60 s) the memory takes 2 of them: the bound is lam * 2 / (2 + shrinkage) = .10."""
+    from online_models.memory import SERVING_MEMORY
+
+    scorer, g, alerts = _guarded(world)
+    srv = Server(scorer, guard=g)
+    try:
+        s = requests.Session()
+
+        def score(u, i):
+            return s.post(f"{srv.url}/score", json={"user_id": u, "item_id": i}).json()
+
+        others = [("13", i) for i in ("181", "258", "50", "1")] + [("7", "50"), ("196", "242"), ("1", "1"),
+                                                                  ("42", "100")]
+        before = {p: score(*p)["probability"] for p in [("13", "100")] + others}
+        outcomes_before = scorer.health()["outcomes_buffered"]
+        codes: dict[int, int] = {}
+        slate = [str(100)] * 1000  # 5 slates of the same item: 5,000 issued impressions of one pair
+        for _ in range(5):
+            ranking = s.post(f"{srv.url}/score", json={"user_id": "13", "candidates": slate}).json()["ranking"]
+            for x in ranking:
+                c = s.post(f"{srv.url}/feedback", json={"impression_id": x["impression_id"], "label": 0}).status_code
+                codes[c] = codes.get(c, 0) + 1
+        after = {p: score(*p)["probability"] for p in before}
+        bound = SERVING_MEMORY["lam"] * 2 / (2 + SERVING_MEMORY["shrinkage"])
+        assert codes == {200: 2, 429: 4998}
+        assert abs(after[("13", "100")] - before[("13", "100")]) <= bound + 1e-6
+        assert all(abs(after[p] - before[p]) <= bound + 1e-6 for p in others)
+        assert scorer.health()["outcomes_buffered"] - outcomes_before == 2  # only accepted outcomes
+        assert len(alerts) == 1 and alerts[0]["kind"] == "feedback_lockstep" and alerts[0]["item_id"] == "100"
+        print(f"\nflood: pair {before[('13', '100')]:.3f} -> {after[('13', '100')]:.3f} (bound {bound:.3f}); "
+              f"max other move {max(abs(after[p] - before[p]) for p in others):.3f}")
+    finally:
+        srv.stop()
+        scorer.close()
+
+
+def test_the_body_limit_is_enforced_while_reading(world):
+    import resource
+
+    scorer, g, _ = _guarded(world)
+    srv = Server(scorer, guard=g)
+    try:
+        def trickle():  # 200 MB, chunked (no Content-Length to trust)
+            chunk = b'{"user_id": "' + b"x" * (1 << 20)
+            for _ in range(200):
+                yield chunk
+
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            r = requests.post(f"{srv.url}/score", data=trickle(), timeout=60)
+            assert r.status_code == 413
+        except requests.ConnectionError:
+            pass  # the server answered 413 and closed while the client was still sending
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        assert grown_mb < 50, grown_mb
+        assert requests.post(f"{srv.url}/score", json={"user_id": "1", "item_id": "2"}).status_code == 200
+    finally:
+        srv.stop()
+        scorer.close()
+
+
+def test_bearer_token_is_required_when_set_and_off_loopback(world, monkeypatch):
+    from jobs.serve import main
+
+    scorer, g, _ = _guarded(world)
+    srv = Server(scorer, token="s3cret", guard=g)
+    try:
+        body = {"user_id": "1", "item_id": "2"}
+        assert requests.post(f"{srv.url}/score", json=body).status_code == 401
+        assert requests.post(f"{srv.url}/score", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert requests.post(f"{srv.url}/score", json=body,
+                             headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert requests.get(f"{srv.url}/health").status_code == 200
+    finally:
+        srv.stop()
+        scorer.close()
+    monkeypatch.delenv("RELOOP_SERVE_TOKEN", raising=False)
+    assert main(["--host", "0.0.0.0", "--registry", "/nonexistent"]) == 2
