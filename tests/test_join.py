@@ -176,5 +176,6 @@ def test_with_immediate_feedback_the_features_are_v1s():
                         JoinConfig(HOUR))
     v1, _, _ = compute_features(t, FeatureState.empty())
     v1 = v1.to_pandas().set_index("event_id").loc[ex.impression_id].reset_index(drop=True)
+    v1["user_last_items"] = [list(x) for x in v1["user_last_items"]]
     names = USER_FEATURES + ["user_last_items"] + ITEM_FEATURES
     assert_features_equal(ex[names].reset_index(drop=True), v1[names], "v2 join vs v1")
