@@ -342,3 +342,113 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
                           (pending.slice(0, 0) if pending is not None else None), closed_all, partition_ts,
                           {k: state.counts.get(k, 0) + v for k, v in stats.items()})
     return JoinResult(examples, dlq, new_state, stats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parsing the two topics into the join's tables (record by record through the contract's parsers)
+
+IMPRESSION_CORE = pa.schema([("impression_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
+                             ("item_id", pa.string()), ("request_id", pa.string()), ("position", pa.int64()),
+                             ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())])
+
+
+def _pylists(values, keys) -> tuple[list, list]:
+    values = values.to_pylist() if isinstance(values, (pa.Array, pa.ChunkedArray)) else list(values)
+    if keys is None:
+        return values, [None] * len(values)
+    return values, keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else list(keys)
+
+
+def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int | None = None
+                      ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """``(impressions, immediate feedback of v1 events, rejections)`` of one batch of one partition.
+
+    v1 labelled records are accepted (:func:`reloop.events.parse_impression_or_v1`); their clicks come back
+    as feedback rows on the same partition and offset (so the join's ordering stays deterministic).
+    """
+    from pipelines.parse import REJECT_SCHEMA, _context_columns
+    from reloop.events import Rejection, parse_impression_or_v1
+
+    values, keys = _pylists(values, keys)
+    cols: dict[str, list] = {n: [] for n in IMPRESSION_CORE.names}
+    contexts: list[dict] = []
+    fcols: dict[str, list] = {n: [] for n in FEEDBACK_SCHEMA.names}
+    bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+    for off, key, raw in zip(offsets, keys, values):
+        got = parse_impression_or_v1(raw, now_ms=now_ms) if raw is not None else None
+        if got is None or isinstance(got, Rejection):
+            bad["kafka_offset"].append(int(off))
+            bad["reason"].append(got.reason if got is not None else "empty record (null value)")
+            bad["key"].append(key)
+            bad["value"].append(raw if raw is not None else b"")
+            continue
+        imp, fb = got
+        for n, v in (("impression_id", imp.impression_id), ("ts", imp.ts), ("user_id", imp.user_id),
+                     ("item_id", imp.item_id), ("request_id", imp.request_id), ("position", imp.position),
+                     ("kafka_partition", partition), ("kafka_offset", int(off))):
+            cols[n].append(v)
+        contexts.append(imp.context)
+        if fb is not None:
+            for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
+                         ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
+                fcols[n].append(v)
+    imps = pa.table({n: pa.array(cols[n], IMPRESSION_CORE.field(n).type) for n in IMPRESSION_CORE.names})
+    if any(contexts):
+        for name, arr in _context_columns(contexts).items():
+            imps = imps.append_column(name, arr)
+    fbt = pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
+    rejects = pa.table({"kafka_partition": pa.array([partition] * len(bad["reason"]), pa.int32()),
+                        "kafka_offset": pa.array(bad["kafka_offset"], pa.int64()),
+                        "reason": pa.array(bad["reason"], pa.string()), "key": pa.array(bad["key"], pa.binary()),
+                        "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
+    return imps, fbt, rejects
+
+
+def parse_feedback_records(values, *, partition: int, offsets, keys=None, now_ms: int | None = None,
+                           kinds: tuple[str, ...] | None = None) -> tuple[pa.Table, pa.Table]:
+    """``(feedback rows, rejections)`` of one batch of one feedback partition (``partition`` as given:
+    the caller numbers feedback partitions from :data:`FEEDBACK_PARTITION_BASE` for the join)."""
+    from pipelines.parse import REJECT_SCHEMA
+    from reloop.events import FEEDBACK_KINDS, Rejection, parse_feedback
+
+    values, keys = _pylists(values, keys)
+    fcols: dict[str, list] = {n: [] for n in FEEDBACK_SCHEMA.names}
+    bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+    for off, key, raw in zip(offsets, keys, values):
+        fb = parse_feedback(raw, now_ms=now_ms, kinds=kinds or FEEDBACK_KINDS) if raw is not None else None
+        if fb is None or isinstance(fb, Rejection):
+            bad["kafka_offset"].append(int(off))
+            bad["reason"].append(fb.reason if fb is not None else "empty record (null value)")
+            bad["key"].append(key)
+            bad["value"].append(raw if raw is not None else b"")
+            continue
+        for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
+                     ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
+            fcols[n].append(v)
+    fbt = pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
+    rejects = pa.table({"kafka_partition": pa.array([partition] * len(bad["reason"]), pa.int32()),
+                        "kafka_offset": pa.array(bad["kafka_offset"], pa.int64()),
+                        "reason": pa.array(bad["reason"], pa.string()), "key": pa.array(bad["key"], pa.binary()),
+                        "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
+    return fbt, rejects
+
+
+def join_snapshot(state: JoinState, cfg: AggregateConfig, users: list[str], items: list[str]
+                  ) -> tuple[pa.Table, pa.Table]:
+    """Online features of ``users`` and ``items`` as of just after the newest impression, with the
+    join's definition of positives (clicks arrived by then): what an impression then would see."""
+    from pipelines.aggregates import snapshot
+
+    as_of = state.imp.watermark + 1
+    u, i = snapshot(state.imp, as_of, cfg, users=users, items=items)
+    cu, ci = snapshot(state.clk, as_of, cfg, users=users, items=items)
+    m, smooth = cfg.prior_weight, cfg.prior_weight * cfg.prior_ctr
+    out = []
+    for entity, t, c in (("user", u, cu), ("item", i, ci)):
+        for w in [n for n, _ in cfg.windows_ms] + ["all"]:
+            pos = c[f"{entity}_imp_{w}"].to_numpy()
+            t = t.set_column(t.column_names.index(f"{entity}_pos_{w}"), f"{entity}_pos_{w}", pa.array(pos))
+            t = t.set_column(t.column_names.index(f"{entity}_ctr_{w}"), f"{entity}_ctr_{w}",
+                             pa.array((pos + smooth) / (t[f"{entity}_imp_{w}"].to_numpy() + m)))
+        out.append(t)
+    return out[0], out[1]

@@ -273,6 +273,9 @@ def _decode_object(raw: bytes | str | None) -> dict | Rejection:
         return Rejection("empty record", b"")
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return Rejection(f"not bytes: {type(raw).__name__}", b"")
+    raw = bytes(raw)
     if len(raw) > MAX_PAYLOAD_BYTES:
         return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
     try:
@@ -306,9 +309,9 @@ def _ts(v: Any, raw: bytes, now_ms: int | None) -> int | Rejection:
 
 
 def _raw_bytes(raw: bytes | str | None) -> bytes:
-    if raw is None:
+    if raw is None or not isinstance(raw, (bytes, bytearray, memoryview, str)):
         return b""
-    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
 
 
 def _utf8_ok(*strings: str | None) -> bool:
