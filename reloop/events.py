@@ -266,8 +266,8 @@ class Feedback:
 def _decode_object(raw: bytes | str | None) -> dict | Rejection:
     """Bytes -> a JSON object, or the rejection (size, JSON, top-level type) parse_event gives too.
 
-    Kept identical to the decoding steps of :func:`parse_event`; when that function's decoding moves into
-    a shared helper, this one should call it.
+    JSON itself goes through the module's shared decoder ``decode_json`` (strict UTF-8, a nesting bound)
+    when this module has one, so every wire contract decodes alike; ``json.loads`` otherwise.
     """
     if raw is None:
         return Rejection("empty record", b"")
@@ -278,13 +278,33 @@ def _decode_object(raw: bytes | str | None) -> dict | Rejection:
     raw = bytes(raw)
     if len(raw) > MAX_PAYLOAD_BYTES:
         return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
-    try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        return Rejection(f"malformed JSON: {e}", raw)
+    shared = globals().get("decode_json")
+    if shared is not None:
+        d, why = shared(raw)
+        if why:
+            return Rejection(why, raw)
+    else:
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return Rejection(f"malformed JSON: {e}", raw)
     if not isinstance(d, dict):
         return Rejection(f"not a JSON object: {type(d).__name__}", raw)
     return d
+
+
+def _never_raises(parse):
+    """Last resort of a parser of the wire: an unexpected error is a rejection, never an exception."""
+    import functools
+
+    @functools.wraps(parse)
+    def wrapper(raw, **kw):
+        try:
+            return parse(raw, **kw)
+        except Exception as e:  # noqa: BLE001  (one record never stops the stream)
+            return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", _raw_bytes(raw))
+
+    return wrapper
 
 
 def _fields(d: dict, raw: bytes, required: tuple[str, ...], known: tuple[str, ...]) -> Rejection | None:
@@ -325,6 +345,7 @@ def _utf8_ok(*strings: str | None) -> bool:
     return True
 
 
+@_never_raises
 def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> Impression | Rejection:
     """Validate one ``impression`` record (contract v2, :data:`IMPRESSION_SCHEMA_V2`); never raises.
 
@@ -365,6 +386,7 @@ def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> I
                       context)
 
 
+@_never_raises
 def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
                    kinds: tuple[str, ...] = FEEDBACK_KINDS) -> Feedback | Rejection:
     """Validate one ``feedback`` record (contract v2, :data:`FEEDBACK_SCHEMA_V2`); never raises.
@@ -411,6 +433,7 @@ def split_v1(event: Event) -> tuple[Impression, Feedback | None]:
     return imp, (Feedback(event.event_id, event.ts, "click") if event.label == 1 else None)
 
 
+@_never_raises
 def parse_impression_or_v1(raw: bytes | str | None, *, now_ms: int | None = None
                            ) -> tuple[Impression, Feedback | None] | Rejection:
     """What the impressions topic accepts: a v2 impression, or a v1 labelled event (impression + feedback).
