@@ -51,7 +51,7 @@ from online_models.cbpe import CBPEMonitor, PlattCalibrator, expected_auc, expec
 from online_models.delayed import fnc_calibrate, learn_weighted
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner
-from online_models.memory import ErrorCompensationMemory, MemoryConfig
+from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, MemoryConfig
 from online_models.metrics import auc, logloss
 from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
 
@@ -72,9 +72,9 @@ class DelayedEvalConfig:
     lr: float = 0.1
     optimizer: str = "adagrad"
     hash_buckets: int = 20_011
-    memory_key: str = "hidden+user"
-    memory: MemoryConfig = MemoryConfig(dim=1, num_tables=8, bits=10, tau=float("inf"), gamma=1.0, lam=0.6,
-                                        decay=0.999, shrinkage=10.0, eps=0.02)
+    # the memory settings `reloop evaluate` validated for serving (its validation slot, no delay): not tuned here
+    memory_key: str = SERVING_MEMORY["key"]
+    memory: MemoryConfig = MemoryConfig(dim=1, **{k: v for k, v in SERVING_MEMORY.items() if k != "key"})
     chunk: int = 2000
     calibration_window: int = 5000
     reference_chunks: int = 5
