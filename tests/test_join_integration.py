@@ -168,3 +168,22 @@ def test_bad_impressions_and_feedback_go_to_the_dlq_with_reasons(tmp_path, kafka
                for r in recs if r.value in bad_fb)
     state = final_state(cfg)
     assert state.counts["orphan_feedback"] == 1 and state.counts["impressions_accepted"] == 3000
+
+
+def test_paced_delayed_replay_and_the_cli(tmp_path, kafka_config, unique_topic, ml100k):
+    """Paced, both streams go side by side on one clock; the CLI refuses a bad --label-delay clearly."""
+    from typer.testing import CliRunner
+
+    from reloop.cli import app
+    from reloop.kafka_io import end_offsets
+    from reloop.replay import replay_delayed
+
+    cfg = v2_config(tmp_path, kafka_config, unique_topic)
+    small = ml100k.slice(0, 300)
+    span_s = (small["ts"][299].as_py() - small["ts"][0].as_py()) / 1000
+    stats = replay_delayed(small, cfg.kafka, "exp:1m", speed=span_s / 2.0)  # ~2 s of wall time
+    assert stats.impressions.events == 300 and stats.feedback.events == int(small["label"].to_numpy().sum())
+    assert sum(end_offsets(cfg.kafka, cfg.kafka.impressions_topic).values()) == 300
+    assert sum(end_offsets(cfg.kafka, cfg.kafka.feedback_topic).values()) == stats.feedback.events
+    res = CliRunner().invoke(app, ["replay", "--limit", "10", "--label-delay", "gauss:5m"])
+    assert res.exit_code != 0 and "unknown delay distribution" in res.output
