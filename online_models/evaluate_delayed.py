@@ -78,6 +78,7 @@ class DelayedEvalConfig:
     chunk: int = 2000
     calibration_window: int = 5000
     reference_chunks: int = 5
+    variants: tuple[str, ...] = VARIANTS
 
 
 def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
@@ -186,23 +187,36 @@ def cbpe_chunks(cfg: DelayedEvalConfig, p: np.ndarray, ts: np.ndarray, label: np
     """Label-free estimate per chunk of the test impressions vs the realised metric (see the docstring)."""
     rows = []
     by_label_time = np.argsort(label_ts, kind="stable")
+    sorted_lts = label_ts[by_label_time]
     for lo in range(start, len(ts) - cfg.chunk + 1, cfg.chunk):
         hi = lo + cfg.chunk
-        now = ts[hi - 1]
-        known = by_label_time[: int(np.searchsorted(label_ts[by_label_time], now, side="right"))]
-        known = known[-cfg.calibration_window:]
+        # calibrated on the labels known before the chunk's first impression: none of the chunk's own
+        known = by_label_time[: int(np.searchsorted(sorted_lts, ts[lo], side="left"))][-cfg.calibration_window:]
         cal = PlattCalibrator().fit(p[known], label[known])
         q = cal(p[lo:hi])
-        pending = float(np.mean(label_ts[lo:hi] > now))
-        rows.append({"lo": lo, "hi": hi, "pending_share": pending,
-                     "expected_auc": expected_auc(q, p[lo:hi]), "realised_auc": auc(label[lo:hi], p[lo:hi]),
-                     "expected_logloss": expected_logloss(q), "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
-                     "uncalibrated_expected_logloss": expected_logloss(p[lo:hi])})
+        now = ts[hi - 1]
+        open_ = label_ts[lo:hi] > now  # still pending when the chunk's last impression is served
+        row = {"lo": lo, "hi": hi, "pending_share": float(open_.mean()),
+               "expected_auc": expected_auc(q, p[lo:hi]), "realised_auc": auc(label[lo:hi], p[lo:hi]),
+               "expected_logloss": expected_logloss(q), "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
+               "uncalibrated_expected_logloss": expected_logloss(p[lo:hi])}
+        if open_.sum() >= 50:  # the impressions whose window was still open: their estimate vs their outcome
+            row.update(pending_n=int(open_.sum()), pending_expected_logloss=expected_logloss(q[open_]),
+                       pending_realised_logloss=logloss(label[lo:hi][open_], p[lo:hi][open_]),
+                       pending_expected_auc=expected_auc(q[open_], p[lo:hi][open_]),
+                       pending_realised_auc=auc(label[lo:hi][open_], p[lo:hi][open_]))
+        rows.append(row)
     mon = CBPEMonitor().fit([r["expected_auc"] for r in rows[:cfg.reference_chunks]])
     alarms = [i for i, r in enumerate(rows[cfg.reference_chunks:], cfg.reference_chunks) if mon.update(r["expected_auc"])]
     gap = lambda k: float(np.nanmean([abs(r[f"expected_{k}"] - r[f"realised_{k}"]) for r in rows]))  # noqa: E731
+    pend = [r for r in rows if "pending_n" in r]
+    pgap = lambda k: float(np.nanmean([abs(r[f"pending_expected_{k}"] - r[f"pending_realised_{k}"])  # noqa: E731
+                                       for r in pend])) if pend else None
     return {"chunks": rows, "mae_auc": gap("auc"), "mae_logloss": gap("logloss"), "monitor_alarms": alarms,
-            "monitor_band": mon.band}
+            "monitor_band": mon.band, "pending_chunks": len(pend), "pending_mae_auc": pgap("auc"),
+            "pending_mae_logloss": pgap("logloss"),
+            "uncalibrated_mae_logloss": float(np.mean([abs(r["uncalibrated_expected_logloss"] - r["realised_logloss"])
+                                                       for r in rows]))}
 
 
 def run(cfg: DelayedEvalConfig) -> dict[str, Any]:
@@ -215,7 +229,7 @@ def run(cfg: DelayedEvalConfig) -> dict[str, Any]:
         burn = int(n * cfg.burn_in)
         assert nodelay["impression_id"].to_pylist() == delayed["impression_id"].to_pylist()
         out: dict[str, Any] = {"config": {**asdict(cfg), "memory": asdict(cfg.memory)}, "variants": {}}
-        for name in VARIANTS:
+        for name in cfg.variants:
             mode = name.split("+")[0]
             ex = nodelay if mode == "no-delay" else delayed
             enc = FeatureEncoder(EncoderConfig(numeric_fields=NUMERIC, hash_buckets=cfg.hash_buckets)).fit(
@@ -247,7 +261,10 @@ def table(result: dict[str, Any]) -> str:
     c = result.get("cbpe")
     if c:
         lines += ["", f"CBPE on `wait` ({len(c['chunks'])} chunks): mean |expected - realised| AUC "
-                      f"{c['mae_auc']:.4f}, logloss {c['mae_logloss']:.4f}; monitor alarms at chunks {c['monitor_alarms']}"]
+                      f"{c['mae_auc']:.4f}, logloss {c['mae_logloss']:.4f} (uncalibrated logloss "
+                      f"{c['uncalibrated_mae_logloss']:.4f}); pending-only ({c['pending_chunks']} chunks with >= 50 open "
+                      f"windows): AUC {c['pending_mae_auc']}, logloss {c['pending_mae_logloss']}; monitor alarms at "
+                      f"chunks {c['monitor_alarms']}"]
     return "\n".join(lines)
 
 
@@ -261,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--chunk", type=int, default=2000, help="impressions per CBPE chunk")
     ap.add_argument("--out", default="results/delayed")
     a = ap.parse_args(argv)
     cfg = DelayedEvalConfig(dataset=a.dataset, label_delay=a.label_delay,
                             window_ms=parse_duration_ms(a.attribution_window), seed=a.seed, limit=a.limit,
-                            batch_size=a.batch_size)
+                            batch_size=a.batch_size, variants=tuple(v for v in a.variants.split(",") if v),
+                            chunk=a.chunk)
     result = run(cfg)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
