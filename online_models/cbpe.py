@@ -134,3 +134,55 @@ class CBPEMonitor:
         if alarm:
             self.alarms.append(self._n - 1)
         return bool(alarm)
+
+
+def estimate_over_time(p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, *, start: int = 0,
+                       chunk: int = 2000, calibration_window: int = 5000, reference_chunks: int = 5,
+                       min_pending: int = 50) -> dict:
+    """The label-free estimate against the realised metric, chunk by chunk of a served stream.
+
+    ``p``: the served predictions at impression time, ``ts`` impression times (sorted), ``label`` the
+    outcomes and ``label_ts`` when each became known. For each chunk of ``chunk`` impressions from
+    ``start``: a Platt calibrator fitted on the latest ``calibration_window`` outcomes known before the
+    chunk's first impression (none of the chunk's own), the expected AUC / logloss of the chunk, and the
+    realised ones once its labels are in; also over just the impressions still pending when the chunk's
+    last one is served (when at least ``min_pending``). A :class:`CBPEMonitor` on the expected AUC, its band
+    from the first ``reference_chunks`` chunks. Returns the rows, the mean absolute gaps and the alarms.
+    This is what a report plots as "estimate vs realised over time".
+    """
+    from online_models.metrics import auc, logloss
+
+    p, ts, label, label_ts = (np.asarray(x) for x in (p, ts, label, label_ts))
+    rows = []
+    by_label_time = np.argsort(label_ts, kind="stable")
+    sorted_lts = label_ts[by_label_time]
+    for lo in range(start, len(ts) - chunk + 1, chunk):
+        hi = lo + chunk
+        known = by_label_time[: int(np.searchsorted(sorted_lts, ts[lo], side="left"))][-calibration_window:]
+        cal = PlattCalibrator().fit(p[known], label[known])
+        q = cal(p[lo:hi])
+        open_ = label_ts[lo:hi] > ts[hi - 1]
+        row = {"lo": lo, "hi": hi, "ts": int(ts[hi - 1]), "pending_share": float(open_.mean()),
+               "expected_auc": expected_auc(q, p[lo:hi]), "realised_auc": auc(label[lo:hi], p[lo:hi]),
+               "expected_logloss": expected_logloss(q), "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
+               "uncalibrated_expected_logloss": expected_logloss(p[lo:hi])}
+        if open_.sum() >= min_pending:
+            row.update(pending_n=int(open_.sum()), pending_expected_logloss=expected_logloss(q[open_]),
+                       pending_realised_logloss=logloss(label[lo:hi][open_], p[lo:hi][open_]),
+                       pending_expected_auc=expected_auc(q[open_], p[lo:hi][open_]),
+                       pending_realised_auc=auc(label[lo:hi][open_], p[lo:hi][open_]))
+        rows.append(row)
+    mon = CBPEMonitor().fit([r["expected_auc"] for r in rows[:reference_chunks]])
+    alarms = [i for i, r in enumerate(rows[reference_chunks:], reference_chunks) if mon.update(r["expected_auc"])]
+
+    def gap(rs: list[dict], e: str, r: str) -> float | None:
+        vals = [abs(x[e] - x[r]) for x in rs if np.isfinite(x[e]) and np.isfinite(x[r])]
+        return float(np.mean(vals)) if vals else None
+
+    pend = [r for r in rows if "pending_n" in r]
+    return {"chunks": rows, "mae_auc": gap(rows, "expected_auc", "realised_auc"),
+            "mae_logloss": gap(rows, "expected_logloss", "realised_logloss"),
+            "uncalibrated_mae_logloss": gap(rows, "uncalibrated_expected_logloss", "realised_logloss"),
+            "pending_chunks": len(pend), "pending_mae_auc": gap(pend, "pending_expected_auc", "pending_realised_auc"),
+            "pending_mae_logloss": gap(pend, "pending_expected_logloss", "pending_realised_logloss"),
+            "monitor_alarms": alarms, "monitor_band": mon.band}

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from online_models.cbpe import CBPEMonitor, PlattCalibrator, expected_auc, expected_logloss
+from online_models.cbpe import estimate_over_time
 from online_models.delayed import fnc_calibrate, learn_weighted
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner
@@ -185,38 +185,8 @@ def simulate(cfg: DelayedEvalConfig, batch: dict[str, torch.Tensor], ts: np.ndar
 def cbpe_chunks(cfg: DelayedEvalConfig, p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray,
                 start: int) -> dict[str, Any]:
     """Label-free estimate per chunk of the test impressions vs the realised metric (see the docstring)."""
-    rows = []
-    by_label_time = np.argsort(label_ts, kind="stable")
-    sorted_lts = label_ts[by_label_time]
-    for lo in range(start, len(ts) - cfg.chunk + 1, cfg.chunk):
-        hi = lo + cfg.chunk
-        # calibrated on the labels known before the chunk's first impression: none of the chunk's own
-        known = by_label_time[: int(np.searchsorted(sorted_lts, ts[lo], side="left"))][-cfg.calibration_window:]
-        cal = PlattCalibrator().fit(p[known], label[known])
-        q = cal(p[lo:hi])
-        now = ts[hi - 1]
-        open_ = label_ts[lo:hi] > now  # still pending when the chunk's last impression is served
-        row = {"lo": lo, "hi": hi, "pending_share": float(open_.mean()),
-               "expected_auc": expected_auc(q, p[lo:hi]), "realised_auc": auc(label[lo:hi], p[lo:hi]),
-               "expected_logloss": expected_logloss(q), "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
-               "uncalibrated_expected_logloss": expected_logloss(p[lo:hi])}
-        if open_.sum() >= 50:  # the impressions whose window was still open: their estimate vs their outcome
-            row.update(pending_n=int(open_.sum()), pending_expected_logloss=expected_logloss(q[open_]),
-                       pending_realised_logloss=logloss(label[lo:hi][open_], p[lo:hi][open_]),
-                       pending_expected_auc=expected_auc(q[open_], p[lo:hi][open_]),
-                       pending_realised_auc=auc(label[lo:hi][open_], p[lo:hi][open_]))
-        rows.append(row)
-    mon = CBPEMonitor().fit([r["expected_auc"] for r in rows[:cfg.reference_chunks]])
-    alarms = [i for i, r in enumerate(rows[cfg.reference_chunks:], cfg.reference_chunks) if mon.update(r["expected_auc"])]
-    gap = lambda k: float(np.nanmean([abs(r[f"expected_{k}"] - r[f"realised_{k}"]) for r in rows]))  # noqa: E731
-    pend = [r for r in rows if "pending_n" in r]
-    pgap = lambda k: float(np.nanmean([abs(r[f"pending_expected_{k}"] - r[f"pending_realised_{k}"])  # noqa: E731
-                                       for r in pend])) if pend else None
-    return {"chunks": rows, "mae_auc": gap("auc"), "mae_logloss": gap("logloss"), "monitor_alarms": alarms,
-            "monitor_band": mon.band, "pending_chunks": len(pend), "pending_mae_auc": pgap("auc"),
-            "pending_mae_logloss": pgap("logloss"),
-            "uncalibrated_mae_logloss": float(np.mean([abs(r["uncalibrated_expected_logloss"] - r["realised_logloss"])
-                                                       for r in rows]))}
+    return estimate_over_time(p, ts, label, label_ts, start=start, chunk=cfg.chunk,
+                              calibration_window=cfg.calibration_window, reference_chunks=cfg.reference_chunks)
 
 
 def run(cfg: DelayedEvalConfig) -> dict[str, Any]:

@@ -50,3 +50,22 @@ def test_monitor_alarms_outside_the_reference_band_only():
     assert [m.update(x) for x in (0.75, 0.748, 0.70, 0.76)] == [False, False, True, False]
     assert m.alarms == [3]
     assert CBPEMonitor().update(0.1) is False  # no reference yet: no opinion
+
+
+def test_estimate_over_time_never_uses_a_chunks_own_labels():
+    from online_models.cbpe import estimate_over_time
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    ts = np.arange(n) * 1000
+    p = 1 / (1 + np.exp(-rng.normal(-0.5, 1.2, n)))
+    y = (rng.random(n) < p).astype(int)
+    lts = ts + 3_600_000
+    a = estimate_over_time(p, ts, y, lts, start=1000, chunk=1000, calibration_window=2000)
+    y2 = y.copy()
+    y2[3000:4000] = 1 - y2[3000:4000]   # a chunk's own outcomes change: its estimate does not
+    b = estimate_over_time(p, ts, y2, lts, start=1000, chunk=1000, calibration_window=2000)
+    i = [r["lo"] for r in a["chunks"]].index(3000)
+    assert a["chunks"][i]["expected_auc"] == b["chunks"][i]["expected_auc"]
+    assert a["chunks"][i]["realised_auc"] != b["chunks"][i]["realised_auc"]
+    assert a["mae_auc"] < 0.03 and a["pending_chunks"] == len(a["chunks"])
