@@ -204,6 +204,8 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
     """
     W = cfg.window_ms
     stats = {k: 0 for k in COUNTERS}
+    if "impression_id" not in impressions.column_names:  # no impressions in this micro-batch (feedback only)
+        impressions = IMPRESSION_CORE.empty_table()
     imps = _sort(impressions)
     fb = _sort(feedback.cast(FEEDBACK_SCHEMA) if feedback.num_rows else FEEDBACK_SCHEMA.empty_table())
 

@@ -179,3 +179,17 @@ def test_with_immediate_feedback_the_features_are_v1s():
     v1["user_last_items"] = [list(x) for x in v1["user_last_items"]]
     names = USER_FEATURES + ["user_last_items"] + ITEM_FEATURES
     assert_features_equal(ex[names].reset_index(drop=True), v1[names], "v2 join vs v1")
+
+
+def test_a_feedback_only_micro_batch():
+    """Clicks arriving in a batch without impressions (an empty table of any schema) still label theirs."""
+    from pipelines.parse import CORE_SCHEMA
+
+    imps = imp_table(pa.table({"impression_id": ["a", "b"], "ts": [1000, 2000], "user_id": ["u", "v"],
+                               "item_id": ["x", "y"]}))
+    first = join_batch(imps, _fb([]), JoinState.empty(), JoinConfig(window_ms=HOUR))
+    assert first.examples.num_rows == 0 and first.state.open_count == 2
+    res = join_batch(CORE_SCHEMA.empty_table(), _fb([("a", 5000), ("b", 2 * HOUR + 5000)]), first.state,
+                     JoinConfig(window_ms=HOUR))
+    assert res.examples["impression_id"].to_pylist() == ["a"] and res.stats["late_feedback"] == 1
+    assert res.state.open_count == 1  # b's window closes only when every partition's watermark has passed it
