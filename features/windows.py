@@ -16,6 +16,7 @@ changes the service name models ask for.
 from __future__ import annotations
 
 import hashlib
+import math
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -53,3 +54,29 @@ def feature_set_version(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) ->
 def feature_service_name(model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> str:
     """The Feast feature service a model of ``model_kind`` asks for: ``ctr_<kind>_v<feature-set version>``."""
     return f"ctr_{model_kind}_v{feature_set_version(windows_ms)}"
+
+
+#: milliseconds per unit of a duration string
+UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": HOUR_MS, "d": DAY_MS}
+
+
+def parse_duration_ms(text: str) -> int:
+    """``'90s'`` -> 90000; units ms, s, m, h, d; a bare number is seconds.
+
+    >>> parse_duration_ms("20m"), parse_duration_ms("1h"), parse_duration_ms("250ms"), parse_duration_ms("3")
+    (1200000, 3600000, 250, 3000)
+    """
+    t = text.strip().lower()
+    for unit in ("ms", "s", "m", "h", "d"):
+        if t.endswith(unit) and (unit != "s" or not t.endswith("ms")):
+            num, mult = t[: -len(unit)], UNITS_MS[unit]
+            break
+    else:
+        num, mult = t, 1_000
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"duration must be a number with a unit (ms, s, m, h, d), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"duration must be finite and >= 0, got {text!r}")
+    return int(round(value * mult))

@@ -142,6 +142,29 @@ class StateStore:
                 tables[name] = pq.read_table(f)
         return FeatureState.from_arrow(tables)
 
+    def save_join_state(self, key: str, state) -> None:
+        """A :class:`~pipelines.join.JoinState` (contract v2) under the key of its offsets, like
+        :meth:`save_state`: Arrow tables as Parquet, ``_SUCCESS`` last."""
+        d = self._state_dir(key)
+        for name, table in state.to_arrow().items():
+            write_parquet_atomic(self.fs, f"{d}/join_{name}.parquet", table)
+        write_bytes_atomic(self.fs, f"{d}/_SUCCESS", b"")
+
+    def load_join_state(self, key: str):
+        from pipelines.join import JoinState
+
+        d = self._state_dir(key)
+        if self.fs.get_file_info(f"{d}/_SUCCESS").type == pafs.FileType.NotFound:
+            return None
+        tables = {}
+        sel = pafs.FileSelector(d)
+        for info in self.fs.get_file_info(sel):
+            name = posixpath.basename(info.path)
+            if name.startswith("join_") and name.endswith(".parquet"):
+                with self.fs.open_input_file(info.path) as f:
+                    tables[name[5:-8]] = pq.read_table(f)
+        return JoinState.from_arrow(tables)
+
     def state_keys(self) -> list[str]:
         sel = pafs.FileSelector(f"{self.root}/state", allow_not_found=True)
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)

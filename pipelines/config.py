@@ -43,6 +43,9 @@ class KafkaConfig(Strict):
     bootstrap_servers: str = Field(default_factory=lambda: _local("RELOOP_KAFKA_PORT", 9092))
     events_topic: str = "reloop.events"
     dlq_topic: str = "reloop.events.dlq"
+    #: contract v2: impressions (key = user id) and their delayed feedback (key = impression id)
+    impressions_topic: str = "reloop.impressions"
+    feedback_topic: str = "reloop.feedback"
     alerts_topic: str = "reloop.alerts"
     partitions: int = Field(4, ge=1)
     consumer_group: str = "reloop-features"
@@ -96,6 +99,11 @@ class FeatureJobConfig(Strict):
     #: records per Arrow batch read from Kafka, and offsets per initial split of a partition range
     read_batch_size: int = Field(5000, ge=1)
     split_size: int = Field(50_000, ge=1)
+    #: contract v2: how long after an impression a click still counts (event time); the join closes the
+    #: window then and emits the negative
+    attribution_window_s: float = Field(3600.0, gt=0)
+    #: contract v2: how long closed impressions are remembered, to tell a late click from an orphan
+    closed_retention_s: float = Field(7 * 86400.0, ge=0)
 
 
 

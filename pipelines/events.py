@@ -1,4 +1,4 @@
-"""The event contract of the ``reloop.events`` topic, and its one parser.
+"""The event contracts: v1 labelled events (``reloop.events``) and v2 impressions + feedback.
 
 An event is JSON on the wire (key = user id)::
 
@@ -243,3 +243,308 @@ def _parse_event(raw: bytes, now_ms: int | None) -> Event | Rejection:
     if context is None:
         return Rejection(why, raw)
     return Event(ids["event_id"], ts, ids["user_id"], ids["item_id"], int(label), context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contract v2: impressions and feedback as two streams, joined later by ``impression_id``.
+#
+# ``impression`` on ``reloop.impressions`` (key = user id)::
+#
+#     {"impression_id": "imp-17", "ts": 881250949000, "user_id": "196", "item_id": "242",
+#      "request_id": "r-9", "position": 3, "context": {"device": "web"}}
+#
+# ``feedback`` on ``reloop.feedback`` (key = impression id)::
+#
+#     {"impression_id": "imp-17", "ts": 881251949000, "kind": "click", "value": 1.0}
+#
+# A v1 labelled event is an impression with immediate feedback (:func:`split_v1`): its ``event_id`` becomes
+# the impression id, and a positive label a ``click`` at the same ``ts``.
+
+IMPRESSION_FIELDS = ("impression_id", "ts", "user_id", "item_id", "request_id", "position", "context")
+IMPRESSION_REQUIRED = IMPRESSION_FIELDS[:4]
+FEEDBACK_FIELDS = ("impression_id", "ts", "kind", "value")
+FEEDBACK_REQUIRED = FEEDBACK_FIELDS[:3]
+#: the feedback kinds accepted unless a caller configures more (e.g. ``("click", "purchase")``)
+FEEDBACK_KINDS = ("click",)
+#: the largest slate position accepted (a slate has at most 10,000 candidates)
+MAX_POSITION = 10_000
+
+#: JSON Schemas (draft 2020-12) of the v2 wire records; ``$id`` carries the contract version.
+IMPRESSION_SCHEMA_V2: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://reloop.dev/schemas/impression/v2.json",
+    "title": "reloop impression (contract v2)",
+    "type": "object",
+    "additionalProperties": False,
+    "required": list(IMPRESSION_REQUIRED),
+    "properties": {
+        "impression_id": {"$ref": "#/$defs/id"},
+        "ts": {"$ref": "#/$defs/ts"},
+        "user_id": {"$ref": "#/$defs/id"},
+        "item_id": {"$ref": "#/$defs/id"},
+        "request_id": {"$ref": "#/$defs/id"},
+        "position": {"type": "integer", "minimum": 0, "maximum": MAX_POSITION},
+        "context": {"type": "object", "maxProperties": MAX_CONTEXT_FIELDS,
+                    "additionalProperties": {"type": ["string", "number", "boolean", "null"],
+                                             "maxLength": MAX_CONTEXT_STRING}},
+    },
+    "$defs": {
+        "id": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, {"type": "integer"}]},
+        "ts": {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_TS_MS},
+    },
+}
+FEEDBACK_SCHEMA_V2: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://reloop.dev/schemas/feedback/v2.json",
+    "title": "reloop feedback (contract v2)",
+    "type": "object",
+    "additionalProperties": False,
+    "required": list(FEEDBACK_REQUIRED),
+    "properties": {
+        "impression_id": {"$ref": "#/$defs/id"},
+        "ts": {"$ref": "#/$defs/ts"},
+        "kind": {"enum": list(FEEDBACK_KINDS)},
+        "value": {"type": "number"},
+    },
+    "$defs": IMPRESSION_SCHEMA_V2["$defs"],
+}
+
+
+def feedback_schema(kinds: tuple[str, ...] = FEEDBACK_KINDS) -> dict[str, Any]:
+    """The feedback schema for a deployment that configures conversion kinds besides ``click``."""
+    return {**FEEDBACK_SCHEMA_V2, "properties": {**FEEDBACK_SCHEMA_V2["properties"], "kind": {"enum": list(kinds)}}}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {"impression/v2": IMPRESSION_SCHEMA_V2, "feedback/v2": FEEDBACK_SCHEMA_V2}
+
+
+@dataclass(frozen=True, slots=True)
+class Impression:
+    """One item shown to one user; its label arrives later as :class:`Feedback` (or never)."""
+
+    impression_id: str
+    ts: int
+    user_id: str
+    item_id: str
+    request_id: str | None = None
+    position: int | None = None
+    context: dict[str, ContextValue] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
+                             "item_id": self.item_id}
+        if self.request_id is not None:
+            d["request_id"] = self.request_id
+        if self.position is not None:
+            d["position"] = self.position
+        if self.context:
+            d["context"] = self.context
+        return json.dumps(d, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """An outcome of an earlier impression: a click (or a configured conversion kind) at ``ts``."""
+
+    impression_id: str
+    ts: int
+    kind: str = "click"
+    value: float | None = None
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "kind": self.kind}
+        if self.value is not None:
+            d["value"] = self.value
+        return json.dumps(d, separators=(",", ":")).encode()
+
+
+def _decode_object(raw: bytes | str | None) -> dict | Rejection:
+    """Bytes -> a JSON object, or the rejection (size, JSON, top-level type) parse_event gives too.
+
+    JSON itself goes through the module's shared decoder ``decode_json`` (strict UTF-8, a nesting bound)
+    when this module has one, so every wire contract decodes alike; ``json.loads`` otherwise.
+    """
+    if raw is None:
+        return Rejection("empty record", b"")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return Rejection(f"not bytes: {type(raw).__name__}", b"")
+    raw = bytes(raw)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
+    shared = globals().get("decode_json")
+    if shared is not None:
+        d, why = shared(raw)
+        if why:
+            return Rejection(why, raw)
+    else:
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return Rejection(f"malformed JSON: {e}", raw)
+    if not isinstance(d, dict):
+        return Rejection(f"not a JSON object: {type(d).__name__}", raw)
+    return d
+
+
+def _never_raises(parse):
+    """Last resort of a parser of the wire: an unexpected error is a rejection, never an exception."""
+    import functools
+
+    @functools.wraps(parse)
+    def wrapper(raw, **kw):
+        try:
+            return parse(raw, **kw)
+        except Exception as e:  # noqa: BLE001  (one record never stops the stream)
+            return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", _raw_bytes(raw))
+
+    return wrapper
+
+
+def _fields(d: dict, raw: bytes, required: tuple[str, ...], known: tuple[str, ...]) -> Rejection | None:
+    missing = [f for f in required if f not in d]
+    if missing:
+        return Rejection(f"missing field(s): {', '.join(missing)}", raw)
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        return Rejection(f"unknown field(s): {', '.join(unknown)}", raw)
+    return None
+
+
+def _ts(v: Any, raw: bytes, now_ms: int | None) -> int | Rejection:
+    if isinstance(v, bool) or not isinstance(v, int):
+        return Rejection(f"ts: must be an integer (epoch ms), got {type(v).__name__}", raw)
+    if v <= 0:
+        return Rejection(f"ts: must be positive epoch ms, got {v}", raw)
+    ceiling = min(MAX_TS_MS, (now_ms if now_ms is not None else int(time.time() * 1000)) + MAX_FUTURE_MS)
+    if v > ceiling:
+        return Rejection(f"ts: {v} is in the far future (> {ceiling})", raw)
+    return v
+
+
+def _raw_bytes(raw: bytes | str | None) -> bytes:
+    if raw is None or not isinstance(raw, (bytes, bytearray, memoryview, str)):
+        return b""
+    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+
+
+def _utf8_ok(*strings: str | None) -> bool:
+    """JSON may escape lone surrogates (``"\\ud800"``), which Arrow strings and Kafka keys cannot hold."""
+    try:
+        for s in strings:
+            if s is not None:
+                s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@_never_raises
+def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> Impression | Rejection:
+    """Validate one ``impression`` record (contract v2, :data:`IMPRESSION_SCHEMA_V2`); never raises.
+
+    >>> parse_impression(b'{"impression_id": "i1", "ts": 5, "user_id": 7, "item_id": "x", "position": 2}')
+    Impression(impression_id='i1', ts=5, user_id='7', item_id='x', request_id=None, position=2, context={})
+    >>> parse_impression(b'{"impression_id": "i1", "ts": 5, "user_id": 7, "item_id": "x", "label": 1}').reason
+    'unknown field(s): label'
+    """
+    d = _decode_object(raw)
+    if isinstance(d, Rejection):
+        return d
+    raw = _raw_bytes(raw)
+    bad = _fields(d, raw, IMPRESSION_REQUIRED, IMPRESSION_FIELDS)
+    if bad is not None:
+        return bad
+    ids: dict[str, str | None] = {}
+    for name in ("impression_id", "user_id", "item_id", "request_id"):
+        if name == "request_id" and d.get(name) is None:
+            ids[name] = None
+            continue
+        ids[name] = _id(d, name)
+        if ids[name] is None:
+            return Rejection(f"{name}: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, "
+                             f"got {type(d[name]).__name__}", raw)
+    ts = _ts(d["ts"], raw, now_ms)
+    if isinstance(ts, Rejection):
+        return ts
+    position = d.get("position")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)
+                                 or not 0 <= position <= MAX_POSITION):
+        return Rejection(f"position: must be an integer in [0, {MAX_POSITION}], got {position!r}", raw)
+    context, why = _context(d.get("context"))
+    if context is None:
+        return Rejection(why, raw)
+    if not _utf8_ok(*ids.values(), *(k for k in context), *(v for v in context.values() if isinstance(v, str))):
+        return Rejection("invalid unicode: a lone surrogate escape in an id or context string", raw)
+    return Impression(ids["impression_id"], ts, ids["user_id"], ids["item_id"], ids["request_id"], position,
+                      context)
+
+
+@_never_raises
+def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
+                   kinds: tuple[str, ...] = FEEDBACK_KINDS) -> Feedback | Rejection:
+    """Validate one ``feedback`` record (contract v2, :data:`FEEDBACK_SCHEMA_V2`); never raises.
+
+    Whether its impression exists is the join's business (an orphan goes to the DLQ there).
+
+    >>> parse_feedback(b'{"impression_id": "i1", "ts": 9, "kind": "click"}')
+    Feedback(impression_id='i1', ts=9, kind='click', value=None)
+    >>> parse_feedback(b'{"impression_id": "i1", "ts": 9, "kind": "like"}').reason
+    "kind: must be one of click, got 'like'"
+    """
+    d = _decode_object(raw)
+    if isinstance(d, Rejection):
+        return d
+    raw = _raw_bytes(raw)
+    bad = _fields(d, raw, FEEDBACK_REQUIRED, FEEDBACK_FIELDS)
+    if bad is not None:
+        return bad
+    iid = _id(d, "impression_id")
+    if iid is None or not _utf8_ok(iid):
+        return Rejection(f"impression_id: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, "
+                         f"got {type(d['impression_id']).__name__}", raw)
+    ts = _ts(d["ts"], raw, now_ms)
+    if isinstance(ts, Rejection):
+        return ts
+    kind = d["kind"]
+    if not isinstance(kind, str) or kind not in kinds:
+        return Rejection(f"kind: must be one of {', '.join(kinds)}, got {kind!r}", raw)
+    value = d.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        return Rejection(f"value: must be a finite number, got {value!r}", raw)
+    return Feedback(iid, ts, kind, None if value is None else float(value))
+
+
+def split_v1(event: Event) -> tuple[Impression, Feedback | None]:
+    """A v1 labelled event as v2: an impression, plus a click at the same instant when the label is 1.
+
+    >>> imp, fb = split_v1(Event("e1", 10, "u", "i", 1))
+    >>> imp.impression_id, fb
+    ('e1', Feedback(impression_id='e1', ts=10, kind='click', value=None))
+    """
+    imp = Impression(event.event_id, event.ts, event.user_id, event.item_id, context=dict(event.context))
+    return imp, (Feedback(event.event_id, event.ts, "click") if event.label == 1 else None)
+
+
+@_never_raises
+def parse_impression_or_v1(raw: bytes | str | None, *, now_ms: int | None = None
+                           ) -> tuple[Impression, Feedback | None] | Rejection:
+    """What the impressions topic accepts: a v2 impression, or a v1 labelled event (impression + feedback).
+
+    A record with a ``label`` (or an ``event_id`` and no ``impression_id``) is read as v1, so existing
+    producers and topics keep working; its rejection reasons are then the v1 contract's.
+    """
+    d = _decode_object(raw)
+    if isinstance(d, Rejection):
+        return d
+    if "label" in d or ("event_id" in d and "impression_id" not in d):
+        ev = parse_event(raw, now_ms=now_ms)
+        if isinstance(ev, Rejection):
+            return ev
+        if not _utf8_ok(ev.event_id, ev.user_id, ev.item_id):
+            return Rejection("invalid unicode: a lone surrogate escape in an id or context string", _raw_bytes(raw))
+        return split_v1(ev)
+    imp = parse_impression(raw, now_ms=now_ms)
+    return imp if isinstance(imp, Rejection) else (imp, None)

@@ -73,6 +73,8 @@ class JobStats:
     examples_written: int = 0
     feature_rows_written: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)
+    #: contract v2 only: the join's counters (positives, negatives, orphan_feedback, late_feedback, ...)
+    join: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     committed: bool = False
 
@@ -197,18 +199,195 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
     return stats
 
 
+# ---------------------------------------------------------------------------------------------------------
+# contract v2: impressions + feedback, joined in an attribution window (see pipelines.join)
+
+def join_config(cfg: PipelineConfig):
+    from pipelines.join import JoinConfig
+
+    fj = cfg.feature_job
+    return JoinConfig(window_ms=int(fj.attribution_window_s * 1000),
+                      closed_retention_ms=int(fj.closed_retention_s * 1000), features=aggregate_config(cfg))
+
+
+def joint_plan(plan_i, plan_f):
+    """One plan over both topics: feedback partitions numbered from ``FEEDBACK_PARTITION_BASE``, so one
+    pending file, one run id, one cut and one state key cover the two topics."""
+    from pipelines.checkpoint import Plan
+    from pipelines.join import FEEDBACK_PARTITION_BASE as B
+
+    shift = lambda m: {B + p: o for p, o in m.items()}  # noqa: E731
+    return Plan(f"{plan_i.topic}+{plan_f.topic}", {**plan_i.start, **shift(plan_f.start)},
+                {**plan_i.stop, **shift(plan_f.stop)}, plan_i.planned_at_ms,
+                {**plan_i.committed, **shift(plan_f.committed)})
+
+
+def split_ranges(plan, topics: tuple[str, str]):
+    """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
+    from pipelines.join import FEEDBACK_PARTITION_BASE as B
+    from pipelines.kafka_source import PartitionRange
+
+    imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]
+    fb = [PartitionRange(topics[1], r.partition - B, r.start, r.stop) for r in plan.ranges() if r.partition >= B]
+    return imp, fb
+
+
+def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_path: str | None = None) -> None:
+    """Attach the v2 job (two topics -> parse -> join -> sinks) for one joint micro-batch to ``p``."""
+    import apache_beam as beam
+
+    from pipelines.join import FEEDBACK_PARTITION_BASE
+    from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
+    from pipelines.kafka_source import ReadKafkaRanges
+    from pipelines.transforms import WriteExamples, WriteFeatures
+
+    fj = cfg.feature_job
+    imp_ranges, fb_ranges = split_ranges(plan, topics)
+    raw_i = (p | "PlanImpressions" >> beam.Create(imp_ranges)
+               | "ReadImpressions" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
+    raw_f = (p | "PlanFeedback" >> beam.Create(fb_ranges)
+               | "ReadFeedback" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
+    imps = raw_i | "ParseImpressions" >> beam.ParDo(ParseImpressionsFn(plan.planned_at_ms)).with_outputs(
+        "feedback", "dlq", main="impressions")
+    fbs = raw_f | "ParseFeedback" >> beam.ParDo(ParseFeedbackFn(plan.planned_at_ms)).with_outputs(
+        "dlq", main="feedback")
+    tagged = ((imps.impressions | "TagI" >> beam.Map(lambda t: (0, ("i", t))).with_output_types(tuple[int, tuple])),
+              (imps.feedback | "TagV1" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])),
+              (fbs.feedback | "TagF" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])))
+    out = (tagged | "Both" >> beam.Flatten() | "GatherMicroBatch" >> beam.GroupByKey()
+           | "Join" >> beam.ParDo(JoinFn(fj.state_uri, plan, join_config(cfg), cfg.kafka, topics)).with_outputs(
+               "examples", "snapshots", "dlq", "stops"))
+    stops = beam.pvalue.AsSingleton(out.stops)
+    dlq = cfg.kafka.dlq_topic
+    _ = imps.dlq | "DeadLetterImpressions" >> beam.ParDo(JointDeadLetterFn(cfg.kafka, topics[0], dlq, 0), stops=stops)
+    _ = fbs.dlq | "DeadLetterFeedback" >> beam.ParDo(
+        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE), stops=stops)
+    _ = out.dlq | "DeadLetterOrphans" >> beam.ParDo(
+        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE))
+    _ = out.examples | "TrainingExamples" >> WriteExamples(cfg.storage.examples_uri, plan.run_id)
+    _ = out.snapshots | "Feast" >> WriteFeatures(cfg.feast, repo_path, plan.run_id)
+
+
+def commit_joint(cfg: PipelineConfig, plan, topics: tuple[str, str], group: str) -> None:
+    """Commit both topics' offsets in one OffsetCommit request (one group: the coordinator appends them
+    to the group's ``__consumer_offsets`` partition together, so a crash never commits one topic only)."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from pipelines.join import FEEDBACK_PARTITION_BASE as B
+
+    offsets = {TopicPartition(topics[1] if p >= B else topics[0], p - B if p >= B else p):
+               OffsetAndMetadata(o, plan.run_id, -1)
+               for p, o in plan.committed_after.items() if o != plan.committed.get(p)}
+    if not offsets:
+        return
+    consumer = KafkaConsumer(**cfg.kafka.client_options(), group_id=group, enable_auto_commit=False,
+                             request_timeout_ms=30_000, allow_auto_create_topics=False)
+    try:
+        consumer.commit(offsets)
+    finally:
+        consumer.close()
+
+
+def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
+                  ensure_feast: bool = True) -> JobStats:
+    """Plan, run and commit one joint micro-batch of ``kafka.impressions_topic`` + ``kafka.feedback_topic``.
+
+    Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
+    the key of the completed offsets, and both topics' offsets are committed together only after the sinks.
+    """
+    import apache_beam as beam
+    from kafka.errors import KafkaError
+
+    from pipelines import consumer_group
+    from pipelines.checkpoint import StateStore
+    from pipelines.kafka_io import ensure_topics
+
+    t0 = time.perf_counter()
+    topics = (cfg.kafka.impressions_topic, cfg.kafka.feedback_topic)
+    group = cfg.kafka.consumer_group
+    store = StateStore(cfg.feature_job.state_uri)
+    try:
+        ensure_topics(cfg.kafka, [*topics, cfg.kafka.dlq_topic])
+        plan_i = consumer_group.plan_run(cfg.kafka, topics[0], group, store, cfg.feature_job.max_events_per_run)
+        plan_f = consumer_group.plan_run(cfg.kafka, topics[1], group, store, cfg.feature_job.max_events_per_run)
+        _, _, end_i = consumer_group.partition_offsets(cfg.kafka, topics[0], group)
+        _, _, end_f = consumer_group.partition_offsets(cfg.kafka, topics[1], group)
+    except KafkaError as e:
+        raise FeatureJobError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e} "
+                              f"(is it up? `reloop up kafka`)") from e
+    plan = joint_plan(plan_i, plan_f)
+    pending = store.load_pending(plan.start_key)
+    if pending is not None and pending.start == plan.start:  # an interrupted run: redo exactly that one
+        from pipelines.join import FEEDBACK_PARTITION_BASE as B
+
+        end = {**end_i, **{B + p: o for p, o in end_f.items()}}
+        if any(pending.stop[p] > end.get(p, pending.stop[p]) for p in pending.stop):
+            raise FeatureJobError(f"the interrupted run planned offsets beyond the log end of {topics}; "
+                                  f"were the topics recreated? `reloop features --reset`")
+        plan = pending
+    stats = JobStats(run_id=plan.run_id, topic=plan.topic, start=plan.start, stop=plan.stop)
+    if plan.events == 0:
+        stats.seconds = time.perf_counter() - t0
+        return stats
+    if plan.committed and store.load_join_state(plan.start_key) is None:
+        raise FeatureJobError(
+            f"no join state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
+            f"group {group}; the state was moved or wiped. `reloop features --reset` recomputes from the start.")
+    if ensure_feast:
+        _ensure_feast(cfg, repo_path)
+    store.save_pending(plan)
+    log.info("join job %s: %d records %s -> %s", plan.run_id, plan.events, plan.start, plan.stop)
+
+    p = beam.Pipeline(options=pipeline_options(pipeline_args))
+    build_join(p, cfg, plan, topics, repo_path=repo_path)
+    result = p.run()
+    state = result.wait_until_finish()
+    if str(state) not in ("DONE", "PipelineState.DONE"):
+        raise FeatureJobError(f"join pipeline ended in state {state}; offsets not committed")
+    counts = _counters(result)
+    if os.environ.get("RELOOP_FAULT") == "before_commit":  # crash-test hook: sinks written, offsets not
+        os.kill(os.getpid(), signal.SIGKILL)
+    done = store.load_result(plan.run_id)
+    if done is None:
+        raise FeatureJobError(f"run {plan.run_id} finished without a result under {store.uri}; not committed")
+    completed = plan.with_stops(done)
+    commit_joint(cfg, completed, topics, group)
+    store.clear_pending()
+    store.prune_states(keep={completed.stop_key})
+    stats.stop = completed.stop
+    for name in COUNTERS:
+        setattr(stats, name, counts.get(name, 0))
+    stats.accepted = counts.get("join_impressions_accepted", 0)
+    stats.late = counts.get("join_impressions_late", 0)
+    stats.duplicates = counts.get("join_impressions_duplicate", 0)
+    stats.events_parsed = counts.get("impressions_parsed", 0) + counts.get("feedback_parsed", 0)
+    stats.join = {k[5:]: v for k, v in counts.items() if k.startswith("join_")}
+    stats.dlq_reasons = {k[4:]: v for k, v in counts.items() if k.startswith("dlq_")}
+    stats.committed = True
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
 def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None = None, *,
                     pipeline_args: list[str] | None = None, repo_path: str | None = None,
                     topic: str | None = None, max_runs: int | None = None, on_run=None,
-                    max_failures: int = 5) -> JobStats:
+                    max_failures: int = 5, join: bool = False) -> JobStats:
     """Run one micro-batch (``once``) or one every ``every`` seconds until interrupted (or ``max_runs``).
 
     Returns the stats of the last run; ``on_run(stats)`` is called after each run. In the loop a failed
     run (broker down, a sink failing) is logged and retried at the next tick: nothing was committed, so
     the retry redoes the same plan. ``max_failures`` failures in a row end the loop with the error.
+    ``join``: contract v2 (impressions + feedback topics, :func:`run_join_once`).
     """
+    def step(cfg, *, pipeline_args=None, repo_path=None, topic=None, ensure_feast=True) -> JobStats:
+        if join:
+            return run_join_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
+        return run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
+                        ensure_feast=ensure_feast)
+
     if once or not every:
-        stats = run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic)
+        stats = step(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic)
         if on_run:
             on_run(stats)
         return stats
@@ -216,7 +395,7 @@ def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None 
     while max_runs is None or runs < max_runs:
         started = time.monotonic()
         try:
-            stats = run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
+            stats = step(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
                              ensure_feast=runs == 0)
             failures = 0
             if on_run:
@@ -248,6 +427,14 @@ def format_stats(s: JobStats) -> str:
     if not s.committed:
         return f"feature job: nothing new on {s.topic} (offsets {s.start})"
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dlq_reasons.items()))
+    if s.join:
+        j = s.join
+        return (f"join job {s.run_id}: read {s.records_read:,}, dead-lettered {s.dead_lettered:,}"
+                f"{f' ({reasons})' if reasons else ''}, impressions {j.get('impressions_accepted', 0):,}, "
+                f"clicks {j.get('feedback_accepted', 0):,}, examples {s.examples_written:,} "
+                f"(+{j.get('positives', 0):,} / -{j.get('negatives', 0):,}), late clicks "
+                f"{j.get('late_feedback', 0):,}, duplicate clicks {j.get('duplicate_feedback', 0):,}, orphans "
+                f"{j.get('orphan_feedback', 0):,}, deferred {s.deferred:,} in {s.seconds:.2f}s")
     return (f"feature job {s.run_id}: read {s.records_read:,}, parsed {s.events_parsed:,}, "
             f"dead-lettered {s.dead_lettered:,}{f' ({reasons})' if reasons else ''}, accepted {s.accepted:,}, "
             f"late {s.late:,}, duplicates {s.duplicates:,}, deferred {s.deferred:,}, examples {s.examples_written:,}, "
@@ -267,6 +454,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--state_uri", help="feature-state root, local path or pyarrow.fs URI")
     ap.add_argument("--max_events", type=int, help="cap on the events of one micro-batch")
     ap.add_argument("--reset", action="store_true", help="forget offsets and state, then exit")
+    ap.add_argument("--join", action="store_true", help="contract v2: join kafka.impressions_topic and "
+                    "kafka.feedback_topic in the attribution window (implied by --attribution-window)")
+    ap.add_argument("--attribution-window", "--attribution_window", dest="attribution_window",
+                    help="contract v2: how long after an impression a click counts, e.g. 30m, 1h (event time)")
     return ap.parse_known_args(argv)
 
 
@@ -274,8 +465,19 @@ def config_with_overrides(args: argparse.Namespace) -> PipelineConfig:
     from pipelines.config import load_pipeline_config as load_config
 
     cfg = load_config(args.config)
+    window = None
+    if getattr(args, "attribution_window", None):
+        from features.windows import parse_duration_ms
+
+        try:
+            window = parse_duration_ms(args.attribution_window) / 1000.0
+        except ValueError as e:
+            raise SystemExit(f"error: --attribution-window: {e}") from None
+        if window <= 0:
+            raise SystemExit("error: --attribution-window must be positive")
     fj = cfg.feature_job.model_copy(update={k: v for k, v in (("state_uri", args.state_uri),
-                                                              ("max_events_per_run", args.max_events)) if v})
+                                                              ("max_events_per_run", args.max_events),
+                                                              ("attribution_window_s", window)) if v})
     storage = cfg.storage.model_copy(update={"examples_uri": args.examples_uri} if args.examples_uri else {})
     return cfg.model_copy(update={"feature_job": fj, "storage": storage})
 
@@ -294,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_feature_job(cfg, once=not args.every, every=args.every, pipeline_args=beam_args,
                         repo_path=args.feature_repo, topic=args.topic, on_run=lambda s: print(format_stats(s),
-                                                                                             flush=True))
+                                                                                             flush=True),
+                        join=args.join or bool(args.attribution_window))
     except FeatureJobError as e:
         print(f"error: {e}")
         return 1

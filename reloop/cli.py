@@ -70,16 +70,27 @@ def replay(
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time (e.g. 3600x)"),
     topic: Optional[str] = typer.Option(None, help="Kafka topic (default: kafka.events_topic of the config)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
+    label_delay: Optional[str] = typer.Option(
+        None, "--label-delay", help="contract v2: impressions to kafka.impressions_topic and each positive's "
+        "click to kafka.feedback_topic this much later: exp:MEAN, fixed:D, uniform:A:B, lognormal:MEDIAN:SIGMA "
+        "or none (e.g. exp:20m)"),
+    delay_seed: int = typer.Option(0, "--delay-seed", help="seed of the --label-delay draws"),
 ) -> None:
     """Stream a dataset into Kafka in event-time order (idempotent producer, key = user id)."""
     from online_models.errors import ConfigError
     from reloop.config import load_config
     from reloop.datasets import DatasetError, load_dataset
-    from reloop.replay import ReplayError, parse_speed, replay_table
+    from reloop.replay import ReplayError, parse_speed, replay_delayed, replay_table
 
     try:
         cfg = load_config(config)
         table = load_dataset(dataset, limit=limit)
+        if label_delay is not None:
+            two = replay_delayed(table, cfg.kafka, label_delay, seed=delay_seed, speed=parse_speed(speed),
+                                 progress=True)
+            for s in (two.impressions, two.feedback):
+                typer.echo(f"replayed {s.events:,} records to {s.topic} in {s.seconds:.2f}s")
+            return
         stats = replay_table(table, cfg.kafka, topic=topic or cfg.kafka.events_topic, speed=parse_speed(speed),
                              progress=True)
     except (ConfigError, DatasetError, ReplayError) as e:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipelines.config import KafkaConfig
 from reloop.datasets import CORE_COLUMNS
 from online_models.errors import ReloopError
+from reloop.synthetic import FEEDBACK_COLUMNS, IMPRESSION_COLUMNS
 
 
 class ReplayError(ReloopError, RuntimeError):
@@ -51,8 +52,20 @@ def parse_speed(speed: str) -> float | None:
     return factor
 
 
-def encode_batch(batch: pa.RecordBatch) -> tuple[list[bytes], list[bytes]]:
-    """(keys, values) of a batch of the event table, values in the wire format."""
+#: what a table holds: v1 labelled events, or the v2 impressions / feedback of a delayed stream
+KINDS = ("event", "impression", "feedback")
+#: the core (non-context) columns and the key column of each kind
+_CORE = {"event": (CORE_COLUMNS, "user_id"), "impression": (IMPRESSION_COLUMNS, "user_id"),
+         "feedback": (FEEDBACK_COLUMNS + ("value",), "impression_id")}
+
+
+def encode_batch(batch: pa.RecordBatch, kind: str = "event") -> tuple[list[bytes], list[bytes]]:
+    """(keys, values) of a batch of the event table, values in the wire format.
+
+    ``kind`` ``impression`` / ``feedback``: a table of :func:`reloop.synthetic.split_delayed` (contract v2).
+    """
+    if kind != "event":
+        return _encode_v2(batch, kind)
     d = batch.to_pydict()
     # columns named "__..." are the replay's own bookkeeping (the partition), never part of an event
     context_cols = [c for c in batch.schema.names if c not in CORE_COLUMNS and not c.startswith("__")]
@@ -66,6 +79,21 @@ def encode_batch(batch: pa.RecordBatch) -> tuple[list[bytes], list[bytes]]:
             rec["context"] = {c: d[c][i] for c in context_cols}
         values.append(dumps(rec).encode())
     return keys, values
+
+
+def _encode_v2(batch: pa.RecordBatch, kind: str) -> tuple[list[bytes], list[bytes]]:
+    core, key = _CORE[kind]
+    d = batch.to_pydict()
+    context_cols = [c for c in batch.schema.names if c not in core and not c.startswith("__")]
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    present = [c for c in core if c in d]
+    values = []
+    for i in range(batch.num_rows):
+        rec = {c: d[c][i] for c in present if d[c][i] is not None}
+        if context_cols:
+            rec["context"] = {c: d[c][i] for c in context_cols}
+        values.append(dumps(rec).encode())
+    return [k.encode() for k in d[key]], values
 
 
 def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
@@ -87,13 +115,15 @@ def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
 
 
 def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None, speed: float | None = None,
-                 progress: bool = False, batch_size: int = 5000, workers: int | None = None) -> ReplayStats:
+                 progress: bool = False, batch_size: int = 5000, workers: int | None = None, kind: str = "event",
+                 ts0: int | None = None, t0: float | None = None) -> ReplayStats:
     """Produce every row of an event table (already in time order) to ``topic``; wait for all acks.
 
     Each event goes to its key's default partition (so consumers see one user's events in order).
     ``workers`` producer processes (default: 2 at full speed on >= 20k events, else 1) each own a
     disjoint set of partitions and send them in time order; pacing (``speed``) is against one shared
-    start time, so N x real time holds across workers.
+    start time, so N x real time holds across workers. ``kind``: see :func:`encode_batch`; ``ts0``/``t0``
+    (event time and wall clock of the pacing origin) let two streams replayed side by side share one clock.
     """
     from kafka.errors import KafkaError
 
@@ -108,26 +138,29 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     if workers is None:
         workers = 2 if speed is None and table.num_rows >= 20_000 else 1
     workers = max(1, min(workers, num_partitions))
-    parts = pa.array(partitions_for(table["user_id"].to_pylist(), num_partitions), pa.int32())
+    if kind not in KINDS:
+        raise ReplayError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    parts = pa.array(partitions_for(table[_CORE[kind][1]].to_pylist(), num_partitions), pa.int32())
     table = table.append_column("__partition", parts)
-    ts0 = table["ts"][0].as_py() if table.num_rows else 0
-    t0 = time.time()
+    if ts0 is None:
+        ts0 = table["ts"][0].as_py() if table.num_rows else 0
+    t0 = time.time() if t0 is None else t0
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=table.num_rows, unit="ev", desc=f"replay -> {topic}", smoothing=0.1)
     if workers == 1:
-        _produce(table, cfg, topic, speed, ts0, t0, batch_size, bar.update if bar else None)
+        _produce(table, cfg, topic, speed, ts0, t0, batch_size, bar.update if bar else None, kind=kind)
     else:
-        _produce_parallel(table, cfg, topic, speed, ts0, t0, batch_size, workers, bar)
+        _produce_parallel(table, cfg, topic, speed, ts0, t0, batch_size, workers, bar, kind)
     if bar is not None:
         bar.close()
     return ReplayStats(topic, table.num_rows, time.time() - t0)
 
 
 def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None, ts0: int, t0: float,
-             batch_size: int, on_batch=None, ready=None) -> None:
+             batch_size: int, on_batch=None, ready=None, kind: str = "event") -> None:
     """One producer sending ``table`` in order (explicit partitions), pacing against wall-clock ``t0``.
 
     ``ready()`` is called once the producer knows the topic's partitions, right before the first send.
@@ -141,7 +174,7 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
         if ready is not None:
             ready()
         for batch in table.to_batches(batch_size):
-            keys, values = encode_batch(batch)
+            keys, values = encode_batch(batch, kind)
             partitions = batch.column("__partition").to_pylist()
             send = prod.send
             if speed is None:
@@ -167,7 +200,7 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
 
 
 def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done,
-            start) -> None:
+            start, kind: str = "event") -> None:
     table = pa.ipc.open_stream(ipc).read_all()
 
     def tick(n: int) -> None:
@@ -178,14 +211,14 @@ def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, b
         start.wait(timeout=120)  # every worker sends its first event at the same moment
 
     try:
-        _produce(table, KafkaConfig.model_validate_json(cfg_json), topic, speed, ts0, t0, batch_size, tick, ready)
+        _produce(table, KafkaConfig.model_validate_json(cfg_json), topic, speed, ts0, t0, batch_size, tick, ready, kind)
     except BaseException:
         start.abort()  # the other workers stop waiting for this one
         raise
 
 
 def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0: int, t0: float, batch_size: int,
-                      workers: int, bar) -> None:
+                      workers: int, bar, kind: str = "event") -> None:
     import multiprocessing as mp
 
     owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
@@ -202,7 +235,7 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
         with pa.ipc.new_stream(sink, part.schema) as writer:
             writer.write_table(part)
         proc = ctx.Process(target=_worker, args=(sink.getvalue().to_pybytes(), cfg.model_dump_json(), topic, speed,
-                                                 ts0, t0, batch_size, done, start), daemon=True)
+                                                 ts0, t0, batch_size, done, start, kind), daemon=True)
         proc.start()
         procs.append(proc)
     shown = 0
@@ -217,3 +250,55 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
     if bad:
         raise ReplayError(f"{len(bad)} of {workers} producer process(es) failed (exit codes {bad}); "
                           f"{done.value} of {table.num_rows} events were acknowledged")
+
+
+@dataclass(frozen=True)
+class DelayedReplayStats:
+    impressions: ReplayStats
+    feedback: ReplayStats
+
+
+def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed: int = 0,
+                   impressions_topic: str | None = None, feedback_topic: str | None = None,
+                   speed: float | None = None, progress: bool = False, workers: int | None = None
+                   ) -> DelayedReplayStats:
+    """Replay a labelled table as contract v2: impressions, and clicks ``label_delay`` later (seeded).
+
+    At full speed the impressions are produced first, then the feedback (the feature job's join orders them
+    by event time). Paced, both streams are sent side by side against one clock, so a click reaches Kafka
+    about its delay (divided by the speed) after its impression, as it would in production.
+    """
+    from reloop.synthetic import SyntheticError, label_delay as split
+
+    try:
+        imps, fb = split(table, label_delay, seed)
+    except SyntheticError as e:
+        raise ReplayError(str(e)) from None
+    it = impressions_topic or cfg.impressions_topic
+    ft = feedback_topic or cfg.feedback_topic
+    if speed is None:
+        a = replay_table(imps, cfg, topic=it, progress=progress, workers=workers, kind="impression")
+        b = replay_table(fb, cfg, topic=ft, progress=progress, workers=workers, kind="feedback")
+        return DelayedReplayStats(a, b)
+    import threading
+
+    ts0 = imps["ts"][0].as_py() if imps.num_rows else 0
+    t0 = time.time()
+    out: dict[str, object] = {}
+
+    def send(name: str, t: pa.Table, topic: str, kind: str) -> None:
+        try:
+            out[name] = replay_table(t, cfg, topic=topic, speed=speed, workers=1, kind=kind, ts0=ts0, t0=t0)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            out[name] = e
+
+    threads = [threading.Thread(target=send, args=("impressions", imps, it, "impression")),
+               threading.Thread(target=send, args=("feedback", fb, ft, "feedback"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for v in out.values():
+        if isinstance(v, BaseException):
+            raise v
+    return DelayedReplayStats(out["impressions"], out["feedback"])  # type: ignore[arg-type]

@@ -60,6 +60,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pyarrow as pa
 
+from features import windows
 from online_models.errors import DatasetError
 
 PREFIX = "synthetic:"
@@ -102,6 +103,8 @@ class SyntheticParams:
     start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00Z
     #: mean gap between events (exponential inter-arrival times)
     gap_ms: float = 1_000.0
+    #: delay of the clicks (``exp:20m``, see :func:`parse_delay`); empty = labels known at once
+    delay: str = ""
 
     def __post_init__(self) -> None:
         if self.n <= 0:
@@ -113,6 +116,8 @@ class SyntheticParams:
             raise SyntheticError(f"ctr must be in (0, 1), got {self.ctr}")
         if self.at is not None and not 0 <= self.at <= self.n:
             raise SyntheticError(f"at must be in [0, n={self.n}], got {self.at}")
+        if self.delay:
+            parse_delay(self.delay)
 
 
 @dataclass
@@ -130,6 +135,14 @@ class SyntheticStream:
     p_stale: np.ndarray = field(repr=False)
     #: 1 where the event follows the new concept
     concept: np.ndarray = field(repr=False)
+    #: per event, how long after the impression its click arrives (ms; -1 for negatives); None: no delay
+    delays_ms: np.ndarray | None = field(default=None, repr=False)
+
+    def delayed(self) -> tuple[pa.Table, pa.Table]:
+        """``(impressions, feedback)``: the stream with its clicks arriving ``delays_ms`` late."""
+        if self.delays_ms is None:
+            raise SyntheticError("this stream has no delay; generate it with delay=... (e.g. exp:20m)")
+        return split_delayed(self.table, self.delays_ms)
 
     @property
     def shift_ts(self) -> int | None:
@@ -140,7 +153,8 @@ class SyntheticStream:
 
     def ground_truth(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "seed": self.params.seed, "n": self.params.n,
-                "shift_start": self.shift_start, "shift_end": self.shift_end, "shift_ts": self.shift_ts}
+                "shift_start": self.shift_start, "shift_end": self.shift_end, "shift_ts": self.shift_ts,
+                "delay": self.params.delay or None}
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -154,6 +168,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         if key not in fields:
             raise SyntheticError(f"unknown synthetic parameter {key!r}; allowed: {', '.join(fields)}")
+        if fields[key].type in ("str",):
+            params[key] = value
+            continue
         try:
             params[key] = float(value) if fields[key].type in ("float",) else int(float(value))
         except ValueError:
@@ -259,6 +276,140 @@ def generate(scenario: str = "stable", **overrides: Any) -> SyntheticStream:
         "hour": pa.array(hour),
         "device": pa.array(device.astype(str), pa.string()),
     })
-    stream = SyntheticStream(scenario, p, table, at, end, p_true, p_stale, concept)
+    # drawn from a generator of its own, so adding a delay leaves every other column of the stream unchanged
+    delays = (np.where(label == 1, parse_delay(p.delay).sample(n, np.random.default_rng([p.seed, 1])), -1)
+              if p.delay else None)
+    stream = SyntheticStream(scenario, p, table, at, end, p_true, p_stale, concept, delays)
     stream.table = table.replace_schema_metadata({METADATA_KEY: json.dumps(stream.ground_truth()).encode()})
     return stream
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Delayed feedback: any labelled table -> an impression stream plus a (later) click stream
+
+DELAY_KINDS = ("none", "fixed", "exp", "uniform", "lognormal")
+
+
+def parse_duration_ms(text: str) -> int:
+    """:func:`features.windows.parse_duration_ms`, whose error is a :class:`SyntheticError` here."""
+    try:
+        return windows.parse_duration_ms(text)
+    except ValueError as e:
+        raise SyntheticError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class DelaySpec:
+    """A click-delay distribution (ms). ``sample`` is seeded by the caller's generator.
+
+    - ``none``: 0 (the click at the impression's instant: v1 semantics);
+    - ``fixed:D``: always D;
+    - ``exp:MEAN``: exponential with mean MEAN (Chapelle 2014's delayed-conversion model);
+    - ``uniform:A:B``: uniform in [A, B];
+    - ``lognormal:MEDIAN:SIGMA``: log-normal with that median and log-scale sigma (a heavy tail).
+    """
+
+    kind: str
+    a_ms: int = 0
+    b_ms: int = 0
+    sigma: float = 0.0
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if self.kind == "none":
+            return np.zeros(n, np.int64)
+        if self.kind == "fixed":
+            return np.full(n, self.a_ms, np.int64)
+        if self.kind == "exp":
+            return np.round(rng.exponential(self.a_ms, size=n)).astype(np.int64)
+        if self.kind == "uniform":
+            return rng.integers(self.a_ms, self.b_ms + 1, size=n).astype(np.int64)
+        return np.round(self.a_ms * np.exp(self.sigma * rng.standard_normal(n))).astype(np.int64)
+
+    def cdf(self, t_ms: np.ndarray | float) -> np.ndarray:
+        """P(delay <= t): the true fraction of a positive's clicks that arrived after ``t`` ms."""
+        t = np.asarray(t_ms, float)
+        if self.kind == "none":
+            return (t >= 0).astype(float)
+        if self.kind == "fixed":
+            return (t >= self.a_ms).astype(float)
+        if self.kind == "exp":
+            return np.where(t < 0, 0.0, 1.0 - np.exp(-np.maximum(t, 0) / max(self.a_ms, 1)))
+        if self.kind == "uniform":
+            return np.clip((t - self.a_ms) / max(self.b_ms - self.a_ms, 1), 0.0, 1.0)
+        from math import erf, sqrt
+
+        z = (np.log(np.maximum(t, 1e-9) / self.a_ms)) / (self.sigma * sqrt(2.0))
+        return np.where(t <= 0, 0.0, 0.5 * (1.0 + np.vectorize(erf)(z)))
+
+
+def parse_delay(spec: str) -> DelaySpec:
+    """``exp:20m`` -> DelaySpec('exp', 1200000); see :class:`DelaySpec` for the kinds.
+
+    >>> parse_delay("exp:20m"), parse_delay("uniform:1m:5m").b_ms, parse_delay("lognormal:10m:1.5").sigma
+    (DelaySpec(kind='exp', a_ms=1200000, b_ms=0, sigma=0.0), 300000, 1.5)
+    """
+    kind, *args = spec.strip().lower().split(":")
+    n_args = {"none": 0, "fixed": 1, "exp": 1, "uniform": 2, "lognormal": 2}
+    if kind not in n_args:
+        raise SyntheticError(f"unknown delay distribution {spec!r}; allowed: none, fixed:D, exp:MEAN, "
+                             f"uniform:A:B, lognormal:MEDIAN:SIGMA (durations like 90s, 20m, 1h)")
+    if len(args) != n_args[kind]:
+        raise SyntheticError(f"delay {spec!r}: {kind} takes {n_args[kind]} argument(s), got {len(args)}")
+    if kind == "none":
+        return DelaySpec("none")
+    a = parse_duration_ms(args[0])
+    if kind == "uniform":
+        b = parse_duration_ms(args[1])
+        if b < a:
+            raise SyntheticError(f"delay {spec!r}: uniform needs A <= B")
+        return DelaySpec(kind, a, b)
+    if kind == "lognormal":
+        try:
+            sigma = float(args[1])
+        except ValueError:
+            raise SyntheticError(f"delay {spec!r}: SIGMA must be a number") from None
+        if not (a > 0 and np.isfinite(sigma) and sigma > 0):
+            raise SyntheticError(f"delay {spec!r}: lognormal needs MEDIAN > 0 and SIGMA > 0")
+        return DelaySpec(kind, a, sigma=sigma)
+    if kind == "exp" and a <= 0:
+        raise SyntheticError(f"delay {spec!r}: the mean must be positive")
+    return DelaySpec(kind, a)
+
+
+#: columns of the impression / feedback tables of a delayed stream (then any context columns)
+IMPRESSION_COLUMNS = ("impression_id", "ts", "user_id", "item_id")
+FEEDBACK_COLUMNS = ("impression_id", "ts", "kind")
+
+
+def split_delayed(table: pa.Table, delays_ms: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """``(impressions, feedback)`` of a labelled, time-sorted event table and per-row click delays.
+
+    Every row is an impression (its ``event_id`` the ``impression_id``, context columns kept, ``label``
+    dropped: the stream does not know it); every row with ``label == 1`` a ``click`` at ``ts + delay``.
+    Feedback is sorted by its own time (ties: impression order).
+    """
+    from reloop.datasets import CORE_COLUMNS
+
+    context = [c for c in table.column_names if c not in CORE_COLUMNS]
+    imps = pa.table({"impression_id": table["event_id"], "ts": table["ts"], "user_id": table["user_id"],
+                     "item_id": table["item_id"], **{c: table[c] for c in context}})
+    pos = np.flatnonzero(table["label"].to_numpy(zero_copy_only=False) == 1)
+    click_ts = table["ts"].to_numpy()[pos] + np.asarray(delays_ms, np.int64)[pos]
+    order = np.argsort(click_ts, kind="stable")
+    fb = pa.table({"impression_id": table["event_id"].take(pa.array(pos[order])),
+                   "ts": pa.array(click_ts[order], pa.int64()),
+                   "kind": pa.array(["click"] * len(pos), pa.string())})
+    return imps.combine_chunks(), fb
+
+
+def label_delay(table: pa.Table, spec: str | DelaySpec, seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """Any labelled dataset as an impression stream plus a click stream delayed by ``spec`` (seeded).
+
+    >>> t = pa.table({"event_id": ["a", "b", "c"], "ts": [0, 10, 20], "user_id": ["u"] * 3,
+    ...               "item_id": ["i", "j", "k"], "label": pa.array([1, 0, 1], pa.int8())})
+    >>> imps, fb = label_delay(t, "fixed:1s")
+    >>> imps.column_names, fb.to_pydict()
+    (['impression_id', 'ts', 'user_id', 'item_id'], {'impression_id': ['a', 'c'], 'ts': [1000, 1020], 'kind': ['click', 'click']})
+    """
+    d = parse_delay(spec) if isinstance(spec, str) else spec
+    return split_delayed(table, d.sample(table.num_rows, np.random.default_rng(seed)))

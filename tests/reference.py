@@ -31,3 +31,45 @@ def pandas_features(df: pd.DataFrame, entity: str, ids, times, cfg: AggregateCon
             r["user_last_items"] = list(past.item_id[::-1][: cfg.last_n])
         rows.append(r)
     return pd.DataFrame(rows)
+
+
+def pandas_join(imps: pd.DataFrame, feedback: pd.DataFrame, window_ms: int, watermark: int) -> pd.DataFrame:
+    """The attribution join of contract v2 recomputed in pandas (see :mod:`pipelines.join`), no features.
+
+    One row per impression the join has emitted by ``watermark``: positives (first click within
+    ``[ts, ts + window]``) and negatives whose window closed (``ts + window < watermark``), with
+    ``label`` and ``label_ts``. Duplicate impression ids keep their first.
+    """
+    import numpy as np
+
+    imps = imps.drop_duplicates("impression_id", keep="first")
+    m = feedback[feedback.kind == "click"].merge(imps[["impression_id", "ts"]], on="impression_id",
+                                                 suffixes=("_c", ""))
+    m = m[(m.ts_c >= m.ts) & (m.ts_c <= m.ts + window_ms)]
+    first = m.groupby("impression_id").ts_c.min()
+    out = imps.copy()
+    out["label"] = out.impression_id.isin(first.index).astype(int)
+    out["label_ts"] = np.where(out.label == 1, out.impression_id.map(first).fillna(0).astype("int64"),
+                               out.ts + window_ms)
+    return out[(out.label == 1) | (out.ts + window_ms < watermark)].reset_index(drop=True)
+
+
+def pandas_join_features(imps: pd.DataFrame, clicks: pd.DataFrame, sample: pd.DataFrame,
+                         cfg: AggregateConfig = AggregateConfig()) -> pd.DataFrame:
+    """Features of the sampled examples: impression counts, recency, last items from the impressions
+    strictly before each; positives from the attributed clicks that arrived strictly before it.
+
+    ``clicks``: one row per attributed click (``user_id, item_id, ts`` = the click time).
+    """
+    m, prior = cfg.prior_weight, cfg.prior_ctr
+    ev = imps.assign(label=0)
+    cl = clicks.assign(label=1)
+    parts = []
+    for entity in ("user", "item"):
+        a = pandas_features(ev, entity, sample[f"{entity}_id"], sample.ts, cfg)
+        b = pandas_features(cl, entity, sample[f"{entity}_id"], sample.ts, cfg)
+        for name in [n for n, _ in cfg.windows_ms] + ["all"]:
+            a[f"{entity}_pos_{name}"] = b[f"{entity}_imp_{name}"]
+            a[f"{entity}_ctr_{name}"] = (a[f"{entity}_pos_{name}"] + m * prior) / (a[f"{entity}_imp_{name}"] + m)
+        parts.append(a)
+    return pd.concat(parts, axis=1)
