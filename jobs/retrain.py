@@ -38,7 +38,7 @@ class RetrainConfig:
 
     examples_uri: str
     registry_uri: str
-    storage_path: str                      # Ray Train run directory (absolute)
+    storage_path: str                      # Ray Train run directory (absolute, or a URI such as s3://b/ray_train)
     model_kind: str = "dcnv2"
     feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
     window_days: float | None = 7.0
@@ -50,6 +50,8 @@ class RetrainConfig:
     lr: float = 1e-3
     hash_buckets: int = 20_011
     num_workers: int = 1
+    #: placement of the workers' bundles: PACK (default), SPREAD, or STRICT_SPREAD (one worker per node)
+    placement_strategy: str = "PACK"
     promote: bool = False
     seed: int = 0
 
@@ -116,6 +118,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
+    # where every worker runs, gathered to worker 0 for the record (which nodes took part)
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     table = ExampleStore(cfg.examples_uri).read_window(loop["ts_min"], loop["ts_max"])
     train, holdout = split_window(table, cfg.holdout_fraction)
     enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
@@ -155,7 +164,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                       os.path.join(d, "model.safetensors"))
             with open(os.path.join(d, "meta.json"), "w") as f:
                 json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
-                           "train_rows": train.num_rows, "holdout_rows": holdout.num_rows,
+                           "train_rows": train.num_rows, "holdout_rows": holdout.num_rows, "worker_nodes": nodes,
                            "train_ts": [int(train["ts"][0].as_py()), int(train["ts"][-1].as_py())],
                            "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())]}, f)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -176,7 +185,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path),
     )
     result = trainer.fit()
@@ -190,7 +200,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("holdout_") or k == "train_loss"}
     registry = ModelRegistry(cfg.registry_uri)
     extra: dict[str, Any] = {"encoder": meta["encoder_config"], "source": "jobs.retrain",
-                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s}
+                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s,
+                             "worker_nodes": meta.get("worker_nodes", [])}
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
@@ -210,7 +221,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
                                              "holdout_rows": meta["holdout_rows"]},
                              metrics=metrics, extra=extra, promote=cfg.promote)
     return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
-            "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1)}
+            "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1),
+            "worker_nodes": extra["worker_nodes"], "checkpoint": result.checkpoint.path}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.Namespace]:
@@ -229,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="STRICT_SPREAD: every worker on its own node")
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -240,12 +254,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     registry = a.registry or c.storage.registry_uri
     if "://" not in registry:
         registry = os.path.abspath(registry)
-    storage = os.path.abspath(a.storage_path or os.path.join(os.path.dirname(os.path.abspath(
-        c.storage.examples_uri)), "ray_train"))
+    storage = a.storage_path or os.path.join(os.path.dirname(os.path.abspath(c.storage.examples_uri)), "ray_train")
+    if "://" not in storage:  # s3://... is for Ray Train to open; a local one must be absolute
+        storage = os.path.abspath(storage)
     return RetrainConfig(examples_uri=examples, registry_uri=registry, storage_path=storage, model_kind=a.model,
                          feature_service=a.feature_service, window_days=a.window_days, ts_min=a.ts_min,
                          ts_max=a.ts_max, holdout_fraction=a.holdout, epochs=a.epochs, batch_size=a.batch_size,
-                         lr=a.lr, num_workers=a.workers, promote=a.promote, seed=a.seed), a
+                         lr=a.lr, num_workers=a.workers, placement_strategy=a.placement,
+                         promote=a.promote, seed=a.seed), a
 
 
 def main(argv: list[str] | None = None) -> int:
