@@ -52,6 +52,9 @@ class RetrainConfig:
     num_workers: int = 1
     #: placement of the workers' bundles: PACK (default), SPREAD, or STRICT_SPREAD (one worker per node)
     placement_strategy: str = "PACK"
+    #: how often a failed fit is tried again (worker errors, lost nodes, a worker group that cannot be placed);
+    #: 0: the retrain fails at the first one and the current model stays
+    max_failures: int = 0
     promote: bool = False
     seed: int = 0
 
@@ -134,7 +137,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                      num_numeric=len(ec.numeric_fields), categorical_fields=ec.categorical_fields,
                      numeric_fields=ec.numeric_fields, seed=cfg.seed)
     base = build_model(mc)
-    model = ray.train.torch.prepare_model(base) if world > 1 else base
+    # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
+    model = ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else base
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # equal shards (every world-th row) so every worker runs the same number of DDP steps
     per = train.num_rows // world
@@ -174,7 +179,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Fit on Ray (already initialised), publish the candidate; returns a summary (version, metrics)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
@@ -187,7 +192,12 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
         train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1},
                                      placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path),
+        # a lost node counts like any failure: by default Ray Train retries preemptions and controller errors
+        # (a worker group that cannot be placed again) forever, which would wedge the deployer
+        run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=cfg.max_failures,
+                                                          max_preemption_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     fit_s = time.time() - t0

@@ -75,6 +75,8 @@ class StorageConfig(Strict):
     registry_uri: str = ".state/registry"
     #: where the feature job writes training examples (partitioned Parquet)
     examples_uri: str = ".state/examples"
+    #: where the incremental trainer checkpoints and Ray Train keeps its runs (``<uri>/ray_train``)
+    trainer_uri: str = ".state/trainer"
     #: where reports and evaluation results go
     reports_dir: str = "reports"
 
@@ -91,6 +93,11 @@ class FeatureJobConfig(Strict):
     #: records per Arrow batch read from Kafka, and offsets per initial split of a partition range
     read_batch_size: int = Field(5000, ge=1)
     split_size: int = Field(50_000, ge=1)
+    #: the Beam runner of ``reloop run``'s micro-batches: None = Beam's local runner; "flink" = the local
+    #: Flink job server (``reloop up flink``), or a Flink cluster with ``--flink_master`` in pipeline_args
+    runner: str | None = None
+    #: more Beam flags, e.g. ["--parallelism=2"] or ["--flink_master=jm:8081"]
+    pipeline_args: list[str] = Field(default_factory=list)
 
 
 

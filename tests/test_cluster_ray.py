@@ -18,7 +18,6 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from reloop import services
 
@@ -30,15 +29,15 @@ N_EXAMPLES = 12_000
 @pytest.fixture(scope="module")
 def cluster():
     """s3proxy and a Ray head + 1 worker node (started here if they were not), a driver connected to them."""
-    import ray
-
     from pipelines.storage import storage_env
 
     own = [s for s in (services.S3Proxy(), services.Ray(), services.RayWorker(1)) if s.pid() is None]
     services.S3Proxy().start()
     services.start_ray(workers=1)
     saved = dict(os.environ)
+    # before Ray is imported: it reads its auth settings once, when its core library loads
     os.environ.update({**services.s3_client_env(), **services.ray_client_env()})
+    import ray
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(address=services.RAY_ADDRESS, log_to_driver=False,
              runtime_env={"env_vars": {**storage_env(), "PYTHONPATH": root}})
@@ -164,8 +163,8 @@ def test_killing_the_worker_node_during_a_retrain_keeps_the_served_model(cluster
     th.start()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # both Train workers up: the fit is under way
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                   if "TrainWorker" in (a.class_name or "")]
+        alive = list_actors(address=services.RAY_DASHBOARD, filters=[("state", "=", "ALIVE")], limit=1000)
+        workers = [a for a in alive if "TrainWorker" in (a.class_name or "")]
         if len(workers) >= 2:
             break
         time.sleep(1)
