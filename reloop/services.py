@@ -572,6 +572,15 @@ class RayWorker(Service):
             cmd.append(f"--num-cpus={self.num_cpus}")
         return cmd
 
+    def start(self) -> Status:
+        if self.pid() is None:
+            # a node we killed stays "alive" in the head's view until its heartbeats time out: wait for that
+            # rather than mistaking it for someone else's node
+            deadline = time.monotonic() + 90
+            while self.ready() and time.monotonic() < deadline:
+                time.sleep(1)
+        return super().start()
+
     def ready(self) -> bool:
         """The head lists a live node holding this node's resource."""
         return any(n["alive"] and self.resource in n["resources"] for n in ray_nodes())
