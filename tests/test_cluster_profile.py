@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reloop import services
 
@@ -46,13 +48,28 @@ def run_cli(tmp_path: Path, name: str, *args: str) -> dict:
     return summary
 
 
+def feature_repo(tmp: Path, name: str) -> Path:
+    """A fresh copy of the Feast repo, so each profile's online store holds only this test's events."""
+    repo = tmp / name
+    repo.mkdir()
+    for f in ("feature_repo.py", "feature_store.yaml", "feature_store.redis.yaml"):
+        shutil.copy(REPO / "features" / f, repo / f)
+    return repo
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("profiles")
-    embedded = run_cli(tmp, "embedded")
-    cluster = run_cli(tmp, "cluster", "--profile", "cluster")
+    sqlite_repo, redis_repo = feature_repo(tmp, "features_sqlite"), feature_repo(tmp, "features_redis")
+    (tmp / "embedded.yaml").write_text(yaml.safe_dump({"feast": {"repo_path": str(sqlite_repo)}}))
+    cluster_cfg = yaml.safe_load((REPO / "infra" / "cluster.yaml").read_text())
+    cluster_cfg["feast"]["repo_path"] = str(redis_repo)
+    (tmp / "cluster.yaml").write_text(yaml.safe_dump(cluster_cfg))
+    embedded = run_cli(tmp, "embedded", "--config", str(tmp / "embedded.yaml"))
+    cluster = run_cli(tmp, "cluster", "--profile", "cluster", "--config", str(tmp / "cluster.yaml"))
     for s in (embedded, cluster):
         print(f"\n[{s['run_id']}] wall {s['seconds']:.1f}s throughput {json.dumps(s.get('throughput'))}")
+    embedded["feast_repo"], cluster["feast_repo"] = sqlite_repo, redis_repo
     return embedded, cluster
 
 
@@ -95,14 +112,15 @@ def test_retrain_ran_on_two_nodes(runs):
 
 
 def test_redis_holds_the_same_online_features_as_sqlite(runs):
+    embedded, cluster = runs
     from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
     from pipelines.config import FeastConfig
     from pipelines.feast_io import ITEM_VIEW, USER_VIEW, open_store
     from reloop.datasets import load_dataset
 
     events = load_dataset("movielens-100k", limit=EVENTS)
-    sqlite = open_store(FeastConfig(profile="sqlite", repo_path=str(REPO / "features")))
-    redis = open_store(FeastConfig(profile="redis", repo_path=str(REPO / "features"),
+    sqlite = open_store(FeastConfig(profile="sqlite", repo_path=str(embedded["feast_repo"])))
+    redis = open_store(FeastConfig(profile="redis", repo_path=str(cluster["feast_repo"]),
                                    redis_connection_string=services.REDIS_URL))
     for key, view, names in (("user_id", USER_VIEW, USER_FEATURES), ("item_id", ITEM_VIEW, ITEM_FEATURES)):
         ids = sorted(set(events[key].to_pylist()))
