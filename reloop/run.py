@@ -566,8 +566,9 @@ class LoopRun:
                     self.c.learned = st["learned"]
                 except ray.exceptions.GetTimeoutError:
                     pass  # busy machine: ask again next time
-                except ray.exceptions.RayActorError as e:
-                    self.errors.append(f"trainer died: {e!r}")
+                except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
+                    # a lost node or Ray's memory monitor: the run ends with the reason, not a traceback
+                    self.errors.append(f"trainer died: {str(e)[:500]}")
                     self.stop.set()
                 if progress:
                     progress.update(total=table.num_rows)
