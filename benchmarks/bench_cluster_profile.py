@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in (("embedded", ()), ("cluster", ("--profile", "cluster"))):
         s, peak = run(tmp, name, a.events, *extra)
         row = {"profile": name, "wall_s": s["seconds"], "process_s": s["process_seconds"]}
-        row.update({f"{k} ev/s": v for k, v in s["throughput"].items()})
+        row.update({f"{k} ev/s": v for k, v in s["throughput_events_per_s"].items()})
         rows.append(row)
         peaks[name] = peak
         counts[name] = s["counts"]

@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     embedded = run_cli(tmp, "embedded", "--config", str(tmp / "embedded.yaml"))
     cluster = run_cli(tmp, "cluster", "--profile", "cluster", "--config", str(tmp / "cluster.yaml"))
     for s in (embedded, cluster):
-        print(f"\n[{s['run_id']}] wall {s['seconds']:.1f}s throughput {json.dumps(s.get('throughput'))}")
+        print(f"\n[{s['run_id']}] wall {s['seconds']:.1f}s events/s {json.dumps(s['throughput_events_per_s'])}")
     embedded["feast_repo"], cluster["feast_repo"] = sqlite_repo, redis_repo
     return embedded, cluster
 
