@@ -430,7 +430,8 @@ class LoopRun:
         from reloop.runners import runner_args, start_local_flink
 
         fj = self.cfg.feature_job
-        args = runner_args(fj.runner, list(fj.pipeline_args), start_local_flink) if fj.runner else list(fj.pipeline_args)
+        # feature_job.runner "flink": the local job server (started if down) or --flink_master's cluster
+        args = runner_args(fj.runner, list(fj.pipeline_args), start_local_flink)
         while not self.stop.is_set():
             started = time.monotonic()
             replay_finished = self.replay_done.is_set()
