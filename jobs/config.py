@@ -23,6 +23,12 @@ class RayConfig(Strict):
     address: str | None = None
     #: the dashboard/jobs address for ``ray job submit``
     jobs_address: str = Field(default_factory=lambda: "http://" + _local("RELOOP_RAY_DASHBOARD_PORT", 8265))
+    #: extra resources the incremental trainer actor asks for, e.g. {"reloop_worker_1": 1} to place it on
+    #: the node that has that custom resource
+    trainer_resources: dict[str, float] = Field(default_factory=dict)
+    #: the retrain's Ray Train workers, and how their bundles are placed (STRICT_SPREAD: one per node)
+    retrain_workers: int = Field(1, ge=1)
+    retrain_placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class WebhookConfig(Strict):

@@ -41,7 +41,7 @@ class RetrainConfig:
 
     examples_uri: str
     registry_uri: str
-    storage_path: str                      # Ray Train run directory (absolute)
+    storage_path: str                      # Ray Train run directory (absolute, or a URI such as s3://b/ray_train)
     model_kind: str = "dcnv2"
     feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
     window_days: float | None = 7.0
@@ -53,6 +53,11 @@ class RetrainConfig:
     lr: float = 1e-3
     hash_buckets: int = 20_011
     num_workers: int = 1
+    #: placement of the workers' bundles: PACK (default), SPREAD, or STRICT_SPREAD (one worker per node)
+    placement_strategy: str = "PACK"
+    #: how often a failed fit is tried again (worker errors, lost nodes, a worker group that cannot be placed);
+    #: 0: the retrain fails at the first one and the current model stays
+    max_failures: int = 0
     promote: bool = False
     seed: int = 0
 
@@ -119,6 +124,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
+    # where every worker runs, gathered to worker 0 for the record (which nodes took part)
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     table = ExampleStore(cfg.examples_uri).read_window(loop["ts_min"], loop["ts_max"])
     train, holdout = split_window(table, cfg.holdout_fraction)
     enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
@@ -128,7 +140,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                      num_numeric=len(ec.numeric_fields), categorical_fields=ec.categorical_fields,
                      numeric_fields=ec.numeric_fields, seed=cfg.seed)
     base = build_model(mc)
-    model = ray.train.torch.prepare_model(base) if world > 1 else base
+    # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
+    model = ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else base
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # equal shards (every world-th row) so every worker runs the same number of DDP steps
     per = train.num_rows // world
@@ -158,7 +172,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                       os.path.join(d, "model.safetensors"))
             with open(os.path.join(d, "meta.json"), "w") as f:
                 json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
-                           "train_rows": train.num_rows, "holdout_rows": holdout.num_rows,
+                           "train_rows": train.num_rows, "holdout_rows": holdout.num_rows, "worker_nodes": nodes,
                            "train_ts": [int(train["ts"][0].as_py()), int(train["ts"][-1].as_py())],
                            "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())]}, f)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -168,7 +182,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
 def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Fit on Ray (already initialised), publish the candidate; returns a summary (version, metrics)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
@@ -179,8 +193,14 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1},
+                                     placement_strategy=cfg.placement_strategy),
+        # a lost node counts like any failure: by default Ray Train retries preemptions and controller errors
+        # (a worker group that cannot be placed again) forever, which would wedge the deployer
+        run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=cfg.max_failures,
+                                                          max_preemption_failures=cfg.max_failures)),
     )
     result = trainer.fit()
     fit_s = time.time() - t0
@@ -193,7 +213,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("holdout_") or k == "train_loss"}
     registry = ModelRegistry(cfg.registry_uri)
     extra: dict[str, Any] = {"encoder": meta["encoder_config"], "source": "jobs.retrain",
-                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s}
+                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s,
+                             "worker_nodes": meta.get("worker_nodes", [])}
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
@@ -213,7 +234,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
                                              "holdout_rows": meta["holdout_rows"]},
                              metrics=metrics, extra=extra, promote=cfg.promote)
     return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
-            "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1)}
+            "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1),
+            "worker_nodes": extra["worker_nodes"], "checkpoint": result.checkpoint.path}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.Namespace]:
@@ -232,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="STRICT_SPREAD: every worker on its own node")
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -243,12 +267,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     registry = a.registry or c.storage.registry_uri
     if "://" not in registry:
         registry = os.path.abspath(registry)
-    storage = os.path.abspath(a.storage_path or os.path.join(os.path.dirname(os.path.abspath(
-        c.storage.examples_uri)), "ray_train"))
+    storage = a.storage_path or os.path.join(os.path.dirname(os.path.abspath(c.storage.examples_uri)), "ray_train")
+    if "://" not in storage:  # s3://... is for Ray Train to open; a local one must be absolute
+        storage = os.path.abspath(storage)
     return RetrainConfig(examples_uri=examples, registry_uri=registry, storage_path=storage, model_kind=a.model,
                          feature_service=a.feature_service, window_days=a.window_days, ts_min=a.ts_min,
                          ts_max=a.ts_max, holdout_fraction=a.holdout, epochs=a.epochs, batch_size=a.batch_size,
-                         lr=a.lr, num_workers=a.workers, promote=a.promote, seed=a.seed), a
+                         lr=a.lr, num_workers=a.workers, placement_strategy=a.placement,
+                         promote=a.promote, seed=a.seed), a
 
 
 def main(argv: list[str] | None = None) -> int:

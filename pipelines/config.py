@@ -81,6 +81,8 @@ class StorageConfig(Strict):
     registry_uri: str = ".state/registry"
     #: where the feature job writes training examples (partitioned Parquet)
     examples_uri: str = ".state/examples"
+    #: where the incremental trainer checkpoints and Ray Train keeps its runs (``<uri>/ray_train``)
+    trainer_uri: str = ".state/trainer"
     #: where reports and evaluation results go
     reports_dir: str = "reports"
 
@@ -104,6 +106,11 @@ class FeatureJobConfig(Strict):
     attribution_window_s: float = Field(3600.0, gt=0)
     #: contract v2: how long closed impressions are remembered, to tell a late click from an orphan
     closed_retention_s: float = Field(7 * 86400.0, ge=0)
+    #: the Beam runner of ``reloop run``'s micro-batches: None = Beam's local runner; "flink" = the local
+    #: Flink job server (``reloop up flink``), or a Flink cluster with ``--flink_master`` in pipeline_args
+    runner: str | None = None
+    #: more Beam flags, e.g. ["--parallelism=2"] or ["--flink_master=jm:8081"]
+    pipeline_args: list[str] = Field(default_factory=list)
 
 
 

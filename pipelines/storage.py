@@ -17,6 +17,20 @@ fine), any ``pyarrow.fs`` URI (``s3://``, ``gs://``, ``hdfs://``) or any fsspec 
 >>> fs, _, local = open_filesystem("memory://models")
 >>> type(fs).__name__, local
 ('PyFileSystem', False)
+
+Object stores: an S3 endpoint is not a config key of each store but the standard AWS
+environment that pyarrow's ``from_uri``, Ray Train and s3fs all read (``AWS_ENDPOINT_URL``
+for MinIO, s3proxy or another S3-compatible store; keys from ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` or the machine's role), so secrets never sit in a config file.
+A driver hands the same environment to the processes it starts elsewhere:
+:func:`storage_env` is the subset of its own environment that Ray workers need
+(``runtime_env={"env_vars": storage_env()}``).
+
+>>> env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "HOME": "/root", "AWS_REGION": "us-east-1"}
+>>> sorted(storage_env(env))
+['AWS_ENDPOINT_URL', 'AWS_REGION']
+>>> is_object_store("s3://reloop/models"), is_object_store("/tmp/x")
+(True, False)
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from typing import Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -81,3 +96,24 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, dur
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
     write_bytes_atomic(fs, path, sink.getvalue().to_pybytes(), durable=durable)
+
+
+#: the environment variables object-store clients read (pyarrow's S3 via the AWS SDK, s3fs, gcsfs)
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+    # S3-compatible servers that do not speak the SDK's newer default checksums need these two
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The object-store settings set in ``environ`` (default: this process), to forward to remote workers."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in STORAGE_ENV_VARS if k in environ}
+
+
+def is_object_store(uri: str) -> bool:
+    """True for a URI that is not a local path (``s3://``, ``gs://``, ``memory://``...; ``file://`` is local)."""
+    return "://" in uri and not uri.startswith("file://")

@@ -25,12 +25,17 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 @app.command()
-def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink (default: kafka, redis, ray)"),
-       with_: list[str] = typer.Option(None, "--with", help="also start these, e.g. --with flink")) -> None:
-    """Start the local services (idempotent): Kafka (KRaft), Redis, a Ray head; optionally a Flink job server."""
+def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink, s3 (default: kafka, redis, ray)"),
+       with_: list[str] = typer.Option(None, "--with", help="also start these, e.g. --with flink"),
+       workers: int = typer.Option(0, min=0, help="with ray: this many more Ray nodes beside the head")) -> None:
+    """Start the local services (idempotent): Kafka (KRaft), Redis, a Ray head; optionally a Flink job server,
+    s3proxy (s3) and more Ray nodes (--workers)."""
     from reloop import services as svc
 
-    for name in [*(services or SERVICE_NAMES), *(with_ or [])]:
+    names = [*(services or SERVICE_NAMES), *(with_ or [])]
+    if workers and "ray" in names:
+        names += [f"ray-worker-{i}" for i in range(1, workers + 1)]
+    for name in names:
         try:
             st = svc.get(name).start()
         except svc.ServiceError as e:
@@ -39,7 +44,8 @@ def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink
 
 
 @app.command()
-def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink (default: kafka, redis, ray)"),
+def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray (and its worker nodes), flink, s3 "
+                                                          "(default: kafka, redis, ray)"),
          with_: list[str] = typer.Option(None, "--with", help="also stop these, e.g. --with flink")) -> None:
     """Stop the local services that reloop started (by pid; nothing else is touched)."""
     from reloop import services as svc
@@ -145,6 +151,8 @@ def run(
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
     config: Optional[str] = typer.Option(None, help="YAML config file"),
+    profile: str = typer.Option("embedded", help="embedded (in process) or cluster (Flink, Redis, two-node Ray, "
+                                                 "s3proxy: infra/cluster.yaml on this machine's services)"),
     quiet: bool = typer.Option(False, "--quiet", help="no live progress"),
 ) -> None:
     """Run the whole loop: replay -> Beam features -> Feast + examples -> Ray trainer -> serving with memory
@@ -153,10 +161,11 @@ def run(
 
     from online_models.errors import ConfigError
     from online_models.models import KINDS
-    from reloop.config import load_config
     from reloop.datasets import DatasetError
+    from reloop.profiles import ProfileError, profile_config
     from reloop.replay import ReplayError, parse_speed
     from reloop.run import LoopRun, RunError, RunOptions
+    from reloop.services import ServiceError
 
     if model not in KINDS:
         _fail(f"--model must be one of {', '.join(KINDS)}, got {model!r}")
@@ -166,8 +175,8 @@ def run(
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
                           gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
                           state_root=state_dir)
-        summary = LoopRun(load_config(config), opts).run()
-    except (ConfigError, DatasetError, ReplayError, RunError) as e:
+        summary = LoopRun(profile_config(profile, config), opts).run()
+    except (ConfigError, DatasetError, ReplayError, RunError, ProfileError, ServiceError) as e:
         _fail(str(e))
     v = summary["variants"]
     typer.echo(json.dumps({k: summary[k] for k in ("run_id", "seconds", "counts", "memory_auc_gain")}, indent=2))

@@ -94,7 +94,8 @@ def run_config(cfg: ReloopConfig, run_id: str, state: Path) -> ReloopConfig:
         "kafka": cfg.kafka.model_copy(update={"consumer_group": f"{cfg.kafka.consumer_group}.{run_id}",
                                               "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}"}),
         "storage": cfg.storage.model_copy(update={"examples_uri": under(cfg.storage.examples_uri, "examples"),
-                                                  "registry_uri": under(cfg.storage.registry_uri, "registry")}),
+                                                  "registry_uri": under(cfg.storage.registry_uri, "registry"),
+                                                  "trainer_uri": under(cfg.storage.trainer_uri, "trainer")}),
         "feature_job": cfg.feature_job.model_copy(update={"state_uri": under(cfg.feature_job.state_uri,
                                                                              "feature_state")}),
         "hooks": cfg.hooks.model_copy(update={"dead_letter_path": str(state / "alerts.deadletter.jsonl")}),
@@ -245,8 +246,10 @@ class Deployer:
 
         res = run_retrain(RetrainConfig(
             examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
-            storage_path=str(Path(self.trainer_dir).parent / "ray_train"), model_kind=self.opts.model,
-            window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.opts.seed))
+            storage_path=_sibling(self.trainer_dir, "ray_train"), model_kind=self.opts.model,
+            window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.opts.seed,
+            num_workers=self.cfg.ray.retrain_workers, placement_strategy=self.cfg.ray.retrain_placement))
+        self._log("retrain fitted", version=res["version"], worker_nodes=res.get("worker_nodes", []))
         return Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]})
 
     def _gate(self, version: str, prequential: bool = False) -> tuple[float, float, int]:
@@ -284,16 +287,30 @@ class Deployer:
         return logloss(y, p.numpy()), logloss(y, last["p_base"][pos]), len(pos)
 
 
+def _sibling(uri: str, name: str) -> str:
+    """``name`` beside ``uri``'s last component: a local path or an object-store URI."""
+    if "://" in uri:
+        return posixpath.join(posixpath.dirname(uri.rstrip("/")), name)
+    return str(Path(uri).parent / name)
+
+
 def _trainer_predictions(trainer_dir: str) -> dict[str, np.ndarray]:
     """The incremental trainer's test-then-train log: event_id, ts, label, pred (before each update)."""
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
-    d = Path(trainer_dir) / "predictions"
-    files = sorted(str(p) for p in d.glob("part-*.parquet")) if d.exists() else []
+    from jobs.registry import open_filesystem
+
+    # a local directory or an object-store URI (the cluster profile keeps the trainer's log in the bucket)
+    fs, root, local = open_filesystem(trainer_dir)
+    d = os.path.join(root, "predictions") if local else posixpath.join(root, "predictions")
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+                   and i.base_name.endswith(".parquet"))
     if not files:
         return {"event_id": np.zeros(0, object), "ts": np.zeros(0, np.int64), "label": np.zeros(0),
                 "pred": np.zeros(0)}
-    t = ds.dataset(files, format="parquet").to_table()
+    t = ds.dataset(files, format="parquet", filesystem=fs).to_table()
     # a crash can make the trainer re-log a batch under a new name: keep the last prediction per event
     ids = t["event_id"].to_numpy(zero_copy_only=False).astype(object)
     _, last = np.unique(ids[::-1], return_index=True)
@@ -411,11 +428,15 @@ class LoopRun:
 
     def _features(self) -> None:
         from pipelines.feature_job import run_once
+        from reloop.runners import runner_args, start_local_flink
 
+        fj = self.cfg.feature_job
+        # feature_job.runner "flink": the local job server (started if down) or --flink_master's cluster
+        args = runner_args(fj.runner, list(fj.pipeline_args), start_local_flink)
         while not self.stop.is_set():
             started = time.monotonic()
             replay_finished = self.replay_done.is_set()
-            s = run_once(self.cfg, topic=self.topic)
+            s = run_once(self.cfg, topic=self.topic, pipeline_args=args or None)
             if s.committed:
                 # events after a partition's time-aligned cut are read again by the next micro-batch: count
                 # each event once (deferred ones and the rejections among them are not done yet)
@@ -434,7 +455,7 @@ class LoopRun:
     def _trainer_config(self):
         from jobs.trainer import TrainerConfig
 
-        return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=str(self.state / "trainer"),
+        return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=self.cfg.storage.trainer_uri,
                              registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
                              checkpoint_every=5000, checkpoint_seconds=15.0, publish_every=1, promote=False,
                              poll_seconds=0.5, seed=self.opts.seed)
@@ -495,6 +516,7 @@ class LoopRun:
         from jobs.registry import ModelRegistry
         from jobs.trainer import IncrementalTrainer
         from pipelines.kafka_io import ensure_topics
+        from pipelines.storage import storage_env
         from reloop.live import ServingLoop
 
         if not self.opts.resume:
@@ -508,7 +530,7 @@ class LoopRun:
         self.dataset_rows = table.num_rows
         registry = ModelRegistry(self.cfg.storage.registry_uri)
         live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
-        deployer = Deployer(registry, live, self.opts, self.cfg, str(self.state / "trainer"))
+        deployer = Deployer(registry, live, self.opts, self.cfg, self.cfg.storage.trainer_uri)
         deployer.t0 = live.t0 = self.t0
         live.mark_ts = self.shift["start_ts"] if self.shift else None
         monitor = build_loop(self.cfg, actions=deployer, on_request=self._on_request(live))
@@ -516,11 +538,14 @@ class LoopRun:
         if self.opts.resume:
             self._load_live(live, monitor)
 
+        # Ray workers on other nodes reach s3:// storage with the driver's object-store settings
+        env_vars = {**storage_env(), "PYTHONPATH": os.getcwd()}
         if self.cfg.ray.address:
-            ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+            ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
         else:
-            init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
-        trainer = ray.remote(num_cpus=1, max_concurrency=2)(IncrementalTrainer).remote(self._trainer_config())
+            init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        trainer = ray.remote(num_cpus=1, max_concurrency=2, resources=dict(self.cfg.ray.trainer_resources) or None)(
+            IncrementalTrainer).remote(self._trainer_config())
         trainer_run = trainer.run.remote()
         try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously
             ray.get(trainer.status.remote(), timeout=300)
@@ -543,8 +568,9 @@ class LoopRun:
                     self.c.learned = st["learned"]
                 except ray.exceptions.GetTimeoutError:
                     pass  # busy machine: ask again next time
-                except ray.exceptions.RayActorError as e:
-                    self.errors.append(f"trainer died: {e!r}")
+                except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
+                    # a lost node or Ray's memory monitor: the run ends with the reason, not a traceback
+                    self.errors.append(f"trainer died: {str(e)[:500]}")
                     self.stop.set()
                 if progress:
                     progress.update(total=table.num_rows)
@@ -648,7 +674,7 @@ class LoopRun:
         from reloop.report import RunRecord, Series, write_report
 
         a = live.trace.arrays()
-        tp = _trainer_predictions(str(self.state / "trainer"))
+        tp = _trainer_predictions(self.cfg.storage.trainer_uri)
         series = {"served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
                   "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"])}
         if len(tp["ts"]):

@@ -13,13 +13,21 @@ Every call is idempotent: ``start`` on a running service returns at once,
   for this local service, from that file) and FLUSHALL/FLUSHDB/CONFIG disabled.
 - A Ray head (``ray start --head --block``) with token authentication, for
   ``ray job submit``; the token lives in the state dir, never in the repo.
+  ``--workers N`` adds N more Ray nodes (``ray start --address``) on their own
+  ports, each with its own custom resource (``reloop_head``, ``reloop_worker_1``...)
+  so placement on a node can be asked for and seen.
+- s3proxy (``infra/s3proxy/lib``, its filesystem backend) as an S3 endpoint for
+  ``s3://`` storage URIs; its generated credentials live in the state dir
+  (``s3/credentials.json``), and :func:`s3_client_env` gives the ``AWS_*``
+  environment a client (or a Ray worker) needs.
 
-Command line: ``python -m reloop.services {start|stop|status} [kafka|redis|ray ...]``
+Command line: ``python -m reloop.services {start|stop|status} [kafka|redis|ray|s3 ...] [--workers N]``
 (what ``reloop up/down/status`` and the ``infra/*.sh`` scripts call).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -55,11 +63,21 @@ FLINK_JOB_PORT = _port("RELOOP_FLINK_JOB_PORT", 8099)
 FLINK_ARTIFACT_PORT = _port("RELOOP_FLINK_ARTIFACT_PORT", 8098)
 FLINK_EXPANSION_PORT = _port("RELOOP_FLINK_EXPANSION_PORT", 8097)
 KAFKA_EXPANSION_PORT = _port("RELOOP_KAFKA_EXPANSION_PORT", 8096)
+S3_PORT = _port("RELOOP_S3_PORT", 9000)
+RAY_CLIENT_PORT = _port("RELOOP_RAY_CLIENT_PORT", 10001)
+#: the extra Ray nodes' ports: node k uses RAY_WORKER_PORT_BASE + 200 * (k - 1) + [0, 200)
+RAY_WORKER_PORT_BASE = _port("RELOOP_RAY_WORKER_PORT_BASE", 24000)
 
 KAFKA_BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 REDIS_URL = f"127.0.0.1:{REDIS_PORT}"
 RAY_ADDRESS = f"127.0.0.1:{RAY_PORT}"
 RAY_DASHBOARD = f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+#: the bucket ``reloop up s3`` creates (the cluster profile's storage URIs live in it)
+S3_BUCKET = "reloop"
+#: the custom resource of each Ray node ``reloop up ray`` starts: ``{name: NODE_RESOURCE_UNITS}``
+RAY_HEAD_RESOURCE = "reloop_head"
+NODE_RESOURCE_UNITS = 100
 
 
 class ServiceError(ReloopError, RuntimeError):
@@ -385,7 +403,14 @@ class Ray(Service):
         ray = Path(sys.executable).parent / "ray"
         return [str(ray), "start", "--head", "--block", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--include-dashboard=true",
-                f"--temp-dir={self.dir / 'tmp'}", "--disable-usage-stats"]
+                f"--temp-dir={self.dir / 'tmp'}", "--disable-usage-stats",
+                f"--ray-client-server-port={RAY_CLIENT_PORT}",
+                "--resources=" + json.dumps({RAY_HEAD_RESOURCE: NODE_RESOURCE_UNITS})]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for w in running_ray_workers():  # a worker node without its head only retries: stop it first
+            w.stop(timeout_s)
+        super().stop(timeout_s)
 
     def ready(self) -> bool:
         if not _port_open(RAY_DASHBOARD_PORT):
@@ -528,6 +553,236 @@ class KafkaExpansion(Service):
             return False
 
 
+class RayWorker(Service):
+    """One more Ray node on this machine (``ray start --address=<head> --block``), joining the head above.
+
+    Node ``index`` gets the custom resource ``reloop_worker_<index>`` (placement can ask for it) and its own
+    ports (:data:`RAY_WORKER_PORT_BASE`), so it never collides with another Ray on the machine. It shares
+    the head's temp dir (one Ray session per machine) and token. Stopped by its pid like every service;
+    killing that pid's process group is what a lost machine looks like to the head.
+    """
+
+    ready_timeout_s = 120.0
+
+    def __init__(self, index: int = 1, root: Path | None = None, num_cpus: int | None = None,
+                 object_store_bytes: int = 512 * 1024 * 1024) -> None:
+        super().__init__(root)
+        if index < 1:
+            raise ServiceError(f"ray worker node index must be >= 1, got {index}")
+        self.index, self.num_cpus, self.object_store_bytes = index, num_cpus, object_store_bytes
+        self.name = f"ray-worker-{index}"
+        self.base = RAY_WORKER_PORT_BASE + 200 * (index - 1)
+
+    @property
+    def resource(self) -> str:
+        return ray_worker_resource(self.index)
+
+    def address(self) -> str:
+        return f"127.0.0.1:{self.base} (node of {RAY_ADDRESS})"
+
+    def version(self) -> str:
+        return Ray(self.root).version()
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **ray_client_env()}
+
+    def prepare(self) -> None:
+        head = Ray(self.root)
+        if head.pid() is None or not head.ready():
+            raise ServiceError(f"{self.name}: the Ray head is not up; start it first (`reloop up ray`)")
+
+    def command(self) -> list[str]:
+        ray = Path(sys.executable).parent / "ray"
+        b = self.base
+        cmd = [str(ray), "start", f"--address={RAY_ADDRESS}", "--block", "--node-ip-address=127.0.0.1",
+               f"--node-manager-port={b}", f"--object-manager-port={b + 1}",
+               f"--dashboard-agent-listen-port={b + 2}", f"--dashboard-agent-grpc-port={b + 3}",
+               f"--metrics-export-port={b + 4}", f"--runtime-env-agent-port={b + 5}",
+               f"--min-worker-port={b + 100}", f"--max-worker-port={b + 199}",
+               f"--object-store-memory={self.object_store_bytes}",
+               f"--temp-dir={Ray(self.root).dir / 'tmp'}", "--disable-usage-stats",
+               "--resources=" + json.dumps({self.resource: NODE_RESOURCE_UNITS})]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        return cmd
+
+    def start(self) -> Status:
+        if self.pid() is None:
+            # a node we killed stays "alive" in the head's view until its heartbeats time out: wait for that
+            # rather than mistaking it for someone else's node
+            deadline = time.monotonic() + 90
+            while self.ready() and time.monotonic() < deadline:
+                time.sleep(1)
+        return super().start()
+
+    def ready(self) -> bool:
+        """The head lists a live node holding this node's resource."""
+        return any(n["alive"] and self.resource in n["resources"] for n in ray_nodes())
+
+
+def ray_worker_resource(index: int) -> str:
+    """The custom resource that only Ray worker node ``index`` has (``reloop_worker_<index>``)."""
+    return f"reloop_worker_{index}"
+
+
+def ray_nodes() -> list[dict]:
+    """The head's view of its nodes (node id, alive, resources), from the dashboard; [] when unreachable."""
+    if not _port_open(RAY_DASHBOARD_PORT):
+        return []
+    import urllib.request
+
+    token = (state_dir() / "ray" / "auth_token")
+    try:
+        req = urllib.request.Request(f"{RAY_DASHBOARD}/nodes?view=summary",
+                                     headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=3) as r:
+            data = json.loads(r.read())
+    except Exception:  # not serving yet, or no token: no nodes to report
+        return []
+    # the dashboard camel-cases every key (reloop_worker_1 -> reloopWorker1): map ours back
+    ours = {_camel(r): r for r in (RAY_HEAD_RESOURCE, *(ray_worker_resource(i) for i in range(1, 65)))}
+    out = []
+    for n in data.get("data", {}).get("summary", []):
+        raylet = n.get("raylet", {})
+        res = {ours.get(k, k): v for k, v in raylet.get("resourcesTotal", {}).items()}
+        out.append({"node_id": raylet.get("nodeId"), "alive": raylet.get("state") == "ALIVE", "resources": res})
+    return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def running_ray_workers(root: Path | None = None) -> list[RayWorker]:
+    """The worker nodes started from this state dir whose process is still alive."""
+    out = []
+    for d in sorted((root or state_dir()).glob("ray-worker-*")):
+        try:
+            w = RayWorker(int(d.name.rsplit("-", 1)[1]), root)
+        except (ValueError, ServiceError):
+            continue
+        if w.pid() is not None:
+            out.append(w)
+    return out
+
+
+def start_ray(workers: int = 0) -> list[Status]:
+    """The Ray head plus ``workers`` more nodes (idempotent); returns their statuses, head first."""
+    out = [Ray().start()]
+    out += [RayWorker(i).start() for i in range(1, workers + 1)]
+    return out
+
+
+class S3Proxy(Service):
+    """s3proxy with its filesystem backend: an S3 API on 127.0.0.1 for ``s3://`` URIs, with generated keys.
+
+    The keys are made once per state dir (``s3/credentials.json``, mode 0600), never in the repo; objects
+    live under ``s3/data/<bucket>/``. On start the bucket :data:`S3_BUCKET` is created.
+    """
+
+    name = "s3"
+    lib = INFRA / "s3proxy" / "lib"
+    ready_timeout_s = 60.0
+
+    def __init__(self, root: Path | None = None, port: int = S3_PORT, heap: str = "256m") -> None:
+        super().__init__(root)
+        self.port, self.heap = port, heap
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def address(self) -> str:
+        return self.endpoint
+
+    def version(self) -> str:
+        jars = sorted(self.lib.glob("s3proxy-*.jar"))
+        return jars[0].stem.split("-", 1)[1] if jars else "?"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.dir / "credentials.json"
+
+    def credentials(self) -> dict[str, str]:
+        """``{"access_key_id", "secret_access_key", "endpoint", "region", "bucket"}`` of this store."""
+        try:
+            return json.loads(self.credentials_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ServiceError(f"s3: no credentials in {self.credentials_file} (`reloop up s3` makes them): {e}") \
+                from None
+
+    def prepare(self) -> None:
+        if not self.credentials_file.exists():
+            self.credentials_file.touch(mode=0o600)
+            self.credentials_file.write_text(json.dumps({
+                "access_key_id": "reloop-" + secrets.token_hex(8), "secret_access_key": secrets.token_hex(24),
+                "region": "us-east-1", "bucket": S3_BUCKET}))
+        creds = self.credentials()
+        if creds.get("endpoint") != self.endpoint:  # the port may have moved since the keys were made
+            creds["endpoint"] = self.endpoint
+            self.credentials_file.write_text(json.dumps(creds))
+        (self.dir / "data").mkdir(exist_ok=True)
+        props = self.dir / "s3proxy.properties"
+        props.touch(mode=0o600)  # it holds the secret too
+        props.write_text("\n".join([
+            f"s3proxy.endpoint={self.endpoint}", "s3proxy.authorization=aws-v2-or-v4",
+            f"s3proxy.identity={creds['access_key_id']}", f"s3proxy.credential={creds['secret_access_key']}",
+            "jclouds.provider=filesystem", f"jclouds.filesystem.basedir={self.dir / 'data'}", ""]))
+
+    def command(self) -> list[str]:
+        java = shutil.which("java")
+        if not java:
+            raise ServiceError("java not found: s3proxy needs Java 17+")
+        if not (self.lib / ".complete").exists():
+            raise ServiceError(f"s3proxy jars missing in {self.lib}; run scripts/setup.sh (it fetches them with mvn)")
+        return [java, f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+                f"-Dlogback.configurationFile={INFRA / 's3proxy' / 'logback.xml'}",
+                "-cp", str(self.lib / "*"), "org.gaul.s3proxy.Main", "--properties",
+                str(self.dir / "s3proxy.properties")]
+
+    def _fs(self, **kw):
+        import pyarrow.fs as pafs
+
+        c = self.credentials()
+        return pafs.S3FileSystem(access_key=c["access_key_id"], secret_key=c["secret_access_key"],
+                                 endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region=c["region"],
+                                 connect_timeout=1, request_timeout=3,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **kw)
+
+    def ready(self) -> bool:
+        """A signed request with our keys is answered (a wrong key or another server raises)."""
+        if not _port_open(self.port) or not self.credentials_file.exists():
+            return False
+        try:
+            self._fs().get_file_info(S3_BUCKET)
+            return True
+        except Exception:  # not serving yet
+            return False
+
+    def start(self) -> Status:
+        st = super().start()
+        import pyarrow.fs as pafs
+
+        fs = self._fs(allow_bucket_creation=True)
+        if fs.get_file_info(S3_BUCKET).type == pafs.FileType.NotFound:
+            fs.create_dir(S3_BUCKET)
+        return st
+
+
+def s3_client_env(root: Path | None = None) -> dict[str, str]:
+    """The ``AWS_*`` environment under which pyarrow (``FileSystem.from_uri``), Ray Train and s3fs open
+    ``s3://`` URIs on the local s3proxy: endpoint, keys, region, and the checksum settings s3proxy needs
+    (without them multipart uploads fail with ``XAmzContentSHA256Mismatch``). Give it to every process
+    that touches the store, Ray workers included."""
+    c = S3Proxy(root).credentials()
+    return {"AWS_ENDPOINT_URL": c["endpoint"], "AWS_ACCESS_KEY_ID": c["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": c["secret_access_key"], "AWS_DEFAULT_REGION": c["region"],
+            "AWS_REGION": c["region"], "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
 def ray_client_env() -> dict[str, str]:
     """Environment for a Ray client of the local head: token auth with the state dir's token."""
     token = state_dir() / "ray" / "auth_token"
@@ -535,10 +790,12 @@ def ray_client_env() -> dict[str, str]:
 
 
 SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray, "flink": Flink,
-                                     "expansion": KafkaExpansion}
+                                     "expansion": KafkaExpansion, "s3": S3Proxy}
 
 
 def get(name: str) -> Service:
+    if name.startswith("ray-worker-") and name.rsplit("-", 1)[1].isdigit():
+        return RayWorker(int(name.rsplit("-", 1)[1]))
     try:
         return SERVICES[name]()
     except KeyError:
@@ -551,7 +808,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[-2:][0], file=sys.stderr)
         print("usage: python -m reloop.services {start|stop|status|kill} [kafka|redis|ray ...]", file=sys.stderr)
         return 2
+    workers = 0
+    if "--workers" in argv:  # `start ray --workers N`: the head plus N more Ray nodes
+        i = argv.index("--workers")
+        try:
+            workers = int(argv[i + 1])
+        except (IndexError, ValueError):
+            print("--workers needs a number", file=sys.stderr)
+            return 2
+        del argv[i:i + 2]
     verb, names = argv[0], argv[1:] or list(SERVICES)
+    if verb == "start" and workers and "ray" in names:
+        names = [*names, *(f"ray-worker-{i}" for i in range(1, workers + 1))]
     code = 0
     for name in names:
         svc = get(name)

@@ -3,6 +3,7 @@
 #   - .venv with the Python dependencies (pyproject.toml) and the MovieLens wheel
 #   - the Kafka jars from Maven Central (infra/kafka/pom.xml -> infra/kafka/lib)
 #   - the Beam Flink job server jars (infra/flink/pom.xml -> infra/flink/lib)
+#   - s3proxy, the S3 API of the cluster profile (infra/s3proxy/pom.xml -> infra/s3proxy/lib)
 #   - redis-server from Debian's packages
 # Re-running it is cheap: each step checks a stamp or the thing itself first.
 set -euo pipefail
@@ -48,6 +49,14 @@ if [ ! -f infra/flink/expansion/lib/.complete ]; then
      -DoutputDirectory=lib && touch lib/.complete)
 else
   echo "[setup] KafkaIO expansion service jars present"
+fi
+
+if [ ! -f infra/s3proxy/lib/.complete ]; then
+  echo "[setup] fetching s3proxy (S3 API over a local directory, for s3:// storage) from Maven Central"
+  (cd infra/s3proxy && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=lib \
+     && touch lib/.complete)
+else
+  echo "[setup] s3proxy jars present"
 fi
 
 if ! command -v redis-server >/dev/null; then
