@@ -299,7 +299,7 @@ def _trainer_predictions(trainer_dir: str) -> dict[str, np.ndarray]:
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    from jobs.registry import open_filesystem
+    from pipelines.storage import open_filesystem
 
     # a local directory or an object-store URI (the cluster profile keeps the trainer's log in the bucket)
     fs, root, local = open_filesystem(trainer_dir)

@@ -69,7 +69,7 @@ def data(cluster):
     from online_models.encoding import EncoderConfig
     from online_models.models import ModelConfig, build_model
     from pipelines.aggregates import USER_FEATURES
-    from pipelines.checkpoint import filesystem, write_parquet_atomic
+    from pipelines.storage import open_filesystem, write_parquet_atomic
 
     root = f"s3://{services.S3_BUCKET}/tests/{uuid.uuid4().hex[:10]}"
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def data(cluster):
                   "user_id": [f"u{u}" for u in users], "item_id": [f"i{x}" for x in rng.integers(0, 300, N_EXAMPLES)],
                   "label": (rng.random(N_EXAMPLES) < 0.3 + 0.4 * (users % 2)).astype("int8"),
                   USER_FEATURES[0]: rng.random(N_EXAMPLES)})
-    fs, path = filesystem(root + "/examples")
+    fs, path, _ = open_filesystem(root + "/examples")
     for k, lo in enumerate(range(0, N_EXAMPLES, 3000)):
         write_parquet_atomic(fs, f"{path}/run-{k}/part-0.parquet", t.slice(lo, 3000))
     reg = ModelRegistry(root + "/registry")

@@ -98,10 +98,10 @@ def test_trainer_learns_from_and_checkpoints_to_s3(s3):
     second trainer resumes from the first one's checkpoint in the bucket."""
     from jobs.trainer import IncrementalTrainer, TrainerConfig
     from pipelines.aggregates import USER_FEATURES
-    from pipelines.checkpoint import filesystem, write_parquet_atomic
+    from pipelines.storage import open_filesystem, write_parquet_atomic
 
     root = prefix()
-    fs, path = filesystem(root + "/examples")
+    fs, path, _ = open_filesystem(root + "/examples")
     n = 3000
     rng = __import__("numpy").random.default_rng(0)
     t = pa.table({"event_id": [f"e{i}" for i in range(n)], "ts": list(range(n)),
