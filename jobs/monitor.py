@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+from jobs.deploy import Candidate, Evaluation
 from reloop.drift.monitors import MonitorSuite, event_signals
 from reloop.drift.policy import DriftPolicy
 from reloop.drift.records import AuditLog, AuditRecord, Request, alert_payload
@@ -116,28 +117,6 @@ def _str(v: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- the actions protocol
-
-@dataclass(frozen=True)
-class Candidate:
-    """A retrained model waiting for the evaluation gate."""
-
-    version: str
-    job_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The gate's verdict: the candidate against the current model on the holdout slot.
-
-    ``current_metrics["logloss"]``, when given, is the reference of the rollback watch after promotion.
-    """
-
-    better: bool
-    candidate_metrics: dict[str, float]
-    current_metrics: dict[str, float]
-    reason: str = ""
-
 
 class Actions(Protocol):
     """What the job layer plugs in (Ray retrain job, evaluation gate, registry)."""
@@ -289,8 +268,17 @@ class MonitorLoop:
         except Exception as e:  # noqa: BLE001
             self._failed("rollback", e, None)
             return
+        if serving and serving == self._serving_version():
+            self._record("rollback_declined", f"{serving} stays current", "the gate found no evidence that the "
+                         "previous model is better", dict(req.metrics), {"current": serving})
+            return
         self._record("rolled_back", f"rolled back to {serving}", req.reason, dict(req.metrics),
                      {"current": serving, "rolled_back": req.model_version})
+
+    def _serving_version(self) -> str | None:
+        live = getattr(self.actions, "live", None)
+        served = getattr(live, "served", None)
+        return getattr(served, "version", None)
 
     # ------------------------------------------------------------------ audit
     def _record(self, kind: str, what: str, why: str, metrics: dict | None = None, versions: dict | None = None,

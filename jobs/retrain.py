@@ -206,9 +206,12 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     entry = registry.publish(weights, model_config=meta["model_config"], feature_service=cfg.feature_service,
                              training_range={"ts_min": ts_min, "ts_max": ts_max, "train_ts": meta["train_ts"],
                                              "holdout_ts": meta["holdout_ts"], "train_rows": meta["train_rows"],
-                                             "holdout_rows": meta["holdout_rows"]},
+                                             "holdout_rows": meta["holdout_rows"],
+                                             # the causal horizon: nothing of the window may be served by it
+                                             "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1])},
                              metrics=metrics, extra=extra, promote=cfg.promote)
     return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
+            "trained_until_ts": entry.training_range["trained_until_ts"],
             "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1)}
 
 

@@ -76,6 +76,9 @@ class TrainerConfig:
     max_examples: int | None = None        # stop after learning this many in this run
     throttle_seconds: float = 0.0          # pause per batch (share a small machine; crash tests)
     seed: int = 0
+    #: examples (in store order) learned freely before the serving clock bounds the trainer (see
+    #: :meth:`IncrementalTrainer.allow`): the bootstrap model's warm-up, which serving never scores
+    free_examples: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.checkpoint_every < 1:
@@ -116,6 +119,10 @@ class IncrementalTrainer:
         self.store = ExampleStore(config.examples_uri)
         self.position = Position()
         self.learned, self.digest, self.seq = 0, 0, 0
+        #: the event time of the newest example learned (its checkpoints may serve only later events)
+        self.trained_until_ts: int | None = None
+        #: how many examples (in store order) the serving clock lets the trainer learn; None: no bound
+        self.allowed: int | None = None
         self.model = self.optimizer = self.encoder = None
         self.model_config: dict[str, Any] = {}
         self.metrics = {"n": 0, "logloss_sum": 0.0, "pos": 0}
@@ -182,6 +189,7 @@ class IncrementalTrainer:
             raise TrainerError(f"checkpoint {d} cannot be restored: {e}") from e
         self.position = Position.from_dict(state["position"])
         self.learned, self.digest, self.seq = state["learned"], int(state["digest"], 16), state["seq"]
+        self.trained_until_ts = state.get("trained_until_ts")
         self.metrics, self.runs = state["metrics"], state.get("runs", [])
         self.last_published = state.get("last_published")
         print(f"[trainer] resumed from {name}: learned={self.learned} files_done={len(self.position.done)} "
@@ -206,6 +214,7 @@ class IncrementalTrainer:
         state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
                  "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
                  "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
+                 "trained_until_ts": self.trained_until_ts,
                  "summary": metrics, "runs": self.runs, "last_published": self.last_published,
                  "written_at": time.time(), "config": asdict(self.config)}
         self.ckpts.commit(name, {
@@ -235,7 +244,8 @@ class IncrementalTrainer:
         entry = reg.publish(self.model.state_dict(), model_config=self.model_config,
                             feature_service=self.config.feature_service,
                             training_range={"learned": self.learned, "checkpoint": self.seq,
-                                            "files_done": len(self.position.done)},
+                                            "files_done": len(self.position.done),
+                                            "trained_until_ts": self.trained_until_ts},
                             metrics=metrics or self.summary_metrics(), extra={"encoder": self.encoder.config.to_dict(),
                                                                    "source": "jobs.trainer"},
                             promote=self.config.promote)
@@ -271,8 +281,22 @@ class IncrementalTrainer:
         self.pending_preds.append(pa.table({"event_id": table["event_id"], "ts": table["ts"],
                                             "label": table["label"], "pred": pa.array(pred, pa.float32())}))
         self.learned += table.num_rows
+        newest = int(table["ts"].to_numpy().max())
+        self.trained_until_ts = newest if self.trained_until_ts is None else max(self.trained_until_ts, newest)
         self.digest = (self.digest + event_digest(table["event_id"].to_pylist())) % (1 << 64)
         return pred
+
+    @staticmethod
+    def _partial(before, after, rows: int, k: int):
+        """The position after the first ``k`` of the ``rows`` rows of the batch that ends at ``after``."""
+        from jobs.examples import Position
+
+        path = after.partial[0] if after.partial else after.done[-1]
+        end = after.partial[1] if after.partial else None
+        if end is None:  # the batch ended its file: its row count is the file's
+            start = before.partial[1] if before.partial and before.partial[0] == path else 0
+            end = start + rows
+        return Position([d for d in after.done if d != path], (path, end - rows + k))
 
     def summary_metrics(self) -> dict[str, float]:
         """Streaming (test-then-train) metrics over everything learned so far, plus AUC since the last checkpoint."""
@@ -289,6 +313,9 @@ class IncrementalTrainer:
         return out
 
     def _due(self) -> bool:
+        free = self.config.free_examples
+        if free and self.seq == 0:  # the first checkpoint (the bootstrap model) comes at the end of the warm-up
+            return self.learned >= free
         return (self._since_ckpt >= self.config.checkpoint_every
                 or time.monotonic() - self._ckpt_time >= self.config.checkpoint_seconds)
 
@@ -296,8 +323,19 @@ class IncrementalTrainer:
         """Ask :meth:`run` to checkpoint and return after the current batch (callable from another thread)."""
         self._stop.set()
 
+    def allow(self, examples: int) -> None:
+        """The serving clock: learn at most ``examples`` examples in all (those whose labels have arrived,
+        i.e. that serving has already scored), beyond the ``free_examples`` warm-up. Callable from another
+        thread; only ever raises the bound."""
+        self.allowed = examples if self.allowed is None else max(self.allowed, examples)
+
+    def _bound(self) -> int | None:
+        if self.allowed is None and self.config.free_examples is None:
+            return None
+        return max(self.allowed or 0, self.config.free_examples or 0)
+
     def status(self) -> dict[str, Any]:
-        return {"learned": self.learned, "seq": self.seq, "position": self.position.to_dict(),
+        return {"learned": self.learned, "seq": self.seq, "trained_until_ts": self.trained_until_ts, "position": self.position.to_dict(),
                 "last_published": self.last_published, **self.summary_metrics()}
 
     def run(self) -> dict[str, Any]:
@@ -307,6 +345,19 @@ class IncrementalTrainer:
         while not self._stop.is_set():
             got = False
             for table, pos in self.store.batches(self.position, cfg.batch_size):
+                bound = self._bound()
+                if bound is not None and self.learned + table.num_rows > bound:
+                    if self.learned < bound:  # learn up to the bound exactly; the rest comes with the clock
+                        k = bound - self.learned
+                        head = table.slice(0, k)
+                        self.learn_batch(head)
+                        self.position = self._partial(self.position, pos, table.num_rows, k)
+                        got = True
+                        learned_this_run += k
+                        self._since_ckpt += k
+                        if self._due():
+                            self.checkpoint()
+                    break  # wait for the serving clock
                 self.learn_batch(table)
                 self.position = pos
                 got = True

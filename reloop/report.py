@@ -76,6 +76,27 @@ def over_time(s: Series, buckets: int = 20) -> dict[str, list]:
     return out
 
 
+def freshness(ts: np.ndarray, horizon: np.ndarray) -> dict[str, Any]:
+    """How far the served version's ``trained_until_ts`` lies behind each served event.
+
+    ``ts``: event times of the served events in serving order; ``horizon``: the serving version's
+    ``trained_until_ts`` for each (negative: unknown). Lag in event-time seconds, and in events: how many
+    served events lie after the horizon and before this one. p50 / p99 / max of both.
+    """
+    ts, horizon = np.asarray(ts, np.int64), np.asarray(horizon, np.int64)
+    ok = horizon >= 0
+    out: dict[str, Any] = {"n": int(ok.sum())}
+    if not ok.any():
+        return out
+    lag_s = (ts[ok] - horizon[ok]) / 1000.0
+    clock = np.maximum.accumulate(ts)
+    lag_ev = (np.arange(len(ts)) - np.searchsorted(clock, horizon, side="right"))[ok].clip(min=0)
+    for name, v in (("seconds", lag_s), ("events", lag_ev)):
+        p50, p99 = np.percentile(v, [50, 99])
+        out[name] = {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "max": round(float(v.max()), 1)}
+    return out
+
+
 def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
 
