@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from jobs.deploy import Candidate, Evaluation
+from reloop.drift.incidents import IncidentTracker
 from reloop.drift.monitors import MonitorSuite, event_signals
 from reloop.drift.policy import DriftPolicy
 from reloop.drift.records import AuditLog, AuditRecord, Request, alert_payload
@@ -142,9 +143,12 @@ class MonitorLoop:
 
     def __init__(self, suite: MonitorSuite, policy: DriftPolicy, dispatcher: Any, actions: Actions | None = None,
                  audit: AuditLog | None = None, on_request: Callable[[Request], None] | None = None,
-                 loss_window: int = 5000) -> None:
+                 loss_window: int = 5000, incident_gap_events: int = 10_000) -> None:
         self.suite, self.policy, self.dispatcher, self.actions = suite, policy, dispatcher, actions
         self.audit, self.on_request = audit, on_request
+        #: alerts of one shift form one incident: the hooks get its opening alert, then only the requests
+        #: that act (retrain, rollback) and the resolution; every raw alert stays in the audit log
+        self.incidents = IncidentTracker(incident_gap_events)
         self.n = 0
         self.current_version: str | None = None
         self.requests: list[Request] = []
@@ -162,6 +166,9 @@ class MonitorLoop:
         while not self._ready.empty():
             self.on_candidate(*self._ready.get_nowait())
         self.n += 1
+        for inc in self.incidents.tick(self.n, rec.ts):
+            self._record("incident_resolved", f"incident {inc.id} resolved", inc.resolution or "",
+                         {"alerts": inc.alerts}, details={"incident": inc.id, "evidence": inc.evidence})
         if rec.model_version is not None and rec.model_version != self.current_version:
             if self.current_version is not None:  # a new model serves: its history starts now
                 self.suite.rebase()
@@ -189,11 +196,15 @@ class MonitorLoop:
         """Alert through the hooks, audit, then carry out the request (retrain / rollback)."""
         self.requests.append(req)
         payload = alert_payload(req)
-        self._safe(self.dispatcher.deliver, payload)
+        verb, inc = self.incidents.observe_alert({"at_event": self.n, "ts": self._ts_range[1], "summary": req.reason,
+                                                  "detectors": [d.detector for d in req.detections]})
+        payload["incident"] = {"id": inc.id, "status": verb, "alerts": inc.alerts}
+        if verb == "opened" or req.action != "alert":
+            self._safe(self.dispatcher.deliver, payload)
         start, end = req.event_time_range
         self._record("alert", f"{req.action} requested ({req.level})", req.reason, dict(req.metrics),
                      {"current": req.model_version or self.current_version, "target": req.target_version},
-                     {"start": start, "end": end}, details={"alert_id": payload["id"],
+                     {"start": start, "end": end}, details={"alert_id": payload["id"], "incident": inc.id,
                                                             "detectors": [d.detector for d in req.detections]})
         if self.on_request is not None:
             self._safe(self.on_request, req)

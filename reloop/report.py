@@ -241,8 +241,9 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     variants = [{"variant": k, **v} for k, v in s["variants"].items()]
     alerts = [{"event time": _when(a.get("ts")), "action": a.get("action", "alert"), "summary": a.get("summary", "")}
               for a in s["alerts"]]
-    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"), "reason": v.get("reason", "")}
-                for v in s["versions"]]
+    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"),
+                 "trained until": _when(v.get("trained_until_ts")), "first served": _when(v.get("first_served_ts")),
+                 "events served": v.get("served_events"), "reason": v.get("reason", "")[:90]} for v in s["versions"]]
     counts = [{"stage": k, "count": v} for k, v in s["counts"].items()]
     thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
     deploys = [{"event time": _when(e.get("ts")), "what": e.get("what"),
@@ -252,6 +253,18 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
                "events": p["n"], "AUC new": p["auc_new"], "AUC previous": p["auc_previous"],
                "logloss new": p["logloss_new"], "logloss previous": p["logloss_previous"]}
               for p in s.get("promotions", [])]
+    incidents = [{"incident": i["id"], "start": _when(i.get("start_ts")), "events": f"{i['start_event']:,}-"
+                  f"{i['last_event']:,}", "alerts": i["alerts"], "evidence": ", ".join(i.get("evidence", [])[:5]),
+                  "actions": "; ".join(a.get("what", "") + (f" {a['version']}" if a.get("version") else "")
+                                       for a in i.get("actions", []) if a.get("what") != "gate"),
+                  "resolution": i.get("resolution") or i.get("status")} for i in s.get("incidents", [])]
+    gate = [{"event time": _when(g.get("events_ts", [None])[0]), "kind": g["kind"], "candidate": g["version"],
+             "current": g["current"], "n": g["n"], "logloss diff": g["diff"],
+             "interval": f"[{g['lo']:+.4f}, {g['hi']:+.4f}]", "decision": "promote" if g["promote"] else "keep"}
+            for g in s.get("gate", [])]
+    fr = s.get("freshness") or {}
+    fresh = [{"lag in": k, "p50": fr[k]["p50"], "p99": fr[k]["p99"], "max": fr[k]["max"]}
+             for k in ("events", "seconds") if k in fr]
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
     gain = s.get("memory_auc_gain")
     shift = s.get("shift")
@@ -274,7 +287,10 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 <h2>Quality per variant</h2>{_table(variants)}
 {_img(images['metrics'], 'Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)')}
 {_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
-<h2>Drift alerts</h2>{_table(alerts)}
+<h2>Freshness: how far the served version's trained_until_ts lies behind each served event</h2>{_table(fresh)}
+<h2>Incidents (alerts of one shift, grouped)</h2>{_table(incidents)}
+<h2>The deployment gate (paired block bootstrap on per-event logloss; {html.escape((s.get("gate") or [{}])[0].get("rule", "no decision"))})</h2>{_table(gate)}
+<h2>Drift alerts (raw)</h2>{_table(alerts)}
 <h2>Model versions</h2>{_table(versions)}
 <h2>After each model change: new vs previous version on the same events</h2>{_table(promos)}
 <h2>Deployment decisions</h2>{_table(deploys)}

@@ -542,6 +542,9 @@ class LoopRun:
                                              "shift_first_served_at_event": live.mark_event,
                                              "topic": self.topic, "state_dir": str(self.state),
                                              "report_dir": str(self.report_dir)})
+        if violations:
+            self.errors.append(f"causal clock violated by {', '.join(violations)}: served events at or before "
+                               f"their trained_until_ts")
         write_report(rec, self.report_dir)
         summary = json.loads((self.report_dir / "summary.json").read_text())
         summary.pop("over_time", None)
@@ -579,8 +582,18 @@ class _Progress:
             if 0 < last["y"].sum() < len(last["y"]):
                 detail += (f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
                            f"{auc(last['y'], last['p_mem']):.4f} with memory")
+        if r.live is not None and r.live.scored:
+            from reloop.report import freshness
+
+            a = r.live.trace.arrays()
+            f = freshness(a["ts"], a["horizon"])
+            if "events" in f:
+                detail += (f"; freshness p50/p99 {f['events']['p50']:,.0f}/{f['events']['p99']:,.0f} events, "
+                           f"{f['seconds']['p50'] / 3600:,.1f}/{f['seconds']['p99'] / 3600:,.1f} h behind")
         t.add_row("serving", f"{c.scored:,} scored", detail)
-        t.add_row("drift", f"{c.alerts} alerts", "; ".join(f"{a['action']}: {a['summary'][:40]}"
+        from reloop.drift.incidents import group_incidents
+
+        t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents", "; ".join(f"{a['action']}: {a['summary'][:40]}"
                                                            for a in r.alerts[-2:]))
         if r.errors:
             t.add_row("errors", str(len(r.errors)), r.errors[-1][:80])
