@@ -44,6 +44,7 @@ class Candidate:
     job_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     kind: str = "retrain"
+    start: str = ""                        # how a retrain began: "cold" or "warm from <version>"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class DeployConfig:
     retrain_min_rows: int = 3000
     retrain_lookback: int = 1000
     holdout: int = 1000                    # newest served events kept out of a retrain's window
+    #: how a retrain starts: "cold" (a fresh model on the window), "warm" (the served model fine-tuned on the
+    #: window plus a replay sample of older examples), or "both" (fit both, gate both, serve the better one
+    #: that passes; the report says which won where)
+    retrain_start: str = "both"
+    replay_ratio: float = 0.5
 
 
 class Deployer:
@@ -99,6 +105,8 @@ class Deployer:
         self.decisions: list[dict[str, Any]] = []          # every gate decision
         self.retrains = 0
         self.rollbacks = 0
+        self.retrain_comparisons: list[dict[str, Any]] = []   # warm vs cold starts of each retrain
+        self._cache: dict[str, GateDecision] = {}              # decisions already taken, by version
         self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
         self.t0 = time.time()
 
@@ -160,7 +168,7 @@ class Deployer:
         return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
 
     def evaluate_candidate(self, candidate: Candidate, current_version: str | None) -> Evaluation:
-        d = self.gate(candidate.version, candidate.kind)
+        d = self._cache.pop(candidate.version, None) or self.gate(candidate.version, candidate.kind)
         return Evaluation(d.promote, {"logloss": d.candidate_logloss, "n": d.n, "diff": d.diff, "lo": d.lo,
                                       "hi": d.hi},
                           {"logloss": d.current_logloss, "n": d.n}, d.summary(), d.to_dict())
@@ -249,14 +257,40 @@ class Deployer:
         if self.pending is not None and self.pending.done():
             fut, self.pending = self.pending, None
             try:
-                cand = fut.result()
+                cands = fut.result()
             except Exception as e:  # noqa: BLE001 - a failed retrain keeps the current model
                 self._log("retrain failed", error=repr(e))
             else:
-                self.considered.add(cand.version)
+                self.considered.update(c.version for c in cands)
+                cand = self._choose(cands)
                 promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
                 self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
-                          **cand.metrics)
+                          start=cand.start, **cand.metrics)
+
+    def _choose(self, cands: list[Candidate]) -> Candidate:
+        """Of several retrain candidates (warm and cold starts of one window), the one to hand to the monitor:
+        the gate judges each on the same events; the lowest logloss among those that pass wins (else the
+        lowest logloss, which the monitor's gate will then reject). Each comparison is logged."""
+        if len(cands) == 1:
+            return cands[0]
+        scored = []
+        for c in cands:
+            try:
+                d = self.gate(c.version, c.kind)
+            except DeployError as e:
+                self._log("retrain candidate not gated", version=c.version, why=str(e))
+                continue
+            self._cache[c.version] = d
+            scored.append((not d.promote, d.candidate_logloss, c))
+        if not scored:
+            return cands[0]
+        scored.sort(key=lambda x: (x[0], x[1]))
+        best = scored[0][2]
+        self.retrain_comparisons.append({"at_event": self.live.scored, "ts": self.live.last_ts, "chosen": best.version,
+                                         "candidates": [{"version": c.version, "start": c.start,
+                                                         "passes": not bad, "logloss": round(ll, 6)}
+                                                        for bad, ll, c in scored]})
+        return best
 
     def close(self, wait: bool = True) -> None:
         """Wait for a running retrain (or, when interrupted, drop it: its candidate was never gated)."""
@@ -281,12 +315,20 @@ class Deployer:
         first = max(first, len(ts) - self.cfg.retrain_window)
         return int(ts[first]), ts_max
 
-    def _retrain(self, ts_min: int, ts_max: int) -> Candidate:
-        """Ray Train ``TorchTrainer`` on the window (jobs.retrain), published as a candidate version."""
+    def _retrain(self, ts_min: int, ts_max: int) -> list[Candidate]:
+        """Ray Train ``TorchTrainer`` on the window (jobs.retrain): a cold fit, a warm start from the served
+        model with a replay sample, or both; each published as a candidate version."""
         from jobs.retrain import RetrainConfig, run_retrain
 
-        res = run_retrain(RetrainConfig(
-            examples_uri=self.cfg.examples_uri, registry_uri=self.cfg.registry_uri,
-            storage_path=str(Path(self.cfg.work_dir) / "ray_train"), model_kind=self.cfg.model,
-            window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.cfg.seed))
-        return Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]}, "retrain")
+        served = self.live.served.version if self.live.served is not None else None
+        starts = {"cold": [None], "warm": [served], "both": [served, None]}[self.cfg.retrain_start]
+        out = []
+        for init in dict.fromkeys(starts):
+            res = run_retrain(RetrainConfig(
+                examples_uri=self.cfg.examples_uri, registry_uri=self.cfg.registry_uri,
+                storage_path=str(Path(self.cfg.work_dir) / "ray_train"), model_kind=self.cfg.model,
+                window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.cfg.seed, init_version=init,
+                replay_ratio=self.cfg.replay_ratio if init else 0.0))
+            out.append(Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]},
+                                 "retrain", f"warm from {init}" if init else "cold"))
+        return out

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 DAY_MS = 86_400_000
 
@@ -51,8 +53,15 @@ class RetrainConfig:
     num_workers: int = 1
     promote: bool = False
     seed: int = 0
+    #: warm start: fine-tune this registry version (its encoder and weights) instead of a cold fit
+    init_version: str | None = None
+    #: with a warm start, add a uniform sample of older examples (before ts_min) of this many times the
+    #: window's rows, so the fine-tune does not forget what still holds
+    replay_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.replay_ratio < 0:
+            raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.num_workers < 1 or self.epochs < 1:
@@ -115,15 +124,32 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
-    table = ExampleStore(cfg.examples_uri).read_window(loop["ts_min"], loop["ts_max"])
+    store = ExampleStore(cfg.examples_uri)
+    table = store.read_window(loop["ts_min"], loop["ts_max"])
     train, holdout = split_window(table, cfg.holdout_fraction)
-    enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
-                                       hash_buckets=cfg.hash_buckets)).fit(train)
+    if cfg.init_version:
+        # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
+        from jobs.registry import ModelRegistry, load_model
+
+        entry, base = load_model(ModelRegistry(cfg.registry_uri), cfg.init_version)
+        enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
+        mc = ModelConfig.from_dict(entry.model_config)
+        if cfg.replay_ratio > 0 and loop["ts_min"] is not None:
+            older = store.read_window(None, loop["ts_min"])
+            k = min(older.num_rows, int(cfg.replay_ratio * train.num_rows))
+            if k:
+                pick = np.sort(np.random.default_rng(cfg.seed).choice(older.num_rows, k, replace=False))
+                train = pa.concat_tables([older.take(pick).select(train.column_names), train],
+                                         promote_options="permissive")
+    else:
+        enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
+                                           hash_buckets=cfg.hash_buckets)).fit(train)
+        ec = enc.config
+        mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields),
+                         hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
+                         categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields, seed=cfg.seed)
+        base = build_model(mc)
     ec = enc.config
-    mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields), hash_buckets=ec.hash_buckets,
-                     num_numeric=len(ec.numeric_fields), categorical_fields=ec.categorical_fields,
-                     numeric_fields=ec.numeric_fields, seed=cfg.seed)
-    base = build_model(mc)
     model = ray.train.torch.prepare_model(base) if world > 1 else base
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # equal shards (every world-th row) so every worker runs the same number of DDP steps
@@ -155,7 +181,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             with open(os.path.join(d, "meta.json"), "w") as f:
                 json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
                            "train_rows": train.num_rows, "holdout_rows": holdout.num_rows,
-                           "train_ts": [int(train["ts"][0].as_py()), int(train["ts"][-1].as_py())],
+                           "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
                            "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())]}, f)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
@@ -189,7 +215,9 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("holdout_") or k == "train_loss"}
     registry = ModelRegistry(cfg.registry_uri)
     extra: dict[str, Any] = {"encoder": meta["encoder_config"], "source": "jobs.retrain",
-                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s}
+                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s,
+                             "start": f"warm from {cfg.init_version}" if cfg.init_version else "cold",
+                             "replay_ratio": cfg.replay_ratio}
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:

@@ -535,6 +535,7 @@ class LoopRun:
                         versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
                         seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
                                              "incidents": incidents, "gate": deployer.decisions,
+                                             "retrain_comparisons": deployer.retrain_comparisons,
                                              "freshness": freshness(a["ts"], a["horizon"]),
                                              "causal_violations": violations,
                                              "promotions": live.trace.promotions(live.versions),
