@@ -105,6 +105,7 @@ class Deployer:
         self.decisions: list[dict[str, Any]] = []          # every gate decision
         self.retrains = 0
         self.rollbacks = 0
+        self.ready: list[Candidate] = []                       # retrained candidates waiting for gate events
         self.retrain_comparisons: list[dict[str, Any]] = []   # warm vs cold starts of each retrain
         self._cache: dict[str, GateDecision] = {}              # decisions already taken, by version
         self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
@@ -200,6 +201,8 @@ class Deployer:
     def tick(self) -> None:
         """Bootstrap the first version, gate the trainer's newest checkpoint, start and finish retrains."""
         self._retrain_tick()
+        if self.ready:
+            return
         trainer_versions = [v for v in self.registry.versions() if v not in self.considered
                             and self.registry.entry(v).extra.get("source") == "jobs.trainer"]
         if trainer_versions:
@@ -229,15 +232,14 @@ class Deployer:
             self._log("refresh rejected", version=version, why=d.summary())
 
     def flush(self) -> None:
-        """At the end of the stream: a checkpoint still waiting for gate events is decided on what exists."""
-        if self.offered is None:
-            return
-        try:
-            self.tick()
-        finally:
-            if self.offered is not None:
-                self._log("refresh not decided: the stream ended first", version=self.offered)
-                self.offered = None
+        """At the end of the stream: candidates still waiting for gate events are not decided (said so)."""
+        self.tick()
+        for c in self.ready:
+            self._log("retrain candidate not decided: the stream ended first", version=c.version)
+        self.ready = []
+        if self.offered is not None:
+            self._log("refresh not decided: the stream ended first", version=self.offered)
+            self.offered = None
 
     def _retrain_tick(self) -> None:
         if self.requested is not None:
@@ -262,27 +264,29 @@ class Deployer:
                 self._log("retrain failed", error=repr(e))
             else:
                 self.considered.update(c.version for c in cands)
-                cand = self._choose(cands)
-                promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
-                self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
-                          start=cand.start, **cand.metrics)
+                self.ready = cands
+        if self.ready:
+            # the gate needs enough events served by the current version after the candidates' horizon; until
+            # then they wait (and routine refreshes are held, so the current version stays put meanwhile)
+            try:
+                cand = self._choose(self.ready)
+            except DeployError:
+                return
+            self.ready = []
+            promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
+            self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
+                      start=cand.start, **cand.metrics)
 
     def _choose(self, cands: list[Candidate]) -> Candidate:
         """Of several retrain candidates (warm and cold starts of one window), the one to hand to the monitor:
         the gate judges each on the same events; the lowest logloss among those that pass wins (else the
         lowest logloss, which the monitor's gate will then reject). Each comparison is logged."""
-        if len(cands) == 1:
-            return cands[0]
         scored = []
         for c in cands:
-            try:
-                d = self.gate(c.version, c.kind)
-            except DeployError as e:
-                self._log("retrain candidate not gated", version=c.version, why=str(e))
-                continue
+            d = self._cache.get(c.version) or self.gate(c.version, c.kind)   # DeployError: wait for events
             self._cache[c.version] = d
             scored.append((not d.promote, d.candidate_logloss, c))
-        if not scored:
+        if len(cands) == 1:
             return cands[0]
         scored.sort(key=lambda x: (x[0], x[1]))
         best = scored[0][2]

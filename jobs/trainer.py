@@ -355,6 +355,7 @@ class IncrementalTrainer:
                         got = True
                         learned_this_run += k
                         self._since_ckpt += k
+                        self._heartbeat()
                         if self._due():
                             self.checkpoint()
                     break  # wait for the serving clock

@@ -264,6 +264,14 @@ class LoopRun:
                              checkpoint_every=self.opts.refresh_every, checkpoint_seconds=1e9, publish_every=1,
                              promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap)
 
+    def _heartbeat_learned(self) -> int:
+        """The trainer's progress from its heartbeat file (written after every batch): a local read, so the
+        serving clock and the trainer follow each other without a Ray round trip per step."""
+        try:
+            return int(json.loads((self.state / "trainer" / "heartbeat.json").read_text())["learned"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def _live(self, live, deployer) -> None:
         while not self.stop.is_set():
             if deployer.pending is not None and self.opts.speed is None:
@@ -274,6 +282,7 @@ class LoopRun:
                 continue
             # serve at most `max_lag` examples ahead of what the trainer has learned: at full replay speed
             # the stream would otherwise outrun training entirely, which no real-time deployment sees
+            self.c.learned = max(self.c.learned, self._heartbeat_learned())
             trainer_done = self.features_done.is_set() and self.c.learned >= self.c.examples_written
             budget = None if trainer_done else self.c.learned + self.opts.max_lag - (live.scored + live.unscored)
             n = live.step(max_batches=8, max_rows=budget)
@@ -291,7 +300,7 @@ class LoopRun:
                         and not live.store.pending(live.position):
                     deployer.flush()  # a checkpoint waiting for gate events is decided on what exists
                     break
-                self.stop.wait(0.3)
+                self.stop.wait(0.1)
 
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
