@@ -128,7 +128,7 @@ def run(
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh",
                                  help="promote the incremental trainer's checkpoints (through the gate)"),
-    refresh_every: int = typer.Option(2000, min=100, help="examples the trainer learns between checkpoints offered "
+    refresh_every: int = typer.Option(1000, min=100, help="examples the trainer learns between checkpoints offered "
                                                           "to serving (through the paired gate)"),
     retrain_min_rows: int = typer.Option(3000, min=100, help="post-drift events a retrain waits for and trains on"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
