@@ -61,7 +61,7 @@ class RunOptions:
     run_id: str | None = None
     feature_every_s: float = 3.0
     holdout: int = 1000                   # newest served events kept out of a retrain (its gate events)
-    refresh_every: int = 1000             # examples between checkpoints offered to serving (benchmarks/bench_refresh_cadence.py)
+    refresh_every: int = 1000             # examples between checkpoints offered to serving (see bench_refresh_cadence)
     bootstrap: int = 5000                 # examples the first model learns before it serves (never scored)
     gate_events: int = 1000               # the newest paired events the gate decides on
     gate_level: float = 0.90              # the gate's two-sided interval (each end a one-sided 95 % bound)
