@@ -335,7 +335,8 @@ class IncrementalTrainer:
         return max(self.allowed or 0, self.config.free_examples or 0)
 
     def status(self) -> dict[str, Any]:
-        return {"learned": self.learned, "seq": self.seq, "trained_until_ts": self.trained_until_ts, "position": self.position.to_dict(),
+        return {"learned": self.learned, "seq": self.seq, "trained_until_ts": self.trained_until_ts,
+                "position": self.position.to_dict(),
                 "last_published": self.last_published, **self.summary_metrics()}
 
     def run(self) -> dict[str, Any]:

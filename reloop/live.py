@@ -167,7 +167,8 @@ class ServingLoop:
             self.waiting = None
             return None
         if self.waiting is None or self.waiting[0].version != current:
-            self.waiting = (load_bundle(self.registry, current, self.memory_config), pointer.get("reason") or "promoted")
+            self.waiting = (load_bundle(self.registry, current, self.memory_config),
+                            pointer.get("reason") or "promoted")
         return self.waiting[0]
 
     def maybe_swap(self, next_ts: int | None = None) -> bool:

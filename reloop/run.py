@@ -603,8 +603,8 @@ class _Progress:
         t.add_row("serving", f"{c.scored:,} scored", detail)
         from reloop.drift.incidents import group_incidents
 
-        t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents", "; ".join(f"{a['action']}: {a['summary'][:40]}"
-                                                           for a in r.alerts[-2:]))
+        t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents",
+                  "; ".join(f"{a['action']}: {a['summary'][:40]}" for a in r.alerts[-2:]))
         if r.errors:
             t.add_row("errors", str(len(r.errors)), r.errors[-1][:80])
         self.live.update(t)
