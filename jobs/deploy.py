@@ -85,6 +85,10 @@ class DeployConfig:
     #: that passes; the report says which won where)
     retrain_start: str = "both"
     replay_ratio: float = 0.5
+    #: after a retrain whose candidates the gate rejected, further requests wait this many served events,
+    #: doubled with each rejection in a row: the refreshed incremental model already tracks the stream, and
+    #: a retrain pauses it at full replay speed
+    retrain_backoff: int = 10_000
 
 
 class Deployer:
@@ -105,6 +109,8 @@ class Deployer:
         self.decisions: list[dict[str, Any]] = []          # every gate decision
         self.retrains = 0
         self.rollbacks = 0
+        self.rejected_in_a_row = 0
+        self.backoff_until = 0
         self.ready: list[Candidate] = []                       # retrained candidates waiting for gate events
         self.retrain_comparisons: list[dict[str, Any]] = []   # warm vs cold starts of each retrain
         self._cache: dict[str, GateDecision] = {}              # decisions already taken, by version
@@ -158,8 +164,12 @@ class Deployer:
     # -- Actions protocol ---------------------------------------------------------------------------
     def request_retrain(self, request) -> None:
         """Note the request; :meth:`tick` starts the retrain once enough post-drift data has arrived."""
-        if self.pending is not None or self.requested is not None:
+        if self.pending is not None or self.requested is not None or self.ready:
             self._log("retrain already requested")  # one at a time
+            return None
+        if self.live.scored < self.backoff_until:
+            self._log("retrain deferred", why=f"{self.rejected_in_a_row} rejected retrain(s) in a row: no new "
+                                              f"retrain before event {self.backoff_until:,}")
             return None
         # where the new concept began: detectors report when they fired, not where the change was, so take
         # the event `retrain_lookback` events before the request (about one detection delay)
@@ -274,6 +284,9 @@ class Deployer:
                 return
             self.ready = []
             promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
+            self.rejected_in_a_row = 0 if promoted else self.rejected_in_a_row + 1
+            if not promoted:
+                self.backoff_until = self.live.scored + self.cfg.retrain_backoff * 2 ** (self.rejected_in_a_row - 1)
             self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
                       start=cand.start, **cand.metrics)
 
