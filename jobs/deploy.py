@@ -76,6 +76,7 @@ class DeployConfig:
     gate_min_events: int = 500             # a decision waits until this many exist
     gate_level: float = 0.90               # two-sided interval; each end a one-sided 95 % bound
     gate_block: int = 25                   # bootstrap block length (events)
+    gate_margin: float = 0.0               # retrain / rollback: minimum gain, a fraction of the current logloss
     retrain_window: int = 20_000
     retrain_min_rows: int = 3000
     retrain_lookback: int = 1000
@@ -151,7 +152,8 @@ class Deployer:
         p_cand = base_predictions(cand, rows)
         try:
             d = paired_test(a["y"][idx], p_cand, a["p_base"][idx], kind, level=self.cfg.gate_level,
-                            block=self.cfg.gate_block, min_n=self.cfg.gate_min_events, seed=self.cfg.seed)
+                            block=self.cfg.gate_block, min_n=self.cfg.gate_min_events, seed=self.cfg.seed,
+                            margin=self.cfg.gate_margin)
         except GateError as e:
             raise DeployError(str(e)) from e
         rec = {"version": version, "current": served.version, "horizon_ts": horizon,

@@ -96,8 +96,11 @@ def block_bootstrap_mean(d: np.ndarray, level: float, block: int, resamples: int
 
 def paired_test(y: np.ndarray, p_candidate: np.ndarray, p_current: np.ndarray, kind: str, *,
                 level: float = 0.90, block: int = 25, resamples: int = 2000, min_n: int = 100,
-                seed: int = 0) -> GateDecision:
-    """Decide ``kind`` (see the module docstring) from paired predictions of the same labelled events."""
+                seed: int = 0, margin: float = 0.0) -> GateDecision:
+    """Decide ``kind`` (see the module docstring) from paired predictions of the same labelled events.
+
+    ``margin`` (a fraction of the current model's logloss) is a minimum effect size for ``retrain`` and
+    ``rollback``: the interval must lie below ``-margin * current logloss``, not just below 0."""
     if kind not in KINDS:
         raise GateError(f"gate kind must be one of {', '.join(KINDS)}, got {kind!r}")
     y, pc, pr = (np.asarray(a, float) for a in (y, p_candidate, p_current))
@@ -112,6 +115,6 @@ def paired_test(y: np.ndarray, p_candidate: np.ndarray, p_current: np.ndarray, k
     lo, hi = block_bootstrap_mean(d, level, block, resamples, seed)
     diff = float(d.mean())
     # identical predictions: the interval is exactly [0, 0], no evidence either way
-    promote = not lo > 0 if kind == "refresh" else hi < 0
+    promote = not lo > 0 if kind == "refresh" else hi < -margin * float(lr.mean())
     return GateDecision(kind, bool(promote), len(y), diff, lo, hi, level, float(lc.mean()), float(lr.mean()),
                         RULES[kind].format(pct=round(100 * level)), block, resamples)

@@ -65,6 +65,7 @@ class RunOptions:
     bootstrap: int = 5000                 # examples the first model learns before it serves (never scored)
     gate_events: int = 1000               # the newest paired events the gate decides on
     gate_level: float = 0.90              # the gate's two-sided interval (each end a one-sided 95 % bound)
+    gate_margin: float = 0.0              # a retrain must beat the served logloss by this fraction (and the test)
     retrain_window: int = 20_000          # at most this many events before the holdout are trained on
     retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
     retrain_lookback: int = 1000          # the drift is taken to have begun this many events before detection
@@ -348,6 +349,7 @@ class LoopRun:
             examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
             work_dir=str(self.state), model=o.model, seed=o.seed, memory=o.memory, refresh=o.refresh,
             gate_events=o.gate_events, gate_min_events=max(100, o.gate_events // 2), gate_level=o.gate_level,
+            gate_margin=o.gate_margin,
             retrain_window=o.retrain_window, retrain_min_rows=o.retrain_min_rows,
             retrain_lookback=o.retrain_lookback, holdout=o.holdout))
         deployer.t0 = live.t0 = self.t0

@@ -62,3 +62,10 @@ def test_the_gate_refuses_what_it_cannot_judge() -> None:
         paired_test(y[:50], p[:50], p[:50], "refresh")
     with pytest.raises(GateError, match="kind"):
         paired_test(y, p, p, "promote")
+
+
+def test_a_margin_asks_a_retrain_for_a_minimum_gain() -> None:
+    y, p = _log(1000, 7)
+    stale = np.full(len(p), 0.5)
+    assert paired_test(y, p, stale, "retrain").promote
+    assert not paired_test(y, p, stale, "retrain", margin=0.99).promote
