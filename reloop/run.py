@@ -7,13 +7,23 @@ replay         the dataset into Kafka in event-time order (``reloop.replay``)
 features       the Beam feature job, one micro-batch every few seconds (``pipelines.feature_job``):
                parse / dead-letter, windowed features into Feast, training examples to Parquet
 trainer        the incremental trainer, a long-lived Ray actor (``jobs.trainer``): test-then-train
-               on every new example, a checkpoint and a registry version every few thousand
-live           the serving path (``reloop.live``): score each new example with the current version
-               plus the error-compensation memory, write its outcome into the memory, feed the
-               drift monitors; the policy's requests go to the hooks and to :class:`Deployer`
-deployer       retrain on Ray when asked -> evaluation gate on the most recent slot -> promote or
-               keep -> the live path swaps models and rebuilds its memory; rollback when asked
+               on every example whose label has arrived (that serving has scored), a checkpoint
+               and a registry version every ``--refresh-every`` examples
+live           the serving path (``reloop.live`` driving ``jobs.scoring``): score each new example
+               with the current version plus the error-compensation memory, write its outcome into
+               the memory, publish it on the predictions topic, feed the drift monitors
+deployer       ``jobs.deploy``: every trainer checkpoint, retrain candidate and rollback goes through
+               one paired gate on the newest events neither model learned from; retrain on Ray
+               (warm and cold starts) when the policy asks; the live path swaps and rebuilds memory
 =============  ==========================================================================
+
+**One causal clock.** At full replay speed the stages behave as in real time: the trainer learns only
+examples serving has passed (beyond the bootstrap warm-up), serving runs at most ``max_lag`` examples
+ahead of the trainer, and a version serves an event only if its ``trained_until_ts`` (the newest event
+time it learned) is earlier; a version whose horizon is not yet passed waits, and a violation stops
+the run (:class:`jobs.scoring.CausalityError`). Every version records ``trained_until_ts`` and
+``first_served_ts``; freshness (how far behind each served event the served version's horizon lies, in
+events and event-time seconds) is in the summary.
 
 Every run has an id; its topics (``<events_topic>.<run id>``), consumer group,
 example store, trainer checkpoints, registry and audit log are its own, under
