@@ -102,6 +102,8 @@ class Deployer:
     def __init__(self, registry, live, cfg: DeployConfig) -> None:
         self.registry, self.live, self.cfg = registry, live, cfg
         self.monitor = None                                # set by the run (the MonitorLoop)
+        #: called with a promoted retrain's version (the run lets the incremental trainer take it over)
+        self.on_promoted = None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrain")
         self.pending: concurrent.futures.Future | None = None
         self.considered: set[str] = set()
@@ -229,10 +231,12 @@ class Deployer:
         if self.offered is None or self.live.served is None or self.live.waiting is not None:
             return
         version = self.offered
-        # a checkpoint of the lineage that serves is a routine refresh; replacing another lineage (a
-        # retrained model) needs the evidence a retrain needs
-        served_source = (self.live.served.entry.extra or {}).get("source") if self.live.served.entry else None
-        kind = "refresh" if served_source == "jobs.trainer" else "retrain"
+        # a checkpoint of the lineage that serves is a routine refresh (the trainer's own, or one that took
+        # over a promoted retrain's weights); replacing another lineage needs the evidence a retrain needs
+        served = self.live.served
+        served_source = (served.entry.extra or {}).get("source") if served.entry else None
+        adopted = (self.registry.entry(version).extra or {}).get("adopted")
+        kind = "refresh" if served_source == "jobs.trainer" or adopted == served.version else "retrain"
         try:
             d = self.gate(version, kind)
         except DeployError:
@@ -286,6 +290,11 @@ class Deployer:
                 return
             self.ready = []
             promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
+            if promoted and self.on_promoted is not None:
+                try:
+                    self.on_promoted(cand.version)
+                except Exception as e:  # noqa: BLE001 - the trainer goes on from its own weights
+                    self._log("trainer did not adopt the promoted retrain", error=repr(e))
             self.rejected_in_a_row = 0 if promoted else self.rejected_in_a_row + 1
             if not promoted:
                 self.backoff_until = self.live.scored + self.cfg.retrain_backoff * 2 ** (self.rejected_in_a_row - 1)

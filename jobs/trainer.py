@@ -130,6 +130,9 @@ class IncrementalTrainer:
         self.pending_preds: list[pa.Table] = []
         self.last_published: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.RLock()         # a batch's update, a checkpoint and adopt() never interleave
+        #: the registry version whose weights the trainer took over last (a promoted retrain), if any
+        self.adopted: str | None = None
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         self.ckpts = CheckpointStore(config.checkpoint_dir)
@@ -198,6 +201,10 @@ class IncrementalTrainer:
 
     def checkpoint(self) -> str:
         """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name."""
+        with self._lock:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> str:
         import torch
         from safetensors.torch import save
 
@@ -246,16 +253,46 @@ class IncrementalTrainer:
                             training_range={"learned": self.learned, "checkpoint": self.seq,
                                             "files_done": len(self.position.done),
                                             "trained_until_ts": self.trained_until_ts},
-                            metrics=metrics or self.summary_metrics(), extra={"encoder": self.encoder.config.to_dict(),
-                                                                   "source": "jobs.trainer"},
+                            metrics=metrics or self.summary_metrics(),
+                            extra={"encoder": self.encoder.config.to_dict(), "source": "jobs.trainer",
+                                   "adopted": self.adopted},
                             promote=self.config.promote)
         self.last_published = entry.version
         print(f"[trainer] published {entry.version}{' (current)' if self.config.promote else ''}", flush=True)
         return entry.version
 
     # ---- learning --------------------------------------------------------------------------------
+    def adopt(self, version: str) -> bool:
+        """Continue from the weights of a promoted registry version (a retrain warm-started from this
+        trainer's model: same encoder and model config), so its later checkpoints descend from what serves.
+        Returns False (and changes nothing) when the version is not compatible. Callable from another thread.
+        """
+        import torch
+
+        from jobs.registry import ModelRegistry, load_model
+        from jobs.scoring import horizon_of
+
+        entry, model = load_model(ModelRegistry(self.config.registry_uri), version)
+        with self._lock:
+            same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+            if self.model is None or not same(entry.model_config, self.model_config) or \
+                    not same(entry.extra.get("encoder"), self.encoder.config.to_dict()):
+                return False
+            self.model.load_state_dict(model.state_dict())
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+            h = horizon_of(entry)
+            if h is not None:  # what it learned is learned now too
+                self.trained_until_ts = h if self.trained_until_ts is None else max(self.trained_until_ts, h)
+            self.adopted = version
+        print(f"[trainer] adopted the weights of {version}", flush=True)
+        return True
+
     def learn_batch(self, table: pa.Table) -> np.ndarray:
         """Test-then-train on one mini-batch; returns the pre-update predictions."""
+        with self._lock:
+            return self._learn_batch(table)
+
+    def _learn_batch(self, table: pa.Table) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 

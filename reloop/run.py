@@ -382,6 +382,8 @@ class LoopRun:
                      runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
         trainer = ray.remote(num_cpus=1, max_concurrency=2)(IncrementalTrainer).remote(self._trainer_config())
         self.trainer = trainer
+        # a promoted warm retrain becomes the trainer's starting point: one lineage, refreshed as before
+        deployer.on_promoted = lambda version: trainer.adopt.remote(version)
         trainer_run = trainer.run.remote()
         try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously
             ray.get(trainer.status.remote(), timeout=300)

@@ -106,3 +106,17 @@ def test_the_gate_pairs_on_events_after_the_candidates_horizon(world, tmp_path) 
     newest = loop.trace.arrays()["ts"][-1000:]
     assert d.decisions[-1]["events_ts"] == [int(newest.min()), int(newest.max())]
     assert all(k in d.decisions[-1] for k in ("n", "diff", "lo", "hi", "rule"))
+
+
+def test_the_trainer_takes_over_a_promoted_retrain_of_its_own_lineage(world, tmp_path) -> None:
+    t, reg = world["trainer"], world["registry"]
+    entry = reg.entry(reg.versions()[-1])
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in t.model.state_dict().items()}
+    later = int(world["ts"].max()) + 5
+    v = reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
+                    training_range={"trained_until_ts": later}, extra={**entry.extra, "source": "jobs.retrain"}).version
+    assert t.adopt(v) and t.adopted == v and t.trained_until_ts == later
+    assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), state.values()))
+    other = reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
+                        extra={**entry.extra, "encoder": {**entry.extra["encoder"], "hash_buckets": 7}}).version
+    assert not t.adopt(other) and t.adopted == v
