@@ -42,6 +42,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import pyarrow.fs as pafs
 
+from jobs.deploy import Candidate, Evaluation
+from online_models.drift.incidents import IncidentTracker
 from online_models.drift.monitors import MonitorSuite, event_signals
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
@@ -120,28 +122,6 @@ def _str(v: Any) -> str | None:
 
 # --------------------------------------------------------------------------- the actions protocol
 
-@dataclass(frozen=True)
-class Candidate:
-    """A retrained model waiting for the evaluation gate."""
-
-    version: str
-    job_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The gate's verdict: the candidate against the current model on the holdout slot.
-
-    ``current_metrics["logloss"]``, when given, is the reference of the rollback watch after promotion.
-    """
-
-    better: bool
-    candidate_metrics: dict[str, float]
-    current_metrics: dict[str, float]
-    reason: str = ""
-
-
 class Actions(Protocol):
     """What the job layer plugs in (Ray retrain job, evaluation gate, registry)."""
 
@@ -166,9 +146,12 @@ class MonitorLoop:
 
     def __init__(self, suite: MonitorSuite, policy: DriftPolicy, dispatcher: Any, actions: Actions | None = None,
                  audit: AuditLog | None = None, on_request: Callable[[Request], None] | None = None,
-                 loss_window: int = 5000) -> None:
+                 loss_window: int = 5000, incident_gap_events: int = 10_000) -> None:
         self.suite, self.policy, self.dispatcher, self.actions = suite, policy, dispatcher, actions
         self.audit, self.on_request = audit, on_request
+        #: alerts of one shift form one incident: the hooks get its opening alert, then only the requests
+        #: that act (retrain, rollback) and the resolution; every raw alert stays in the audit log
+        self.incidents = IncidentTracker(incident_gap_events)
         self.n = 0
         self.current_version: str | None = None
         self.requests: list[Request] = []
@@ -186,6 +169,9 @@ class MonitorLoop:
         while not self._ready.empty():
             self.on_candidate(*self._ready.get_nowait())
         self.n += 1
+        for inc in self.incidents.tick(self.n, rec.ts):
+            self._record("incident_resolved", f"incident {inc.id} resolved", inc.resolution or "",
+                         {"alerts": inc.alerts}, details={"incident": inc.id, "evidence": inc.evidence})
         if rec.model_version is not None and rec.model_version != self.current_version:
             if self.current_version is not None:  # a new model serves: its history starts now
                 self.suite.rebase()
@@ -213,11 +199,15 @@ class MonitorLoop:
         """Alert through the hooks, audit, then carry out the request (retrain / rollback)."""
         self.requests.append(req)
         payload = alert_payload(req)
-        self._safe(self.dispatcher.deliver, payload)
+        verb, inc = self.incidents.observe_alert({"at_event": self.n, "ts": self._ts_range[1], "summary": req.reason,
+                                                  "detectors": [d.detector for d in req.detections]})
+        payload["incident"] = {"id": inc.id, "status": verb, "alerts": inc.alerts}
+        if verb == "opened" or req.action != "alert":
+            self._safe(self.dispatcher.deliver, payload)
         start, end = req.event_time_range
         self._record("alert", f"{req.action} requested ({req.level})", req.reason, dict(req.metrics),
                      {"current": req.model_version or self.current_version, "target": req.target_version},
-                     {"start": start, "end": end}, details={"alert_id": payload["id"],
+                     {"start": start, "end": end}, details={"alert_id": payload["id"], "incident": inc.id,
                                                             "detectors": [d.detector for d in req.detections]})
         if self.on_request is not None:
             self._safe(self.on_request, req)
@@ -292,8 +282,17 @@ class MonitorLoop:
         except Exception as e:  # noqa: BLE001
             self._failed("rollback", e, None)
             return
+        if serving and serving == self._serving_version():
+            self._record("rollback_declined", f"{serving} stays current", "the gate found no evidence that the "
+                         "previous model is better", dict(req.metrics), {"current": serving})
+            return
         self._record("rolled_back", f"rolled back to {serving}", req.reason, dict(req.metrics),
                      {"current": serving, "rolled_back": req.model_version})
+
+    def _serving_version(self) -> str | None:
+        live = getattr(self.actions, "live", None)
+        served = getattr(live, "served", None)
+        return getattr(served, "version", None)
 
     # ------------------------------------------------------------------ audit
     def _record(self, kind: str, what: str, why: str, metrics: dict | None = None, versions: dict | None = None,

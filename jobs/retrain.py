@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from features.windows import DAY_MS, feature_service_name
 from online_models.models import KINDS
@@ -60,8 +62,15 @@ class RetrainConfig:
     max_failures: int = 0
     promote: bool = False
     seed: int = 0
+    #: warm start: fine-tune this registry version (its encoder and weights) instead of a cold fit
+    init_version: str | None = None
+    #: with a warm start, add a uniform sample of older examples (before ts_min) of this many times the
+    #: window's rows, so the fine-tune does not forget what still holds
+    replay_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.replay_ratio < 0:
+            raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.num_workers < 1 or self.epochs < 1:
@@ -131,15 +140,32 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    table = ExampleStore(cfg.examples_uri).read_window(loop["ts_min"], loop["ts_max"])
+    store = ExampleStore(cfg.examples_uri)
+    table = store.read_window(loop["ts_min"], loop["ts_max"])
     train, holdout = split_window(table, cfg.holdout_fraction)
-    enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
-                                       hash_buckets=cfg.hash_buckets)).fit(train)
+    if cfg.init_version:
+        # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
+        from jobs.registry import ModelRegistry, load_model
+
+        entry, base = load_model(ModelRegistry(cfg.registry_uri), cfg.init_version)
+        enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
+        mc = ModelConfig.from_dict(entry.model_config)
+        if cfg.replay_ratio > 0 and loop["ts_min"] is not None:
+            older = store.read_window(None, loop["ts_min"])
+            k = min(older.num_rows, int(cfg.replay_ratio * train.num_rows))
+            if k:
+                pick = np.sort(np.random.default_rng(cfg.seed).choice(older.num_rows, k, replace=False))
+                train = pa.concat_tables([older.take(pick).select(train.column_names), train],
+                                         promote_options="permissive")
+    else:
+        enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
+                                           hash_buckets=cfg.hash_buckets)).fit(train)
+        ec = enc.config
+        mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields),
+                         hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
+                         categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields, seed=cfg.seed)
+        base = build_model(mc)
     ec = enc.config
-    mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields), hash_buckets=ec.hash_buckets,
-                     num_numeric=len(ec.numeric_fields), categorical_fields=ec.categorical_fields,
-                     numeric_fields=ec.numeric_fields, seed=cfg.seed)
-    base = build_model(mc)
     # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
     model = ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else base
@@ -173,7 +199,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             with open(os.path.join(d, "meta.json"), "w") as f:
                 json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
                            "train_rows": train.num_rows, "holdout_rows": holdout.num_rows, "worker_nodes": nodes,
-                           "train_ts": [int(train["ts"][0].as_py()), int(train["ts"][-1].as_py())],
+                           "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
                            "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())]}, f)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
@@ -214,7 +240,9 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     registry = ModelRegistry(cfg.registry_uri)
     extra: dict[str, Any] = {"encoder": meta["encoder_config"], "source": "jobs.retrain",
                              "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s,
-                             "worker_nodes": meta.get("worker_nodes", [])}
+                             "worker_nodes": meta.get("worker_nodes", []),
+                             "start": f"warm from {cfg.init_version}" if cfg.init_version else "cold",
+                             "replay_ratio": cfg.replay_ratio}
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
@@ -231,9 +259,12 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     entry = registry.publish(weights, model_config=meta["model_config"], feature_service=cfg.feature_service,
                              training_range={"ts_min": ts_min, "ts_max": ts_max, "train_ts": meta["train_ts"],
                                              "holdout_ts": meta["holdout_ts"], "train_rows": meta["train_rows"],
-                                             "holdout_rows": meta["holdout_rows"]},
+                                             "holdout_rows": meta["holdout_rows"],
+                                             # the causal horizon: nothing of the window may be served by it
+                                             "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1])},
                              metrics=metrics, extra=extra, promote=cfg.promote)
     return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
+            "trained_until_ts": entry.training_range["trained_until_ts"],
             "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1),
             "worker_nodes": extra["worker_nodes"], "checkpoint": result.checkpoint.path}
 

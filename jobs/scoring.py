@@ -126,6 +126,76 @@ def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
                   lookup_for(entry.feature_service) if lookup_for else None, entry=entry, memory_key=key)
 
 
+class CausalityError(ReloopError, RuntimeError):
+    """A version was about to serve an event at or before the newest event time it learned from."""
+
+
+def horizon_of(entry: Any) -> int | None:
+    """``trained_until_ts`` of a registry entry: the event time of the newest example it learned (None if the
+    manifest does not say, e.g. a version published by hand)."""
+    ts = (getattr(entry, "training_range", None) or {}).get("trained_until_ts")
+    return None if ts is None else int(ts)
+
+
+def check_causal(bundle: Bundle, ts: Any) -> None:
+    """Fail loudly unless every event of ``ts`` lies strictly after what ``bundle`` learned."""
+    horizon = horizon_of(bundle.entry)
+    if horizon is None:
+        raise CausalityError(f"version {bundle.version} has no trained_until_ts in its manifest: "
+                             f"cannot prove it learned nothing from the events it would serve")
+    first = int(min(ts))
+    if first <= horizon:
+        raise CausalityError(f"version {bundle.version} learned events up to ts={horizon} but would serve an "
+                             f"event at ts={first}: a leak from the future")
+
+
+def score_rows(bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "timestamp",
+               use_memory: bool = True) -> tuple[Any, Any]:
+    """The batch serving step: base probabilities and memory-compensated ones of ``table``'s rows.
+
+    With ``learn`` every row's label is written into the memory as it arrives: rows of one timestamp
+    are scored together and written before any later row is scored (``write_mode``, see
+    :func:`online_models.memory.write_groups`). This is the only place the serving path touches the memory
+    per event, so batching its writes differently is a change here alone. Returns numpy float64 arrays.
+    """
+    import numpy as np
+
+    from online_models.memory import write_groups
+
+    batch = bundle.encoder.encode(table)
+    with torch.no_grad():
+        logits, hidden = bundle.model(batch)
+        p_base = torch.sigmoid(logits)
+        if not use_memory:
+            p_mem = p_base
+        elif learn:
+            key = bundle.key(batch, hidden)
+            p_mem = bundle.memory.step(key, p_base, batch["label"], write_groups(table["ts"].to_numpy(), write_mode))
+        else:
+            p_mem = bundle.memory.estimate(bundle.key(batch, hidden), p_base)
+    return p_base.numpy().astype(np.float64), p_mem.numpy().astype(np.float64)
+
+
+def base_predictions(bundle: Bundle, table: pa.Table, batch_size: int = 4096) -> Any:
+    """The base model's probabilities of ``table``'s rows (no memory): shadows and the deployment gate."""
+    import numpy as np
+
+    out = []
+    with torch.no_grad():
+        for lo in range(0, table.num_rows, batch_size):
+            out.append(torch.sigmoid(bundle.model(bundle.encoder.encode(table.slice(lo, batch_size)))[0]).numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def rebuild_memory(bundle: Bundle, recent: pa.Table | None) -> int:
+    """Reset ``bundle``'s memory and write the recent labelled rows keyed in its own hidden space (a new model
+    is swapped in: the old keys mean nothing to it). Returns the rows written."""
+    if recent is None or recent.num_rows == 0:
+        bundle.memory.reset()
+        return 0
+    return bundle.memory.rebuild([bundle.encoder.encode(recent)], bundle.model, key_fn=bundle.key)
+
+
 @dataclass
 class Remembered:
     version: str

@@ -80,6 +80,9 @@ class TrainerConfig:
     max_examples: int | None = None        # stop after learning this many in this run
     throttle_seconds: float = 0.0          # pause per batch (share a small machine; crash tests)
     seed: int = 0
+    #: examples (in store order) learned freely before the serving clock bounds the trainer (see
+    #: :meth:`IncrementalTrainer.allow`): the bootstrap model's warm-up, which serving never scores
+    free_examples: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.checkpoint_every < 1:
@@ -120,6 +123,10 @@ class IncrementalTrainer:
         self.store = ExampleStore(config.examples_uri)
         self.position = Position()
         self.learned, self.digest, self.seq = 0, 0, 0
+        #: the event time of the newest example learned (its checkpoints may serve only later events)
+        self.trained_until_ts: int | None = None
+        #: how many examples (in store order) the serving clock lets the trainer learn; None: no bound
+        self.allowed: int | None = None
         self.model = self.optimizer = self.encoder = None
         self.model_config: dict[str, Any] = {}
         self.metrics = {"n": 0, "logloss_sum": 0.0, "pos": 0}
@@ -127,6 +134,9 @@ class IncrementalTrainer:
         self.pending_preds: list[pa.Table] = []
         self.last_published: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.RLock()         # a batch's update, a checkpoint and adopt() never interleave
+        #: the registry version whose weights the trainer took over last (a promoted retrain), if any
+        self.adopted: str | None = None
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         self.ckpts = CheckpointStore(config.checkpoint_dir)
@@ -186,6 +196,7 @@ class IncrementalTrainer:
             raise TrainerError(f"checkpoint {d} cannot be restored: {e}") from e
         self.position = Position.from_dict(state["position"])
         self.learned, self.digest, self.seq = state["learned"], int(state["digest"], 16), state["seq"]
+        self.trained_until_ts = state.get("trained_until_ts")
         self.metrics, self.runs = state["metrics"], state.get("runs", [])
         self.last_published = state.get("last_published")
         print(f"[trainer] resumed from {name}: learned={self.learned} files_done={len(self.position.done)} "
@@ -194,6 +205,10 @@ class IncrementalTrainer:
 
     def checkpoint(self) -> str:
         """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name."""
+        with self._lock:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> str:
         import torch
         from safetensors.torch import save
 
@@ -210,6 +225,7 @@ class IncrementalTrainer:
         state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
                  "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
                  "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
+                 "trained_until_ts": self.trained_until_ts,
                  "summary": metrics, "runs": self.runs, "last_published": self.last_published,
                  "written_at": time.time(), "config": asdict(self.config)}
         self.ckpts.commit(name, {
@@ -239,17 +255,48 @@ class IncrementalTrainer:
         entry = reg.publish(self.model.state_dict(), model_config=self.model_config,
                             feature_service=self.config.feature_service,
                             training_range={"learned": self.learned, "checkpoint": self.seq,
-                                            "files_done": len(self.position.done)},
-                            metrics=metrics or self.summary_metrics(), extra={"encoder": self.encoder.config.to_dict(),
-                                                                   "source": "jobs.trainer"},
+                                            "files_done": len(self.position.done),
+                                            "trained_until_ts": self.trained_until_ts},
+                            metrics=metrics or self.summary_metrics(),
+                            extra={"encoder": self.encoder.config.to_dict(), "source": "jobs.trainer",
+                                   "adopted": self.adopted},
                             promote=self.config.promote)
         self.last_published = entry.version
         print(f"[trainer] published {entry.version}{' (current)' if self.config.promote else ''}", flush=True)
         return entry.version
 
     # ---- learning --------------------------------------------------------------------------------
+    def adopt(self, version: str) -> bool:
+        """Continue from the weights of a promoted registry version (a retrain warm-started from this
+        trainer's model: same encoder and model config), so its later checkpoints descend from what serves.
+        Returns False (and changes nothing) when the version is not compatible. Callable from another thread.
+        """
+        import torch
+
+        from jobs.registry import ModelRegistry, load_model
+        from jobs.scoring import horizon_of
+
+        entry, model = load_model(ModelRegistry(self.config.registry_uri), version)
+        with self._lock:
+            same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+            if self.model is None or not same(entry.model_config, self.model_config) or \
+                    not same(entry.extra.get("encoder"), self.encoder.config.to_dict()):
+                return False
+            self.model.load_state_dict(model.state_dict())
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+            h = horizon_of(entry)
+            if h is not None:  # what it learned is learned now too
+                self.trained_until_ts = h if self.trained_until_ts is None else max(self.trained_until_ts, h)
+            self.adopted = version
+        print(f"[trainer] adopted the weights of {version}", flush=True)
+        return True
+
     def learn_batch(self, table: pa.Table) -> np.ndarray:
         """Test-then-train on one mini-batch; returns the pre-update predictions."""
+        with self._lock:
+            return self._learn_batch(table)
+
+    def _learn_batch(self, table: pa.Table) -> np.ndarray:
         import torch
         import torch.nn.functional as F
 
@@ -275,8 +322,22 @@ class IncrementalTrainer:
         self.pending_preds.append(pa.table({"event_id": table["event_id"], "ts": table["ts"],
                                             "label": table["label"], "pred": pa.array(pred, pa.float32())}))
         self.learned += table.num_rows
+        newest = int(table["ts"].to_numpy().max())
+        self.trained_until_ts = newest if self.trained_until_ts is None else max(self.trained_until_ts, newest)
         self.digest = (self.digest + event_digest(table["event_id"].to_pylist())) % (1 << 64)
         return pred
+
+    @staticmethod
+    def _partial(before, after, rows: int, k: int):
+        """The position after the first ``k`` of the ``rows`` rows of the batch that ends at ``after``."""
+        from jobs.examples import Position
+
+        path = after.partial[0] if after.partial else after.done[-1]
+        end = after.partial[1] if after.partial else None
+        if end is None:  # the batch ended its file: its row count is the file's
+            start = before.partial[1] if before.partial and before.partial[0] == path else 0
+            end = start + rows
+        return Position([d for d in after.done if d != path], (path, end - rows + k))
 
     def summary_metrics(self) -> dict[str, float]:
         """Streaming (test-then-train) metrics over everything learned so far, plus AUC since the last checkpoint."""
@@ -293,6 +354,9 @@ class IncrementalTrainer:
         return out
 
     def _due(self) -> bool:
+        free = self.config.free_examples
+        if free and self.seq == 0:  # the first checkpoint (the bootstrap model) comes at the end of the warm-up
+            return self.learned >= free
         return (self._since_ckpt >= self.config.checkpoint_every
                 or time.monotonic() - self._ckpt_time >= self.config.checkpoint_seconds)
 
@@ -300,8 +364,20 @@ class IncrementalTrainer:
         """Ask :meth:`run` to checkpoint and return after the current batch (callable from another thread)."""
         self._stop.set()
 
+    def allow(self, examples: int) -> None:
+        """The serving clock: learn at most ``examples`` examples in all (those whose labels have arrived,
+        i.e. that serving has already scored), beyond the ``free_examples`` warm-up. Callable from another
+        thread; only ever raises the bound."""
+        self.allowed = examples if self.allowed is None else max(self.allowed, examples)
+
+    def _bound(self) -> int | None:
+        if self.allowed is None and self.config.free_examples is None:
+            return None
+        return max(self.allowed or 0, self.config.free_examples or 0)
+
     def status(self) -> dict[str, Any]:
-        return {"learned": self.learned, "seq": self.seq, "position": self.position.to_dict(),
+        return {"learned": self.learned, "seq": self.seq, "trained_until_ts": self.trained_until_ts,
+                "position": self.position.to_dict(),
                 "last_published": self.last_published, **self.summary_metrics()}
 
     def run(self) -> dict[str, Any]:
@@ -311,6 +387,20 @@ class IncrementalTrainer:
         while not self._stop.is_set():
             got = False
             for table, pos in self.store.batches(self.position, cfg.batch_size):
+                bound = self._bound()
+                if bound is not None and self.learned + table.num_rows > bound:
+                    if self.learned < bound:  # learn up to the bound exactly; the rest comes with the clock
+                        k = bound - self.learned
+                        head = table.slice(0, k)
+                        self.learn_batch(head)
+                        self.position = self._partial(self.position, pos, table.num_rows, k)
+                        got = True
+                        learned_this_run += k
+                        self._since_ckpt += k
+                        self._heartbeat()
+                        if self._due():
+                            self.checkpoint()
+                    break  # wait for the serving clock
                 self.learn_batch(table)
                 self.position = pos
                 got = True

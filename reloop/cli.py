@@ -146,7 +146,10 @@ def run(
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh",
                                  help="promote the incremental trainer's checkpoints (through the gate)"),
-    gate_margin: float = typer.Option(0.0, help="a retrained candidate must beat the served logloss by this fraction"),
+    gate_margin: float = typer.Option(0.0, help="a retrained candidate must beat the served logloss by this "
+                                                "fraction, beyond the gate's paired test"),
+    refresh_every: int = typer.Option(1000, min=100, help="examples the trainer learns between checkpoints offered "
+                                                          "to serving (through the paired gate)"),
     retrain_min_rows: int = typer.Option(3000, min=100, help="post-drift events a retrain waits for and trains on"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
@@ -173,7 +176,7 @@ def run(
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
-                          gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
+                          refresh_every=refresh_every, gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
                           state_root=state_dir)
         summary = LoopRun(profile_config(profile, config), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError, ProfileError, ServiceError) as e:

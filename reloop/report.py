@@ -76,6 +76,27 @@ def over_time(s: Series, buckets: int = 20) -> dict[str, list]:
     return out
 
 
+def freshness(ts: np.ndarray, horizon: np.ndarray) -> dict[str, Any]:
+    """How far the served version's ``trained_until_ts`` lies behind each served event.
+
+    ``ts``: event times of the served events in serving order; ``horizon``: the serving version's
+    ``trained_until_ts`` for each (negative: unknown). Lag in event-time seconds, and in events: how many
+    served events lie after the horizon and before this one. p50 / p99 / max of both.
+    """
+    ts, horizon = np.asarray(ts, np.int64), np.asarray(horizon, np.int64)
+    ok = horizon >= 0
+    out: dict[str, Any] = {"n": int(ok.sum())}
+    if not ok.any():
+        return out
+    lag_s = (ts[ok] - horizon[ok]) / 1000.0
+    clock = np.maximum.accumulate(ts)
+    lag_ev = (np.arange(len(ts)) - np.searchsorted(clock, horizon, side="right"))[ok].clip(min=0)
+    for name, v in (("seconds", lag_s), ("events", lag_ev)):
+        p50, p99 = np.percentile(v, [50, 99])
+        out[name] = {"p50": round(float(p50), 1), "p99": round(float(p99), 1), "max": round(float(v.max()), 1)}
+    return out
+
+
 def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
 
@@ -220,8 +241,9 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     variants = [{"variant": k, **v} for k, v in s["variants"].items()]
     alerts = [{"event time": _when(a.get("ts")), "action": a.get("action", "alert"), "summary": a.get("summary", "")}
               for a in s["alerts"]]
-    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"), "reason": v.get("reason", "")}
-                for v in s["versions"]]
+    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"),
+                 "trained until": _when(v.get("trained_until_ts")), "first served": _when(v.get("first_served_ts")),
+                 "events served": v.get("served_events"), "reason": v.get("reason", "")[:90]} for v in s["versions"]]
     counts = [{"stage": k, "count": v} for k, v in s["counts"].items()]
     thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
     deploys = [{"event time": _when(e.get("ts")), "what": e.get("what"),
@@ -231,6 +253,18 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
                "events": p["n"], "AUC new": p["auc_new"], "AUC previous": p["auc_previous"],
                "logloss new": p["logloss_new"], "logloss previous": p["logloss_previous"]}
               for p in s.get("promotions", [])]
+    incidents = [{"incident": i["id"], "start": _when(i.get("start_ts")), "events": f"{i['start_event']:,}-"
+                  f"{i['last_event']:,}", "alerts": i["alerts"], "evidence": ", ".join(i.get("evidence", [])[:5]),
+                  "actions": "; ".join(a.get("what", "") + (f" {a['version']}" if a.get("version") else "")
+                                       for a in i.get("actions", []) if a.get("what") != "gate"),
+                  "resolution": i.get("resolution") or i.get("status")} for i in s.get("incidents", [])]
+    gate = [{"event time": _when(g.get("events_ts", [None])[0]), "kind": g["kind"], "candidate": g["version"],
+             "current": g["current"], "n": g["n"], "logloss diff": g["diff"],
+             "interval": f"[{g['lo']:+.4f}, {g['hi']:+.4f}]", "decision": "promote" if g["promote"] else "keep"}
+            for g in s.get("gate", [])]
+    fr = s.get("freshness") or {}
+    fresh = [{"lag in": k, "p50": fr[k]["p50"], "p99": fr[k]["p99"], "max": fr[k]["max"]}
+             for k in ("events", "seconds") if k in fr]
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
     gain = s.get("memory_auc_gain")
     shift = s.get("shift")
@@ -253,7 +287,10 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 <h2>Quality per variant</h2>{_table(variants)}
 {_img(images['metrics'], 'Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)')}
 {_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
-<h2>Drift alerts</h2>{_table(alerts)}
+<h2>Freshness: how far the served version's trained_until_ts lies behind each served event</h2>{_table(fresh)}
+<h2>Incidents (alerts of one shift, grouped)</h2>{_table(incidents)}
+<h2>The deployment gate (paired block bootstrap on per-event logloss; {html.escape((s.get("gate") or [{}])[0].get("rule", "no decision"))})</h2>{_table(gate)}
+<h2>Drift alerts (raw)</h2>{_table(alerts)}
 <h2>Model versions</h2>{_table(versions)}
 <h2>After each model change: new vs previous version on the same events</h2>{_table(promos)}
 <h2>Deployment decisions</h2>{_table(deploys)}

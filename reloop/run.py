@@ -7,13 +7,23 @@ replay         the dataset into Kafka in event-time order (``reloop.replay``)
 features       the Beam feature job, one micro-batch every few seconds (``pipelines.feature_job``):
                parse / dead-letter, windowed features into Feast, training examples to Parquet
 trainer        the incremental trainer, a long-lived Ray actor (``jobs.trainer``): test-then-train
-               on every new example, a checkpoint and a registry version every few thousand
-live           the serving path (``reloop.live``): score each new example with the current version
-               plus the error-compensation memory, write its outcome into the memory, feed the
-               drift monitors; the policy's requests go to the hooks and to :class:`Deployer`
-deployer       retrain on Ray when asked -> evaluation gate on the most recent slot -> promote or
-               keep -> the live path swaps models and rebuilds its memory; rollback when asked
+               on every example whose label has arrived (that serving has scored), a checkpoint
+               and a registry version every ``--refresh-every`` examples
+live           the serving path (``reloop.live`` driving ``jobs.scoring``): score each new example
+               with the current version plus the error-compensation memory, write its outcome into
+               the memory, publish it on the predictions topic, feed the drift monitors
+deployer       ``jobs.deploy``: every trainer checkpoint, retrain candidate and rollback goes through
+               one paired gate on the newest events neither model learned from; retrain on Ray
+               (warm and cold starts) when the policy asks; the live path swaps and rebuilds memory
 =============  ==========================================================================
+
+**One causal clock.** At full replay speed the stages behave as in real time: the trainer learns only
+examples serving has passed (beyond the bootstrap warm-up), serving runs at most ``max_lag`` examples
+ahead of the trainer, and a version serves an event only if its ``trained_until_ts`` (the newest event
+time it learned) is earlier; a version whose horizon is not yet passed waits, and a violation stops
+the run (:class:`jobs.scoring.CausalityError`). Every version records ``trained_until_ts`` and
+``first_served_ts``; freshness (how far behind each served event the served version's horizon lies, in
+events and event-time seconds) is in the summary.
 
 Every run has an id; its topics (``<events_topic>.<run id>``), consumer group,
 example store, trainer checkpoints, registry and audit log are its own, under
@@ -26,7 +36,6 @@ is written to ``reports/<run id>``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import posixpath
@@ -62,13 +71,17 @@ class RunOptions:
     resume: bool = False
     run_id: str | None = None
     feature_every_s: float = 3.0
-    holdout: int = 1000                   # events in the gate's holdout slot (the newest scored events)
+    holdout: int = 1000                   # newest served events kept out of a retrain (its gate events)
+    refresh_every: int = 1000             # examples between checkpoints offered to serving (see bench_refresh_cadence)
+    bootstrap: int = 5000                 # examples the first model learns before it serves (never scored)
+    gate_events: int = 1000               # the newest paired events the gate decides on
+    gate_level: float = 0.90              # the gate's two-sided interval (each end a one-sided 95 % bound)
+    gate_margin: float = 0.0              # a retrain must beat the served logloss by this fraction (and the test)
     retrain_window: int = 20_000          # at most this many events before the holdout are trained on
     retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
     retrain_lookback: int = 1000          # the drift is taken to have begun this many events before detection
     refresh: bool = True                  # promote the incremental trainer's checkpoints through the gate
-    gate_margin: float = 0.0              # a candidate must beat the current logloss by this fraction
-    max_lag: int = 5000                   # how far (examples) serving may run ahead of the trainer
+    max_lag: int = 1000                   # how far (examples) serving may run ahead of the trainer
     report_root: str = "reports"
     state_root: str = ".state/runs"
     progress: bool = True
@@ -102,189 +115,6 @@ def run_config(cfg: ReloopConfig, run_id: str, state: Path) -> ReloopConfig:
         "drift": cfg.drift.model_copy(update={"state_path": str(state / "monitor" / "state.json"),
                                               "audit_log_path": str(state / "monitor" / "audit.jsonl")}),
     })
-
-
-# ----------------------------------------------------------------------------------------------------
-# the deployer: the job layer behind the monitor loop's Actions protocol
-
-
-class Deployer:
-    """Carries out the policy's requests and promotes the trainer's versions through one evaluation gate.
-
-    The gate compares models on the most recent ``holdout`` events that neither has learned from when it
-    predicted them: the served model's recorded (pre-feedback) predictions against the candidate's
-    predictions (a retrain candidate never saw the holdout; an incremental checkpoint's prequential
-    predictions are taken from the trainer's own test-then-train log).
-    """
-
-    def __init__(self, registry, live, opts: RunOptions, cfg: ReloopConfig, trainer_dir: str) -> None:
-        self.registry, self.live, self.opts, self.cfg = registry, live, opts, cfg
-        self.trainer_dir = trainer_dir
-        self.monitor = None                                # set by the run (the MonitorLoop)
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrain")
-        self.pending: concurrent.futures.Future | None = None
-        self.considered: set[str] = set()
-        self.events: list[dict[str, Any]] = []             # what the deployer did, for the report
-        self.retrains = 0
-        self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
-        self.t0 = time.time()
-
-    def _log(self, what: str, **fields: Any) -> None:
-        """One deployment decision, stamped with event time and wall-clock seconds since the run began."""
-        self.events.append({"what": what, "ts": self.live.last_ts, "wall_s": round(time.time() - self.t0, 2),
-                            "at_event": self.live.scored, **fields})
-
-    # -- Actions protocol ---------------------------------------------------------------------------
-    def request_retrain(self, request) -> None:
-        """Note the request; :meth:`tick` starts the retrain once enough post-drift data has arrived."""
-        if self.pending is not None or self.requested is not None:
-            # the policy asked again while a retrain is queued or running: one at a time
-            self._log("retrain already requested")
-            return None
-        # where the new concept began: detectors report when they fired, not where the change was, so take
-        # the event `retrain_lookback` events before the request (about one detection delay)
-        ts = self.live.trace.last(self.opts.retrain_lookback + 1)["ts"]
-        self.requested = (int(ts[0]) if len(ts) else self.live.last_ts, self.live.scored)
-        self._log("retrain requested", drift_from_ts=self.requested[0])
-        return None  # asynchronous: tick() hands the candidate to the monitor loop when it is done
-
-    def evaluate_candidate(self, candidate, current_version):
-        from jobs.monitor import Evaluation
-
-        cand_ll, cur_ll, n = self._gate(candidate.version)
-        better = cand_ll < cur_ll * (1.0 - self.opts.gate_margin)
-        return Evaluation(better, {"logloss": cand_ll, "n": n}, {"logloss": cur_ll, "n": n},
-                          f"holdout of the last {n} events: candidate logloss {cand_ll:.4f} vs current {cur_ll:.4f}")
-
-    def promote(self, candidate) -> str:
-        self.registry.promote(candidate.version, reason="retrain after drift, passed the gate")
-        return candidate.version
-
-    def rollback(self, to_version, from_version) -> str:
-        if to_version:
-            self.registry.promote(to_version, reason=f"rollback from {from_version}: worse after promotion")
-            return to_version
-        return self.registry.rollback(reason="rollback: worse after promotion")
-
-    # -- periodic work ------------------------------------------------------------------------------
-    def tick(self) -> None:
-        """Bootstrap the first version, gate new trainer checkpoints, start and finish retrains."""
-        if self.requested is not None:
-            drift_ts, scored_at = self.requested
-            post = int((self.live.trace.arrays()["ts"] >= drift_ts).sum()) if self.live.scored else 0
-            if post >= self.opts.retrain_min_rows + self.opts.holdout or \
-                    self.live.scored - scored_at >= self.opts.retrain_min_rows + self.opts.holdout:
-                self.requested = None
-                try:
-                    ts_min, ts_max = self._window(drift_ts)
-                except RunError as e:
-                    self._log("retrain skipped", why=str(e))
-                else:
-                    self._log("retrain submitted", window_ts_min=ts_min, window_ts_max=ts_max)
-                    self.pending = self.pool.submit(self._retrain, ts_min, ts_max)
-                    self.retrains += 1
-        if self.pending is not None and self.pending.done():
-            fut, self.pending = self.pending, None
-            try:
-                cand = fut.result()
-            except Exception as e:  # noqa: BLE001 - a failed retrain keeps the current model
-                self._log("retrain failed", error=repr(e))
-            else:
-                self.considered.add(cand.version)
-                promoted = self.monitor.on_candidate(cand) if self.monitor is not None else False
-                self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
-                          **cand.metrics)
-        trainer_versions = [v for v in self.registry.versions() if v not in self.considered
-                            and self.registry.entry(v).extra.get("source") == "jobs.trainer"]
-        if not trainer_versions:
-            return
-        newest = trainer_versions[-1]
-        self.considered.update(trainer_versions)
-        if self.registry.current() is None:
-            self.registry.promote(newest, reason="bootstrap: first incremental checkpoint")
-            return
-        if not self.opts.refresh:
-            return
-        try:
-            cand_ll, cur_ll, n = self._gate(newest, prequential=True)
-        except RunError as e:
-            self._log("refresh skipped", version=newest, why=str(e))
-            return
-        if cand_ll <= cur_ll * (1.0 + 1e-9):
-            self.registry.promote(newest, reason=f"refresh: incremental checkpoint, holdout logloss "
-                                                 f"{cand_ll:.4f} <= {cur_ll:.4f}")
-        else:
-            self._log("refresh rejected", version=newest, candidate_logloss=cand_ll, current_logloss=cur_ll, n=n)
-
-    def close(self, wait: bool = True) -> None:
-        """Wait for a running retrain (or, when interrupted, drop it: its candidate was never gated)."""
-        self.pool.shutdown(wait=wait, cancel_futures=not wait)
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def _window(self, drift_ts: int) -> tuple[int, int]:
-        """``[ts_min, ts_max)`` of the retrain: from where the drift began (at least ``retrain_min_rows``
-        and at most ``retrain_window`` examples) up to the gate's holdout, which it never sees."""
-        from jobs.examples import ExampleStore
-
-        last = self.live.trace.last(self.opts.holdout)
-        if len(last["ts"]) == 0:
-            raise RunError("nothing scored yet: no holdout to keep out of the retrain window")
-        ts_max = int(last["ts"].min())
-        ts = np.sort(ExampleStore(self.cfg.storage.examples_uri, columns=["ts"]).read_window(None, ts_max)["ts"]
-                     .to_numpy())
-        if len(ts) == 0:
-            raise RunError("no examples before the holdout to retrain on")
-        since = int(np.searchsorted(ts, drift_ts))
-        first = min(since, max(0, len(ts) - self.opts.retrain_min_rows))
-        first = max(first, len(ts) - self.opts.retrain_window)
-        return int(ts[first]), ts_max
-
-    def _retrain(self, ts_min: int, ts_max: int):
-        """Ray Train ``TorchTrainer`` on the window (jobs.retrain), published as a candidate version."""
-        from jobs.monitor import Candidate
-        from jobs.retrain import RetrainConfig, run_retrain
-
-        res = run_retrain(RetrainConfig(
-            examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
-            storage_path=_sibling(self.trainer_dir, "ray_train"), model_kind=self.opts.model,
-            window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.opts.seed,
-            num_workers=self.cfg.ray.retrain_workers, placement_strategy=self.cfg.ray.retrain_placement))
-        self._log("retrain fitted", version=res["version"], worker_nodes=res.get("worker_nodes", []))
-        return Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]})
-
-    def _gate(self, version: str, prequential: bool = False) -> tuple[float, float, int]:
-        """(candidate logloss, current logloss, n) on the most recent scored events."""
-        from online_models.metrics import logloss
-
-        need = min(200, self.opts.holdout)
-        if prequential:
-            # the trainer usually lags the serving path: compare on the newest events both have predicted
-            preds = _trainer_predictions(self.trainer_dir)
-            a = self.live.trace.arrays()
-            idx = {e: i for i, e in enumerate(a["event_id"].tolist())}
-            both = [(i, idx[e]) for i, e in enumerate(preds["event_id"].tolist()) if e in idx][-self.opts.holdout:]
-            if len(both) < need:
-                raise RunError(f"only {len(both)} recent events scored by both models: too few for the gate")
-            ti, si = (np.array(x) for x in zip(*both))
-            y = a["y"][si]
-            return logloss(y, preds["pred"][ti]), logloss(y, a["p_base"][si]), len(both)
-        last = self.live.trace.last(self.opts.holdout)
-        if len(last["y"]) < need:
-            raise RunError(f"only {len(last['y'])} scored events so far: too few for the gate")
-        import torch
-
-        from jobs.scoring import load_bundle
-
-        b = load_bundle(self.registry, version, self.opts.memory)
-        recent = self.live.recent()
-        ids = set(last["event_id"].tolist())
-        rows = recent.filter(pa.array([e in ids for e in recent["event_id"].to_pylist()]))
-        order = {e: i for i, e in enumerate(last["event_id"].tolist())}
-        pos = np.array([order[e] for e in rows["event_id"].to_pylist()])
-        with torch.no_grad():
-            p = torch.sigmoid(b.model(b.encoder.encode(rows))[0])
-        y = last["y"][pos]
-        return logloss(y, p.numpy()), logloss(y, last["p_base"][pos]), len(pos)
 
 
 def _sibling(uri: str, name: str) -> str:
@@ -378,6 +208,8 @@ class LoopRun:
         self.interrupted = False
         self.committed: int | None = None
         self.dataset_rows = 0
+        self.predictions = None
+        self.trainer = None
         self.t0 = time.time()
         if not opts.resume:
             (self.state / "run.json").write_text(json.dumps(
@@ -457,8 +289,19 @@ class LoopRun:
 
         return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=self.cfg.storage.trainer_uri,
                              registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
-                             checkpoint_every=5000, checkpoint_seconds=15.0, publish_every=1, promote=False,
-                             poll_seconds=0.5, seed=self.opts.seed)
+                             # a checkpoint, and a version offered to serving, every `refresh_every` examples
+                             # (by count, not seconds: the cadence is a property of the stream, not the machine);
+                             # the first after the bootstrap warm-up, learned before the serving clock binds
+                             checkpoint_every=self.opts.refresh_every, checkpoint_seconds=1e9, publish_every=1,
+                             promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap)
+
+    def _heartbeat_learned(self) -> int:
+        """The trainer's progress from its heartbeat file (written after every batch): a local read, so the
+        serving clock and the trainer follow each other without a Ray round trip per step."""
+        try:
+            return int(json.loads((self.state / "trainer" / "heartbeat.json").read_text())["learned"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     def _live(self, live, deployer) -> None:
         while not self.stop.is_set():
@@ -470,9 +313,12 @@ class LoopRun:
                 continue
             # serve at most `max_lag` examples ahead of what the trainer has learned: at full replay speed
             # the stream would otherwise outrun training entirely, which no real-time deployment sees
+            self.c.learned = max(self.c.learned, self._heartbeat_learned())
             trainer_done = self.features_done.is_set() and self.c.learned >= self.c.examples_written
             budget = None if trainer_done else self.c.learned + self.opts.max_lag - (live.scored + live.unscored)
             n = live.step(max_batches=8, max_rows=budget)
+            if n and self.trainer is not None:
+                self.trainer.allow.remote(live.passed)  # the serving clock moved: the trainer may follow
             deployer.tick()
             self.c.scored = live.scored
             self.c.version = live.served.version if live.served else None
@@ -483,11 +329,9 @@ class LoopRun:
                     deployer._log("retrain dropped: the stream ended first")
                 if caught_up and deployer.pending is None and deployer.requested is None \
                         and not live.store.pending(live.position):
-                    # one last look: the trainer's final checkpoint may be a newer version to serve
-                    deployer.tick()
-                    live.step()
+                    deployer.flush()  # a checkpoint waiting for gate events is decided on what exists
                     break
-                self.stop.wait(0.3)
+                self.stop.wait(0.1)
 
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -512,12 +356,13 @@ class LoopRun:
     def _run(self) -> dict[str, Any]:
         import ray
 
+        from jobs.deploy import DeployConfig, Deployer
         from jobs.monitor import build_loop
         from jobs.registry import ModelRegistry
         from jobs.trainer import IncrementalTrainer
         from pipelines.kafka_io import ensure_topics
         from pipelines.storage import storage_env
-        from reloop.live import ServingLoop
+        from reloop.live import PredictionLog, ServingLoop
 
         if not self.opts.resume:
             from pipelines.kafka_io import end_offsets
@@ -530,8 +375,23 @@ class LoopRun:
         self.dataset_rows = table.num_rows
         registry = ModelRegistry(self.cfg.storage.registry_uri)
         live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
-        deployer = Deployer(registry, live, self.opts, self.cfg, self.cfg.storage.trainer_uri)
+        o = self.opts
+        deployer = Deployer(registry, live, DeployConfig(
+            examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
+            work_dir=str(self.state), model=o.model, seed=o.seed, memory=o.memory, refresh=o.refresh,
+            gate_events=o.gate_events, gate_min_events=max(100, o.gate_events // 2), gate_level=o.gate_level,
+            gate_margin=o.gate_margin,
+            retrain_window=o.retrain_window, retrain_min_rows=o.retrain_min_rows,
+            retrain_lookback=o.retrain_lookback, holdout=o.holdout,
+            ray_train_uri=_sibling(self.cfg.storage.trainer_uri, "ray_train"),
+            retrain_workers=self.cfg.ray.retrain_workers, retrain_placement=self.cfg.ray.retrain_placement))
         deployer.t0 = live.t0 = self.t0
+        try:  # the scored predictions, as a log on Kafka that `reloop monitor` can read
+            ensure_topics(self.cfg.kafka, [self.cfg.drift.predictions_topic])
+            live.publish = self.predictions = PredictionLog(self.cfg.kafka, self.cfg.drift.predictions_topic,
+                                                            self.run_id, tuple(self.cfg.drift.features))
+        except Exception as e:  # noqa: BLE001 - the in-process monitors still see every prediction
+            self.errors.append(f"predictions topic: {e!r}")
         live.mark_ts = self.shift["start_ts"] if self.shift else None
         monitor = build_loop(self.cfg, actions=deployer, on_request=self._on_request(live))
         deployer.monitor = live.monitor = monitor
@@ -546,6 +406,9 @@ class LoopRun:
             init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env_vars})
         trainer = ray.remote(num_cpus=1, max_concurrency=2, resources=dict(self.cfg.ray.trainer_resources) or None)(
             IncrementalTrainer).remote(self._trainer_config())
+        self.trainer = trainer
+        # a promoted warm retrain becomes the trainer's starting point: one lineage, refreshed as before
+        deployer.on_promoted = lambda version: trainer.adopt.remote(version)
         trainer_run = trainer.run.remote()
         try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously
             ray.get(trainer.status.remote(), timeout=300)
@@ -564,6 +427,9 @@ class LoopRun:
                 t.start()
             while any(t.is_alive() for t in threads):
                 try:
+                    # the serving clock: the trainer learns only examples whose labels have arrived, i.e.
+                    # that serving has already scored (beyond the bootstrap warm-up it learns freely)
+                    trainer.allow.remote(live.passed)
                     st = ray.get(trainer.status.remote(), timeout=30)
                     self.c.learned = st["learned"]
                 except ray.exceptions.GetTimeoutError:
@@ -590,6 +456,11 @@ class LoopRun:
             except Exception as e:  # noqa: BLE001
                 self.errors.append(f"trainer: {e!r}")
             deployer.close(wait=not self.interrupted)
+            if self.predictions is not None:
+                try:
+                    self.predictions.close()
+                except Exception as e:  # noqa: BLE001
+                    self.errors.append(f"predictions topic: {e!r}")
             monitor.dispatcher.close()  # deliver queued alerts, close the alerts producer before the broker stops
             ray.shutdown()
             if progress:
@@ -662,6 +533,8 @@ class LoopRun:
             live.trace.p_prev = [np.array(t["p_prev"], float)]
             live.trace.user = [np.array(t["user"], object)]
             live.trace.event_id = [np.array(t["event_id"], object)]
+            live.trace.version = [np.array(t.get("version", [""] * len(t["ts"])), object)]
+            live.trace.horizon = [np.array(t.get("horizon", [-1] * len(t["ts"])), np.int64)]
             live.scored = len(t["ts"])
         for k in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
                   "examples_written", "feature_runs", "feature_seconds", "alerts"):
@@ -678,9 +551,16 @@ class LoopRun:
         series = {"served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
                   "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"])}
         if len(tp["ts"]):
+            # on the same events as the served variants: the trainer's warm-up, which serving never scores,
+            # is left out of its figure too
             users = dict(zip(a["event_id"].tolist(), a["user"].tolist()))
-            series["incremental"] = Series(tp["ts"], tp["label"], tp["pred"],
-                                           np.array([users.get(e, "?") for e in tp["event_id"]], object))
+            same = np.array([e in users for e in tp["event_id"]], bool)
+            series["incremental"] = Series(tp["ts"][same], tp["label"][same], tp["pred"][same],
+                                           np.array([users[e] for e in tp["event_id"][same]], object))
+        from online_models.drift.incidents import group_incidents
+        from reloop.report import freshness
+
+        incidents = group_incidents(self.alerts, deployer.events, end_event=live.scored)
         c = self.c
         wall = time.time() - self.t0
         throughput = {"replay": c.replayed / c.replay_seconds if c.replay_seconds else 0.0,
@@ -693,15 +573,28 @@ class LoopRun:
                   "featurised (accepted)": c.accepted, "late": c.late, "duplicates": c.duplicates,
                   "examples written": c.examples_written, "examples learned": c.learned,
                   "scored": live.scored, "arrived before the first model": live.unscored,
-                  "alerts": c.alerts, "retrains": deployer.retrains, "model versions served": len(live.versions)}
+                  "alerts": c.alerts, "incidents": len(incidents), "retrains": deployer.retrains,
+                  "rollbacks": deployer.rollbacks, "gate decisions": len(deployer.decisions),
+                  "model versions served": len(live.versions),
+                  "predictions published": self.predictions.sent if self.predictions is not None else 0}
+        violations = [v["version"] for v in live.versions
+                      if v.get("first_served_ts") is not None and
+                      (v.get("trained_until_ts") is None or v["trained_until_ts"] >= v["first_served_ts"])]
         rec = RunRecord(self.run_id, self.opts.dataset, self.opts.model, series, alerts=self.alerts,
                         versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
                         seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
+                                             "incidents": incidents, "gate": deployer.decisions,
+                                             "retrain_comparisons": deployer.retrain_comparisons,
+                                             "freshness": freshness(a["ts"], a["horizon"]),
+                                             "causal_violations": violations,
                                              "promotions": live.trace.promotions(live.versions),
                                              "shift_first_served_wall_s": live.mark_wall_s,
                                              "shift_first_served_at_event": live.mark_event,
                                              "topic": self.topic, "state_dir": str(self.state),
                                              "report_dir": str(self.report_dir)})
+        if violations:
+            self.errors.append(f"causal clock violated by {', '.join(violations)}: served events at or before "
+                               f"their trained_until_ts")
         write_report(rec, self.report_dir)
         summary = json.loads((self.report_dir / "summary.json").read_text())
         summary.pop("over_time", None)
@@ -739,9 +632,19 @@ class _Progress:
             if 0 < last["y"].sum() < len(last["y"]):
                 detail += (f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
                            f"{auc(last['y'], last['p_mem']):.4f} with memory")
+        if r.live is not None and r.live.scored:
+            from reloop.report import freshness
+
+            a = r.live.trace.arrays()
+            f = freshness(a["ts"], a["horizon"])
+            if "events" in f:
+                detail += (f"; freshness p50/p99 {f['events']['p50']:,.0f}/{f['events']['p99']:,.0f} events, "
+                           f"{f['seconds']['p50'] / 3600:,.1f}/{f['seconds']['p99'] / 3600:,.1f} h behind")
         t.add_row("serving", f"{c.scored:,} scored", detail)
-        t.add_row("drift", f"{c.alerts} alerts", "; ".join(f"{a['action']}: {a['summary'][:40]}"
-                                                           for a in r.alerts[-2:]))
+        from online_models.drift.incidents import group_incidents
+
+        t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents",
+                  "; ".join(f"{a['action']}: {a['summary'][:40]}" for a in r.alerts[-2:]))
         if r.errors:
             t.add_row("errors", str(len(r.errors)), r.errors[-1][:80])
         self.live.update(t)

@@ -35,6 +35,9 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
     try:
         first = run_retrain(RetrainConfig(**{**cfg.__dict__, "promote": True}))
         second = run_retrain(cfg)
+        ts = [int(t) for t in examples["ts"].to_numpy()]
+        warm = run_retrain(RetrainConfig(**{**cfg.__dict__, "ts_min": ts[4000], "ts_max": ts[-1] + 1,
+                                            "init_version": first["version"], "replay_ratio": 0.5}))
     finally:
         ray.shutdown()
     assert reg.current() == first["version"]          # promoted on request
@@ -46,3 +49,9 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
     assert entry.extra["holdout_current"]["version"] == first["version"]
     assert "auc" in entry.extra["holdout_current"]
     reg.verify(second["version"])
+    assert entry.training_range["trained_until_ts"] == max(examples["ts"].to_pylist())
+    # a warm start keeps the served model's encoder and adds a replay sample of older examples
+    w = reg.entry(warm["version"])
+    assert w.extra["start"] == f"warm from {first['version']}"
+    assert w.extra["encoder"] == reg.entry(first["version"]).extra["encoder"]
+    assert w.training_range["train_rows"] > 0.9 * 2000 * 1.4 and w.training_range["train_ts"][0] < ts[4000]

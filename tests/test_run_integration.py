@@ -33,5 +33,14 @@ def test_short_run_counts_agree_and_report_is_written(tmp_path, kafka_config):
     assert c["model versions served"] >= 1
     assert summary["variants"]["served"]["n"] == c["scored"] > 0
     assert summary["errors"] == []
+    # one causal clock: every served version learned only events before the first one it served
+    served = [v for v in summary["versions"] if v["first_served_ts"] is not None]
+    assert served and all(v["trained_until_ts"] < v["first_served_ts"] for v in served)
+    assert summary["causal_violations"] == []
+    # the trainer's checkpoints reach serving through the gate, each decision with its n and interval
+    assert c["model versions served"] >= 2 and summary["gate"]
+    assert all(g["lo"] <= g["diff"] <= g["hi"] and g["n"] >= 500 for g in summary["gate"])
+    assert {"incidents", "rollbacks"} <= set(c) and c["predictions published"] == c["scored"]
+    assert {"p50", "p99"} <= set(summary["freshness"]["events"])
     for name in ("report.html", "metrics_over_time.png", "memory_gain.png", "throughput.png"):
         assert (tmp_path / "reports" / summary["run_id"] / name).stat().st_size > 0

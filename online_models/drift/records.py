@@ -142,7 +142,7 @@ def alert_payload(request: Request, alert_id: str | None = None, created_at: flo
 
 AUDIT_KINDS = ("alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted",
                "not_promoted", "rollback_requested", "rolled_back", "watch_started", "watch_passed",
-               "action_failed")
+               "action_failed", "rollback_declined", "incident_resolved")
 
 
 @dataclass(frozen=True)
