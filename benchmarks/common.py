@@ -33,6 +33,8 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}"
     if isinstance(v, int):

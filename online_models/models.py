@@ -146,6 +146,39 @@ class CTRModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass for test-then-train: ``(eval logits, eval hidden, train logits)``.
+
+        The eval outputs (no dropout, no gradient) are what :meth:`forward` gives in eval mode, the train
+        logits what it gives in train mode (with the graph for ``backward``). Called in train mode.
+        Subclasses share the work before their first dropout (lookups, wide part, cross layers); this
+        fallback runs both passes.
+        """
+        with torch.no_grad():
+            _set_mode(self, False)
+            try:
+                logits_e, hidden_e = self(batch)
+            finally:
+                _set_mode(self, True)
+        logits, _ = self(batch)
+        return logits_e, hidden_e, logits
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """Train/eval mode of ``module`` and its children, without Module.__setattr__'s per-call type checks."""
+    for m in module.modules():
+        object.__setattr__(m, "training", training)
+
+
+def _eval_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` in eval mode (dropout off), no gradient, leaving its mode (train) as it was."""
+    with torch.no_grad():
+        _set_mode(mlp, False)
+        try:
+            return mlp(x)
+        finally:
+            _set_mode(mlp, True)
+
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -169,6 +202,10 @@ class LogisticRegression(CTRModel):
             return parts.sum(1) + self.num_linear.bias + self.bias, parts
         return parts.sum(1) + self.bias, parts
 
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, parts = self(batch)                                    # no dropout: eval = train
+        return logits.detach(), parts.detach(), logits
+
 
 class DeepFM(CTRModel):
     """DeepFM: first order + FM pairwise interactions + an MLP over [embeddings, numeric]."""
@@ -188,6 +225,16 @@ class DeepFM(CTRModel):
         fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)      # (B,)
         hidden = self.mlp(self.dense_input(emb, batch))                # (B, H)
         return wide + fm + self.out(hidden).squeeze(-1), hidden
+
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb, wide = self.embed(batch)
+        first = wide + 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
+        x = self.dense_input(emb, batch)
+        hidden_e = _eval_mlp(self.mlp, x)
+        with torch.no_grad():
+            logits_e = first + self.out(hidden_e).squeeze(-1)
+        hidden = self.mlp(x)
+        return logits_e, hidden_e, first + self.out(hidden).squeeze(-1)
 
 
 class CrossLayerV2(nn.Module):
@@ -215,14 +262,27 @@ class DCNv2(CTRModel):
     def hidden_dim(self) -> int:
         return self.config.hidden_sizes[-1]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross network's output (B, d_in) and the wide logit (B,): everything before the first dropout."""
         emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
         x0 = self.dense_input(emb, batch)                              # (B, d_in)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)                                           # (B, d_in)
+        return x, wide
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, wide = self._trunk(batch)
         hidden = self.mlp(x)                                           # (B, H)
         return wide + self.out(hidden).squeeze(-1), hidden
+
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, wide = self._trunk(batch)
+        hidden_e = _eval_mlp(self.mlp, x)
+        with torch.no_grad():
+            logits_e = wide + self.out(hidden_e).squeeze(-1)
+        hidden = self.mlp(x)
+        return logits_e, hidden_e, wide + self.out(hidden).squeeze(-1)
 
 
 def build_model(config: ModelConfig) -> CTRModel:
