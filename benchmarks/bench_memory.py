@@ -10,7 +10,12 @@ throughput of the torch models next to River's logistic regression, on the same 
 2. Test-then-train samples/s over the first ``--events`` events: torch LR / DeepFM / DCNv2
    (mini-batches) vs River LR and FM (one sample at a time, as River works).
 3. The memory's size before and after the stream (constant).
-4. Serving with per-event memory semantics (``--serve-events`` events, batches of ``--serve-batch``, the served
+4. ``prod``: the memory on a production-size model (:func:`online_models.models.criteo_like_config`: 13 numeric +
+   26 categorical fields, embedding 16, DCNv2 3 cross layers + MLP 3x400) fed the project's synthetic batches of
+   that shape (:func:`online_models.models.synthetic_batch`), at batches 1, 512 and 4096, with the served memory
+   settings (``SERVING_MEMORY``: K, L, tau, key): forward pass vs key + hash + estimate + write (batch semantics,
+   hashed once) and vs the per-event step. Target: <= 10% of the forward pass at batch 512.
+5. Serving with per-event memory semantics (``--serve-events`` events, batches of ``--serve-batch``, the served
    memory ``SERVING_MEMORY``): forward + key + the batched per-event step (``step_per_event``) against the same
    with the one-event-at-a-time reference loop (``step_sequential``) and with the whole batch written at once
    (``batch`` semantics, the old fast path). Also the largest difference between per-event and sequential
@@ -26,6 +31,7 @@ like with like. Prints a table and writes ``benchmarks/results/bench_memory.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -38,7 +44,8 @@ import torch
 from online_models.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory
-from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
+from online_models.models import (ModelConfig, build_model, criteo_like_config, memory_key, memory_key_dim,
+                                  synthetic_batch)
 
 KEY = "hidden+user"   # the evaluation's default memory key
 from online_models.river_baselines import RiverBaseline
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--serve-events", type=int, default=20_000)
     ap.add_argument("--serve-batch", type=int, default=512)
-    ap.add_argument("--sections", nargs="+", default=["cost", "train", "size", "serve"])
+    ap.add_argument("--prod-batch-sizes", type=int, nargs="+", default=[1, 512, 4096])
+    ap.add_argument("--sections", nargs="+", default=["cost", "train", "size", "prod", "serve"])
     ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -157,6 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nmemory state {size_before:,} bytes before and {size_after:,} bytes after "
           f"{200 * args.batch_size:,} writes (K=16, L=12, dim=32)")
 
+    prod = prod_rows(args.prod_batch_sizes, args.repeats) if "prod" in args.sections else []
+    if prod:
+        print(f"\nproduction-size DCNv2 (criteo_like_config), served memory K={SERVING_MEMORY['num_tables']} "
+              f"L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} key={SERVING_MEMORY['key']} (median of "
+              f"{args.repeats} interleaved pairs, 1 thread)")
+        for r in prod:
+            print(f"{r['hash_precision']:8s} batch {r['batch']:5d}  forward {r['forward_ms']:9.3f} ms  memory {r['memory_ms']:8.3f} ms "
+                  f"({r['ratio']:6.1%})  per-event memory {r['per_event_memory_ms']:8.3f} ms ({r['per_event_ratio']:6.1%})"
+                  f"  of which key+hash {r['key_hash_ms']:7.3f} ms")
     if serve_rows:
         print(f"\nserving: forward + key + memory step, batches of {args.serve_batch}, served memory "
               f"K={SERVING_MEMORY['num_tables']} L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} (1 thread)")
@@ -168,13 +185,57 @@ def main(argv: list[str] | None = None) -> dict:
               "repeats": args.repeats, "threads": 1, "machine": platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "memory_vs_forward": cost_rows, "test_then_train_samples_per_s": tput,
               "throughput_vs_river_lr": {k: v / ref for k, v in tput.items()},
-              "memory_bytes": {"before": size_before, "after": size_after}, "serving": serve_rows,
+              "memory_bytes": {"before": size_before, "after": size_after}, "serving": serve_rows, "production_size": prod,
               "target": {"memory_vs_forward_max_ratio": 0.10}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result
+
+
+def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
+    """Memory vs forward pass on the production-size DCNv2, served memory settings."""
+    cfg = criteo_like_config()
+    model = build_model(cfg).eval()
+    key_kind = SERVING_MEMORY["key"]
+    params = {k: v for k, v in SERVING_MEMORY.items() if k != "key"}
+    rows = []
+    for precision, bs in itertools.product(("float32", "bfloat16"), batch_sizes):
+        mem = ErrorCompensationMemory(dim=memory_key_dim(model, key_kind), **params, precision=precision)
+        mem.rebuild(iter_batches(synthetic_batch(cfg, 20_000, seed=1), 2048), model,
+                    key_fn=lambda b, h: memory_key(model, b, h, key_kind))
+        batch = synthetic_batch(cfg, bs, seed=2)
+        with torch.no_grad():
+            logits, hidden = model(batch)
+        p, y = torch.sigmoid(logits), batch["label"]
+        state = mem.state_dict()
+
+        def forward():
+            with torch.no_grad():
+                model(batch)
+
+        def memory():
+            key = memory_key(model, batch, hidden, key_kind)
+            hashed = mem.hash(key)
+            mem.estimate(key, p, hashed)
+            mem.write(key, y, p, hashed)
+
+        def per_event():
+            key = memory_key(model, batch, hidden, key_kind)
+            mem.step_per_event(mem.hash(key), p, y)
+
+        def key_hash():
+            mem.hash(memory_key(model, batch, hidden, key_kind))
+
+        t_fwd, t_mem = _paired_median_times(forward, memory, repeats)
+        _, t_pe = _paired_median_times(forward, per_event, repeats)
+        _, t_kh = _paired_median_times(forward, key_hash, repeats)
+        mem.load_state_dict(state)
+        rows.append({"model": "criteo-like dcnv2", "hash_precision": precision, "batch": bs, "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3,
+                     "ratio": t_mem / t_fwd, "per_event_memory_ms": t_pe * 1e3, "per_event_ratio": t_pe / t_fwd,
+                     "key_hash_ms": t_kh * 1e3, "target_ratio_at_512": 0.10})
+    return rows
 
 
 def memory_rounds(index: torch.Tensor) -> int:

@@ -298,6 +298,43 @@ def build_model(config: ModelConfig) -> CTRModel:
     return model
 
 
+def criteo_like_config(hash_buckets: int = 100_003, seed: int = 0) -> ModelConfig:
+    """A production-size CTR model: Criteo's shape (13 numeric + 26 categorical fields), embedding 16, DCNv2 with 3
+    cross layers and an MLP of 3x400 (the DCN-V2 paper's public-data setups). What the memory's cost is measured
+    against (``benchmarks/bench_memory.py``)."""
+    return ModelConfig(kind="dcnv2", num_categorical=26, hash_buckets=hash_buckets, num_numeric=13, embedding_dim=16,
+                       hidden_sizes=(400, 400, 400), cross_layers=3, dropout=0.0,
+                       categorical_fields=tuple(f"C{i}" for i in range(1, 27)),
+                       numeric_fields=tuple(f"I{i}" for i in range(1, 14)), seed=seed)
+
+
+def synthetic_batch(config: ModelConfig, n: int, seed: int = 0, zipf: float = 1.1) -> dict[str, torch.Tensor]:
+    """``n`` encoded rows of ``config``'s shape: Zipf-distributed ids per field (a few ids are most of the
+    traffic, as in click logs), standard-normal numeric features, and labels drawn from a fixed random
+    logistic model of both (so the batch is learnable; ~25% positives).
+
+    >>> b = synthetic_batch(criteo_like_config(hash_buckets=1000), 8)
+    >>> tuple(b["cat"].shape), tuple(b["num"].shape), tuple(b["label"].shape)
+    ((8, 26), (8, 13), (8,))
+    >>> bool((b["cat"][:, 1] >= 1000).all() and (b["cat"][:, 1] < 2000).all())   # field j owns rows j*buckets..
+    True
+    """
+    g = torch.Generator().manual_seed(seed)
+    f, nb = config.num_categorical, config.hash_buckets
+    ranks = torch.arange(1, nb + 1, dtype=torch.float64)
+    probs = ranks.pow(-zipf)
+    ids = torch.multinomial(probs / probs.sum(), n * f, replacement=True, generator=g).view(n, f)
+    # a fixed permutation per field: the popular ids are not the same row numbers in every field
+    perm = torch.stack([torch.randperm(nb, generator=torch.Generator().manual_seed(seed * 1000 + j)) for j in range(f)])
+    cat = torch.gather(perm, 1, ids.t()).t() + torch.arange(f) * nb
+    num = torch.randn(n, config.num_numeric, generator=g)
+    w_id = torch.randn(f * nb, generator=torch.Generator().manual_seed(seed + 1)) * 0.3
+    w_num = torch.randn(config.num_numeric, generator=torch.Generator().manual_seed(seed + 2)) * 0.3
+    logit = w_id[cat].sum(1) + num @ w_num - 1.2
+    label = (torch.rand(n, generator=g) < torch.sigmoid(logit)).float()
+    return {"cat": cat, "num": num, "label": label}
+
+
 MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
 #: weight of the identity part of "hidden+user" keys relative to the unit-normalised hidden layer: with more
 #: weight on the user, the SimHash buckets mostly group a user's own recent outcomes. Chosen on the ML-100K

@@ -250,3 +250,17 @@ def test_per_event_step_survives_the_rescale() -> None:
         torch.testing.assert_close(a.step_per_event(a.hash(h[sl]), p[sl], y[sl]), b.step_sequential(h[sl], p[sl], y[sl]),
                                    rtol=1e-5, atol=1e-6)
     assert int(a.base) > 0 and int(b.base) > 0
+
+
+def test_bfloat16_hashing_is_opt_in_and_close() -> None:
+    h = torch.randn(256, 40, generator=torch.Generator().manual_seed(0))
+    a = ErrorCompensationMemory(dim=40, num_tables=8, bits=10, seed=3)
+    b = ErrorCompensationMemory(dim=40, num_tables=8, bits=10, seed=3, precision="bfloat16")
+    assert a.config.precision == "float32" and b.config.precision == "bfloat16"
+    agree = (a.hash(h).index == b.hash(h).index).float().mean()
+    assert agree > 0.9                                      # only keys within bf16 rounding of a plane move
+    torch.testing.assert_close(a.hash(h).proj, b.hash(h).proj, rtol=0.05, atol=0.05)
+    b.load_state_dict(a.state_dict())                       # planes come from the state: bf16 copy follows
+    assert torch.equal(b._planes_bf16, a.planes.bfloat16())
+    with pytest.raises(ValueError, match="precision"):
+        ErrorCompensationMemory(dim=4, precision="int8")
