@@ -2,7 +2,7 @@
 
     python benchmarks/bench_feature_job.py [--events 100000] [--out benchmarks/results/feature_job.json]
 
-Measured in one process, on the same MovieLens-100K events (needs the local Kafka: ``reloop up kafka``):
+Measured in one process, on the same MovieLens-100K events (starts the local Kafka if it is down, and stops it after):
 
 - ``job (Kafka -> Feast + examples)``: :func:`pipelines.feature_job.run_once` end to end, FnApiRunner:
   plan, read the offset ranges from Kafka, parse, aggregate, write training examples (Parquet), Feast
@@ -41,6 +41,7 @@ import pyarrow.json as pajson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import services_up  # noqa: E402
 from pipelines.aggregates import AggregateConfig, FeatureState  # noqa: E402
 
 
@@ -211,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         c0 = time.process_time()
         rows.append(("beam transforms (in-memory)", bench_beam(raws, cfg, tmp), time.process_time() - c0))
         if not args.skip_kafka:
-            t_job, cpu_job, accepted, runs, topic, t_small = bench_job(table, tmp)  # replay, apply not timed
-            assert accepted == n, f"job accepted {accepted} of {n}"
-            rows.append((f"job (Kafka -> Feast + examples), {runs} run(s)", t_job, cpu_job))
-            c0 = time.process_time()
-            rows.append(("  of which: Kafka read alone", bench_kafka_read(topic), time.process_time() - c0))
+            with services_up("kafka"):                       # started (and stopped) here if it was down
+                t_job, cpu_job, accepted, runs, topic, t_small = bench_job(table, tmp)  # replay, apply not timed
+                assert accepted == n, f"job accepted {accepted} of {n}"
+                rows.append((f"job (Kafka -> Feast + examples), {runs} run(s)", t_job, cpu_job))
+                c0 = time.process_time()
+                rows.append(("  of which: Kafka read alone", bench_kafka_read(topic), time.process_time() - c0))
     ref_rate = n / t_pandas
     print(f"\nfeature job vs pandas, {n:,} MovieLens-100K events, {os.cpu_count()} cores\n")
     ref_cpu_rate = n / rows[0][2]

@@ -10,6 +10,17 @@ throughput of the torch models next to River's logistic regression, on the same 
 2. Test-then-train samples/s over the first ``--events`` events: torch LR / DeepFM / DCNv2
    (mini-batches) vs River LR and FM (one sample at a time, as River works).
 3. The memory's size before and after the stream (constant).
+4. ``prod``: the memory on a production-size model (:func:`online_models.models.criteo_like_config`: 13 numeric +
+   26 categorical fields, embedding 16, DCNv2 3 cross layers + MLP 3x400) fed the project's synthetic batches of
+   that shape (:func:`online_models.models.synthetic_batch`), at batches 1, 512 and 4096, with the served memory
+   settings (``SERVING_MEMORY``: K, L, tau, key): forward pass vs key + hash + estimate + write (batch semantics,
+   hashed once) and vs the per-event step. Target: <= 10% of the forward pass at batch 512.
+5. Serving with per-event memory semantics (``--serve-events`` events, batches of ``--serve-batch``, the served
+   memory ``SERVING_MEMORY``): forward + key + the batched per-event step (``step_per_event``) against the same
+   with the one-event-at-a-time reference loop (``step_sequential``) and with the whole batch written at once
+   (``batch`` semantics, the old fast path). Also the largest difference between per-event and sequential
+   predictions (they must agree), and how many conflict-free rounds a batch would need (why the batched step
+   uses in-bucket prefix sums instead of rounds). Target: >= 50k events/s per-event.
 
 Both sides run single-threaded (``torch.set_num_threads(1)``; River is pure Python), so ratios compare
 like with like. Prints a table and writes ``benchmarks/results/bench_memory.json``.
@@ -20,6 +31,7 @@ like with like. Prints a table and writes ``benchmarks/results/bench_memory.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -31,8 +43,9 @@ import torch
 
 from reloop.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
-from online_models.memory import ErrorCompensationMemory
-from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
+from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory
+from online_models.models import (ModelConfig, build_model, criteo_like_config, memory_key, memory_key_dim,
+                                  synthetic_batch)
 
 KEY = "hidden+user"   # the evaluation's default memory key
 from online_models.river_baselines import RiverBaseline
@@ -65,6 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=256, help="mini-batch of the test-then-train throughput")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 512], help="batches of the memory-cost rows")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--serve-events", type=int, default=20_000)
+    ap.add_argument("--serve-batch", type=int, default=512)
+    ap.add_argument("--prod-batch-sizes", type=int, nargs="+", default=[1, 512, 4096])
+    ap.add_argument("--sections", nargs="+", default=["cost", "train", "size", "prod", "serve"])
     ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -79,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1) memory vs forward pass, per batch, at the batch sizes of the served paths: one request (jobs.scoring) and
     #    the live loop's batches (reloop.live, 512); K, L, tau as in the validation grid (tau = inf: uniform weights)
     cost_rows = []
-    for bs in args.batch_sizes:
+    for bs in (args.batch_sizes if "cost" in args.sections else []):
         batch = stream.slice(0, bs)
         for name, overrides in MODELS:
             model = build_model(model_cfg(**overrides)).eval()
@@ -109,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     full = stream.slice(0, stream.n)
     tput = {}
     ev = EvaluationConfig()
-    for kind in ("lr", "deepfm", "dcnv2"):
+    for kind in (("lr", "deepfm", "dcnv2") if "train" in args.sections else ()):
         for bs in sorted({args.batch_size, ev.batch_size}, reverse=True):   # and the evaluation's mini-batch
             learner = OnlineLearner(build_model(model_cfg(kind)), LearnerConfig(lr=ev.lr, optimizer=ev.optimizer, seed=0))
             t0 = time.perf_counter()
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 learner.test_then_train(b)
             tput[f"torch_{kind}" + ("" if bs == args.batch_size else f"_batch{bs}")] = stream.n / (time.perf_counter() - t0)
     fm_numeric = tuple(enc.numeric_fields.index(c) for c in EvaluationConfig().river_fm_numeric)
-    for kind in ("lr", "fm"):
+    for kind in (("lr", "fm") if "train" in args.sections else ()):
         river = RiverBaseline(kind, seed=0, numeric=fm_numeric if kind == "fm" else None)
         t0 = time.perf_counter()
         for b in iter_batches(full, args.batch_size):
@@ -138,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in cost_rows:
         print(f"{r['model']:12s} {r['batch']:5d} {r['K']:3d} {r['L']:3d} {r['tau']:4.1f} {r['forward_ms']:11.3f} "
               f"{r['memory_ms']:10.3f} {r['ratio']:7.1%}")
-    ref = tput["river_lr"]
+    serve_rows = serving_rows(stream, model_cfg, args.serve_events, args.serve_batch) if "serve" in args.sections else []
+    ref = tput.get("river_lr", float("nan"))
     print(f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
           f"torch in mini-batches of {args.batch_size} (_batchN: of N), River one sample at a time; River FM: ids + 4 CTRs)")
     print(f"{'learner':14s} {'samples/s':>12s} {'x River LR':>11s}")
@@ -147,17 +165,137 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nmemory state {size_before:,} bytes before and {size_after:,} bytes after "
           f"{200 * args.batch_size:,} writes (K=16, L=12, dim=32)")
 
+    prod = prod_rows(args.prod_batch_sizes, args.repeats) if "prod" in args.sections else []
+    if prod:
+        print(f"\nproduction-size DCNv2 (criteo_like_config), served memory K={SERVING_MEMORY['num_tables']} "
+              f"L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} key={SERVING_MEMORY['key']} (median of "
+              f"{args.repeats} interleaved pairs, 1 thread)")
+        for r in prod:
+            print(f"{r['hash_precision']:8s} batch {r['batch']:5d}  forward {r['forward_ms']:9.3f} ms  memory {r['memory_ms']:8.3f} ms "
+                  f"({r['ratio']:6.1%})  per-event memory {r['per_event_memory_ms']:8.3f} ms ({r['per_event_ratio']:6.1%})"
+                  f"  of which key+hash {r['key_hash_ms']:7.3f} ms")
+    if serve_rows:
+        print(f"\nserving: forward + key + memory step, batches of {args.serve_batch}, served memory "
+              f"K={SERVING_MEMORY['num_tables']} L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} (1 thread)")
+        for r in serve_rows:
+            print(f"{r['semantics']:28s} {r['events_per_s']:12,.0f} events/s  memory {r['memory_ms_per_batch']:8.3f} ms/batch"
+                  + (f"  max |diff| vs sequential {r['max_abs_diff_vs_sequential']:.2e}" if "max_abs_diff_vs_sequential" in r else "")
+                  + (f"  rounds/batch {r['conflict_free_rounds_per_batch']:.0f}" if "conflict_free_rounds_per_batch" in r else ""))
     result = {"benchmark": "bench_memory", "events": stream.n, "batch_size": args.batch_size,
               "repeats": args.repeats, "threads": 1, "machine": platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "memory_vs_forward": cost_rows, "test_then_train_samples_per_s": tput,
               "throughput_vs_river_lr": {k: v / ref for k, v in tput.items()},
-              "memory_bytes": {"before": size_before, "after": size_after},
+              "memory_bytes": {"before": size_before, "after": size_after}, "serving": serve_rows, "production_size": prod,
               "target": {"memory_vs_forward_max_ratio": 0.10}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result
+
+
+def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
+    """Memory vs forward pass on the production-size DCNv2, served memory settings."""
+    cfg = criteo_like_config()
+    model = build_model(cfg).eval()
+    key_kind = SERVING_MEMORY["key"]
+    params = {k: v for k, v in SERVING_MEMORY.items() if k != "key"}
+    rows = []
+    for precision, bs in itertools.product(("float32", "bfloat16"), batch_sizes):
+        mem = ErrorCompensationMemory(dim=memory_key_dim(model, key_kind), **params, precision=precision)
+        mem.rebuild(iter_batches(synthetic_batch(cfg, 20_000, seed=1), 2048), model,
+                    key_fn=lambda b, h: memory_key(model, b, h, key_kind))
+        batch = synthetic_batch(cfg, bs, seed=2)
+        with torch.no_grad():
+            logits, hidden = model(batch)
+        p, y = torch.sigmoid(logits), batch["label"]
+        state = mem.state_dict()
+
+        def forward():
+            with torch.no_grad():
+                model(batch)
+
+        def memory():
+            key = memory_key(model, batch, hidden, key_kind)
+            hashed = mem.hash(key)
+            mem.estimate(key, p, hashed)
+            mem.write(key, y, p, hashed)
+
+        def per_event():
+            key = memory_key(model, batch, hidden, key_kind)
+            mem.step_per_event(mem.hash(key), p, y)
+
+        def key_hash():
+            mem.hash(memory_key(model, batch, hidden, key_kind))
+
+        t_fwd, t_mem = _paired_median_times(forward, memory, repeats)
+        _, t_pe = _paired_median_times(forward, per_event, repeats)
+        _, t_kh = _paired_median_times(forward, key_hash, repeats)
+        mem.load_state_dict(state)
+        rows.append({"model": "criteo-like dcnv2", "hash_precision": precision, "batch": bs, "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3,
+                     "ratio": t_mem / t_fwd, "per_event_memory_ms": t_pe * 1e3, "per_event_ratio": t_pe / t_fwd,
+                     "key_hash_ms": t_kh * 1e3, "target_ratio_at_512": 0.10})
+    return rows
+
+
+def memory_rounds(index: torch.Tensor) -> int:
+    """How many rounds of events that share no bucket with an earlier event of the round a batch needs.
+
+    An event's round is one more than the latest round of the earlier events it shares a bucket with (in any
+    table): the schedule that writes each round before the next is read. Kept here as a diagnostic only.
+    """
+    last: dict[int, int] = {}
+    depth = 0
+    for row in index.tolist():
+        r = 1 + max((last.get(bucket, -1) for bucket in row), default=-1)
+        for bucket in row:
+            last[bucket] = r
+        depth = max(depth, r + 1)
+    return depth
+
+
+def serving_rows(stream, model_cfg, events: int, batch_size: int) -> list[dict]:
+    """Events/s of forward + key + memory step under three write semantics, on the same batches."""
+    n = min(events, stream.n)
+    full = stream.slice(0, n)
+    model = build_model(model_cfg("dcnv2")).eval()
+    params = {k: v for k, v in SERVING_MEMORY.items() if k != "key"}
+    key_kind = SERVING_MEMORY["key"]
+    batches = []
+    t_fwd = 0.0
+    for b in iter_batches(full, batch_size):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits, hidden = model(b)
+        key = memory_key(model, b, hidden, key_kind)
+        t_fwd += time.perf_counter() - t0
+        batches.append((key, torch.sigmoid(logits), b["label"]))
+    rows, outs = [], {}
+    for name in ("per-event (batched)", "per-event (sequential ref)", "batch at once"):
+        mem = ErrorCompensationMemory(dim=memory_key_dim(model, key_kind), **params)
+        t_mem, out, rounds = 0.0, [], []
+        for key, p, y in batches:
+            t0 = time.perf_counter()
+            if name == "per-event (batched)":
+                out.append(mem.step_per_event(mem.hash(key), p, y))
+            elif name == "per-event (sequential ref)":
+                out.append(mem.step_sequential(key, p, y))
+            else:
+                out.append(mem.step(key, p, y))
+            t_mem += time.perf_counter() - t0
+            if name == "per-event (batched)" and len(rounds) < 5:
+                rounds.append(memory_rounds(mem.hash(key).index))
+        outs[name] = torch.cat(out)
+        row = {"semantics": name, "events": n, "batch": batch_size, "events_per_s": n / (t_fwd + t_mem),
+               "memory_ms_per_batch": t_mem / len(batches) * 1e3, "forward_key_ms_per_batch": t_fwd / len(batches) * 1e3}
+        if rounds:
+            row["conflict_free_rounds_per_batch"] = sum(rounds) / len(rounds)
+        rows.append(row)
+    ref = outs["per-event (sequential ref)"]
+    for row in rows:
+        row["max_abs_diff_vs_sequential"] = float((outs[row["semantics"]] - ref).abs().max())
+        row["target_events_per_s"] = 50_000 if row["semantics"] == "per-event (batched)" else None
+    return rows
 
 
 if __name__ == "__main__":

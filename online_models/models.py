@@ -147,6 +147,39 @@ class CTRModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass for test-then-train: ``(eval logits, eval hidden, train logits)``.
+
+        The eval outputs (no dropout, no gradient) are what :meth:`forward` gives in eval mode, the train
+        logits what it gives in train mode (with the graph for ``backward``). Called in train mode.
+        Subclasses share the work before their first dropout (lookups, wide part, cross layers); this
+        fallback runs both passes.
+        """
+        with torch.no_grad():
+            _set_mode(self, False)
+            try:
+                logits_e, hidden_e = self(batch)
+            finally:
+                _set_mode(self, True)
+        logits, _ = self(batch)
+        return logits_e, hidden_e, logits
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """Train/eval mode of ``module`` and its children, without Module.__setattr__'s per-call type checks."""
+    for m in module.modules():
+        object.__setattr__(m, "training", training)
+
+
+def _eval_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` in eval mode (dropout off), no gradient, leaving its mode (train) as it was."""
+    with torch.no_grad():
+        _set_mode(mlp, False)
+        try:
+            return mlp(x)
+        finally:
+            _set_mode(mlp, True)
+
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -170,6 +203,10 @@ class LogisticRegression(CTRModel):
             return parts.sum(1) + self.num_linear.bias + self.bias, parts
         return parts.sum(1) + self.bias, parts
 
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, parts = self(batch)                                    # no dropout: eval = train
+        return logits.detach(), parts.detach(), logits
+
 
 class DeepFM(CTRModel):
     """DeepFM: first order + FM pairwise interactions + an MLP over [embeddings, numeric]."""
@@ -189,6 +226,16 @@ class DeepFM(CTRModel):
         fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)      # (B,)
         hidden = self.mlp(self.dense_input(emb, batch))                # (B, H)
         return wide + fm + self.out(hidden).squeeze(-1), hidden
+
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb, wide = self.embed(batch)
+        first = wide + 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
+        x = self.dense_input(emb, batch)
+        hidden_e = _eval_mlp(self.mlp, x)
+        with torch.no_grad():
+            logits_e = first + self.out(hidden_e).squeeze(-1)
+        hidden = self.mlp(x)
+        return logits_e, hidden_e, first + self.out(hidden).squeeze(-1)
 
 
 class CrossLayerV2(nn.Module):
@@ -216,14 +263,27 @@ class DCNv2(CTRModel):
     def hidden_dim(self) -> int:
         return self.config.hidden_sizes[-1]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross network's output (B, d_in) and the wide logit (B,): everything before the first dropout."""
         emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
         x0 = self.dense_input(emb, batch)                              # (B, d_in)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)                                           # (B, d_in)
+        return x, wide
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, wide = self._trunk(batch)
         hidden = self.mlp(x)                                           # (B, H)
         return wide + self.out(hidden).squeeze(-1), hidden
+
+    def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, wide = self._trunk(batch)
+        hidden_e = _eval_mlp(self.mlp, x)
+        with torch.no_grad():
+            logits_e = wide + self.out(hidden_e).squeeze(-1)
+        hidden = self.mlp(x)
+        return logits_e, hidden_e, wide + self.out(hidden).squeeze(-1)
 
 
 def build_model(config: ModelConfig) -> CTRModel:
@@ -237,6 +297,43 @@ def build_model(config: ModelConfig) -> CTRModel:
             nn.init.normal_(model.embedding.weight, std=0.01)
             nn.init.zeros_(model.linear.weight)
     return model
+
+
+def criteo_like_config(hash_buckets: int = 100_003, seed: int = 0) -> ModelConfig:
+    """A production-size CTR model: Criteo's shape (13 numeric + 26 categorical fields), embedding 16, DCNv2 with 3
+    cross layers and an MLP of 3x400 (the DCN-V2 paper's public-data setups). What the memory's cost is measured
+    against (``benchmarks/bench_memory.py``)."""
+    return ModelConfig(kind="dcnv2", num_categorical=26, hash_buckets=hash_buckets, num_numeric=13, embedding_dim=16,
+                       hidden_sizes=(400, 400, 400), cross_layers=3, dropout=0.0,
+                       categorical_fields=tuple(f"C{i}" for i in range(1, 27)),
+                       numeric_fields=tuple(f"I{i}" for i in range(1, 14)), seed=seed)
+
+
+def synthetic_batch(config: ModelConfig, n: int, seed: int = 0, zipf: float = 1.1) -> dict[str, torch.Tensor]:
+    """``n`` encoded rows of ``config``'s shape: Zipf-distributed ids per field (a few ids are most of the
+    traffic, as in click logs), standard-normal numeric features, and labels drawn from a fixed random
+    logistic model of both (so the batch is learnable; ~25% positives).
+
+    >>> b = synthetic_batch(criteo_like_config(hash_buckets=1000), 8)
+    >>> tuple(b["cat"].shape), tuple(b["num"].shape), tuple(b["label"].shape)
+    ((8, 26), (8, 13), (8,))
+    >>> bool((b["cat"][:, 1] >= 1000).all() and (b["cat"][:, 1] < 2000).all())   # field j owns rows j*buckets..
+    True
+    """
+    g = torch.Generator().manual_seed(seed)
+    f, nb = config.num_categorical, config.hash_buckets
+    ranks = torch.arange(1, nb + 1, dtype=torch.float64)
+    probs = ranks.pow(-zipf)
+    ids = torch.multinomial(probs / probs.sum(), n * f, replacement=True, generator=g).view(n, f)
+    # a fixed permutation per field: the popular ids are not the same row numbers in every field
+    perm = torch.stack([torch.randperm(nb, generator=torch.Generator().manual_seed(seed * 1000 + j)) for j in range(f)])
+    cat = torch.gather(perm, 1, ids.t()).t() + torch.arange(f) * nb
+    num = torch.randn(n, config.num_numeric, generator=g)
+    w_id = torch.randn(f * nb, generator=torch.Generator().manual_seed(seed + 1)) * 0.3
+    w_num = torch.randn(config.num_numeric, generator=torch.Generator().manual_seed(seed + 2)) * 0.3
+    logit = w_id[cat].sum(1) + num @ w_num - 1.2
+    label = (torch.rand(n, generator=g) < torch.sigmoid(logit)).float()
+    return {"cat": cat, "num": num, "label": label}
 
 
 MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")

@@ -297,10 +297,9 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     # 3) the base model also learns the validation slot (test-then-train), then it is frozen
     ps, ks = [], []
     for b in iter_batches(val_batch, bs):
-        p, h = learner.predict(b)
+        p, k = learner.test_then_train(b, key_fn=lambda b, h: memory_key(learner.model, b, h, cfg.memory_key))
         ps.append(p)
-        ks.append(memory_key(learner.model, b, h, cfg.memory_key))
-        learner.learn(b)
+        ks.append(k)
     val_users, val_ts = stream.users[stream.train_end:stream.warm_end], stream.ts[stream.train_end:stream.warm_end]
     mem_cfgs = {name: replace(cfg.memory, dim=hb.shape[1]) for name in ("base+memory", "incremental+memory")}
     trials: dict[str, list[dict]] = {}
@@ -328,6 +327,9 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             rivers[name].learn(stream.slice(0, stream.warm_end))
 
     # 4) test slots: predict, score, then learn / write
+    def inc_key(b: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return memory_key(incremental.model, b, h, cfg.memory_key)
+
     metrics = {v: SlotMetrics() for v in cfg.variants}
     seconds = {v: 0.0 for v in cfg.variants}
     total = sum(math_ceil(hi - lo, bs) for lo, hi in stream.slot_bounds)
@@ -343,9 +345,8 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             h_base = memory_key(base.model, b, h_base, cfg.memory_key)
             seconds["base"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            p_inc, h_inc = incremental.predict(b)
-            h_inc = memory_key(incremental.model, b, h_inc, cfg.memory_key)
-            incremental.learn(b)
+            # one pass scores (pre-update weights, eval mode), keys and learns the batch
+            p_inc, h_inc = incremental.test_then_train(b, key_fn=inc_key)
             seconds["incremental"] += time.perf_counter() - t0
             preds = {"base": p_base, "incremental": p_inc}
             for name, (h, p) in (("base+memory", (h_base, p_base)), ("incremental+memory", (h_inc, p_inc))):

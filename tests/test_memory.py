@@ -195,3 +195,72 @@ def test_tiny_tau_does_not_underflow_to_no_evidence() -> None:
     mem.write(h, torch.ones(50), torch.zeros(50))
     q = torch.randn(10, 4, generator=gen)
     assert torch.equal(mem.estimate(q, torch.zeros(10)), torch.ones(10))   # all neighbours positive
+
+
+def _colliding_stream(n: int = 400, distinct: int = 12, dim: int = 6, seed: int = 0):
+    """Keys drawn from a few prototypes, so many events of a batch share buckets (as one user's burst does)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(distinct, dim, generator=g)
+    h = protos[torch.randint(0, distinct, (n,), generator=g)] + 0.05 * torch.randn(n, dim, generator=g)
+    p = torch.rand(n, generator=g) * 0.8 + 0.1
+    y = (torch.rand(n, generator=g) < p).float()
+    return h, p, y
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.99])
+@pytest.mark.parametrize("tau", [0.2, float("inf")])
+@pytest.mark.parametrize("mode", ["event", "timestamp"])
+def test_batched_per_event_step_equals_one_at_a_time(decay: float, tau: float, mode: str) -> None:
+    from online_models.memory import write_groups
+
+    kw = dict(dim=6, num_tables=8, bits=4, tau=tau, gamma=0.5, lam=0.8, shrinkage=2.0, eps=0.01, decay=decay, seed=1)
+    rounds, seq = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
+    h, p, y = _colliding_stream()
+    ts = torch.randint(0, 3, (len(p),), generator=torch.Generator().manual_seed(5)).cumsum(0).numpy()
+    for lo in range(0, len(p), 128):                       # several batches: state carries over between them
+        sl = slice(lo, lo + 128)
+        groups = write_groups(ts[sl], mode)
+        out = rounds.step(h[sl], p[sl], y[sl], groups)     # step() takes the batched path for several groups
+        ref = seq.step_sequential(h[sl], p[sl], y[sl], groups)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rounds.table, seq.table, rtol=1e-6, atol=1e-6)
+    assert int(rounds.clock) == int(seq.clock) == len(p)
+
+
+def test_per_event_step_rejects_ragged_groups() -> None:
+    mem = ErrorCompensationMemory(dim=2, num_tables=2, bits=2)
+    h = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="consecutive"):
+        mem.step_per_event(mem.hash(h), torch.full((4,), 0.5), torch.ones(4), [(0, 2), (3, 4)])
+
+
+def test_per_event_step_without_groups_is_one_group_per_event() -> None:
+    kw = dict(dim=6, num_tables=8, bits=4, tau=0.2, gamma=0.0, lam=1.0, decay=0.999, seed=2)
+    a, b = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
+    h, p, y = _colliding_stream(200)
+    torch.testing.assert_close(a.step_per_event(a.hash(h), p, y), b.step_sequential(h, p, y), rtol=1e-6, atol=1e-7)
+
+
+def test_per_event_step_survives_the_rescale() -> None:
+    kw = dict(dim=6, num_tables=4, bits=3, tau=0.2, gamma=1.0, lam=1.0, shrinkage=1.0, decay=0.9, seed=0)
+    a, b = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
+    h, p, y = _colliding_stream(600)
+    for lo in range(0, 600, 50):                          # 0.9 ** -400 > 1e18: rescales happen along the way
+        sl = slice(lo, lo + 50)
+        torch.testing.assert_close(a.step_per_event(a.hash(h[sl]), p[sl], y[sl]), b.step_sequential(h[sl], p[sl], y[sl]),
+                                   rtol=1e-5, atol=1e-6)
+    assert int(a.base) > 0 and int(b.base) > 0
+
+
+def test_bfloat16_hashing_is_opt_in_and_close() -> None:
+    h = torch.randn(256, 40, generator=torch.Generator().manual_seed(0))
+    a = ErrorCompensationMemory(dim=40, num_tables=8, bits=10, seed=3)
+    b = ErrorCompensationMemory(dim=40, num_tables=8, bits=10, seed=3, precision="bfloat16")
+    assert a.config.precision == "float32" and b.config.precision == "bfloat16"
+    agree = (a.hash(h).index == b.hash(h).index).float().mean()
+    assert agree > 0.9                                      # only keys within bf16 rounding of a plane move
+    torch.testing.assert_close(a.hash(h).proj, b.hash(h).proj, rtol=0.05, atol=0.05)
+    b.load_state_dict(a.state_dict())                       # planes come from the state: bf16 copy follows
+    assert torch.equal(b._planes_bf16, a.planes.bfloat16())
+    with pytest.raises(ValueError, match="precision"):
+        ErrorCompensationMemory(dim=4, precision="int8")

@@ -87,6 +87,25 @@ def event_signals(p: float, label: int) -> dict[str, float]:
             "error": float((q >= 0.5) != bool(label)), "click": y, PREDICTION: float(p)}
 
 
+def batch_signals(p: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`event_signals` of a whole batch, as arrays (the same numbers, bit for bit).
+
+    The logarithms go through ``math.log`` (numpy's vectorised log may differ from it in the last bit, and a
+    detector's state must not depend on which path fed it); everything else is array arithmetic.
+
+    >>> s = batch_signals(np.array([0.8, 0.1]), np.array([1, 1]))
+    >>> [round(v, 4) for v in s["logloss"].tolist()], s["error"].tolist()
+    ([0.2231, 2.3026], [0.0, 1.0])
+    """
+    p = np.asarray(p, dtype=np.float64)
+    y = (np.asarray(labels) != 0).astype(np.float64)
+    q = np.minimum(np.maximum(p, EPS), 1.0 - EPS)
+    log_q = np.array([math.log(v) for v in q.tolist()])
+    log_1q = np.array([math.log(1.0 - v) for v in q.tolist()])
+    logloss = -(y * log_q + (1.0 - y) * log_1q)
+    return {"logloss": logloss, "error": ((q >= 0.5) != (y > 0)).astype(np.float64), "click": y, PREDICTION: p}
+
+
 # --------------------------------------------------------------------------- River state codec
 
 def _encode(v: Any) -> Any:
@@ -515,6 +534,43 @@ class MonitorSuite:
             if det is not None:
                 out.append(det)
         return out
+
+    def update_batch(self, p: np.ndarray, labels: np.ndarray, features: Mapping[str, np.ndarray] | None = None,
+                     ts: np.ndarray | None = None, model_version: str | None = None) -> list[tuple[int, Detection]]:
+        """Feed a batch of labelled predictions (arrays, stream order) to every monitor.
+
+        Returns ``(row, detection)`` pairs in row order (monitor order within a row): what calling
+        :meth:`update` row by row would return, and the monitors end in the same state. The signals are
+        computed on arrays, each monitor then takes its column as plain floats: no record or dict per event.
+        ``features`` maps a metric name to a column (B,); a column that is not numeric counts as missing.
+        """
+        p = np.asarray(p, dtype=np.float64)
+        n = len(p)
+        if len(labels) != n or (ts is not None and len(ts) != n):
+            raise MonitorError(f"p, labels and ts must have the same length, got {n}, {len(labels)}, "
+                               f"{None if ts is None else len(ts)}")
+        self.n += n
+        if n == 0:
+            return []
+        signals = batch_signals(p, labels)
+        ts_list = [None] * n if ts is None else np.asarray(ts).tolist()
+        hits: list[tuple[int, int, Detection]] = []
+        for order, m in enumerate(self.monitors):
+            col = signals.get(m.metric)
+            if col is None:
+                col = (features or {}).get(m.metric)
+                arr = None if col is None else np.asarray(col)
+                if arr is None or arr.dtype.kind not in "iuf" or len(arr) != n:
+                    self.missing[m.metric] = self.missing.get(m.metric, 0) + n
+                    continue
+                col = arr
+            update = m.update
+            for i, (x, t) in enumerate(zip(col.tolist(), ts_list)):
+                det = update(x, t, model_version)
+                if det is not None:
+                    hits.append((i, order, det))
+        hits.sort(key=lambda h: (h[0], h[1]))
+        return [(i, det) for i, _, det in hits]
 
     def rebase(self) -> None:
         """A new model is serving: forget performance history and take a new reference window."""
