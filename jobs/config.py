@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from online_models.drift.defaults import DEFAULT_MONITORS
+from online_models.settings import MEMORY_KEYS, SERVING_MEMORY
 from pipelines.config import PipelineConfig, Strict, _local, load_sections
 
 
@@ -102,12 +103,38 @@ class DriftConfig(Strict):
 
 
 
+_M = SERVING_MEMORY
+
+
+class MemorySection(Strict):
+    """The error-compensation memory of the serving path (``reloop run``, ``reloop serve``).
+
+    Defaults: :data:`online_models.settings.SERVING_MEMORY`, chosen on the evaluation's validation slot.
+    """
+
+    #: what keys the memory: "hidden" (the model's last layer, as in ReLoop2), "hidden+user", "hidden+ids"
+    key: Literal[MEMORY_KEYS] = _M["key"]  # type: ignore[valid-type]
+    num_tables: int = Field(_M["num_tables"], ge=1)
+    bits: int = Field(_M["bits"], ge=1, le=24)
+    tau: float = Field(_M["tau"], gt=0)
+    gamma: float = Field(_M["gamma"], ge=0, le=1)
+    lam: float = Field(_M["lam"], ge=0)
+    shrinkage: float = Field(_M["shrinkage"], ge=0)
+    eps: float = Field(_M["eps"], ge=0)
+    decay: float = Field(_M["decay"], gt=0, le=1)
+
+    def settings(self) -> dict[str, Any]:
+        """The memory settings as the serving path takes them (``ScorerConfig.memory``)."""
+        return self.model_dump()
+
+
 class JobsConfig(PipelineConfig):
     """The sections the trainer, retrain, serving and monitor jobs read."""
 
     ray: RayConfig = RayConfig()
     hooks: HooksConfig = HooksConfig()
     drift: DriftConfig = DriftConfig()
+    memory: MemorySection = MemorySection()
 
 
 def load_jobs_config(path: str | Path | None = None) -> JobsConfig:

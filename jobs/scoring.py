@@ -90,7 +90,7 @@ class Bundle:
     lookup: Any
     loaded_at: float = field(default_factory=time.time)
     entry: Any = None        # the registry entry (manifest) it was loaded from
-    memory_key: str = "hidden"  # what keys the memory: see online_models.models.memory_key
+    memory_key: str = SERVING_MEMORY["key"]  # what keys the memory: see online_models.models.memory_key
 
     def key(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """The memory's key of encoded rows whose last hidden layer is ``hidden``."""

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(a.config)
     registry = a.registry or cfg.storage.registry_uri
     repo = a.feast_repo or cfg.feast.repo_path
-    sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll}
+    sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll, "memory": cfg.memory.settings()}
     if a.backend == "ray":
         serve_ray(registry, repo, cfg.feast.profile, sc, a.host, a.port, address=cfg.ray.address)
         return 0

@@ -66,8 +66,7 @@ STAT_NAMES = ("count", "sum_y", "sum_p")
 #: what ``reloop evaluate`` chose for ``incremental+memory`` on ML-100K's validation slot (events 40k-50k,
 #: never a test slot; DCNv2 and DeepFM chose the same). ``key`` selects
 #: :func:`online_models.models.memory_key`; the rest are :class:`MemoryConfig` fields.
-SERVING_MEMORY: dict[str, Any] = {"key": "hidden+user", "num_tables": 32, "bits": 10, "tau": 0.2, "gamma": 0.0,
-                                  "lam": 0.6, "shrinkage": 10.0, "eps": 0.02, "decay": 0.999}
+from online_models.settings import SERVING_MEMORY  # noqa: E402,F401  (re-exported: the serving default)
 
 
 class MemoryConfigError(ReloopError, ValueError):

@@ -336,7 +336,7 @@ def synthetic_batch(config: ModelConfig, n: int, seed: int = 0, zipf: float = 1.
     return {"cat": cat, "num": num, "label": label}
 
 
-MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
+from online_models.settings import MEMORY_KEYS  # noqa: E402  (the one list of keys)
 #: weight of the identity part of "hidden+user" keys relative to the unit-normalised hidden layer: with more
 #: weight on the user, the SimHash buckets mostly group a user's own recent outcomes. Chosen on the ML-100K
 #: validation slot (DCNv2, incremental+memory AUC/logloss): 1 -> .7563/.5786, 2 -> .7574/.5775, 4 -> .7589/.5766,

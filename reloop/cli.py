@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from online_models.settings import SERVING_MEMORY  # light: no torch
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="reloop: streaming continual learning for CTR models "
                        "(Kafka -> Beam -> Feast -> Ray, with a ReLoop2 error-compensation memory).")
@@ -202,7 +204,7 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
     batch_size: int = typer.Option(16, min=1, help="mini-batch size of test-then-train (16: chosen on validation)"),
     no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
-    memory_key: str = typer.Option("hidden+user", help="memory key: 'hidden' (the model's last layer, as in "
+    memory_key: str = typer.Option(SERVING_MEMORY["key"], help="memory key: 'hidden' (the model's last layer, as in "
                                                        "ReLoop2), 'hidden+user' (plus the user embedding, chosen "
                                                        "on validation) or 'hidden+ids' (plus user and item)"),
     memory_write: str = typer.Option("event", help="when outcomes reach the memory: 'event' (as each arrives, "

@@ -50,6 +50,7 @@ from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
 from online_models.river_baselines import RiverBaseline
 from online_models.errors import ReloopError
+from online_models.settings import SERVING_MEMORY
 
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
@@ -99,7 +100,7 @@ class EvaluationConfig:
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
-    memory_key: str = "hidden+user"   # "hidden" (ReLoop2), "hidden+ids", "hidden+user" (see models.memory_key)
+    memory_key: str = SERVING_MEMORY["key"]   # "hidden" (ReLoop2), "hidden+ids", "hidden+user" (models.memory_key)
     memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
     # when a labelled outcome reaches the memory: "timestamp" = as soon as its event time has passed (events of
     # the same millisecond are scored together, then written: strictly-before, like the features), "event" = right

@@ -43,14 +43,13 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from online_models.memory import SERVING_MEMORY
 from reloop.config import ReloopConfig
 from online_models.errors import ReloopError
 from jobs.ray_local import init_local
@@ -86,7 +85,8 @@ class RunOptions:
     state_root: str = ".state/runs"
     progress: bool = True
     seed: int = 0
-    memory: dict[str, Any] = field(default_factory=lambda: dict(SERVING_MEMORY))
+    #: None: the config's ``memory`` section (defaults: online_models.settings.SERVING_MEMORY)
+    memory: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,6 +180,8 @@ class LoopRun:
     """One ``reloop run`` (see the module docstring). ``run()`` returns the summary dict."""
 
     def __init__(self, cfg: ReloopConfig, opts: RunOptions) -> None:
+        if opts.memory is None:
+            opts.memory = cfg.memory.settings()
         self.base_cfg, self.opts = cfg, opts
         root = Path(opts.state_root)
         if opts.resume:

@@ -1,0 +1,21 @@
+"""The serving defaults that every path shares, torch-free so that config loading stays light.
+
+:data:`SERVING_MEMORY` is the error-compensation memory the serving path uses unless the config's
+``memory`` section says otherwise (``jobs.config.MemorySection``). It was chosen on the
+evaluation's validation slot (``reloop evaluate``); ``key`` is what keys the memory
+(:func:`online_models.models.memory_key`), the rest are :class:`online_models.memory.MemoryConfig`
+fields.
+
+>>> SERVING_MEMORY["key"], SERVING_MEMORY["num_tables"]
+('hidden+user', 32)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the memory keys a model can give (:func:`online_models.models.memory_key`)
+MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
+
+SERVING_MEMORY: dict[str, Any] = {"key": "hidden+user", "num_tables": 32, "bits": 10, "tau": 0.2, "gamma": 0.0,
+                                  "lam": 0.6, "shrinkage": 10.0, "eps": 0.02, "decay": 0.999}

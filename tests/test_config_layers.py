@@ -1,0 +1,47 @@
+"""The config file is one schema composed from the layers' sections; each layer reads its own."""
+
+import pytest
+
+from features.windows import WINDOWS_MS, feature_service_name, feature_set_version
+from jobs.config import load_jobs_config
+from online_models.errors import ConfigError, ReloopError
+from online_models.settings import SERVING_MEMORY
+from pipelines.config import load_pipeline_config
+from reloop.config import ReloopConfig, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_each_layer_reads_its_sections_of_the_same_file(tmp_path):
+    p = write(tmp_path, "kafka: {partitions: 2}\ndrift: {policy: {min_evidence: 3}}\nmemory: {key: hidden}\n")
+    assert load_pipeline_config(p).kafka.partitions == 2          # the stream layer ignores drift/memory
+    jobs = load_jobs_config(p)
+    assert jobs.kafka.partitions == 2 and jobs.drift.policy.min_evidence == 3 and jobs.memory.key == "hidden"
+    assert load_config(p).memory.settings()["key"] == "hidden"
+
+
+def test_the_top_rejects_a_section_no_layer_declares_and_names_file_and_field(tmp_path):
+    p = write(tmp_path, "kafak: {partitions: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: kafak: unknown key"):
+        load_config(p)
+    bad = write(tmp_path, "memory: {key: whatever}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: memory\.key"):
+        load_config(bad)
+
+
+def test_memory_defaults_are_the_validated_serving_memory():
+    assert ReloopConfig().memory.settings() == SERVING_MEMORY
+
+
+def test_every_error_is_a_reloop_error():
+    assert issubclass(ConfigError, ReloopError)
+
+
+def test_feature_service_version_follows_the_windows():
+    assert feature_service_name("dcnv2") == "ctr_dcnv2_v1"
+    with pytest.raises(ValueError, match="no feature-set version"):
+        feature_set_version((*WINDOWS_MS, ("30d", 30 * 86_400_000)))
