@@ -317,15 +317,20 @@ def score(user_id: str = typer.Argument(..., help="user id"),
         if not eq:
             _fail(f"--context {kv!r}: expected key=value")
         ctx_fields[k] = v
+    import os
+
+    token = os.environ.get("RELOOP_SERVE_TOKEN")  # the service's bearer token, when it requires one
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = requests.post(f"{url}/score", json={"user_id": user_id, "item_id": item_id, "context": ctx_fields},
-                          timeout=10)
+                          timeout=10, headers=headers)
         if r.status_code != 200:
             _fail(f"{r.status_code}: {r.json().get('error', r.text)}")
         out = r.json()
         typer.echo(_json.dumps(out))
         if feedback is not None:
-            f = requests.post(f"{url}/feedback", json={"request_id": out["request_id"], "label": feedback}, timeout=10)
+            f = requests.post(f"{url}/feedback", json={"impression_id": out["impression_id"], "label": feedback},
+                              timeout=10, headers=headers)
             if f.status_code != 200:
                 _fail(f"feedback {f.status_code}: {f.json().get('error', f.text)}")
             typer.echo(_json.dumps(f.json()))
