@@ -469,13 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from jobs.config import load_jobs_config as load_config
 
+    cfg = load_config(a.config)  # a bad config fails first, alone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = serve_token(a.host, a.token_env)
     except ScoringError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = load_config(a.config)
     registry = a.registry or cfg.storage.registry_uri
     repo = a.feast_repo or cfg.feast.repo_path
     sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll, "memory": cfg.memory.settings()}

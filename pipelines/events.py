@@ -150,9 +150,11 @@ def decode_json(raw: bytes) -> tuple[Any, str]:
         text = raw.decode("utf-8")  # strict: invalid bytes never reach a parser or an Arrow string
     except UnicodeDecodeError as e:
         return None, f"invalid UTF-8: {e}"
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        return None, f"too deeply nested: JSON depth {depth} > {MAX_JSON_DEPTH}"
+    # the bracket count bounds the depth: only a text with many brackets needs the scan
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH:
+        depth = json_depth(raw)
+        if depth > MAX_JSON_DEPTH:
+            return None, f"too deeply nested: JSON depth {depth} > {MAX_JSON_DEPTH}"
     try:
         return json.loads(text), ""
     except ValueError as e:

@@ -22,9 +22,32 @@ USER_VIEW = "user_stats"
 ITEM_VIEW = "item_stats"
 
 
+#: the Feast repo shipped with reloop (``features/`` beside the packages): found from the installed code
+PACKAGE_REPO = Path(__file__).resolve().parent.parent / "features"
+
+
+def resolve_repo(cfg: FeastConfig, repo_path: str | None = None) -> Path:
+    """The Feast repo directory: the configured path if it is a repo, else (for a relative path such as
+    the default ``features``) the same path inside the installed reloop, so commands work from any
+    directory. Raises ``FileNotFoundError`` naming every place looked at and the file that is missing."""
+    path = Path(repo_path or cfg.repo_path)
+    want = ("feature_repo.py", yaml_path_name(cfg))
+    tried = [path] if path.is_absolute() else [path, PACKAGE_REPO.parent / path]
+    for cand in tried:
+        if all((cand / w).is_file() for w in want):
+            return cand.resolve()
+    missing = next(f"{c / w}" for c in tried for w in want if not (c / w).is_file())
+    raise FileNotFoundError(f"no Feast repo at {' or '.join(str(c) for c in tried)} (missing {missing}); "
+                            f"set feast.repo_path in the config or --feature_repo")
+
+
+def yaml_path_name(cfg: FeastConfig) -> str:
+    return "feature_store.yaml" if cfg.profile == "sqlite" else "feature_store.redis.yaml"
+
+
 def yaml_path(cfg: FeastConfig, repo_path: str | None = None) -> Path:
     repo = Path(repo_path or cfg.repo_path)
-    return repo / ("feature_store.yaml" if cfg.profile == "sqlite" else "feature_store.redis.yaml")
+    return repo / yaml_path_name(cfg)
 
 
 def open_store(cfg: FeastConfig, repo_path: str | None = None):
@@ -32,7 +55,7 @@ def open_store(cfg: FeastConfig, repo_path: str | None = None):
     from feast import FeatureStore
     from feast.repo_config import load_repo_config
 
-    repo = Path(repo_path or cfg.repo_path).resolve()
+    repo = resolve_repo(cfg, repo_path)
     config = load_repo_config(repo, yaml_path(cfg, str(repo)))
     if cfg.profile == "redis":
         config.online_store.connection_string = redis_connection_string(cfg)

@@ -27,9 +27,14 @@ the sinks and the commit, ``RELOOP_FAULT=mid_sinks`` after the first
 training-example file of the run (used by the crash tests).
 
 Allowed lateness: an event older than (newest accepted event time -
-``feature_job.allowed_lateness_s``) is dropped and counted (``late``);
-duplicate ``event_id`` values within the state's horizon are dropped and
-counted (``duplicates``).
+``feature_job.allowed_lateness_s``) is dead-lettered with reason ``late`` and
+counted (``late``); a duplicate ``event_id`` within the state's horizon is
+dead-lettered with reason ``duplicate`` (the first copy in the log wins); an
+event more than ``feature_job.max_ahead_s`` ahead of its partition's recent
+event times is dead-lettered with reason ``ahead``, so it cannot drag the
+watermark (see :func:`pipelines.aggregates.screen_ahead`). A record the parser
+cannot handle is quarantined to the DLQ, so no record fails a run (which would
+redo the same saved plan forever).
 """
 
 from __future__ import annotations

@@ -26,7 +26,49 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
+def _fail_for(e: BaseException) -> None:
+    """Exit 2 with one line for a config or input error, else exit 1 with the message."""
+    if isinstance(e, _input_errors()):
+        _fail(f"error: {' '.join(str(e).split()) or type(e).__name__}", 2)
+    _fail(str(e))
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What a bad config, flag or input file raises: one clear line and exit code 2, never a traceback."""
+    import yaml
+    from pydantic import ValidationError
+
+    from online_models.errors import ConfigError
+
+    return (ConfigError, ValidationError, yaml.YAMLError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, ValueError)
+
+
+def clean_errors(fn):
+    """Decorator of every command: config and input errors become ``error: <one line>`` with exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except _input_errors() as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            _fail(f"error: {msg}", 2)
+
+    return wrapper
+
+
+def _command(*args, **kwargs):
+    """``@app.command`` that also applies :func:`clean_errors`."""
+    def register(fn):
+        return app.command(*args, **kwargs)(clean_errors(fn))
+    return register
+
+
+@_command()
 def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink, s3 (default: kafka, redis, ray)"),
        with_: list[str] = typer.Option(None, "--with", help="also start these, e.g. --with flink"),
        workers: int = typer.Option(0, min=0, help="with ray: this many more Ray nodes beside the head")) -> None:
@@ -45,7 +87,7 @@ def up(services: list[str] = typer.Argument(None, help="kafka, redis, ray, flink
         typer.echo(f"{name:6s} up    {st.address:24s} pid {st.pid}  {st.version}")
 
 
-@app.command()
+@_command()
 def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray (and its worker nodes), flink, s3 "
                                                           "(default: kafka, redis, ray)"),
          with_: list[str] = typer.Option(None, "--with", help="also stop these, e.g. --with flink")) -> None:
@@ -57,7 +99,7 @@ def down(services: list[str] = typer.Argument(None, help="kafka, redis, ray (and
         typer.echo(f"{name:6s} stopped")
 
 
-@app.command()
+@_command()
 def status() -> None:
     """Which local services are up, their addresses and versions."""
     from reloop import services as svc
@@ -71,7 +113,7 @@ def status() -> None:
     raise typer.Exit(0 if down_count == 0 else 3)
 
 
-@app.command()
+@_command()
 def replay(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
@@ -102,12 +144,12 @@ def replay(
         stats = replay_table(table, cfg.kafka, topic=topic or cfg.kafka.events_topic, speed=parse_speed(speed),
                              progress=True)
     except (ConfigError, DatasetError, ReplayError) as e:
-        _fail(str(e))
+        _fail_for(e)
     typer.echo(f"replayed {stats.events:,} events to {stats.topic} in {stats.seconds:.2f}s "
                f"({stats.events_per_s:,.0f} events/s)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def features(ctx: typer.Context,
              once: bool = typer.Option(False, "--once", help="one micro-batch, then exit (the default)"),
              every: Optional[float] = typer.Option(None, "--every", min=0.1, metavar="SECONDS",
@@ -135,7 +177,7 @@ def features(ctx: typer.Context,
     raise typer.Exit(job_main(argv))
 
 
-@app.command()
+@_command()
 def run(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
     model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
@@ -180,9 +222,9 @@ def run(
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
                           refresh_every=refresh_every, gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
                           state_root=state_dir)
-        summary = LoopRun(profile_config(profile, config), opts).run()
+        summary = LoopRun(_preflight(profile_config(profile, config)), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError, ProfileError, ServiceError) as e:
-        _fail(str(e))
+        _fail_for(e)
     v = summary["variants"]
     typer.echo(json.dumps({k: summary[k] for k in ("run_id", "seconds", "counts", "memory_auc_gain")}, indent=2))
     for name, m in v.items():
@@ -193,7 +235,16 @@ def run(
         _fail("run ended with errors:\n  " + "\n  ".join(summary["errors"]))
 
 
-@app.command()
+def _preflight(cfg):
+    """Before anything is replayed: the Feast repo is found (from the config, else the installed package)
+    and named by its absolute path, so the run does not depend on the working directory."""
+    from pipelines.feast_io import resolve_repo
+
+    repo = resolve_repo(cfg.feast)  # FileNotFoundError (exit 2) names what is missing
+    return cfg.model_copy(update={"feast": cfg.feast.model_copy(update={"repo_path": str(repo)})})
+
+
+@_command()
 def evaluate(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
     model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
@@ -225,7 +276,7 @@ def evaluate(
                                memory_write=memory_write, same_time=same_time)
         evaluate_and_report(cfg, out)
     except (EvaluationError, DatasetError, ValueError) as e:
-        _fail(str(e))
+        _fail_for(e)
 
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -244,12 +295,12 @@ def _run_job(ctx: typer.Context, module: str, submit: bool, wait: bool, config: 
         try:
             address = load_config(config).ray.jobs_address
         except ConfigError as e:
-            _fail(str(e))
+            _fail_for(e)
         raise typer.Exit(submit_job(module, list(ctx.args), address, wait=wait, config=config))
     raise typer.Exit(importlib.import_module(module).main(args))
 
 
-@app.command(context_settings=_PASSTHROUGH)
+@_command(context_settings=_PASSTHROUGH)
 def train(ctx: typer.Context,
           submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
           wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
@@ -259,7 +310,7 @@ def train(ctx: typer.Context,
     _run_job(ctx, "jobs.trainer", submit, wait, config)
 
 
-@app.command(context_settings=_PASSTHROUGH)
+@_command(context_settings=_PASSTHROUGH)
 def retrain(ctx: typer.Context,
             submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
             wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
@@ -269,7 +320,7 @@ def retrain(ctx: typer.Context,
     _run_job(ctx, "jobs.retrain", submit, wait, config)
 
 
-@app.command(context_settings=_PASSTHROUGH)
+@_command(context_settings=_PASSTHROUGH)
 def serve(ctx: typer.Context, config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
     """Scoring service: POST /score, POST /feedback, GET /health on 127.0.0.1:8000. Other options go to
     python -m jobs.serve (--port, --backend http|ray, --no-memory, --registry, --feast-repo)."""
@@ -278,7 +329,7 @@ def serve(ctx: typer.Context, config: Optional[str] = typer.Option(None, help="Y
     raise typer.Exit(serve_main(list(ctx.args) + (["--config", config] if config else [])))
 
 
-@app.command()
+@_command()
 def score(user_id: str = typer.Argument(..., help="user id"),
           item_id: str = typer.Argument(..., help="item id"),
           context: list[str] = typer.Option([], "--context", "-c", help="key=value context field (repeatable)"),
@@ -295,15 +346,20 @@ def score(user_id: str = typer.Argument(..., help="user id"),
         if not eq:
             _fail(f"--context {kv!r}: expected key=value")
         ctx_fields[k] = v
+    import os
+
+    token = os.environ.get("RELOOP_SERVE_TOKEN")  # the service's bearer token, when it requires one
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = requests.post(f"{url}/score", json={"user_id": user_id, "item_id": item_id, "context": ctx_fields},
-                          timeout=10)
+                          timeout=10, headers=headers)
         if r.status_code != 200:
             _fail(f"{r.status_code}: {r.json().get('error', r.text)}")
         out = r.json()
         typer.echo(_json.dumps(out))
         if feedback is not None:
-            f = requests.post(f"{url}/feedback", json={"request_id": out["request_id"], "label": feedback}, timeout=10)
+            f = requests.post(f"{url}/feedback", json={"impression_id": out["impression_id"], "label": feedback},
+                              timeout=10, headers=headers)
             if f.status_code != 200:
                 _fail(f"feedback {f.status_code}: {f.json().get('error', f.text)}")
             typer.echo(_json.dumps(f.json()))
@@ -311,7 +367,7 @@ def score(user_id: str = typer.Argument(..., help="user id"),
         _fail(f"{url}: {e}")
 
 
-@app.command()
+@_command()
 def monitor(
     config: Optional[str] = typer.Option(None, help="YAML config file (sections drift and hooks)"),
     topic: Optional[str] = typer.Option(None, help="predictions topic (default: drift.predictions_topic)"),
@@ -333,7 +389,7 @@ def monitor(
         stats = run_monitor(cfg, topic=topic, from_beginning=from_beginning, max_records=max_records,
                             idle_timeout_s=idle_timeout, actions=acts)
     except (ConfigError, HookError, ValueError) as e:
-        _fail(str(e))
+        _fail_for(e)
     typer.echo(f"monitored {stats.records:,} records ({stats.rejected:,} rejected) in {stats.seconds:.1f}s; "
                f"requests: {stats.requests or 'none'}")
 

@@ -121,4 +121,4 @@ def test_reloop_monitor_cli(kafka_config, tmp_path):
     assert res.exit_code == 0, res.output
     assert "monitored 300 records (0 rejected)" in res.output
     bad = CliRunner().invoke(app, ["monitor", "--config", str(cfg), "--actions", "json:nope"])
-    assert bad.exit_code == 1 and "has no attribute" in bad.output
+    assert bad.exit_code == 2 and "has no attribute" in bad.output  # an input error: exit code 2 (issue 18)
