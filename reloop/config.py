@@ -7,8 +7,8 @@ file, or none, is a valid config. Unknown keys are errors that name the key and 
 Secrets are never in the file: fields ending in ``_env`` name the environment variable to read.
 
 >>> cfg = ReloopConfig()
->>> cfg.kafka.bootstrap_servers, cfg.feast.profile
-('127.0.0.1:9092', 'sqlite')
+>>> cfg.kafka.bootstrap_servers.startswith("127.0.0.1:"), cfg.feast.profile
+(True, 'sqlite')
 >>> ReloopConfig.model_validate({"kafka": {"bootstrap": "x"}})
 Traceback (most recent call last):
 ...
