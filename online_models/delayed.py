@@ -31,7 +31,6 @@ per impression, labelled when known.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from online_models.learner import OnlineLearner
 
@@ -53,27 +52,14 @@ def fnc_calibrate(b: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 def learn_weighted(learner: OnlineLearner, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None,
                    correction: str | None = None) -> float:
     """One optimizer step of ``learner`` on ``batch`` with per-sample ``weights`` (or the FNW weights from
-    the model's own current prediction when ``correction == 'fnw'``); the same step as
-    :meth:`OnlineLearner.learn` otherwise (regularisation, gradient clipping, dropout seed)."""
+    the model's own current prediction when ``correction == 'fnw'``); otherwise exactly
+    :meth:`OnlineLearner.learn` (the same step: sparse id rows, regularisation, clipping, dropout seed)."""
     if "label" not in batch:
         raise KeyError("learn_weighted() needs a batch with a 'label' tensor")
-    model = learner.model
-    model.train()
-    y = batch["label"].float()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=learner._gen)))
-        logits, _ = model(batch)
-        if correction == "fnw":
-            weights = fnw_weights(torch.sigmoid(logits), y)
-        elif correction not in (None, "fnc"):
-            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)} or None, got {correction!r}")
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights)
-        total = loss + model.regularization()
-        learner.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-    model._last_emb = None
-    if learner.config.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), learner.config.grad_clip)
-    learner.optimizer.step()
-    learner.steps += 1
-    return float(loss.detach())
+    if correction not in (None, "fnc", "fnw"):
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)} or None, got {correction!r}")
+    if correction == "fnw":
+        return learner.learn(batch, weight_fn=lambda logits, y: fnw_weights(torch.sigmoid(logits), y))
+    if weights is not None:
+        return learner.learn(batch, weight_fn=lambda logits, y: weights)
+    return learner.learn(batch)

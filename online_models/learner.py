@@ -45,6 +45,9 @@ from online_models.models import CTRModel
 #: the per-id tables of a CTR model (one row per hashed id): the parameters that get sparse gradients
 ID_TABLES = ("embedding", "linear")
 
+#: per-sample loss weights from (logits, labels) of a training step
+WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class LearnerConfig:
@@ -127,9 +130,13 @@ class OnlineLearner:
     def predict_proba(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.predict(batch)[0]
 
-    def learn(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step on ``batch`` (needs ``label``); returns the training loss."""
-        return self._step(batch, None)[0]
+    def learn(self, batch: dict[str, torch.Tensor], weight_fn: WeightFn | None = None) -> float:
+        """One optimizer step on ``batch`` (needs ``label``); returns the training loss.
+
+        ``weight_fn(logits, labels)`` gives per-sample loss weights from the step's own forward pass
+        (the delayed-feedback corrections of :mod:`online_models.delayed` use it).
+        """
+        return self._step(batch, None, weight_fn)[0]
 
     def test_then_train(self, batch: dict[str, torch.Tensor],
                         key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
@@ -144,7 +151,8 @@ class OnlineLearner:
         _, p, hidden = self._step(batch, key_fn or _no_key)
         return p if key_fn is None else (p, hidden)
 
-    def _step(self, batch: dict[str, torch.Tensor], key_fn: Callable | None) -> tuple[float, Any, Any]:
+    def _step(self, batch: dict[str, torch.Tensor], key_fn: Callable | None,
+              weight_fn: WeightFn | None = None) -> tuple[float, Any, Any]:
         if "label" not in batch:
             raise KeyError("learn() needs a batch with a 'label' tensor")
         self._set_training(True)
@@ -160,7 +168,9 @@ class OnlineLearner:
                 p = torch.sigmoid(logits_e)
                 with torch.no_grad():
                     key = key_fn(batch, hidden_e)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].float())
+            y = batch["label"].float()
+            weights = weight_fn(logits.detach(), y) if weight_fn is not None else None
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y, weight=weights)
             total = loss + self.model.regularization()
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
