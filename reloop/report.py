@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from online_models.gate import RULES as GATE_RULES
 from online_models.metrics import auc, gauc, logloss
 
 #: the variants drawn over event time: (key in RunRecord.series, label, colour)
@@ -262,6 +263,7 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
              "current": g["current"], "n": g["n"], "logloss diff": g["diff"],
              "interval": f"[{g['lo']:+.4f}, {g['hi']:+.4f}]", "decision": "promote" if g["promote"] else "keep"}
             for g in s.get("gate", [])]
+    gate_pct = round(100 * (s.get("gate") or [{}])[0].get("level", 0.9))
     fr = s.get("freshness") or {}
     fresh = [{"lag in": k, "p50": fr[k]["p50"], "p99": fr[k]["p99"], "max": fr[k]["max"]}
              for k in ("events", "seconds") if k in fr]
@@ -289,7 +291,8 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 {_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
 <h2>Freshness: how far the served version's trained_until_ts lies behind each served event</h2>{_table(fresh)}
 <h2>Incidents (alerts of one shift, grouped)</h2>{_table(incidents)}
-<h2>The deployment gate (paired block bootstrap on per-event logloss; {html.escape((s.get("gate") or [{}])[0].get("rule", "no decision"))})</h2>{_table(gate)}
+<h2>The deployment gate: paired block bootstrap on per-event logloss differences (candidate - current)</h2>
+<ul>{"".join(f"<li><b>{k}</b>: {html.escape(r.format(pct=gate_pct))}</li>" for k, r in GATE_RULES.items())}</ul>{_table(gate)}
 <h2>Drift alerts (raw)</h2>{_table(alerts)}
 <h2>Model versions</h2>{_table(versions)}
 <h2>After each model change: new vs previous version on the same events</h2>{_table(promos)}
