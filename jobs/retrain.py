@@ -13,6 +13,14 @@ incremental trainer (:mod:`jobs.trainer`) handles the per-batch updates.
 
     python -m jobs.retrain --examples .state/examples --registry .state/registry --window-days 7 --workers 2
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.retrain --examples /abs/...
+
+
+The window's newest rows are the holdout the candidate is judged on:
+
+>>> import pyarrow as pa
+>>> train, holdout = split_window(pa.table({"ts": list(range(10))}), 0.2)
+>>> train.num_rows, holdout["ts"].to_pylist()
+(8, [8, 9])
 """
 
 from __future__ import annotations

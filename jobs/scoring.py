@@ -16,6 +16,17 @@ HTTP in it, so tests and benchmarks drive it directly.
   new hidden space) *beside* the serving one; then one reference is swapped,
   so requests in flight finish on the old bundle and none is dropped. A version
   that fails to load keeps the old one serving (and is reported).
+
+
+The causal clock, as serving checks it before every batch:
+
+>>> from types import SimpleNamespace
+>>> b = SimpleNamespace(version="v000002", entry=SimpleNamespace(training_range={"trained_until_ts": 100}))
+>>> check_causal(b, [101, 150])
+>>> check_causal(b, [100])
+Traceback (most recent call last):
+...
+jobs.scoring.CausalityError: version v000002 learned events up to ts=100 but would serve an event at ts=100: ...
 """
 
 from __future__ import annotations

@@ -35,6 +35,14 @@ event times is dead-lettered with reason ``ahead``, so it cannot drag the
 watermark (see :func:`pipelines.aggregates.screen_ahead`). A record the parser
 cannot handle is quarantined to the DLQ, so no record fails a run (which would
 redo the same saved plan forever).
+
+
+The aggregates follow the config's lateness:
+
+>>> from pipelines.config import FeatureJobConfig
+>>> cfg = PipelineConfig(feature_job=FeatureJobConfig(allowed_lateness_s=60))
+>>> aggregate_config(cfg).allowed_lateness_ms
+60000
 """
 
 from __future__ import annotations

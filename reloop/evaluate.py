@@ -29,6 +29,14 @@ Protocol (``docs``: DESIGN.md, "Evaluation protocol"):
 Results: overall ``auc``/``gauc``/``logloss`` and a ``slots`` list per
 variant, plus new-vs-returning users, the memory choice and its validation
 scores, timings. Deterministic for a given seed.
+
+
+A config is validated before any data is read:
+
+>>> EvaluationConfig(model="xgboost")
+Traceback (most recent call last):
+...
+reloop.evaluate.EvaluationError: model must be one of lr, deepfm, dcnv2..., got 'xgboost'
 """
 
 from __future__ import annotations

@@ -18,6 +18,17 @@ batches (no request is ever scored by half a model) and rebuilds the memory
 from a bounded buffer of recent outcomes, since the new model's hidden space
 differs. Everything here is in-process and single-threaded by design; the
 run loop drives it from one thread.
+
+
+The trace keeps what serving did, event by event, for the report and the gate:
+
+>>> import numpy as np, pyarrow as pa
+>>> t = Trace()
+>>> rows = pa.table({"ts": [1, 2], "label": [0, 1], "user_id": ["u", "v"], "event_id": ["a", "b"]})
+>>> t.add(rows, np.array([.2, .7]), np.array([.25, .8]), version="v000001", horizon=0)
+>>> a = t.arrays()
+>>> a["p_mem"].tolist(), list(a["version"])
+([0.25, 0.8], ['v000001', 'v000001'])
 """
 
 from __future__ import annotations

@@ -32,6 +32,15 @@ stage cleanly: the feature job finishes its micro-batch and commits, the
 trainer checkpoints, the live state is saved; ``reloop run --resume`` goes on
 from there. At the end the report (``report.html``, PNGs, ``summary.json``)
 is written to ``reports/<run id>``.
+
+
+Each run gets its own topics, consumer group and stores (``run_config``)::
+
+>>> from pathlib import Path
+>>> from reloop.config import ReloopConfig
+>>> c = run_config(ReloopConfig(), "r1", Path("/tmp/reloop-doc/runs/r1"))
+>>> c.kafka.consumer_group, c.kafka.dlq_topic
+('reloop-features.r1', 'reloop.events.dlq.r1')
 """
 
 from __future__ import annotations
