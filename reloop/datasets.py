@@ -44,12 +44,14 @@ import pyarrow.parquet as pq
 
 from online_models.errors import DatasetError
 from pipelines.aggregates import FeatureState, compute_features
+from pipelines.events import REQUIRED
 from reloop.synthetic import load_synthetic
 
 MOVIELENS_100K = "movielens-100k"
 BUILTIN = (MOVIELENS_100K,)
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label")
-CORE_COLUMNS = ("event_id", "ts", "user_id", "item_id", "label")
+#: the columns every data set maps onto: the event contract's required fields
+CORE_COLUMNS = REQUIRED
 
 
 def movielens_100k_path() -> Path:

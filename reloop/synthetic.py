@@ -62,6 +62,7 @@ import pyarrow as pa
 
 from features import windows
 from online_models.errors import DatasetError
+from pipelines.events import FEEDBACK_REQUIRED, IMPRESSION_REQUIRED, REQUIRED
 
 PREFIX = "synthetic:"
 MODES = ("abrupt", "gradual", "recurring")
@@ -377,8 +378,8 @@ def parse_delay(spec: str) -> DelaySpec:
 
 
 #: columns of the impression / feedback tables of a delayed stream (then any context columns)
-IMPRESSION_COLUMNS = ("impression_id", "ts", "user_id", "item_id")
-FEEDBACK_COLUMNS = ("impression_id", "ts", "kind")
+IMPRESSION_COLUMNS = IMPRESSION_REQUIRED
+FEEDBACK_COLUMNS = FEEDBACK_REQUIRED
 
 
 def split_delayed(table: pa.Table, delays_ms: np.ndarray) -> tuple[pa.Table, pa.Table]:
@@ -388,9 +389,7 @@ def split_delayed(table: pa.Table, delays_ms: np.ndarray) -> tuple[pa.Table, pa.
     dropped: the stream does not know it); every row with ``label == 1`` a ``click`` at ``ts + delay``.
     Feedback is sorted by its own time (ties: impression order).
     """
-    from reloop.datasets import CORE_COLUMNS
-
-    context = [c for c in table.column_names if c not in CORE_COLUMNS]
+    context = [c for c in table.column_names if c not in REQUIRED]
     imps = pa.table({"impression_id": table["event_id"], "ts": table["ts"], "user_id": table["user_id"],
                      "item_id": table["item_id"], **{c: table[c] for c in context}})
     pos = np.flatnonzero(table["label"].to_numpy(zero_copy_only=False) == 1)
