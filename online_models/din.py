@@ -83,3 +83,16 @@ class DIN(CTRModel):
         self._last_emb = emb
         hidden = self.mlp(self.dense_input(emb, batch))                # (B, H_last)
         return wide + self.out(hidden).squeeze(-1), hidden
+
+
+#: the examples' column of the user's last items (pipelines.aggregates writes it, most recent first)
+HISTORY_FIELD = "user_last_items"
+
+
+def history_field(kind: str) -> str | None:
+    """The encoder's ``history_field`` a model of ``kind`` needs: DIN attends over the last items, others not.
+
+    >>> history_field("din"), history_field("dcnv2")
+    ('user_last_items', None)
+    """
+    return HISTORY_FIELD if kind == "din" else None

@@ -76,3 +76,18 @@ def test_river_sees_the_bag_values():
     genre_keys = [k for k in x[0] if int(k[1:]) >= 3 * 101]
     assert len(genre_keys) == 2 and all(x[0][k] == 0.5 for k in genre_keys)
     assert all(int(k[1:]) < 3 * 101 for k in x[1])                    # an empty bag adds nothing
+
+
+def test_the_incremental_trainer_runs_din_over_the_examples_last_items(tmp_path):
+    from jobs.examples import write_example_files
+    from jobs.trainer import IncrementalTrainer, TrainerConfig
+    from reloop.datasets import movielens_examples
+
+    examples = movielens_examples(300)
+    write_example_files(examples, str(tmp_path / "ex"), rows_per_file=300)
+    t = IncrementalTrainer(TrainerConfig(examples_uri=str(tmp_path / "ex"), checkpoint_dir=str(tmp_path / "ck"),
+                                         batch_size=100, idle_exit=0, model_kind="din"))
+    p = t.learn_batch(examples.slice(0, 100))
+    assert tuple(p.shape) == (100,)
+    assert t.encoder.config.history_field == "user_last_items" and t.model_config["use_history"]
+    assert "hist" in t.encoder.encode(examples.slice(0, 5))
