@@ -11,6 +11,15 @@ Where the data lives:
 
 - online: ``feature_store.yaml`` (embedded: SQLite under ``data/``) or
   ``feature_store.redis.yaml`` (production: Redis);
+Batch views (``user_profile``, ``item_catalog``): entity attributes from the
+dataset's side tables (:mod:`reloop.side_tables`), one row per version of an
+entity with the time it became valid (``event_timestamp``), written by reloop
+as Parquet under ``data/offline/<view>/``, materialised online with Feast's
+``materialize`` / ``materialize-incremental`` and joined point in time into
+training examples (a version is seen by examples at or after its timestamp).
+They never expire (TTL 0): a profile stays valid until its next version.
+The ``ctr_<kind>_side_v<N>`` services add them to the streaming views.
+
 - offline: one Parquet file per feature-job micro-batch under
   ``data/offline/<view>/`` next to this file (``RELOOP_FEAST_OFFLINE_ROOT``
   moves it, e.g. to an ``s3://`` prefix). The job writes these files itself,
@@ -88,10 +97,52 @@ item_stats_fv = FeatureView(
     tags={"owner": "pipelines.feature_job"},
 )
 
+# batch views: entity attributes from side tables (reloop.side_tables writes the Parquet files)
+user_profile_source = FileSource(
+    name="user_profile_source",
+    path=f"{_OFFLINE_ROOT}/user_profile/*.parquet",
+    timestamp_field="event_timestamp",
+    description="versions of user profiles (valid from event_timestamp) written by reloop.side_tables",
+)
+item_catalog_source = FileSource(
+    name="item_catalog_source",
+    path=f"{_OFFLINE_ROOT}/item_catalog/*.parquet",
+    timestamp_field="event_timestamp",
+    description="versions of catalogue entries (valid from event_timestamp) written by reloop.side_tables",
+)
+user_profile_fv = FeatureView(
+    name="user_profile",
+    entities=[user],
+    ttl=timedelta(0),   # 0 = never expires: a profile is valid until the user's next version
+    schema=[Field(name="age_bucket", dtype=String, description="age group (<18, 18-24, ..., 56+)"),
+            Field(name="gender", dtype=String, description="gender as given"),
+            Field(name="occupation", dtype=String, description="occupation as given"),
+            Field(name="zip_prefix", dtype=String, description="first 3 characters of the zip code")],
+    source=user_profile_source,
+    online=True,
+    tags={"owner": "reloop.side_tables"},
+)
+item_catalog_fv = FeatureView(
+    name="item_catalog",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[Field(name="release_year", dtype=String, description="release year"),
+            Field(name="genres", dtype=Array(String), description="genres (a bag, sorted)")],
+    source=item_catalog_source,
+    online=True,
+    tags={"owner": "reloop.side_tables"},
+)
+
 # one feature service per model kind and feature-set version: models ask for a service by name
-_DESCRIPTIONS = {"lr": "logistic regression CTR model", "deepfm": "DeepFM CTR model", "dcnv2": "DCNv2 CTR model"}
+_DESCRIPTIONS = {"lr": "logistic regression CTR model", "deepfm": "DeepFM CTR model", "dcnv2": "DCNv2 CTR model",
+                 "din": "DIN (target attention over the last items) CTR model"}
 for _kind in KINDS:
     # Feast finds the services among this module's globals
     globals()[feature_service_name(_kind)] = FeatureService(
         name=feature_service_name(_kind), features=[user_stats_fv, item_stats_fv],
         description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model"))
+    # the same model kinds with the side attributes: streaming views + the batch views
+    globals()[feature_service_name(_kind, side=True)] = FeatureService(
+        name=feature_service_name(_kind, side=True),
+        features=[user_stats_fv, item_stats_fv, user_profile_fv, item_catalog_fv],
+        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model") + " with user profile and item catalogue")

@@ -9,8 +9,8 @@ changes the service name models ask for.
 ['1h', '1d', '7d', 'all']
 >>> window_names()
 ('1h', '1d', '7d', 'all')
->>> feature_service_name("dcnv2")
-'ctr_dcnv2_v1'
+>>> feature_service_name("dcnv2"), feature_service_name("din", side=True)
+('ctr_dcnv2_v1', 'ctr_din_side_v1')
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ def feature_set_version(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) ->
     return FEATURE_SET_VERSIONS[fp]
 
 
-def feature_service_name(model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) -> str:
-    """The Feast feature service a model of ``model_kind`` asks for: ``ctr_<kind>_v<feature-set version>``."""
-    return f"ctr_{model_kind}_v{feature_set_version(windows_ms)}"
+def feature_service_name(model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS,
+                         side: bool = False) -> str:
+    """The Feast feature service a model of ``model_kind`` asks for: ``ctr_<kind>_v<feature-set version>``.
+
+    ``side``: the service that adds the batch views ``user_profile`` and ``item_catalog`` (``ctr_<kind>_side_v<N>``).
+    """
+    return f"ctr_{model_kind}{'_side' if side else ''}_v{feature_set_version(windows_ms)}"
 
 
 #: milliseconds per unit of a duration string

@@ -136,6 +136,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs.trainer import feature_columns
     from online_models.encoding import EncoderConfig, FeatureEncoder
     from online_models.models import ModelConfig, build_model
+    from online_models.din import history_field
 
     cfg = RetrainConfig(**loop["config"])
     ctx = ray.train.get_context()
@@ -167,11 +168,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                          promote_options="permissive")
     else:
         enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
-                                           hash_buckets=cfg.hash_buckets)).fit(train)
+                                           hash_buckets=cfg.hash_buckets,
+                                           history_field=history_field(cfg.model_kind))).fit(train)
         ec = enc.config
         mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields),
                          hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
-                         categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields, seed=cfg.seed)
+                         categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
+                         use_history=ec.history_field is not None, seed=cfg.seed)
         base = build_model(mc)
     ec = enc.config
     # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them

@@ -150,11 +150,13 @@ class IncrementalTrainer:
         import torch
 
         from online_models.encoding import EncoderConfig, FeatureEncoder
+        from online_models.din import history_field
         from online_models.models import ModelConfig, build_model
 
         if encoder_config is None:
             numeric = feature_columns(first.column_names)
-            enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(numeric), hash_buckets=self.config.hash_buckets))
+            enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(numeric), hash_buckets=self.config.hash_buckets,
+                                               history_field=history_field(self.config.model_kind)))
             encoder_config = enc.fit(first).config.to_dict()
         self.encoder = FeatureEncoder(EncoderConfig.from_dict(encoder_config))
         if model_config is None:
@@ -162,7 +164,7 @@ class IncrementalTrainer:
             model_config = ModelConfig(kind=self.config.model_kind, num_categorical=len(ec.categorical_fields),
                                        hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
                                        categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
-                                       seed=self.config.seed).to_dict()
+                                       use_history=ec.history_field is not None, seed=self.config.seed).to_dict()
         self.model_config = model_config
         self.model = build_model(ModelConfig.from_dict(model_config))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)

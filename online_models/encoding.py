@@ -26,6 +26,10 @@ The batch dict:
 - ``num``: float32 (B, F_num);
 - ``hist``: int64 (B, N) buckets of the user's last items (0 = padding), if
   ``history_field`` is set and present;
+- ``bag``: int64 (B, F_bag, L) buckets of the values of each multi-valued field
+  (``bag_fields``, list<string> columns such as an item's genres; 0 = padding),
+  each field owning the block after the categorical ones (the models pool a
+  bag with an ``EmbeddingBag`` over the shared table);
 - ``label``: float32 (B,) when the table has a ``label`` column.
 
 >>> import pyarrow as pa
@@ -78,12 +82,17 @@ class EncoderConfig:
     logit_fields: tuple[str, ...] = ()
     numeric_mean: tuple[float, ...] | None = None
     numeric_std: tuple[float, ...] | None = None
+    # multi-valued (list<string>) columns, e.g. an item's genres: the first bag_len values of each row
+    bag_fields: tuple[str, ...] = ()
+    bag_len: int = 8
 
     def __post_init__(self) -> None:
         if self.hash_buckets < 2:
             raise EncodingError(f"hash_buckets must be >= 2 (bucket 0 is reserved for missing), got {self.hash_buckets}")
         if not self.categorical_fields:
             raise EncodingError("categorical_fields must name at least one column (e.g. user_id)")
+        if self.bag_len < 1:
+            raise EncodingError(f"bag_len must be >= 1, got {self.bag_len}")
         if self.history_len < 1:
             raise EncodingError(f"history_len must be >= 1, got {self.history_len}")
         unknown = set(self.logit_fields) - set(self.numeric_fields)
@@ -99,7 +108,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
         d = dict(d)
-        for k in ("categorical_fields", "numeric_fields", "logit_fields", "numeric_mean", "numeric_std"):
+        for k in ("categorical_fields", "numeric_fields", "logit_fields", "numeric_mean", "numeric_std", "bag_fields"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -132,9 +141,13 @@ class FeatureEncoder:
         return len(self.config.numeric_fields)
 
     @property
+    def num_bags(self) -> int:
+        return len(self.config.bag_fields)
+
+    @property
     def vocab_size(self) -> int:
-        """Rows of the shared embedding table: one block of ``hash_buckets`` per categorical field."""
-        return self.num_categorical * self.config.hash_buckets
+        """Rows of the shared embedding table: one block of ``hash_buckets`` per categorical and bag field."""
+        return (self.num_categorical + self.num_bags) * self.config.hash_buckets
 
     def fit(self, table: pa.Table) -> "FeatureEncoder":
         """A new encoder whose numeric mean/std come from ``table`` (e.g. the warm-up period)."""
@@ -152,7 +165,7 @@ class FeatureEncoder:
         """The batch dict of ``table`` (see the module docstring); never mutates ``table``."""
         cfg = self.config
         have = set(table.column_names)  # built once: column_names makes a new list on every access
-        missing = [c for c in (*cfg.categorical_fields, *cfg.numeric_fields) if c not in have]
+        missing = [c for c in (*cfg.categorical_fields, *cfg.numeric_fields, *cfg.bag_fields) if c not in have]
         if missing:
             raise EncodingError(f"missing column(s) {', '.join(missing)}; have {', '.join(table.column_names)}")
         cols = [self._hash_column(table[c], c) + j * cfg.hash_buckets for j, c in enumerate(cfg.categorical_fields)]
@@ -165,6 +178,10 @@ class FeatureEncoder:
             batch["num"] = torch.from_numpy(np.clip(z, -5.0, 5.0).astype(np.float32))
         if cfg.history_field and cfg.history_field in table.column_names:
             batch["hist"] = torch.from_numpy(self._history(table[cfg.history_field]))
+        if cfg.bag_fields:
+            offset = self.num_categorical * cfg.hash_buckets
+            batch["bag"] = torch.from_numpy(np.stack(
+                [self._bag(table[c], c, offset + j * cfg.hash_buckets) for j, c in enumerate(cfg.bag_fields)], axis=1))
         if "label" in table.column_names:
             batch["label"] = torch.from_numpy(table["label"].to_numpy(zero_copy_only=False).astype(np.float32))
         return batch
@@ -181,6 +198,26 @@ class FeatureEncoder:
                        + [0], dtype=np.int64)
         idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
         return lut[idx]
+
+    def _bag(self, col: pa.ChunkedArray, name: str, offset: int) -> np.ndarray:
+        # (B, bag_len): the first bag_len values of each list, hashed in the field's block; 0 pads (a null or
+        # empty list is all padding, which the EmbeddingBag pools to zeros: the "missing" default)
+        n = self.config.bag_len
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+            raise EncodingError(f"bag column {name} must be a list of strings, got {col.type}")
+        out = np.zeros((len(col), n), dtype=np.int64)
+        flat = col.flatten()
+        if len(flat):
+            buckets = self._hash_column(flat, name)
+            buckets = np.where(buckets > 0, buckets + offset, 0)       # a null value inside a list pads too
+            offsets = col.offsets.to_numpy()
+            for i in range(len(col)):
+                lo, hi = offsets[i], offsets[i + 1]
+                seq = buckets[lo:min(hi, lo + n)]
+                out[i, :len(seq)] = seq
+        return out
 
     def _numeric_raw(self, table: pa.Table) -> np.ndarray:
         out = np.empty((table.num_rows, self.num_numeric), dtype=np.float64)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from online_models.errors import ReloopError
 
-KINDS = ("lr", "deepfm", "dcnv2")
+KINDS = ("lr", "deepfm", "dcnv2", "din")   # din: online_models/din.py
 
 
 class ModelConfigError(ReloopError, ValueError):
@@ -51,7 +51,8 @@ class ModelConfig:
     dropout: float = 0.1
     weight_decay: float = 1e-5        # L2 on the dense weights (the optimizer's job; recorded here)
     embedding_l2: float = 1e-5        # L2 on the embeddings looked up by a batch (see regularization())
-    use_history: bool = False         # mean-pool ``hist`` into one extra field
+    use_history: bool = False         # mean-pool ``hist`` into one extra field (DIN: attend over it)
+    num_bags: int = 0                 # multi-valued fields (``bag``), each pooled into one extra field
     categorical_fields: tuple[str, ...] = ("user_id", "item_id")
     numeric_fields: tuple[str, ...] = ()
     seed: int = 0
@@ -73,7 +74,7 @@ class ModelConfig:
 
     @property
     def num_fields(self) -> int:
-        return self.num_categorical + int(self.use_history)
+        return self.num_categorical + self.num_bags + int(self.use_history)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +97,7 @@ class CTRModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        vocab = config.num_categorical * config.hash_buckets
+        vocab = (config.num_categorical + config.num_bags) * config.hash_buckets
         self.embedding = nn.Embedding(vocab, config.embedding_dim)
         self.linear = nn.Embedding(vocab, 1)           # first-order (wide) weights per id
         self.num_linear = nn.Linear(config.num_numeric, 1) if config.num_numeric else None
@@ -112,7 +113,10 @@ class CTRModel(nn.Module):
         cat = batch["cat"]                                             # (B, F_cat)
         emb = self.embedding(cat)                                      # (B, F_cat, D)
         wide = self.linear(cat).sum(dim=(1, 2)) + self.bias            # (B,)
-        if self.config.use_history:
+        if self.config.num_bags:
+            bags, bag_wide = self.embed_bags(batch)                    # (B, F_bag, D), (B,)
+            emb, wide = torch.cat([emb, bags], dim=1), wide + bag_wide
+        if self.config.use_history and self.pools_history:
             hist = batch.get("hist")
             if hist is None:
                 pooled = emb.new_zeros(emb.shape[0], 1, emb.shape[2])
@@ -124,6 +128,27 @@ class CTRModel(nn.Module):
             wide = wide + self.num_linear(self._num(batch)).squeeze(-1)
         self._last_emb = emb
         return emb, wide
+
+    #: DIN attends over ``hist`` itself instead of the mean-pool of :meth:`embed`
+    pools_history = True
+
+    def embed_bags(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-pooled embeddings (B, F_bag, D) of the ``bag`` fields and their summed first-order weights (B,).
+
+        The bags share the id table (their own blocks of it), pooled by the EmbeddingBag op; 0 pads, so an
+        empty or missing bag pools to zeros.
+        """
+        bag = batch.get("bag")
+        b = batch["cat"].shape[0]
+        if bag is None:
+            return self.embedding.weight.new_zeros(b, self.config.num_bags, self.config.embedding_dim), \
+                self.embedding.weight.new_zeros(b)
+        flat = bag.reshape(-1, bag.shape[-1])                          # (B*F_bag, L)
+        pooled = nn.functional.embedding_bag(flat, self.embedding.weight, mode="mean", padding_idx=0,
+                                             sparse=self.embedding.sparse)
+        wide = nn.functional.embedding_bag(flat, self.linear.weight, mode="sum", padding_idx=0,
+                                           sparse=self.linear.sparse)
+        return pooled.view(b, -1, pooled.shape[-1]), wide.view(b, -1).sum(1)
 
     def dense_input(self, emb: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat input of the deep part: field embeddings, then the numeric features."""
@@ -193,10 +218,15 @@ class LogisticRegression(CTRModel):
 
     @property
     def hidden_dim(self) -> int:
-        return self.config.num_categorical + self.config.num_numeric
+        return self.config.num_categorical + self.config.num_bags + self.config.num_numeric
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.linear(batch["cat"]).squeeze(-1)                  # (B, F_cat)
+        if self.config.num_bags:
+            flat = batch["bag"].reshape(-1, batch["bag"].shape[-1])
+            bag = nn.functional.embedding_bag(flat, self.linear.weight, mode="sum", padding_idx=0,
+                                              sparse=self.linear.sparse)
+            parts = torch.cat([parts, bag.view(parts.shape[0], -1)], dim=1)   # (B, F_cat + F_bag)
         self._last_emb = parts
         if self.num_linear is not None:
             parts = torch.cat([parts, self._num(batch) * self.num_linear.weight], dim=1)   # (B, F_cat + N)
@@ -288,7 +318,9 @@ class DCNv2(CTRModel):
 
 def build_model(config: ModelConfig) -> CTRModel:
     """The model of ``config.kind``, initialised deterministically from ``config.seed``."""
-    cls = {"lr": LogisticRegression, "deepfm": DeepFM, "dcnv2": DCNv2}[config.kind]
+    from online_models.din import DIN   # din.py builds on CTRModel, so it is imported here, not at the top
+
+    cls = {"lr": LogisticRegression, "deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN}[config.kind]
     # a private generator: building a model never disturbs (or depends on) the global RNG
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

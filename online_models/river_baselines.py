@@ -1,8 +1,10 @@
 """River online baselines behind the same batch interface as the torch learners.
 
 Both read the same batch dict as the torch models (hashed ids in ``cat``,
-standardised ``num``), turned into River's sparse dicts: one indicator per
-hashed id (``"c<bucket>": 1``) plus the numeric values. So the baselines see
+standardised ``num``, multi-valued ``bag`` fields such as genres), turned into
+River's sparse dicts: one indicator per hashed id (``"c<bucket>": 1``; a bag's
+values share its weight, ``1 / len`` each, as the models' mean-pooled bag does)
+plus the numeric values. So the baselines see
 exactly the features the neural models see, and differ only in the learner.
 
 - ``river_lr``: :class:`river.linear_model.LogisticRegression` (SGD)
@@ -68,9 +70,14 @@ class RiverBaseline:
         if "num" in batch:
             num_t = batch["num"] if self.numeric is None else batch["num"][:, list(self.numeric)]
             num = num_t.tolist()
+        bags = batch["bag"].tolist() if "bag" in batch else None
         rows = []
         for i, ids in enumerate(cat):
             x: dict[str, float] = {f"c{b}": 1.0 for b in ids}
+            if bags is not None:
+                for bag in bags[i]:
+                    vals = [b for b in bag if b > 0]      # 0 pads
+                    x.update({f"c{b}": 1.0 / len(vals) for b in vals})
             if num is not None:
                 x.update({f"n{j}": v for j, v in enumerate(num[i])})
             rows.append(x)

@@ -127,3 +127,95 @@ def write_snapshot(store, view: str, table: pa.Table, run_id: str) -> None:
     offline = table.set_column(table.column_names.index("event_timestamp"), "event_timestamp", ts)
     fs, root, _ = open_filesystem(offline_dir(store, view))
     write_parquet_atomic(fs, f"{root}/part-{run_id}.parquet", offline, durable=False)
+
+
+# -- batch views: entity attributes from side tables (features/feature_repo.py: user_profile, item_catalog) --------
+
+USER_PROFILE_VIEW = "user_profile"
+ITEM_CATALOG_VIEW = "item_catalog"
+#: the features of the batch views, and their value when an entity has none (missing: the encoder's bucket 0)
+BATCH_FEATURES: dict[str, tuple[str, ...]] = {USER_PROFILE_VIEW: ("age_bucket", "gender", "occupation", "zip_prefix"),
+                                               ITEM_CATALOG_VIEW: ("release_year", "genres")}
+BAG_FEATURES = ("genres",)
+_JOIN_KEYS = {USER_PROFILE_VIEW: "user_id", ITEM_CATALOG_VIEW: "item_id"}
+
+
+def write_batch_source(store, view: str, table: pa.Table, run_id: str) -> str:
+    """Write versions of entity attributes (``event_timestamp`` in epoch ms) as ``part-<run_id>.parquet`` of
+    ``view``'s batch source; the same ``run_id`` overwrites (idempotent). Returns the file's path."""
+    ts = pc.cast(table["event_timestamp"], pa.timestamp("ms", tz="UTC"))
+    rows = table.set_column(table.column_names.index("event_timestamp"), "event_timestamp", ts)
+    fs, root, _ = open_filesystem(offline_dir(store, view))
+    path = f"{root}/part-{run_id}.parquet"
+    write_parquet_atomic(fs, path, rows, durable=False)
+    return path
+
+
+def materialize_batch_views(store, end_ms: int | None = None,
+                            views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> None:
+    """Copy the versions valid at ``end_ms`` (default now) online with Feast's own materialisation.
+
+    A view never materialised gets ``materialize`` from the epoch (its TTL is 0, and ``materialize_incremental``
+    would start one year back, missing older versions); later calls are ``materialize_incremental``.
+    """
+    from datetime import datetime, timezone
+
+    end = datetime.now(timezone.utc) if end_ms is None else datetime.fromtimestamp(end_ms / 1000, timezone.utc)
+    for view in views:
+        if store.get_feature_view(view).most_recent_end_time is None:
+            store.materialize(start_date=datetime(1970, 1, 1, tzinfo=timezone.utc), end_date=end, feature_views=[view])
+        else:
+            store.materialize_incremental(end_date=end, feature_views=[view])
+
+
+def _refs(views: tuple[str, ...]) -> list[str]:
+    return [f"{v}:{f}" for v in views for f in BATCH_FEATURES[v]]
+
+
+def _with_defaults(cols: dict[str, list]) -> dict[str, list]:
+    # Feast returns None for an entity without a row; a bag's default is the empty bag
+    return {f: ([v if v is not None else [] for v in vals] if f in BAG_FEATURES else vals) for f, vals in cols.items()}
+
+
+def lookup_batch_features(store, user_ids: list[str], item_ids: list[str],
+                          views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> pa.Table:
+    """The online batch features of (user, item) rows, for scoring: unknown entities get the defaults."""
+    rows = [{"user_id": u, "item_id": i} for u, i in zip(user_ids, item_ids)]
+    got = store.get_online_features(features=_refs(views), entity_rows=rows).to_dict()
+    cols = _with_defaults({f: got[f] for v in views for f in BATCH_FEATURES[v]})
+    return pa.table({"user_id": user_ids, "item_id": item_ids, **_arrow_cols(cols)})
+
+
+def _arrow_cols(cols: dict[str, list]) -> dict[str, pa.Array]:
+    return {f: pa.array(vals, pa.list_(pa.string()) if f in BAG_FEATURES else pa.string()) for f, vals in cols.items()}
+
+
+def join_batch_features(store, examples: pa.Table,
+                        views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> pa.Table:
+    """``examples`` (``user_id``, ``item_id``, ``ts`` epoch ms) plus the batch features valid at each row's time.
+
+    Feast's point-in-time join (``get_historical_features``): each row gets the newest version with
+    ``event_timestamp <= ts``, never a later one. Row order and the other columns are kept.
+    """
+    import pandas as pd
+
+    ent = pd.DataFrame({"user_id": examples["user_id"].to_pylist(), "item_id": examples["item_id"].to_pylist(),
+                        "event_timestamp": pd.to_datetime(examples["ts"].to_numpy(), unit="ms", utc=True),
+                        "_row": range(examples.num_rows)})
+    df = store.get_historical_features(entity_df=ent, features=_refs(views)).to_df().sort_values("_row")
+    cols = _with_defaults({f: [None if _is_na(v) else (list(v) if f in BAG_FEATURES else v) for v in df[f]]
+                           for v_ in views for f in BATCH_FEATURES[v_]})
+    out = examples
+    for f, arr in _arrow_cols(cols).items():
+        out = out.drop_columns([f]) if f in out.column_names else out
+        out = out.append_column(f, arr)
+    return out
+
+
+def _is_na(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(v != v)   # NaN (pandas' missing float)
+    except (TypeError, ValueError):   # arrays compare element-wise
+        return False

@@ -247,7 +247,7 @@ def _preflight(cfg):
 @_command()
 def evaluate(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
-    model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
+    model: str = typer.Option("dcnv2", help="lr, deepfm, dcnv2 or din (target attention over the user's last items)"),
     slots: int = typer.Option(10, min=1, help="equal test slots after the warm-up"),
     warmup: float = typer.Option(0.5, help="fraction of events (in time order) used to warm up the base model"),
     seed: int = typer.Option(0, help="seed of models, memory hyperplanes and River"),
@@ -264,6 +264,14 @@ def evaluate(
     same_time: str = typer.Option("stream", help="events with equal timestamps: 'stream' (spread by 1 ms in stream "
                                                  "order, so features see the earlier events of their second) or "
                                                  "'timestamp' (same-ms events do not see each other)"),
+    side_features: bool = typer.Option(False, help="join the user profile and item catalogue side tables "
+                                                  "(point in time) and encode them (ML-100K: from the wheel)"),
+    users: Optional[str] = typer.Option(None, help="users side-table CSV (columns: reloop.side_tables); "
+                                                   "implies --side-features"),
+    items: Optional[str] = typer.Option(None, help="items side-table CSV (columns: reloop.side_tables); "
+                                                   "implies --side-features"),
+    history_len: Optional[int] = typer.Option(None, min=1, help="the user's last N items (default: the feature "
+                                                                "job's last_n)"),
 ) -> None:
     """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
     from reloop.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
@@ -273,10 +281,34 @@ def evaluate(
         variants = tuple(v for v in VARIANTS if not (no_river and v.startswith("river")))
         cfg = EvaluationConfig(dataset=dataset, model=model, slots=slots, warmup=warmup, seed=seed, limit=limit,
                                batch_size=batch_size, variants=variants, memory_key=memory_key,
-                               memory_write=memory_write, same_time=same_time)
+                               memory_write=memory_write, same_time=same_time,
+                               side_features=side_features or bool(users or items), users_path=users,
+                               items_path=items, history_len=history_len)
         evaluate_and_report(cfg, out)
     except (EvaluationError, DatasetError, ValueError) as e:
         _fail_for(e)
+
+
+@app.command("side-tables")
+def side_tables(
+    dataset: str = typer.Option("movielens-100k", help="movielens-100k (side tables from the wheel), or any name "
+                                                       "with --users/--items"),
+    users: Optional[str] = typer.Option(None, help="users CSV (columns: reloop.side_tables)"),
+    items: Optional[str] = typer.Option(None, help="items CSV (columns: reloop.side_tables)"),
+    config: Optional[str] = typer.Option(None, help="YAML config file (its feast section)"),
+) -> None:
+    """Write the user profile / item catalogue batch sources (Parquet) and materialise them online with Feast."""
+    from reloop.config import load_config
+    from reloop.side_tables import publish_side_tables
+    from online_models.errors import DatasetError
+
+    try:
+        written = publish_side_tables(load_config(config).feast, dataset, users, items)
+    except (DatasetError, ValueError) as e:
+        _fail(str(e))
+    if not written:
+        _fail(f"{dataset} has no side tables of its own: give --users and/or --items")
+    typer.echo(", ".join(f"{view}: {n} rows" for view, n in written.items()) + " written and materialised")
 
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

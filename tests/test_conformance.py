@@ -27,7 +27,9 @@ def _clone(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _learner(kind: str, seed: int = 0, **kw) -> OnlineLearner:
-    cfg = ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3, seed=seed, **kw)
+    # din attends over the user's history: it needs one (the batch carries "hist")
+    cfg = ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3, seed=seed,
+                      **{"use_history": kind == "din", **kw})
     return OnlineLearner(build_model(cfg), LearnerConfig(lr=0.01, seed=seed))
 
 
@@ -95,7 +97,8 @@ def test_learner_clone_is_independent(kind) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hidden_is_the_declared_memory_key(kind) -> None:
-    model = build_model(ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3))
+    model = build_model(ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3,
+                                    use_history=kind == "din"))
     logits, hidden = model(_batch())
     assert logits.shape == (32,) and hidden.shape == (32, model.hidden_dim)
     mem = ErrorCompensationMemory(dim=model.hidden_dim, seed=0)

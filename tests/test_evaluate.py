@@ -83,4 +83,4 @@ def test_cli_writes_json_and_png(tmp_path) -> None:
     assert {"base", "incremental", "base+memory", "incremental+memory"} <= set(doc)
     assert "river_lr" not in doc and out.with_suffix(".png").exists()
     bad = CliRunner().invoke(app, ["evaluate", "--model", "gbdt", "--out", str(out)])
-    assert bad.exit_code == 1 and "model must be one of" in bad.output
+    assert bad.exit_code == 2 and "model must be one of" in bad.output   # an input error: one line, exit 2
