@@ -88,8 +88,9 @@ def test_reloop_monitor_end_to_end_on_kafka(kafka_config, tmp_path):
     assert {b["kind"] for b in published if b.get("type") == "audit"} >= {"retrain_requested"}
     assert [b["id"] for b in seen if b.get("type") == "alert"] == [b["id"] for b in published
                                                                     if b.get("type") == "alert"]
-    assert [r.kind for r in AuditLog(tmp_path / "audit.jsonl").read()].count("alert") == len(
-        [b for b in published if b.get("type") == "alert"])
+    # incidents: the hooks get one page per incident and its updates; every raw alert stays in the audit log
+    assert [r.kind for r in AuditLog(tmp_path / "audit.jsonl").read()].count("alert") >= len(
+        [b for b in published if b.get("type") == "alert"]) >= 1
 
     # restart: the checkpoint and the committed offsets resume where the first run stopped
     state = json.loads((tmp_path / "state.json").read_text())
