@@ -399,7 +399,11 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     if not ray.is_initialized():
         ray.init(address=address) if address else init_local(num_cpus=2)
     serve.start(http_options={"host": host, "port": port})
-    app = serve.deployment(ServeDeployment, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
+    # under `python -m jobs.serve` this module is __main__, which Ray would pickle by value with all its
+    # globals (the feedback guards' WeakKeyDictionary cannot be pickled): the importable module goes by name
+    from jobs.serve import ServeDeployment as deployment_cls
+
+    app = serve.deployment(deployment_cls, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
         registry_uri, feast_repo, feast_profile, scorer_config)
     return serve.run(app, name="reloop", route_prefix="/", blocking=blocking)
 
