@@ -395,9 +395,7 @@ class Ray(Service):
             self.token_file.chmod(0o600)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(ray_client_env())
-        return env
+        return {**_cluster_environ(), **ray_client_env()}
 
     def command(self) -> list[str]:
         ray = Path(sys.executable).parent / "ray"
@@ -584,7 +582,7 @@ class RayWorker(Service):
         return Ray(self.root).version()
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **ray_client_env()}
+        return {**_cluster_environ(), **ray_client_env()}
 
     def prepare(self) -> None:
         head = Ray(self.root)
@@ -781,6 +779,12 @@ def s3_client_env(root: Path | None = None) -> dict[str, str]:
             "AWS_REGION": c["region"], "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+def _cluster_environ() -> dict[str, str]:
+    """This process's environment for a Ray node, without the single-machine switch that an embedded
+    ``jobs.ray_local.init_local`` in the same process may have set (a node started with it refuses to join)."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
 
 
 def ray_client_env() -> dict[str, str]:

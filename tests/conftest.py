@@ -40,13 +40,3 @@ def redis_url() -> str:
     services.get("redis").start()
     return services.get("redis").connection_string()
 
-
-#: tests that change process-wide Ray state: token auth is read once per process when Ray's core library
-#: loads, and a killed worker node lingers in the head's view for a while; they run last, so no other test
-#: inherits that state
-_LAST = ("test_cluster_profile.py", "test_cluster_ray.py", "test_s3_storage.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    late = [i for i in items if i.path.name in _LAST]
-    items[:] = [i for i in items if i.path.name not in _LAST] + late

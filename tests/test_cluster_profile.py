@@ -42,7 +42,8 @@ def run_cli(tmp_path: Path, name: str, *args: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "reloop.cli", "run", *ARGS, "--run-id", run_id, "--reports",
          str(tmp_path / "reports"), "--state-dir", str(tmp_path / "runs"), *args],
-        capture_output=True, text=True, timeout=2400, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        capture_output=True, text=True, timeout=2400, cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
     summary["state"] = tmp_path / "runs" / run_id
