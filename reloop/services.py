@@ -436,6 +436,10 @@ class Flink(Service):
     ``[local]`` is a real Flink JobManager + TaskExecutor (parallel slots, network shuffles) inside the job
     server's JVM; pipelines reach it with ``--runner=PortableRunner --job_endpoint=localhost:8099
     --environment_type=LOOPBACK``. The classpath comes from ``infra/flink/lib`` (``scripts/setup.sh``).
+
+    Beam's job server binds its job and artifact ports on every interface whatever ``--job-host`` says
+    (its ``ServerFactory`` builds the gRPC server with ``NettyServerBuilder.forPort``); only the expansion
+    port honours the host. It runs any pipeline it is sent, so keep 8098/8099 behind the host's firewall.
     """
 
     name = "flink"
@@ -507,6 +511,8 @@ class KafkaExpansion(Service):
     Same Beam release as the Python SDK (``infra/flink/expansion/lib``). The transforms it expands run in
     a PROCESS environment: the Flink job server starts ``infra/flink/java-harness-boot`` per worker,
     which runs the Java SDK harness from the same jars (no Docker).
+    Beam's ``ExpansionService`` main binds its port on every interface (it takes no host), so keep it
+    behind the host's firewall like the job server.
     """
 
     name = "expansion"

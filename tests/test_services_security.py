@@ -71,12 +71,15 @@ def test_embedded_ray_exports_no_metrics_and_no_agent_listens_on_all_ipv4_interf
 
     if ray.is_initialized():
         pytest.skip("Ray already initialised in this process")
+    # only what Ray starts is under test: a session fixture may already run the Flink job server here,
+    # whose job and artifact ports Beam binds on every interface (see services.Flink)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     init_local(num_cpus=1, log_to_driver=False)
     try:
         node = ray._private.worker.global_worker.node
         assert node.node_ip_address == "127.0.0.1"
         assert node.metrics_export_port in (None, -1, 0) or node.address_info.get("metrics_export_port") == -1
-        pids = {p.pid for p in psutil.Process().children(recursive=True)}
+        pids = {p.pid for p in psutil.Process().children(recursive=True)} - before
         listening = [(psutil.Process(c.pid).name(), c.laddr.ip) for c in psutil.net_connections(kind="inet")
                      if c.status == "LISTEN" and c.pid in pids]
         assert len(listening) >= 3  # GCS, raylet, agents...
