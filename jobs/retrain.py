@@ -211,7 +211,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
                            "train_rows": train.num_rows, "holdout_rows": holdout.num_rows, "worker_nodes": nodes,
                            "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
-                           "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())]}, f)
+                           "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())],
+                           # under delayed labels what it knows reaches to the newest label's arrival
+                           "label_ts_max": max(int(pc.max(t["label_ts"]).as_py()) for t in (train, holdout))
+                           if "label_ts" in train.column_names else None}, f)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
@@ -272,7 +275,8 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
                                              "holdout_ts": meta["holdout_ts"], "train_rows": meta["train_rows"],
                                              "holdout_rows": meta["holdout_rows"],
                                              # the causal horizon: nothing of the window may be served by it
-                                             "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1])},
+                                             "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1],
+                                                                     meta.get("label_ts_max") or -1)},
                              metrics=metrics, extra=extra, promote=cfg.promote)
     return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
             "trained_until_ts": entry.training_range["trained_until_ts"],

@@ -198,6 +198,42 @@ def base_predictions(bundle: Bundle, table: pa.Table, batch_size: int = 4096) ->
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
+def serve_timeline(bundle: Bundle, table: pa.Table, write: Any) -> tuple[Any, Any]:
+    """Serving under delayed labels: ``table``'s rows are a time-ordered timeline of two kinds of step.
+
+    A row with ``write[i]`` False is an impression served: scored with the memory as it stands then. A row
+    with ``write[i]`` True is an outcome arriving (its label): written into the memory, keyed by this
+    model's hidden vector of the impression's features, recomputed now (an outcome that arrives after a
+    model swap is keyed in the new model's space, like the rebuild). One forward pass for the whole
+    timeline; each run of consecutive impressions is estimated at once and each run of outcomes written
+    at once, which is exact: nothing between two steps of a run changes the memory. Returns numpy float64
+    ``(p_base, p_mem)``; ``p_mem`` of an outcome row is its base probability (nothing was served).
+    """
+    import numpy as np
+
+    from online_models.memory import Hashed
+
+    write = np.asarray(write, bool)
+    batch = bundle.encoder.encode(table)
+    with torch.no_grad():
+        logits, hidden = bundle.model(batch)
+        p_base = torch.sigmoid(logits)
+        p_mem = p_base.clone()
+        mem = bundle.memory
+        key = bundle.key(batch, hidden)
+        hashed = mem.hash(key)
+        edges = [0, *(np.flatnonzero(np.diff(write.astype(np.int8))) + 1).tolist(), len(write)]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if hi <= lo:
+                continue
+            part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
+            if write[lo]:
+                mem.write(key[lo:hi], batch["label"][lo:hi], p_base[lo:hi], part, each=True)
+            else:
+                p_mem[lo:hi] = mem.estimate(key[lo:hi], p_base[lo:hi], part)
+    return p_base.numpy().astype(np.float64), p_mem.numpy().astype(np.float64)
+
+
 def rebuild_memory(bundle: Bundle, recent: pa.Table | None) -> int:
     """Reset ``bundle``'s memory and write the recent labelled rows keyed in its own hidden space (a new model
     is swapped in: the old keys mean nothing to it). Returns the rows written."""

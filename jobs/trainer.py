@@ -46,11 +46,12 @@ import pyarrow as pa
 
 from features.windows import feature_service_name
 from jobs.checkpoints import CheckpointStore
+from online_models.learner import LearnerConfig, OnlineLearner
 from online_models.models import KINDS
 from online_models.errors import ReloopError
 from jobs.ray_local import init_local
 
-CKPT_FORMAT = "reloop.trainer-checkpoint/1"
+CKPT_FORMAT = "reloop.trainer-checkpoint/2"   # 2: the optimizers of an OnlineLearner
 RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
                 "features/data", "reports", "benchmarks/results", "**/__pycache__"]
 
@@ -70,7 +71,11 @@ class TrainerConfig:
     model_kind: str = "dcnv2"
     hash_buckets: int = 20_011
     batch_size: int = 256
-    lr: float = 1e-3
+    #: the optimizer of :class:`online_models.learner.OnlineLearner` (sparse id rows, one forward pass per
+    #: test-then-train step); the defaults are the evaluation's (``reloop evaluate``, chosen on validation)
+    optimizer: str = "adagrad"
+    lr: float = 0.1
+    weight_decay: float = 1e-4
     checkpoint_every: int = 5_000          # examples
     checkpoint_seconds: float = 30.0
     publish_every: int = 0                 # checkpoints between registry versions (0 = never)
@@ -89,6 +94,8 @@ class TrainerConfig:
             raise TrainerError("batch_size and checkpoint_every must be >= 1")
         if not self.lr > 0:
             raise TrainerError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd", "adagrad"):
+            raise TrainerError(f"optimizer must be adam, sgd or adagrad, got {self.optimizer!r}")
         if self.feature_service is None:
             object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
 
@@ -127,7 +134,7 @@ class IncrementalTrainer:
         self.trained_until_ts: int | None = None
         #: how many examples (in store order) the serving clock lets the trainer learn; None: no bound
         self.allowed: int | None = None
-        self.model = self.optimizer = self.encoder = None
+        self.model = self.learner = self.encoder = None
         self.model_config: dict[str, Any] = {}
         self.metrics = {"n": 0, "logloss_sum": 0.0, "pos": 0}
         self.runs: list[dict[str, Any]] = []
@@ -166,9 +173,11 @@ class IncrementalTrainer:
                                        categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
                                        use_history=ec.history_field is not None, seed=self.config.seed).to_dict()
         self.model_config = model_config
-        self.model = build_model(ModelConfig.from_dict(model_config))
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
         torch.manual_seed(self.config.seed)
+        self.model = build_model(ModelConfig.from_dict(model_config))
+        self.learner = OnlineLearner(self.model, LearnerConfig(lr=self.config.lr, optimizer=self.config.optimizer,
+                                                               weight_decay=self.config.weight_decay,
+                                                               seed=self.config.seed))
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _restore(self) -> str | None:
@@ -191,9 +200,14 @@ class IncrementalTrainer:
                 raise TrainerError(f"{d}: not a {CKPT_FORMAT} checkpoint")
             self._build(None, state["model_config"], state["encoder_config"])
             self.model.load_state_dict(load(self.ckpts.read(name, "model.safetensors")))
-            self.optimizer.load_state_dict(torch.load(io.BytesIO(self.ckpts.read(name, "optimizer.pt")),
-                                                      weights_only=True))
-            torch.set_rng_state(load(self.ckpts.read(name, "rng.safetensors"))["torch"])
+            states = torch.load(io.BytesIO(self.ckpts.read(name, "optimizer.pt")), weights_only=True)
+            if len(states) != len(self.learner.optimizers):
+                raise ValueError(f"{len(states)} optimizer states for {len(self.learner.optimizers)} optimizers")
+            for opt, st in zip(self.learner.optimizers, states):
+                opt.load_state_dict(st)
+            rng = load(self.ckpts.read(name, "rng.safetensors"))
+            torch.set_rng_state(rng["torch"])
+            self.learner._gen.set_state(rng["learner"])
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
             raise TrainerError(f"checkpoint {d} cannot be restored: {e}") from e
         self.position = Position.from_dict(state["position"])
@@ -223,7 +237,7 @@ class IncrementalTrainer:
         if self.pending_preds:
             self.ckpts.write_table(pa.concat_tables(self.pending_preds), "predictions", f"part-{self.seq:06d}.parquet")
         opt = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), opt)
+        torch.save([o.state_dict() for o in self.learner.optimizers], opt)
         state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
                  "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
                  "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
@@ -233,7 +247,7 @@ class IncrementalTrainer:
         self.ckpts.commit(name, {
             "model.safetensors": save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}),
             "optimizer.pt": opt.getvalue(),
-            "rng.safetensors": save({"torch": torch.get_rng_state()}),
+            "rng.safetensors": save({"torch": torch.get_rng_state(), "learner": self.learner._gen.get_state()}),
             "state.json": json.dumps(state, indent=1).encode()})
         self.ckpts.gc(keep=2)
         self.pending_preds = []
@@ -273,7 +287,6 @@ class IncrementalTrainer:
         trainer's model: same encoder and model config), so its later checkpoints descend from what serves.
         Returns False (and changes nothing) when the version is not compatible. Callable from another thread.
         """
-        import torch
 
         from jobs.registry import ModelRegistry, load_model
         from jobs.scoring import horizon_of
@@ -285,7 +298,7 @@ class IncrementalTrainer:
                     not same(entry.extra.get("encoder"), self.encoder.config.to_dict()):
                 return False
             self.model.load_state_dict(model.state_dict())
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+            self.learner.optimizers = self.learner._make_optimizers()  # fresh optimizer state for new weights
             h = horizon_of(entry)
             if h is not None:  # what it learned is learned now too
                 self.trained_until_ts = h if self.trained_until_ts is None else max(self.trained_until_ts, h)
@@ -299,23 +312,12 @@ class IncrementalTrainer:
             return self._learn_batch(table)
 
     def _learn_batch(self, table: pa.Table) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         if self.model is None:
             self._build(table)
         batch = self.encoder.encode(table)
         y = batch["label"]
-        self.model.eval()
-        with torch.no_grad():
-            p = torch.sigmoid(self.model(batch)[0])                    # (B,) before the update
-        self.model.train()
-        logits, _ = self.model(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, y) + self.model.regularization()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        pred = p.numpy()
+        # one forward pass: the eval-mode probabilities before the update, then the sparse step
+        pred = self.learner.test_then_train(batch).numpy()
         eps = 1e-7
         yn = y.numpy()
         self.metrics["n"] += len(yn)
@@ -324,7 +326,9 @@ class IncrementalTrainer:
         self.pending_preds.append(pa.table({"event_id": table["event_id"], "ts": table["ts"],
                                             "label": table["label"], "pred": pa.array(pred, pa.float32())}))
         self.learned += table.num_rows
-        newest = int(table["ts"].to_numpy().max())
+        # what it knows reaches to the newest label it learned: under delayed labels that is the label's
+        # arrival (label_ts), later than the impression's ts
+        newest = int(table["label_ts" if "label_ts" in table.column_names else "ts"].to_numpy().max())
         self.trained_until_ts = newest if self.trained_until_ts is None else max(self.trained_until_ts, newest)
         self.digest = (self.digest + event_digest(table["event_id"].to_pylist())) % (1 << 64)
         return pred

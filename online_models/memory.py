@@ -191,10 +191,13 @@ class ErrorCompensationMemory:
     # -- write / estimate ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None) -> None:
+    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None,
+              each: bool = False) -> None:
         """Add a batch of labelled outcomes: keys (B, D), labels (B,), base predictions (B,).
 
         ``hashed`` is ``hash(h)`` when the caller already has it (e.g. from the estimate of the same keys).
+        ``each``: the rows arrived one after another (each its own forward-decay weight, so the result does not
+        depend on how a stream of arrivals is cut into calls); by default the batch arrives at once.
         """
         y, y_base = _vector(y, "y"), _vector(y_base, "y_base")
         if not (len(y) == len(y_base) == h.shape[0]):
@@ -205,11 +208,13 @@ class ErrorCompensationMemory:
         weight = 1.0
         if self.decay != 1.0:
             # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
-            weight = self.decay ** -(self._age() + len(y))
-            if weight > 1e18:                                               # rescale everything once, rarely
+            if self.decay ** -(self._age() + len(y)) > 1e18:                # rescale everything once, rarely
                 self.table.mul_(self.decay ** self._age())
                 self.base = self.clock.clone()
-                weight = self.decay ** -len(y)
+            weight = self.decay ** -(self._age() + len(y))
+            if each:
+                ages = torch.arange(1, len(y) + 1, dtype=torch.float64) + self._age()
+                weight = torch.pow(self.decay, -ages).float().unsqueeze(1)          # (B, 1)
         self._add(hashed, y.float(), y_base.float(), weight)
         self.clock = self.clock + len(y)
 

@@ -201,6 +201,13 @@ def run(
     profile: str = typer.Option("embedded", help="embedded (in process) or cluster (Flink, Redis, two-node Ray, "
                                                  "s3proxy: infra/cluster.yaml on this machine's services)"),
     quiet: bool = typer.Option(False, "--quiet", help="no live progress"),
+    label_delay: Optional[str] = typer.Option(
+        None, "--label-delay", help="contract v2: replay impressions, and each positive's click this much later "
+        "(exp:MEAN, fixed:D, uniform:A:B, lognormal:MEDIAN:SIGMA; e.g. exp:20m); the feature job joins them"),
+    attribution_window: Optional[str] = typer.Option(
+        None, "--attribution-window", help="with --label-delay: how long a click may follow its impression "
+        "(e.g. 1h; default: feature_job.attribution_window_s of the config, 1h)"),
+    train_batch: int = typer.Option(256, min=1, help="the incremental trainer's mini-batch size"),
 ) -> None:
     """Run the whole loop: replay -> Beam features -> Feast + examples -> Ray trainer -> serving with memory
     -> drift monitors -> retrain/redeploy. Writes reports/<run id>/report.html and summary.json."""
@@ -221,7 +228,8 @@ def run(
                           inject_drift=inject_drift, drift_at=drift_at, resume=resume, run_id=run_id,
                           feature_every_s=feature_every, progress=not quiet, report_root=reports, refresh=refresh,
                           refresh_every=refresh_every, gate_margin=gate_margin, retrain_min_rows=retrain_min_rows,
-                          state_root=state_dir)
+                          state_root=state_dir, label_delay=label_delay, attribution_window=attribution_window,
+                          train_batch=train_batch)
         summary = LoopRun(_preflight(profile_config(profile, config)), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError, ProfileError, ServiceError) as e:
         _fail_for(e)

@@ -64,15 +64,17 @@ class Trace:
     event_id: list[np.ndarray] = field(default_factory=list)
     version: list[np.ndarray] = field(default_factory=list)   # the version that served each event
     horizon: list[np.ndarray] = field(default_factory=list)   # its trained_until_ts (ms)
+    label_ts: list[np.ndarray] = field(default_factory=list)  # when each label arrived (= ts without delay)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None = None,
             version: str = "", horizon: int | None = None) -> None:
         cols = (table["ts"].to_numpy(), table["label"].to_numpy().astype(np.float64),
                 table["user_id"].to_numpy(zero_copy_only=False).astype(object),
-                table["event_id"].to_numpy(zero_copy_only=False).astype(object))
+                table["event_id"].to_numpy(zero_copy_only=False).astype(object),
+                table["label_ts" if "label_ts" in table.column_names else "ts"].to_numpy())
         with self.lock:
-            for chunks, values in zip((self.ts, self.y, self.user, self.event_id), cols):
+            for chunks, values in zip((self.ts, self.y, self.user, self.event_id, self.label_ts), cols):
                 chunks.append(values)
             self.p_base.append(p_base)
             self.p_mem.append(p_mem)
@@ -87,7 +89,7 @@ class Trace:
         with self.lock:
             for name, dtype in (("ts", np.int64), ("y", float), ("p_base", float), ("p_mem", float),
                                 ("p_prev", float), ("user", object), ("event_id", object), ("version", object),
-                                ("horizon", np.int64)):
+                                ("horizon", np.int64), ("label_ts", np.int64)):
                 chunks = getattr(self, name)
                 if len(chunks) > 1:
                     chunks[:] = [np.concatenate(chunks)]
@@ -244,6 +246,10 @@ class ServingLoop:
         """Examples passed over so far in store order (scored or not): their labels have arrived."""
         return self.scored + self.unscored
 
+    def has_pending(self) -> bool:
+        """Examples in the store not yet served."""
+        return bool(self.store.pending(self.position))
+
     def _process(self, table: pa.Table) -> None:
         if self.versions and not self.versions[-1]["ts"]:  # a version swapped in before any event: its start
             self.versions[-1]["ts"] = int(table["ts"].to_numpy().min())
@@ -346,3 +352,221 @@ class PredictionLog:
     def close(self) -> None:
         self.producer.flush(timeout=30)
         self.producer.close(timeout=10)
+
+
+class DelayedServingLoop(ServingLoop):
+    """The served side when labels arrive late (contract v2: impressions + clicks joined in a window).
+
+    The example store then holds each impression once its label is known (a click within ``window_ms``,
+    or the window's close: a negative), with ``label_ts``, in label order. Serving replays the two clocks
+    of production in one event-time timeline: each impression is scored at its own ``ts`` with the memory
+    as it stood then (every outcome with ``label_ts`` before it, none after), and its outcome is written
+    into the memory at its ``label_ts`` (:func:`jobs.scoring.serve_timeline`). The monitors, the
+    predictions log, the trace (what the gate and the report read) and the rebuild buffer see an outcome
+    when it arrives, with the prediction served at impression time.
+
+    An impression at ``t`` can be served once no later example can still precede it: the store is in
+    label order, and a negative with ``label_ts = c`` means the join's watermark passed ``c``, so every
+    example still to come has ``label_ts > c`` and ``ts > c - window_ms``. The timeline is processed up
+    to that horizon (everything once ``final``: the feature job has emitted all it will). ``passed``, what
+    the trainer may learn, is the store-order prefix whose outcomes have arrived on this timeline.
+    """
+
+    def __init__(self, examples_uri: str, registry: ModelRegistry, memory_config: dict[str, Any], *,
+                 window_ms: int, **kw: Any) -> None:
+        super().__init__(examples_uri, registry, memory_config, **kw)
+        self.window_ms = int(window_ms)
+        self.final = False          # set by the run once the feature job has emitted everything
+        self.read = 0               # store rows read so far (their store-order sequence numbers)
+        self.closed_until = -1      # the newest label_ts of a negative read: the join's watermark passed it
+        self.clock = -1             # event time of the last timeline step processed
+        self.open: pa.Table | None = None   # rows read whose impression or outcome step is still ahead
+        self._state: dict[str, np.ndarray] = {}
+
+    @property
+    def passed(self) -> int:
+        """The longest store-order prefix whose outcomes have arrived (what the trainer may learn)."""
+        if self.open is None or not len(self._state.get("written", ())):
+            return self.read
+        waiting = ~self._state["written"]
+        return int(self._state["seq"][waiting].min()) if waiting.any() else self.read
+
+    def has_pending(self) -> bool:
+        return bool(self.store.pending(self.position)) or (self.open is not None and self.open.num_rows > 0)
+
+    def _take(self, table: pa.Table) -> None:
+        n = table.num_rows
+        seq = np.arange(self.read, self.read + n, dtype=np.int64)
+        self.read += n
+        neg = table["label"].to_numpy() == 0
+        if neg.any():
+            self.closed_until = max(self.closed_until, int(table["label_ts"].to_numpy()[neg].max()))
+        new = {"seq": seq, "scored": np.zeros(n, bool), "written": np.zeros(n, bool),
+               "p_base": np.full(n, np.nan), "p_mem": np.full(n, np.nan), "p_prev": np.full(n, np.nan),
+               "version": np.full(n, "", object), "horizon": np.full(n, -1, np.int64)}
+        if self.skip:  # the first model's own training examples: their impressions are never scored
+            k = min(self.skip, n)
+            new["scored"][:k] = True
+            self.skip -= k
+            self.unscored += k
+        self.open = table if self.open is None else pa.concat_tables([self.open, table], promote_options="default")
+        self._state = new if not self._state else {c: np.concatenate([self._state[c], new[c]]) for c in new}
+
+    def step(self, max_batches: int | None = None, max_rows: int | None = None) -> int:
+        """Read what the feature job has emitted, then run the timeline up to the safe horizon.
+
+        ``max_rows`` bounds how far ``passed`` (the trainer's allowance) may move in this call. Returns the
+        timeline steps processed.
+        """
+        if self.served is None and self._pending_version() is None:
+            return 0
+        for i, (table, pos) in enumerate(self.store.batches(self.position, self.batch_size)):
+            if self.served is None and self.read == 0:
+                self.maybe_swap()  # the first version: its warm-up rows are known from here on
+            self._take(table)
+            self.position = pos
+            if max_batches is not None and i + 1 >= max_batches:
+                break
+        if self.open is None or self.open.num_rows == 0:
+            return 0
+        horizon = np.iinfo(np.int64).max if self.final else self.closed_until - self.window_ms
+        st = self._state
+        ts, lts = self.open["ts"].to_numpy(), self.open["label_ts"].to_numpy()
+        imp = np.flatnonzero(~st["scored"] & (ts <= horizon))
+        out = np.flatnonzero(~st["written"] & (lts <= horizon))
+        if not len(imp) and not len(out):
+            return 0
+        # the timeline: (time, impressions before outcomes of the same time, store order)
+        when = np.concatenate([ts[imp], lts[out]])
+        kind = np.concatenate([np.zeros(len(imp), np.int8), np.ones(len(out), np.int8)])
+        rows = np.concatenate([imp, out])
+        order = np.lexsort((st["seq"][rows], kind, when))
+        when, kind, rows = when[order], kind[order], rows[order]
+        start_passed, done = self.passed, 0
+        for lo in range(0, len(rows), self.batch_size):
+            if max_rows is not None and self.passed - start_passed >= max_rows:
+                break
+            hi = min(len(rows), lo + self.batch_size)
+            self._run(rows[lo:hi], kind[lo:hi].astype(bool), when[lo:hi])
+            done += hi - lo
+        self._compact()
+        return done
+
+    def _run(self, rows: np.ndarray, write: np.ndarray, when: np.ndarray) -> None:
+        from jobs.scoring import serve_timeline
+
+        st = self._state
+        score_at = when[~write]
+        if len(score_at):
+            self.maybe_swap(int(score_at.min()))
+        horizon = horizon_of(self.served.entry)
+        if self.causal and horizon is not None and self.scored == 0:
+            # the first version learned its warm-up freely: impressions up to its horizon pass unscored
+            early = ~write & (when <= horizon)
+            if early.any():
+                st["scored"][rows[early]] = True
+                self.unscored += int(early.sum())
+                rows, write, when = rows[~early], write[~early], when[~early]
+        if not len(rows):
+            return
+        table = self.open.take(pa.array(rows))
+        if self.causal and (~write).any():
+            check_causal(self.served, when[~write])
+        self.clock = int(when.max())
+        self.last_ts = self.clock
+        t0 = time.perf_counter()
+        pb, pm = serve_timeline(self.served, table, write)
+        self.score_seconds += time.perf_counter() - t0
+        served = rows[~write]
+        if len(served):
+            v = self.versions[-1] if self.versions else None
+            if v is not None and v["version"] == self.served.version:
+                if v["first_served_ts"] is None:
+                    v["first_served_ts"] = int(when[~write].min())
+                    if not v["ts"]:
+                        v["ts"] = v["first_served_ts"]
+                v["served_events"] += len(served)
+            st["scored"][served] = True
+            st["p_base"][served], st["p_mem"][served] = pb[~write], pm[~write]
+            st["version"][served] = self.served.version
+            st["horizon"][served] = -1 if horizon is None else horizon
+            if self.shadow is not None:
+                old, since = self.shadow
+                if self.scored - since < self.shadow_events:
+                    st["p_prev"][served] = base_predictions(old, table.filter(pa.array(~write)))
+                else:
+                    self.shadow = None
+            self.scored += len(served)
+            if self.mark_ts is not None and self.mark_wall_s is None and int(when[~write].max()) >= self.mark_ts:
+                self.mark_wall_s = round(time.time() - self.t0, 2)
+                self.mark_event = self.scored
+        arrived = rows[write]
+        if len(arrived):
+            st["written"][arrived] = True
+            self._arrived(table.filter(pa.array(write)), arrived)
+
+    def _arrived(self, table: pa.Table, rows: np.ndarray) -> None:
+        """Outcomes that arrived: into the rebuild buffer, and, with the prediction served at impression time,
+        into the trace, the predictions log and the monitors."""
+        st = self._state
+        self.buffer.append(table)
+        while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
+            self.buffer.popleft()
+        served = ~np.isnan(st["p_base"][rows])      # a warm-up row's impression was never served
+        if not served.any():
+            return
+        t, r = table.filter(pa.array(served)), rows[served]
+        for version in dict.fromkeys(st["version"][r].tolist()):
+            same = st["version"][r] == version
+            tv, rv = (t, r) if same.all() else (t.filter(pa.array(same)), r[same])
+            prev = st["p_prev"][rv]
+            prev = None if np.isnan(prev).all() else prev
+            self.trace.add(tv, st["p_base"][rv], st["p_mem"][rv], prev, version, int(st["horizon"][rv][0]))
+            if self.publish is not None:
+                try:
+                    self.publish(tv, st["p_base"][rv], st["p_mem"][rv], prev, version)
+                except Exception as e:  # noqa: BLE001 - the log on Kafka is for outside readers; serving goes on
+                    self.publish_errors += 1
+                    self.last_publish_error = repr(e)
+            if self.monitor is not None:
+                self._monitor(tv, st["p_base"][rv], st["p_mem"][rv], prev)
+
+    def _compact(self) -> None:
+        """Drop rows whose impression and outcome steps are both behind the clock."""
+        st = self._state
+        keep = ~(st["scored"] & st["written"])
+        if keep.all():
+            return
+        self.open = self.open.filter(pa.array(keep))
+        self._state = {c: v[keep] for c, v in st.items()}
+
+    # -- resume -----------------------------------------------------------------------------------
+    def save(self, d) -> None:
+        """The rows between their impression and their outcome, and the timeline's clocks (``--resume``)."""
+        import json
+
+        import pyarrow.parquet as pq
+
+        if self.open is not None and self.open.num_rows:
+            t = self.open
+            for c, v in self._state.items():
+                t = t.append_column(f"__{c}", pa.array(v.tolist() if v.dtype == object else v))
+            pq.write_table(t, d / "open.parquet")
+        (d / "timeline.json").write_text(json.dumps({"read": self.read, "closed_until": self.closed_until,
+                                                     "clock": self.clock, "skip": self.skip}))
+
+    def load(self, d) -> None:
+        import json
+
+        import pyarrow.parquet as pq
+
+        if not (d / "timeline.json").exists():
+            return
+        s = json.loads((d / "timeline.json").read_text())
+        self.read, self.closed_until, self.clock, self.skip = s["read"], s["closed_until"], s["clock"], s["skip"]
+        if (d / "open.parquet").exists():
+            t = pq.read_table(d / "open.parquet")
+            state = [c for c in t.column_names if c.startswith("__")]
+            self._state = {c[2:]: t[c].to_numpy(zero_copy_only=False) for c in state}
+            self._state["version"] = self._state["version"].astype(object)
+            self.open = t.drop_columns(state)

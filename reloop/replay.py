@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.config import KafkaConfig
@@ -258,15 +259,46 @@ class DelayedReplayStats:
     feedback: ReplayStats
 
 
+def _replay_slices(imps: pa.Table, fb: pa.Table, cfg: KafkaConfig, it: str, ft: str, slice_events: int,
+                   progress: bool, workers: int | None) -> DelayedReplayStats:
+    """Full speed, both topics advancing together: slice by slice of event time (see :func:`replay_delayed`)."""
+    t0 = time.time()
+    its, fts = imps["ts"].to_numpy(), fb["ts"].to_numpy()
+    n_imp = n_fb = 0
+    lo_f = 0
+    for lo in range(0, max(len(its), 1), max(1, slice_events)):
+        hi = min(len(its), lo + slice_events)
+        # the clicks up to the next slice's first impression (all of them after the last slice)
+        hi_f = len(fts) if hi >= len(its) else int(np.searchsorted(fts, its[hi], side="left"))
+        if hi > lo:
+            n_imp += replay_table(imps.slice(lo, hi - lo), cfg, topic=it, workers=workers or 1,
+                                  kind="impression").events
+        if hi_f > lo_f:
+            n_fb += replay_table(fb.slice(lo_f, hi_f - lo_f), cfg, topic=ft, workers=workers or 1,
+                                 kind="feedback").events
+        lo_f = hi_f
+        if progress:
+            print(f"\rreplay -> {it} + {ft}: {n_imp:,} impressions, {n_fb:,} clicks", end="", flush=True)
+    if progress:
+        print(flush=True)
+    seconds = time.time() - t0
+    return DelayedReplayStats(ReplayStats(it, n_imp, seconds), ReplayStats(ft, n_fb, seconds))
+
+
 def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed: int = 0,
                    impressions_topic: str | None = None, feedback_topic: str | None = None,
-                   speed: float | None = None, progress: bool = False, workers: int | None = None
+                   speed: float | None = None, progress: bool = False, workers: int | None = None,
+                   slice_events: int = 5000, skip: tuple[set[str], set[str]] | None = None
                    ) -> DelayedReplayStats:
     """Replay a labelled table as contract v2: impressions, and clicks ``label_delay`` later (seeded).
 
-    At full speed the impressions are produced first, then the feedback (the feature job's join orders them
-    by event time). Paced, both streams are sent side by side against one clock, so a click reaches Kafka
-    about its delay (divided by the speed) after its impression, as it would in production.
+    At full speed the two streams go out in event-time slices of ``slice_events`` impressions, each slice's
+    impressions and then the clicks of the same time span, so neither topic runs far ahead of the other: a
+    feature job reading while the replay runs sees them advance together, as in production (had all the
+    impressions gone first, a join reading then would close their windows before any click existed).
+    Paced, both streams are sent side by side against one clock, so a click reaches Kafka about its delay
+    (divided by the speed) after its impression. ``skip``: impression ids already on each topic (a resumed
+    run sends only the rest; the split is seeded, so it is the same split).
     """
     from reloop.synthetic import SyntheticError, label_delay as split
 
@@ -274,12 +306,13 @@ def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed:
         imps, fb = split(table, label_delay, seed)
     except SyntheticError as e:
         raise ReplayError(str(e)) from None
+    if skip is not None:
+        imps = imps.filter(pa.array([i not in skip[0] for i in imps["impression_id"].to_pylist()], pa.bool_()))
+        fb = fb.filter(pa.array([i not in skip[1] for i in fb["impression_id"].to_pylist()], pa.bool_()))
     it = impressions_topic or cfg.impressions_topic
     ft = feedback_topic or cfg.feedback_topic
     if speed is None:
-        a = replay_table(imps, cfg, topic=it, progress=progress, workers=workers, kind="impression")
-        b = replay_table(fb, cfg, topic=ft, progress=progress, workers=workers, kind="feedback")
-        return DelayedReplayStats(a, b)
+        return _replay_slices(imps, fb, cfg, it, ft, slice_events, progress, workers)
     import threading
 
     ts0 = imps["ts"][0].as_py() if imps.num_rows else 0

@@ -187,6 +187,26 @@ def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
     paths["throughput"] = out_dir / "throughput.png"
     fig.savefig(paths["throughput"], dpi=90)
     plt.close(fig)
+
+    chunks = ((rec.extra.get("label_delay") or {}).get("label_free") or {}).get("chunks") or []
+    if chunks:
+        fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+        x = [_dt(c["ts"]) for c in chunks]
+        for ax, metric in zip(axes, ("auc", "logloss")):
+            ax.plot(x, [c[f"expected_{metric}"] for c in chunks], marker="o", ms=3, ls="--", color="#9467bd",
+                    label="label-free estimate (at serving time)")
+            ax.plot(x, [c[f"realised_{metric}"] for c in chunks], marker="o", ms=3, color="#d62728",
+                    label="realised (once the labels arrived)")
+            ax.set_ylabel(metric.upper() if metric == "auc" else metric)
+            ax.grid(alpha=0.3)
+        axes[0].set_title("Served model + memory: expected metric from calibrated probabilities vs realised")
+        axes[0].legend(loc="best", fontsize=8)
+        axes[1].xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        paths["label_free"] = out_dir / "label_free_estimate.png"
+        fig.savefig(paths["label_free"], dpi=90)
+        plt.close(fig)
     return paths
 
 
@@ -265,8 +285,30 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
             for g in s.get("gate", [])]
     gate_pct = round(100 * (s.get("gate") or [{}])[0].get("level", 0.9))
     fr = s.get("freshness") or {}
-    fresh = [{"lag in": k, "p50": fr[k]["p50"], "p99": fr[k]["p99"], "max": fr[k]["max"]}
-             for k in ("events", "seconds") if k in fr]
+    # event-time lag in days (the raw seconds are in summary.json)
+    fresh = [{"lag in": "events", **{q: fr["events"][q] for q in ("p50", "p99", "max")}}] if "events" in fr else []
+    if "seconds" in fr:
+        fresh.append({"lag in": "event-time days", **{q: round(fr["seconds"][q] / 86400, 2)
+                                                      for q in ("p50", "p99", "max")}})
+    delay = s.get("label_delay") or {}
+    est = delay.get("label_free") or {}
+    est_rows = [{"last impression": _when(c["ts"]), "impressions": c["hi"] - c["lo"],
+                 "expected AUC": c["expected_auc"], "realised AUC": c["realised_auc"],
+                 "expected logloss": c["expected_logloss"], "realised logloss": c["realised_logloss"]}
+                for c in est.get("chunks", [])]
+    label_free = ""
+    if delay:
+        gap = ("" if est.get("mae_auc") is None else
+               f"<p>Mean absolute gap, estimate vs realised: AUC <b>{est['mae_auc']:.4f}</b>, logloss "
+               f"<b>{est['mae_logloss']:.4f}</b>; monitor alarms on the estimate: {len(est.get('monitor_alarms', []))}"
+               f".</p>")
+        label_free = (f"<h2>Label-free estimate while labels are pending (CBPE)</h2><p>Labels arrive "
+                      f"{html.escape(str(delay.get('delay')))} after the impression (attribution window "
+                      f"{delay.get('attribution_window_s', 0) / 60:.0f} min). For each chunk of impressions the "
+                      f"served probabilities, calibrated (Platt) on outcomes known before the chunk, give the expected "
+                      f"metric at serving time; the realised one follows once the labels are in.</p>{gap}"
+                      f"{_img(images['label_free'], 'Label-free estimate vs realised metric') if 'label_free' in images else ''}"
+                      f"{_table(est_rows)}{html.escape(est.get('note', ''))}")
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
     gain = s.get("memory_auc_gain")
     shift = s.get("shift")
@@ -290,6 +332,7 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 {_img(images['metrics'], 'Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)')}
 {_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
 <h2>Freshness: how far the served version's trained_until_ts lies behind each served event</h2>{_table(fresh)}
+{label_free}
 <h2>Incidents (alerts of one shift, grouped)</h2>{_table(incidents)}
 <h2>The deployment gate: paired block bootstrap on per-event logloss differences (candidate - current)</h2>
 <ul>{"".join(f"<li><b>{k}</b>: {html.escape(r.format(pct=gate_pct))}</li>" for k, r in GATE_RULES.items())}</ul>{_table(gate)}

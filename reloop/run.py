@@ -68,6 +68,10 @@ class RunError(ReloopError, RuntimeError):
     """The run cannot start or continue (bad options, nothing to resume, a stage failed)."""
 
 
+#: the options a resumed run takes from the run it continues (the stream must be the same one)
+RESUMED = ("dataset", "model", "limit", "inject_drift", "drift_at", "seed", "label_delay", "attribution_window")
+
+
 @dataclass
 class RunOptions:
     dataset: str = "movielens-100k"
@@ -96,6 +100,11 @@ class RunOptions:
     seed: int = 0
     #: None: the config's ``memory`` section (defaults: online_models.settings.SERVING_MEMORY)
     memory: dict[str, Any] | None = None
+    #: contract v2: replay impressions and each click this much later (``exp:20m``; see reloop.synthetic);
+    #: the feature job joins them in ``attribution_window`` (None: the config's feature_job section)
+    label_delay: str | None = None
+    attribution_window: str | None = None
+    train_batch: int = 256                # the incremental trainer's mini-batch (test-then-train steps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,7 +123,9 @@ def run_config(cfg: ReloopConfig, run_id: str, state: Path) -> ReloopConfig:
 
     return cfg.model_copy(update={
         "kafka": cfg.kafka.model_copy(update={"consumer_group": f"{cfg.kafka.consumer_group}.{run_id}",
-                                              "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}"}),
+                                              "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}",
+                                              "impressions_topic": f"{cfg.kafka.impressions_topic}.{run_id}",
+                                              "feedback_topic": f"{cfg.kafka.feedback_topic}.{run_id}"}),
         "storage": cfg.storage.model_copy(update={"examples_uri": under(cfg.storage.examples_uri, "examples"),
                                                   "registry_uri": under(cfg.storage.registry_uri, "registry"),
                                                   "trainer_uri": under(cfg.storage.trainer_uri, "trainer")}),
@@ -198,8 +209,9 @@ class LoopRun:
             if run_id is None or not (root / run_id / "run.json").exists():
                 raise RunError(f"nothing to resume under {root}" + (f" (no run {opts.run_id})" if opts.run_id else ""))
             saved = json.loads((root / run_id / "run.json").read_text())
-            for k in ("dataset", "model", "limit", "inject_drift", "drift_at", "seed"):
-                setattr(opts, k, saved["options"][k])
+            for k in RESUMED:
+                if k in saved["options"]:
+                    setattr(opts, k, saved["options"][k])
         else:
             run_id = opts.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         self.run_id = run_id
@@ -207,6 +219,12 @@ class LoopRun:
         self.state.mkdir(parents=True, exist_ok=True)
         self.cfg = run_config(cfg, run_id, self.state)
         self.topic = f"{cfg.kafka.events_topic}.{run_id}"
+        #: contract v2: impressions + delayed clicks, joined by the feature job in the attribution window
+        self.delayed = opts.label_delay not in (None, "none")
+        if self.delayed:
+            self._delayed_setup()
+        self.topics = ([self.cfg.kafka.impressions_topic, self.cfg.kafka.feedback_topic] if self.delayed
+                       else [self.topic])
         self.report_dir = Path(opts.report_root) / run_id
         self.stop = threading.Event()
         self.replay_done = threading.Event()
@@ -221,12 +239,34 @@ class LoopRun:
         self.dataset_rows = 0
         self.predictions = None
         self.trainer = None
+        self.join_counts: dict[str, int] = {}   # the attribution join's counters, summed over micro-batches
         self.t0 = time.time()
         if not opts.resume:
             (self.state / "run.json").write_text(json.dumps(
                 {"run_id": run_id, "created": time.time(), "topic": self.topic,
-                 "options": {k: getattr(opts, k) for k in ("dataset", "model", "limit", "inject_drift", "drift_at",
-                                                           "seed")}}, indent=2))
+                 "options": {k: getattr(opts, k) for k in RESUMED}}, indent=2))
+
+    def _delayed_setup(self) -> None:
+        """Check ``--label-delay`` / ``--attribution-window`` before anything starts; the window goes into the
+        run's feature_job section (the join reads it there)."""
+        from features.windows import parse_duration_ms
+        from reloop.synthetic import SyntheticError, parse_delay
+
+        try:
+            parse_delay(self.opts.label_delay)
+        except SyntheticError as e:
+            raise RunError(f"--label-delay: {e}") from None
+        fj = self.cfg.feature_job
+        if self.opts.attribution_window is not None:
+            try:
+                window_s = parse_duration_ms(self.opts.attribution_window) / 1000.0
+            except ValueError as e:
+                raise RunError(f"--attribution-window: {e}") from None
+            if window_s <= 0:
+                raise RunError("--attribution-window must be positive")
+            fj = fj.model_copy(update={"attribution_window_s": window_s})
+            self.cfg = self.cfg.model_copy(update={"feature_job": fj})
+        self.window_ms = int(fj.attribution_window_s * 1000)
 
     # -- stages -------------------------------------------------------------------------------------
     def _guard(self, name: str, fn) -> None:
@@ -247,19 +287,36 @@ class LoopRun:
             self.shift = shift.to_dict()
         return table
 
-    def _replay(self, table: pa.Table) -> None:
+    def _on_topic(self, topic: str, key: str) -> set[str]:
+        """The ids (``key`` of each JSON record) a topic already holds: a resumed run does not send them again."""
         from pipelines.kafka_io import end_offsets, read_range
-        from reloop.replay import replay_table
 
+        have: set[str] = set()
+        for part, end in end_offsets(self.cfg.kafka, topic).items():
+            for _, _, v in read_range(self.cfg.kafka, topic, part, 0, end):
+                try:
+                    have.add(json.loads(v)[key])
+                except (ValueError, KeyError, TypeError):
+                    pass
+        return have
+
+    def _replay(self, table: pa.Table) -> None:
+        from reloop.replay import replay_delayed, replay_table
+
+        if self.delayed:
+            k = self.cfg.kafka
+            skip = ((self._on_topic(k.impressions_topic, "impression_id"),
+                     self._on_topic(k.feedback_topic, "impression_id")) if self.opts.resume else None)
+            self.c.replayed = len(skip[0]) if skip else 0
+            stats = replay_delayed(table, k, self.opts.label_delay, seed=self.opts.seed, speed=self.opts.speed,
+                                   skip=skip)
+            self.c.replayed += stats.impressions.events
+            self.c.replay_seconds += stats.impressions.seconds
+            self.replay_done.set()
+            return
         if self.opts.resume:
             # what the topic already holds is not sent again (replay is idempotent per event id)
-            have: set[str] = set()
-            for part, end in end_offsets(self.cfg.kafka, self.topic).items():
-                for _, _, v in read_range(self.cfg.kafka, self.topic, part, 0, end):
-                    try:
-                        have.add(json.loads(v)["event_id"])
-                    except (ValueError, KeyError, TypeError):
-                        pass
+            have = self._on_topic(self.topic, "event_id")
             self.c.replayed = len(have)
             if have:
                 table = table.filter(pa.array([e not in have for e in table["event_id"].to_pylist()]))
@@ -270,7 +327,7 @@ class LoopRun:
         self.replay_done.set()
 
     def _features(self) -> None:
-        from pipelines.feature_job import run_once
+        from pipelines.feature_job import run_join_once, run_once
         from reloop.runners import runner_args, start_local_flink
 
         fj = self.cfg.feature_job
@@ -279,7 +336,12 @@ class LoopRun:
         while not self.stop.is_set():
             started = time.monotonic()
             replay_finished = self.replay_done.is_set()
-            s = run_once(self.cfg, topic=self.topic, pipeline_args=args or None)
+            if self.delayed:
+                s = run_join_once(self.cfg, pipeline_args=args or None)
+                for k, v in s.join.items():
+                    self.join_counts[k] = self.join_counts.get(k, 0) + v
+            else:
+                s = run_once(self.cfg, topic=self.topic, pipeline_args=args or None)
             if s.committed:
                 # events after a partition's time-aligned cut are read again by the next micro-batch: count
                 # each event once (deferred ones and the rejections among them are not done yet)
@@ -304,7 +366,8 @@ class LoopRun:
                              # (by count, not seconds: the cadence is a property of the stream, not the machine);
                              # the first after the bootstrap warm-up, learned before the serving clock binds
                              checkpoint_every=self.opts.refresh_every, checkpoint_seconds=1e9, publish_every=1,
-                             promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap)
+                             promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap,
+                             batch_size=self.opts.train_batch)
 
     def _heartbeat_learned(self) -> int:
         """The trainer's progress from its heartbeat file (written after every batch): a local read, so the
@@ -327,6 +390,8 @@ class LoopRun:
             self.c.learned = max(self.c.learned, self._heartbeat_learned())
             trainer_done = self.features_done.is_set() and self.c.learned >= self.c.examples_written
             budget = None if trainer_done else self.c.learned + self.opts.max_lag - (live.scored + live.unscored)
+            if self.delayed:
+                live.final = self.features_done.is_set()  # the join has emitted all it will: run to the end
             n = live.step(max_batches=8, max_rows=budget)
             if n and self.trainer is not None:
                 self.trainer.allow.remote(live.passed)  # the serving clock moved: the trainer may follow
@@ -335,11 +400,11 @@ class LoopRun:
             self.c.version = live.served.version if live.served else None
             if n == 0:
                 caught_up = self.features_done.is_set() and self.c.learned >= self.c.examples_written
-                if caught_up and deployer.requested is not None and not live.store.pending(live.position):
+                if caught_up and deployer.requested is not None and not live.has_pending():
                     deployer.requested = None  # the stream ended before enough post-drift data arrived
                     deployer._log("retrain dropped: the stream ended first")
                 if caught_up and deployer.pending is None and deployer.requested is None \
-                        and not live.store.pending(live.position):
+                        and not live.has_pending():
                     deployer.flush()  # a checkpoint waiting for gate events is decided on what exists
                     break
                 self.stop.wait(0.1)
@@ -373,19 +438,24 @@ class LoopRun:
         from jobs.trainer import IncrementalTrainer
         from pipelines.kafka_io import ensure_topics
         from pipelines.storage import storage_env
-        from reloop.live import PredictionLog, ServingLoop
+        from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
 
         if not self.opts.resume:
             from pipelines.kafka_io import end_offsets
 
-            if sum(end_offsets(self.cfg.kafka, self.topic).values()):
-                raise RunError(f"run id {self.run_id!r} is taken: topic {self.topic} already holds events; choose "
-                               f"another --run-id, or --resume it")
-        ensure_topics(self.cfg.kafka, [self.topic, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
+            for topic in self.topics:
+                if sum(end_offsets(self.cfg.kafka, topic).values()):
+                    raise RunError(f"run id {self.run_id!r} is taken: topic {topic} already holds events; choose "
+                                   f"another --run-id, or --resume it")
+        ensure_topics(self.cfg.kafka, [*self.topics, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
         table = self._load_table()
         self.dataset_rows = table.num_rows
         registry = ModelRegistry(self.cfg.storage.registry_uri)
-        live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
+        if self.delayed:
+            live = self.live = DelayedServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory,
+                                                  window_ms=self.window_ms)
+        else:
+            live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
         o = self.opts
         deployer = Deployer(registry, live, DeployConfig(
             examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
@@ -486,12 +556,15 @@ class LoopRun:
         count from the job's own counters)."""
         from pipelines.consumer_group import partition_offsets
 
-        try:
-            committed, begin, _ = partition_offsets(self.cfg.kafka, self.topic, self.cfg.kafka.consumer_group)
-        except Exception as e:  # noqa: BLE001 - the report still comes out, with the reason
-            self.errors.append(f"reading committed offsets: {e!r}")
-            return None
-        return sum((committed[p] or begin[p]) - begin[p] for p in committed)
+        total = 0
+        for topic in self.topics:
+            try:
+                committed, begin, _ = partition_offsets(self.cfg.kafka, topic, self.cfg.kafka.consumer_group)
+            except Exception as e:  # noqa: BLE001 - the report still comes out, with the reason
+                self.errors.append(f"reading committed offsets: {e!r}")
+                return None
+            total += sum((committed[p] or begin[p]) - begin[p] for p in committed)
+        return total
 
     def _interrupt(self, signum, frame) -> None:
         if not self.interrupted:
@@ -524,6 +597,8 @@ class LoopRun:
             "position": live.position.to_dict(), "unscored": live.unscored, "versions": live.versions,
             "alerts": self.alerts, "counters": self.c.__dict__}, default=str))
         save_state(monitor, d / "monitor.json")
+        if self.delayed:
+            live.save(d)
 
     def _load_live(self, live, monitor) -> None:
         import pyarrow.parquet as pq
@@ -546,11 +621,14 @@ class LoopRun:
             live.trace.event_id = [np.array(t["event_id"], object)]
             live.trace.version = [np.array(t.get("version", [""] * len(t["ts"])), object)]
             live.trace.horizon = [np.array(t.get("horizon", [-1] * len(t["ts"])), np.int64)]
+            live.trace.label_ts = [np.array(t.get("label_ts", t["ts"]), np.int64)]
             live.scored = len(t["ts"])
         for k in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
                   "examples_written", "feature_runs", "feature_seconds", "alerts"):
             setattr(self.c, k, s["counters"].get(k, 0))
         load_state(monitor, d / "monitor.json")
+        if self.delayed:
+            live.load(d)
         live.maybe_swap()  # serve the current version again, memory rebuilt from nothing yet
 
     # -- the report ---------------------------------------------------------------------------------
@@ -558,6 +636,9 @@ class LoopRun:
         from reloop.report import RunRecord, Series, write_report
 
         a = live.trace.arrays()
+        if self.delayed:  # the trace is in label-arrival order: the report reads it in impression-time order
+            order = np.argsort(a["ts"], kind="stable")
+            a = {k: v[order] for k, v in a.items()}
         tp = _trainer_predictions(self.cfg.storage.trainer_uri)
         series = {"served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
                   "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"])}
@@ -588,6 +669,11 @@ class LoopRun:
                   "rollbacks": deployer.rollbacks, "gate decisions": len(deployer.decisions),
                   "model versions served": len(live.versions),
                   "predictions published": self.predictions.sent if self.predictions is not None else 0}
+        extra: dict[str, Any] = {}
+        if self.delayed:
+            counts.update({f"join: {k.replace('_', ' ')}": v for k, v in sorted(self.join_counts.items())})
+            extra["label_delay"] = {"delay": self.opts.label_delay, "attribution_window_s": self.window_ms / 1000,
+                                    "label_free": _label_free(a)}
         violations = [v["version"] for v in live.versions
                       if v.get("first_served_ts") is not None and
                       (v.get("trained_until_ts") is None or v["trained_until_ts"] >= v["first_served_ts"])]
@@ -601,8 +687,8 @@ class LoopRun:
                                              "promotions": live.trace.promotions(live.versions),
                                              "shift_first_served_wall_s": live.mark_wall_s,
                                              "shift_first_served_at_event": live.mark_event,
-                                             "topic": self.topic, "state_dir": str(self.state),
-                                             "report_dir": str(self.report_dir)})
+                                             "topic": ", ".join(self.topics), "state_dir": str(self.state),
+                                             "report_dir": str(self.report_dir), **extra})
         if violations:
             self.errors.append(f"causal clock violated by {', '.join(violations)}: served events at or before "
                                f"their trained_until_ts")
@@ -610,6 +696,20 @@ class LoopRun:
         summary = json.loads((self.report_dir / "summary.json").read_text())
         summary.pop("over_time", None)
         return summary
+
+
+def _label_free(a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The label-free estimate (CBPE) of the served model + memory against the realised metric, chunk by
+    chunk of impressions in event time: what a dashboard shows while the chunk's labels are pending."""
+    from online_models.cbpe import estimate_over_time
+
+    n = len(a["ts"])
+    if n < 4000:
+        return {"chunks": [], "note": f"{n} served impressions: too few for chunks of 2,000"}
+    chunk = 2000 if n >= 20_000 else max(500, n // 10)
+    out = estimate_over_time(a["p_mem"], a["ts"], a["y"], a["label_ts"], start=chunk, chunk=chunk,
+                             calibration_window=5000)
+    return {**out, "chunk": chunk}
 
 
 class _Progress:
