@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from online_models.drift.defaults import DEFAULT_MONITORS
-from online_models.settings import MEMORY_KEYS, SERVING_MEMORY
+from online_models.settings import KINDS, MEMORY_KEYS, SERVING_MEMORY
 from pipelines.config import PipelineConfig, Strict, _local, load_sections
 
 
@@ -128,6 +128,33 @@ class MemorySection(Strict):
         return self.model_dump()
 
 
+class TrainerSection(Strict):
+    """The incremental trainer of ``reloop run`` (:class:`jobs.trainer.TrainerConfig`).
+
+    The optimizer defaults are the evaluation's (``reloop evaluate``, chosen on its validation slot);
+    ``refresh_every`` examples between checkpoints offered to serving (``benchmarks/bench_refresh_cadence.py``);
+    the first model learns ``bootstrap`` examples before it may serve (they are never scored).
+    """
+
+    model: Literal[KINDS] = "dcnv2"  # type: ignore[valid-type]
+    batch_size: int = Field(256, ge=1)
+    optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    refresh_every: int = Field(1000, ge=100)
+    bootstrap: int = Field(5000, ge=1)
+
+
+class GateSection(Strict):
+    """The deployment gate (:mod:`jobs.deploy`, :mod:`online_models.gate`): a paired block bootstrap on the
+    newest ``events`` events neither model learned from, a two-sided ``level`` interval; a retrain must
+    beat the served logloss by ``margin`` (a fraction) as well."""
+
+    events: int = Field(1000, ge=100)
+    level: float = Field(0.90, gt=0, lt=1)
+    margin: float = Field(0.0, ge=0)
+
+
 class JobsConfig(PipelineConfig):
     """The sections the trainer, retrain, serving and monitor jobs read."""
 
@@ -135,6 +162,8 @@ class JobsConfig(PipelineConfig):
     hooks: HooksConfig = HooksConfig()
     drift: DriftConfig = DriftConfig()
     memory: MemorySection = MemorySection()
+    trainer: TrainerSection = TrainerSection()
+    gate: GateSection = GateSection()
 
 
 def load_jobs_config(path: str | Path | None = None) -> JobsConfig:

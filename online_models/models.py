@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from online_models.errors import ReloopError
+from online_models.settings import KINDS  # noqa: F401  (the one list of kinds; re-exported)
 
-KINDS = ("lr", "deepfm", "dcnv2", "din")   # din: online_models/din.py
 
 
 class ModelConfigError(ReloopError, ValueError):

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+#: the model kinds (:func:`online_models.models.build_model`; din: :mod:`online_models.din`)
+KINDS = ("lr", "deepfm", "dcnv2", "din")
+
 #: the memory keys a model can give (:func:`online_models.models.memory_key`)
 MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
 

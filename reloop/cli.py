@@ -180,7 +180,8 @@ def features(ctx: typer.Context,
 @_command()
 def run(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
-    model: str = typer.Option("dcnv2", help="lr, deepfm or dcnv2"),
+    model: Optional[str] = typer.Option(None, help="lr, deepfm, dcnv2 or din (default: trainer.model of the "
+                                                   "config, dcnv2)"),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
     inject_drift: Optional[str] = typer.Option(None, help="abrupt_interest, gradual_interest, abrupt_ctr or abrupt_inversion"),
@@ -190,10 +191,12 @@ def run(
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh",
                                  help="promote the incremental trainer's checkpoints (through the gate)"),
-    gate_margin: float = typer.Option(0.0, help="a retrained candidate must beat the served logloss by this "
-                                                "fraction, beyond the gate's paired test"),
-    refresh_every: int = typer.Option(1000, min=100, help="examples the trainer learns between checkpoints offered "
-                                                          "to serving (through the paired gate)"),
+    gate_margin: Optional[float] = typer.Option(None, min=0.0, help="a retrained candidate must beat the served "
+                                                "logloss by this fraction, beyond the gate's paired test "
+                                                "(default: gate.margin of the config, 0)"),
+    refresh_every: Optional[int] = typer.Option(None, min=100, help="examples the trainer learns between "
+                                                "checkpoints offered to serving, through the paired gate "
+                                                "(default: trainer.refresh_every of the config, 1000)"),
     retrain_min_rows: int = typer.Option(3000, min=100, help="post-drift events a retrain waits for and trains on"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
@@ -207,21 +210,22 @@ def run(
     attribution_window: Optional[str] = typer.Option(
         None, "--attribution-window", help="with --label-delay: how long a click may follow its impression "
         "(e.g. 1h; default: feature_job.attribution_window_s of the config, 1h)"),
-    train_batch: int = typer.Option(256, min=1, help="the incremental trainer's mini-batch size"),
+    train_batch: Optional[int] = typer.Option(None, min=1, help="the incremental trainer's mini-batch size "
+                                              "(default: trainer.batch_size of the config, 256)"),
 ) -> None:
     """Run the whole loop: replay -> Beam features -> Feast + examples -> Ray trainer -> serving with memory
     -> drift monitors -> retrain/redeploy. Writes reports/<run id>/report.html and summary.json."""
     import json
 
     from online_models.errors import ConfigError
-    from online_models.models import KINDS
+    from online_models.settings import KINDS
     from reloop.datasets import DatasetError
     from reloop.profiles import ProfileError, profile_config
     from reloop.replay import ReplayError, parse_speed
     from reloop.run import LoopRun, RunError, RunOptions
     from reloop.services import ServiceError
 
-    if model not in KINDS:
+    if model is not None and model not in KINDS:
         _fail(f"--model must be one of {', '.join(KINDS)}, got {model!r}")
     try:
         opts = RunOptions(dataset=dataset, model=model, speed=parse_speed(speed), limit=limit,

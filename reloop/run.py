@@ -75,7 +75,8 @@ RESUMED = ("dataset", "model", "limit", "inject_drift", "drift_at", "seed", "lab
 @dataclass
 class RunOptions:
     dataset: str = "movielens-100k"
-    model: str = "dcnv2"
+    #: None (here and below): the config's ``trainer`` / ``gate`` section (jobs.config)
+    model: str | None = None
     speed: float | None = None            # None: as fast as possible; else N x real time
     limit: int | None = None
     inject_drift: str | None = None
@@ -84,11 +85,11 @@ class RunOptions:
     run_id: str | None = None
     feature_every_s: float = 3.0
     holdout: int = 1000                   # newest served events kept out of a retrain (its gate events)
-    refresh_every: int = 1000             # examples between checkpoints offered to serving (see bench_refresh_cadence)
-    bootstrap: int = 5000                 # examples the first model learns before it serves (never scored)
-    gate_events: int = 1000               # the newest paired events the gate decides on
-    gate_level: float = 0.90              # the gate's two-sided interval (each end a one-sided 95 % bound)
-    gate_margin: float = 0.0              # a retrain must beat the served logloss by this fraction (and the test)
+    refresh_every: int | None = None      # examples between checkpoints offered to serving (see bench_refresh_cadence)
+    bootstrap: int | None = None          # examples the first model learns before it serves (never scored)
+    gate_events: int | None = None        # the newest paired events the gate decides on
+    gate_level: float | None = None       # the gate's two-sided interval (each end a one-sided 95 % bound)
+    gate_margin: float | None = None      # a retrain must beat the served logloss by this fraction (and the test)
     retrain_window: int = 20_000          # at most this many events before the holdout are trained on
     retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
     retrain_lookback: int = 1000          # the drift is taken to have begun this many events before detection
@@ -104,7 +105,7 @@ class RunOptions:
     #: the feature job joins them in ``attribution_window`` (None: the config's feature_job section)
     label_delay: str | None = None
     attribution_window: str | None = None
-    train_batch: int = 256                # the incremental trainer's mini-batch (test-then-train steps)
+    train_batch: int | None = None        # the incremental trainer's mini-batch (test-then-train steps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,6 +203,12 @@ class LoopRun:
     def __init__(self, cfg: ReloopConfig, opts: RunOptions) -> None:
         if opts.memory is None:
             opts.memory = cfg.memory.settings()
+        for field, value in (("model", cfg.trainer.model), ("train_batch", cfg.trainer.batch_size),
+                             ("refresh_every", cfg.trainer.refresh_every), ("bootstrap", cfg.trainer.bootstrap),
+                             ("gate_events", cfg.gate.events), ("gate_level", cfg.gate.level),
+                             ("gate_margin", cfg.gate.margin)):
+            if getattr(opts, field) is None:
+                setattr(opts, field, value)
         self.base_cfg, self.opts = cfg, opts
         root = Path(opts.state_root)
         if opts.resume:
@@ -367,7 +374,8 @@ class LoopRun:
                              # the first after the bootstrap warm-up, learned before the serving clock binds
                              checkpoint_every=self.opts.refresh_every, checkpoint_seconds=1e9, publish_every=1,
                              promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap,
-                             batch_size=self.opts.train_batch)
+                             batch_size=self.opts.train_batch, optimizer=self.cfg.trainer.optimizer,
+                             lr=self.cfg.trainer.lr, weight_decay=self.cfg.trainer.weight_decay)
 
     def _heartbeat_learned(self) -> int:
         """The trainer's progress from its heartbeat file (written after every batch): a local read, so the

@@ -47,8 +47,10 @@ def test_platt_calibration_fixes_an_overconfident_model():
 def test_monitor_alarms_outside_the_reference_band_only():
     m = CBPEMonitor(k=3).fit([0.75, 0.76, 0.74, 0.75, 0.755])
     assert m.update(float("nan")) is False
-    assert [m.update(x) for x in (0.75, 0.748, 0.70, 0.76)] == [False, False, True, False]
+    assert [m.update(x) for x in (0.75, 0.748, 0.70, 0.76, 0.80)] == [False, False, True, False, False]
     assert m.alarms == [3]
+    both = CBPEMonitor(k=3, two_sided=True).fit([0.75, 0.76, 0.74, 0.75, 0.755])
+    assert [both.update(x) for x in (0.70, 0.80)] == [True, True]
     assert CBPEMonitor().update(0.1) is False  # no reference yet: no opinion
 
 

@@ -33,6 +33,22 @@ def test_the_top_rejects_a_section_no_layer_declares_and_names_file_and_field(tm
         load_config(bad)
 
 
+def test_trainer_and_gate_sections_set_the_run_and_the_flags_override_them(tmp_path):
+    from reloop.run import LoopRun, RunOptions
+
+    p = write(tmp_path, "trainer: {model: lr, batch_size: 64, refresh_every: 500}\ngate: {level: 0.8}\n")
+    cfg = load_config(p)
+    run = LoopRun(cfg, RunOptions(refresh_every=2000, state_root=str(tmp_path / "runs"), run_id="t"))
+    o = run.opts
+    assert (o.model, o.train_batch, o.refresh_every, o.gate_level, o.gate_events) == ("lr", 64, 2000, 0.8, 1000)
+    tc = run._trainer_config()
+    assert (tc.model_kind, tc.batch_size, tc.optimizer, tc.lr) == ("lr", 64, "adagrad", 0.1)
+    for bad, where in (("trainer: {model: xgboost}\n", r"trainer\.model"), ("gate: {level: 1.5}\n", r"gate\.level"),
+                       ("trainer: {batch_size: 0}\n", r"trainer\.batch_size")):
+        with pytest.raises(ConfigError, match=where):
+            load_config(write(tmp_path, bad))
+
+
 def test_memory_defaults_are_the_validated_serving_memory():
     assert ReloopConfig().memory.settings() == SERVING_MEMORY
 
