@@ -43,13 +43,25 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from sklearn.metrics import roc_auc_score
 
 from features.windows import feature_service_name
 from jobs.checkpoints import CheckpointStore
-from online_models.learner import LearnerConfig, OnlineLearner
-from online_models.models import KINDS
-from online_models.errors import ReloopError
+from jobs.config import load_jobs_config as load_config
+from jobs.examples import ExampleStore, Position
 from jobs.ray_local import init_local
+from jobs.registry import ModelRegistry, load_model
+from jobs.scoring import horizon_of
+from online_models.din import history_field
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.errors import ReloopError
+from online_models.learner import LearnerConfig, OnlineLearner
+from online_models.models import KINDS, ModelConfig, build_model
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/2"   # 2: the optimizers of an OnlineLearner
 RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
@@ -113,7 +125,6 @@ def event_digest(event_ids: list[str]) -> int:
 
 def feature_columns(names: list[str]) -> list[str]:
     """The numeric feature columns (user_/item_ aggregates) present in a table of examples."""
-    from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
     return [c for c in (*USER_FEATURES, *ITEM_FEATURES) if c in names]
 
@@ -122,9 +133,7 @@ class IncrementalTrainer:
     """Test-then-train over the example store, with exact resume (see the module docstring)."""
 
     def __init__(self, config: TrainerConfig) -> None:
-        import torch
 
-        from jobs.examples import ExampleStore, Position
 
         self.config = config
         self.store = ExampleStore(config.examples_uri)
@@ -154,11 +163,7 @@ class IncrementalTrainer:
 
     # ---- model set-up ----------------------------------------------------------------------------
     def _build(self, first: pa.Table | None, model_config: dict | None = None, encoder_config: dict | None = None):
-        import torch
 
-        from online_models.encoding import EncoderConfig, FeatureEncoder
-        from online_models.din import history_field
-        from online_models.models import ModelConfig, build_model
 
         if encoder_config is None:
             numeric = feature_columns(first.column_names)
@@ -181,11 +186,7 @@ class IncrementalTrainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _restore(self) -> str | None:
-        import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load
 
-        from jobs.examples import Position
 
         try:
             name = self.ckpts.latest()
@@ -225,8 +226,6 @@ class IncrementalTrainer:
             return self._checkpoint()
 
     def _checkpoint(self) -> str:
-        import torch
-        from safetensors.torch import save
 
         if self.model is None:
             return ""
@@ -265,7 +264,6 @@ class IncrementalTrainer:
 
     def publish(self, metrics: dict[str, float] | None = None) -> str:
         """Publish the current weights to the registry (a candidate unless ``promote``); returns the version."""
-        from jobs.registry import ModelRegistry
 
         reg = ModelRegistry(self.config.registry_uri)
         entry = reg.publish(self.model.state_dict(), model_config=self.model_config,
@@ -288,8 +286,6 @@ class IncrementalTrainer:
         Returns False (and changes nothing) when the version is not compatible. Callable from another thread.
         """
 
-        from jobs.registry import ModelRegistry, load_model
-        from jobs.scoring import horizon_of
 
         entry, model = load_model(ModelRegistry(self.config.registry_uri), version)
         with self._lock:
@@ -336,7 +332,6 @@ class IncrementalTrainer:
     @staticmethod
     def _partial(before, after, rows: int, k: int):
         """The position after the first ``k`` of the ``rows`` rows of the batch that ends at ``after``."""
-        from jobs.examples import Position
 
         path = after.partial[0] if after.partial else after.done[-1]
         end = after.partial[1] if after.partial else None
@@ -354,7 +349,6 @@ class IncrementalTrainer:
             t = pa.concat_tables(self.pending_preds)
             y, p = t["label"].to_numpy(), t["pred"].to_numpy()
             if 0 < y.sum() < len(y):
-                from sklearn.metrics import roc_auc_score
 
                 out["auc_recent"] = float(roc_auc_score(y, p))
         return out
@@ -462,7 +456,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local ray.init)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from jobs.config import load_jobs_config as load_config
 
     cfg = load_config(a.config)
     examples = a.examples or cfg.storage.examples_uri
@@ -477,7 +470,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
 
     tc, a = parse_args(argv)
     in_job = bool(os.environ.get("RAY_ADDRESS")) or a.address is not None

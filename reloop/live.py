@@ -34,6 +34,7 @@ The trace keeps what serving did, event by event, for the report and the gate:
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,10 +42,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.examples import ExampleStore, Position
+from jobs.monitor import PredictionRecord
 from jobs.registry import ModelRegistry
-from jobs.scoring import Bundle, base_predictions, check_causal, horizon_of, load_bundle, rebuild_memory, score_rows
+from jobs.scoring import (
+    Bundle,
+    base_predictions,
+    check_causal,
+    horizon_of,
+    load_bundle,
+    rebuild_memory,
+    score_rows,
+    serve_timeline,
+)
+from online_models.metrics import auc, logloss
+from pipelines.kafka_io import producer
 
 
 @dataclass
@@ -98,7 +112,6 @@ class Trace:
 
     def promotions(self, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """After each model swap: the new model against the previous one (its shadow) on the same events."""
-        from online_models.metrics import auc, logloss
 
         a = self.arrays()
         out = []
@@ -306,7 +319,6 @@ class ServingLoop:
             self._monitor(table, pb, pm, prev)
 
     def _monitor(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None) -> None:
-        from jobs.monitor import PredictionRecord
 
         version = self.lineage
         ids, users, items = (table[c].to_pylist() for c in ("event_id", "user_id", "item_id"))
@@ -325,7 +337,6 @@ class PredictionLog:
     """
 
     def __init__(self, kafka_cfg, topic: str, run_id: str | None = None, features: tuple[str, ...] = ()) -> None:
-        from pipelines.kafka_io import producer
 
         self.topic, self.run_id, self.features = topic, run_id, features
         self.producer = producer(kafka_cfg)
@@ -333,7 +344,6 @@ class PredictionLog:
 
     def __call__(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None,
                  version: str) -> None:
-        import json
 
         cols = {c: table[c].to_pylist() for c in ("event_id", "ts", "user_id", "item_id", "label")}
         feats = {f: table[f].to_pylist() for f in self.features if f in table.column_names}
@@ -453,7 +463,6 @@ class DelayedServingLoop(ServingLoop):
         return done
 
     def _run(self, rows: np.ndarray, write: np.ndarray, when: np.ndarray) -> None:
-        from jobs.scoring import serve_timeline
 
         st = self._state
         score_at = when[~write]
@@ -543,9 +552,7 @@ class DelayedServingLoop(ServingLoop):
     # -- resume -----------------------------------------------------------------------------------
     def save(self, d) -> None:
         """The rows between their impression and their outcome, and the timeline's clocks (``--resume``)."""
-        import json
 
-        import pyarrow.parquet as pq
 
         if self.open is not None and self.open.num_rows:
             t = self.open
@@ -556,9 +563,7 @@ class DelayedServingLoop(ServingLoop):
                                                      "clock": self.clock, "skip": self.skip}))
 
     def load(self, d) -> None:
-        import json
 
-        import pyarrow.parquet as pq
 
         if not (d / "timeline.json").exists():
             return

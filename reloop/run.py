@@ -58,10 +58,35 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
 
-from reloop.config import ReloopConfig
-from online_models.errors import ReloopError
+from features.windows import parse_duration_ms
+from jobs.deploy import DeployConfig, Deployer
+from jobs.examples import Position
+from jobs.monitor import build_loop, load_state, save_state
 from jobs.ray_local import init_local
+from jobs.registry import ModelRegistry
+from jobs.trainer import IncrementalTrainer, TrainerConfig
+from online_models.cbpe import estimate_over_time
+from online_models.drift.incidents import group_incidents
+from online_models.errors import ReloopError
+from online_models.metrics import auc
+from pipelines.consumer_group import partition_offsets
+from pipelines.feature_job import run_join_once, run_once
+from pipelines.kafka_io import end_offsets, ensure_topics, read_range
+from pipelines.storage import open_filesystem, storage_env
+from reloop import services
+from reloop.config import ReloopConfig
+from reloop.datasets import load_dataset
+from reloop.inject import inject_drift
+from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
+from reloop.replay import replay_delayed, replay_table
+from reloop.report import RunRecord, Series, freshness, write_report
+from reloop.runners import runner_args, start_local_flink
+from reloop.synthetic import SyntheticError, parse_delay
 
 
 class RunError(ReloopError, RuntimeError):
@@ -147,10 +172,7 @@ def _sibling(uri: str, name: str) -> str:
 
 def _trainer_predictions(trainer_dir: str) -> dict[str, np.ndarray]:
     """The incremental trainer's test-then-train log: event_id, ts, label, pred (before each update)."""
-    import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
 
-    from pipelines.storage import open_filesystem
 
     # a local directory or an object-store URI (the cluster profile keeps the trainer's log in the bucket)
     fs, root, local = open_filesystem(trainer_dir)
@@ -256,8 +278,6 @@ class LoopRun:
     def _delayed_setup(self) -> None:
         """Check ``--label-delay`` / ``--attribution-window`` before anything starts; the window goes into the
         run's feature_job section (the join reads it there)."""
-        from features.windows import parse_duration_ms
-        from reloop.synthetic import SyntheticError, parse_delay
 
         try:
             parse_delay(self.opts.label_delay)
@@ -284,11 +304,9 @@ class LoopRun:
             self.stop.set()
 
     def _load_table(self) -> pa.Table:
-        from reloop.datasets import load_dataset
 
         table = load_dataset(self.opts.dataset, limit=self.opts.limit)
         if self.opts.inject_drift:
-            from reloop.inject import inject_drift
 
             table, shift = inject_drift(table, self.opts.inject_drift, at=self.opts.drift_at, seed=self.opts.seed)
             self.shift = shift.to_dict()
@@ -296,7 +314,6 @@ class LoopRun:
 
     def _on_topic(self, topic: str, key: str) -> set[str]:
         """The ids (``key`` of each JSON record) a topic already holds: a resumed run does not send them again."""
-        from pipelines.kafka_io import end_offsets, read_range
 
         have: set[str] = set()
         for part, end in end_offsets(self.cfg.kafka, topic).items():
@@ -308,7 +325,6 @@ class LoopRun:
         return have
 
     def _replay(self, table: pa.Table) -> None:
-        from reloop.replay import replay_delayed, replay_table
 
         if self.delayed:
             k = self.cfg.kafka
@@ -334,8 +350,6 @@ class LoopRun:
         self.replay_done.set()
 
     def _features(self) -> None:
-        from pipelines.feature_job import run_join_once, run_once
-        from reloop.runners import runner_args, start_local_flink
 
         fj = self.cfg.feature_job
         # feature_job.runner "flink": the local job server (started if down) or --flink_master's cluster
@@ -365,7 +379,6 @@ class LoopRun:
         self.features_done.set()
 
     def _trainer_config(self):
-        from jobs.trainer import TrainerConfig
 
         return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=self.cfg.storage.trainer_uri,
                              registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
@@ -424,7 +437,6 @@ class LoopRun:
         On the embedded profile the local broker is started if it is down, and stopped again at the end
         (one that was already up is left running): a run leaves no process behind.
         """
-        from reloop import services
 
         own_broker = None
         if self.cfg.kafka.bootstrap_servers == services.KAFKA_BOOTSTRAP:
@@ -438,18 +450,9 @@ class LoopRun:
                 own_broker.stop()
 
     def _run(self) -> dict[str, Any]:
-        import ray
 
-        from jobs.deploy import DeployConfig, Deployer
-        from jobs.monitor import build_loop
-        from jobs.registry import ModelRegistry
-        from jobs.trainer import IncrementalTrainer
-        from pipelines.kafka_io import ensure_topics
-        from pipelines.storage import storage_env
-        from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
 
         if not self.opts.resume:
-            from pipelines.kafka_io import end_offsets
 
             for topic in self.topics:
                 if sum(end_offsets(self.cfg.kafka, topic).values()):
@@ -562,7 +565,6 @@ class LoopRun:
     def _committed_offsets(self) -> int | None:
         """Events the feature job has finished, from the consumer group's committed offsets (an independent
         count from the job's own counters)."""
-        from pipelines.consumer_group import partition_offsets
 
         total = 0
         for topic in self.topics:
@@ -592,12 +594,10 @@ class LoopRun:
 
     # -- resume support -----------------------------------------------------------------------------
     def _save_live(self, live, monitor) -> None:
-        from jobs.monitor import save_state
 
         d = self.state / "live"
         d.mkdir(exist_ok=True)
         a = live.trace.arrays()
-        import pyarrow.parquet as pq
 
         pq.write_table(pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in a.items()}),
                        d / "trace.parquet")
@@ -609,10 +609,7 @@ class LoopRun:
             live.save(d)
 
     def _load_live(self, live, monitor) -> None:
-        import pyarrow.parquet as pq
 
-        from jobs.examples import Position
-        from jobs.monitor import load_state
 
         d = self.state / "live"
         if not (d / "state.json").exists():
@@ -641,7 +638,6 @@ class LoopRun:
 
     # -- the report ---------------------------------------------------------------------------------
     def _report(self, live, deployer) -> dict[str, Any]:
-        from reloop.report import RunRecord, Series, write_report
 
         a = live.trace.arrays()
         if self.delayed:  # the trace is in label-arrival order: the report reads it in impression-time order
@@ -657,8 +653,6 @@ class LoopRun:
             same = np.array([e in users for e in tp["event_id"]], bool)
             series["incremental"] = Series(tp["ts"][same], tp["label"][same], tp["pred"][same],
                                            np.array([users[e] for e in tp["event_id"][same]], object))
-        from online_models.drift.incidents import group_incidents
-        from reloop.report import freshness
 
         incidents = group_incidents(self.alerts, deployer.events, end_event=live.scored)
         c = self.c
@@ -709,7 +703,6 @@ class LoopRun:
 def _label_free(a: dict[str, np.ndarray]) -> dict[str, Any]:
     """The label-free estimate (CBPE) of the served model + memory against the realised metric, chunk by
     chunk of impressions in event time: what a dashboard shows while the chunk's labels are pending."""
-    from online_models.cbpe import estimate_over_time
 
     n = len(a["ts"])
     if n < 4000:
@@ -735,7 +728,6 @@ class _Progress:
     def update(self, total: int) -> None:
         from rich.table import Table
 
-        from online_models.metrics import auc
 
         c, r = self.run.c, self.run
         t = Table(title=f"reloop run {r.run_id}  ({time.time() - r.t0:.0f}s)", show_header=True)
@@ -752,7 +744,6 @@ class _Progress:
                 detail += (f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
                            f"{auc(last['y'], last['p_mem']):.4f} with memory")
         if r.live is not None and r.live.scored:
-            from reloop.report import freshness
 
             a = r.live.trace.arrays()
             f = freshness(a["ts"], a["horizon"])
@@ -760,7 +751,6 @@ class _Progress:
                 detail += (f"; freshness p50/p99 {f['events']['p50']:,.0f}/{f['events']['p99']:,.0f} events, "
                            f"{f['seconds']['p50'] / 3600:,.1f}/{f['seconds']['p99'] / 3600:,.1f} h behind")
         t.add_row("serving", f"{c.scored:,} scored", detail)
-        from online_models.drift.incidents import group_incidents
 
         t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents",
                   "; ".join(f"{a['action']}: {a['summary'][:40]}" for a in r.alerts[-2:]))
