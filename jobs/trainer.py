@@ -150,6 +150,7 @@ class IncrementalTrainer:
         self.pending_preds: list[pa.Table] = []
         self.last_published: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()   # set by allow() and stop(): the idle wait ends at once
         self._lock = threading.RLock()         # a batch's update, a checkpoint and adopt() never interleave
         #: the registry version whose weights the trainer took over last (a promoted retrain), if any
         self.adopted: str | None = None
@@ -363,12 +364,16 @@ class IncrementalTrainer:
     def stop(self) -> None:
         """Ask :meth:`run` to checkpoint and return after the current batch (callable from another thread)."""
         self._stop.set()
+        self._wake.set()
 
     def allow(self, examples: int) -> None:
         """The serving clock: learn at most ``examples`` examples in all (those whose labels have arrived,
         i.e. that serving has already scored), beyond the ``free_examples`` warm-up. Callable from another
         thread; only ever raises the bound."""
+        previous = self.allowed
         self.allowed = examples if self.allowed is None else max(self.allowed, examples)
+        if self.allowed != previous:
+            self._wake.set()
 
     def _bound(self) -> int | None:
         if self.allowed is None and self.config.free_examples is None:
@@ -421,7 +426,9 @@ class IncrementalTrainer:
             else:
                 if self._since_ckpt and time.monotonic() - self._ckpt_time >= cfg.checkpoint_seconds:
                     self.checkpoint()
-                self._stop.wait(cfg.poll_seconds)
+                # new examples are polled for; a raised serving clock wakes the wait at once
+                self._wake.wait(cfg.poll_seconds)
+                self._wake.clear()
         if self._since_ckpt or self.seq == 0:
             self.checkpoint()
         return self.status()
@@ -443,9 +450,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--checkpoint-dir", help="local checkpoint directory (default: <state>/trainer)")
     p.add_argument("--registry", help="registry URI (default: storage.registry_uri)")
     p.add_argument("--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v<feature-set version>)")
-    p.add_argument("--model", default="dcnv2", choices=list(KINDS))
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    # model and optimizer: the config's trainer section unless given here
+    p.add_argument("--model", default=None, choices=list(KINDS))
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--optimizer", default=None, choices=["adagrad", "adam", "sgd"])
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=5000, help="examples between checkpoints")
     p.add_argument("--checkpoint-seconds", type=float, default=30.0)
     p.add_argument("--publish-every", type=int, default=0, help="checkpoints between registry versions (0: never)")
@@ -462,7 +471,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     registry = a.registry or cfg.storage.registry_uri
     ckpt = a.checkpoint_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer")
     tc = TrainerConfig(examples_uri=examples, checkpoint_dir=ckpt, registry_uri=registry,
-                       feature_service=a.feature_service, model_kind=a.model, batch_size=a.batch_size, lr=a.lr,
+                       feature_service=a.feature_service, model_kind=a.model or cfg.trainer.model,
+                       batch_size=a.batch_size or cfg.trainer.batch_size, lr=a.lr or cfg.trainer.lr,
+                       optimizer=a.optimizer or cfg.trainer.optimizer, weight_decay=cfg.trainer.weight_decay,
                        checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
                        publish_every=a.publish_every, promote=a.promote, idle_exit=a.idle_exit,
                        max_examples=a.max_examples, throttle_seconds=a.throttle, seed=a.seed)

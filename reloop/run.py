@@ -410,7 +410,7 @@ class LoopRun:
             # the stream would otherwise outrun training entirely, which no real-time deployment sees
             self.c.learned = max(self.c.learned, self._heartbeat_learned())
             trainer_done = self.features_done.is_set() and self.c.learned >= self.c.examples_written
-            budget = None if trainer_done else self.c.learned + self.opts.max_lag - (live.scored + live.unscored)
+            budget = None if trainer_done else self.c.learned + self.opts.max_lag - live.passed
             if self.delayed:
                 live.final = self.features_done.is_set()  # the join has emitted all it will: run to the end
             n = live.step(max_batches=8, max_rows=budget)
@@ -428,7 +428,9 @@ class LoopRun:
                         and not live.has_pending():
                     deployer.flush()  # a checkpoint waiting for gate events is decided on what exists
                     break
-                self.stop.wait(0.1)
+                # waiting for the trainer (its heartbeat is a local file): look again soon; for new examples
+                # (a store listing, a LIST request on an object store) less often
+                self.stop.wait(0.02 if budget is not None and budget <= 0 else 0.1)
 
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
