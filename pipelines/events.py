@@ -62,6 +62,19 @@ REQUIRED = FIELDS[:-1]
 ContextValue = Union[str, int, float, bool, None]
 
 
+def _wire(fields: dict[str, Any], context: dict[str, ContextValue] | None = None, **optional: Any) -> bytes:
+    """The wire form of every contract's record: compact JSON, key order fixed; an optional field only
+    when it is not None, the context (last) only when it is not empty.
+
+    >>> _wire({"impression_id": "i1", "ts": 5}, position=0, value=None, context={})
+    b'{"impression_id":"i1","ts":5,"position":0}'
+    """
+    d = {**fields, **{k: v for k, v in optional.items() if v is not None}}
+    if context:
+        d["context"] = context
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One validated interaction: ``label`` is 1 for a click / positive outcome."""
@@ -75,13 +88,8 @@ class Event:
 
     def to_json(self) -> bytes:
         """Encode for the wire (compact, key order fixed)."""
-        d: dict[str, Any] = {
-            "event_id": self.event_id, "ts": self.ts, "user_id": self.user_id,
-            "item_id": self.item_id, "label": self.label,
-        }
-        if self.context:
-            d["context"] = self.context
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _wire({"event_id": self.event_id, "ts": self.ts, "user_id": self.user_id, "item_id": self.item_id,
+                      "label": self.label}, context=self.context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,15 +243,21 @@ def _decode_object(raw: bytes | str | None) -> dict | Rejection:
     return d
 
 
-def _fields(d: dict, raw: bytes, required: tuple[str, ...], known: tuple[str, ...]) -> Rejection | None:
-    """The field check of every contract: ``required`` present, nothing outside ``known``."""
+def _decode_record(raw: bytes | str | None, required: tuple[str, ...], known: tuple[str, ...]
+                   ) -> tuple[dict, bytes] | Rejection:
+    """The first steps of every contract's parser: ``(object, raw bytes)`` when the record decodes
+    (:func:`_decode_object`) with its ``required`` fields and none outside ``known``; else the rejection."""
+    d = _decode_object(raw)
+    if isinstance(d, Rejection):
+        return d
+    raw = _raw_bytes(raw)
     missing = [f for f in required if f not in d]
     if missing:
         return Rejection(f"missing field(s): {', '.join(missing)}", raw)
     unknown = sorted(set(d) - set(known))
     if unknown:
         return Rejection(f"unknown field(s): {', '.join(unknown)}", raw)
-    return None
+    return d, raw
 
 
 def _id_reason(name: str, v: Any) -> str:
@@ -291,12 +305,10 @@ def parse_event(raw: bytes | str, *, now_ms: int | None = None) -> Event | Rejec
 
 
 def _parse_event(raw: bytes, now_ms: int | None) -> Event | Rejection:
-    d = _decode_object(raw)
-    if isinstance(d, Rejection):
-        return d
-    bad = _fields(d, raw, REQUIRED, FIELDS)
-    if bad is not None:
-        return bad
+    got = _decode_record(raw, REQUIRED, FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
     ids = _ids(d, raw, ("event_id", "user_id", "item_id"))
     if isinstance(ids, Rejection):
         return ids
@@ -398,15 +410,9 @@ class Impression:
     context: dict[str, ContextValue] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
-                             "item_id": self.item_id}
-        if self.request_id is not None:
-            d["request_id"] = self.request_id
-        if self.position is not None:
-            d["position"] = self.position
-        if self.context:
-            d["context"] = self.context
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _wire({"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
+                      "item_id": self.item_id}, request_id=self.request_id, position=self.position,
+                     context=self.context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,10 +425,7 @@ class Feedback:
     value: float | None = None
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "kind": self.kind}
-        if self.value is not None:
-            d["value"] = self.value
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _wire({"impression_id": self.impression_id, "ts": self.ts, "kind": self.kind}, value=self.value)
 
 
 def _utf8_ok(*strings: str | None) -> bool:
@@ -445,13 +448,10 @@ def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> I
     >>> parse_impression(b'{"impression_id": "i1", "ts": 5, "user_id": 7, "item_id": "x", "label": 1}').reason
     'unknown field(s): label'
     """
-    d = _decode_object(raw)
-    if isinstance(d, Rejection):
-        return d
-    raw = _raw_bytes(raw)
-    bad = _fields(d, raw, IMPRESSION_REQUIRED, IMPRESSION_FIELDS)
-    if bad is not None:
-        return bad
+    got = _decode_record(raw, IMPRESSION_REQUIRED, IMPRESSION_FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
     ids = _ids(d, raw, ("impression_id", "user_id", "item_id", "request_id"), optional=("request_id",))
     if isinstance(ids, Rejection):
         return ids
@@ -483,13 +483,10 @@ def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
     >>> parse_feedback(b'{"impression_id": "i1", "ts": 9, "kind": "like"}').reason
     "kind: must be one of click, got 'like'"
     """
-    d = _decode_object(raw)
-    if isinstance(d, Rejection):
-        return d
-    raw = _raw_bytes(raw)
-    bad = _fields(d, raw, FEEDBACK_REQUIRED, FEEDBACK_FIELDS)
-    if bad is not None:
-        return bad
+    got = _decode_record(raw, FEEDBACK_REQUIRED, FEEDBACK_FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
     iid = _id(d, "impression_id")
     if iid is None or not _utf8_ok(iid):
         return Rejection(_id_reason("impression_id", d["impression_id"]), raw)
