@@ -28,13 +28,12 @@ True
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # river itself is imported when a baseline is built (see reset)
-    from river.base import Classifier
+from river import facto, linear_model, optim
+from river.base import Classifier
 
 KINDS = ("lr", "fm")
 
@@ -53,8 +52,6 @@ class RiverBaseline:
         self.reset()
 
     def reset(self) -> None:
-        from river import facto, linear_model, optim
-
         self.model: Classifier
         if self.kind == "lr":
             self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2,

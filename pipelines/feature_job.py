@@ -56,8 +56,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from pipelines.config import PipelineConfig
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from features.windows import parse_duration_ms
 from online_models.errors import ReloopError
+from pipelines import consumer_group
+from pipelines.aggregates import AggregateConfig
+from pipelines.checkpoint import Plan, StateStore
+from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.feast_io import apply_repo, open_store
+from pipelines.join import FEEDBACK_PARTITION_BASE, JoinConfig
+from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
+from pipelines.kafka_io import ensure_topics
+from pipelines.kafka_source import PartitionRange, ReadKafkaRanges
+from pipelines.transforms import ComputeFeatures, ParseRecords, WriteDeadLetters, WriteExamples, WriteFeatures
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +119,12 @@ class JobStats:
 
 
 def aggregate_config(cfg: PipelineConfig):
-    from pipelines.aggregates import AggregateConfig
-
     return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000),
                            max_ahead_ms=int(cfg.feature_job.max_ahead_s * 1000))
 
 
 def pipeline_options(pipeline_args: list[str] | None):
     """Beam options from the pass-through flags; the local FnApiRunner unless ``--runner`` says otherwise."""
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
     opts = PipelineOptions(pipeline_args or [])
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = "FnApiRunner"
@@ -120,11 +133,6 @@ def pipeline_options(pipeline_args: list[str] | None):
 
 def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None:
     """Attach the job's transforms for one planned micro-batch to pipeline ``p``."""
-    import apache_beam as beam
-
-    from pipelines.kafka_source import ReadKafkaRanges
-    from pipelines.transforms import ComputeFeatures, ParseRecords, WriteDeadLetters, WriteExamples, WriteFeatures
-
     fj = cfg.feature_job
     raw = (p | "PlanRanges" >> beam.Create(plan.ranges())
              | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
@@ -136,8 +144,6 @@ def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None
 
 
 def _ensure_feast(cfg: PipelineConfig, repo_path: str | None) -> None:
-    from pipelines.feast_io import apply_repo, open_store
-
     store = open_store(cfg.feast, repo_path)
     if not store.list_feature_views():
         log.info("feast: applying the feature repo %s", store.repo_path)
@@ -145,8 +151,6 @@ def _ensure_feast(cfg: PipelineConfig, repo_path: str | None) -> None:
 
 
 def _counters(result) -> dict[str, int]:
-    from apache_beam.metrics.metric import MetricsFilter
-
     out: dict[str, int] = {}
     for c in result.metrics().query(MetricsFilter().with_namespace("feature_job"))["counters"]:
         value = c.committed if c.committed is not None else c.attempted
@@ -157,8 +161,6 @@ def _counters(result) -> dict[str, int]:
 @contextmanager
 def _reaching_kafka(cfg: PipelineConfig) -> Iterator[None]:
     """Turn a broker error while planning into the job's own error, with the hint to start Kafka."""
-    from kafka.errors import KafkaError
-
     try:
         yield
     except KafkaError as e:
@@ -177,8 +179,6 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
     (``"events"``, ``"records"``), ``saved_state(key)`` loads the state a run starts from. Fills ``stats``
     with the shared counters and returns the Beam counters, or None when the plan is empty.
     """
-    import apache_beam as beam
-
     if plan.events == 0:
         return None
     if plan.committed and saved_state(plan.start_key) is None:
@@ -220,10 +220,6 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
 def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
              topic: str | None = None, ensure_feast: bool = True) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-    from pipelines.kafka_io import ensure_topics
-
     t0 = time.perf_counter()
     topic = topic or cfg.kafka.events_topic
     group = cfg.kafka.consumer_group
@@ -244,8 +240,6 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
 # contract v2: impressions + feedback, joined in an attribution window (see pipelines.join)
 
 def join_config(cfg: PipelineConfig):
-    from pipelines.join import JoinConfig
-
     fj = cfg.feature_job
     return JoinConfig(window_ms=int(fj.attribution_window_s * 1000),
                       closed_retention_ms=int(fj.closed_retention_s * 1000), features=aggregate_config(cfg))
@@ -254,10 +248,7 @@ def join_config(cfg: PipelineConfig):
 def joint_plan(plan_i, plan_f):
     """One plan over both topics: feedback partitions numbered from ``FEEDBACK_PARTITION_BASE``, so one
     pending file, one run id, one cut and one state key cover the two topics."""
-    from pipelines.checkpoint import Plan
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
-
-    shift = lambda m: {B + p: o for p, o in m.items()}  # noqa: E731
+    shift = lambda m: {FEEDBACK_PARTITION_BASE + p: o for p, o in m.items()}  # noqa: E731
     return Plan(f"{plan_i.topic}+{plan_f.topic}", {**plan_i.start, **shift(plan_f.start)},
                 {**plan_i.stop, **shift(plan_f.stop)}, plan_i.planned_at_ms,
                 {**plan_i.committed, **shift(plan_f.committed)})
@@ -265,9 +256,7 @@ def joint_plan(plan_i, plan_f):
 
 def split_ranges(plan, topics: tuple[str, str]):
     """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
-    from pipelines.kafka_source import PartitionRange
-
+    B = FEEDBACK_PARTITION_BASE
     imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]
     fb = [PartitionRange(topics[1], r.partition - B, r.start, r.stop) for r in plan.ranges() if r.partition >= B]
     return imp, fb
@@ -275,13 +264,6 @@ def split_ranges(plan, topics: tuple[str, str]):
 
 def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_path: str | None = None) -> None:
     """Attach the v2 job (two topics -> parse -> join -> sinks) for one joint micro-batch to ``p``."""
-    import apache_beam as beam
-
-    from pipelines.join import FEEDBACK_PARTITION_BASE
-    from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
-    from pipelines.kafka_source import ReadKafkaRanges
-    from pipelines.transforms import WriteExamples, WriteFeatures
-
     fj = cfg.feature_job
     imp_ranges, fb_ranges = split_ranges(plan, topics)
     raw_i = (p | "PlanImpressions" >> beam.Create(imp_ranges)
@@ -312,11 +294,7 @@ def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_pa
 def commit_joint(cfg: PipelineConfig, plan, topics: tuple[str, str], group: str) -> None:
     """Commit both topics' offsets in one OffsetCommit request (one group: the coordinator appends them
     to the group's ``__consumer_offsets`` partition together, so a crash never commits one topic only)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
-
+    B = FEEDBACK_PARTITION_BASE
     offsets = {TopicPartition(topics[1] if p >= B else topics[0], p - B if p >= B else p):
                OffsetAndMetadata(o, plan.run_id, -1)
                for p, o in plan.committed_after.items() if o != plan.committed.get(p)}
@@ -337,10 +315,6 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
     the key of the completed offsets, and both topics' offsets are committed together only after the sinks.
     """
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-    from pipelines.kafka_io import ensure_topics
-
     t0 = time.perf_counter()
     topics = (cfg.kafka.impressions_topic, cfg.kafka.feedback_topic)
     group = cfg.kafka.consumer_group
@@ -354,9 +328,7 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     plan = joint_plan(plan_i, plan_f)
     pending = store.load_pending(plan.start_key)
     if pending is not None and pending.start == plan.start:  # an interrupted run: redo exactly that one
-        from pipelines.join import FEEDBACK_PARTITION_BASE as B
-
-        end = {**end_i, **{B + p: o for p, o in end_f.items()}}
+        end = {**end_i, **{FEEDBACK_PARTITION_BASE + p: o for p, o in end_f.items()}}
         if any(pending.stop[p] > end.get(p, pending.stop[p]) for p in pending.stop):
             raise FeatureJobError(f"the interrupted run planned offsets beyond the log end of {topics}; "
                                   f"were the topics recreated? `reloop features --reset`")
@@ -421,9 +393,6 @@ def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None 
 
 def reset_feature_job(cfg: PipelineConfig, topic: str | None = None) -> None:
     """Forget the group's offsets and the saved state: the next run recomputes from the earliest offsets."""
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-
     consumer_group.reset(cfg.kafka, cfg.kafka.consumer_group)
     store = StateStore(cfg.feature_job.state_uri)
     store.clear_pending()
@@ -469,13 +438,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def config_with_overrides(args: argparse.Namespace) -> PipelineConfig:
-    from pipelines.config import load_pipeline_config as load_config
-
-    cfg = load_config(args.config)
+    cfg = load_pipeline_config(args.config)
     window = None
     if getattr(args, "attribution_window", None):
-        from features.windows import parse_duration_ms
-
         try:
             window = parse_duration_ms(args.attribution_window) / 1000.0
         except ValueError as e:

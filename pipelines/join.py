@@ -43,6 +43,7 @@ impressions with their features, and the ids of closed impressions for ``closed_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.aggregates import (AggregateConfig, FeatureState, _advance, _entity_features,  # noqa: F401
-                                  compute_features)
+                                  compute_features, snapshot)
+from pipelines.events import FEEDBACK_KINDS, Rejection, parse_feedback, parse_impression_or_v1
+from pipelines.parse import Rejects, _context_columns, concat_events
 
 #: feedback partitions are numbered from here in a joint plan (impressions keep theirs)
 FEEDBACK_PARTITION_BASE = 1 << 20
@@ -106,8 +109,6 @@ class JoinState:
         return 0 if self.pending is None else self.pending.num_rows
 
     def to_arrow(self) -> dict[str, pa.Table]:
-        import json
-
         out = {}
         for name, st in (("imp", self.imp), ("clk", self.clk)):
             for k, t in st.to_arrow().items():
@@ -121,8 +122,6 @@ class JoinState:
 
     @classmethod
     def from_arrow(cls, tables: dict[str, pa.Table]) -> "JoinState":
-        import json
-
         imp = FeatureState.from_arrow({"tail": tables["imp_tail"], "evicted": tables["imp_evicted"]})
         clk = FeatureState.from_arrow({"tail": tables["clk_tail"], "evicted": tables["clk_evicted"]})
         closed = tables["closed"]
@@ -145,8 +144,6 @@ def _concat(tables: list[pa.Table | None]) -> pa.Table | None:
     tables = [t for t in tables if t is not None]
     if not tables:
         return None
-    from pipelines.parse import concat_events
-
     return concat_events(tables)
 
 
@@ -368,9 +365,6 @@ def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int
     v1 labelled records are accepted (:func:`reloop.events.parse_impression_or_v1`); their clicks come back
     as feedback rows on the same partition and offset (so the join's ordering stays deterministic).
     """
-    from pipelines.parse import Rejects, _context_columns
-    from pipelines.events import Rejection, parse_impression_or_v1
-
     values, keys = _pylists(values, keys)
     cols: dict[str, list] = {n: [] for n in IMPRESSION_CORE.names}
     contexts: list[dict] = []
@@ -411,9 +405,6 @@ def parse_feedback_records(values, *, partition: int, offsets, keys=None, now_ms
                            kinds: tuple[str, ...] | None = None) -> tuple[pa.Table, pa.Table]:
     """``(feedback rows, rejections)`` of one batch of one feedback partition (``partition`` as given:
     the caller numbers feedback partitions from :data:`FEEDBACK_PARTITION_BASE` for the join)."""
-    from pipelines.parse import Rejects
-    from pipelines.events import FEEDBACK_KINDS, Rejection, parse_feedback
-
     values, keys = _pylists(values, keys)
     fcols: dict[str, list] = {n: [] for n in FEEDBACK_SCHEMA.names}
     bad = Rejects(partition)
@@ -430,8 +421,6 @@ def join_snapshot(state: JoinState, cfg: AggregateConfig, users: list[str], item
                   ) -> tuple[pa.Table, pa.Table]:
     """Online features of ``users`` and ``items`` as of just after the newest impression, with the
     join's definition of positives (clicks arrived by then): what an impression then would see."""
-    from pipelines.aggregates import snapshot
-
     as_of = state.imp.watermark + 1
     u, i = snapshot(state.imp, as_of, cfg, users=users, items=items)
     cu, ci = snapshot(state.clk, as_of, cfg, users=users, items=items)

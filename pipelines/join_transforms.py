@@ -19,8 +19,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
-from pipelines.join import (COUNTERS, FEEDBACK_PARTITION_BASE, JoinConfig, JoinState, join_batch, join_snapshot,
-                            parse_feedback_records, parse_impressions)
+from pipelines.checkpoint import StateStore
+from pipelines.join import (COUNTERS, FEEDBACK_PARTITION_BASE, FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch,
+                            join_snapshot, parse_feedback_records, parse_impressions)
+from pipelines.parse import concat_events
 from pipelines.transforms import (NS, DeadLetterFn, PartitionParseFn, align_partitions, before_cut, idle_partitions,
                                   start_state)
 from pipelines.config import KafkaConfig
@@ -71,19 +73,13 @@ class JoinFn(beam.DoFn):
         self.deferred = Metrics.counter(NS, "deferred")
 
     def process(self, keyed: tuple[int, Iterable[tuple[str, pa.Table]]]) -> Iterator:
-        from pipelines.checkpoint import StateStore
-        from pipelines.parse import concat_events
-
         plan = self.plan
         store = StateStore(self.state_uri)
         state = start_state(store.load_join_state, plan, self.state_uri, "join", JoinState.empty)
         parts = list(keyed[1])
         imps = concat_events([t for k, t in parts if k == "i"])
         fbs = [t for k, t in parts if k == "f"]
-        fb = pa.concat_tables(fbs) if fbs else None
-        from pipelines.join import FEEDBACK_SCHEMA
-
-        fb = fb if fb is not None else FEEDBACK_SCHEMA.empty_table()
+        fb = pa.concat_tables(fbs) if fbs else FEEDBACK_SCHEMA.empty_table()
         prior = store.load_result(plan.run_id)
         if prior is not None:
             stops = {**plan.stop, **prior}

@@ -22,8 +22,11 @@ Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
 """
 
 
+import datetime as _dt
+import json
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -37,8 +40,11 @@ from apache_beam.pvalue import TaggedOutput
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, screen_ahead, snapshot
 from pipelines.parse import CORE_SCHEMA, REJECT_SCHEMA, concat_events, parse_batch, reason_kind
+from pipelines.checkpoint import StateStore
 from pipelines.config import FeastConfig, KafkaConfig
-from pipelines.kafka_io import end_offsets
+from pipelines.feast_io import ITEM_VIEW, USER_VIEW, open_store, write_snapshot  # feast itself loads in open_store
+from pipelines.kafka_io import end_offsets, producer
+from pipelines.storage import open_filesystem, write_parquet_atomic
 
 NS = "feature_job"
 S = TypeVar("S")  # a state type: FeatureState, JoinState
@@ -142,8 +148,6 @@ class DeadLetterFn(beam.DoFn):
         self._producer = None
 
     def setup(self) -> None:
-        from pipelines.kafka_io import producer
-
         self._producer = producer(self.kafka)
 
     def process(self, bad: pa.Table, stops: dict[int, int] | None = None) -> None:
@@ -217,8 +221,6 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
 def dead_letter_rows(rows: pa.Table, reason: str) -> pa.Table:
     """Accepted-then-dropped events as DLQ rows: the event re-encoded as contract JSON (its original bytes
     are not kept past parsing), the user id as key, ``reason`` for every row."""
-    import json
-
     core = {"event_id", "ts", "user_id", "item_id", "label", "kafka_partition", "kafka_offset"}
     ctx_names = [n for n in rows.column_names if n not in core]
     d = rows.to_pydict()
@@ -336,8 +338,6 @@ class ComputeFeaturesFn(beam.DoFn):
         self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred", "ahead")}
 
     def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator:
-        from pipelines.checkpoint import StateStore
-
         plan = self.plan
         store = StateStore(self.state_uri)
         state = start_state(store.load_state, plan, self.state_uri, "feature", FeatureState.empty)
@@ -413,8 +413,6 @@ def example_partitions(examples: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     >>> [(d, r.num_rows) for d, r in example_partitions(t)]
     [('dt=1970-01-01', 2), ('dt=1970-01-02', 1)]
     """
-    import datetime as _dt
-
     days = examples["ts"].to_numpy() // DAY_MS
     for day in np.unique(days):
         date = _dt.date(1970, 1, 1) + _dt.timedelta(days=int(day))
@@ -435,8 +433,6 @@ class WriteExamplesFn(beam.DoFn):
         self.written = Metrics.counter(NS, "examples_written")
 
     def setup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="examples")
 
     def start_bundle(self) -> None:
@@ -444,8 +440,6 @@ class WriteExamplesFn(beam.DoFn):
         self._rows = 0
 
     def process(self, examples: pa.Table) -> None:
-        from pipelines.storage import open_filesystem, write_parquet_atomic
-
         fs, root, _ = open_filesystem(self.uri)
         fault = os.environ.get("RELOOP_FAULT") == "mid_sinks"
 
@@ -487,13 +481,9 @@ class WriteFeaturesFn(beam.DoFn):
         self._store = None
 
     def setup(self) -> None:
-        from pipelines.feast_io import open_store
-
         self._store = open_store(self.feast, self.repo_path)
 
     def process(self, element: tuple[str, pa.Table]) -> None:
-        from pipelines.feast_io import ITEM_VIEW, USER_VIEW, write_snapshot
-
         entity, table = element
         write_snapshot(self._store, USER_VIEW if entity == "user" else ITEM_VIEW, table, self.run_id)
         self.rows.inc(table.num_rows)
