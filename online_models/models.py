@@ -350,12 +350,14 @@ def predict_with_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tup
     >>> tuple(p.shape), tuple(h.shape) == (2, m.hidden_dim), bool(((p > 0) & (p < 1)).all()), m.training
     ((2,), True, True, True)
     """
-    was = model.training
+    if not model.training:  # a served model (registry.load_model gives eval mode): no walk over its modules
+        logits, hidden = model(batch)
+        return torch.sigmoid(logits), hidden
     _set_mode(model, False)
     try:
         logits, hidden = model(batch)
     finally:
-        _set_mode(model, was)
+        _set_mode(model, True)
     return torch.sigmoid(logits), hidden
 
 
