@@ -56,25 +56,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from features.windows import parse_duration_ms
 from online_models.errors import ReloopError
-from pipelines import consumer_group
 from pipelines.aggregates import AggregateConfig
-from pipelines.checkpoint import Plan, StateStore
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.feast_io import apply_repo, open_store
 from pipelines.join import FEEDBACK_PARTITION_BASE, JoinConfig
-from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
 from pipelines.kafka_io import ensure_topics
-from pipelines.kafka_source import PartitionRange, ReadKafkaRanges
-from pipelines.transforms import ComputeFeatures, ParseRecords, WriteDeadLetters, WriteExamples, WriteFeatures
+
+# Beam, and the modules built on it (transforms, join_transforms, kafka_source, checkpoint, consumer_group),
+# are imported inside the functions that plan and run a job, on purpose: ``reloop features`` and
+# ``python -m pipelines.feature_job`` check their flags and config first, and importing Beam takes ~0.8 s
+# and logs a GCS warning on stderr, before a config error that must be the one line there
+# (tests/test_cli_errors.py).
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +123,8 @@ def aggregate_config(cfg: PipelineConfig):
 
 def pipeline_options(pipeline_args: list[str] | None):
     """Beam options from the pass-through flags; the local FnApiRunner unless ``--runner`` says otherwise."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     opts = PipelineOptions(pipeline_args or [])
     if opts.view_as(StandardOptions).runner is None:
         opts.view_as(StandardOptions).runner = "FnApiRunner"
@@ -133,6 +133,11 @@ def pipeline_options(pipeline_args: list[str] | None):
 
 def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None:
     """Attach the job's transforms for one planned micro-batch to pipeline ``p``."""
+    import apache_beam as beam
+
+    from pipelines.kafka_source import ReadKafkaRanges
+    from pipelines.transforms import ComputeFeatures, ParseRecords, WriteDeadLetters, WriteExamples, WriteFeatures
+
     fj = cfg.feature_job
     raw = (p | "PlanRanges" >> beam.Create(plan.ranges())
              | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
@@ -151,6 +156,8 @@ def _ensure_feast(cfg: PipelineConfig, repo_path: str | None) -> None:
 
 
 def _counters(result) -> dict[str, int]:
+    from apache_beam.metrics.metric import MetricsFilter
+
     out: dict[str, int] = {}
     for c in result.metrics().query(MetricsFilter().with_namespace("feature_job"))["counters"]:
         value = c.committed if c.committed is not None else c.attempted
@@ -179,6 +186,8 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
     (``"events"``, ``"records"``), ``saved_state(key)`` loads the state a run starts from. Fills ``stats``
     with the shared counters and returns the Beam counters, or None when the plan is empty.
     """
+    import apache_beam as beam
+
     if plan.events == 0:
         return None
     if plan.committed and saved_state(plan.start_key) is None:
@@ -220,6 +229,9 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
 def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
              topic: str | None = None, ensure_feast: bool = True) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
+    from pipelines import consumer_group
+    from pipelines.checkpoint import StateStore
+
     t0 = time.perf_counter()
     topic = topic or cfg.kafka.events_topic
     group = cfg.kafka.consumer_group
@@ -248,6 +260,8 @@ def join_config(cfg: PipelineConfig):
 def joint_plan(plan_i, plan_f):
     """One plan over both topics: feedback partitions numbered from ``FEEDBACK_PARTITION_BASE``, so one
     pending file, one run id, one cut and one state key cover the two topics."""
+    from pipelines.checkpoint import Plan
+
     shift = lambda m: {FEEDBACK_PARTITION_BASE + p: o for p, o in m.items()}  # noqa: E731
     return Plan(f"{plan_i.topic}+{plan_f.topic}", {**plan_i.start, **shift(plan_f.start)},
                 {**plan_i.stop, **shift(plan_f.stop)}, plan_i.planned_at_ms,
@@ -256,6 +270,8 @@ def joint_plan(plan_i, plan_f):
 
 def split_ranges(plan, topics: tuple[str, str]):
     """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
+    from pipelines.kafka_source import PartitionRange
+
     B = FEEDBACK_PARTITION_BASE
     imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]
     fb = [PartitionRange(topics[1], r.partition - B, r.start, r.stop) for r in plan.ranges() if r.partition >= B]
@@ -264,6 +280,12 @@ def split_ranges(plan, topics: tuple[str, str]):
 
 def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_path: str | None = None) -> None:
     """Attach the v2 job (two topics -> parse -> join -> sinks) for one joint micro-batch to ``p``."""
+    import apache_beam as beam
+
+    from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
+    from pipelines.kafka_source import ReadKafkaRanges
+    from pipelines.transforms import WriteExamples, WriteFeatures
+
     fj = cfg.feature_job
     imp_ranges, fb_ranges = split_ranges(plan, topics)
     raw_i = (p | "PlanImpressions" >> beam.Create(imp_ranges)
@@ -315,6 +337,9 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
     the key of the completed offsets, and both topics' offsets are committed together only after the sinks.
     """
+    from pipelines import consumer_group
+    from pipelines.checkpoint import StateStore
+
     t0 = time.perf_counter()
     topics = (cfg.kafka.impressions_topic, cfg.kafka.feedback_topic)
     group = cfg.kafka.consumer_group
@@ -393,6 +418,9 @@ def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None 
 
 def reset_feature_job(cfg: PipelineConfig, topic: str | None = None) -> None:
     """Forget the group's offsets and the saved state: the next run recomputes from the earliest offsets."""
+    from pipelines import consumer_group
+    from pipelines.checkpoint import StateStore
+
     consumer_group.reset(cfg.kafka, cfg.kafka.consumer_group)
     store = StateStore(cfg.feature_job.state_uri)
     store.clear_pending()
