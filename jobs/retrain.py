@@ -39,7 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.windows import DAY_MS, feature_service_name
-from online_models.models import KINDS
+from online_models.metrics import summarize
+from online_models.models import KINDS, predict_table
 from jobs.ray_local import init_local
 
 
@@ -108,17 +109,7 @@ def split_window(table, holdout_fraction: float):
 
 def evaluate(model, encoder, table) -> dict[str, float]:
     """Holdout AUC, gAUC (per user), logloss, n of ``model`` on ``table``."""
-    import torch
-
-    from online_models.metrics import summarize
-
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for lo in range(0, table.num_rows, 4096):
-            batch = encoder.encode(table.slice(lo, 4096))
-            preds.append(torch.sigmoid(model(batch)[0]).numpy())
-    p = np.concatenate(preds) if preds else np.zeros(0)
+    p = predict_table(model, encoder, table, 4096)
     y = table["label"].to_numpy().astype(np.float64)
     groups = table["user_id"].to_numpy(zero_copy_only=False)
     return {k: float(v) for k, v in summarize(y, p, groups).items() if v is not None}

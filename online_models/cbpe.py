@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from online_models.metrics import auc, logloss
+
 EPS = 1e-7
 
 
@@ -157,8 +159,6 @@ def estimate_over_time(p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_t
     from the first ``reference_chunks`` chunks. Returns the rows, the mean absolute gaps and the alarms.
     This is what a report plots as "estimate vs realised over time".
     """
-    from online_models.metrics import auc, logloss
-
     p, ts, label, label_ts = (np.asarray(x) for x in (p, ts, label, label_ts))
     rows = []
     by_label_time = np.argsort(label_ts, kind="stable")

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -118,7 +118,8 @@ class MemoryConfig:
         return asdict(self)
 
 
-class Hashed(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Hashed:
     """Where a batch of keys falls: flat bucket ids (B, K) and each table's projections (B, K, L)."""
 
     index: torch.Tensor
@@ -185,6 +186,14 @@ class ErrorCompensationMemory:
         """Flat bucket ids (B, K) of keys ``h`` (B, D) in the K tables."""
         return self.hash(h).index
 
+    def _hashed(self, h: torch.Tensor | None, hashed: Hashed | None) -> Hashed:
+        """``hashed`` when the caller has it (``hash(h)`` of the same keys), else ``hash(h)``."""
+        if hashed is not None:
+            return hashed
+        if h is None:
+            raise ValueError("the keys h are needed when their hashed buckets are not given")
+        return self.hash(h)
+
     def _age(self) -> int:
         return int(self.clock - self.base)
 
@@ -204,7 +213,7 @@ class ErrorCompensationMemory:
             raise ValueError(f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}")
         if len(y) == 0:
             return
-        hashed = self.hash(h) if hashed is None else hashed
+        hashed = self._hashed(h, hashed)
         weight = 1.0
         if self.decay != 1.0:
             # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
@@ -240,7 +249,7 @@ class ErrorCompensationMemory:
         ``age`` (B,) is each row's read time in samples since the last rescale (default: now, for all rows);
         ``rows`` (B, K, 3+L) the bucket rows to read instead of the table's current ones.
         """
-        hashed = self.hash(h) if hashed is None else hashed
+        hashed = self._hashed(h, hashed)
         b, k = hashed.index.shape
         if rows is None:
             rows = self.table.index_select(0, hashed.index.view(-1)).view(b, k, -1)   # (B, K, 3+L)
@@ -267,7 +276,7 @@ class ErrorCompensationMemory:
             count = count * (self.decay ** self._age() if age is None else torch.pow(self.decay, age).float())
         return {"y_bar": y_bar, "y_base_bar": p_bar, "count": count, "has": has.any(dim=1)}
 
-    def error(self, h: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None) -> torch.Tensor:
+    def error(self, h: torch.Tensor | None, y_base: torch.Tensor, hashed: Hashed | None = None) -> torch.Tensor:
         """``y_err`` (B,) as in ReLoop2 (0 where there is no evidence), shrinkage applied."""
         return self._error(self.read(h, hashed), _vector(y_base, "y_base").float())
 
@@ -278,7 +287,7 @@ class ErrorCompensationMemory:
         return torch.where(r["has"], err, torch.zeros_like(err))
 
     @torch.no_grad()
-    def estimate(self, h: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None) -> torch.Tensor:
+    def estimate(self, h: torch.Tensor | None, y_base: torch.Tensor, hashed: Hashed | None = None) -> torch.Tensor:
         """Compensated probabilities ``clip(y_base + lam * y_err, eps, 1 - eps)`` (B,), same dtype as ``y_base``.
 
         A query with no evidence gets ``y_base`` itself (unclipped), so an empty memory changes nothing.

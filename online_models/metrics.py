@@ -86,7 +86,7 @@ def logloss(y: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray, ep
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def summarize(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+def summarize(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, float | None]:
     """``auc``, ``gauc``, ``logloss``, ``n`` and the observed/predicted click rates of one set of scores."""
     return {"auc": _clean(auc(y, p)), "gauc": _clean(gauc(y, p, groups)), "logloss": _clean(logloss(y, p)),
             "n": int(len(y)), "ctr": _clean(float(np.mean(y))) if len(y) else None,
@@ -107,17 +107,17 @@ class SlotMetrics:
     def reset(self) -> None:
         self._cur: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._all: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.slots: list[dict[str, float]] = []
+        self.slots: list[dict[str, float | None]] = []
 
-    def update(self, y: Sequence[float], p: Sequence[float], groups: Sequence[Any]) -> None:
-        y, p, g = np.asarray(y, np.float64), np.asarray(p, np.float64), np.asarray(groups)
-        if not (len(y) == len(p) == len(g)):
-            raise ValueError(f"y, p and groups must have the same length, got {len(y)}, {len(p)}, {len(g)}")
-        if len(y) and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
+    def update(self, y: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray, groups: Sequence[Any]) -> None:
+        ys, ps, gs = np.asarray(y, np.float64), np.asarray(p, np.float64), np.asarray(groups)
+        if not (len(ys) == len(ps) == len(gs)):
+            raise ValueError(f"y, p and groups must have the same length, got {len(ys)}, {len(ps)}, {len(gs)}")
+        if len(ys) and (np.isnan(ps).any() or ps.min() < 0 or ps.max() > 1):
             raise ValueError("predictions must be probabilities in [0, 1] (got NaN or out of range)")
-        self._cur.append((y, p, g))
+        self._cur.append((ys, ps, gs))
 
-    def end_slot(self) -> dict[str, float]:
+    def end_slot(self) -> dict[str, float | None]:
         """Close the current slot and return its metrics."""
         y, p, g = _concat(self._cur)
         self._all.append((y, p, g))
@@ -139,7 +139,8 @@ class SlotMetrics:
 def _concat(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not parts:
         return np.zeros(0), np.zeros(0), np.zeros(0, dtype=object)
-    return tuple(np.concatenate([x[i] for x in parts]) for i in range(3))  # type: ignore[return-value]
+    ys, ps, gs = zip(*parts)
+    return np.concatenate(ys), np.concatenate(ps), np.concatenate(gs)
 
 
 class BinnedAUC:
@@ -158,11 +159,11 @@ class BinnedAUC:
         self.pos = np.zeros(bins, dtype=np.int64)
         self.neg = np.zeros(bins, dtype=np.int64)
 
-    def update(self, y: Sequence[float], p: Sequence[float]) -> None:
-        y = np.asarray(y, dtype=np.float64)
+    def update(self, y: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray) -> None:
+        ys = np.asarray(y, dtype=np.float64)
         b = np.clip((np.asarray(p, dtype=np.float64) * self.bins).astype(np.int64), 0, self.bins - 1)
-        self.pos += np.bincount(b[y == 1], minlength=self.bins)
-        self.neg += np.bincount(b[y == 0], minlength=self.bins)
+        self.pos += np.bincount(b[ys == 1], minlength=self.bins)
+        self.neg += np.bincount(b[ys == 0], minlength=self.bins)
 
     def value(self) -> float:
         n_pos, n_neg = self.pos.sum(), self.neg.sum()

@@ -24,13 +24,18 @@ True
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from online_models.errors import ReloopError
 from online_models.settings import KINDS  # noqa: F401  (the one list of kinds; re-exported)
 
+if TYPE_CHECKING:  # encoding's encoder and pyarrow only appear in predict_table's signature
+    import pyarrow as pa
+
+    from online_models.encoding import FeatureEncoder
 
 
 class ModelConfigError(ReloopError, ValueError):
@@ -329,6 +334,52 @@ def build_model(config: ModelConfig) -> CTRModel:
             nn.init.normal_(model.embedding.weight, std=0.01)
             nn.init.zeros_(model.linear.weight)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predicting: the one "forward + sigmoid" (OnlineLearner.predict is its learner-side twin)
+
+@torch.no_grad()
+def predict_with_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Click probabilities (B,) and the last hidden layer (B, H) of one encoded batch: the sigmoid of the
+    model's logits with dropout off and no gradient; the model's train/eval mode is left as it was.
+
+    >>> m = build_model(ModelConfig(kind="deepfm", num_categorical=2, hash_buckets=10, seed=0))
+    >>> p, h = predict_with_hidden(m, {"cat": torch.tensor([[1, 11], [2, 12]])})
+    >>> tuple(p.shape), tuple(h.shape) == (2, m.hidden_dim), bool(((p > 0) & (p < 1)).all()), m.training
+    ((2,), True, True, True)
+    """
+    if not model.training:  # a served model (registry.load_model gives eval mode): no walk over its modules
+        logits, hidden = model(batch)
+        return torch.sigmoid(logits), hidden
+    _set_mode(model, False)
+    try:
+        logits, hidden = model(batch)
+    finally:
+        _set_mode(model, True)
+    return torch.sigmoid(logits), hidden
+
+
+def predict_proba(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Click probabilities (B,) of one encoded batch (see :func:`predict_with_hidden`)."""
+    return predict_with_hidden(model, batch)[0]
+
+
+def predict_table(model: nn.Module, encoder: FeatureEncoder, table: pa.Table, batch_size: int = 4096) -> np.ndarray:
+    """:func:`predict_proba` of every row of ``table``, encoded by ``encoder`` ``batch_size`` rows at a time.
+
+    The model's dtype (float32); an empty table gives an empty float64 array.
+
+    >>> import pyarrow as pa
+    >>> from online_models.encoding import EncoderConfig, FeatureEncoder
+    >>> enc = FeatureEncoder(EncoderConfig(hash_buckets=10))
+    >>> m = build_model(ModelConfig(kind="lr", num_categorical=2, hash_buckets=10, num_numeric=0))
+    >>> predict_table(m, enc, pa.table({"user_id": ["a", "b", "c"], "item_id": ["x", "y", "z"]}), 2).shape
+    (3,)
+    """
+    out = [predict_proba(model, encoder.encode(table.slice(lo, batch_size))).numpy()
+           for lo in range(0, table.num_rows, batch_size)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def criteo_like_config(hash_buckets: int = 100_003, seed: int = 0) -> ModelConfig:

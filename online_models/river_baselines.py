@@ -27,10 +27,13 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 import torch
+from river import facto, linear_model, optim
+from river.base import Classifier
 
 KINDS = ("lr", "fm")
 
@@ -49,8 +52,7 @@ class RiverBaseline:
         self.reset()
 
     def reset(self) -> None:
-        from river import facto, linear_model, optim
-
+        self.model: Classifier
         if self.kind == "lr":
             self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2,
                                                          intercept_lr=self.lr)
@@ -63,8 +65,8 @@ class RiverBaseline:
         """An untrained twin with the same configuration."""
         return RiverBaseline(self.kind, self.lr, self.l2, self.n_factors, self.seed, self.numeric)
 
-    def to_dicts(self, batch: dict[str, torch.Tensor]) -> list[dict[str, float]]:
-        """River feature dicts of a batch (one per row)."""
+    def to_dicts(self, batch: dict[str, torch.Tensor]) -> list[dict[Hashable, float]]:
+        """River feature dicts of a batch (one per row; River names features by any hashable)."""
         cat = batch["cat"].tolist()
         num = None
         if "num" in batch:
@@ -73,7 +75,7 @@ class RiverBaseline:
         bags = batch["bag"].tolist() if "bag" in batch else None
         rows = []
         for i, ids in enumerate(cat):
-            x: dict[str, float] = {f"c{b}": 1.0 for b in ids}
+            x: dict[Hashable, float] = {f"c{b}": 1.0 for b in ids}
             if bags is not None:
                 for bag in bags[i]:
                     vals = [b for b in bag if b > 0]      # 0 pads

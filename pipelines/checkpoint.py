@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.aggregates import FeatureState
+from pipelines.join import JoinState
 from pipelines.kafka_source import PartitionRange
 from pipelines.storage import open_filesystem, write_bytes_atomic, write_parquet_atomic
 
@@ -150,9 +151,7 @@ class StateStore:
             write_parquet_atomic(self.fs, f"{d}/join_{name}.parquet", table)
         write_bytes_atomic(self.fs, f"{d}/_SUCCESS", b"")
 
-    def load_join_state(self, key: str):
-        from pipelines.join import JoinState
-
+    def load_join_state(self, key: str) -> JoinState | None:
         d = self._state_dir(key)
         if self.fs.get_file_info(f"{d}/_SUCCESS").type == pafs.FileType.NotFound:
             return None

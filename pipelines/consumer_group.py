@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import GroupIdNotFoundError
 from kafka.structs import OffsetAndMetadata
 
 from pipelines.checkpoint import Plan, StateStore
 from pipelines.config import KafkaConfig
-from pipelines.kafka_io import topic_partitions
+from pipelines.kafka_io import admin, topic_partitions
 from online_models.errors import ReloopError
 
 
@@ -83,10 +84,6 @@ def commit(cfg: KafkaConfig, plan: Plan, group: str) -> None:
 
 def reset(cfg: KafkaConfig, group: str) -> None:
     """Forget the group's offsets (delete the group), so the next run starts from the beginning."""
-    from kafka.errors import GroupIdNotFoundError
-
-    from pipelines.kafka_io import admin
-
     client = admin(cfg)
     try:
         result = client.delete_groups([group])

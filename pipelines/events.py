@@ -29,6 +29,7 @@ example (:func:`reserved_name`): such a record is rejected, never renamed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -61,6 +62,19 @@ REQUIRED = FIELDS[:-1]
 ContextValue = Union[str, int, float, bool, None]
 
 
+def _wire(fields: dict[str, Any], context: dict[str, ContextValue] | None = None, **optional: Any) -> bytes:
+    """The wire form of every contract's record: compact JSON, key order fixed; an optional field only
+    when it is not None, the context (last) only when it is not empty.
+
+    >>> _wire({"impression_id": "i1", "ts": 5}, position=0, value=None, context={})
+    b'{"impression_id":"i1","ts":5,"position":0}'
+    """
+    d = {**fields, **{k: v for k, v in optional.items() if v is not None}}
+    if context:
+        d["context"] = context
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One validated interaction: ``label`` is 1 for a click / positive outcome."""
@@ -74,13 +88,8 @@ class Event:
 
     def to_json(self) -> bytes:
         """Encode for the wire (compact, key order fixed)."""
-        d: dict[str, Any] = {
-            "event_id": self.event_id, "ts": self.ts, "user_id": self.user_id,
-            "item_id": self.item_id, "label": self.label,
-        }
-        if self.context:
-            d["context"] = self.context
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _wire({"event_id": self.event_id, "ts": self.ts, "user_id": self.user_id, "item_id": self.item_id,
+                      "label": self.label}, context=self.context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +204,94 @@ def _context(v: Any) -> tuple[dict[str, ContextValue] | None, str]:
     return v, ""
 
 
+def _never_raises(parse):
+    """Last resort of a parser of the wire: an unexpected error is a rejection, never an exception."""
+
+    @functools.wraps(parse)
+    def wrapper(raw, **kw):
+        try:
+            return parse(raw, **kw)
+        except Exception as e:  # noqa: BLE001  (one record never stops the stream)
+            return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", _raw_bytes(raw))
+
+    return wrapper
+
+
+def _raw_bytes(raw: bytes | str | None) -> bytes:
+    if raw is None or not isinstance(raw, (bytes, bytearray, memoryview, str)):
+        return b""
+    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+
+
+def _decode_object(raw: bytes | str | None) -> dict | Rejection:
+    """Bytes -> a JSON object, or the rejection (size, JSON, top-level type); the first step of every
+    wire contract's parser. JSON goes through :func:`decode_json` (strict UTF-8, a nesting bound)."""
+    if raw is None:
+        return Rejection("empty record", b"")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return Rejection(f"not bytes: {type(raw).__name__}", b"")
+    raw = bytes(raw)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
+    d, why = decode_json(raw)
+    if why:
+        return Rejection(why, raw)
+    if not isinstance(d, dict):
+        return Rejection(f"not a JSON object: {type(d).__name__}", raw)
+    return d
+
+
+def _decode_record(raw: bytes | str | None, required: tuple[str, ...], known: tuple[str, ...]
+                   ) -> tuple[dict, bytes] | Rejection:
+    """The first steps of every contract's parser: ``(object, raw bytes)`` when the record decodes
+    (:func:`_decode_object`) with its ``required`` fields and none outside ``known``; else the rejection."""
+    d = _decode_object(raw)
+    if isinstance(d, Rejection):
+        return d
+    raw = _raw_bytes(raw)
+    missing = [f for f in required if f not in d]
+    if missing:
+        return Rejection(f"missing field(s): {', '.join(missing)}", raw)
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        return Rejection(f"unknown field(s): {', '.join(unknown)}", raw)
+    return d, raw
+
+
+def _id_reason(name: str, v: Any) -> str:
+    return f"{name}: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, got {type(v).__name__}"
+
+
+def _ids(d: dict, raw: bytes, names: tuple[str, ...], optional: tuple[str, ...] = ()
+         ) -> dict[str, str | None] | Rejection:
+    """The id fields ``names`` as strings (an ``optional`` one absent or null is None), or the rejection
+    of the first bad one."""
+    ids: dict[str, str | None] = {}
+    for name in names:
+        if name in optional and d.get(name) is None:
+            ids[name] = None
+            continue
+        ids[name] = _id(d, name)
+        if ids[name] is None:
+            return Rejection(_id_reason(name, d[name]), raw)
+    return ids
+
+
+def _ts(v: Any, raw: bytes, now_ms: int | None) -> int | Rejection:
+    """An event time: a positive integer of epoch ms, not further ahead of ``now_ms`` than MAX_FUTURE_MS."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return Rejection(f"ts: must be an integer (epoch ms), got {type(v).__name__}", raw)
+    if v <= 0:
+        return Rejection(f"ts: must be positive epoch ms, got {v}", raw)
+    ceiling = min(MAX_TS_MS, (now_ms if now_ms is not None else int(time.time() * 1000)) + MAX_FUTURE_MS)
+    if v > ceiling:
+        return Rejection(f"ts: {v} is in the far future (> {ceiling})", raw)
+    return v
+
+
+@_never_raises
 def parse_event(raw: bytes | str, *, now_ms: int | None = None) -> Event | Rejection:
     """Parse and validate one wire record; never raises.
 
@@ -204,40 +301,20 @@ def parse_event(raw: bytes | str, *, now_ms: int | None = None) -> Event | Rejec
         raw = raw.encode("utf-8", "surrogatepass")
     if raw is None:
         return Rejection("empty record", b"")
-    try:
-        return _parse_event(bytes(raw), now_ms)
-    except Exception as e:  # noqa: BLE001  (last resort: one record never stops the stream)
-        return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", bytes(raw))
+    return _parse_event(bytes(raw), now_ms)
 
 
 def _parse_event(raw: bytes, now_ms: int | None) -> Event | Rejection:
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
-    d, why = decode_json(raw)
-    if why:
-        return Rejection(why, raw)
-    if not isinstance(d, dict):
-        return Rejection(f"not a JSON object: {type(d).__name__}", raw)
-    missing = [f for f in REQUIRED if f not in d]
-    if missing:
-        return Rejection(f"missing field(s): {', '.join(missing)}", raw)
-    unknown = sorted(set(d) - set(FIELDS))
-    if unknown:
-        return Rejection(f"unknown field(s): {', '.join(unknown)}", raw)
-    ids = {}
-    for name in ("event_id", "user_id", "item_id"):
-        ids[name] = _id(d, name)
-        if ids[name] is None:
-            return Rejection(f"{name}: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, "
-                             f"got {type(d[name]).__name__}", raw)
-    ts = d["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, int):
-        return Rejection(f"ts: must be an integer (epoch ms), got {type(ts).__name__}", raw)
-    if ts <= 0:
-        return Rejection(f"ts: must be positive epoch ms, got {ts}", raw)
-    ceiling = min(MAX_TS_MS, (now_ms if now_ms is not None else int(time.time() * 1000)) + MAX_FUTURE_MS)
-    if ts > ceiling:
-        return Rejection(f"ts: {ts} is in the far future (> {ceiling})", raw)
+    got = _decode_record(raw, REQUIRED, FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
+    ids = _ids(d, raw, ("event_id", "user_id", "item_id"))
+    if isinstance(ids, Rejection):
+        return ids
+    ts = _ts(d["ts"], raw, now_ms)
+    if isinstance(ts, Rejection):
+        return ts
     label = d["label"]
     if isinstance(label, bool) or label not in (0, 1) or isinstance(label, float):
         return Rejection(f"label: must be 0 or 1, got {label!r}", raw)
@@ -333,15 +410,9 @@ class Impression:
     context: dict[str, ContextValue] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
-                             "item_id": self.item_id}
-        if self.request_id is not None:
-            d["request_id"] = self.request_id
-        if self.position is not None:
-            d["position"] = self.position
-        if self.context:
-            d["context"] = self.context
-        return json.dumps(d, separators=(",", ":")).encode()
+        return _wire({"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
+                      "item_id": self.item_id}, request_id=self.request_id, position=self.position,
+                     context=self.context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,81 +425,7 @@ class Feedback:
     value: float | None = None
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"impression_id": self.impression_id, "ts": self.ts, "kind": self.kind}
-        if self.value is not None:
-            d["value"] = self.value
-        return json.dumps(d, separators=(",", ":")).encode()
-
-
-def _decode_object(raw: bytes | str | None) -> dict | Rejection:
-    """Bytes -> a JSON object, or the rejection (size, JSON, top-level type) parse_event gives too.
-
-    JSON itself goes through the module's shared decoder ``decode_json`` (strict UTF-8, a nesting bound)
-    when this module has one, so every wire contract decodes alike; ``json.loads`` otherwise.
-    """
-    if raw is None:
-        return Rejection("empty record", b"")
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogatepass")
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        return Rejection(f"not bytes: {type(raw).__name__}", b"")
-    raw = bytes(raw)
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        return Rejection(f"oversized payload: {len(raw)} bytes > {MAX_PAYLOAD_BYTES}", raw)
-    shared = globals().get("decode_json")
-    if shared is not None:
-        d, why = shared(raw)
-        if why:
-            return Rejection(why, raw)
-    else:
-        try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            return Rejection(f"malformed JSON: {e}", raw)
-    if not isinstance(d, dict):
-        return Rejection(f"not a JSON object: {type(d).__name__}", raw)
-    return d
-
-
-def _never_raises(parse):
-    """Last resort of a parser of the wire: an unexpected error is a rejection, never an exception."""
-    import functools
-
-    @functools.wraps(parse)
-    def wrapper(raw, **kw):
-        try:
-            return parse(raw, **kw)
-        except Exception as e:  # noqa: BLE001  (one record never stops the stream)
-            return Rejection(f"parser error: {type(e).__name__}: {str(e)[:200]}", _raw_bytes(raw))
-
-    return wrapper
-
-
-def _fields(d: dict, raw: bytes, required: tuple[str, ...], known: tuple[str, ...]) -> Rejection | None:
-    missing = [f for f in required if f not in d]
-    if missing:
-        return Rejection(f"missing field(s): {', '.join(missing)}", raw)
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        return Rejection(f"unknown field(s): {', '.join(unknown)}", raw)
-    return None
-
-
-def _ts(v: Any, raw: bytes, now_ms: int | None) -> int | Rejection:
-    if isinstance(v, bool) or not isinstance(v, int):
-        return Rejection(f"ts: must be an integer (epoch ms), got {type(v).__name__}", raw)
-    if v <= 0:
-        return Rejection(f"ts: must be positive epoch ms, got {v}", raw)
-    ceiling = min(MAX_TS_MS, (now_ms if now_ms is not None else int(time.time() * 1000)) + MAX_FUTURE_MS)
-    if v > ceiling:
-        return Rejection(f"ts: {v} is in the far future (> {ceiling})", raw)
-    return v
-
-
-def _raw_bytes(raw: bytes | str | None) -> bytes:
-    if raw is None or not isinstance(raw, (bytes, bytearray, memoryview, str)):
-        return b""
-    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        return _wire({"impression_id": self.impression_id, "ts": self.ts, "kind": self.kind}, value=self.value)
 
 
 def _utf8_ok(*strings: str | None) -> bool:
@@ -451,22 +448,13 @@ def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> I
     >>> parse_impression(b'{"impression_id": "i1", "ts": 5, "user_id": 7, "item_id": "x", "label": 1}').reason
     'unknown field(s): label'
     """
-    d = _decode_object(raw)
-    if isinstance(d, Rejection):
-        return d
-    raw = _raw_bytes(raw)
-    bad = _fields(d, raw, IMPRESSION_REQUIRED, IMPRESSION_FIELDS)
-    if bad is not None:
-        return bad
-    ids: dict[str, str | None] = {}
-    for name in ("impression_id", "user_id", "item_id", "request_id"):
-        if name == "request_id" and d.get(name) is None:
-            ids[name] = None
-            continue
-        ids[name] = _id(d, name)
-        if ids[name] is None:
-            return Rejection(f"{name}: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, "
-                             f"got {type(d[name]).__name__}", raw)
+    got = _decode_record(raw, IMPRESSION_REQUIRED, IMPRESSION_FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
+    ids = _ids(d, raw, ("impression_id", "user_id", "item_id", "request_id"), optional=("request_id",))
+    if isinstance(ids, Rejection):
+        return ids
     ts = _ts(d["ts"], raw, now_ms)
     if isinstance(ts, Rejection):
         return ts
@@ -495,17 +483,13 @@ def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
     >>> parse_feedback(b'{"impression_id": "i1", "ts": 9, "kind": "like"}').reason
     "kind: must be one of click, got 'like'"
     """
-    d = _decode_object(raw)
-    if isinstance(d, Rejection):
-        return d
-    raw = _raw_bytes(raw)
-    bad = _fields(d, raw, FEEDBACK_REQUIRED, FEEDBACK_FIELDS)
-    if bad is not None:
-        return bad
+    got = _decode_record(raw, FEEDBACK_REQUIRED, FEEDBACK_FIELDS)
+    if isinstance(got, Rejection):
+        return got
+    d, raw = got
     iid = _id(d, "impression_id")
     if iid is None or not _utf8_ok(iid):
-        return Rejection(f"impression_id: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, "
-                         f"got {type(d['impression_id']).__name__}", raw)
+        return Rejection(_id_reason("impression_id", d["impression_id"]), raw)
     ts = _ts(d["ts"], raw, now_ms)
     if isinstance(ts, Rejection):
         return ts

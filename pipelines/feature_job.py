@@ -52,10 +52,27 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from pipelines.config import PipelineConfig
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from features.windows import parse_duration_ms
 from online_models.errors import ReloopError
+from pipelines.aggregates import AggregateConfig
+from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.feast_io import apply_repo, open_store
+from pipelines.join import FEEDBACK_PARTITION_BASE, JoinConfig
+from pipelines.kafka_io import ensure_topics
+
+# Beam, and the modules built on it (transforms, join_transforms, kafka_source, checkpoint, consumer_group),
+# are imported inside the functions that plan and run a job, on purpose: ``reloop features`` and
+# ``python -m pipelines.feature_job`` check their flags and config first, and importing Beam takes ~0.8 s
+# and logs a GCS warning on stderr, before a config error that must be the one line there
+# (tests/test_cli_errors.py).
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +117,6 @@ class JobStats:
 
 
 def aggregate_config(cfg: PipelineConfig):
-    from pipelines.aggregates import AggregateConfig
-
     return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000),
                            max_ahead_ms=int(cfg.feature_job.max_ahead_s * 1000))
 
@@ -134,8 +149,6 @@ def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None
 
 
 def _ensure_feast(cfg: PipelineConfig, repo_path: str | None) -> None:
-    from pipelines.feast_io import apply_repo, open_store
-
     store = open_store(cfg.feast, repo_path)
     if not store.list_feature_views():
         log.info("feast: applying the feature repo %s", store.repo_path)
@@ -152,45 +165,47 @@ def _counters(result) -> dict[str, int]:
     return out
 
 
-def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
-             topic: str | None = None, ensure_feast: bool = True) -> JobStats:
-    """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
-    import apache_beam as beam
-    from kafka.errors import KafkaError
-
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-    from pipelines.kafka_io import ensure_topics
-
-    t0 = time.perf_counter()
-    topic = topic or cfg.kafka.events_topic
-    group = cfg.kafka.consumer_group
-    store = StateStore(cfg.feature_job.state_uri)
+@contextmanager
+def _reaching_kafka(cfg: PipelineConfig) -> Iterator[None]:
+    """Turn a broker error while planning into the job's own error, with the hint to start Kafka."""
     try:
-        ensure_topics(cfg.kafka, [topic, cfg.kafka.dlq_topic])
-        plan = consumer_group.plan_run(cfg.kafka, topic, group, store, cfg.feature_job.max_events_per_run)
+        yield
     except KafkaError as e:
         raise FeatureJobError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e} "
                               f"(is it up? `reloop up kafka`)") from e
-    stats = JobStats(run_id=plan.run_id, topic=topic, start=plan.start, stop=plan.stop)
+
+
+def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str, unit: str, saved_state,
+                 attach: Callable[[object], None], commit: Callable[[object], None],
+                 pipeline_args: list[str] | None, repo_path: str | None, ensure_feast: bool) -> dict[str, int] | None:
+    """The exactly-once steps both contracts share, for one planned micro-batch: check the saved state,
+    save the plan as pending, run the Beam pipeline ``attach(p)`` builds, then (only when it is DONE and
+    left its result) ``commit(completed_plan)`` the offsets and drop the pending plan and the old states.
+
+    ``job`` names the job in the log and errors (``"feature"``, ``"join"``), ``unit`` what a plan counts
+    (``"events"``, ``"records"``), ``saved_state(key)`` loads the state a run starts from. Fills ``stats``
+    with the shared counters and returns the Beam counters, or None when the plan is empty.
+    """
+    import apache_beam as beam
+
     if plan.events == 0:
-        stats.seconds = time.perf_counter() - t0
-        return stats
-    if plan.committed and store.load_state(plan.start_key) is None:
+        return None
+    if plan.committed and saved_state(plan.start_key) is None:
         raise FeatureJobError(
-            f"no feature state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
-            f"group {group}; the state was moved or wiped. `reloop features --reset` recomputes from the start.")
+            f"no {job} state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
+            f"group {cfg.kafka.consumer_group}; the state was moved or wiped. `reloop features --reset` "
+            f"recomputes from the start.")
     if ensure_feast:
         _ensure_feast(cfg, repo_path)
     store.save_pending(plan)
-    log.info("feature job %s: %d events %s -> %s", plan.run_id, plan.events, plan.start, plan.stop)
+    log.info("%s job %s: %d %s %s -> %s", job, plan.run_id, plan.events, unit, plan.start, plan.stop)
 
     p = beam.Pipeline(options=pipeline_options(pipeline_args))
-    build(p, cfg, plan, repo_path=repo_path)
+    attach(p)
     result = p.run()
     state = result.wait_until_finish()
     if str(state) not in ("DONE", "PipelineState.DONE"):
-        raise FeatureJobError(f"feature pipeline ended in state {state}; offsets not committed")
+        raise FeatureJobError(f"{job} pipeline ended in state {state}; offsets not committed")
     counts = _counters(result)
 
     if os.environ.get("RELOOP_FAULT") == "before_commit":  # crash-test hook: sinks written, offsets not
@@ -199,7 +214,7 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
     if done is None:
         raise FeatureJobError(f"run {plan.run_id} finished without a result under {store.uri}; not committed")
     completed = plan.with_stops(done)
-    consumer_group.commit(cfg.kafka, completed, group)
+    commit(completed)
     store.clear_pending()
     store.prune_states(keep={completed.stop_key})
     stats.stop = completed.stop
@@ -208,6 +223,27 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
         setattr(stats, name, counts.get(name, 0))
     stats.dlq_reasons = {k[4:]: v for k, v in counts.items() if k.startswith("dlq_")}
     stats.committed = True
+    return counts
+
+
+def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
+             topic: str | None = None, ensure_feast: bool = True) -> JobStats:
+    """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
+    from pipelines import consumer_group
+    from pipelines.checkpoint import StateStore
+
+    t0 = time.perf_counter()
+    topic = topic or cfg.kafka.events_topic
+    group = cfg.kafka.consumer_group
+    store = StateStore(cfg.feature_job.state_uri)
+    with _reaching_kafka(cfg):
+        ensure_topics(cfg.kafka, [topic, cfg.kafka.dlq_topic])
+        plan = consumer_group.plan_run(cfg.kafka, topic, group, store, cfg.feature_job.max_events_per_run)
+    stats = JobStats(run_id=plan.run_id, topic=topic, start=plan.start, stop=plan.stop)
+    _run_planned(cfg, store, plan, stats, job="feature", unit="events", saved_state=store.load_state,
+                 attach=lambda p: build(p, cfg, plan, repo_path=repo_path),
+                 commit=lambda completed: consumer_group.commit(cfg.kafka, completed, group),
+                 pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -216,8 +252,6 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
 # contract v2: impressions + feedback, joined in an attribution window (see pipelines.join)
 
 def join_config(cfg: PipelineConfig):
-    from pipelines.join import JoinConfig
-
     fj = cfg.feature_job
     return JoinConfig(window_ms=int(fj.attribution_window_s * 1000),
                       closed_retention_ms=int(fj.closed_retention_s * 1000), features=aggregate_config(cfg))
@@ -227,9 +261,8 @@ def joint_plan(plan_i, plan_f):
     """One plan over both topics: feedback partitions numbered from ``FEEDBACK_PARTITION_BASE``, so one
     pending file, one run id, one cut and one state key cover the two topics."""
     from pipelines.checkpoint import Plan
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
 
-    shift = lambda m: {B + p: o for p, o in m.items()}  # noqa: E731
+    shift = lambda m: {FEEDBACK_PARTITION_BASE + p: o for p, o in m.items()}  # noqa: E731
     return Plan(f"{plan_i.topic}+{plan_f.topic}", {**plan_i.start, **shift(plan_f.start)},
                 {**plan_i.stop, **shift(plan_f.stop)}, plan_i.planned_at_ms,
                 {**plan_i.committed, **shift(plan_f.committed)})
@@ -237,9 +270,9 @@ def joint_plan(plan_i, plan_f):
 
 def split_ranges(plan, topics: tuple[str, str]):
     """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
     from pipelines.kafka_source import PartitionRange
 
+    B = FEEDBACK_PARTITION_BASE
     imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]
     fb = [PartitionRange(topics[1], r.partition - B, r.start, r.stop) for r in plan.ranges() if r.partition >= B]
     return imp, fb
@@ -249,7 +282,6 @@ def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_pa
     """Attach the v2 job (two topics -> parse -> join -> sinks) for one joint micro-batch to ``p``."""
     import apache_beam as beam
 
-    from pipelines.join import FEEDBACK_PARTITION_BASE
     from pipelines.join_transforms import JoinFn, JointDeadLetterFn, ParseFeedbackFn, ParseImpressionsFn
     from pipelines.kafka_source import ReadKafkaRanges
     from pipelines.transforms import WriteExamples, WriteFeatures
@@ -284,11 +316,7 @@ def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_pa
 def commit_joint(cfg: PipelineConfig, plan, topics: tuple[str, str], group: str) -> None:
     """Commit both topics' offsets in one OffsetCommit request (one group: the coordinator appends them
     to the group's ``__consumer_offsets`` partition together, so a crash never commits one topic only)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    from pipelines.join import FEEDBACK_PARTITION_BASE as B
-
+    B = FEEDBACK_PARTITION_BASE
     offsets = {TopicPartition(topics[1] if p >= B else topics[0], p - B if p >= B else p):
                OffsetAndMetadata(o, plan.run_id, -1)
                for p, o in plan.committed_after.items() if o != plan.committed.get(p)}
@@ -309,75 +337,38 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
     the key of the completed offsets, and both topics' offsets are committed together only after the sinks.
     """
-    import apache_beam as beam
-    from kafka.errors import KafkaError
-
     from pipelines import consumer_group
     from pipelines.checkpoint import StateStore
-    from pipelines.kafka_io import ensure_topics
 
     t0 = time.perf_counter()
     topics = (cfg.kafka.impressions_topic, cfg.kafka.feedback_topic)
     group = cfg.kafka.consumer_group
     store = StateStore(cfg.feature_job.state_uri)
-    try:
+    with _reaching_kafka(cfg):
         ensure_topics(cfg.kafka, [*topics, cfg.kafka.dlq_topic])
         plan_i = consumer_group.plan_run(cfg.kafka, topics[0], group, store, cfg.feature_job.max_events_per_run)
         plan_f = consumer_group.plan_run(cfg.kafka, topics[1], group, store, cfg.feature_job.max_events_per_run)
         _, _, end_i = consumer_group.partition_offsets(cfg.kafka, topics[0], group)
         _, _, end_f = consumer_group.partition_offsets(cfg.kafka, topics[1], group)
-    except KafkaError as e:
-        raise FeatureJobError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e} "
-                              f"(is it up? `reloop up kafka`)") from e
     plan = joint_plan(plan_i, plan_f)
     pending = store.load_pending(plan.start_key)
     if pending is not None and pending.start == plan.start:  # an interrupted run: redo exactly that one
-        from pipelines.join import FEEDBACK_PARTITION_BASE as B
-
-        end = {**end_i, **{B + p: o for p, o in end_f.items()}}
+        end = {**end_i, **{FEEDBACK_PARTITION_BASE + p: o for p, o in end_f.items()}}
         if any(pending.stop[p] > end.get(p, pending.stop[p]) for p in pending.stop):
             raise FeatureJobError(f"the interrupted run planned offsets beyond the log end of {topics}; "
                                   f"were the topics recreated? `reloop features --reset`")
         plan = pending
     stats = JobStats(run_id=plan.run_id, topic=plan.topic, start=plan.start, stop=plan.stop)
-    if plan.events == 0:
-        stats.seconds = time.perf_counter() - t0
-        return stats
-    if plan.committed and store.load_join_state(plan.start_key) is None:
-        raise FeatureJobError(
-            f"no join state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
-            f"group {group}; the state was moved or wiped. `reloop features --reset` recomputes from the start.")
-    if ensure_feast:
-        _ensure_feast(cfg, repo_path)
-    store.save_pending(plan)
-    log.info("join job %s: %d records %s -> %s", plan.run_id, plan.events, plan.start, plan.stop)
-
-    p = beam.Pipeline(options=pipeline_options(pipeline_args))
-    build_join(p, cfg, plan, topics, repo_path=repo_path)
-    result = p.run()
-    state = result.wait_until_finish()
-    if str(state) not in ("DONE", "PipelineState.DONE"):
-        raise FeatureJobError(f"join pipeline ended in state {state}; offsets not committed")
-    counts = _counters(result)
-    if os.environ.get("RELOOP_FAULT") == "before_commit":  # crash-test hook: sinks written, offsets not
-        os.kill(os.getpid(), signal.SIGKILL)
-    done = store.load_result(plan.run_id)
-    if done is None:
-        raise FeatureJobError(f"run {plan.run_id} finished without a result under {store.uri}; not committed")
-    completed = plan.with_stops(done)
-    commit_joint(cfg, completed, topics, group)
-    store.clear_pending()
-    store.prune_states(keep={completed.stop_key})
-    stats.stop = completed.stop
-    for name in COUNTERS:
-        setattr(stats, name, counts.get(name, 0))
-    stats.accepted = counts.get("join_impressions_accepted", 0)
-    stats.late = counts.get("join_impressions_late", 0)
-    stats.duplicates = counts.get("join_impressions_duplicate", 0)
-    stats.events_parsed = counts.get("impressions_parsed", 0) + counts.get("feedback_parsed", 0)
-    stats.join = {k[5:]: v for k, v in counts.items() if k.startswith("join_")}
-    stats.dlq_reasons = {k[4:]: v for k, v in counts.items() if k.startswith("dlq_")}
-    stats.committed = True
+    counts = _run_planned(cfg, store, plan, stats, job="join", unit="records", saved_state=store.load_join_state,
+                          attach=lambda p: build_join(p, cfg, plan, topics, repo_path=repo_path),
+                          commit=lambda completed: commit_joint(cfg, completed, topics, group),
+                          pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
+    if counts is not None:  # the join names its impression counters after the join
+        stats.accepted = counts.get("join_impressions_accepted", 0)
+        stats.late = counts.get("join_impressions_late", 0)
+        stats.duplicates = counts.get("join_impressions_duplicate", 0)
+        stats.events_parsed = counts.get("impressions_parsed", 0) + counts.get("feedback_parsed", 0)
+        stats.join = {k[5:]: v for k, v in counts.items() if k.startswith("join_")}
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -475,13 +466,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def config_with_overrides(args: argparse.Namespace) -> PipelineConfig:
-    from pipelines.config import load_pipeline_config as load_config
-
-    cfg = load_config(args.config)
+    cfg = load_pipeline_config(args.config)
     window = None
     if getattr(args, "attribution_window", None):
-        from features.windows import parse_duration_ms
-
         try:
             window = parse_duration_ms(args.attribution_window) / 1000.0
         except ValueError as e:

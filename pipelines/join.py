@@ -43,6 +43,7 @@ impressions with their features, and the ids of closed impressions for ``closed_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.aggregates import (AggregateConfig, FeatureState, _advance, _entity_features,  # noqa: F401
-                                  compute_features)
+                                  compute_features, snapshot)
+from pipelines.events import FEEDBACK_KINDS, Rejection, parse_feedback, parse_impression_or_v1
+from pipelines.parse import Rejects, _context_columns, concat_events
 
 #: feedback partitions are numbered from here in a joint plan (impressions keep theirs)
 FEEDBACK_PARTITION_BASE = 1 << 20
@@ -106,8 +109,6 @@ class JoinState:
         return 0 if self.pending is None else self.pending.num_rows
 
     def to_arrow(self) -> dict[str, pa.Table]:
-        import json
-
         out = {}
         for name, st in (("imp", self.imp), ("clk", self.clk)):
             for k, t in st.to_arrow().items():
@@ -121,8 +122,6 @@ class JoinState:
 
     @classmethod
     def from_arrow(cls, tables: dict[str, pa.Table]) -> "JoinState":
-        import json
-
         imp = FeatureState.from_arrow({"tail": tables["imp_tail"], "evicted": tables["imp_evicted"]})
         clk = FeatureState.from_arrow({"tail": tables["clk_tail"], "evicted": tables["clk_evicted"]})
         closed = tables["closed"]
@@ -145,8 +144,6 @@ def _concat(tables: list[pa.Table | None]) -> pa.Table | None:
     tables = [t for t in tables if t is not None]
     if not tables:
         return None
-    from pipelines.parse import concat_events
-
     return concat_events(tables)
 
 
@@ -368,21 +365,15 @@ def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int
     v1 labelled records are accepted (:func:`reloop.events.parse_impression_or_v1`); their clicks come back
     as feedback rows on the same partition and offset (so the join's ordering stays deterministic).
     """
-    from pipelines.parse import REJECT_SCHEMA, _context_columns
-    from pipelines.events import Rejection, parse_impression_or_v1
-
     values, keys = _pylists(values, keys)
     cols: dict[str, list] = {n: [] for n in IMPRESSION_CORE.names}
     contexts: list[dict] = []
     fcols: dict[str, list] = {n: [] for n in FEEDBACK_SCHEMA.names}
-    bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+    bad = Rejects(partition)
     for off, key, raw in zip(offsets, keys, values):
         got = parse_impression_or_v1(raw, now_ms=now_ms) if raw is not None else None
         if got is None or isinstance(got, Rejection):
-            bad["kafka_offset"].append(int(off))
-            bad["reason"].append(got.reason if got is not None else "empty record (null value)")
-            bad["key"].append(key)
-            bad["value"].append(raw if raw is not None else b"")
+            bad.add(off, key, raw, got)
             continue
         imp, fb = got
         for n, v in (("impression_id", imp.impression_id), ("ts", imp.ts), ("user_id", imp.user_id),
@@ -391,56 +382,45 @@ def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int
             cols[n].append(v)
         contexts.append(imp.context)
         if fb is not None:
-            for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
-                         ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
-                fcols[n].append(v)
+            _add_feedback(fcols, fb, partition, off, key, raw)
     imps = pa.table({n: pa.array(cols[n], IMPRESSION_CORE.field(n).type) for n in IMPRESSION_CORE.names})
     if any(contexts):
         for name, arr in _context_columns(contexts).items():
             imps = imps.append_column(name, arr)
-    fbt = pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
-    rejects = pa.table({"kafka_partition": pa.array([partition] * len(bad["reason"]), pa.int32()),
-                        "kafka_offset": pa.array(bad["kafka_offset"], pa.int64()),
-                        "reason": pa.array(bad["reason"], pa.string()), "key": pa.array(bad["key"], pa.binary()),
-                        "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
-    return imps, fbt, rejects
+    return imps, _feedback_table(fcols), bad.table()
+
+
+def _add_feedback(fcols: dict[str, list], fb, partition: int, off, key: bytes | None, raw: bytes | None) -> None:
+    """One feedback row (a ``FEEDBACK_SCHEMA`` row: the record, where it was read, its key and bytes)."""
+    for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
+                 ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
+        fcols[n].append(v)
+
+
+def _feedback_table(fcols: dict[str, list]) -> pa.Table:
+    return pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
 
 
 def parse_feedback_records(values, *, partition: int, offsets, keys=None, now_ms: int | None = None,
                            kinds: tuple[str, ...] | None = None) -> tuple[pa.Table, pa.Table]:
     """``(feedback rows, rejections)`` of one batch of one feedback partition (``partition`` as given:
     the caller numbers feedback partitions from :data:`FEEDBACK_PARTITION_BASE` for the join)."""
-    from pipelines.parse import REJECT_SCHEMA
-    from pipelines.events import FEEDBACK_KINDS, Rejection, parse_feedback
-
     values, keys = _pylists(values, keys)
     fcols: dict[str, list] = {n: [] for n in FEEDBACK_SCHEMA.names}
-    bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+    bad = Rejects(partition)
     for off, key, raw in zip(offsets, keys, values):
         fb = parse_feedback(raw, now_ms=now_ms, kinds=kinds or FEEDBACK_KINDS) if raw is not None else None
         if fb is None or isinstance(fb, Rejection):
-            bad["kafka_offset"].append(int(off))
-            bad["reason"].append(fb.reason if fb is not None else "empty record (null value)")
-            bad["key"].append(key)
-            bad["value"].append(raw if raw is not None else b"")
+            bad.add(off, key, raw, fb)
             continue
-        for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
-                     ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
-            fcols[n].append(v)
-    fbt = pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
-    rejects = pa.table({"kafka_partition": pa.array([partition] * len(bad["reason"]), pa.int32()),
-                        "kafka_offset": pa.array(bad["kafka_offset"], pa.int64()),
-                        "reason": pa.array(bad["reason"], pa.string()), "key": pa.array(bad["key"], pa.binary()),
-                        "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
-    return fbt, rejects
+        _add_feedback(fcols, fb, partition, off, key, raw)
+    return _feedback_table(fcols), bad.table()
 
 
 def join_snapshot(state: JoinState, cfg: AggregateConfig, users: list[str], items: list[str]
                   ) -> tuple[pa.Table, pa.Table]:
     """Online features of ``users`` and ``items`` as of just after the newest impression, with the
     join's definition of positives (clicks arrived by then): what an impression then would see."""
-    from pipelines.aggregates import snapshot
-
     as_of = state.imp.watermark + 1
     u, i = snapshot(state.imp, as_of, cfg, users=users, items=items)
     cu, ci = snapshot(state.clk, as_of, cfg, users=users, items=items)

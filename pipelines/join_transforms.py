@@ -13,69 +13,48 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
-from pipelines.join import (COUNTERS, FEEDBACK_PARTITION_BASE, JoinConfig, JoinState, join_batch, join_snapshot,
-                            parse_feedback_records, parse_impressions)
-from pipelines.transforms import NS, DeadLetterFn, align_partitions
+from pipelines.checkpoint import StateStore
+from pipelines.join import (COUNTERS, FEEDBACK_PARTITION_BASE, FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch,
+                            join_snapshot, parse_feedback_records, parse_impressions)
+from pipelines.parse import concat_events
+from pipelines.transforms import (NS, DeadLetterFn, PartitionParseFn, align_partitions, before_cut, idle_partitions,
+                                  start_state)
 from pipelines.config import KafkaConfig
 
 
-class ParseImpressionsFn(beam.DoFn):
+class ParseImpressionsFn(PartitionParseFn):
     """Raw impression records -> impressions (main), v1 immediate clicks (``feedback``), rejections (``dlq``)."""
 
-    def __init__(self, now_ms: int | None) -> None:
-        self.now_ms = now_ms
-        self.parsed = Metrics.counter(NS, "impressions_parsed")
-        self.rejected = Metrics.counter(NS, "rejected")
+    PARSED = "impressions_parsed"
 
-    def process(self, raw: pa.Table) -> Iterator:
-        for p in np.unique(raw["kafka_partition"].to_numpy()):
-            part = raw.filter(pc.equal(raw["kafka_partition"], int(p)))
-            imps, fb, bad = parse_impressions(part["value"], partition=int(p), offsets=part["kafka_offset"].to_numpy(),
-                                              keys=part["key"], now_ms=self.now_ms)
-            self.parsed.inc(imps.num_rows)
-            if imps.num_rows:
-                yield imps
-            if fb.num_rows:
-                yield TaggedOutput("feedback", fb)
-            if bad.num_rows:
-                self.rejected.inc(bad.num_rows)
-                yield TaggedOutput("dlq", bad)
+    def parse_partition(self, part: pa.Table, partition: int
+                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        imps, fb, bad = parse_impressions(part["value"], partition=partition, offsets=part["kafka_offset"].to_numpy(),
+                                          keys=part["key"], now_ms=self.now_ms)
+        return imps, [("feedback", fb)], bad
 
 
-class ParseFeedbackFn(beam.DoFn):
+class ParseFeedbackFn(PartitionParseFn):
     """Raw feedback records -> feedback rows on joint partition numbers (main), rejections (``dlq``)."""
 
+    PARSED = "feedback_parsed"
+
     def __init__(self, now_ms: int | None, kinds: tuple[str, ...] | None = None) -> None:
-        self.now_ms, self.kinds = now_ms, kinds
-        self.parsed = Metrics.counter(NS, "feedback_parsed")
-        self.rejected = Metrics.counter(NS, "rejected")
+        super().__init__(now_ms)
+        self.kinds = kinds
 
-    def process(self, raw: pa.Table) -> Iterator:
-        for p in np.unique(raw["kafka_partition"].to_numpy()):
-            part = raw.filter(pc.equal(raw["kafka_partition"], int(p)))
-            fb, bad = parse_feedback_records(part["value"], partition=FEEDBACK_PARTITION_BASE + int(p),
-                                             offsets=part["kafka_offset"].to_numpy(), keys=part["key"],
-                                             now_ms=self.now_ms, kinds=self.kinds)
-            self.parsed.inc(fb.num_rows)
-            if fb.num_rows:
-                yield fb
-            if bad.num_rows:
-                self.rejected.inc(bad.num_rows)
-                yield TaggedOutput("dlq", bad)
-
-
-def _before_cut(t: pa.Table, stops: dict[int, int]) -> pa.Table:
-    if t.num_rows == 0:
-        return t
-    keep = [o < stops.get(p, o + 1) for p, o in zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist())]
-    return t.filter(pa.array(keep, pa.bool_()))
+    def parse_partition(self, part: pa.Table, partition: int
+                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        fb, bad = parse_feedback_records(part["value"], partition=FEEDBACK_PARTITION_BASE + partition,
+                                         offsets=part["kafka_offset"].to_numpy(), keys=part["key"],
+                                         now_ms=self.now_ms, kinds=self.kinds)
+        return fb, [], bad
 
 
 class JoinFn(beam.DoFn):
@@ -94,24 +73,13 @@ class JoinFn(beam.DoFn):
         self.deferred = Metrics.counter(NS, "deferred")
 
     def process(self, keyed: tuple[int, Iterable[tuple[str, pa.Table]]]) -> Iterator:
-        from pipelines.checkpoint import StateStore
-        from pipelines.parse import concat_events
-
         plan = self.plan
         store = StateStore(self.state_uri)
-        state = store.load_join_state(plan.start_key)
-        if state is None:
-            if plan.committed:
-                raise RuntimeError(f"no join state for the committed offsets (key {plan.start_key}) under "
-                                   f"{self.state_uri}; reset the job (reloop features --reset) to recompute")
-            state = JoinState.empty()
+        state = start_state(store.load_join_state, plan, self.state_uri, "join", JoinState.empty)
         parts = list(keyed[1])
         imps = concat_events([t for k, t in parts if k == "i"])
         fbs = [t for k, t in parts if k == "f"]
-        fb = pa.concat_tables(fbs) if fbs else None
-        from pipelines.join import FEEDBACK_SCHEMA
-
-        fb = fb if fb is not None else FEEDBACK_SCHEMA.empty_table()
+        fb = pa.concat_tables(fbs) if fbs else FEEDBACK_SCHEMA.empty_table()
         prior = store.load_result(plan.run_id)
         if prior is not None:
             stops = {**plan.stop, **prior}
@@ -125,7 +93,7 @@ class JoinFn(beam.DoFn):
                                                                fb["kafka_offset"].combine_chunks()])})
             # a v1 record yields an impression and a click on one offset: both are kept or deferred together
             _, stops = align_partitions(both, plan.stop, self._idle_partitions())
-        kept_i, kept_f = _before_cut(imps, stops), _before_cut(fb, stops)
+        kept_i, kept_f = before_cut(imps, stops), before_cut(fb, stops)
         res = join_batch(kept_i, kept_f, state, self.cfg)
         store.save_join_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)
@@ -145,18 +113,11 @@ class JoinFn(beam.DoFn):
             yield TaggedOutput("snapshots", ("item", i))
 
     def _idle_partitions(self) -> set[int]:
-        """Joint partitions whose log end has not moved past the plan (see ``ComputeFeaturesFn``)."""
-        if self.kafka is None or self.topics is None:
+        """Joint partitions whose log end has not moved past the plan (see :func:`idle_partitions`)."""
+        if self.topics is None:
             return set()
-        from pipelines.kafka_io import end_offsets
-
-        idle = set()
-        for base, topic in ((0, self.topics[0]), (FEEDBACK_PARTITION_BASE, self.topics[1])):
-            end = end_offsets(self.kafka, topic)
-            for p, stop in self.plan.stop.items():
-                if (p >= FEEDBACK_PARTITION_BASE) == (base > 0) and end.get(p - base, stop) <= stop:
-                    idle.add(p)
-        return idle
+        return idle_partitions(self.kafka, self.plan.stop,
+                               [(0, self.topics[0]), (FEEDBACK_PARTITION_BASE, self.topics[1])])
 
 
 class JointDeadLetterFn(DeadLetterFn):
@@ -171,6 +132,6 @@ class JointDeadLetterFn(DeadLetterFn):
         if self.base and bad.num_rows and int(pc.min(bad["kafka_partition"]).as_py()) < self.base:
             bad = bad.set_column(0, "kafka_partition", pc.add(bad["kafka_partition"], self.base))
         if stops is not None:
-            bad = _before_cut(bad, stops)
+            bad = before_cut(bad, stops)
         local = bad.set_column(0, "kafka_partition", pc.subtract(bad["kafka_partition"], self.base))
         super().process(local, None)

@@ -56,6 +56,34 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", head).strip("_")[:40] or "other"
 
 
+class Rejects:
+    """The rejections of one batch of one partition, gathered record by record into a ``REJECT_SCHEMA`` table.
+
+    >>> r = Rejects(partition=3)
+    >>> r.add(7, b"k", b"{}", Rejection("missing field(s): ts", b"{}")); r.add(8, None, None, None)
+    >>> r.table().select(["kafka_partition", "kafka_offset", "reason"]).to_pylist()[1]
+    {'kafka_partition': 3, 'kafka_offset': 8, 'reason': 'empty record (null value)'}
+    """
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.cols: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+
+    def add(self, offset: int, key: bytes | None, raw: bytes | None, rejection: Rejection | None) -> None:
+        """One refused record (``rejection`` None: its value was null)."""
+        self.cols["kafka_offset"].append(int(offset))
+        self.cols["reason"].append(rejection.reason if rejection is not None else "empty record (null value)")
+        self.cols["key"].append(key)
+        self.cols["value"].append(raw if raw is not None else b"")
+
+    def table(self) -> pa.Table:
+        c = self.cols
+        return pa.table({"kafka_partition": pa.array([self.partition] * len(c["reason"]), pa.int32()),
+                         "kafka_offset": pa.array(c["kafka_offset"], pa.int64()),
+                         "reason": pa.array(c["reason"], pa.string()), "key": pa.array(c["key"], pa.binary()),
+                         "value": pa.array(c["value"], pa.binary())}, schema=REJECT_SCHEMA)
+
+
 def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, offsets: Sequence[int] | np.ndarray,
                 keys: Sequence[bytes | None] | pa.Array | None = None, now_ms: int | None = None
                 ) -> tuple[pa.Table, pa.Table]:
@@ -244,7 +272,7 @@ def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
     cols: dict[str, list] = {n: [] for n in ("event_id", "ts", "user_id", "item_id", "label", "kafka_offset")}
     contexts: list[dict] = []
     has_context = False
-    bad: dict[str, list] = {"kafka_offset": [], "reason": [], "key": [], "value": []}
+    bad = Rejects(partition)
     for off, key, raw in zip(offsets, keys, values):
         ev = parse_event(raw, now_ms=now_ms) if raw is not None else None
         if isinstance(ev, Event) and not _valid_unicode(ev):
@@ -261,10 +289,7 @@ def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
             contexts.append(ev.context)
             has_context = has_context or bool(ev.context)
         else:
-            bad["kafka_offset"].append(off)
-            bad["reason"].append(ev.reason if ev is not None else "empty record (null value)")
-            bad["key"].append(key)
-            bad["value"].append(raw if raw is not None else b"")
+            bad.add(off, key, raw, ev)
     n = len(cols["ts"])
     arrays = [pa.array(cols["event_id"], pa.string()), pa.array(cols["ts"], pa.int64()),
               pa.array(cols["user_id"], pa.string()), pa.array(cols["item_id"], pa.string()),
@@ -274,12 +299,7 @@ def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
     if has_context:
         for name, arr in _context_columns(contexts).items():
             events = events.append_column(name, arr)
-    rejects = pa.table({"kafka_partition": pa.array([partition] * len(bad["reason"]), pa.int32()),
-                        "kafka_offset": pa.array(bad["kafka_offset"], pa.int64()),
-                        "reason": pa.array(bad["reason"], pa.string()),
-                        "key": pa.array(bad["key"], pa.binary()),
-                        "value": pa.array(bad["value"], pa.binary())}, schema=REJECT_SCHEMA)
-    return events, rejects
+    return events, bad.table()
 
 
 def _valid_unicode(ev: Event) -> bool:

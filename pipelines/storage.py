@@ -61,7 +61,8 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
         fs = None
     if fs is not None:
         return fs, path, isinstance(fs, pafs.LocalFileSystem)
-    # fsspec covers what pyarrow does not (memory://, and any fsspec plug-in); it ships with the stack
+    # fsspec covers what pyarrow does not (memory://, and any fsspec plug-in). Imported here on purpose: it is
+    # no declared dependency (it ships with the stack: Feast, Ray) and only those URIs need it
     import fsspec
 
     try:

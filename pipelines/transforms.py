@@ -22,10 +22,13 @@ Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
 """
 
 
+import datetime as _dt
+import json
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -37,35 +40,59 @@ from apache_beam.pvalue import TaggedOutput
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, screen_ahead, snapshot
 from pipelines.parse import CORE_SCHEMA, REJECT_SCHEMA, concat_events, parse_batch, reason_kind
+from pipelines.checkpoint import StateStore
 from pipelines.config import FeastConfig, KafkaConfig
+from pipelines.feast_io import ITEM_VIEW, USER_VIEW, open_store, write_snapshot  # feast itself loads in open_store
+from pipelines.kafka_io import end_offsets, producer
+from pipelines.storage import open_filesystem, write_parquet_atomic
 
 NS = "feature_job"
+S = TypeVar("S")  # a state type: FeatureState, JoinState
 DAY_MS = 86_400_000
 
 
-class ParseBatchFn(beam.DoFn):
-    """Raw record table -> event table (main) and rejection table (tag ``dlq``)."""
+class PartitionParseFn(beam.DoFn):
+    """The loop every parse step shares: a raw record table, one partition at a time, through
+    :meth:`parse_partition` -> the parsed rows (main), side outputs by tag, rejections (tag ``dlq``).
+
+    Counts the main rows under ``PARSED`` and the rejections under ``rejected`` (namespace ``feature_job``).
+    """
+
+    PARSED = "events_parsed"
 
     def __init__(self, now_ms: int | None = None) -> None:
         self.now_ms = now_ms  # fixed per run, so a re-run judges "far future" identically
-        self.parsed = Metrics.counter(NS, "events_parsed")
+        self.parsed = Metrics.counter(NS, self.PARSED)
         self.rejected = Metrics.counter(NS, "rejected")
 
+    def parse_partition(self, part: pa.Table, partition: int
+                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        raise NotImplementedError
+
     def process(self, raw: pa.Table) -> Iterator:
-        if raw.num_rows == 0:
-            return
-        partitions = raw["kafka_partition"].to_numpy()
-        present = np.unique(partitions)
+        present = np.unique(raw["kafka_partition"].to_numpy())
         # a reader batch is one partition; stay correct if a caller mixes them
         for p in present:
             part = raw if len(present) == 1 else raw.filter(pc.equal(raw["kafka_partition"], int(p)))
-            events, bad = parse_quarantined(part, int(p), self.now_ms)
-            self.parsed.inc(events.num_rows)
-            if events.num_rows:
-                yield events
+            rows, side, bad = self.parse_partition(part, int(p))
+            self.parsed.inc(rows.num_rows)
+            if rows.num_rows:
+                yield rows
+            for tag, t in side:
+                if t.num_rows:
+                    yield TaggedOutput(tag, t)
             if bad.num_rows:
                 self.rejected.inc(bad.num_rows)
                 yield TaggedOutput("dlq", bad)
+
+
+class ParseBatchFn(PartitionParseFn):
+    """Raw record table -> event table (main) and rejection table (tag ``dlq``)."""
+
+    def parse_partition(self, part: pa.Table, partition: int
+                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        events, bad = parse_quarantined(part, partition, self.now_ms)
+        return events, [], bad
 
 
 def parse_quarantined(part: pa.Table, partition: int, now_ms: int | None) -> tuple[pa.Table, pa.Table]:
@@ -121,8 +148,6 @@ class DeadLetterFn(beam.DoFn):
         self._producer = None
 
     def setup(self) -> None:
-        from pipelines.kafka_io import producer
-
         self._producer = producer(self.kafka)
 
     def process(self, bad: pa.Table, stops: dict[int, int] | None = None) -> None:
@@ -196,8 +221,6 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
 def dead_letter_rows(rows: pa.Table, reason: str) -> pa.Table:
     """Accepted-then-dropped events as DLQ rows: the event re-encoded as contract JSON (its original bytes
     are not kept past parsing), the user id as key, ``reason`` for every row."""
-    import json
-
     core = {"event_id", "ts", "user_id", "item_id", "label", "kafka_partition", "kafka_offset"}
     ctx_names = [n for n in rows.column_names if n not in core]
     d = rows.to_pydict()
@@ -259,6 +282,50 @@ def align_partitions(events: pa.Table, stops: dict[int, int], idle: frozenset[in
     return (events if keep.all() else events.filter(pa.array(keep))), out
 
 
+def before_cut(t: pa.Table, stops: dict[int, int]) -> pa.Table:
+    """The rows of ``t`` before the run's cut: offset below its partition's stop (a partition without a
+    stop keeps all its rows). A re-run applies its saved cut with this, so it emits the same rows.
+
+    >>> t = pa.table({"kafka_partition": pa.array([0, 0, 1], pa.int32()), "kafka_offset": [4, 5, 9]})
+    >>> before_cut(t, {0: 5})["kafka_offset"].to_pylist()
+    [4, 9]
+    """
+    if t.num_rows == 0:
+        return t
+    keep = [o < stops.get(p, o + 1) for p, o in zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist())]
+    return t.filter(pa.array(keep, pa.bool_()))
+
+
+def start_state(load: Callable[[str], S | None], plan, state_uri: str, what: str, empty: Callable[[], S]) -> S:
+    """The state a run starts from: ``load(plan.start_key)``, empty on the very first run, an error when
+    the group has committed offsets but their state is gone (``what`` names it: ``feature``, ``join``)."""
+    state = load(plan.start_key)
+    if state is None:
+        if plan.committed:
+            raise RuntimeError(f"no {what} state for the committed offsets (key {plan.start_key}) under "
+                               f"{state_uri}; reset the job (reloop features --reset) to recompute")
+        state = empty()
+    return state
+
+
+def idle_partitions(kafka: KafkaConfig | None, stops: dict[int, int], topics: Sequence[tuple[int, str]]
+                    ) -> set[int]:
+    """Partitions whose log end has not moved past the plan's ``stops`` while the run read them (Flink calls
+    such a source idle). ``topics`` pairs a base with a topic: plan partition ``base + p`` is partition ``p``
+    of that topic (one topic: ``[(0, topic)]``). Without a Kafka config (unit tests) none is idle: the
+    strict cut."""
+    if kafka is None:
+        return set()
+    bases = sorted(base for base, _ in topics)
+    idle = set()
+    for base, topic in topics:
+        end = end_offsets(kafka, topic)
+        for p, stop in stops.items():
+            if max(b for b in bases if b <= p) == base and end.get(p - base, stop) <= stop:
+                idle.add(p)
+    return idle
+
+
 class ComputeFeaturesFn(beam.DoFn):
     """All event batches of the micro-batch (one key) -> examples + snapshots; saves the new state.
 
@@ -271,26 +338,19 @@ class ComputeFeaturesFn(beam.DoFn):
         self.counters = {k: Metrics.counter(NS, k) for k in ("accepted", "late", "duplicates", "deferred", "ahead")}
 
     def process(self, keyed: tuple[int, Iterable[pa.Table]]) -> Iterator:
-        from pipelines.checkpoint import StateStore
-
         plan = self.plan
         store = StateStore(self.state_uri)
-        state = store.load_state(plan.start_key)
-        if state is None:
-            if plan.committed:
-                raise RuntimeError(f"no feature state for the committed offsets (key {plan.start_key}) under "
-                                   f"{self.state_uri}; reset the job (reloop features --reset) to recompute")
-            state = FeatureState.empty()
+        state = start_state(store.load_state, plan, self.state_uri, "feature", FeatureState.empty)
         events = concat_events(list(keyed[1]))
         # before the cut: a far-future record must not set it (it would defer its partition forever)
         events, ahead = screen_ahead(events, state, self.cfg)
         prior = store.load_result(plan.run_id)
         if prior is not None:  # a re-run of an interrupted run: the same cut, so the same outputs
-            kept = events.filter(pa.array([o < prior.get(p, o + 1) for p, o in zip(
-                events["kafka_partition"].to_pylist(), events["kafka_offset"].to_pylist())], pa.bool_()))
+            kept = before_cut(events, prior)
             stops = {**plan.stop, **prior}
         else:
-            kept, stops = align_partitions(events, plan.stop, self._idle_partitions())
+            kept, stops = align_partitions(events, plan.stop, idle_partitions(self.kafka, plan.stop,
+                                                                              [(0, plan.topic)]))
         res = compute_batch(kept, state, self.cfg)
         store.save_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)
@@ -300,9 +360,7 @@ class ComputeFeaturesFn(beam.DoFn):
         yield TaggedOutput("stops", stops)  # after save_result: any sink output implies the cut is on disk
         dlq = [dead_letter_rows(rows, f"{kind}: {_DROP_REASONS[kind]}") for kind, rows in res.dropped]
         if ahead.num_rows:  # those after the cut are re-read (and re-judged) by the next run
-            before = [o < stops.get(p, o + 1) for p, o in zip(ahead["kafka_partition"].to_pylist(),
-                                                               ahead["kafka_offset"].to_pylist())]
-            ahead = ahead.filter(pa.array(before, pa.bool_()))
+            ahead = before_cut(ahead, stops)
             self.counters["ahead"].inc(ahead.num_rows)
             if ahead.num_rows:
                 dlq.append(dead_letter_rows(ahead, f"ahead: {_DROP_REASONS['ahead']} "
@@ -313,16 +371,6 @@ class ComputeFeaturesFn(beam.DoFn):
         yield TaggedOutput("snapshots", ("user", res.users))
         yield TaggedOutput("snapshots", ("item", res.items))
 
-
-    def _idle_partitions(self) -> set[int]:
-        """Partitions whose log end has not moved past the plan while this run read them (Flink calls such
-        a source idle). Without a Kafka config (unit tests) none is idle: the strict cut."""
-        if self.kafka is None:
-            return set()
-        from pipelines.kafka_io import end_offsets
-
-        end = end_offsets(self.kafka, self.plan.topic)
-        return {p for p, stop in self.plan.stop.items() if end.get(p, stop) <= stop}
 
 
 _DROP_REASONS = {"late": "older than the watermark minus the allowed lateness",
@@ -365,8 +413,6 @@ def example_partitions(examples: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     >>> [(d, r.num_rows) for d, r in example_partitions(t)]
     [('dt=1970-01-01', 2), ('dt=1970-01-02', 1)]
     """
-    import datetime as _dt
-
     days = examples["ts"].to_numpy() // DAY_MS
     for day in np.unique(days):
         date = _dt.date(1970, 1, 1) + _dt.timedelta(days=int(day))
@@ -387,8 +433,6 @@ class WriteExamplesFn(beam.DoFn):
         self.written = Metrics.counter(NS, "examples_written")
 
     def setup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="examples")
 
     def start_bundle(self) -> None:
@@ -396,8 +440,6 @@ class WriteExamplesFn(beam.DoFn):
         self._rows = 0
 
     def process(self, examples: pa.Table) -> None:
-        from pipelines.storage import open_filesystem, write_parquet_atomic
-
         fs, root, _ = open_filesystem(self.uri)
         fault = os.environ.get("RELOOP_FAULT") == "mid_sinks"
 
@@ -439,13 +481,9 @@ class WriteFeaturesFn(beam.DoFn):
         self._store = None
 
     def setup(self) -> None:
-        from pipelines.feast_io import open_store
-
         self._store = open_store(self.feast, self.repo_path)
 
     def process(self, element: tuple[str, pa.Table]) -> None:
-        from pipelines.feast_io import ITEM_VIEW, USER_VIEW, write_snapshot
-
         entity, table = element
         write_snapshot(self._store, USER_VIEW if entity == "user" else ITEM_VIEW, table, self.run_id)
         self.rows.inc(table.num_rows)

@@ -53,7 +53,7 @@ from river.base import Base
 from river.drift import binary
 
 from online_models.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: F401  (re-exported)
-from online_models.drift.records import Detection
+from online_models.drift.records import Detection, Level
 from online_models.errors import ReloopError
 
 PERFORMANCE_METRICS = ("logloss", "error", "click")
@@ -213,7 +213,7 @@ class DetectorMonitor:
         self._ts_last = ts
         drift_now = bool(self._det.drift_detected)
         warn_now = bool(getattr(self._det, "warning_detected", False)) and not drift_now
-        level = "drift" if drift_now else ("warning" if warn_now and not self._warning else None)
+        level: Level | None = "drift" if drift_now else ("warning" if warn_now and not self._warning else None)
         self._warning = warn_now
         out = None
         if level is not None and self.n > self.warmup:
@@ -245,6 +245,8 @@ class DetectorMonitor:
             for k, v in state["detector"].items():
                 setattr(self._det, k, _decode(v))
         else:
+            if self._tail is None:
+                raise MonitorError(f"{self.name}: checkpoint replays a tail, but {self.kind} restores its exact state")
             for x in state["tail"]:  # rebuild opaque (compiled) detectors by replay
                 self._det.update(float(x))
                 self._tail.append(float(x))
@@ -301,18 +303,24 @@ class _DistributionMonitor:
         self._g = 1.0                                # decay mode: weight of the latest value
         self._since_check = 0
         self._ts_start: int | None = None
-        self._level: str | None = None
+        self._level: Level | None = None
+
+    def _reference(self) -> tuple[list[float], list[float]]:
+        """The fixed reference: (inner bin edges, fraction of the reference in each bin)."""
+        if self.edges is None or self.ref_frac is None:
+            raise MonitorError(f"{self.name}: no reference window yet")
+        return self.edges, self.ref_frac
 
     def _bin(self, x: float) -> int:
-        return bisect.bisect_right(self.edges, x)
+        return bisect.bisect_right(self._reference()[0], x)
 
     def _fix_reference(self) -> None:
         ref = np.asarray(self._ref)
         qs = np.quantile(ref, np.linspace(0, 1, self.bins + 1)[1:-1])
-        self.edges = np.unique(qs).tolist()
-        counts = np.bincount(np.searchsorted(self.edges, ref, side="right"), minlength=len(self.edges) + 1)
-        self.ref_frac = (counts / counts.sum()).tolist()
-        self._counts = [0.0] * (len(self.edges) + 1)
+        edges: list[float] = np.unique(qs).tolist()
+        counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
+        self.edges, self.ref_frac = edges, (counts / counts.sum()).tolist()
+        self._counts = [0.0] * (len(edges) + 1)
 
     def update(self, x: float, ts: int | None = None, model_version: str | None = None) -> Detection | None:
         x = float(x)
@@ -354,7 +362,7 @@ class _DistributionMonitor:
     def _decide(self, stat: float, window: int, ts_start: int | None, ts: int | None,
                 model_version: str | None) -> Detection | None:
         thr_drift, thr_warn = self._thresholds(window)
-        level = "drift" if stat >= thr_drift else ("warning" if stat >= thr_warn else None)
+        level: Level | None = "drift" if stat >= thr_drift else ("warning" if stat >= thr_warn else None)
         prev, self._level = self._level, level
         if level is None or (level == "warning" and prev == "warning"):
             return None
@@ -419,12 +427,13 @@ class PSIMonitor(_DistributionMonitor):
         return float(np.sum((cur - ref) * np.log(cur / ref)))
 
     def _score_window(self, values: np.ndarray) -> float:
-        counts = np.bincount(np.searchsorted(self.edges, values, side="right"), minlength=len(self.edges) + 1)
-        return self.psi(np.asarray(self.ref_frac), counts / counts.sum())
+        edges, ref_frac = self._reference()
+        counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+        return self.psi(np.asarray(ref_frac), counts / counts.sum())
 
     def _score_counts(self) -> float:
         c = np.asarray(self._counts)
-        return self.psi(np.asarray(self.ref_frac), c / c.sum())
+        return self.psi(np.asarray(self._reference()[1]), c / c.sum())
 
 
 class KSMonitor(_DistributionMonitor):
@@ -472,7 +481,7 @@ class KSMonitor(_DistributionMonitor):
 
     def _score_counts(self) -> float:
         c = np.asarray(self._counts)
-        return float(np.max(np.abs(np.cumsum(self.ref_frac) - np.cumsum(c / c.sum()))))
+        return float(np.max(np.abs(np.cumsum(self._reference()[1]) - np.cumsum(c / c.sum()))))
 
 
 # --------------------------------------------------------------------------- factory + suite
@@ -484,7 +493,8 @@ def make_monitor(kind: str, metric: str, params: Mapping[str, Any] | None = None
     if kind in DETECTORS:
         tail = int(params.pop("tail", 5000))
         return DetectorMonitor(kind, metric, params, warmup=warmup, name=name, tail=tail)
-    cls = {"psi": PSIMonitor, "ks": KSMonitor}.get(kind)
+    classes: dict[str, type[PSIMonitor] | type[KSMonitor]] = {"psi": PSIMonitor, "ks": KSMonitor}
+    cls = classes.get(kind)
     if cls is None:
         raise MonitorError(f"unknown monitor kind {kind!r}; allowed: {', '.join(MONITOR_KINDS)}")
     try:
