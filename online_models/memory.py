@@ -214,7 +214,7 @@ class ErrorCompensationMemory:
         if len(y) == 0:
             return
         hashed = self._hashed(h, hashed)
-        weight = 1.0
+        weight: float | torch.Tensor = 1.0
         if self.decay != 1.0:
             # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
             if self.decay ** -(self._age() + len(y)) > 1e18:                # rescale everything once, rarely
