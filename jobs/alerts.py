@@ -56,6 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 from online_models.errors import ReloopError
+import http.client
+import urllib.parse
+from pipelines.kafka_io import producer
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +196,6 @@ class WebhookHook:
 
         Runs on a helper thread; at the budget the connection is closed under it, which ends any read.
         """
-        import http.client
-        import urllib.parse
 
         u = urllib.parse.urlsplit(self.url)
         conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
@@ -244,7 +245,6 @@ class KafkaHook:
         self._lock = threading.Lock()
 
     def deliver(self, payload: Mapping[str, Any]) -> DeliveryResult:
-        from pipelines.kafka_io import producer  # I/O binds here, not at import
 
         key = str(payload.get("detector") or payload.get("kind") or payload.get("action") or "alert").encode()
         with self._lock:

@@ -28,6 +28,10 @@ import pyarrow as pa
 
 from online_models.gate import GateDecision, GateError, paired_test
 from online_models.errors import ReloopError
+from jobs.scoring import horizon_of, load_bundle
+from online_models.models import predict_table
+from jobs.examples import ExampleStore
+from jobs.retrain import RetrainConfig, run_retrain
 
 
 class DeployError(ReloopError, RuntimeError):
@@ -136,8 +140,6 @@ class Deployer:
 
         Raises :class:`DeployError` when too few such events exist yet (the caller waits, or declines)."""
         # torch lives behind these: jobs.monitor imports this module, which loads in 0.2 s without torch (3 s with)
-        from jobs.scoring import horizon_of, load_bundle
-        from online_models.models import predict_table
 
         served = self.live.served
         if served is None:
@@ -335,7 +337,6 @@ class Deployer:
     def _window(self, drift_ts: int) -> tuple[int, int]:
         """``[ts_min, ts_max)`` of the retrain: from where the drift began (at least ``retrain_min_rows``
         and at most ``retrain_window`` examples) up to the gate's holdout, which it never sees."""
-        from jobs.examples import ExampleStore
 
         last = self.live.trace.last(self.cfg.holdout)
         if len(last["ts"]) == 0:
@@ -353,7 +354,6 @@ class Deployer:
     def _retrain(self, ts_min: int, ts_max: int) -> list[Candidate]:
         """Ray Train ``TorchTrainer`` on the window (jobs.retrain): a cold fit, a warm start from the served
         model with a replay sample, or both; each published as a candidate version."""
-        from jobs.retrain import RetrainConfig, run_retrain
 
         served = self.live.served.version if self.live.served is not None else None
         starts = {"cold": [None], "warm": [served], "both": [served, None]}[self.cfg.retrain_start]

@@ -48,6 +48,10 @@ from online_models.drift.monitors import MonitorSuite, event_signals
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
 from pipelines.storage import write_bytes_atomic
+from jobs.alerts import dispatcher_from_config
+from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata
+from pipelines.kafka_io import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +340,6 @@ class MonitorLoop:
 def build_loop(cfg: Any, actions: Actions | None = None, callbacks: tuple[Callable, ...] = (),
                dispatcher: Any = None, on_request: Callable[[Request], None] | None = None) -> MonitorLoop:
     """A :class:`MonitorLoop` from a :class:`reloop.config.ReloopConfig`."""
-    from jobs.alerts import dispatcher_from_config
 
     d = cfg.drift
     specs = [m.model_dump() for m in d.monitors]
@@ -383,10 +386,7 @@ def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = Fa
 
     ``callbacks`` get every alert and audit record (dicts); ``on_request`` gets each
     :class:`Request`; pass a prebuilt ``loop`` to keep a handle on it (e.g. for ``candidate_ready``)."""
-    from kafka import KafkaConsumer
-    from kafka.structs import OffsetAndMetadata
 
-    from pipelines.kafka_io import ensure_topics
 
     topic = topic or cfg.drift.predictions_topic
     state_path = state_path or cfg.drift.state_path

@@ -55,6 +55,10 @@ from typing import Any, Mapping
 import pyarrow.fs as pafs
 from online_models.errors import ReloopError
 from pipelines.storage import open_filesystem, write_bytes_atomic
+from online_models.models import ModelConfig, build_model
+from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load
 
 FORMAT = "reloop.registry/1"
 WEIGHTS = "model.safetensors"
@@ -161,7 +165,6 @@ class ModelRegistry:
                 training_range: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
                 extra: Mapping[str, Any] | None = None, promote: bool = False) -> ModelEntry:
         """Write a new version (weights, then manifest) and optionally make it current."""
-        from safetensors.torch import save
 
         if not feature_service:
             raise RegistryError(f"{self.uri}: publish needs a feature service name")
@@ -264,8 +267,6 @@ class ModelRegistry:
 
     def load(self, version: str | None = None) -> tuple[ModelEntry, dict[str, Any]]:
         """``(entry, state dict)`` of a version (default: current), after checking sizes and hashes."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
 
         version = version or self._require_current()
         entry = self.entry(version)
@@ -355,7 +356,6 @@ def prune(registry: ModelRegistry, keep: int) -> list[str]:
 
 def load_model(registry: ModelRegistry, version: str | None = None):
     """``(entry, model)``: rebuild the torch model of a version from its config and weights (eval mode)."""
-    from online_models.models import ModelConfig, build_model
 
     entry, weights = registry.load(version)
     model = build_model(ModelConfig.from_dict(entry.model_config))

@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 
 from pipelines.aggregates import FeatureState
 from pipelines.join import JoinState
-from pipelines.kafka_source import PartitionRange
 from pipelines.storage import open_filesystem, write_bytes_atomic, write_parquet_atomic
 
 
@@ -48,6 +47,20 @@ def offsets_key(topic: str, offsets: dict[int, int]) -> str:
                        sort_keys=True)
     return f"{sum(offsets.values()):015d}-{hashlib.sha1(canon.encode()).hexdigest()[:12]}"
 
+
+@dataclass(frozen=True)
+class PartitionRange:
+    """Offsets ``[start, stop)`` of one partition of ``topic`` (here, not in the Beam source that reads it: the
+    plans and the state store are read without Beam, by the run loop and the CLI)."""
+
+    topic: str
+    partition: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return max(0, self.stop - self.start)
 
 @dataclass(frozen=True)
 class Plan:

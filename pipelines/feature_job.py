@@ -270,7 +270,7 @@ def joint_plan(plan_i, plan_f):
 
 def split_ranges(plan, topics: tuple[str, str]):
     """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
-    from pipelines.kafka_source import PartitionRange
+    from pipelines.checkpoint import PartitionRange
 
     B = FEEDBACK_PARTITION_BASE
     imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]

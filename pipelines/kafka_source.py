@@ -14,7 +14,6 @@ one Python object per batch, not per record.
 """
 
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import apache_beam as beam
@@ -25,23 +24,10 @@ from apache_beam.transforms.core import RestrictionProvider
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.parse import RAW_SCHEMA
+from pipelines.checkpoint import PartitionRange  # noqa: F401  (re-exported: the Beam-free plan type)
 from pipelines.config import KafkaConfig
 from pipelines.kafka_io import RangeReader
 from pipelines.kafka_records import RecordColumns
-
-
-@dataclass(frozen=True)
-class PartitionRange:
-    """Offsets ``[start, stop)`` of one partition of ``topic``."""
-
-    topic: str
-    partition: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return max(0, self.stop - self.start)
 
 
 def raw_table(partition: int, offsets, keys, values) -> pa.Table:

@@ -24,15 +24,16 @@ import argparse
 import numpy as np
 
 from online_models.metrics import auc, logloss
+from sklearn.linear_model import LogisticRegression
+from pipelines.aggregates import AggregateConfig, FeatureState, compute_features
+from reloop.datasets import load_dataset
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
 
 def lr_anchor(dataset: str = "movielens-100k", same_time: str = "stream", limit: int | None = None,
               features: tuple[str, ...] = ("user_ctr_all", "item_ctr_all")) -> dict[str, float]:
     """AUC and logloss on the second half of a logistic regression fitted on the first half."""
-    from sklearn.linear_model import LogisticRegression
 
-    from pipelines.aggregates import AggregateConfig, FeatureState, compute_features
-    from reloop.datasets import load_dataset
 
     events = load_dataset(dataset, limit=limit, spread_ties=same_time == "stream")
     feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
@@ -47,7 +48,6 @@ def lr_anchor(dataset: str = "movielens-100k", same_time: str = "stream", limit:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="movielens-100k")

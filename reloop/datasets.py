@@ -46,6 +46,7 @@ from online_models.errors import DatasetError
 from pipelines.aggregates import FeatureState, compute_features
 from pipelines.events import REQUIRED
 from reloop.synthetic import load_synthetic
+from pipelines.events import Event
 
 MOVIELENS_100K = "movielens-100k"
 BUILTIN = (MOVIELENS_100K,)
@@ -160,7 +161,6 @@ def _cast(col: pa.ChunkedArray, typ: pa.DataType, source: str, name: str) -> pa.
 
 def iter_events(table: pa.Table, batch_size: int = 10_000):
     """Yield the rows of an event table as :class:`pipelines.events.Event`, in table order."""
-    from pipelines.events import Event
 
     context_cols = [c for c in table.column_names if c not in CORE_COLUMNS]
     for batch in table.to_batches(batch_size):

@@ -60,6 +60,9 @@ from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, m
 from online_models.river_baselines import RiverBaseline
 from online_models.errors import ReloopError
 from online_models.settings import SERVING_MEMORY
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
+from reloop.datasets import load_dataset
+from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, join_as_of, load_side_tables
 
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
@@ -190,8 +193,6 @@ class _Stream:
 
 def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     """Events -> leak-free features (the Beam job's pure function) -> encoded tensors and split points."""
-    from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
-    from reloop.datasets import load_dataset
 
     events = load_dataset(cfg.dataset, limit=cfg.limit, spread_ties=cfg.same_time == "stream")
     agg = AggregateConfig() if cfg.history_len is None else AggregateConfig(last_n=cfg.history_len)
@@ -227,7 +228,6 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
 
 def join_side_features(cfg: EvaluationConfig, feats: pa.Table) -> tuple[pa.Table, tuple[str, ...], tuple[str, ...]]:
     """``feats`` plus the side attributes valid at each event's time; the categorical and bag fields to encode."""
-    from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, join_as_of, load_side_tables
 
     users, items = load_side_tables(cfg.dataset, cfg.users_path, cfg.items_path)
     if users is None and items is None:

@@ -54,6 +54,10 @@ from online_models.learner import LearnerConfig, OnlineLearner
 from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, MemoryConfig
 from online_models.metrics import auc, logloss
 from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
+from pipelines.join import FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch
+from reloop.datasets import load_dataset
+from reloop.synthetic import label_delay
+from reloop.synthetic import parse_duration_ms
 
 VARIANTS = ("no-delay", "no-delay+memory", "wait", "wait+memory", "fnw", "fnc")
 NUMERIC = ("user_ctr_1d", "user_ctr_all", "item_ctr_1d", "item_ctr_all")
@@ -83,9 +87,6 @@ class DelayedEvalConfig:
 
 def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """``(delayed examples, no-delay examples, true labels)``, both example tables in impression order."""
-    from pipelines.join import FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch
-    from reloop.datasets import load_dataset
-    from reloop.synthetic import label_delay
 
     t = load_dataset(cfg.dataset, limit=cfg.limit)
     imps, fb = label_delay(t, cfg.label_delay, cfg.seed)
@@ -239,7 +240,6 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reloop.synthetic import parse_duration_ms
 
     ap = argparse.ArgumentParser(prog="python -m reloop.evaluate_delayed", description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="movielens-100k")

@@ -18,6 +18,14 @@ from pipelines.config import KafkaConfig
 from reloop.datasets import CORE_COLUMNS
 from online_models.errors import ReloopError
 from reloop.synthetic import FEEDBACK_COLUMNS, IMPRESSION_COLUMNS
+from kafka.partitioner.default import murmur2
+from kafka.errors import KafkaError
+from pipelines.kafka_io import ensure_topics, partition_count
+from tqdm import tqdm
+from pipelines.kafka_io import producer
+import multiprocessing as mp
+from reloop.synthetic import SyntheticError, label_delay as split
+import threading
 
 
 class ReplayError(ReloopError, RuntimeError):
@@ -103,7 +111,6 @@ def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
     >>> partitions_for(["196", "186", "22", "244", "196"], 4)
     [0, 0, 3, 2, 0]
     """
-    from kafka.partitioner.default import murmur2
 
     cache: dict[str, int] = {}
     out = []
@@ -126,9 +133,7 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     start time, so N x real time holds across workers. ``kind``: see :func:`encode_batch`; ``ts0``/``t0``
     (event time and wall clock of the pacing origin) let two streams replayed side by side share one clock.
     """
-    from kafka.errors import KafkaError
 
-    from pipelines.kafka_io import ensure_topics, partition_count
 
     topic = topic or cfg.events_topic
     try:
@@ -148,7 +153,6 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     t0 = time.time() if t0 is None else t0
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=table.num_rows, unit="ev", desc=f"replay -> {topic}", smoothing=0.1)
     if workers == 1:
@@ -166,7 +170,6 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
 
     ``ready()`` is called once the producer knows the topic's partitions, right before the first send.
     """
-    from pipelines.kafka_io import producer
 
     prod = producer(cfg)
     failures: list[Exception] = []
@@ -220,7 +223,6 @@ def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, b
 
 def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0: int, t0: float, batch_size: int,
                       workers: int, bar, kind: str = "event") -> None:
-    import multiprocessing as mp
 
     owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
     ctx = mp.get_context("spawn")  # no fork: the parent may hold client threads
@@ -300,7 +302,6 @@ def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed:
     (divided by the speed) after its impression. ``skip``: impression ids already on each topic (a resumed
     run sends only the rest; the split is seeded, so it is the same split).
     """
-    from reloop.synthetic import SyntheticError, label_delay as split
 
     try:
         imps, fb = split(table, label_delay, seed)
@@ -313,7 +314,6 @@ def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed:
     ft = feedback_topic or cfg.feedback_topic
     if speed is None:
         return _replay_slices(imps, fb, cfg, it, ft, slice_events, progress, workers)
-    import threading
 
     ts0 = imps["ts"][0].as_py() if imps.num_rows else 0
     t0 = time.time()

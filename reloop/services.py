@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from online_models.errors import ReloopError
+import urllib.request
+import importlib.metadata
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -381,7 +383,6 @@ class Ray(Service):
         return RAY_DASHBOARD
 
     def version(self) -> str:
-        import importlib.metadata
 
         return importlib.metadata.version("ray")
 
@@ -414,7 +415,6 @@ class Ray(Service):
         if not _port_open(RAY_DASHBOARD_PORT):
             return False
         try:
-            import urllib.request
 
             req = urllib.request.Request(f"{RAY_DASHBOARD}/api/version",
                                          headers={"Authorization": f"Bearer {self._token()}"})
@@ -537,7 +537,6 @@ class KafkaExpansion(Service):
             raise ServiceError("java not found: the expansion service needs Java 11 or 17")
         if not (self.lib / ".complete").exists():
             raise ServiceError(f"expansion service jars missing in {self.lib}; run scripts/setup.sh")
-        import json
 
         return [java, f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
                 "-cp", str(self.lib / "*"), "org.apache.beam.sdk.expansion.service.ExpansionService",
@@ -633,7 +632,6 @@ def ray_nodes() -> list[dict]:
     """The head's view of its nodes (node id, alive, resources), from the dashboard; [] when unreachable."""
     if not _port_open(RAY_DASHBOARD_PORT):
         return []
-    import urllib.request
 
     token = (state_dir() / "ray" / "auth_token")
     try:

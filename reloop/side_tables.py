@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from online_models.errors import DatasetError
+from reloop.datasets import MOVIELENS_100K
 
 USER_ATTRIBUTES = ("age_bucket", "gender", "occupation", "zip_prefix")
 ITEM_ATTRIBUTES = ("release_year",)
@@ -193,7 +194,6 @@ def _sorted(table: pa.Table, key: str) -> pa.Table:
 def load_side_tables(dataset: str, users: str | None = None, items: str | None = None
                      ) -> tuple[pa.Table | None, pa.Table | None]:
     """The (users, items) side tables of a dataset: explicit CSV paths win, else ML-100K's own, else None."""
-    from reloop.datasets import MOVIELENS_100K
 
     u = read_users_csv(users) if users else (movielens_100k_users() if dataset == MOVIELENS_100K else None)
     i = read_items_csv(items) if items else (movielens_100k_items() if dataset == MOVIELENS_100K else None)

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 from jobs.trainer import RAY_EXCLUDES
+from reloop.config import load_config
+from reloop.services import ray_client_env
 
 REPO = Path(__file__).resolve().parent.parent
 PATH_OPTIONS = ("--examples", "--checkpoint-dir", "--registry", "--storage-path", "--config", "--feast-repo")
@@ -40,7 +42,6 @@ def absolute_paths(args: list[str], base: str | None = None) -> list[str]:
 
 def defaults_from_config(module: str, args: list[str], config: str | None) -> list[str]:
     """Fill the path options the job would take from the config, so the job sees absolute paths."""
-    from reloop.config import load_config
 
     cfg = load_config(config)
     given = {a.partition("=")[0] for a in args}
@@ -57,7 +58,6 @@ def defaults_from_config(module: str, args: list[str], config: str | None) -> li
 
 def submit(module: str, args: list[str], address: str, wait: bool = True, config: str | None = None) -> int:
     """``ray job submit --working-dir <repo> -- python -m <module> <args>``; returns the CLI's exit code."""
-    from reloop.services import ray_client_env
 
     job_args = absolute_paths(defaults_from_config(module, args, config))
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,

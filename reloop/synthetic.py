@@ -63,6 +63,7 @@ import pyarrow as pa
 from features import windows
 from online_models.errors import DatasetError
 from pipelines.events import FEEDBACK_REQUIRED, IMPRESSION_REQUIRED, REQUIRED
+from math import erf, sqrt
 
 PREFIX = "synthetic:"
 MODES = ("abrupt", "gradual", "recurring")
@@ -337,7 +338,6 @@ class DelaySpec:
             return np.where(t < 0, 0.0, 1.0 - np.exp(-np.maximum(t, 0) / max(self.a_ms, 1)))
         if self.kind == "uniform":
             return np.clip((t - self.a_ms) / max(self.b_ms - self.a_ms, 1), 0.0, 1.0)
-        from math import erf, sqrt
 
         z = (np.log(np.maximum(t, 1e-9) / self.a_ms)) / (self.sigma * sqrt(2.0))
         return np.where(t <= 0, 0.0, 0.5 * (1.0 + np.vectorize(erf)(z)))
