@@ -483,19 +483,22 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     return serve.run(app, name="reloop", route_prefix="/", blocking=blocking)
 
 
-def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> Any:
+def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", users=None, items=None) -> Any:
     """Copy the Feast repo of ``features/`` to ``dest``, apply it, and write the online features of ``events``.
 
     For demos, tests and benchmarks: a private store (its own SQLite file and offline dir) holding the
     features every user and item of ``events`` has after the last event (what the feature job would
-    have written). Returns the open ``FeatureStore``.
+    have written). ``users`` / ``items``: side tables (:mod:`reloop.side_tables` columns, ``valid_from`` in
+    epoch ms) written as the batch sources of ``user_profile`` / ``item_catalog`` and materialised online
+    with Feast's own ``materialize``, as ``reloop`` publishes them. Returns the open ``FeatureStore``.
     """
     import os
     import shutil
     from pathlib import Path
 
     from pipelines.aggregates import FeatureState, compute_features, snapshot
-    from pipelines.feast_io import ITEM_VIEW, USER_VIEW, apply_repo, open_store, write_snapshot
+    from pipelines.feast_io import (ITEM_CATALOG_VIEW, ITEM_VIEW, USER_PROFILE_VIEW, USER_VIEW, apply_repo,
+                                    materialize_batch_views, open_store, write_batch_source, write_snapshot)
     from pipelines.config import FeastConfig
 
     src = Path(__file__).resolve().parent.parent / "features"
@@ -511,9 +514,15 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> A
         apply_repo(fc, str(dest_p))
         store = open_store(fc, str(dest_p))
         _, state, _ = compute_features(events, FeatureState.empty())
-        users, items = snapshot(state, int(events["ts"].to_numpy().max()) + 1)
-        write_snapshot(store, USER_VIEW, users, "demo")
-        write_snapshot(store, ITEM_VIEW, items, "demo")
+        user_rows, item_rows = snapshot(state, int(events["ts"].to_numpy().max()) + 1)
+        write_snapshot(store, USER_VIEW, user_rows, "demo")
+        write_snapshot(store, ITEM_VIEW, item_rows, "demo")
+        side = {v: t for v, t in ((USER_PROFILE_VIEW, users), (ITEM_CATALOG_VIEW, items)) if t is not None}
+        for view, table in side.items():
+            names = ["event_timestamp" if c == "valid_from" else c for c in table.column_names]
+            write_batch_source(store, view, table.rename_columns(names), "demo")
+        if side:
+            materialize_batch_views(store, views=tuple(side))
     finally:
         if old is None:
             os.environ.pop("RELOOP_FEAST_OFFLINE_ROOT", None)
