@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.feedback import FeedbackGuard, GuardConfig
 from jobs.impression_log import ImpressionLog, ImpressionLogConfig
 from jobs.ray_local import init_local
-from jobs.scoring import FeastLookup, Remembered, Scorer, ScorerConfig, ScoringError
+from jobs.scoring import FeastLookup, ScoredSlate, Scorer, ScorerConfig, ScoringError, SlateCandidate
 from pipelines.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
 
 log = logging.getLogger("reloop.serve")
@@ -184,7 +184,8 @@ def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[
         with scorer._lock:
             comp = bundle.memory.estimate(key, base)
     base_l, comp_l = base.tolist(), comp.tolist()
-    payloads = [Remembered(bundle.version, table.slice(i, 1), key[i:i + 1], base_l[i]) for i in range(n)]
+    slate = ScoredSlate(bundle.version, table, key, base_l)
+    payloads = [slate.candidate(i) for i in range(n)]
     ids = guard.impressions.issue_many(user_id, list(items), payloads, ts_ms)
     scorer.stats["scored"] += n
     return bundle, [{"item_id": it, "impression_id": iid, "probability": float(c), "base_probability": float(b)}
@@ -281,7 +282,7 @@ def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client:
             return 200, {"written": False, "duplicate": True}
         what = "impression_id" if fb.impression_id else "request_id"
         return verdict.status, {"error": f"{what} {fb.impression_id or fb.request_id!r}: {verdict.reason}"}
-    rec: Remembered = verdict.impression.payload
+    rec: SlateCandidate = verdict.impression.payload
     out = scorer._write(rec.row, fb.label, rec)
     if impressions is not None:
         if fb.label == 1:  # never stamped before its impression, whatever the wall clock did meanwhile
