@@ -124,12 +124,16 @@ class ImpressionLog:
         return True
 
     def health(self) -> dict[str, Any]:
-        """Counters for ``GET /health``: queued, in flight, sent, failed, dropped, invalid, and the last error."""
+        """Counters for ``GET /health``: queued, in flight, sent, failed, dropped, invalid, and the last error.
+
+        ``producer_created``: the broker was reachable once and a producer exists (it reconnects by itself);
+        an outage after that shows as ``in_flight`` growing, then ``failed`` after ``delivery_timeout_ms``.
+        """
         with self._cond:
             queued, in_flight = self._queued, self._in_flight
         keys = ("impressions_sent", "feedback_sent", "failed", "dropped", "invalid", "negatives_not_logged")
         return {"impressions_topic": self.config.impressions_topic, "feedback_topic": self.config.feedback_topic,
-                "connected": self._producer is not None, "connecting": self._connecting,
+                "producer_created": self._producer is not None, "connecting": self._connecting,
                 "connect_failures": int(self.stats["connect_failures"]), "queued": queued, "in_flight": in_flight,
                 **{k: int(self.stats[k]) for k in keys}, "last_error": self.last_error,
                 "last_invalid": self.last_invalid}
