@@ -113,6 +113,11 @@ class ImpressionLog:
             return False
         return self._put(("fb", int(ts), impression_id, kind, value), 1)
 
+    def negative(self) -> None:
+        """Count an accepted label 0: contract v2 has no negative record (the join emits it at window close)."""
+        with self._cond:
+            self.stats["negatives_not_logged"] += 1
+
     def _put(self, entry: _Entry, n: int) -> bool:
         with self._cond:
             if self._queued + n > self.config.max_queued:

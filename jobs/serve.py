@@ -288,7 +288,7 @@ def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client:
         if fb.label == 1:  # never stamped before its impression, whatever the wall clock did meanwhile
             impressions.feedback(iid, max(int(time.time() * 1000), verdict.impression.ts_ms), "click")
         else:  # v2 has no negative record: the join emits the negative when the window closes
-            impressions.stats["negatives_not_logged"] += 1
+            impressions.negative()
     return 200, out
 
 
