@@ -113,3 +113,19 @@ def test_the_producer_is_retried_until_it_can_be_created_and_the_queue_is_bounde
         assert h["connect_failures"] == 2 and h["producer_created"] and h["dropped"] == 10 - sum(accepted) >= 6
     finally:
         log.close(timeout=1)
+
+
+def test_the_service_flags_name_the_topics_or_take_the_configs():
+    from jobs.serve import impression_log
+    from pipelines.config import KafkaConfig
+
+    k = KafkaConfig(bootstrap_servers="127.0.0.1:1", impressions_topic="cfg.imp", feedback_topic="cfg.fb")
+    assert impression_log(k, None, None) is None                       # no flag: no log
+    both = impression_log(k, "", "", retry_s=60, max_block_ms=100)                        # bare flags: the config's topics
+    only = impression_log(k, "my.imp", None, retry_s=60, max_block_ms=100)
+    try:
+        assert (both.config.impressions_topic, both.config.feedback_topic) == ("cfg.imp", "cfg.fb")
+        assert (only.config.impressions_topic, only.config.feedback_topic) == ("my.imp", None)
+    finally:
+        both.close(timeout=0.1)
+        only.close(timeout=0.1)
