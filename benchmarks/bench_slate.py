@@ -13,6 +13,8 @@ production), for a user drawn from the events.
 - ``in-process``: :func:`jobs.serve.handle` (the request path without HTTP: JSON, validation, scoring);
 - ``http``: the uvicorn service (``python -m jobs.serve``, its own process) over one keep-alive
   ``http.client`` connection;
+- ``http, impression log`` (``--kafka``): the same service publishing every candidate as a v2 impression
+  (and clicks as feedback) to the local broker;
 - ``in-process, side``: the same DCNv2 architecture reading the side attributes too (seeded weights:
   latency does not depend on them), so the batch views are looked up in the same Feast call (issue 17).
 
@@ -20,14 +22,16 @@ Reference (same run, requests alternated with the slates so a load change hits b
 candidates as N single-pair requests, one after the other. ``speedup`` = reference p50 / slate p50;
 ``cand/s`` = candidates per second of one client at the p50. ``feast`` is the lookup of N rows alone.
 
-    python benchmarks/bench_slate.py [--events 20000] [--reps 400,60,30]
+    python benchmarks/bench_slate.py [--events 20000] [--reps 400,60,30] [--kafka]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
+import os
 import sys
 import tempfile
 import time
@@ -156,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", default="400,60,30", help="slates per size (1, 100, 1,000 candidates)")
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--no-side", action="store_true", help="skip the side-feature model")
+    ap.add_argument("--kafka", action="store_true",
+                    help="also over HTTP with the impression log to the local broker (started if down)")
     a = ap.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        return run(a, stack)
+
+
+def run(a, stack) -> int:
     import torch
 
     reps = dict(zip(SIZES, (int(x) for x in a.reps.split(","))))
@@ -182,19 +193,35 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row("in-process, side", n, bench_in_process(sc, guard, plans[n])))
             print(rows[-1], flush=True)
         sc.close()
-    if not a.no_http:
-        srv = ServerProc(str(root / "reg"), str(root / "features"))
+    log_health = None
+    servers: dict[str, tuple[str, ...]] = {} if a.no_http else {"http": ()}
+    if a.kafka and servers:
+        from benchmarks.common import services_up
+
+        stack.enter_context(services_up("kafka"))
+        topic = f"bench.slate.{int(time.time())}"
+        servers["http, impression log"] = ("--impressions-topic", f"{topic}.imp", "--feedback-topic", f"{topic}.fb")
+    for path, args in servers.items():
+        srv = ServerProc(str(root / "reg"), str(root / "features"), extra_args=args)
         try:
             fill(srv.url, pairs, labels)
             for n in SIZES:
-                rows.append(row("http", n, bench_http(srv.port, plans[n])))
+                rows.append(row(path, n, bench_http(srv.port, plans[n])))
                 print(rows[-1], flush=True)
+            if args:  # what the log did with the run's impressions, once it has sent them
+                import requests
+
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    log_health = requests.get(f"{srv.url}/health").json()["impression_log"]
+                    if not log_health["queued"] and not log_health["in_flight"]:
+                        break
+                    time.sleep(0.5)
+                print("impression log:", log_health, flush=True)
         finally:
             srv.stop()
-    import os
-
-    report("bench_slate", rows, {"events": a.events, "model": reg.entry(reg.current()).model_config["kind"],
-                                 "feast_profile": "sqlite", "load_average_1m_at_end": os.getloadavg()[0],
+    report("bench_slate", rows, {"events": a.events, "impression_log": log_health,
+                                 "model": reg.entry(reg.current()).model_config["kind"], "feast_profile": "sqlite", "load_average_1m_at_end": os.getloadavg()[0],
                                  "reference": "the same N candidates as N single-pair requests, same run"})
     return 0
 
