@@ -13,8 +13,8 @@ production), for a user drawn from the events.
 - ``in-process``: :func:`jobs.serve.handle` (the request path without HTTP: JSON, validation, scoring);
 - ``http``: the uvicorn service (``python -m jobs.serve``, its own process) over one keep-alive
   ``http.client`` connection;
-- ``http, impression log`` (``--kafka``): the same service publishing every candidate as a v2 impression
-  (and clicks as feedback) to the local broker;
+- ``http, impression log`` (``--kafka``): a second such service publishing every candidate as a v2
+  impression (and clicks as feedback) to the local broker; requests alternate between the two servers;
 - ``in-process, side``: the same DCNv2 architecture reading the side attributes too (seeded weights:
   latency does not depend on them), so the batch views are looked up in the same Feast call (issue 17).
 
@@ -119,29 +119,33 @@ def bench_in_process(sc, guard, reqs) -> dict:
     return {"slate": slate, "ref": ref, "feast": feast}
 
 
-def bench_http(port: int, reqs) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+def bench_http(ports: dict[str, int], reqs) -> dict[str, dict]:
+    """The same slates (then their single pairs) on each server in turn, request by request, so a load change
+    on the shared machine hits every server alike; one keep-alive connection per server."""
+    conns = {k: http.client.HTTPConnection("127.0.0.1", port, timeout=120) for k, port in ports.items()}
     headers = {"content-type": "application/json"}
 
-    def post(body: bytes) -> None:
+    def post(conn, body: bytes) -> None:
         conn.request("POST", "/score", body=body, headers=headers)
         r = conn.getresponse()
         r.read()  # the whole answer: a 1,000-candidate ranking is ~150 KB of JSON
         assert r.status == 200, r.status
 
-    slate, ref = [], []
+    lat = {k: {"slate": [], "ref": []} for k in ports}
     for user, cands in reqs:
-        body = slate_body(user, cands)
-        t0 = time.perf_counter()
-        post(body)
-        slate.append(time.perf_counter() - t0)
-        bodies = [pair_body(user, c) for c in cands]
-        t0 = time.perf_counter()
-        for b in bodies:
-            post(b)
-        ref.append(time.perf_counter() - t0)
-    conn.close()
-    return {"slate": slate, "ref": ref}
+        body, bodies = slate_body(user, cands), [pair_body(user, c) for c in cands]
+        for k, conn in conns.items():
+            t0 = time.perf_counter()
+            post(conn, body)
+            lat[k]["slate"].append(time.perf_counter() - t0)
+        for k, conn in conns.items():
+            t0 = time.perf_counter()
+            for b in bodies:
+                post(conn, b)
+            lat[k]["ref"].append(time.perf_counter() - t0)
+    for conn in conns.values():
+        conn.close()
+    return lat
 
 
 def row(path: str, n: int, lat: dict) -> dict:
@@ -201,25 +205,30 @@ def run(a, stack) -> int:
         stack.enter_context(services_up("kafka"))
         topic = f"bench.slate.{int(time.time())}"
         servers["http, impression log"] = ("--impressions-topic", f"{topic}.imp", "--feedback-topic", f"{topic}.fb")
-    for path, args in servers.items():
-        srv = ServerProc(str(root / "reg"), str(root / "features"), extra_args=args)
-        try:
-            fill(srv.url, pairs, labels)
-            for n in SIZES:
-                rows.append(row(path, n, bench_http(srv.port, plans[n])))
+    procs = {}
+    try:
+        for path, args in servers.items():
+            procs[path] = ServerProc(str(root / "reg"), str(root / "features"), extra_args=args)
+            fill(procs[path].url, pairs, labels)
+        for n in SIZES:
+            if not procs:
+                break
+            for path, lat in bench_http({k: p.port for k, p in procs.items()}, plans[n]).items():
+                rows.append(row(path, n, lat))
                 print(rows[-1], flush=True)
-            if args:  # what the log did with the run's impressions, once it has sent them
-                import requests
+        if "http, impression log" in procs:  # what the log did with the run's impressions, once it sent them
+            import requests
 
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    log_health = requests.get(f"{srv.url}/health").json()["impression_log"]
-                    if not log_health["queued"] and not log_health["in_flight"]:
-                        break
-                    time.sleep(0.5)
-                print("impression log:", log_health, flush=True)
-        finally:
-            srv.stop()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                log_health = requests.get(f"{procs['http, impression log'].url}/health").json()["impression_log"]
+                if not log_health["queued"] and not log_health["in_flight"]:
+                    break
+                time.sleep(0.5)
+            print("impression log:", log_health, flush=True)
+    finally:
+        for proc in procs.values():
+            proc.stop()
     report("bench_slate", rows, {"events": a.events, "impression_log": log_health,
                                  "model": reg.entry(reg.current()).model_config["kind"], "feast_profile": "sqlite", "load_average_1m_at_end": os.getloadavg()[0],
                                  "reference": "the same N candidates as N single-pair requests, same run"})
