@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,38 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _pct(xs: list[float]) -> dict[str, float]:
-    a = np.asarray(xs) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(xs)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup(root: Path, events: int):
-    from jobs.examples import write_example_files
-    from reloop.datasets import movielens_examples
-    from jobs.registry import ModelRegistry
-    from jobs.serve import prepare_feature_store
-    from jobs.trainer import IncrementalTrainer, TrainerConfig
-    from reloop.datasets import load_dataset
-
-    table = load_dataset("movielens-100k", limit=events)
-    store = prepare_feature_store(str(root / "features"), table)
-    write_example_files(movielens_examples(events), str(root / "examples"), rows_per_file=5000)
-    t = IncrementalTrainer(TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"),
-                                         idle_exit=0, checkpoint_every=10 ** 9, model_kind="dcnv2", batch_size=512))
-    t.run()
-    t.publish()
-    reg = ModelRegistry(str(root / "reg"))
-    reg.promote(reg.versions()[-1])
-    pairs = list(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist()))
-    labels = table["label"].to_pylist()
-    return store, reg, pairs, labels
+# the set-up, the percentiles and the server process are shared with bench_slate.py
+from benchmarks.common import ServerProc, fill, pct as _pct, serve_world as setup  # noqa: E402,F401
 
 
 def bench_in_process(store, reg, pairs, labels, n: int) -> dict:
@@ -97,49 +64,6 @@ def bench_in_process(store, reg, pairs, labels, n: int) -> dict:
         lookup.lookup_dict([u], [i])
         lat["feast_lookup"].append(time.perf_counter() - t0)
     return {k: _pct(v) for k, v in lat.items()}
-
-
-class ServerProc:
-    def __init__(self, reg_uri: str, repo: str, backend: str, use_memory: bool) -> None:
-        self.port = _free_port()
-        cmd = [sys.executable, "-m", "jobs.serve", "--registry", reg_uri, "--feast-repo", repo, "--port",
-               str(self.port), "--backend", backend]
-        if not use_memory:
-            cmd.append("--no-memory")
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{backend}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        import requests
-
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {self.log.name}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).json().get("model_version"):
-                    return
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready; see {self.log.name}")
-
-    def stop(self) -> None:
-        # SIGINT: a clean exit, so an embedded Ray cluster is shut down by its own driver
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def fill(url: str, pairs, labels) -> None:
-    import requests
-
-    s = requests.Session()
-    for (u, i), y in zip(pairs[:1000], labels[:1000]):
-        rid = s.post(f"{url}/score", json={"user_id": u, "item_id": i}).json()["request_id"]
-        s.post(f"{url}/feedback", json={"request_id": rid, "label": y})
 
 
 def latency_http(urls: dict[str, str], pairs, n: int) -> dict:

@@ -77,6 +77,7 @@ class Impression:
     payload: Any
     issued_at: float
     outcome: int | None = None
+    ts_ms: int = 0           # the event time it was served at (epoch ms; 0: not recorded)
 
 
 class Impressions:
@@ -96,14 +97,15 @@ class Impressions:
             self._expire(now)
         return iid
 
-    def issue_many(self, user_id: str, item_ids: list[str], payloads: list[Any]) -> list[str]:
-        """Ids for a slate: one random prefix per request, the candidate's index after it."""
+    def issue_many(self, user_id: str, item_ids: list[str], payloads: list[Any], ts_ms: int = 0) -> list[str]:
+        """Ids for a slate: one random prefix per request, the candidate's index after it. ``ts_ms``: the
+        event time the slate was served at (kept so its feedback is never stamped before it)."""
         prefix = secrets.token_hex(12)
         now = self.clock()
         ids = [f"{prefix}.{i}" for i in range(len(item_ids))]
         with self._lock:
             for iid, item, p in zip(ids, item_ids, payloads):
-                self._items[iid] = Impression(iid, user_id, item, p, now)
+                self._items[iid] = Impression(iid, user_id, item, p, now, None, ts_ms)
             self._expire(now)
         return ids
 

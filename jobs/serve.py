@@ -13,7 +13,7 @@ Requests (JSON, unknown fields rejected):
 
 - ``/score``: ``{"user_id": str, "item_id": str, "context": {str: str|number|bool}?, "request_id": str?}``
   -> ``{"request_id", "impression_id", "probability" (compensated), "base_probability", "model_version"}``;
-  or a **slate**: ``{"user_id", "candidates": [item ids, at most 1,000], "context"?, "request_id"?}`` ->
+  or a **slate**: ``{"user_id", "candidates": [distinct item ids, at most 1,000], "context"?, "request_id"?}`` ->
   ``{"request_id", "model_version", "ranking": [{"item_id", "impression_id", "probability",
   "base_probability"}, ...]}`` ranked by compensated probability: one Feast lookup, one batched forward
   pass and one memory read for the whole slate;
@@ -24,9 +24,17 @@ Requests (JSON, unknown fields rejected):
 
 Errors: bad JSON (or nested deeper than the event contract allows) 400, invalid fields 422 (the message
 names them: also integers outside int64, non-finite numbers, context keys named like a feature or a
-core column, values the model's encoder cannot take), missing or wrong bearer token 401, unknown
+core column, values the model's encoder cannot take, an empty slate, more than 1,000 candidates, the same
+item twice in a slate, lone surrogates in a string), missing or wrong bearer token 401, unknown
 impression 404, a second outcome with another label 409, over a feedback cap 429, body over the size
-limit 413 (checked while reading: a huge body is never held in memory), no model deployed 503.
+limit 413 (checked while reading: a huge body is never held in memory; a slate of 10,001 ids is one), no
+model deployed 503.
+
+**Impression log** (``--impressions-topic`` / ``--feedback-topic``, :mod:`jobs.impression_log`): every
+scored candidate is published as a contract-v2 ``impression`` (its ``position`` is its rank in the
+answer) and every accepted click as a v2 ``feedback``, checked with the feature job's own parsers, so the
+attribution join (:mod:`pipelines.join`) labels served traffic. Publishing never blocks or fails a
+request: a broker outage shows as dropped/failed counts under ``impression_log`` in ``GET /health``.
 
 At serving, request context never overrides an online feature: the lookup's values win, and a context
 key named like a pipeline column is refused. Authentication: with ``RELOOP_SERVE_TOKEN`` (or
@@ -35,7 +43,8 @@ non-loopback ``--host`` refuses to start without one. The service binds 127.0.0.
 otherwise, and swaps models when the registry's current version changes (:meth:`Scorer.reload`),
 without dropping requests.
 
-    python -m jobs.serve --registry .state/registry --feast-repo features --port 8000
+    python -m jobs.serve --registry .state/registry --feast-repo features --port 8000 \
+        --impressions-topic --feedback-topic        # log to kafka.impressions_topic / kafka.feedback_topic
 """
 
 from __future__ import annotations
@@ -48,14 +57,16 @@ import logging
 import math
 import os
 import sys
+import time
 import weakref
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.impression_log import ImpressionLog, ImpressionLogConfig
 from jobs.ray_local import init_local
-from jobs.scoring import FeastLookup, Remembered, Scorer, ScorerConfig, ScoringError
+from jobs.scoring import FeastLookup, ScoredSlate, Scorer, ScorerConfig, ScoringError, SlateCandidate
 from pipelines.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
 
 log = logging.getLogger("reloop.serve")
@@ -68,6 +79,16 @@ Scalar = Union[str, int, float, bool]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _unicode_ok(s: str) -> bool:
+    """JSON may escape lone surrogates (``"\\ud800"``): no Arrow string, Kafka key or v2 record can hold one
+    (pydantic refuses them in plain ``str`` fields itself; candidates and context are checked here)."""
+    try:
+        s.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _check_context(v: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +104,8 @@ def _check_context(v: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"context.{k}: must be finite")
         if isinstance(x, str) and len(x) > 1024:
             raise ValueError(f"context.{k}: string longer than 1024")
+        if not _unicode_ok(k) or (isinstance(x, str) and not _unicode_ok(x)):
+            raise ValueError(f"context.{k!r}: a lone surrogate escape is not text")
     return v
 
 
@@ -98,8 +121,16 @@ class ScoreRequest(_Strict):
     @field_validator("candidates")
     @classmethod
     def _items(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(not 0 < len(i) <= 256 for i in v):
+        if v is None:
+            return v
+        if any(not 0 < len(i) <= 256 for i in v):
             raise ValueError("every candidate is an item id of 1 to 256 characters")
+        if len(set(v)) < len(v):
+            seen: set[str] = set()
+            dup = next(i for i in v if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+            raise ValueError(f"candidates must be distinct: item {dup[:64]!r} appears {v.count(dup)} times")
+        if not all(map(_unicode_ok, v)):
+            raise ValueError("a candidate holds a lone surrogate escape, which is not text")
         return v
 
 
@@ -108,7 +139,6 @@ class FeedbackRequest(_Strict):
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     label: Literal[0, 1] | None = None
     event: dict[str, Any] | None = None
-
 
 def _validation_message(e: ValidationError) -> str:
     parts = []
@@ -130,10 +160,10 @@ def guard_for(scorer: Scorer, config: GuardConfig | None = None, alert=None) -> 
     return g
 
 
-def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[str], context: dict[str, Any]
-                ) -> tuple[Any, list[dict[str, Any]]]:
+def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[str], context: dict[str, Any],
+                ts_ms: int = 0) -> tuple[Any, list[dict[str, Any]]]:
     """One user, many candidates: one lookup, one forward pass, one memory read; ``(bundle, rows)`` in
-    candidate order, each with its impression id (issued on ``guard``)."""
+    candidate order, each with its impression id (issued on ``guard``, served at event time ``ts_ms``)."""
     bundle = scorer.bundle
     if bundle is None:
         raise ScoringError(f"no model is deployed yet (registry {scorer.registry.uri} has no current version)", 503)
@@ -154,21 +184,26 @@ def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[
         with scorer._lock:
             comp = bundle.memory.estimate(key, base)
     base_l, comp_l = base.tolist(), comp.tolist()
-    payloads = [Remembered(bundle.version, table.slice(i, 1), key[i:i + 1], base_l[i]) for i in range(n)]
-    ids = guard.impressions.issue_many(user_id, list(items), payloads)
+    slate = ScoredSlate(bundle.version, table, key, base_l)
+    payloads = [slate.candidate(i) for i in range(n)]
+    ids = guard.impressions.issue_many(user_id, list(items), payloads, ts_ms)
     scorer.stats["scored"] += n
     return bundle, [{"item_id": it, "impression_id": iid, "probability": float(c), "base_probability": float(b)}
                     for it, iid, c, b in zip(items, ids, comp_l, base_l)]
 
 
 def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackGuard | None = None,
-           client: str = "") -> tuple[int, dict[str, Any]]:
+           client: str = "", impressions: ImpressionLog | None = None) -> tuple[int, dict[str, Any]]:
     """One request -> ``(HTTP status, JSON body)``; every host (uvicorn, Ray Serve) calls this.
 
-    Input errors are 4xx, never 500: a 500 means a bug here, and is logged with its traceback.
+    Input errors are 4xx, never 500: a 500 means a bug here, and is logged with its traceback. With
+    ``impressions``, served candidates and accepted clicks are queued for Kafka (never blocking).
     """
     if path == "/health" and method == "GET":
-        return 200, scorer.health()
+        out = scorer.health()
+        if impressions is not None:
+            out["impression_log"] = impressions.health()
+        return 200, out
     if path not in ("/score", "/feedback"):
         return 404, {"error": f"no route {method} {path}; routes: POST /score, POST /feedback, GET /health"}
     if method != "POST":
@@ -183,8 +218,8 @@ def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackG
     guard = guard or guard_for(scorer)
     try:
         if path == "/score":
-            return 200, _score(scorer, guard, ScoreRequest.model_validate(data))
-        return _feedback(scorer, guard, FeedbackRequest.model_validate(data), client)
+            return 200, _score(scorer, guard, ScoreRequest.model_validate(data), impressions)
+        return _feedback(scorer, guard, FeedbackRequest.model_validate(data), client, impressions)
     except ValidationError as e:
         return 422, {"error": _validation_message(e)}
     except ScoringError as e:
@@ -193,19 +228,26 @@ def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackG
         return 400, {"error": f"request too deeply nested: {e}"}
 
 
-def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest) -> dict[str, Any]:
+def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions: ImpressionLog | None = None
+           ) -> dict[str, Any]:
     import uuid
 
     if (req.item_id is None) == (req.candidates is None):
         raise ScoringError("give either item_id (one pair) or candidates (a slate), not both", 422)
     rid = req.request_id or uuid.uuid4().hex
+    ts = int(time.time() * 1000)
     if req.item_id is not None:
-        bundle, (one,) = score_slate(scorer, guard, req.user_id, [req.item_id], req.context)
+        bundle, (one,) = score_slate(scorer, guard, req.user_id, [req.item_id], req.context, ts)
         _alias(guard, rid, one["impression_id"])
+        if impressions is not None:
+            impressions.impressions(ts, req.user_id, rid, [(one["impression_id"], req.item_id, 0)], req.context)
         return {"request_id": rid, "impression_id": one["impression_id"], "probability": one["probability"],
                 "base_probability": one["base_probability"], "model_version": bundle.version}
-    bundle, rows = score_slate(scorer, guard, req.user_id, req.candidates, req.context)
+    bundle, rows = score_slate(scorer, guard, req.user_id, req.candidates, req.context, ts)
     rows.sort(key=lambda r: -r["probability"])
+    if impressions is not None:  # position = the rank served (0 = top)
+        impressions.impressions(ts, req.user_id, rid, [(r["impression_id"], r["item_id"], pos)
+                                                       for pos, r in enumerate(rows)], req.context)
     return {"request_id": rid, "model_version": bundle.version, "ranking": rows}
 
 
@@ -221,7 +263,8 @@ def _alias(guard: FeedbackGuard, request_id: str, impression_id: str) -> None:
         aliases.popitem(last=False)
 
 
-def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client: str) -> tuple[int, dict[str, Any]]:
+def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client: str,
+              impressions: ImpressionLog | None = None) -> tuple[int, dict[str, Any]]:
     if fb.event is not None:
         raise ScoringError("feedback must name an impression issued by /score (impression_id); outcomes of "
                            "events not scored here are not accepted", 422)
@@ -239,8 +282,13 @@ def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client:
             return 200, {"written": False, "duplicate": True}
         what = "impression_id" if fb.impression_id else "request_id"
         return verdict.status, {"error": f"{what} {fb.impression_id or fb.request_id!r}: {verdict.reason}"}
-    rec: Remembered = verdict.impression.payload
+    rec: SlateCandidate = verdict.impression.payload
     out = scorer._write(rec.row, fb.label, rec)
+    if impressions is not None:
+        if fb.label == 1:  # never stamped before its impression, whatever the wall clock did meanwhile
+            impressions.feedback(iid, max(int(time.time() * 1000), verdict.impression.ts_ms), "click")
+        else:  # v2 has no negative record: the join emits the negative when the window closes
+            impressions.negative()
     return 200, out
 
 
@@ -292,8 +340,10 @@ def authorized(header: str | None, token: str | None) -> bool:
     return hmac.compare_digest(header[7:].strip().encode(), token.encode())
 
 
-def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | None = None):
-    """A Starlette app over :func:`handle`, with the streaming body limit and optional bearer auth."""
+def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | None = None,
+             impressions: ImpressionLog | None = None):
+    """A Starlette app over :func:`handle`, with the streaming body limit and optional bearer auth (and the
+    impression log, closed with the app)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -314,7 +364,7 @@ def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | No
                                 status_code=413, headers={"Connection": "close"})
         client = request.client.host if request.client else ""
         try:
-            status, out = handle(scorer, method, path, body, guard, client)
+            status, out = handle(scorer, method, path, body, guard, client, impressions)
         except Exception:  # noqa: BLE001  (a bug: logged with its traceback, answered as 500, still serving)
             log.exception("internal error on %s %s", method, path)
             status, out = 500, {"error": "internal error (logged)"}
@@ -324,6 +374,8 @@ def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | No
     async def lifespan(app):
         yield
         scorer.close()
+        if impressions is not None:
+            impressions.close()
 
     # one catch-all route: unknown paths and methods get the same JSON errors as everything else
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
@@ -351,19 +403,42 @@ def serve_token(host: str, token_env: str = TOKEN_ENV) -> str | None:
 
 
 def serve_http(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               guard: FeedbackGuard | None = None) -> None:
+               guard: FeedbackGuard | None = None, impressions: ImpressionLog | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(asgi_app(scorer, token, guard), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(asgi_app(scorer, token, guard, impressions), host=host, port=port, log_level="warning",
+                access_log=False)
+
+
+def impression_log(kafka: Any, impressions_topic: str | None, feedback_topic: str | None,
+                   **config: Any) -> ImpressionLog | None:
+    """The service's impression log (a started :class:`ImpressionLog`), or None when neither topic is set.
+
+    ``kafka`` is a :class:`pipelines.config.KafkaConfig` (bootstrap and security settings); an empty topic
+    name means the config's ``impressions_topic`` / ``feedback_topic``.
+    """
+    if impressions_topic is None and feedback_topic is None:
+        return None
+    cfg = ImpressionLogConfig(impressions_topic=(impressions_topic or kafka.impressions_topic)
+                              if impressions_topic is not None else None,
+                              feedback_topic=(feedback_topic or kafka.feedback_topic)
+                              if feedback_topic is not None else None, **config)
+    return ImpressionLog(kafka, cfg)
 
 
 class ServeDeployment:
     """The same handlers as a Ray Serve deployment (``serve.deployment(ServeDeployment)``)."""
 
     def __init__(self, registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
-                 scorer_config: dict | None = None) -> None:
+                 scorer_config: dict | None = None, impression_topics: dict | None = None,
+                 kafka: dict | None = None) -> None:
+        from pipelines.config import KafkaConfig
+
         logging.basicConfig(level=logging.INFO)
         self.scorer = build_scorer(registry_uri, feast_repo, feast_profile, ScorerConfig(**(scorer_config or {})))
+        topics = impression_topics or {}
+        self.impressions = impression_log(KafkaConfig(**(kafka or {})), topics.get("impressions"),
+                                          topics.get("feedback"))
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's in-place update (``serve.run`` with a new ``user_config``): ``{"use_memory": bool}``
@@ -386,12 +461,13 @@ class ServeDeployment:
             return JSONResponse({"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
                                 status_code=413)
         status, out = handle(self.scorer, request.method, request.url.path, body, None,
-                             request.client.host if request.client else "")
+                             request.client.host if request.client else "", self.impressions)
         return JSONResponse(out, status_code=status)
 
 
 def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_config: dict, host: str, port: int,
-              address: str | None = None, blocking: bool = True):
+              address: str | None = None, blocking: bool = True, impression_topics: dict | None = None,
+              kafka: dict | None = None):
     """Run the deployment on Ray Serve (local ``ray.init`` unless ``address``)."""
     import ray
     from ray import serve
@@ -404,23 +480,26 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     from jobs.serve import ServeDeployment as deployment_cls
 
     app = serve.deployment(deployment_cls, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
-        registry_uri, feast_repo, feast_profile, scorer_config)
+        registry_uri, feast_repo, feast_profile, scorer_config, impression_topics, kafka)
     return serve.run(app, name="reloop", route_prefix="/", blocking=blocking)
 
 
-def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> Any:
+def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", users=None, items=None) -> Any:
     """Copy the Feast repo of ``features/`` to ``dest``, apply it, and write the online features of ``events``.
 
     For demos, tests and benchmarks: a private store (its own SQLite file and offline dir) holding the
     features every user and item of ``events`` has after the last event (what the feature job would
-    have written). Returns the open ``FeatureStore``.
+    have written). ``users`` / ``items``: side tables (:mod:`reloop.side_tables` columns, ``valid_from`` in
+    epoch ms) written as the batch sources of ``user_profile`` / ``item_catalog`` and materialised online
+    with Feast's own ``materialize``, as ``reloop`` publishes them. Returns the open ``FeatureStore``.
     """
     import os
     import shutil
     from pathlib import Path
 
     from pipelines.aggregates import FeatureState, compute_features, snapshot
-    from pipelines.feast_io import ITEM_VIEW, USER_VIEW, apply_repo, open_store, write_snapshot
+    from pipelines.feast_io import (ITEM_CATALOG_VIEW, ITEM_VIEW, USER_PROFILE_VIEW, USER_VIEW, apply_repo,
+                                    materialize_batch_views, open_store, write_batch_source, write_snapshot)
     from pipelines.config import FeastConfig
 
     src = Path(__file__).resolve().parent.parent / "features"
@@ -436,9 +515,15 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite") -> A
         apply_repo(fc, str(dest_p))
         store = open_store(fc, str(dest_p))
         _, state, _ = compute_features(events, FeatureState.empty())
-        users, items = snapshot(state, int(events["ts"].to_numpy().max()) + 1)
-        write_snapshot(store, USER_VIEW, users, "demo")
-        write_snapshot(store, ITEM_VIEW, items, "demo")
+        user_rows, item_rows = snapshot(state, int(events["ts"].to_numpy().max()) + 1)
+        write_snapshot(store, USER_VIEW, user_rows, "demo")
+        write_snapshot(store, ITEM_VIEW, item_rows, "demo")
+        side = {v: t for v, t in ((USER_PROFILE_VIEW, users), (ITEM_CATALOG_VIEW, items)) if t is not None}
+        for view, table in side.items():
+            names = ["event_timestamp" if c == "valid_from" else c for c in table.column_names]
+            write_batch_source(store, view, table.rename_columns(names), "demo")
+        if side:
+            materialize_batch_views(store, views=tuple(side))
     finally:
         if old is None:
             os.environ.pop("RELOOP_FEAST_OFFLINE_ROOT", None)
@@ -470,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="serve base predictions only")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between registry checks")
     p.add_argument("--token-env", default=TOKEN_ENV, help=f"env var holding the bearer token (default {TOKEN_ENV})")
+    p.add_argument("--impressions-topic", nargs="?", const="", default=None, metavar="TOPIC",
+                   help="publish every scored candidate as a v2 impression (bare flag: kafka.impressions_topic)")
+    p.add_argument("--feedback-topic", nargs="?", const="", default=None, metavar="TOPIC",
+                   help="publish every accepted click as v2 feedback (bare flag: kafka.feedback_topic)")
     a = p.parse_args(argv)
     from jobs.config import load_jobs_config as load_config
 
@@ -484,12 +573,18 @@ def main(argv: list[str] | None = None) -> int:
     repo = a.feast_repo or cfg.feast.repo_path
     sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll, "memory": cfg.memory.settings()}
     if a.backend == "ray":
-        serve_ray(registry, repo, cfg.feast.profile, sc, a.host, a.port, address=cfg.ray.address)
+        serve_ray(registry, repo, cfg.feast.profile, sc, a.host, a.port, address=cfg.ray.address,
+                  impression_topics={"impressions": a.impressions_topic, "feedback": a.feedback_topic},
+                  kafka=cfg.kafka.model_dump())
         return 0
     scorer = build_scorer(registry, repo, cfg.feast.profile, ScorerConfig(**sc), cfg.feast.redis_connection_string)
     print(f"scoring service on http://{a.host}:{a.port} (model {scorer.health()['model_version']})", flush=True)
     guard = guard_for(scorer, GuardConfig(), alert=_alert_sink(cfg))
-    serve_http(scorer, a.host, a.port, token, guard)
+    impressions = impression_log(cfg.kafka, a.impressions_topic, a.feedback_topic)
+    if impressions is not None:
+        print(f"impression log: {impressions.config.impressions_topic} / {impressions.config.feedback_topic} "
+              f"on {cfg.kafka.bootstrap_servers}", flush=True)
+    serve_http(scorer, a.host, a.port, token, guard, impressions)
     return 0
 
 

@@ -172,6 +172,17 @@ def _refs(views: tuple[str, ...]) -> list[str]:
     return [f"{v}:{f}" for v in views for f in BATCH_FEATURES[v]]
 
 
+def batch_feature_refs(fields) -> list[str]:
+    """Feature refs (``view:feature``) of the batch-view features named in ``fields``, in the views' order: what
+    a model whose encoder reads those fields needs from ``user_profile`` / ``item_catalog``.
+
+    >>> batch_feature_refs(["user_id", "genres", "age_bucket", "user_ctr_7d"])
+    ['user_profile:age_bucket', 'item_catalog:genres']
+    """
+    wanted = set(fields)
+    return [f"{v}:{f}" for v, names in BATCH_FEATURES.items() for f in names if f in wanted]
+
+
 def _with_defaults(cols: dict[str, list]) -> dict[str, list]:
     # Feast returns None for an entity without a row; a bag's default is the empty bag
     return {f: ([v if v is not None else [] for v in vals] if f in BAG_FEATURES else vals) for f, vals in cols.items()}

@@ -377,9 +377,11 @@ def test_feedback_flood_from_one_client_is_capped_alerted_and_kept_out_of_the_re
         before = {p: score(*p)["probability"] for p in [("13", "100")] + others}
         outcomes_before = scorer.health()["outcomes_buffered"]
         codes: dict[int, int] = {}
-        slate = [str(100)] * 1000  # 5 slates of the same item: 5,000 issued impressions of one pair
-        for _ in range(5):
-            ranking = s.post(f"{srv.url}/score", json={"user_id": "13", "candidates": slate}).json()["ranking"]
+        from jobs.serve import score_slate
+
+        slate = [str(100)] * 1000  # 5 slates of the same item: 5,000 issued impressions of one pair (issued
+        for _ in range(5):         # in process: /score refuses a slate with an item twice)
+            _, ranking = score_slate(scorer, g, "13", slate, {})
             for x in ranking:
                 c = s.post(f"{srv.url}/feedback", json={"impression_id": x["impression_id"], "label": 0}).status_code
                 codes[c] = codes.get(c, 0) + 1
