@@ -39,12 +39,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.registry import ModelRegistry, RegistryError
-from online_models.memory import SERVING_MEMORY
+from jobs.registry import ModelRegistry, RegistryError, load_model
+from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.errors import ReloopError
+from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, Hashed, write_groups
+from online_models.models import MEMORY_KEYS, memory_key, memory_key_dim, predict_table, predict_with_hidden
+from pipelines.feast_io import batch_feature_refs
 
 log = logging.getLogger("reloop.serve")
 _STR_LIST = pa.list_(pa.string())
@@ -104,7 +108,6 @@ class FeastLookup:
 
     def for_fields(self, fields: Any) -> "FeastLookup":
         """This lookup, plus the batch-view features among ``fields`` (a model's encoder fields) it lacks."""
-        from pipelines.feast_io import batch_feature_refs
 
         missing = tuple(r for r in batch_feature_refs(fields) if r.split(":", 1)[1] not in self.names)
         if not missing:
@@ -139,7 +142,6 @@ class Bundle:
 
     def key(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """The memory's key of encoded rows whose last hidden layer is ``hidden``."""
-        from online_models.models import memory_key
 
         return memory_key(self.model, batch, hidden, self.memory_key)
 
@@ -153,10 +155,6 @@ def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
     model and the key. ``lookup_for`` maps the version's feature service to an online-feature lookup (None
     where features come with the rows).
     """
-    from jobs.registry import load_model
-    from online_models.encoding import EncoderConfig, FeatureEncoder
-    from online_models.memory import ErrorCompensationMemory
-    from online_models.models import MEMORY_KEYS, memory_key_dim
 
     entry, model = load_model(registry, version)
     enc = entry.extra.get("encoder")
@@ -207,14 +205,11 @@ def score_rows(bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "
     :func:`online_models.memory.write_groups`). This is the only place the serving path touches the memory
     per event, so batching its writes differently is a change here alone. Returns numpy float64 arrays.
     """
-    import numpy as np
 
-    from online_models.memory import write_groups
 
     batch = bundle.encoder.encode(table)
+    p_base, hidden = predict_with_hidden(bundle.model, batch)
     with torch.no_grad():
-        logits, hidden = bundle.model(batch)
-        p_base = torch.sigmoid(logits)
         if not use_memory:
             p_mem = p_base
         elif learn:
@@ -227,13 +222,7 @@ def score_rows(bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "
 
 def base_predictions(bundle: Bundle, table: pa.Table, batch_size: int = 4096) -> Any:
     """The base model's probabilities of ``table``'s rows (no memory): shadows and the deployment gate."""
-    import numpy as np
-
-    out = []
-    with torch.no_grad():
-        for lo in range(0, table.num_rows, batch_size):
-            out.append(torch.sigmoid(bundle.model(bundle.encoder.encode(table.slice(lo, batch_size)))[0]).numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+    return predict_table(bundle.model, bundle.encoder, table, batch_size).astype(np.float64)
 
 
 def serve_timeline(bundle: Bundle, table: pa.Table, write: Any) -> tuple[Any, Any]:
@@ -247,15 +236,12 @@ def serve_timeline(bundle: Bundle, table: pa.Table, write: Any) -> tuple[Any, An
     at once, which is exact: nothing between two steps of a run changes the memory. Returns numpy float64
     ``(p_base, p_mem)``; ``p_mem`` of an outcome row is its base probability (nothing was served).
     """
-    import numpy as np
 
-    from online_models.memory import Hashed
 
     write = np.asarray(write, bool)
     batch = bundle.encoder.encode(table)
+    p_base, hidden = predict_with_hidden(bundle.model, batch)
     with torch.no_grad():
-        logits, hidden = bundle.model(batch)
-        p_base = torch.sigmoid(logits)
         p_mem = p_base.clone()
         mem = bundle.memory
         key = bundle.key(batch, hidden)
@@ -404,9 +390,9 @@ class Scorer:
             return
         batch = bundle.encoder.encode(rows)
         labels = torch.tensor([o[2] for o in outcomes], dtype=torch.float32)
+        p, hidden = predict_with_hidden(bundle.model, batch)
         with torch.no_grad():
-            logits, hidden = bundle.model(batch)
-            bundle.memory.write(bundle.key(batch, hidden), labels, torch.sigmoid(logits))
+            bundle.memory.write(bundle.key(batch, hidden), labels, p)
 
     def start(self) -> None:
         """Load the current model (if any) and poll the registry in a background thread."""
@@ -453,9 +439,9 @@ class Scorer:
     def _forward(self, bundle: Bundle, row: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
         """Base probability and the memory's key of one encoded row."""
         batch = bundle.encoder.encode(row)
+        p, hidden = predict_with_hidden(bundle.model, batch)
         with torch.no_grad():
-            logits, hidden = bundle.model(batch)
-            return torch.sigmoid(logits), bundle.key(batch, hidden)
+            return p, bundle.key(batch, hidden)
 
     def score(self, user_id: str, item_id: str, context: dict[str, Any] | None = None,
               request_id: str | None = None) -> dict[str, Any]:

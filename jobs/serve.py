@@ -50,24 +50,36 @@ without dropping requests.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hmac
 import ipaddress
 import logging
 import math
 import os
+import shutil
 import sys
 import time
+import uuid
 import weakref
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from jobs.alerts import dispatcher_from_config
+from jobs.config import load_jobs_config as load_config
 from jobs.feedback import FeedbackGuard, GuardConfig
 from jobs.impression_log import ImpressionLog, ImpressionLogConfig
 from jobs.ray_local import init_local
+from jobs.registry import ModelRegistry
 from jobs.scoring import FeastLookup, ScoredSlate, Scorer, ScorerConfig, ScoringError, SlateCandidate
+from pipelines.aggregates import FeatureState, compute_features, snapshot
+from pipelines.config import FeastConfig, KafkaConfig
 from pipelines.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
+from pipelines.feast_io import open_store
 
 log = logging.getLogger("reloop.serve")
 
@@ -230,7 +242,6 @@ def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackG
 
 def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions: ImpressionLog | None = None
            ) -> dict[str, Any]:
-    import uuid
 
     if (req.item_id is None) == (req.candidates is None):
         raise ScoringError("give either item_id (one pair) or candidates (a slate), not both", 422)
@@ -253,7 +264,6 @@ def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions:
 
 def _alias(guard: FeedbackGuard, request_id: str, impression_id: str) -> None:
     """request id -> impression id of a one-item request (the older feedback form), bounded like impressions."""
-    import collections
 
     aliases = getattr(guard, "_aliases", None)
     if aliases is None:
@@ -295,11 +305,7 @@ def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client:
 def build_scorer(registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
                  config: ScorerConfig = ScorerConfig(), redis: str | None = None) -> Scorer:
     """A started :class:`Scorer` reading features from the Feast repo ``feast_repo``."""
-    import torch
 
-    from jobs.registry import ModelRegistry
-    from pipelines.feast_io import open_store
-    from pipelines.config import FeastConfig
 
     # one request is a batch of one: intra-op threads only add hand-off cost (measured ~1.5x slower with 2)
     torch.set_num_threads(1)
@@ -432,7 +438,6 @@ class ServeDeployment:
     def __init__(self, registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
                  scorer_config: dict | None = None, impression_topics: dict | None = None,
                  kafka: dict | None = None) -> None:
-        from pipelines.config import KafkaConfig
 
         logging.basicConfig(level=logging.INFO)
         self.scorer = build_scorer(registry_uri, feast_repo, feast_profile, ScorerConfig(**(scorer_config or {})))
@@ -443,7 +448,6 @@ class ServeDeployment:
     def reconfigure(self, user_config: dict) -> None:
         """Serve's in-place update (``serve.run`` with a new ``user_config``): ``{"use_memory": bool}``
         switches the memory; any call also re-reads the registry's current version at once."""
-        from dataclasses import replace
 
         if "use_memory" in user_config:
             self.scorer.config = replace(self.scorer.config, use_memory=bool(user_config["use_memory"]))
@@ -477,7 +481,7 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     serve.start(http_options={"host": host, "port": port})
     # under `python -m jobs.serve` this module is __main__, which Ray would pickle by value with all its
     # globals (the feedback guards' WeakKeyDictionary cannot be pickled): the importable module goes by name
-    from jobs.serve import ServeDeployment as deployment_cls
+    from jobs.serve import ServeDeployment as deployment_cls  # noqa: PLW0406  (this module, by its import name)
 
     app = serve.deployment(deployment_cls, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
         registry_uri, feast_repo, feast_profile, scorer_config, impression_topics, kafka)
@@ -493,14 +497,18 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", user
     epoch ms) written as the batch sources of ``user_profile`` / ``item_catalog`` and materialised online
     with Feast's own ``materialize``, as ``reloop`` publishes them. Returns the open ``FeatureStore``.
     """
-    import os
-    import shutil
-    from pathlib import Path
 
-    from pipelines.aggregates import FeatureState, compute_features, snapshot
-    from pipelines.feast_io import (ITEM_CATALOG_VIEW, ITEM_VIEW, USER_PROFILE_VIEW, USER_VIEW, apply_repo,
-                                    materialize_batch_views, open_store, write_batch_source, write_snapshot)
-    from pipelines.config import FeastConfig
+    from pipelines.feast_io import (
+        ITEM_CATALOG_VIEW,
+        ITEM_VIEW,
+        USER_PROFILE_VIEW,
+        USER_VIEW,
+        apply_repo,
+        materialize_batch_views,
+        open_store,
+        write_batch_source,
+        write_snapshot,
+    )
 
     src = Path(__file__).resolve().parent.parent / "features"
     dest_p = Path(dest)
@@ -535,7 +543,6 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", user
 def _alert_sink(cfg):
     """Lockstep alerts go through the configured hooks (webhooks, Kafka, Python), in the background."""
     try:
-        from jobs.alerts import dispatcher_from_config
 
         dispatcher = dispatcher_from_config(cfg)
     except Exception as e:  # noqa: BLE001  (no hooks configured or unusable: log the alerts instead)
@@ -560,7 +567,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feedback-topic", nargs="?", const="", default=None, metavar="TOPIC",
                    help="publish every accepted click as v2 feedback (bare flag: kafka.feedback_topic)")
     a = p.parse_args(argv)
-    from jobs.config import load_jobs_config as load_config
 
     cfg = load_config(a.config)  # a bad config fails first, alone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -346,8 +346,11 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     store = StateStore(cfg.feature_job.state_uri)
     with _reaching_kafka(cfg):
         ensure_topics(cfg.kafka, [*topics, cfg.kafka.dlq_topic])
-        plan_i = consumer_group.plan_run(cfg.kafka, topics[0], group, store, cfg.feature_job.max_events_per_run)
+        # feedback first: a click is produced after its impression, so every click this plan reads has its
+        # impression in the impressions' plan read a moment later (the other order would make a click sent
+        # between the two reads an orphan, dead-lettered)
         plan_f = consumer_group.plan_run(cfg.kafka, topics[1], group, store, cfg.feature_job.max_events_per_run)
+        plan_i = consumer_group.plan_run(cfg.kafka, topics[0], group, store, cfg.feature_job.max_events_per_run)
         _, _, end_i = consumer_group.partition_offsets(cfg.kafka, topics[0], group)
         _, _, end_f = consumer_group.partition_offsets(cfg.kafka, topics[1], group)
     plan = joint_plan(plan_i, plan_f)
