@@ -368,7 +368,9 @@ def retrain(ctx: typer.Context,
 @_command(context_settings=_PASSTHROUGH)
 def serve(ctx: typer.Context, config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
     """Scoring service: POST /score, POST /feedback, GET /health on 127.0.0.1:8000. Other options go to
-    python -m jobs.serve (--port, --backend http|ray, --no-memory, --registry, --feast-repo)."""
+    python -m jobs.serve (--port, --backend http|ray, --no-memory, --registry, --feast-repo, and
+    --impressions-topic / --feedback-topic: log every scored candidate and every click as contract v2 on
+    Kafka, the topics of the config's kafka section when given bare)."""
     from jobs.serve import main as serve_main
 
     raise typer.Exit(serve_main(list(ctx.args) + (["--config", config] if config else [])))
