@@ -98,12 +98,39 @@ class PeakRss(threading.Thread):
 
 def run(tmp: Path, name: str, events: int, *extra: str) -> tuple[dict, dict]:
     run_id = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-    cmd = [sys.executable, "-m", "reloop.cli", "run", "--limit", str(events), "--quiet", "--feature-every", "2",
-           "--inject-drift", "abrupt_ctr", "--drift-at", "0.5", "--retrain-min-rows", "2000",
-           "--run-id", run_id, "--reports", str(tmp / "reports"), "--state-dir", str(tmp / "runs"), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "reloop.cli",
+        "run",
+        "--limit",
+        str(events),
+        "--quiet",
+        "--feature-every",
+        "2",
+        "--inject-drift",
+        "abrupt_ctr",
+        "--drift-at",
+        "0.5",
+        "--retrain-min-rows",
+        "2000",
+        "--run-id",
+        run_id,
+        "--reports",
+        str(tmp / "reports"),
+        "--state-dir",
+        str(tmp / "runs"),
+        *extra,
+    ]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rss = PeakRss(proc.pid)
     rss.start()
     out, _ = proc.communicate()

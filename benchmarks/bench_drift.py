@@ -65,9 +65,21 @@ def throughput(n: int) -> dict:
 
     s = generate("stable", n=n, seed=99)
     rows = s.table.to_pylist()
-    raw = [json.dumps({"event_id": r["event_id"], "ts": r["ts"], "user_id": r["user_id"], "item_id": r["item_id"],
-                       "p": float(p), "label": r["label"], "model_version": "v1", "item_pop": r["item_pop"]}).encode()
-           for r, p in zip(rows, s.p_stale)]
+    raw = [
+        json.dumps(
+            {
+                "event_id": r["event_id"],
+                "ts": r["ts"],
+                "user_id": r["user_id"],
+                "item_id": r["item_id"],
+                "p": float(p),
+                "label": r["label"],
+                "model_version": "v1",
+                "item_pop": r["item_pop"],
+            }
+        ).encode()
+        for r, p in zip(rows, s.p_stale)
+    ]
     t0 = time.perf_counter()
     for b in raw:
         json.loads(b)
@@ -93,15 +105,33 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, dict]] = {}
     raw: dict[str, list] = {}
     for sc in SCENARIOS:
-        runs = [score_monitors(generate(sc, n=args.n, seed=s, width=args.width), BENCH_MONITORS,
-                               policy=DriftPolicy(), policy_monitors=POLICY_MONITORS) for s in range(1, args.seeds + 1)]
+        runs = [
+            score_monitors(
+                generate(sc, n=args.n, seed=s, width=args.width),
+                BENCH_MONITORS,
+                policy=DriftPolicy(),
+                policy_monitors=POLICY_MONITORS,
+            )
+            for s in range(1, args.seeds + 1)
+        ]
         raw[sc] = runs
-        results[sc] = {name: {**summarise([r[name]["delay"] for r in runs]),
-                              "false_alarms": sum(r[name]["false_alarms"] for r in runs)} for name in runs[0]}
+        results[sc] = {
+            name: {
+                **summarise([r[name]["delay"] for r in runs]),
+                "false_alarms": sum(r[name]["false_alarms"] for r in runs),
+            }
+            for name in runs[0]
+        }
         print(f"{sc}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
-    stable = [score_monitors(generate("stable", n=args.stable_n, seed=s), BENCH_MONITORS, policy=DriftPolicy(),
-                             policy_monitors=POLICY_MONITORS)
-              for s in range(1, args.stable_seeds + 1)]
+    stable = [
+        score_monitors(
+            generate("stable", n=args.stable_n, seed=s),
+            BENCH_MONITORS,
+            policy=DriftPolicy(),
+            policy_monitors=POLICY_MONITORS,
+        )
+        for s in range(1, args.stable_seeds + 1)
+    ]
     raw["stable"] = stable
     print(f"stable: done ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -118,13 +148,31 @@ def main(argv: list[str] | None = None) -> None:
             row[f"{sc} FA"] = r["false_alarms"]
         row[stable_col] = sum(s[name]["detections"] for s in stable)
         rows.append(row)
-    rows.append({"monitor": "reference: ideal detector", **{f"{sc} delay": "0" for sc in SCENARIOS},
-                 **{f"{sc} FA": 0 for sc in SCENARIOS}, stable_col: 0})
+    rows.append(
+        {
+            "monitor": "reference: ideal detector",
+            **{f"{sc} delay": "0" for sc in SCENARIOS},
+            **{f"{sc} FA": 0 for sc in SCENARIOS},
+            stable_col: 0,
+        }
+    )
     tp = throughput(50_000)
-    print(f"monitor loop: {tp['loop_events_per_s']:,.0f} events/s (JSON parse + {len(DEFAULT_MONITORS)} default "
-          f"monitors + policy); json.loads alone: {tp['json_loads_events_per_s']:,.0f}/s; ratio {tp['ratio']:.3f}")
-    report("bench_drift", rows, {"args": vars(args), "monitors": BENCH_MONITORS, "summary": results,
-                                 "stable": stable, "throughput": tp, "seconds": time.perf_counter() - t0})
+    print(
+        f"monitor loop: {tp['loop_events_per_s']:,.0f} events/s (JSON parse + {len(DEFAULT_MONITORS)} default "
+        f"monitors + policy); json.loads alone: {tp['json_loads_events_per_s']:,.0f}/s; ratio {tp['ratio']:.3f}"
+    )
+    report(
+        "bench_drift",
+        rows,
+        {
+            "args": vars(args),
+            "monitors": BENCH_MONITORS,
+            "summary": results,
+            "stable": stable,
+            "throughput": tp,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
 
 
 if __name__ == "__main__":

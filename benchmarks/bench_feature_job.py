@@ -59,8 +59,7 @@ def pandas_reference(values: list[bytes], cfg: AggregateConfig) -> pd.DataFrame:
         key = f"{entity}_id"
         g = df.groupby(key, sort=False)
         for name, w in cfg.windows_ms:
-            r = (df.set_index("time").groupby(key, sort=False)[["one", "label"]]
-                 .rolling(f"{w}ms", closed="left").sum())
+            r = df.set_index("time").groupby(key, sort=False)[["one", "label"]].rolling(f"{w}ms", closed="left").sum()
             r = r.reset_index(level=0, drop=True).fillna(0)
             # rolling returns rows grouped by key; put them back in event order
             order = np.concatenate([idx for idx in g.indices.values()])
@@ -87,9 +86,10 @@ def raw_tables(values: list[bytes], keys: list[bytes], partitions: int = 4, batc
     out = []
     for p, idx in enumerate(parts):
         for s in range(0, len(idx), batch):
-            chunk = idx[s:s + batch]
-            out.append(raw_table(p, list(range(s, s + len(chunk))), [keys[i] for i in chunk],
-                                 [values[i] for i in chunk]))
+            chunk = idx[s : s + batch]
+            out.append(
+                raw_table(p, list(range(s, s + len(chunk))), [keys[i] for i in chunk], [values[i] for i in chunk])
+            )
     return out
 
 
@@ -98,8 +98,17 @@ def bench_pure(raws: list[pa.Table], cfg: AggregateConfig) -> float:
     from pipelines.transforms import align_partitions, compute_batch
 
     t0 = time.perf_counter()
-    events = concat_events([parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
-                                        offsets=r["kafka_offset"].to_pylist(), now_ms=10**13)[0] for r in raws])
+    events = concat_events(
+        [
+            parse_batch(
+                r["value"].to_pylist(),
+                partition=int(r["kafka_partition"][0].as_py()),
+                offsets=r["kafka_offset"].to_pylist(),
+                now_ms=10**13,
+            )[0]
+            for r in raws
+        ]
+    )
     kept, _ = align_partitions(events, {p: 10**9 for p in range(8)})
     compute_batch(events, FeatureState.empty(), cfg)
     return time.perf_counter() - t0
@@ -122,9 +131,12 @@ def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
     plan = Plan("bench", {p: 0 for p in range(4)}, {p: 10**9 for p in range(4)}, 10**13)
     t0 = time.perf_counter()
     with beam.Pipeline(options=pipeline_options([])) as p:
-        raw = (p | beam.Create(paths)
-                 | "ReadIPC" >> beam.Map(lambda path: pa.ipc.open_file(pa.memory_map(path)).read_all())
-                 .with_output_types(pa.Table))
+        raw = (
+            p
+            | beam.Create(paths)
+            | "ReadIPC"
+            >> beam.Map(lambda path: pa.ipc.open_file(pa.memory_map(path)).read_all()).with_output_types(pa.Table)
+        )
         parsed = raw | ParseRecords(10**13)
         out = parsed.events | ComputeFeatures(str(tmp / "beam-state"), plan, cfg)
         _ = out.examples | WriteExamples(str(tmp / "beam-examples"), plan.run_id)
@@ -158,9 +170,12 @@ def bench_job(table: pa.Table, tmp: Path) -> tuple[float, float, int, int, str, 
     for f in ("feature_repo.py", "feature_store.yaml"):
         shutil.copy(ROOT / "features" / f, repo / f)
     kafka = KafkaConfig(events_topic=topic, dlq_topic=f"{topic}.dlq", consumer_group=topic)
-    cfg = ReloopConfig(kafka=kafka, feast=FeastConfig(repo_path=str(repo)),
-                       storage=StorageConfig(examples_uri=str(tmp / "examples")),
-                       feature_job=FeatureJobConfig(state_uri=str(tmp / "state")))
+    cfg = ReloopConfig(
+        kafka=kafka,
+        feast=FeastConfig(repo_path=str(repo)),
+        storage=StorageConfig(examples_uri=str(tmp / "examples")),
+        feature_job=FeatureJobConfig(state_uri=str(tmp / "state")),
+    )
     replay_table(table, kafka, topic=topic, workers=1)
     from pipelines.feast_io import apply_repo
 
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         c0 = time.process_time()
         rows.append(("beam transforms (in-memory)", bench_beam(raws, cfg, tmp), time.process_time() - c0))
         if not args.skip_kafka:
-            with services_up("kafka"):                       # started (and stopped) here if it was down
+            with services_up("kafka"):  # started (and stopped) here if it was down
                 t_job, cpu_job, accepted, runs, topic, t_small = bench_job(table, tmp)  # replay, apply not timed
                 assert accepted == n, f"job accepted {accepted} of {n}"
                 rows.append((f"job (Kafka -> Feast + examples), {runs} run(s)", t_job, cpu_job))
@@ -221,23 +236,45 @@ def main(argv: list[str] | None = None) -> int:
     ref_rate = n / t_pandas
     print(f"\nfeature job vs pandas, {n:,} MovieLens-100K events, {os.cpu_count()} cores\n")
     ref_cpu_rate = n / rows[0][2]
-    print(f"{'what':44s} {'wall s':>7s} {'events/s':>10s} {'vs pandas':>9s} {'cpu s':>7s} {'ev/cpu-s':>10s} "
-          f"{'vs pandas':>9s}")
+    print(
+        f"{'what':44s} {'wall s':>7s} {'events/s':>10s} {'vs pandas':>9s} {'cpu s':>7s} {'ev/cpu-s':>10s} "
+        f"{'vs pandas':>9s}"
+    )
     results = []
     for name, secs, cpu in rows:
         rate, cpu_rate = n / secs, n / max(cpu, 1e-9)
-        print(f"{name:44s} {secs:7.2f} {rate:10,.0f} {rate / ref_rate:8.2f}x {cpu:7.2f} {cpu_rate:10,.0f} "
-              f"{cpu_rate / ref_cpu_rate:8.2f}x")
-        results.append({"name": name, "seconds": secs, "events_per_s": rate, "ratio_vs_pandas": rate / ref_rate,
-                        "cpu_seconds": cpu, "events_per_cpu_s": cpu_rate,
-                        "cpu_ratio_vs_pandas": cpu_rate / ref_cpu_rate})
+        print(
+            f"{name:44s} {secs:7.2f} {rate:10,.0f} {rate / ref_rate:8.2f}x {cpu:7.2f} {cpu_rate:10,.0f} "
+            f"{cpu_rate / ref_cpu_rate:8.2f}x"
+        )
+        results.append(
+            {
+                "name": name,
+                "seconds": secs,
+                "events_per_s": rate,
+                "ratio_vs_pandas": rate / ref_rate,
+                "cpu_seconds": cpu,
+                "events_per_cpu_s": cpu_rate,
+                "cpu_ratio_vs_pandas": cpu_rate / ref_cpu_rate,
+            }
+        )
     if t_small is not None:
         print(f"\none more micro-batch of 1,000 events (the job's fixed cost per run): {t_small:.2f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"events": n, "cores": os.cpu_count(), "load_avg": os.getloadavg(),
-                               "target_events_per_s": 50_000, "rows": results,
-                               "micro_batch_1k_seconds": t_small}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "events": n,
+                "cores": os.cpu_count(),
+                "load_avg": os.getloadavg(),
+                "target_events_per_s": 50_000,
+                "rows": results,
+                "micro_batch_1k_seconds": t_small,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, extra = [], {"events": args.events, "parallelism": args.parallelism}
     with tempfile.TemporaryDirectory(prefix="bench_flink_") as tmp:
-        flink = services.Flink(Path(tmp) / "server", job_port=free_port(), artifact_port=free_port(),
-                               expansion_port=free_port())
+        flink = services.Flink(
+            Path(tmp) / "server", job_port=free_port(), artifact_port=free_port(), expansion_port=free_port()
+        )
         t0 = time.perf_counter()
         flink.start()
         extra["job_server_start_s"] = time.perf_counter() - t0
@@ -61,17 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         extra["jvm_rss_idle_mb"] = rss_mb(flink.pid())[0]
         try:
             outputs = {}
-            for name, beam_args in (("FnApiRunner", None),
-                                    (f"Flink p={args.parallelism}", flink_args(flink.address(), args.parallelism))):
+            for name, beam_args in (
+                ("FnApiRunner", None),
+                (f"Flink p={args.parallelism}", flink_args(flink.address(), args.parallelism)),
+            ):
                 cfg = isolated_job_config(tmp, kafka, topic, name.split()[0].lower())
                 t0 = time.perf_counter()
                 stats = run_feature_job(cfg, pipeline_args=beam_args, repo_path=cfg.feast.repo_path)
                 seconds = time.perf_counter() - t0
                 assert stats.committed and stats.records_read == args.events, stats
                 outputs[name] = pq.read_table(cfg.storage.examples_uri, partitioning=None).sort_by(
-                    [("ts", "ascending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
-                rows.append({"runner": name, "events": stats.records_read, "seconds": seconds,
-                             "events_per_s": stats.records_read / seconds})
+                    [("ts", "ascending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")]
+                )
+                rows.append(
+                    {
+                        "runner": name,
+                        "events": stats.records_read,
+                        "seconds": seconds,
+                        "events_per_s": stats.records_read / seconds,
+                    }
+                )
             ref = rows[0]["seconds"]
             for r in rows:
                 r["time_vs_fnapi"] = r["seconds"] / ref
@@ -81,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             flink.stop()
     report("bench_flink", rows, extra)
-    for k in ("job_server_version", "job_server_start_s", "jvm_rss_idle_mb", "jvm_rss_after_mb", "jvm_rss_peak_mb",
-              "examples_identical"):
+    for k in (
+        "job_server_version",
+        "job_server_start_s",
+        "jvm_rss_idle_mb",
+        "jvm_rss_after_mb",
+        "jvm_rss_peak_mb",
+        "examples_identical",
+    ):
         print(f"{k}: {extra[k]:.1f}" if isinstance(extra[k], float) else f"{k}: {extra[k]}")
     return 0 if extra["examples_identical"] else 1
 

@@ -97,8 +97,23 @@ def _du(path: Path) -> int:
 def run_one(n: int, work: Path, timeout: float, sample_s: float, model: str) -> dict:
     run_id = f"bench-loop-{n}-{int(time.time())}"
     reports, state = work / "reports", work / "runs"
-    cmd = [sys.executable, "-m", "reloop.cli", "run", "--dataset", f"synthetic:stable?n={n}", "--model", model,
-           "--quiet", "--run-id", run_id, "--reports", str(reports), "--state-dir", str(state)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "reloop.cli",
+        "run",
+        "--dataset",
+        f"synthetic:stable?n={n}",
+        "--model",
+        model,
+        "--quiet",
+        "--run-id",
+        run_id,
+        "--reports",
+        str(reports),
+        "--state-dir",
+        str(state),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(work / f"{run_id}.log", "w")
     t0 = time.perf_counter()
@@ -160,8 +175,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = rows[0].get("peak rss total MB") if rows else None
     for r in rows:
         r["peak rss / smallest N"] = r["peak rss total MB"] / base if base else None
-    report("bench_loop", rows, {"targets": {"events_per_s_at_1M": 10_000, "peak_rss_1M_over_100k": 1.5},
-                                "work_dir": str(work) if args.keep else None})
+    report(
+        "bench_loop",
+        rows,
+        {
+            "targets": {"events_per_s_at_1M": 10_000, "peak_rss_1M_over_100k": 1.5},
+            "work_dir": str(work) if args.keep else None,
+        },
+    )
     return rows
 
 

@@ -44,10 +44,16 @@ import torch
 from reloop.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory
-from online_models.models import (ModelConfig, build_model, criteo_like_config, memory_key, memory_key_dim,
-                                  synthetic_batch)
+from online_models.models import (
+    ModelConfig,
+    build_model,
+    criteo_like_config,
+    memory_key,
+    memory_key_dim,
+    synthetic_batch,
+)
 
-KEY = "hidden+user"   # the evaluation's default memory key
+KEY = "hidden+user"  # the evaluation's default memory key
 from online_models.river_baselines import RiverBaseline
 
 
@@ -68,8 +74,11 @@ def _paired_median_times(fa, fb, repeats: int) -> tuple[float, float]:
 
 # (name, model overrides): the small models of the evaluation, and a DCNv2 of the size of its paper's
 # public-data setups (larger embeddings, 3 cross layers, wide MLP), where the forward pass is not all overhead
-MODELS = [("deepfm", {"kind": "deepfm"}), ("dcnv2", {"kind": "dcnv2"}),
-          ("dcnv2-large", {"kind": "dcnv2", "embedding_dim": 16, "hidden_sizes": (400, 400, 400), "cross_layers": 3})]
+MODELS = [
+    ("deepfm", {"kind": "deepfm"}),
+    ("dcnv2", {"kind": "dcnv2"}),
+    ("dcnv2-large", {"kind": "dcnv2", "embedding_dim": 16, "hidden_sizes": (400, 400, 400), "cross_layers": 3}),
+]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,13 +99,19 @@ def main(argv: list[str] | None = None) -> dict:
     enc = stream.encoder.config
 
     def model_cfg(kind: str, **kw) -> ModelConfig:
-        return ModelConfig(kind=kind, num_categorical=len(enc.categorical_fields), hash_buckets=enc.hash_buckets,
-                           num_numeric=len(enc.numeric_fields), seed=0, **kw)
+        return ModelConfig(
+            kind=kind,
+            num_categorical=len(enc.categorical_fields),
+            hash_buckets=enc.hash_buckets,
+            num_numeric=len(enc.numeric_fields),
+            seed=0,
+            **kw,
+        )
 
     # 1) memory vs forward pass, per batch, at the batch sizes of the served paths: one request (jobs.scoring) and
     #    the live loop's batches (reloop.live, 512); K, L, tau as in the validation grid (tau = inf: uniform weights)
     cost_rows = []
-    for bs in (args.batch_sizes if "cost" in args.sections else []):
+    for bs in args.batch_sizes if "cost" in args.sections else []:
         batch = stream.slice(0, bs)
         for name, overrides in MODELS:
             model = build_model(model_cfg(**overrides)).eval()
@@ -109,32 +124,59 @@ def main(argv: list[str] | None = None) -> dict:
                     model(batch)
 
             for k, bits, tau in ((8, 10, 0.2), (32, 10, 0.2), (8, 10, math.inf), (32, 10, math.inf)):
-                mem = ErrorCompensationMemory(dim=memory_key_dim(model, KEY), num_tables=k, bits=bits, tau=tau,
-                                              gamma=0.0, lam=1.0, shrinkage=10.0, eps=0.02, decay=0.999, seed=0)
-                mem.rebuild(iter_batches(stream.slice(0, 5000), 256), model,
-                            key_fn=lambda b, h, m=model: memory_key(m, b, h, KEY))
+                mem = ErrorCompensationMemory(
+                    dim=memory_key_dim(model, KEY),
+                    num_tables=k,
+                    bits=bits,
+                    tau=tau,
+                    gamma=0.0,
+                    lam=1.0,
+                    shrinkage=10.0,
+                    eps=0.02,
+                    decay=0.999,
+                    seed=0,
+                )
+                mem.rebuild(
+                    iter_batches(stream.slice(0, 5000), 256),
+                    model,
+                    key_fn=lambda b, h, m=model: memory_key(m, b, h, KEY),
+                )
 
                 def mem_step(mem=mem, hidden=hidden, model=model, batch=batch, p=p, y=y):
-                    key = memory_key(model, batch, hidden, KEY)      # building the key is part of the memory's cost
+                    key = memory_key(model, batch, hidden, KEY)  # building the key is part of the memory's cost
                     mem.step(key, p, y)
 
                 t_fwd, t_mem = _paired_median_times(forward, mem_step, args.repeats)
-                cost_rows.append({"model": name, "K": k, "L": bits, "tau": tau, "batch": bs,
-                                  "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3, "ratio": t_mem / t_fwd})
+                cost_rows.append(
+                    {
+                        "model": name,
+                        "K": k,
+                        "L": bits,
+                        "tau": tau,
+                        "batch": bs,
+                        "forward_ms": t_fwd * 1e3,
+                        "memory_ms": t_mem * 1e3,
+                        "ratio": t_mem / t_fwd,
+                    }
+                )
 
     # 2) test-then-train throughput on the same stream
     full = stream.slice(0, stream.n)
     tput = {}
     ev = EvaluationConfig()
-    for kind in (("lr", "deepfm", "dcnv2") if "train" in args.sections else ()):
-        for bs in sorted({args.batch_size, ev.batch_size}, reverse=True):   # and the evaluation's mini-batch
-            learner = OnlineLearner(build_model(model_cfg(kind)), LearnerConfig(lr=ev.lr, optimizer=ev.optimizer, seed=0))
+    for kind in ("lr", "deepfm", "dcnv2") if "train" in args.sections else ():
+        for bs in sorted({args.batch_size, ev.batch_size}, reverse=True):  # and the evaluation's mini-batch
+            learner = OnlineLearner(
+                build_model(model_cfg(kind)), LearnerConfig(lr=ev.lr, optimizer=ev.optimizer, seed=0)
+            )
             t0 = time.perf_counter()
             for b in iter_batches(full, bs):
                 learner.test_then_train(b)
-            tput[f"torch_{kind}" + ("" if bs == args.batch_size else f"_batch{bs}")] = stream.n / (time.perf_counter() - t0)
+            tput[f"torch_{kind}" + ("" if bs == args.batch_size else f"_batch{bs}")] = stream.n / (
+                time.perf_counter() - t0
+            )
     fm_numeric = tuple(enc.numeric_fields.index(c) for c in EvaluationConfig().river_fm_numeric)
-    for kind in (("lr", "fm") if "train" in args.sections else ()):
+    for kind in ("lr", "fm") if "train" in args.sections else ():
         river = RiverBaseline(kind, seed=0, numeric=fm_numeric if kind == "fm" else None)
         t0 = time.perf_counter()
         for b in iter_batches(full, args.batch_size):
@@ -146,47 +188,88 @@ def main(argv: list[str] | None = None) -> dict:
     size_before = mem.nbytes()
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        mem.write(torch.randn(args.batch_size, 32, generator=g), torch.ones(args.batch_size), torch.rand(args.batch_size))
+        mem.write(
+            torch.randn(args.batch_size, 32, generator=g), torch.ones(args.batch_size), torch.rand(args.batch_size)
+        )
     size_after = mem.nbytes()
 
-    print(f"\nmemory key+estimate+write ({KEY} key, decay on) vs model forward "
-          f"(median of {args.repeats} interleaved pairs, 1 thread)")
-    print(f"{'model':12s} {'batch':>5s} {'K':>3s} {'L':>3s} {'tau':>4s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}")
+    print(
+        f"\nmemory key+estimate+write ({KEY} key, decay on) vs model forward "
+        f"(median of {args.repeats} interleaved pairs, 1 thread)"
+    )
+    print(
+        f"{'model':12s} {'batch':>5s} {'K':>3s} {'L':>3s} {'tau':>4s} {'forward ms':>11s} {'memory ms':>10s} {'ratio':>7s}"
+    )
     for r in cost_rows:
-        print(f"{r['model']:12s} {r['batch']:5d} {r['K']:3d} {r['L']:3d} {r['tau']:4.1f} {r['forward_ms']:11.3f} "
-              f"{r['memory_ms']:10.3f} {r['ratio']:7.1%}")
-    serve_rows = serving_rows(stream, model_cfg, args.serve_events, args.serve_batch) if "serve" in args.sections else []
+        print(
+            f"{r['model']:12s} {r['batch']:5d} {r['K']:3d} {r['L']:3d} {r['tau']:4.1f} {r['forward_ms']:11.3f} "
+            f"{r['memory_ms']:10.3f} {r['ratio']:7.1%}"
+        )
+    serve_rows = (
+        serving_rows(stream, model_cfg, args.serve_events, args.serve_batch) if "serve" in args.sections else []
+    )
     ref = tput.get("river_lr", float("nan"))
-    print(f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
-          f"torch in mini-batches of {args.batch_size} (_batchN: of N), River one sample at a time; River FM: ids + 4 CTRs)")
+    print(
+        f"\ntest-then-train on {stream.n:,} ML-100K events (reference: River LR, same run; "
+        f"torch in mini-batches of {args.batch_size} (_batchN: of N), River one sample at a time; River FM: ids + 4 CTRs)"
+    )
     print(f"{'learner':14s} {'samples/s':>12s} {'x River LR':>11s}")
     for name, v in tput.items():
         print(f"{name:14s} {v:12,.0f} {v / ref:11.2f}")
-    print(f"\nmemory state {size_before:,} bytes before and {size_after:,} bytes after "
-          f"{200 * args.batch_size:,} writes (K=16, L=12, dim=32)")
+    print(
+        f"\nmemory state {size_before:,} bytes before and {size_after:,} bytes after "
+        f"{200 * args.batch_size:,} writes (K=16, L=12, dim=32)"
+    )
 
     prod = prod_rows(args.prod_batch_sizes, args.repeats) if "prod" in args.sections else []
     if prod:
-        print(f"\nproduction-size DCNv2 (criteo_like_config), served memory K={SERVING_MEMORY['num_tables']} "
-              f"L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} key={SERVING_MEMORY['key']} (median of "
-              f"{args.repeats} interleaved pairs, 1 thread)")
+        print(
+            f"\nproduction-size DCNv2 (criteo_like_config), served memory K={SERVING_MEMORY['num_tables']} "
+            f"L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} key={SERVING_MEMORY['key']} (median of "
+            f"{args.repeats} interleaved pairs, 1 thread)"
+        )
         for r in prod:
-            print(f"{r['hash_precision']:8s} batch {r['batch']:5d}  forward {r['forward_ms']:9.3f} ms  memory {r['memory_ms']:8.3f} ms "
-                  f"({r['ratio']:6.1%})  per-event memory {r['per_event_memory_ms']:8.3f} ms ({r['per_event_ratio']:6.1%})"
-                  f"  of which key+hash {r['key_hash_ms']:7.3f} ms")
+            print(
+                f"{r['hash_precision']:8s} batch {r['batch']:5d}  forward {r['forward_ms']:9.3f} ms  memory {r['memory_ms']:8.3f} ms "
+                f"({r['ratio']:6.1%})  per-event memory {r['per_event_memory_ms']:8.3f} ms ({r['per_event_ratio']:6.1%})"
+                f"  of which key+hash {r['key_hash_ms']:7.3f} ms"
+            )
     if serve_rows:
-        print(f"\nserving: forward + key + memory step, batches of {args.serve_batch}, served memory "
-              f"K={SERVING_MEMORY['num_tables']} L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} (1 thread)")
+        print(
+            f"\nserving: forward + key + memory step, batches of {args.serve_batch}, served memory "
+            f"K={SERVING_MEMORY['num_tables']} L={SERVING_MEMORY['bits']} tau={SERVING_MEMORY['tau']} (1 thread)"
+        )
         for r in serve_rows:
-            print(f"{r['semantics']:28s} {r['events_per_s']:12,.0f} events/s  memory {r['memory_ms_per_batch']:8.3f} ms/batch"
-                  + (f"  max |diff| vs sequential {r['max_abs_diff_vs_sequential']:.2e}" if "max_abs_diff_vs_sequential" in r else "")
-                  + (f"  rounds/batch {r['conflict_free_rounds_per_batch']:.0f}" if "conflict_free_rounds_per_batch" in r else ""))
-    result = {"benchmark": "bench_memory", "events": stream.n, "batch_size": args.batch_size,
-              "repeats": args.repeats, "threads": 1, "machine": platform.machine(), "python": platform.python_version(),
-              "torch": torch.__version__, "memory_vs_forward": cost_rows, "test_then_train_samples_per_s": tput,
-              "throughput_vs_river_lr": {k: v / ref for k, v in tput.items()},
-              "memory_bytes": {"before": size_before, "after": size_after}, "serving": serve_rows, "production_size": prod,
-              "target": {"memory_vs_forward_max_ratio": 0.10}}
+            print(
+                f"{r['semantics']:28s} {r['events_per_s']:12,.0f} events/s  memory {r['memory_ms_per_batch']:8.3f} ms/batch"
+                + (
+                    f"  max |diff| vs sequential {r['max_abs_diff_vs_sequential']:.2e}"
+                    if "max_abs_diff_vs_sequential" in r
+                    else ""
+                )
+                + (
+                    f"  rounds/batch {r['conflict_free_rounds_per_batch']:.0f}"
+                    if "conflict_free_rounds_per_batch" in r
+                    else ""
+                )
+            )
+    result = {
+        "benchmark": "bench_memory",
+        "events": stream.n,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "threads": 1,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "memory_vs_forward": cost_rows,
+        "test_then_train_samples_per_s": tput,
+        "throughput_vs_river_lr": {k: v / ref for k, v in tput.items()},
+        "memory_bytes": {"before": size_before, "after": size_after},
+        "serving": serve_rows,
+        "production_size": prod,
+        "target": {"memory_vs_forward_max_ratio": 0.10},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -203,8 +286,11 @@ def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
     rows = []
     for precision, bs in itertools.product(("float32", "bfloat16"), batch_sizes):
         mem = ErrorCompensationMemory(dim=memory_key_dim(model, key_kind), **params, precision=precision)
-        mem.rebuild(iter_batches(synthetic_batch(cfg, 20_000, seed=1), 2048), model,
-                    key_fn=lambda b, h: memory_key(model, b, h, key_kind))
+        mem.rebuild(
+            iter_batches(synthetic_batch(cfg, 20_000, seed=1), 2048),
+            model,
+            key_fn=lambda b, h: memory_key(model, b, h, key_kind),
+        )
         batch = synthetic_batch(cfg, bs, seed=2)
         with torch.no_grad():
             logits, hidden = model(batch)
@@ -232,9 +318,20 @@ def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
         _, t_pe = _paired_median_times(forward, per_event, repeats)
         _, t_kh = _paired_median_times(forward, key_hash, repeats)
         mem.load_state_dict(state)
-        rows.append({"model": "criteo-like dcnv2", "hash_precision": precision, "batch": bs, "forward_ms": t_fwd * 1e3, "memory_ms": t_mem * 1e3,
-                     "ratio": t_mem / t_fwd, "per_event_memory_ms": t_pe * 1e3, "per_event_ratio": t_pe / t_fwd,
-                     "key_hash_ms": t_kh * 1e3, "target_ratio_at_512": 0.10})
+        rows.append(
+            {
+                "model": "criteo-like dcnv2",
+                "hash_precision": precision,
+                "batch": bs,
+                "forward_ms": t_fwd * 1e3,
+                "memory_ms": t_mem * 1e3,
+                "ratio": t_mem / t_fwd,
+                "per_event_memory_ms": t_pe * 1e3,
+                "per_event_ratio": t_pe / t_fwd,
+                "key_hash_ms": t_kh * 1e3,
+                "target_ratio_at_512": 0.10,
+            }
+        )
     return rows
 
 
@@ -286,8 +383,14 @@ def serving_rows(stream, model_cfg, events: int, batch_size: int) -> list[dict]:
             if name == "per-event (batched)" and len(rounds) < 5:
                 rounds.append(memory_rounds(mem.hash(key).index))
         outs[name] = torch.cat(out)
-        row = {"semantics": name, "events": n, "batch": batch_size, "events_per_s": n / (t_fwd + t_mem),
-               "memory_ms_per_batch": t_mem / len(batches) * 1e3, "forward_key_ms_per_batch": t_fwd / len(batches) * 1e3}
+        row = {
+            "semantics": name,
+            "events": n,
+            "batch": batch_size,
+            "events_per_s": n / (t_fwd + t_mem),
+            "memory_ms_per_batch": t_mem / len(batches) * 1e3,
+            "forward_key_ms_per_batch": t_fwd / len(batches) * 1e3,
+        }
         if rounds:
             row["conflict_free_rounds_per_batch"] = sum(rounds) / len(rounds)
         rows.append(row)

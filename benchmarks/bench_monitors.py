@@ -37,12 +37,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
     for lo in range(0, len(p), args.batch):
-        many.update_batch(p[lo:lo + args.batch], y[lo:lo + args.batch], None, ts=ts[lo:lo + args.batch],
-                          model_version="v1")
+        many.update_batch(
+            p[lo : lo + args.batch], y[lo : lo + args.batch], None, ts=ts[lo : lo + args.batch], model_version="v1"
+        )
     t_many = time.perf_counter() - t0
     n = len(p)
-    rows = [{"path": "per record (update)", "events_per_s": n / t_one, "x per record": 1.0},
-            {"path": f"per batch of {args.batch} (update_batch)", "events_per_s": n / t_many, "x per record": t_one / t_many}]
+    rows = [
+        {"path": "per record (update)", "events_per_s": n / t_one, "x per record": 1.0},
+        {
+            "path": f"per batch of {args.batch} (update_batch)",
+            "events_per_s": n / t_many,
+            "x per record": t_one / t_many,
+        },
+    ]
     report("bench_monitors", rows, {"events": n, "monitors": [m.name for m in one.monitors]})
     return rows
 

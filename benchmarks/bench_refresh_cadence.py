@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     table, _, _ = compute_features(load_dataset(a.dataset), FeatureState.empty())
     enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)))).fit(
-        table.slice(0, a.warmup))
+        table.slice(0, a.warmup)
+    )
     ec = enc.config
-    mc = ModelConfig(kind=a.model, num_categorical=len(ec.categorical_fields), hash_buckets=ec.hash_buckets,
-                     num_numeric=len(ec.numeric_fields), categorical_fields=ec.categorical_fields,
-                     numeric_fields=ec.numeric_fields)
+    mc = ModelConfig(
+        kind=a.model,
+        num_categorical=len(ec.categorical_fields),
+        hash_buckets=ec.hash_buckets,
+        num_numeric=len(ec.numeric_fields),
+        categorical_fields=ec.categorical_fields,
+        numeric_fields=ec.numeric_fields,
+    )
     model = build_model(mc)
 
     def snapshot() -> torch.nn.Module:
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for r in cadences:
             if served[r] is None:
-                served[r] = snapshot()          # the bootstrap version serves at once
+                served[r] = snapshot()  # the bootstrap version serves at once
             elif before // r != learned // r:
                 queued[r].append((learned + delay, snapshot()))
     y = np.concatenate(ys)
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     for r, ps in preds.items():
         pr = np.concatenate(ps)
         out["results"]["trainer (prequential)" if r == 0 else f"refresh every {r}"] = {
-            "auc": round(float(auc(y, pr)), 4), "logloss": round(float(logloss(y, pr)), 4)}
+            "auc": round(float(auc(y, pr)), 4),
+            "logloss": round(float(logloss(y, pr)), 4),
+        }
     print(json.dumps(out, indent=2))
     return 0
 

@@ -34,18 +34,40 @@ def java_tool(main: str, *args: str) -> str:
 
 
 def producer_performance(topic: str, n: int, size: int, bootstrap: str) -> float:
-    out = java_tool("org.apache.kafka.tools.ProducerPerformance", "--topic", topic, "--num-records", str(n),
-                    "--record-size", str(size), "--throughput", "-1", "--producer-props",
-                    f"bootstrap.servers={bootstrap}", "acks=all", "enable.idempotence=true", "linger.ms=5",
-                    "batch.size=262144")
+    out = java_tool(
+        "org.apache.kafka.tools.ProducerPerformance",
+        "--topic",
+        topic,
+        "--num-records",
+        str(n),
+        "--record-size",
+        str(size),
+        "--throughput",
+        "-1",
+        "--producer-props",
+        f"bootstrap.servers={bootstrap}",
+        "acks=all",
+        "enable.idempotence=true",
+        "linger.ms=5",
+        "batch.size=262144",
+    )
     # final line: "100000 records sent, 181818.2 records/sec (17.34 MB/sec), ..."
     m = re.findall(r"([\d.]+) records/sec", out)
     return float(m[-1])
 
 
 def consumer_performance(topic: str, n: int, bootstrap: str) -> float:
-    out = java_tool("org.apache.kafka.tools.ConsumerPerformance", "--bootstrap-server", bootstrap, "--topic", topic,
-                    "--messages", str(n), "--timeout", "60000")
+    out = java_tool(
+        "org.apache.kafka.tools.ConsumerPerformance",
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        topic,
+        "--messages",
+        str(n),
+        "--timeout",
+        "60000",
+    )
     # CSV: start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec, ...
     last = [ln for ln in out.strip().splitlines() if ln and ln[0].isdigit()][-1].split(",")
     return float(last[5])
@@ -79,10 +101,20 @@ def main() -> None:
     assert n == table.num_rows, f"consumed {n} of {table.num_rows}"
     ref_consume = consumer_performance(ref_topic, table.num_rows, services.KAFKA_BOOTSTRAP)
     rows = [
-        {"stage": "produce", "reloop events/s": stats.events_per_s, "kafka tool events/s": ref_produce,
-         "ratio": stats.events_per_s / ref_produce, "reference": "ProducerPerformance"},
-        {"stage": "consume", "reloop events/s": n / secs, "kafka tool events/s": ref_consume,
-         "ratio": n / secs / ref_consume, "reference": "ConsumerPerformance"},
+        {
+            "stage": "produce",
+            "reloop events/s": stats.events_per_s,
+            "kafka tool events/s": ref_produce,
+            "ratio": stats.events_per_s / ref_produce,
+            "reference": "ProducerPerformance",
+        },
+        {
+            "stage": "consume",
+            "reloop events/s": n / secs,
+            "kafka tool events/s": ref_consume,
+            "ratio": n / secs / ref_consume,
+            "reference": "ConsumerPerformance",
+        },
     ]
     report("replay", rows, {"events": table.num_rows, "record_bytes": size})
 

@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     store, reg, pairs, labels = setup(root, a.events)
     torch.set_num_threads(1)  # as the server does (the trainer of the set-up uses 2)
     reg_uri, repo = str(root / "reg"), str(root / "features")
-    res: dict = {"events": a.events, "model": reg.entry(reg.current()).model_config["kind"],
-                 "feast_profile": "sqlite", "cpus": os.cpu_count()}
+    res: dict = {
+        "events": a.events,
+        "model": reg.entry(reg.current()).model_config["kind"],
+        "feast_profile": "sqlite",
+        "cpus": os.cpu_count(),
+    }
     res.update(bench_in_process(store, reg, pairs, labels, a.requests))
     backends = {"http_memory": ("http", True), "http": ("http", False)}
     if not a.no_ray:
@@ -144,18 +148,24 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
     res["load_average_1m_at_end"] = os.getloadavg()[0]
     ref = res["in_process_memory"]["p50_ms"]
-    rows = [("feast_lookup", "Feast get_online_features (1 row)"),
-            ("in_process_memory", "in-process score, memory"), ("in_process", "in-process score, no memory"),
-            ("http_memory", "HTTP /score uvicorn, memory"), ("http", "HTTP /score uvicorn, no memory"),
-            ("ray_memory", "HTTP /score Ray Serve, memory")]
+    rows = [
+        ("feast_lookup", "Feast get_online_features (1 row)"),
+        ("in_process_memory", "in-process score, memory"),
+        ("in_process", "in-process score, no memory"),
+        ("http_memory", "HTTP /score uvicorn, memory"),
+        ("http", "HTTP /score uvicorn, no memory"),
+        ("ray_memory", "HTTP /score Ray Serve, memory"),
+    ]
     print(f"\n{'path':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'p50 / in-proc':>14s}")
     for key, label in rows:
         if key in res:
             r = res[key]
             rps = f"{r['req_per_s']:8.0f}" if "req_per_s" in r else f"{'-':>8s}"
             print(f"{label:40s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {rps} {r['p50_ms'] / ref:14.2f}")
-    res["ratios"] = {"memory_overhead_in_process_p50": res["in_process_memory"]["p50_ms"] / res["in_process"]["p50_ms"],
-                     "http_over_in_process_p50": res["http_memory"]["p50_ms"] / ref}
+    res["ratios"] = {
+        "memory_overhead_in_process_p50": res["in_process_memory"]["p50_ms"] / res["in_process"]["p50_ms"],
+        "http_over_in_process_p50": res["http_memory"]["p50_ms"] / ref,
+    }
     if "ray_memory" in res:
         res["ratios"]["ray_serve_over_uvicorn_p50"] = res["ray_memory"]["p50_ms"] / res["http_memory"]["p50_ms"]
         res["ratios"]["ray_serve_over_uvicorn_req_s"] = res["ray_memory"]["req_per_s"] / res["http_memory"]["req_per_s"]

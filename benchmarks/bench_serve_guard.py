@@ -53,7 +53,7 @@ def main() -> int:
     store, reg, pairs, labels = setup(root, a.events)
     sc = Scorer(reg, lambda fs: FeastLookup(store, fs), ScorerConfig())
     sc.reload()
-    guard = FeedbackGuard(GuardConfig(max_per_pair=10 ** 9, max_per_user=10 ** 9, max_per_item=10 ** 9))
+    guard = FeedbackGuard(GuardConfig(max_per_pair=10**9, max_per_user=10**9, max_per_item=10**9))
     for (u, i), y in zip(pairs[:1000], labels[:1000]):
         sc.feedback(sc.score(u, i)["request_id"], y)
     lat = {k: [] for k in ("score_old", "score_new", "feedback_old", "feedback_new")}
@@ -61,8 +61,10 @@ def main() -> int:
     for k in rng.integers(0, len(pairs), a.requests):
         u, i = pairs[k]
         body = json.dumps({"user_id": u, "item_id": i, "context": {}}).encode()
-        calls = [("old", lambda: old.handle(sc, "POST", "/score", body)),
-                 ("new", lambda: handle(sc, "POST", "/score", body, guard, "bench"))]
+        calls = [
+            ("old", lambda: old.handle(sc, "POST", "/score", body)),
+            ("new", lambda: handle(sc, "POST", "/score", body, guard, "bench")),
+        ]
         if k % 2:  # alternate which goes first (the second finds Feast's pages warm)
             calls.reverse()
         outs = {}

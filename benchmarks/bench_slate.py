@@ -66,8 +66,14 @@ def side_registry(root: Path, reg):
     mc = replace(mc, num_categorical=len(cat), num_bags=len(ITEM_BAGS), categorical_fields=cat)
     torch.manual_seed(0)
     side = ModelRegistry(str(root / "reg-side"))
-    side.publish(build_model(mc).state_dict(), model_config=mc.to_dict(), feature_service=entry.feature_service,
-                 extra={"encoder": enc.to_dict()}, training_range=entry.training_range, promote=True)
+    side.publish(
+        build_model(mc).state_dict(),
+        model_config=mc.to_dict(),
+        feature_service=entry.feature_service,
+        extra={"encoder": enc.to_dict()},
+        training_range=entry.training_range,
+        promote=True,
+    )
     return side
 
 
@@ -84,8 +90,10 @@ def scorer_for(store, reg, pairs, labels):
 
 def requests_for(n: int, reps: int, users: list[str], items: list[str], seed: int) -> list[tuple[str, list[str]]]:
     rng = np.random.default_rng(seed)
-    return [(users[int(rng.integers(len(users)))], [items[k] for k in rng.choice(len(items), n, replace=False)])
-            for _ in range(reps)]
+    return [
+        (users[int(rng.integers(len(users)))], [items[k] for k in rng.choice(len(items), n, replace=False)])
+        for _ in range(reps)
+    ]
 
 
 def slate_body(user: str, cands: list[str]) -> bytes:
@@ -150,9 +158,18 @@ def bench_http(ports: dict[str, int], reqs) -> dict[str, dict]:
 
 def row(path: str, n: int, lat: dict) -> dict:
     s, r = pct(lat["slate"]), pct(lat["ref"])
-    out = {"path": path, "candidates": n, "requests": s["n"], "slate_p50_ms": s["p50_ms"], "slate_p99_ms": s["p99_ms"],
-           "slate_cand_per_s": n / (s["p50_ms"] / 1e3), "ref_p50_ms": r["p50_ms"], "ref_p99_ms": r["p99_ms"],
-           "ref_cand_per_s": n / (r["p50_ms"] / 1e3), "speedup_p50": r["p50_ms"] / s["p50_ms"]}
+    out = {
+        "path": path,
+        "candidates": n,
+        "requests": s["n"],
+        "slate_p50_ms": s["p50_ms"],
+        "slate_p99_ms": s["p99_ms"],
+        "slate_cand_per_s": n / (s["p50_ms"] / 1e3),
+        "ref_p50_ms": r["p50_ms"],
+        "ref_p99_ms": r["p99_ms"],
+        "ref_cand_per_s": n / (r["p50_ms"] / 1e3),
+        "speedup_p50": r["p50_ms"] / s["p50_ms"],
+    }
     if "feast" in lat:
         out["feast_p50_ms"] = pct(lat["feast"])["p50_ms"]
     return out
@@ -164,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", default="400,60,30", help="slates per size (1, 100, 1,000 candidates)")
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--no-side", action="store_true", help="skip the side-feature model")
-    ap.add_argument("--kafka", action="store_true",
-                    help="also over HTTP with the impression log to the local broker (started if down)")
+    ap.add_argument(
+        "--kafka",
+        action="store_true",
+        help="also over HTTP with the impression log to the local broker (started if down)",
+    )
     a = ap.parse_args(argv)
     with contextlib.ExitStack() as stack:
         return run(a, stack)
@@ -229,9 +249,18 @@ def run(a, stack) -> int:
     finally:
         for proc in procs.values():
             proc.stop()
-    report("bench_slate", rows, {"events": a.events, "impression_log": log_health,
-                                 "model": reg.entry(reg.current()).model_config["kind"], "feast_profile": "sqlite", "load_average_1m_at_end": os.getloadavg()[0],
-                                 "reference": "the same N candidates as N single-pair requests, same run"})
+    report(
+        "bench_slate",
+        rows,
+        {
+            "events": a.events,
+            "impression_log": log_health,
+            "model": reg.entry(reg.current()).model_config["kind"],
+            "feast_profile": "sqlite",
+            "load_average_1m_at_end": os.getloadavg()[0],
+            "reference": "the same N candidates as N single-pair requests, same run",
+        },
+    )
     return 0
 
 

@@ -46,32 +46,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for bs in args.batch_sizes:
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                learner = OnlineLearner(build_model(_model_config(EvaluationConfig(model=kind), stream)),
-                                        LearnerConfig(lr=ev.lr, weight_decay=ev.weight_decay, optimizer=ev.optimizer,
-                                                      embedding_lr=ev.embedding_lr, seed=0))
+                learner = OnlineLearner(
+                    build_model(_model_config(EvaluationConfig(model=kind), stream)),
+                    LearnerConfig(
+                        lr=ev.lr,
+                        weight_decay=ev.weight_decay,
+                        optimizer=ev.optimizer,
+                        embedding_lr=ev.embedding_lr,
+                        seed=0,
+                    ),
+                )
                 river = RiverBaseline("lr", lr=ev.river_lr, seed=0)
                 chunk = max(bs, args.chunk // bs * bs)
                 t_torch = t_river = 0.0
                 for lo in range(0, stream.n, chunk):
-                    part = {k: v[lo:lo + chunk] for k, v in full.items()}
+                    part = {k: v[lo : lo + chunk] for k, v in full.items()}
                     t0 = time.perf_counter()
                     for b in iter_batches(part, bs):
                         learner.test_then_train(b)
                     t1 = time.perf_counter()
-                    river.test_then_train(part)          # one sample at a time inside, as River works
+                    river.test_then_train(part)  # one sample at a time inside, as River works
                     t2 = time.perf_counter()
                     t_torch, t_river = t_torch + t1 - t0, t_river + t2 - t1
                 torch_sps, river_sps = stream.n / t_torch, stream.n / t_river
                 ratio = torch_sps / river_sps
-                row = {"model": kind, "batch": bs, "threads": threads, "torch_samples_per_s": torch_sps,
-                       "river_lr_samples_per_s": river_sps, "x_river_lr": ratio}
+                row = {
+                    "model": kind,
+                    "batch": bs,
+                    "threads": threads,
+                    "torch_samples_per_s": torch_sps,
+                    "river_lr_samples_per_s": river_sps,
+                    "x_river_lr": ratio,
+                }
                 if kind == "dcnv2" and bs in TARGETS:
                     row["target"] = TARGETS[bs]
                     row["met"] = ratio >= TARGETS[bs]
                 rows.append(row)
     torch.set_num_threads(threads0)
-    print(f"test-then-train on {stream.n:,} ML-100K events; torch in mini-batches (sparse id rows, Adagrad), River LR "
-          f"one sample at a time, interleaved in chunks of ~{args.chunk} events (same load)\n")
+    print(
+        f"test-then-train on {stream.n:,} ML-100K events; torch in mini-batches (sparse id rows, Adagrad), River LR "
+        f"one sample at a time, interleaved in chunks of ~{args.chunk} events (same load)\n"
+    )
     report("bench_train", rows, {"events": stream.n, "torch": torch.__version__, "targets_dcnv2_x_river_lr": TARGETS})
     return rows
 

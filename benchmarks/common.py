@@ -21,8 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 class services_up:
@@ -77,6 +81,7 @@ def _fmt(v) -> str:
 
 # -- the scoring benchmarks (bench_serve.py, bench_serve_guard.py, bench_slate.py) ------------------------------
 
+
 def pct(xs: list[float]) -> dict[str, float]:
     """p50/p99 in milliseconds of durations in seconds."""
     a = np.asarray(xs) * 1e3
@@ -107,9 +112,17 @@ def serve_world(root: Path, events: int, side_tables: bool = False, model_kind: 
         side = dict(zip(("users", "items"), load_side_tables("movielens-100k")))
     store = prepare_feature_store(str(root / "features"), table, **side)
     write_example_files(movielens_examples(events), str(root / "examples"), rows_per_file=5000)
-    t = IncrementalTrainer(TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"),
-                                         idle_exit=0, checkpoint_every=10 ** 9, model_kind=model_kind,
-                                         batch_size=512))
+    t = IncrementalTrainer(
+        TrainerConfig(
+            str(root / "examples"),
+            str(root / "ckpt"),
+            registry_uri=str(root / "reg"),
+            idle_exit=0,
+            checkpoint_every=10**9,
+            model_kind=model_kind,
+            batch_size=512,
+        )
+    )
     t.run()
     t.publish()
     reg = ModelRegistry(str(root / "reg"))
@@ -122,11 +135,24 @@ def serve_world(root: Path, events: int, side_tables: bool = False, model_kind: 
 class ServerProc:
     """``python -m jobs.serve`` in its own process on a free port, ready once it serves a model."""
 
-    def __init__(self, reg_uri: str, repo: str, backend: str = "http", use_memory: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, reg_uri: str, repo: str, backend: str = "http", use_memory: bool = True, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "jobs.serve", "--registry", reg_uri, "--feast-repo", repo, "--port",
-               str(self.port), "--backend", backend, *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "--registry",
+            reg_uri,
+            "--feast-repo",
+            repo,
+            "--port",
+            str(self.port),
+            "--backend",
+            backend,
+            *extra_args,
+        ]
         if not use_memory:
             cmd.append("--no-memory")
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{backend}-", suffix=".log", delete=False)

@@ -51,11 +51,18 @@ _OFFLINE_ROOT = os.environ.get("RELOOP_FEAST_OFFLINE_ROOT") or str(Path(__file__
 def _aggregate_fields(entity: str) -> list[Field]:
     fields: list[Field] = []
     for w in WINDOWS:
-        fields += [Field(name=f"{entity}_imp_{w}", dtype=Int64, description=f"impressions in the last {w}"),
-                   Field(name=f"{entity}_pos_{w}", dtype=Int64, description=f"positives in the last {w}"),
-                   Field(name=f"{entity}_ctr_{w}", dtype=Float64, description=f"smoothed CTR over the last {w}")]
-    fields.append(Field(name=f"{entity}_secs_since_last", dtype=Float64,
-                        description="seconds since the previous interaction (-1: none)"))
+        fields += [
+            Field(name=f"{entity}_imp_{w}", dtype=Int64, description=f"impressions in the last {w}"),
+            Field(name=f"{entity}_pos_{w}", dtype=Int64, description=f"positives in the last {w}"),
+            Field(name=f"{entity}_ctr_{w}", dtype=Float64, description=f"smoothed CTR over the last {w}"),
+        ]
+    fields.append(
+        Field(
+            name=f"{entity}_secs_since_last",
+            dtype=Float64,
+            description="seconds since the previous interaction (-1: none)",
+        )
+    )
     return fields
 
 
@@ -81,8 +88,10 @@ user_stats_fv = FeatureView(
     name="user_stats",
     entities=[user],
     ttl=FEATURE_TTL,
-    schema=[*_aggregate_fields("user"),
-            Field(name="user_last_items", dtype=Array(String), description="last items seen, most recent first")],
+    schema=[
+        *_aggregate_fields("user"),
+        Field(name="user_last_items", dtype=Array(String), description="last items seen, most recent first"),
+    ],
     source=user_stats_push_source,
     online=True,
     tags={"owner": "pipelines.feature_job"},
@@ -113,11 +122,13 @@ item_catalog_source = FileSource(
 user_profile_fv = FeatureView(
     name="user_profile",
     entities=[user],
-    ttl=timedelta(0),   # 0 = never expires: a profile is valid until the user's next version
-    schema=[Field(name="age_bucket", dtype=String, description="age group (<18, 18-24, ..., 56+)"),
-            Field(name="gender", dtype=String, description="gender as given"),
-            Field(name="occupation", dtype=String, description="occupation as given"),
-            Field(name="zip_prefix", dtype=String, description="first 3 characters of the zip code")],
+    ttl=timedelta(0),  # 0 = never expires: a profile is valid until the user's next version
+    schema=[
+        Field(name="age_bucket", dtype=String, description="age group (<18, 18-24, ..., 56+)"),
+        Field(name="gender", dtype=String, description="gender as given"),
+        Field(name="occupation", dtype=String, description="occupation as given"),
+        Field(name="zip_prefix", dtype=String, description="first 3 characters of the zip code"),
+    ],
     source=user_profile_source,
     online=True,
     tags={"owner": "reloop.side_tables"},
@@ -126,23 +137,32 @@ item_catalog_fv = FeatureView(
     name="item_catalog",
     entities=[item],
     ttl=timedelta(0),
-    schema=[Field(name="release_year", dtype=String, description="release year"),
-            Field(name="genres", dtype=Array(String), description="genres (a bag, sorted)")],
+    schema=[
+        Field(name="release_year", dtype=String, description="release year"),
+        Field(name="genres", dtype=Array(String), description="genres (a bag, sorted)"),
+    ],
     source=item_catalog_source,
     online=True,
     tags={"owner": "reloop.side_tables"},
 )
 
 # one feature service per model kind and feature-set version: models ask for a service by name
-_DESCRIPTIONS = {"lr": "logistic regression CTR model", "deepfm": "DeepFM CTR model", "dcnv2": "DCNv2 CTR model",
-                 "din": "DIN (target attention over the last items) CTR model"}
+_DESCRIPTIONS = {
+    "lr": "logistic regression CTR model",
+    "deepfm": "DeepFM CTR model",
+    "dcnv2": "DCNv2 CTR model",
+    "din": "DIN (target attention over the last items) CTR model",
+}
 for _kind in KINDS:
     # Feast finds the services among this module's globals
     globals()[feature_service_name(_kind)] = FeatureService(
-        name=feature_service_name(_kind), features=[user_stats_fv, item_stats_fv],
-        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model"))
+        name=feature_service_name(_kind),
+        features=[user_stats_fv, item_stats_fv],
+        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model"),
+    )
     # the same model kinds with the side attributes: streaming views + the batch views
     globals()[feature_service_name(_kind, side=True)] = FeatureService(
         name=feature_service_name(_kind, side=True),
         features=[user_stats_fv, item_stats_fv, user_profile_fv, item_catalog_fv],
-        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model") + " with user profile and item catalogue")
+        description=_DESCRIPTIONS.get(_kind, f"{_kind} CTR model") + " with user profile and item catalogue",
+    )

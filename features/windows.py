@@ -46,13 +46,16 @@ def feature_set_version(windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS) ->
     """The version of a window layout; a layout without a recorded version is an error, not a silent v1."""
     fp = windows_fingerprint(windows_ms)
     if fp not in FEATURE_SET_VERSIONS:
-        raise ValueError(f"windows {windows_ms} (fingerprint {fp}) have no feature-set version: add one to "
-                         f"features.windows.FEATURE_SET_VERSIONS, so models trained on older windows keep theirs")
+        raise ValueError(
+            f"windows {windows_ms} (fingerprint {fp}) have no feature-set version: add one to "
+            f"features.windows.FEATURE_SET_VERSIONS, so models trained on older windows keep theirs"
+        )
     return FEATURE_SET_VERSIONS[fp]
 
 
-def feature_service_name(model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS,
-                         side: bool = False) -> str:
+def feature_service_name(
+    model_kind: str, windows_ms: tuple[tuple[str, int], ...] = WINDOWS_MS, side: bool = False
+) -> str:
     """The Feast feature service a model of ``model_kind`` asks for: ``ctr_<kind>_v<feature-set version>``.
 
     ``side``: the service that adds the batch views ``user_profile`` and ``item_catalog`` (``ctr_<kind>_side_v<N>``).

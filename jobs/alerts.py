@@ -112,8 +112,15 @@ class DeadLetterLog:
         self._lock = threading.Lock()
 
     def write(self, result: DeliveryResult, payload: Mapping[str, Any], target: str | None = None) -> None:
-        line = {"dead_lettered_at": time.time(), "hook": result.hook, "target": target, "error": result.error,
-                "status": result.status, "attempts": result.attempts, "payload": payload}
+        line = {
+            "dead_lettered_at": time.time(),
+            "hook": result.hook,
+            "target": target,
+            "error": result.error,
+            "status": result.status,
+            "attempts": result.attempts,
+            "payload": payload,
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock, self.path.open("a", encoding="utf-8") as f:
@@ -139,10 +146,20 @@ class WebhookHook:
 
     accepts_records = False
 
-    def __init__(self, url: str, secret_env: str | None = None, timeout_s: float = 5.0, retries: int = 3,
-                 backoff_s: float = 0.5, backoff_max_s: float = 30.0, *, secret: bytes | None = None,
-                 sleep: Callable[[float], None] = time.sleep, environ: Mapping[str, str] | None = None,
-                 deadline_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        secret_env: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        *,
+        secret: bytes | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        environ: Mapping[str, str] | None = None,
+        deadline_s: float | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise HookError(f"webhook url must start with http:// or https://, got {url!r}")
         if secret is None and secret_env:
@@ -161,12 +178,15 @@ class WebhookHook:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
-        return min(self.backoff_s * (2 ** attempt), self.backoff_max_s)
+        return min(self.backoff_s * (2**attempt), self.backoff_max_s)
 
     def deliver(self, payload: Mapping[str, Any]) -> DeliveryResult:
         body = encode_body(payload)
-        headers = {"Content-Type": "application/json", "User-Agent": "reloop-alerts/1",
-                   "X-Reloop-Delivery": str(payload.get("id", ""))}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "reloop-alerts/1",
+            "X-Reloop-Delivery": str(payload.get("id", "")),
+        }
         if self.secret is not None:
             headers[SIGNATURE_HEADER] = sign(body, self.secret)
         result = DeliveryResult(self.name, False, 0)
@@ -320,8 +340,13 @@ class HookDispatcher:
     (1, "RuntimeError('pager down')", 1)
     """
 
-    def __init__(self, hooks: Iterable[Hook], dead_letter: DeadLetterLog | None = None, background: bool = False,
-                 queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        hooks: Iterable[Hook],
+        dead_letter: DeadLetterLog | None = None,
+        background: bool = False,
+        queue_size: int = 10_000,
+    ) -> None:
         self.hooks = list(hooks)
         self.dead_letter = dead_letter
         self.background = background
@@ -373,8 +398,9 @@ class HookDispatcher:
         return res
 
     def _dead(self, res: DeliveryResult, payload: Mapping[str, Any], target: str | None) -> None:
-        log.warning("alert %s not delivered by %s after %d attempt(s): %s", payload.get("id"), res.hook,
-                    res.attempts, res.error)
+        log.warning(
+            "alert %s not delivered by %s after %d attempt(s): %s", payload.get("id"), res.hook, res.attempts, res.error
+        )
         if self.dead_letter is not None:
             self.dead_letter.write(res, payload, target)
             self._count("dead_lettered")
@@ -437,12 +463,14 @@ def _target(hook: Any) -> str | None:
     return getattr(hook, "url", getattr(hook, "topic", None))
 
 
-def dispatcher_from_config(cfg: Any, callbacks: Iterable[Callable[[dict[str, Any]], Any]] = (),
-                           background: bool | None = None) -> HookDispatcher:
+def dispatcher_from_config(
+    cfg: Any, callbacks: Iterable[Callable[[dict[str, Any]], Any]] = (), background: bool | None = None
+) -> HookDispatcher:
     """Build the hooks of a :class:`reloop.config.ReloopConfig` (plus in-process callbacks)."""
     h = cfg.hooks
-    hooks: list[Any] = [WebhookHook(w.url, w.secret_env, w.timeout_s, w.retries, w.backoff_s, w.backoff_max_s)
-                        for w in h.webhooks]
+    hooks: list[Any] = [
+        WebhookHook(w.url, w.secret_env, w.timeout_s, w.retries, w.backoff_s, w.backoff_max_s) for w in h.webhooks
+    ]
     if h.kafka_enabled:
         hooks.append(KafkaHook(cfg.kafka, h.kafka_topic or cfg.kafka.alerts_topic))
     hooks += [PythonHook(ep) for ep in h.python]

@@ -84,8 +84,9 @@ class CheckpointStore:
     def gc(self, keep: int) -> None:
         """Delete all but the newest ``keep`` checkpoints (never the one ``LATEST`` names)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                       and i.base_name.startswith("ckpt-"))
+        names = sorted(
+            i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("ckpt-")
+        )
         latest = self.latest()
         for n in names[:-keep]:
             if n != latest:

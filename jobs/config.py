@@ -46,6 +46,7 @@ class WebhookConfig(Strict):
 
 class HooksConfig(Strict):
     """Where alerts go (several at once); a failing hook never stops monitoring."""
+
     webhooks: list[WebhookConfig] = Field(default_factory=list)
     #: publish every alert and audit record on kafka.alerts_topic
     kafka_enabled: bool = True
@@ -100,7 +101,6 @@ class DriftConfig(Strict):
     state_path: str = ".state/monitor/state.json"
     audit_log_path: str = ".state/monitor/audit.jsonl"
     checkpoint_every: int = Field(10_000, ge=1)
-
 
 
 _M = SERVING_MEMORY

@@ -49,7 +49,7 @@ class Candidate:
     job_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     kind: str = "retrain"
-    start: str = ""                        # how a retrain began: "cold" or "warm from <version>"
+    start: str = ""  # how a retrain began: "cold" or "warm from <version>"
 
 
 @dataclass(frozen=True)
@@ -72,24 +72,24 @@ class DeployConfig:
 
     examples_uri: str
     registry_uri: str
-    work_dir: str                          # Ray Train run directory parent
+    work_dir: str  # Ray Train run directory parent
     model: str = "dcnv2"
     seed: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
-    refresh: bool = True                   # offer the trainer's checkpoints to serving
-    gate_events: int = 1000                # the newest paired events the gate decides on
-    gate_min_events: int = 500             # a decision waits until this many exist
-    gate_level: float = 0.90               # two-sided interval; each end a one-sided 95 % bound
-    gate_block: int = 25                   # bootstrap block length (events)
-    gate_margin: float = 0.0               # retrain / rollback: minimum gain, a fraction of the current logloss
+    refresh: bool = True  # offer the trainer's checkpoints to serving
+    gate_events: int = 1000  # the newest paired events the gate decides on
+    gate_min_events: int = 500  # a decision waits until this many exist
+    gate_level: float = 0.90  # two-sided interval; each end a one-sided 95 % bound
+    gate_block: int = 25  # bootstrap block length (events)
+    gate_margin: float = 0.0  # retrain / rollback: minimum gain, a fraction of the current logloss
     retrain_window: int = 20_000
     #: Ray Train's storage_path (None: <work_dir>/ray_train); an object-store URI on a cluster
     ray_train_uri: str | None = None
-    retrain_workers: int = 1               # TorchTrainer workers (ray.retrain_workers)
-    retrain_placement: str = "PACK"        # their placement strategy (ray.retrain_placement)
+    retrain_workers: int = 1  # TorchTrainer workers (ray.retrain_workers)
+    retrain_placement: str = "PACK"  # their placement strategy (ray.retrain_placement)
     retrain_min_rows: int = 3000
     retrain_lookback: int = 1000
-    holdout: int = 1000                    # newest served events kept out of a retrain's window
+    holdout: int = 1000  # newest served events kept out of a retrain's window
     #: how a retrain starts: "cold" (a fresh model on the window), "warm" (the served model fine-tuned on the
     #: window plus a replay sample of older examples), or "both" (fit both, gate both, serve the better one
     #: that passes; the report says which won where)
@@ -110,29 +110,36 @@ class Deployer:
 
     def __init__(self, registry, live, cfg: DeployConfig) -> None:
         self.registry, self.live, self.cfg = registry, live, cfg
-        self.monitor = None                                # set by the run (the MonitorLoop)
+        self.monitor = None  # set by the run (the MonitorLoop)
         #: called with a promoted retrain's version (the run lets the incremental trainer take it over)
         self.on_promoted = None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrain")
         self.pending: concurrent.futures.Future | None = None
         self.considered: set[str] = set()
-        self.offered: str | None = None                    # the refresh candidate waiting for gate events
-        self.events: list[dict[str, Any]] = []             # what the deployer did, for the report
-        self.decisions: list[dict[str, Any]] = []          # every gate decision
+        self.offered: str | None = None  # the refresh candidate waiting for gate events
+        self.events: list[dict[str, Any]] = []  # what the deployer did, for the report
+        self.decisions: list[dict[str, Any]] = []  # every gate decision
         self.retrains = 0
         self.rollbacks = 0
         self.rejected_in_a_row = 0
         self.backoff_until = 0
-        self.ready: list[Candidate] = []                       # retrained candidates waiting for gate events
-        self.retrain_comparisons: list[dict[str, Any]] = []   # warm vs cold starts of each retrain
-        self._cache: dict[str, GateDecision] = {}              # decisions already taken, by version
-        self.requested: tuple[int, int] | None = None      # (drift start ts, events scored at the request)
+        self.ready: list[Candidate] = []  # retrained candidates waiting for gate events
+        self.retrain_comparisons: list[dict[str, Any]] = []  # warm vs cold starts of each retrain
+        self._cache: dict[str, GateDecision] = {}  # decisions already taken, by version
+        self.requested: tuple[int, int] | None = None  # (drift start ts, events scored at the request)
         self.t0 = time.time()
 
     def _log(self, what: str, **fields: Any) -> None:
         """One deployment decision, stamped with event time and wall-clock seconds since the run began."""
-        self.events.append({"what": what, "ts": self.live.last_ts, "wall_s": round(time.time() - self.t0, 2),
-                            "at_event": self.live.scored, **fields})
+        self.events.append(
+            {
+                "what": what,
+                "ts": self.live.last_ts,
+                "wall_s": round(time.time() - self.t0, 2),
+                "at_event": self.live.scored,
+                **fields,
+            }
+        )
 
     # -- the gate -----------------------------------------------------------------------------------
     def gate(self, version: str, kind: str) -> GateDecision:
@@ -155,23 +162,54 @@ class Deployer:
         if recent is None:
             raise DeployError("no recent rows buffered")
         pos = {e: i for i, e in enumerate(recent["event_id"].to_pylist())}
-        idx = np.array([i for i in idx if a["event_id"][i] in pos], dtype=np.int64)[-self.cfg.gate_events:]
+        idx = np.array([i for i in idx if a["event_id"][i] in pos], dtype=np.int64)[-self.cfg.gate_events :]
         if len(idx) < self.cfg.gate_min_events:
-            raise DeployError(f"only {len(idx)} events served by {served.version} after {version}'s horizon "
-                              f"(need {self.cfg.gate_min_events})")
+            raise DeployError(
+                f"only {len(idx)} events served by {served.version} after {version}'s horizon "
+                f"(need {self.cfg.gate_min_events})"
+            )
         rows = recent.take(pa.array([pos[e] for e in a["event_id"][idx]]))
         p_cand = predict_table(cand.model, cand.encoder, rows).astype(np.float64)  # the base model, no memory
         try:
-            d = paired_test(a["y"][idx], p_cand, a["p_base"][idx], kind, level=self.cfg.gate_level,
-                            block=self.cfg.gate_block, min_n=self.cfg.gate_min_events, seed=self.cfg.seed,
-                            margin=self.cfg.gate_margin)
+            d = paired_test(
+                a["y"][idx],
+                p_cand,
+                a["p_base"][idx],
+                kind,
+                level=self.cfg.gate_level,
+                block=self.cfg.gate_block,
+                min_n=self.cfg.gate_min_events,
+                seed=self.cfg.seed,
+                margin=self.cfg.gate_margin,
+            )
         except GateError as e:
             raise DeployError(str(e)) from e
-        rec = {"version": version, "current": served.version, "horizon_ts": horizon,
-               "events_ts": [int(a["ts"][idx].min()), int(a["ts"][idx].max())], **d.to_dict()}
+        rec = {
+            "version": version,
+            "current": served.version,
+            "horizon_ts": horizon,
+            "events_ts": [int(a["ts"][idx].min()), int(a["ts"][idx].max())],
+            **d.to_dict(),
+        }
         self.decisions.append(rec)
-        self._log("gate", **{k: rec[k] for k in ("kind", "version", "current", "promote", "n", "diff", "lo", "hi",
-                                                 "candidate_logloss", "current_logloss")})
+        self._log(
+            "gate",
+            **{
+                k: rec[k]
+                for k in (
+                    "kind",
+                    "version",
+                    "current",
+                    "promote",
+                    "n",
+                    "diff",
+                    "lo",
+                    "hi",
+                    "candidate_logloss",
+                    "current_logloss",
+                )
+            },
+        )
         return d
 
     # -- Actions protocol ---------------------------------------------------------------------------
@@ -181,8 +219,11 @@ class Deployer:
             self._log("retrain already requested")  # one at a time
             return None
         if self.live.scored < self.backoff_until:
-            self._log("retrain deferred", why=f"{self.rejected_in_a_row} rejected retrain(s) in a row: no new "
-                                              f"retrain before event {self.backoff_until:,}")
+            self._log(
+                "retrain deferred",
+                why=f"{self.rejected_in_a_row} rejected retrain(s) in a row: no new "
+                f"retrain before event {self.backoff_until:,}",
+            )
             return None
         # where the new concept began: detectors report when they fired, not where the change was, so take
         # the event `retrain_lookback` events before the request (about one detection delay)
@@ -193,9 +234,13 @@ class Deployer:
 
     def evaluate_candidate(self, candidate: Candidate, current_version: str | None) -> Evaluation:
         d = self._cache.pop(candidate.version, None) or self.gate(candidate.version, candidate.kind)
-        return Evaluation(d.promote, {"logloss": d.candidate_logloss, "n": d.n, "diff": d.diff, "lo": d.lo,
-                                      "hi": d.hi},
-                          {"logloss": d.current_logloss, "n": d.n}, d.summary(), d.to_dict())
+        return Evaluation(
+            d.promote,
+            {"logloss": d.candidate_logloss, "n": d.n, "diff": d.diff, "lo": d.lo, "hi": d.hi},
+            {"logloss": d.current_logloss, "n": d.n},
+            d.summary(),
+            d.to_dict(),
+        )
 
     def promote(self, candidate: Candidate) -> str:
         self.registry.promote(candidate.version, reason=f"{candidate.kind}: passed the gate")
@@ -226,8 +271,11 @@ class Deployer:
         self._retrain_tick()
         if self.ready:
             return
-        trainer_versions = [v for v in self.registry.versions() if v not in self.considered
-                            and self.registry.entry(v).extra.get("source") == "jobs.trainer"]
+        trainer_versions = [
+            v
+            for v in self.registry.versions()
+            if v not in self.considered and self.registry.entry(v).extra.get("source") == "jobs.trainer"
+        ]
         if trainer_versions:
             self.considered.update(trainer_versions)
             if self.registry.current() is None:
@@ -307,8 +355,12 @@ class Deployer:
             self.rejected_in_a_row = 0 if promoted else self.rejected_in_a_row + 1
             if not promoted:
                 self.backoff_until = self.live.scored + self.cfg.retrain_backoff * 2 ** (self.rejected_in_a_row - 1)
-            self._log("retrain candidate " + ("promoted" if promoted else "rejected"), version=cand.version,
-                      start=cand.start, **cand.metrics)
+            self._log(
+                "retrain candidate " + ("promoted" if promoted else "rejected"),
+                version=cand.version,
+                start=cand.start,
+                **cand.metrics,
+            )
 
     def _choose(self, cands: list[Candidate]) -> Candidate:
         """Of several retrain candidates (warm and cold starts of one window), the one to hand to the monitor:
@@ -316,17 +368,24 @@ class Deployer:
         lowest logloss, which the monitor's gate will then reject). Each comparison is logged."""
         scored = []
         for c in cands:
-            d = self._cache.get(c.version) or self.gate(c.version, c.kind)   # DeployError: wait for events
+            d = self._cache.get(c.version) or self.gate(c.version, c.kind)  # DeployError: wait for events
             self._cache[c.version] = d
             scored.append((not d.promote, d.candidate_logloss, c))
         if len(cands) == 1:
             return cands[0]
         scored.sort(key=lambda x: (x[0], x[1]))
         best = scored[0][2]
-        self.retrain_comparisons.append({"at_event": self.live.scored, "ts": self.live.last_ts, "chosen": best.version,
-                                         "candidates": [{"version": c.version, "start": c.start,
-                                                         "passes": not bad, "logloss": round(ll, 6)}
-                                                        for bad, ll, c in scored]})
+        self.retrain_comparisons.append(
+            {
+                "at_event": self.live.scored,
+                "ts": self.live.last_ts,
+                "chosen": best.version,
+                "candidates": [
+                    {"version": c.version, "start": c.start, "passes": not bad, "logloss": round(ll, 6)}
+                    for bad, ll, c in scored
+                ],
+            }
+        )
         return best
 
     def close(self, wait: bool = True) -> None:
@@ -342,8 +401,7 @@ class Deployer:
         if len(last["ts"]) == 0:
             raise DeployError("nothing scored yet: no holdout to keep out of the retrain window")
         ts_max = int(last["ts"].min())
-        ts = np.sort(ExampleStore(self.cfg.examples_uri, columns=["ts"]).read_window(None, ts_max)["ts"]
-                     .to_numpy())
+        ts = np.sort(ExampleStore(self.cfg.examples_uri, columns=["ts"]).read_window(None, ts_max)["ts"].to_numpy())
         if len(ts) == 0:
             raise DeployError("no examples before the holdout to retrain on")
         since = int(np.searchsorted(ts, drift_ts))
@@ -359,13 +417,30 @@ class Deployer:
         starts = {"cold": [None], "warm": [served], "both": [served, None]}[self.cfg.retrain_start]
         out = []
         for init in dict.fromkeys(starts):
-            res = run_retrain(RetrainConfig(
-                examples_uri=self.cfg.examples_uri, registry_uri=self.cfg.registry_uri,
-                storage_path=self.cfg.ray_train_uri or str(Path(self.cfg.work_dir) / "ray_train"),
-                model_kind=self.cfg.model, window_days=None, ts_min=ts_min, ts_max=ts_max, seed=self.cfg.seed,
-                init_version=init, replay_ratio=self.cfg.replay_ratio if init else 0.0,
-                num_workers=self.cfg.retrain_workers, placement_strategy=self.cfg.retrain_placement))
+            res = run_retrain(
+                RetrainConfig(
+                    examples_uri=self.cfg.examples_uri,
+                    registry_uri=self.cfg.registry_uri,
+                    storage_path=self.cfg.ray_train_uri or str(Path(self.cfg.work_dir) / "ray_train"),
+                    model_kind=self.cfg.model,
+                    window_days=None,
+                    ts_min=ts_min,
+                    ts_max=ts_max,
+                    seed=self.cfg.seed,
+                    init_version=init,
+                    replay_ratio=self.cfg.replay_ratio if init else 0.0,
+                    num_workers=self.cfg.retrain_workers,
+                    placement_strategy=self.cfg.retrain_placement,
+                )
+            )
             self._log("retrain fitted", version=res["version"], worker_nodes=res.get("worker_nodes", []))
-            out.append(Candidate(res["version"], None, {**res["metrics"], "fit_seconds": res["fit_seconds"]},
-                                 "retrain", f"warm from {init}" if init else "cold"))
+            out.append(
+                Candidate(
+                    res["version"],
+                    None,
+                    {**res["metrics"], "fit_seconds": res["fit_seconds"]},
+                    "retrain",
+                    f"warm from {init}" if init else "cold",
+                )
+            )
         return out

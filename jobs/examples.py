@@ -92,7 +92,7 @@ class ExampleStore:
 
     def _rel(self, path: str) -> str:
         root = self.root.rstrip("/").replace(os.sep, "/")
-        return path.replace(os.sep, "/")[len(root):].lstrip("/")
+        return path.replace(os.sep, "/")[len(root) :].lstrip("/")
 
     def _abs(self, rel: str) -> str:
         return posixpath.join(self.root.replace(os.sep, "/"), rel)
@@ -156,8 +156,9 @@ def _min_ts(meta: pq.FileMetaData) -> int:
     return int(min(lows)) if lows else 0
 
 
-def write_example_files(table: pa.Table, root: str, rows_per_file: int, prefix: str = "part",
-                        start: int = 0) -> list[str]:
+def write_example_files(
+    table: pa.Table, root: str, rows_per_file: int, prefix: str = "part", start: int = 0
+) -> list[str]:
     """Write ``table`` as immutable example files (temp name + rename), for tests, demos and benchmarks.
 
     The feature job is the producer in production; this writes the same layout from any table of
@@ -167,7 +168,11 @@ def write_example_files(table: pa.Table, root: str, rows_per_file: int, prefix: 
     out = []
     for k, lo in enumerate(range(0, table.num_rows, rows_per_file)):
         name = f"{prefix}-{start + k:06d}.parquet"
-        write_parquet_atomic(pafs.LocalFileSystem(), os.path.join(os.path.abspath(root), name),
-                             table.slice(lo, rows_per_file), durable=False)
+        write_parquet_atomic(
+            pafs.LocalFileSystem(),
+            os.path.join(os.path.abspath(root), name),
+            table.slice(lo, rows_per_file),
+            durable=False,
+        )
         out.append(name)
     return out

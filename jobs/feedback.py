@@ -48,14 +48,14 @@ __all__ = ["GuardConfig", "Impression", "Impressions", "Verdict", "FeedbackGuard
 class GuardConfig:
     """The guard's whole configuration."""
 
-    window_s: float = 60.0           # sliding window of the caps
-    max_per_pair: int = 2            # accepted outcomes per (user, item) and window
+    window_s: float = 60.0  # sliding window of the caps
+    max_per_pair: int = 2  # accepted outcomes per (user, item) and window
     max_per_user: int = 60
     max_per_item: int = 600
     impression_ttl_s: float = 24 * 3600.0
-    max_impressions: int = 500_000   # issued impressions remembered (oldest forgotten first)
+    max_impressions: int = 500_000  # issued impressions remembered (oldest forgotten first)
     lockstep_window_s: float = 10.0
-    lockstep_min: int = 50           # identical outcomes (item, label) in the window ...
+    lockstep_min: int = 50  # identical outcomes (item, label) in the window ...
     lockstep_max_source_share: float = 0.2  # ... from at most this share of distinct clients or users
     lockstep_cooldown_s: float = 300.0
 
@@ -77,14 +77,15 @@ class Impression:
     payload: Any
     issued_at: float
     outcome: int | None = None
-    ts_ms: int = 0           # the event time it was served at (epoch ms; 0: not recorded)
+    ts_ms: int = 0  # the event time it was served at (epoch ms; 0: not recorded)
 
 
 class Impressions:
     """Issued impressions by id: bounded in number and in age."""
 
-    def __init__(self, max_size: int = 500_000, ttl_s: float = 24 * 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_size: int = 500_000, ttl_s: float = 24 * 3600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_size, self.ttl_s, self.clock = max_size, ttl_s, clock
         self._items: collections.OrderedDict[str, Impression] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -110,8 +111,9 @@ class Impressions:
         return ids
 
     def _expire(self, now: float) -> None:
-        while self._items and (len(self._items) > self.max_size
-                               or now - next(iter(self._items.values())).issued_at > self.ttl_s):
+        while self._items and (
+            len(self._items) > self.max_size or now - next(iter(self._items.values())).issued_at > self.ttl_s
+        ):
             self._items.popitem(last=False)
 
     def get(self, impression_id: str) -> Impression | None:
@@ -128,7 +130,7 @@ class Impressions:
 @dataclass(frozen=True)
 class Verdict:
     accepted: bool
-    reason: str = ""              # "" when accepted; else unknown impression / duplicate / conflict / cap: ...
+    reason: str = ""  # "" when accepted; else unknown impression / duplicate / conflict / cap: ...
     impression: Impression | None = None
 
     @property
@@ -179,8 +181,9 @@ class LockstepDetector:
     [False, False, True, False]
     """
 
-    def __init__(self, window_s: float = 10.0, min_count: int = 50, max_source_share: float = 0.2,
-                 cooldown_s: float = 300.0) -> None:
+    def __init__(
+        self, window_s: float = 10.0, min_count: int = 50, max_source_share: float = 0.2, cooldown_s: float = 300.0
+    ) -> None:
         self.window_s, self.min_count = window_s, min_count
         self.max_source_share, self.cooldown_s = max_source_share, cooldown_s
         self._events: dict[tuple[str, int], collections.deque] = {}
@@ -205,10 +208,18 @@ class LockstepDetector:
             return None  # many independent sources: a popular item, not a lockstep burst
         self._last_alert[key] = now
         self.alerts += 1
-        return {"kind": "feedback_lockstep", "detector": "copycatch:feedback", "item_id": item_id, "label": int(label),
-                "count": n, "window_s": self.window_s, "distinct_clients": clients, "distinct_users": users,
-                "message": f"{n} identical outcomes (item {item_id}, label {label}) within {self.window_s:g}s "
-                           f"from {clients} client(s) and {users} user(s)"}
+        return {
+            "kind": "feedback_lockstep",
+            "detector": "copycatch:feedback",
+            "item_id": item_id,
+            "label": int(label),
+            "count": n,
+            "window_s": self.window_s,
+            "distinct_clients": clients,
+            "distinct_users": users,
+            "message": f"{n} identical outcomes (item {item_id}, label {label}) within {self.window_s:g}s "
+            f"from {clients} client(s) and {users} user(s)",
+        }
 
 
 @dataclass
@@ -223,8 +234,9 @@ class FeedbackGuard:
         c = self.config
         self.impressions = Impressions(c.max_impressions, c.impression_ttl_s, self.clock)
         self._pairs, self._users, self._items = _Window(c.window_s), _Window(c.window_s), _Window(c.window_s)
-        self.lockstep = LockstepDetector(c.lockstep_window_s, c.lockstep_min, c.lockstep_max_source_share,
-                                         c.lockstep_cooldown_s)
+        self.lockstep = LockstepDetector(
+            c.lockstep_window_s, c.lockstep_min, c.lockstep_max_source_share, c.lockstep_cooldown_s
+        )
         self._lock = threading.Lock()
         self.stats: collections.Counter = collections.Counter()
         self._admitted = 0
@@ -243,9 +255,11 @@ class FeedbackGuard:
                     return self._refuse("duplicate", imp)
                 return self._refuse(f"conflict: impression already has outcome {imp.outcome}", imp)
             alert = self.lockstep.update(imp.item_id, label, client, imp.user_id, now)
-            for window, key, cap, what in ((self._pairs, (imp.user_id, imp.item_id), c.max_per_pair, "(user, item) pair"),
-                                           (self._users, imp.user_id, c.max_per_user, "user"),
-                                           (self._items, imp.item_id, c.max_per_item, "item")):
+            for window, key, cap, what in (
+                (self._pairs, (imp.user_id, imp.item_id), c.max_per_pair, "(user, item) pair"),
+                (self._users, imp.user_id, c.max_per_user, "user"),
+                (self._items, imp.item_id, c.max_per_item, "item"),
+            ):
                 if window.count(key, now) >= cap:
                     verdict = self._refuse(f"cap: {what} at {cap} outcomes per {c.window_s:g}s", imp)
                     break

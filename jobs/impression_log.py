@@ -54,11 +54,11 @@ class ImpressionLogConfig:
 
     impressions_topic: str | None = None
     feedback_topic: str | None = None
-    max_queued: int = 200_000          # records waiting for the sender thread (a 1,000-candidate slate is 1,000)
-    max_in_flight: int = 200_000       # records handed to the producer and not yet acknowledged or failed
+    max_queued: int = 200_000  # records waiting for the sender thread (a 1,000-candidate slate is 1,000)
+    max_in_flight: int = 200_000  # records handed to the producer and not yet acknowledged or failed
     delivery_timeout_ms: int = 30_000  # how long the producer retries a record before it counts as failed
-    max_block_ms: int = 5_000          # the sender thread's wait for metadata (never a request's)
-    retry_s: float = 2.0               # between attempts to create the producer while the broker is down
+    max_block_ms: int = 5_000  # the sender thread's wait for metadata (never a request's)
+    retry_s: float = 2.0  # between attempts to create the producer while the broker is down
 
     def __post_init__(self) -> None:
         if min(self.max_queued, self.max_in_flight) < 1:
@@ -79,13 +79,18 @@ _Entry = tuple
 class ImpressionLog:
     """Publish impressions and accepted feedback without ever blocking the caller (see the module docstring)."""
 
-    def __init__(self, kafka: KafkaConfig | None, config: ImpressionLogConfig = ImpressionLogConfig(),
-                 producer_factory: Callable[[], Any] | None = None, start: bool = True) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig | None,
+        config: ImpressionLogConfig = ImpressionLogConfig(),
+        producer_factory: Callable[[], Any] | None = None,
+        start: bool = True,
+    ) -> None:
         self.kafka = kafka
         self.config = config
         self._factory = producer_factory or self._default_producer
         self._queue: collections.deque[_Entry] = collections.deque()
-        self._queued = 0                 # records (not entries) in the queue
+        self._queued = 0  # records (not entries) in the queue
         self._in_flight = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -100,8 +105,9 @@ class ImpressionLog:
             self._thread.start()
 
     # ---- the request side: O(1), never blocks on Kafka -----------------------------------------------
-    def impressions(self, ts: int, user_id: str, request_id: str | None, rows: list[tuple[str, str, int]],
-                    context: dict[str, Any]) -> bool:
+    def impressions(
+        self, ts: int, user_id: str, request_id: str | None, rows: list[tuple[str, str, int]], context: dict[str, Any]
+    ) -> bool:
         """Queue one request's impressions (``rows`` = (impression_id, item_id, position)); False if dropped."""
         if not self.config.impressions_topic:
             return False
@@ -137,11 +143,18 @@ class ImpressionLog:
         with self._cond:
             queued, in_flight = self._queued, self._in_flight
         keys = ("impressions_sent", "feedback_sent", "failed", "dropped", "invalid", "negatives_not_logged")
-        return {"impressions_topic": self.config.impressions_topic, "feedback_topic": self.config.feedback_topic,
-                "producer_created": self._producer is not None, "connecting": self._connecting,
-                "connect_failures": int(self.stats["connect_failures"]), "queued": queued, "in_flight": in_flight,
-                **{k: int(self.stats[k]) for k in keys}, "last_error": self.last_error,
-                "last_invalid": self.last_invalid}
+        return {
+            "impressions_topic": self.config.impressions_topic,
+            "feedback_topic": self.config.feedback_topic,
+            "producer_created": self._producer is not None,
+            "connecting": self._connecting,
+            "connect_failures": int(self.stats["connect_failures"]),
+            "queued": queued,
+            "in_flight": in_flight,
+            **{k: int(self.stats[k]) for k in keys},
+            "last_error": self.last_error,
+            "last_invalid": self.last_invalid,
+        }
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued was acknowledged or failed (tests, shutdown); True if it was."""
@@ -177,8 +190,13 @@ class ImpressionLog:
         assert self.kafka is not None, "no Kafka config"
         c = self.config
         # the producer first: its bootstrap gives up after max_block_ms when the broker is down
-        prod = producer(self.kafka, max_block_ms=c.max_block_ms, delivery_timeout_ms=c.delivery_timeout_ms,
-                        request_timeout_ms=min(10_000, c.delivery_timeout_ms), bootstrap_timeout_ms=c.max_block_ms)
+        prod = producer(
+            self.kafka,
+            max_block_ms=c.max_block_ms,
+            delivery_timeout_ms=c.delivery_timeout_ms,
+            request_timeout_ms=min(10_000, c.delivery_timeout_ms),
+            bootstrap_timeout_ms=c.max_block_ms,
+        )
         try:  # with the configured partitions, not the broker's auto-create default
             ensure_topics(self.kafka, [t for t in (c.impressions_topic, c.feedback_topic) if t])
         except Exception:

@@ -56,12 +56,14 @@ from pipelines.kafka_io import ensure_topics
 log = logging.getLogger(__name__)
 
 REQUIRED = ("event_id", "ts", "label")
-RESERVED = frozenset({"event_id", "ts", "user_id", "item_id", "p", "p_base", "p_prev", "label", "model_version",
-                      "features"})
+RESERVED = frozenset(
+    {"event_id", "ts", "user_id", "item_id", "p", "p_base", "p_prev", "label", "model_version", "features"}
+)
 MAX_RECORD_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------- input records
+
 
 @dataclass(frozen=True)
 class PredictionRecord:
@@ -115,9 +117,18 @@ def parse_prediction(raw: bytes | str | Mapping[str, Any]) -> PredictionRecord |
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             feats[str(k)] = float(v)
     mv = raw.get("model_version")
-    return PredictionRecord(str(raw["event_id"]), ts, _str(raw.get("user_id")), _str(raw.get("item_id")), p,
-                            int(label), None if mv is None else str(mv), _prob(raw.get("p_base")),
-                            _prob(raw.get("p_prev")), feats)
+    return PredictionRecord(
+        str(raw["event_id"]),
+        ts,
+        _str(raw.get("user_id")),
+        _str(raw.get("item_id")),
+        p,
+        int(label),
+        None if mv is None else str(mv),
+        _prob(raw.get("p_base")),
+        _prob(raw.get("p_prev")),
+        feats,
+    )
 
 
 def _str(v: Any) -> str | None:
@@ -125,6 +136,7 @@ def _str(v: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------- the actions protocol
+
 
 class Actions(Protocol):
     """What the job layer plugs in (Ray retrain job, evaluation gate, registry)."""
@@ -145,12 +157,21 @@ class Actions(Protocol):
 
 # --------------------------------------------------------------------------- the loop
 
+
 class MonitorLoop:
     """Monitors -> policy -> hooks -> actions, every step audited. Never raises on a failing hook or action."""
 
-    def __init__(self, suite: MonitorSuite, policy: DriftPolicy, dispatcher: Any, actions: Actions | None = None,
-                 audit: AuditLog | None = None, on_request: Callable[[Request], None] | None = None,
-                 loss_window: int = 5000, incident_gap_events: int = 10_000) -> None:
+    def __init__(
+        self,
+        suite: MonitorSuite,
+        policy: DriftPolicy,
+        dispatcher: Any,
+        actions: Actions | None = None,
+        audit: AuditLog | None = None,
+        on_request: Callable[[Request], None] | None = None,
+        loss_window: int = 5000,
+        incident_gap_events: int = 10_000,
+    ) -> None:
         self.suite, self.policy, self.dispatcher, self.actions = suite, policy, dispatcher, actions
         self.audit, self.on_request = audit, on_request
         #: alerts of one shift form one incident: the hooks get its opening alert, then only the requests
@@ -174,8 +195,13 @@ class MonitorLoop:
             self.on_candidate(*self._ready.get_nowait())
         self.n += 1
         for inc in self.incidents.tick(self.n, rec.ts):
-            self._record("incident_resolved", f"incident {inc.id} resolved", inc.resolution or "",
-                         {"alerts": inc.alerts}, details={"incident": inc.id, "evidence": inc.evidence})
+            self._record(
+                "incident_resolved",
+                f"incident {inc.id} resolved",
+                inc.resolution or "",
+                {"alerts": inc.alerts},
+                details={"incident": inc.id, "evidence": inc.evidence},
+            )
         if rec.model_version is not None and rec.model_version != self.current_version:
             if self.current_version is not None:  # a new model serves: its history starts now
                 self.suite.rebase()
@@ -191,10 +217,13 @@ class MonitorLoop:
             old = None if rec.p_prev is None else event_signals(rec.p_prev, rec.label)["logloss"]
             reqs += self.policy.observe_loss(self.n, loss, old)
             if self.policy.watch is None and not any(r.action == "rollback" for r in reqs):
-                self._record("watch_passed", f"{watch.new_version} kept after {watch.n} live events",
-                             "live loss not worse than the previous model's by the margin",
-                             {"live_logloss": watch.mean, "reference_logloss": watch.reference},
-                             {"current": watch.new_version, "previous": watch.old_version})
+                self._record(
+                    "watch_passed",
+                    f"{watch.new_version} kept after {watch.n} live events",
+                    "live loss not worse than the previous model's by the margin",
+                    {"live_logloss": watch.mean, "reference_logloss": watch.reference},
+                    {"current": watch.new_version, "previous": watch.old_version},
+                )
         for r in reqs:
             self.handle(r)
         return reqs
@@ -203,16 +232,27 @@ class MonitorLoop:
         """Alert through the hooks, audit, then carry out the request (retrain / rollback)."""
         self.requests.append(req)
         payload = alert_payload(req)
-        verb, inc = self.incidents.observe_alert({"at_event": self.n, "ts": self._ts_range[1], "summary": req.reason,
-                                                  "detectors": [d.detector for d in req.detections]})
+        verb, inc = self.incidents.observe_alert(
+            {
+                "at_event": self.n,
+                "ts": self._ts_range[1],
+                "summary": req.reason,
+                "detectors": [d.detector for d in req.detections],
+            }
+        )
         payload["incident"] = {"id": inc.id, "status": verb, "alerts": inc.alerts}
         if verb == "opened" or req.action != "alert":
             self._safe(self.dispatcher.deliver, payload)
         start, end = req.event_time_range
-        self._record("alert", f"{req.action} requested ({req.level})", req.reason, dict(req.metrics),
-                     {"current": req.model_version or self.current_version, "target": req.target_version},
-                     {"start": start, "end": end}, details={"alert_id": payload["id"], "incident": inc.id,
-                                                            "detectors": [d.detector for d in req.detections]})
+        self._record(
+            "alert",
+            f"{req.action} requested ({req.level})",
+            req.reason,
+            dict(req.metrics),
+            {"current": req.model_version or self.current_version, "target": req.target_version},
+            {"start": start, "end": end},
+            details={"alert_id": payload["id"], "incident": inc.id, "detectors": [d.detector for d in req.detections]},
+        )
         if self.on_request is not None:
             self._safe(self.on_request, req)
         if req.action == "retrain":
@@ -222,8 +262,13 @@ class MonitorLoop:
 
     def _retrain(self, req: Request) -> None:
         corr = uuid.uuid4().hex
-        self._record("retrain_requested", "retrain requested", req.reason, versions={"current": self.current_version},
-                     correlation_id=corr)
+        self._record(
+            "retrain_requested",
+            "retrain requested",
+            req.reason,
+            versions={"current": self.current_version},
+            correlation_id=corr,
+        )
         if self.actions is None:
             return
         try:
@@ -231,10 +276,15 @@ class MonitorLoop:
         except Exception as e:  # noqa: BLE001 - a failed submission is audited, monitoring goes on
             self._failed("request_retrain", e, corr)
             return
-        self._record("retrain_submitted", "retrain job submitted" if cand is None else f"candidate {cand.version} trained",
-                     req.reason, dict(cand.metrics) if cand else {},
-                     {"current": self.current_version, "candidate": cand.version if cand else None},
-                     correlation_id=corr, details={"job_id": cand.job_id if cand else None})
+        self._record(
+            "retrain_submitted",
+            "retrain job submitted" if cand is None else f"candidate {cand.version} trained",
+            req.reason,
+            dict(cand.metrics) if cand else {},
+            {"current": self.current_version, "candidate": cand.version if cand else None},
+            correlation_id=corr,
+            details={"job_id": cand.job_id if cand else None},
+        )
         if cand is not None:
             self.on_candidate(cand, corr)
 
@@ -248,15 +298,28 @@ class MonitorLoop:
         except Exception as e:  # noqa: BLE001
             self._failed("evaluate_candidate", e, correlation_id)
             return False
-        metrics = {**{f"candidate_{k}": v for k, v in ev.candidate_metrics.items()},
-                   **{f"current_{k}": v for k, v in ev.current_metrics.items()}}
+        metrics = {
+            **{f"candidate_{k}": v for k, v in ev.candidate_metrics.items()},
+            **{f"current_{k}": v for k, v in ev.current_metrics.items()},
+        }
         versions = {"current": old, "candidate": cand.version}
-        self._record("candidate_evaluated", f"candidate {cand.version} {'beats' if ev.better else 'does not beat'} "
-                     f"{old}", ev.reason or "evaluation gate on the holdout slot", metrics, versions,
-                     correlation_id=correlation_id)
+        self._record(
+            "candidate_evaluated",
+            f"candidate {cand.version} {'beats' if ev.better else 'does not beat'} {old}",
+            ev.reason or "evaluation gate on the holdout slot",
+            metrics,
+            versions,
+            correlation_id=correlation_id,
+        )
         if not ev.better:
-            self._record("not_promoted", f"{old} stays current", ev.reason or "candidate not better by the margin",
-                         metrics, versions, correlation_id=correlation_id)
+            self._record(
+                "not_promoted",
+                f"{old} stays current",
+                ev.reason or "candidate not better by the margin",
+                metrics,
+                versions,
+                correlation_id=correlation_id,
+            )
             return False
         try:
             serving = self.actions.promote(cand)
@@ -269,13 +332,23 @@ class MonitorLoop:
         baseline = ev.current_metrics.get("logloss")
         if baseline is None and self._losses:
             baseline = sum(self._losses) / len(self._losses)
-        self._record("promoted", f"{serving} promoted over {old}", ev.reason or "candidate better by the margin",
-                     metrics, {"current": serving, "previous": old}, correlation_id=correlation_id)
+        self._record(
+            "promoted",
+            f"{serving} promoted over {old}",
+            ev.reason or "candidate better by the margin",
+            metrics,
+            {"current": serving, "previous": old},
+            correlation_id=correlation_id,
+        )
         self.policy.start_watch(self.n, serving, old, baseline)
-        self._record("watch_started", f"rollback watch on {serving}",
-                     "after a promotion the live loss is compared with the previous model's",
-                     {"baseline_logloss": baseline}, {"current": serving, "previous": old},
-                     correlation_id=correlation_id)
+        self._record(
+            "watch_started",
+            f"rollback watch on {serving}",
+            "after a promotion the live loss is compared with the previous model's",
+            {"baseline_logloss": baseline},
+            {"current": serving, "previous": old},
+            correlation_id=correlation_id,
+        )
         return True
 
     def _rollback(self, req: Request) -> None:
@@ -287,11 +360,21 @@ class MonitorLoop:
             self._failed("rollback", e, None)
             return
         if serving and serving == self._serving_version():
-            self._record("rollback_declined", f"{serving} stays current", "the gate found no evidence that the "
-                         "previous model is better", dict(req.metrics), {"current": serving})
+            self._record(
+                "rollback_declined",
+                f"{serving} stays current",
+                "the gate found no evidence that the previous model is better",
+                dict(req.metrics),
+                {"current": serving},
+            )
             return
-        self._record("rolled_back", f"rolled back to {serving}", req.reason, dict(req.metrics),
-                     {"current": serving, "rolled_back": req.model_version})
+        self._record(
+            "rolled_back",
+            f"rolled back to {serving}",
+            req.reason,
+            dict(req.metrics),
+            {"current": serving, "rolled_back": req.model_version},
+        )
 
     def _serving_version(self) -> str | None:
         live = getattr(self.actions, "live", None)
@@ -299,12 +382,27 @@ class MonitorLoop:
         return getattr(served, "version", None)
 
     # ------------------------------------------------------------------ audit
-    def _record(self, kind: str, what: str, why: str, metrics: dict | None = None, versions: dict | None = None,
-                event_time_range: dict | None = None, correlation_id: str | None = None,
-                details: dict | None = None) -> AuditRecord:
-        rec = AuditRecord(kind, what, why, metrics or {}, versions or {},
-                          event_time_range or {"start": self._ts_range[0], "end": self._ts_range[1]},
-                          correlation_id=correlation_id, details=details or {})
+    def _record(
+        self,
+        kind: str,
+        what: str,
+        why: str,
+        metrics: dict | None = None,
+        versions: dict | None = None,
+        event_time_range: dict | None = None,
+        correlation_id: str | None = None,
+        details: dict | None = None,
+    ) -> AuditRecord:
+        rec = AuditRecord(
+            kind,
+            what,
+            why,
+            metrics or {},
+            versions or {},
+            event_time_range or {"start": self._ts_range[0], "end": self._ts_range[1]},
+            correlation_id=correlation_id,
+            details=details or {},
+        )
         if self.audit is not None:
             self._safe(self.audit.append, rec)
         if kind != "alert":  # the alert itself already went to every hook
@@ -313,8 +411,13 @@ class MonitorLoop:
 
     def _failed(self, action: str, e: Exception, corr: str | None) -> None:
         log.error("action %s failed: %r", action, e)
-        self._record("action_failed", f"{action} failed", f"{type(e).__name__}: {e}",
-                     versions={"current": self.current_version}, correlation_id=corr)
+        self._record(
+            "action_failed",
+            f"{action} failed",
+            f"{type(e).__name__}: {e}",
+            versions={"current": self.current_version},
+            correlation_id=corr,
+        )
 
     @staticmethod
     def _safe(fn: Callable, *args: Any, **kwargs: Any) -> None:
@@ -325,8 +428,14 @@ class MonitorLoop:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "current_version": self.current_version, "suite": self.suite.state_dict(),
-                "policy": self.policy.state_dict(), "losses": list(self._losses), "ts_range": self._ts_range}
+        return {
+            "n": self.n,
+            "current_version": self.current_version,
+            "suite": self.suite.state_dict(),
+            "policy": self.policy.state_dict(),
+            "losses": list(self._losses),
+            "ts_range": self._ts_range,
+        }
 
     def load_state_dict(self, s: Mapping[str, Any]) -> None:
         self.n, self.current_version = int(s["n"]), s["current_version"]
@@ -337,8 +446,13 @@ class MonitorLoop:
         self._ts_range = list(s["ts_range"])
 
 
-def build_loop(cfg: Any, actions: Actions | None = None, callbacks: tuple[Callable, ...] = (),
-               dispatcher: Any = None, on_request: Callable[[Request], None] | None = None) -> MonitorLoop:
+def build_loop(
+    cfg: Any,
+    actions: Actions | None = None,
+    callbacks: tuple[Callable, ...] = (),
+    dispatcher: Any = None,
+    on_request: Callable[[Request], None] | None = None,
+) -> MonitorLoop:
     """A :class:`MonitorLoop` from a :class:`reloop.config.ReloopConfig`."""
 
     d = cfg.drift
@@ -352,8 +466,9 @@ def build_loop(cfg: Any, actions: Actions | None = None, callbacks: tuple[Callab
 
 def save_state(loop: MonitorLoop, path: str | Path) -> None:
     """Atomic JSON checkpoint of the loop (monitors, policy, counters)."""
-    write_bytes_atomic(pafs.LocalFileSystem(), os.path.abspath(path),
-                       json.dumps(loop.state_dict(), allow_nan=False).encode())
+    write_bytes_atomic(
+        pafs.LocalFileSystem(), os.path.abspath(path), json.dumps(loop.state_dict(), allow_nan=False).encode()
+    )
 
 
 def load_state(loop: MonitorLoop, path: str | Path) -> bool:
@@ -363,8 +478,9 @@ def load_state(loop: MonitorLoop, path: str | Path) -> bool:
     try:
         loop.load_state_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: monitor checkpoint cannot be restored ({type(e).__name__}: {e}); "
-                         f"move it away to start fresh") from e
+        raise ValueError(
+            f"{path}: monitor checkpoint cannot be restored ({type(e).__name__}: {e}); move it away to start fresh"
+        ) from e
     return True
 
 
@@ -376,26 +492,39 @@ class MonitorStats:
     seconds: float = 0.0
 
 
-def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = False, max_records: int | None = None,
-                idle_timeout_s: float | None = None, actions: Actions | None = None,
-                callbacks: tuple[Callable, ...] = (), state_path: str | None = None,
-                stop: Any = None, on_request: Callable[[Request], None] | None = None,
-                loop: MonitorLoop | None = None) -> MonitorStats:
+def run_monitor(
+    cfg: Any,
+    *,
+    topic: str | None = None,
+    from_beginning: bool = False,
+    max_records: int | None = None,
+    idle_timeout_s: float | None = None,
+    actions: Actions | None = None,
+    callbacks: tuple[Callable, ...] = (),
+    state_path: str | None = None,
+    stop: Any = None,
+    on_request: Callable[[Request], None] | None = None,
+    loop: MonitorLoop | None = None,
+) -> MonitorStats:
     """Consume the predictions topic and run the loop until ``max_records``, ``idle_timeout_s`` of silence,
     or ``stop.is_set()``. Monitor state is checkpointed to JSON, then the offsets are committed.
 
     ``callbacks`` get every alert and audit record (dicts); ``on_request`` gets each
     :class:`Request`; pass a prebuilt ``loop`` to keep a handle on it (e.g. for ``candidate_ready``)."""
 
-
     topic = topic or cfg.drift.predictions_topic
     state_path = state_path or cfg.drift.state_path
     loop = loop if loop is not None else build_loop(cfg, actions, callbacks, on_request=on_request)
     resumed = load_state(loop, state_path)
     ensure_topics(cfg.kafka, [topic, cfg.hooks.kafka_topic or cfg.kafka.alerts_topic])
-    consumer = KafkaConsumer(topic, **cfg.kafka.client_options(), group_id=cfg.drift.consumer_group,
-                             enable_auto_commit=False, auto_offset_reset="earliest" if from_beginning else "latest",
-                             max_poll_records=2000)
+    consumer = KafkaConsumer(
+        topic,
+        **cfg.kafka.client_options(),
+        group_id=cfg.drift.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        max_poll_records=2000,
+    )
     stats = MonitorStats()
     t0 = last = time.monotonic()
     since_ckpt = 0
@@ -422,8 +551,14 @@ def run_monitor(cfg: Any, *, topic: str | None = None, from_beginning: bool = Fa
                     if isinstance(rec, str):
                         stats.rejected += 1
                         if stats.rejected <= 10 or stats.rejected % 1000 == 0:
-                            log.warning("rejected prediction record at %s[%d]@%d: %s (%d rejected so far)",
-                                        r.topic, r.partition, r.offset, rec, stats.rejected)
+                            log.warning(
+                                "rejected prediction record at %s[%d]@%d: %s (%d rejected so far)",
+                                r.topic,
+                                r.partition,
+                                r.offset,
+                                rec,
+                                stats.rejected,
+                            )
                         continue
                     stats.records += 1
                     since_ckpt += 1

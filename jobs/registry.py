@@ -78,6 +78,8 @@ def manifest_seal(manifest: bytes, key: bytes | None) -> bytes:
 def _hmac_key() -> bytes | None:
     value = os.environ.get(HMAC_KEY_ENV)
     return value.encode() if value else None
+
+
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 
@@ -161,9 +163,17 @@ class ModelRegistry:
             return names
         return [v for v in names if self._exists(self._p("versions", v, MANIFEST))]
 
-    def publish(self, state_dict: Mapping[str, Any], *, model_config: Mapping[str, Any], feature_service: str,
-                training_range: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None,
-                extra: Mapping[str, Any] | None = None, promote: bool = False) -> ModelEntry:
+    def publish(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        model_config: Mapping[str, Any],
+        feature_service: str,
+        training_range: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        promote: bool = False,
+    ) -> ModelEntry:
         """Write a new version (weights, then manifest) and optionally make it current."""
 
         if not feature_service:
@@ -174,10 +184,16 @@ class ModelRegistry:
         for attempt in range(20):
             nums = self._numbers()
             version = f"v{(nums[-1] + 1 if nums else 1):06d}"
-            entry = ModelEntry(version=version, model_config=_jsonable(model_config),
-                               feature_service=feature_service, training_range=_jsonable(training_range or {}),
-                               metrics={k: float(v) for k, v in (metrics or {}).items()},
-                               extra=_jsonable(extra or {}), created_at=time.time(), files=files)
+            entry = ModelEntry(
+                version=version,
+                model_config=_jsonable(model_config),
+                feature_service=feature_service,
+                training_range=_jsonable(training_range or {}),
+                metrics={k: float(v) for k, v in (metrics or {}).items()},
+                extra=_jsonable(extra or {}),
+                created_at=time.time(),
+                files=files,
+            )
             manifest = json.dumps(entry.to_dict(), indent=2, sort_keys=True).encode()
             seal = manifest_seal(manifest, _hmac_key())
             if self.local:
@@ -221,13 +237,16 @@ class ModelRegistry:
             self._check_seal(version, data)
             raw = json.loads(data)
         except FileNotFoundError:
-            raise CorruptEntryError(f"{self.uri}: version {version} is partial: {MANIFEST} is missing "
-                                    f"(its writer did not finish)") from None
+            raise CorruptEntryError(
+                f"{self.uri}: version {version} is partial: {MANIFEST} is missing (its writer did not finish)"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} is not valid JSON: {e}") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} has format "
-                                    f"{raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}")
+            raise CorruptEntryError(
+                f"{self.uri}: version {version}: {MANIFEST} has format "
+                f"{raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r}"
+            )
         raw.pop("format")
         try:
             entry = ModelEntry(**raw)
@@ -244,26 +263,36 @@ class ModelRegistry:
         try:
             seal = json.loads(self._read(self._p("versions", version, SEAL)))
         except FileNotFoundError:
-            raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} is missing; the manifest cannot be "
-                                    f"verified (published before seals, or tampered with)") from None
+            raise CorruptEntryError(
+                f"{self.uri}: version {version}: {SEAL} is missing; the manifest cannot be "
+                f"verified (published before seals, or tampered with)"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} is not valid JSON: {e}") from None
-        if not isinstance(seal, dict) or not hmac.compare_digest(str(seal.get("sha256", "")),
-                                                                 hashlib.sha256(manifest).hexdigest()):
-            raise CorruptEntryError(f"{self.uri}: version {version}: {MANIFEST} does not match the sha256 in "
-                                    f"{SEAL} (edited or corrupt)")
+        if not isinstance(seal, dict) or not hmac.compare_digest(
+            str(seal.get("sha256", "")), hashlib.sha256(manifest).hexdigest()
+        ):
+            raise CorruptEntryError(
+                f"{self.uri}: version {version}: {MANIFEST} does not match the sha256 in {SEAL} (edited or corrupt)"
+            )
         key = _hmac_key()
         mac = seal.get("hmac_sha256")
         if key is None and mac is not None:
-            raise CorruptEntryError(f"{self.uri}: version {version} is HMAC-signed but ${HMAC_KEY_ENV} is not set "
-                                    f"here: refusing to load it unverified")
+            raise CorruptEntryError(
+                f"{self.uri}: version {version} is HMAC-signed but ${HMAC_KEY_ENV} is not set "
+                f"here: refusing to load it unverified"
+            )
         if key is not None:
             if mac is None:
-                raise CorruptEntryError(f"{self.uri}: version {version}: {SEAL} has no HMAC but ${HMAC_KEY_ENV} is "
-                                        f"set: an unsigned entry is refused")
+                raise CorruptEntryError(
+                    f"{self.uri}: version {version}: {SEAL} has no HMAC but ${HMAC_KEY_ENV} is "
+                    f"set: an unsigned entry is refused"
+                )
             if not hmac.compare_digest(str(mac), hmac.new(key, manifest, hashlib.sha256).hexdigest()):
-                raise CorruptEntryError(f"{self.uri}: version {version}: the manifest's HMAC does not verify "
-                                        f"(tampered with, or another key)")
+                raise CorruptEntryError(
+                    f"{self.uri}: version {version}: the manifest's HMAC does not verify "
+                    f"(tampered with, or another key)"
+                )
 
     def load(self, version: str | None = None) -> tuple[ModelEntry, dict[str, Any]]:
         """``(entry, state dict)`` of a version (default: current), after checking sizes and hashes."""
@@ -277,11 +306,15 @@ class ModelRegistry:
             except FileNotFoundError:
                 raise CorruptEntryError(f"{self.uri}: version {version}: {name} is missing") from None
             if len(data) != meta.get("bytes"):
-                raise CorruptEntryError(f"{self.uri}: version {version}: {name} has {len(data)} bytes, "
-                                        f"manifest says {meta.get('bytes')} (truncated or replaced)")
+                raise CorruptEntryError(
+                    f"{self.uri}: version {version}: {name} has {len(data)} bytes, "
+                    f"manifest says {meta.get('bytes')} (truncated or replaced)"
+                )
             if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-                raise CorruptEntryError(f"{self.uri}: version {version}: {name} does not match its sha256 "
-                                        f"in the manifest (corrupt or tampered with)")
+                raise CorruptEntryError(
+                    f"{self.uri}: version {version}: {name} does not match its sha256 "
+                    f"in the manifest (corrupt or tampered with)"
+                )
             blobs[name] = data
         try:
             weights = load(blobs[WEIGHTS])
@@ -305,8 +338,9 @@ class ModelRegistry:
             if not isinstance(rec, dict) or not VERSION_RE.match(str(rec.get("version"))):
                 raise ValueError(f"no valid version in {rec!r}")
         except ValueError as e:
-            raise CorruptEntryError(f"{self.uri}: {POINTER} is unreadable ({e}); promote a version to repair it") \
-                from None
+            raise CorruptEntryError(
+                f"{self.uri}: {POINTER} is unreadable ({e}); promote a version to repair it"
+            ) from None
         return rec
 
     def current(self) -> str | None:
@@ -327,8 +361,12 @@ class ModelRegistry:
             prev = self.pointer()
         except CorruptEntryError:
             prev = None  # promoting repairs a damaged pointer
-        rec = {"version": version, "previous": prev["version"] if prev else None,
-               "promoted_at": time.time(), "reason": reason}
+        rec = {
+            "version": version,
+            "previous": prev["version"] if prev else None,
+            "promoted_at": time.time(),
+            "reason": reason,
+        }
         self._write_atomic(self._p(POINTER), json.dumps(rec, sort_keys=True).encode())
         return entry
 
@@ -348,7 +386,7 @@ def prune(registry: ModelRegistry, keep: int) -> list[str]:
     rec = registry.pointer() or {}
     protected = {rec.get("version"), rec.get("previous")}
     names = registry.versions(include_partial=True)
-    doomed = [v for v in names[:max(0, len(names) - keep)] if v not in protected]
+    doomed = [v for v in names[: max(0, len(names) - keep)] if v not in protected]
     for v in doomed:
         registry.fs.delete_dir(registry._p("versions", v))
     return doomed

@@ -61,17 +61,15 @@ from jobs.config import load_jobs_config as load_config
 import ray
 
 
-
-
 @dataclass(frozen=True)
 class RetrainConfig:
     """The whole configuration of one retrain run."""
 
     examples_uri: str
     registry_uri: str
-    storage_path: str                      # Ray Train run directory (absolute, or a URI such as s3://b/ray_train)
+    storage_path: str  # Ray Train run directory (absolute, or a URI such as s3://b/ray_train)
     model_kind: str = "dcnv2"
-    feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
+    feature_service: str | None = None  # default: features.windows.feature_service_name(model_kind)
     window_days: float | None = 7.0
     ts_min: int | None = None
     ts_max: int | None = None
@@ -134,7 +132,6 @@ def evaluate(model, encoder, table) -> dict[str, float]:
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: read the window, train its shard with DDP, worker 0 evaluates and checkpoints."""
 
-
     cfg = RetrainConfig(**loop["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,7 +139,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     # where every worker runs, gathered to worker 0 for the record (which nodes took part)
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if world > 1:
-
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     store = ExampleStore(cfg.examples_uri)
@@ -159,22 +155,36 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             k = min(older.num_rows, int(cfg.replay_ratio * train.num_rows))
             if k:
                 pick = np.sort(np.random.default_rng(cfg.seed).choice(older.num_rows, k, replace=False))
-                train = pa.concat_tables([older.take(pick).select(train.column_names), train],
-                                         promote_options="permissive")
+                train = pa.concat_tables(
+                    [older.take(pick).select(train.column_names), train], promote_options="permissive"
+                )
     else:
-        enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)),
-                                           hash_buckets=cfg.hash_buckets,
-                                           history_field=history_field(cfg.model_kind))).fit(train)
+        enc = FeatureEncoder(
+            EncoderConfig(
+                numeric_fields=tuple(feature_columns(table.column_names)),
+                hash_buckets=cfg.hash_buckets,
+                history_field=history_field(cfg.model_kind),
+            )
+        ).fit(train)
         ec = enc.config
-        mc = ModelConfig(kind=cfg.model_kind, num_categorical=len(ec.categorical_fields),
-                         hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
-                         categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
-                         use_history=ec.history_field is not None, seed=cfg.seed)
+        mc = ModelConfig(
+            kind=cfg.model_kind,
+            num_categorical=len(ec.categorical_fields),
+            hash_buckets=ec.hash_buckets,
+            num_numeric=len(ec.numeric_fields),
+            categorical_fields=ec.categorical_fields,
+            numeric_fields=ec.numeric_fields,
+            use_history=ec.history_field is not None,
+            seed=cfg.seed,
+        )
         base = build_model(mc)
     ec = enc.config
     # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
-    model = ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else base
+    model = (
+        ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True})
+        if world > 1
+        else base
+    )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # equal shards (every world-th row) so every worker runs the same number of DDP steps
     per = train.num_rows // world
@@ -186,30 +196,44 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         order = rng.permutation(shard.num_rows)
         total = 0.0
         for lo in range(0, shard.num_rows, cfg.batch_size):
-            batch = enc.encode(shard.take(order[lo:lo + cfg.batch_size]))
+            batch = enc.encode(shard.take(order[lo : lo + cfg.batch_size]))
             logits, _ = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"]) + base.regularization()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(logits)
-        metrics = {"epoch": epoch, "train_loss": total / max(1, shard.num_rows), "train_rows": train.num_rows,
-                   "seconds": time.time() - t0}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total / max(1, shard.num_rows),
+            "train_rows": train.num_rows,
+            "seconds": time.time() - t0,
+        }
         if epoch < cfg.epochs - 1:
             ray.train.report(metrics)
     if rank == 0:
         metrics.update({f"holdout_{k}": v for k, v in evaluate(base, enc, holdout).items()})
         with tempfile.TemporaryDirectory() as d:
-            save_file({k: v.detach().contiguous() for k, v in base.state_dict().items()},
-                      os.path.join(d, "model.safetensors"))
+            save_file(
+                {k: v.detach().contiguous() for k, v in base.state_dict().items()}, os.path.join(d, "model.safetensors")
+            )
             with open(os.path.join(d, "meta.json"), "w") as f:
-                json.dump({"model_config": mc.to_dict(), "encoder_config": ec.to_dict(),
-                           "train_rows": train.num_rows, "holdout_rows": holdout.num_rows, "worker_nodes": nodes,
-                           "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
-                           "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())],
-                           # under delayed labels what it knows reaches to the newest label's arrival
-                           "label_ts_max": max(int(pc.max(t["label_ts"]).as_py()) for t in (train, holdout))
-                           if "label_ts" in train.column_names else None}, f)
+                json.dump(
+                    {
+                        "model_config": mc.to_dict(),
+                        "encoder_config": ec.to_dict(),
+                        "train_rows": train.num_rows,
+                        "holdout_rows": holdout.num_rows,
+                        "worker_nodes": nodes,
+                        "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
+                        "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())],
+                        # under delayed labels what it knows reaches to the newest label's arrival
+                        "label_ts_max": max(int(pc.max(t["label_ts"]).as_py()) for t in (train, holdout))
+                        if "label_ts" in train.column_names
+                        else None,
+                    },
+                    f,
+                )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
@@ -218,20 +242,28 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Fit on Ray (already initialised), publish the candidate; returns a summary (version, metrics)."""
 
-
     ts_min, ts_max = resolve_window(cfg)
     t0 = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1},
-                                     placement_strategy=cfg.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": 1},
+            placement_strategy=cfg.placement_strategy,
+        ),
         # a lost node counts like any failure: by default Ray Train retries preemptions and controller errors
         # (a worker group that cannot be placed again) forever, which would wedge the deployer
-        run_config=RunConfig(name=f"retrain-{int(time.time())}", storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures,
-                                                          controller_failure_limit=cfg.max_failures,
-                                                          max_preemption_failures=cfg.max_failures)),
+        run_config=RunConfig(
+            name=f"retrain-{int(time.time())}",
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures,
+                controller_failure_limit=cfg.max_failures,
+                max_preemption_failures=cfg.max_failures,
+            ),
+        ),
     )
     result = trainer.fit()
     fit_s = time.time() - t0
@@ -243,15 +275,19 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
             meta = json.load(f)
     metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("holdout_") or k == "train_loss"}
     registry = ModelRegistry(cfg.registry_uri)
-    extra: dict[str, Any] = {"encoder": meta["encoder_config"], "source": "jobs.retrain",
-                             "num_workers": cfg.num_workers, "epochs": cfg.epochs, "fit_seconds": fit_s,
-                             "worker_nodes": meta.get("worker_nodes", []),
-                             "start": f"warm from {cfg.init_version}" if cfg.init_version else "cold",
-                             "replay_ratio": cfg.replay_ratio}
+    extra: dict[str, Any] = {
+        "encoder": meta["encoder_config"],
+        "source": "jobs.retrain",
+        "num_workers": cfg.num_workers,
+        "epochs": cfg.epochs,
+        "fit_seconds": fit_s,
+        "worker_nodes": meta.get("worker_nodes", []),
+        "start": f"warm from {cfg.init_version}" if cfg.init_version else "cold",
+        "replay_ratio": cfg.replay_ratio,
+    }
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
-
             entry, model = load_model(registry, current)
             table = ExampleStore(cfg.examples_uri).read_window(ts_min, ts_max)
             _, holdout = split_window(table, cfg.holdout_fraction)
@@ -259,18 +295,34 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
             extra["holdout_current"] = {"version": current, **evaluate(model, enc, holdout)}
         except Exception as e:  # a broken current version must not stop a retrain that could replace it
             extra["holdout_current"] = {"version": current, "error": str(e)}
-    entry = registry.publish(weights, model_config=meta["model_config"], feature_service=cfg.feature_service,
-                             training_range={"ts_min": ts_min, "ts_max": ts_max, "train_ts": meta["train_ts"],
-                                             "holdout_ts": meta["holdout_ts"], "train_rows": meta["train_rows"],
-                                             "holdout_rows": meta["holdout_rows"],
-                                             # the causal horizon: nothing of the window may be served by it
-                                             "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1],
-                                                                     meta.get("label_ts_max") or -1)},
-                             metrics=metrics, extra=extra, promote=cfg.promote)
-    return {"version": entry.version, "promoted": cfg.promote, "metrics": metrics,
-            "trained_until_ts": entry.training_range["trained_until_ts"],
-            "holdout_current": extra.get("holdout_current"), "fit_seconds": round(fit_s, 1),
-            "worker_nodes": extra["worker_nodes"], "checkpoint": result.checkpoint.path}
+    entry = registry.publish(
+        weights,
+        model_config=meta["model_config"],
+        feature_service=cfg.feature_service,
+        training_range={
+            "ts_min": ts_min,
+            "ts_max": ts_max,
+            "train_ts": meta["train_ts"],
+            "holdout_ts": meta["holdout_ts"],
+            "train_rows": meta["train_rows"],
+            "holdout_rows": meta["holdout_rows"],
+            # the causal horizon: nothing of the window may be served by it
+            "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1], meta.get("label_ts_max") or -1),
+        },
+        metrics=metrics,
+        extra=extra,
+        promote=cfg.promote,
+    )
+    return {
+        "version": entry.version,
+        "promoted": cfg.promote,
+        "metrics": metrics,
+        "trained_until_ts": entry.training_range["trained_until_ts"],
+        "holdout_current": extra.get("holdout_current"),
+        "fit_seconds": round(fit_s, 1),
+        "worker_nodes": extra["worker_nodes"],
+        "checkpoint": result.checkpoint.path,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.Namespace]:
@@ -289,8 +341,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
-                   help="STRICT_SPREAD: every worker on its own node")
+    p.add_argument(
+        "--placement",
+        default="PACK",
+        choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+        help="STRICT_SPREAD: every worker on its own node",
+    )
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -304,11 +360,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     storage = a.storage_path or os.path.join(os.path.dirname(os.path.abspath(c.storage.examples_uri)), "ray_train")
     if "://" not in storage:  # s3://... is for Ray Train to open; a local one must be absolute
         storage = os.path.abspath(storage)
-    return RetrainConfig(examples_uri=examples, registry_uri=registry, storage_path=storage, model_kind=a.model,
-                         feature_service=a.feature_service, window_days=a.window_days, ts_min=a.ts_min,
-                         ts_max=a.ts_max, holdout_fraction=a.holdout, epochs=a.epochs, batch_size=a.batch_size,
-                         lr=a.lr, num_workers=a.workers, placement_strategy=a.placement,
-                         promote=a.promote, seed=a.seed), a
+    return RetrainConfig(
+        examples_uri=examples,
+        registry_uri=registry,
+        storage_path=storage,
+        model_kind=a.model,
+        feature_service=a.feature_service,
+        window_days=a.window_days,
+        ts_min=a.ts_min,
+        ts_max=a.ts_max,
+        holdout_fraction=a.holdout,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        num_workers=a.workers,
+        placement_strategy=a.placement,
+        promote=a.promote,
+        seed=a.seed,
+    ), a
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,9 +69,9 @@ class ScorerConfig:
     use_memory: bool = True
     # MemoryConfig fields except dim, plus the key kind (see load_bundle)
     memory: dict[str, Any] = field(default_factory=lambda: dict(SERVING_MEMORY))
-    outcome_buffer: int = 20_000     # recent outcomes kept to rebuild the memory for a new model
+    outcome_buffer: int = 20_000  # recent outcomes kept to rebuild the memory for a new model
     remembered_requests: int = 100_000
-    poll_seconds: float = 0.5        # how often the registry's current pointer is read
+    poll_seconds: float = 0.5  # how often the registry's current pointer is read
 
 
 class FeastLookup:
@@ -91,8 +91,9 @@ class FeastLookup:
         try:
             self.service = store.get_feature_service(feature_service)
         except Exception as e:  # Feast raises its own FeatureServiceNotFoundException
-            raise ScoringError(f"Feast feature service {feature_service!r} not found in {store.repo_path}: {e}",
-                               503) from e
+            raise ScoringError(
+                f"Feast feature service {feature_service!r} not found in {store.repo_path}: {e}", 503
+            ) from e
         self.extra_refs = tuple(extra_refs)
         refs = [f"{p.name_to_use()}:{f.name}" for p in self.service.feature_view_projections for f in p.features]
         self.features: Any = self.service if not self.extra_refs else refs + list(self.extra_refs)
@@ -102,8 +103,9 @@ class FeastLookup:
             if view not in views:
                 views[view] = list(store.get_feature_view(view).features)
         # Feast's list dtypes (Array(String), ...) are the value types named *_LIST
-        self.list_features = frozenset(f.name for fs in views.values() for f in fs
-                                       if f.dtype.to_value_type().name.endswith("_LIST"))
+        self.list_features = frozenset(
+            f.name for fs in views.values() for f in fs if f.dtype.to_value_type().name.endswith("_LIST")
+        )
         self.names = frozenset(f.name for fs in views.values() for f in fs)
 
     def for_fields(self, fields: Any) -> "FeastLookup":
@@ -137,7 +139,7 @@ class Bundle:
     memory: Any
     lookup: Any
     loaded_at: float = field(default_factory=time.time)
-    entry: Any = None        # the registry entry (manifest) it was loaded from
+    entry: Any = None  # the registry entry (manifest) it was loaded from
     memory_key: str = SERVING_MEMORY["key"]  # what keys the memory: see online_models.models.memory_key
 
     def key(self, batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
@@ -146,8 +148,9 @@ class Bundle:
         return memory_key(self.model, batch, hidden, self.memory_key)
 
 
-def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
-                lookup_for: Callable[[str], Any] | None = None) -> Bundle:
+def load_bundle(
+    registry: ModelRegistry, version: str, memory: dict[str, Any], lookup_for: Callable[[str], Any] | None = None
+) -> Bundle:
     """Model, encoder and a fresh memory of one registry version: what serving swaps in as a whole.
 
     ``memory`` holds the memory's hyper-parameters and optionally ``key`` (``hidden`` by default, or
@@ -169,8 +172,15 @@ def load_bundle(registry: ModelRegistry, version: str, memory: dict[str, Any],
     if hasattr(lookup, "for_fields"):  # the batch features the encoder reads come with the same Feast call
         ec = encoder.config
         lookup = lookup.for_fields((*ec.categorical_fields, *ec.numeric_fields, *ec.bag_fields))
-    return Bundle(version, model, encoder, ErrorCompensationMemory(dim=memory_key_dim(model, key), **params),
-                  lookup, entry=entry, memory_key=key)
+    return Bundle(
+        version,
+        model,
+        encoder,
+        ErrorCompensationMemory(dim=memory_key_dim(model, key), **params),
+        lookup,
+        entry=entry,
+        memory_key=key,
+    )
 
 
 class CausalityError(ReloopError, RuntimeError):
@@ -188,16 +198,21 @@ def check_causal(bundle: Bundle, ts: Any) -> None:
     """Fail loudly unless every event of ``ts`` lies strictly after what ``bundle`` learned."""
     horizon = horizon_of(bundle.entry)
     if horizon is None:
-        raise CausalityError(f"version {bundle.version} has no trained_until_ts in its manifest: "
-                             f"cannot prove it learned nothing from the events it would serve")
+        raise CausalityError(
+            f"version {bundle.version} has no trained_until_ts in its manifest: "
+            f"cannot prove it learned nothing from the events it would serve"
+        )
     first = int(min(ts))
     if first <= horizon:
-        raise CausalityError(f"version {bundle.version} learned events up to ts={horizon} but would serve an "
-                             f"event at ts={first}: a leak from the future")
+        raise CausalityError(
+            f"version {bundle.version} learned events up to ts={horizon} but would serve an "
+            f"event at ts={first}: a leak from the future"
+        )
 
 
-def score_rows(bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "timestamp",
-               use_memory: bool = True) -> tuple[Any, Any]:
+def score_rows(
+    bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "timestamp", use_memory: bool = True
+) -> tuple[Any, Any]:
     """The batch serving step: base probabilities and memory-compensated ones of ``table``'s rows.
 
     With ``learn`` every row's label is written into the memory as it arrives: rows of one timestamp
@@ -205,7 +220,6 @@ def score_rows(bundle: Bundle, table: pa.Table, learn: bool, write_mode: str = "
     :func:`online_models.memory.write_groups`). This is the only place the serving path touches the memory
     per event, so batching its writes differently is a change here alone. Returns numpy float64 arrays.
     """
-
 
     batch = bundle.encoder.encode(table)
     p_base, hidden = predict_with_hidden(bundle.model, batch)
@@ -236,7 +250,6 @@ def serve_timeline(bundle: Bundle, table: pa.Table, write: Any) -> tuple[Any, An
     at once, which is exact: nothing between two steps of a run changes the memory. Returns numpy float64
     ``(p_base, p_mem)``; ``p_mem`` of an outcome row is its base probability (nothing was served).
     """
-
 
     write = np.asarray(write, bool)
     batch = bundle.encoder.encode(table)
@@ -270,8 +283,8 @@ def rebuild_memory(bundle: Bundle, recent: pa.Table | None) -> int:
 @dataclass
 class Remembered:
     version: str
-    row: pa.Table            # the features the request was scored with (one row)
-    key: torch.Tensor        # (1, D): the memory's key the request was scored with
+    row: pa.Table  # the features the request was scored with (one row)
+    key: torch.Tensor  # (1, D): the memory's key the request was scored with
     base: float
 
 
@@ -308,7 +321,7 @@ class SlateCandidate:
 
     @property
     def key(self) -> torch.Tensor:
-        return self.slate.keys[self.index:self.index + 1]
+        return self.slate.keys[self.index : self.index + 1]
 
     @property
     def base(self) -> float:
@@ -318,8 +331,9 @@ class SlateCandidate:
 class Scorer:
     """Score with the registry's current model + memory; learn from feedback; swap models live."""
 
-    def __init__(self, registry: ModelRegistry, lookup_factory: Callable[[str], Any],
-                 config: ScorerConfig = ScorerConfig()) -> None:
+    def __init__(
+        self, registry: ModelRegistry, lookup_factory: Callable[[str], Any], config: ScorerConfig = ScorerConfig()
+    ) -> None:
         self.registry = registry
         self.lookup_factory = lookup_factory
         self.config = config
@@ -329,7 +343,7 @@ class Scorer:
         self._remembered: collections.OrderedDict[str, Remembered] = collections.OrderedDict()
         self._outcomes: collections.deque[tuple[int, pa.Table, int]] = collections.deque(maxlen=config.outcome_buffer)
         self._outcome_seq = 0
-        self._lock = threading.Lock()          # memory writes/reads, remembered requests, outcome buffer
+        self._lock = threading.Lock()  # memory writes/reads, remembered requests, outcome buffer
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -358,7 +372,9 @@ class Scorer:
             try:
                 new = self._load(current)
             except (RegistryError, ScoringError, ValueError, KeyError, RuntimeError) as e:
-                self.last_reload_error = f"version {current} not deployed, keeping {self.bundle and self.bundle.version}: {e}"
+                self.last_reload_error = (
+                    f"version {current} not deployed, keeping {self.bundle and self.bundle.version}: {e}"
+                )
                 log.error(self.last_reload_error)
                 self.stats["reload_failures"] += 1
                 return False
@@ -443,8 +459,9 @@ class Scorer:
         with torch.no_grad():
             return p, bundle.key(batch, hidden)
 
-    def score(self, user_id: str, item_id: str, context: dict[str, Any] | None = None,
-              request_id: str | None = None) -> dict[str, Any]:
+    def score(
+        self, user_id: str, item_id: str, context: dict[str, Any] | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
         """Score one request; the answer names the model version and the request id to send feedback for."""
         bundle = self.bundle
         if bundle is None:
@@ -461,20 +478,28 @@ class Scorer:
             if len(self._remembered) > self.config.remembered_requests:
                 self._remembered.popitem(last=False)
         self.stats["scored"] += 1
-        return {"request_id": rid, "probability": float(comp[0]), "base_probability": float(base[0]),
-                "model_version": bundle.version}
+        return {
+            "request_id": rid,
+            "probability": float(comp[0]),
+            "base_probability": float(base[0]),
+            "model_version": bundle.version,
+        }
 
     def feedback(self, request_id: str, label: int) -> dict[str, Any]:
         """Write the outcome of a scored request into the memory now; 404 if the id is unknown or expired."""
         with self._lock:
             rec = self._remembered.pop(request_id, None)
         if rec is None:
-            raise ScoringError(f"unknown request_id {request_id!r} (never scored here, already answered, "
-                               f"or older than the last {self.config.remembered_requests} requests)", 404)
+            raise ScoringError(
+                f"unknown request_id {request_id!r} (never scored here, already answered, "
+                f"or older than the last {self.config.remembered_requests} requests)",
+                404,
+            )
         return self._write(rec.row, label, rec)
 
-    def feedback_event(self, user_id: str, item_id: str, label: int,
-                       context: dict[str, Any] | None = None) -> dict[str, Any]:
+    def feedback_event(
+        self, user_id: str, item_id: str, label: int, context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write the outcome of an event that was not scored here (features looked up now)."""
         bundle = self.bundle
         if bundle is None:
@@ -497,6 +522,10 @@ class Scorer:
 
     def health(self) -> dict[str, Any]:
         b = self.bundle
-        return {"model_version": b.version if b else None, "use_memory": self.config.use_memory,
-                "outcomes_buffered": len(self._outcomes), "last_reload_error": self.last_reload_error,
-                **{k: int(v) for k, v in self.stats.items()}}
+        return {
+            "model_version": b.version if b else None,
+            "use_memory": self.config.use_memory,
+            "outcomes_buffered": len(self._outcomes),
+            "last_reload_error": self.last_reload_error,
+            **{k: int(v) for k, v in self.stats.items()},
+        }

@@ -106,8 +106,7 @@ def _unicode_ok(s: str) -> bool:
 def _check_context(v: dict[str, Any]) -> dict[str, Any]:
     for k, x in v.items():
         if reserved_name(k):
-            raise ValueError(f"context key {k!r} is named like a pipeline column (feature, id or Kafka); "
-                             f"rename it")
+            raise ValueError(f"context key {k!r} is named like a pipeline column (feature, id or Kafka); rename it")
         if len(k) > 128:
             raise ValueError("context keys are at most 128 characters")
         if isinstance(x, int) and not isinstance(x, bool) and not INT64_MIN <= x <= INT64_MAX:
@@ -152,6 +151,7 @@ class FeedbackRequest(_Strict):
     label: Literal[0, 1] | None = None
     event: dict[str, Any] | None = None
 
+
 def _validation_message(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -172,8 +172,9 @@ def guard_for(scorer: Scorer, config: GuardConfig | None = None, alert=None) -> 
     return g
 
 
-def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[str], context: dict[str, Any],
-                ts_ms: int = 0) -> tuple[Any, list[dict[str, Any]]]:
+def score_slate(
+    scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[str], context: dict[str, Any], ts_ms: int = 0
+) -> tuple[Any, list[dict[str, Any]]]:
     """One user, many candidates: one lookup, one forward pass, one memory read; ``(bundle, rows)`` in
     candidate order, each with its impression id (issued on ``guard``, served at event time ``ts_ms``)."""
     bundle = scorer.bundle
@@ -200,12 +201,21 @@ def score_slate(scorer: Scorer, guard: FeedbackGuard, user_id: str, items: list[
     payloads = [slate.candidate(i) for i in range(n)]
     ids = guard.impressions.issue_many(user_id, list(items), payloads, ts_ms)
     scorer.stats["scored"] += n
-    return bundle, [{"item_id": it, "impression_id": iid, "probability": float(c), "base_probability": float(b)}
-                    for it, iid, c, b in zip(items, ids, comp_l, base_l)]
+    return bundle, [
+        {"item_id": it, "impression_id": iid, "probability": float(c), "base_probability": float(b)}
+        for it, iid, c, b in zip(items, ids, comp_l, base_l)
+    ]
 
 
-def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackGuard | None = None,
-           client: str = "", impressions: ImpressionLog | None = None) -> tuple[int, dict[str, Any]]:
+def handle(
+    scorer: Scorer,
+    method: str,
+    path: str,
+    body: bytes,
+    guard: FeedbackGuard | None = None,
+    client: str = "",
+    impressions: ImpressionLog | None = None,
+) -> tuple[int, dict[str, Any]]:
     """One request -> ``(HTTP status, JSON body)``; every host (uvicorn, Ray Serve) calls this.
 
     Input errors are 4xx, never 500: a 500 means a bug here, and is logged with its traceback. With
@@ -240,8 +250,9 @@ def handle(scorer: Scorer, method: str, path: str, body: bytes, guard: FeedbackG
         return 400, {"error": f"request too deeply nested: {e}"}
 
 
-def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions: ImpressionLog | None = None
-           ) -> dict[str, Any]:
+def _score(
+    scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions: ImpressionLog | None = None
+) -> dict[str, Any]:
 
     if (req.item_id is None) == (req.candidates is None):
         raise ScoringError("give either item_id (one pair) or candidates (a slate), not both", 422)
@@ -252,13 +263,19 @@ def _score(scorer: Scorer, guard: FeedbackGuard, req: ScoreRequest, impressions:
         _alias(guard, rid, one["impression_id"])
         if impressions is not None:
             impressions.impressions(ts, req.user_id, rid, [(one["impression_id"], req.item_id, 0)], req.context)
-        return {"request_id": rid, "impression_id": one["impression_id"], "probability": one["probability"],
-                "base_probability": one["base_probability"], "model_version": bundle.version}
+        return {
+            "request_id": rid,
+            "impression_id": one["impression_id"],
+            "probability": one["probability"],
+            "base_probability": one["base_probability"],
+            "model_version": bundle.version,
+        }
     bundle, rows = score_slate(scorer, guard, req.user_id, req.candidates, req.context, ts)
     rows.sort(key=lambda r: -r["probability"])
     if impressions is not None:  # position = the rank served (0 = top)
-        impressions.impressions(ts, req.user_id, rid, [(r["impression_id"], r["item_id"], pos)
-                                                       for pos, r in enumerate(rows)], req.context)
+        impressions.impressions(
+            ts, req.user_id, rid, [(r["impression_id"], r["item_id"], pos) for pos, r in enumerate(rows)], req.context
+        )
     return {"request_id": rid, "model_version": bundle.version, "ranking": rows}
 
 
@@ -273,19 +290,22 @@ def _alias(guard: FeedbackGuard, request_id: str, impression_id: str) -> None:
         aliases.popitem(last=False)
 
 
-def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client: str,
-              impressions: ImpressionLog | None = None) -> tuple[int, dict[str, Any]]:
+def _feedback(
+    scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client: str, impressions: ImpressionLog | None = None
+) -> tuple[int, dict[str, Any]]:
     if fb.event is not None:
-        raise ScoringError("feedback must name an impression issued by /score (impression_id); outcomes of "
-                           "events not scored here are not accepted", 422)
+        raise ScoringError(
+            "feedback must name an impression issued by /score (impression_id); outcomes of "
+            "events not scored here are not accepted",
+            422,
+        )
     if fb.label is None or (fb.impression_id is None) == (fb.request_id is None):
         raise ScoringError("feedback needs label (0 or 1) and one of impression_id or request_id", 422)
     iid = fb.impression_id
     if iid is None:
         iid = getattr(guard, "_aliases", {}).get(fb.request_id)
         if iid is None:
-            raise ScoringError(f"unknown request_id {fb.request_id!r} (never scored here as one item, or expired)",
-                               404)
+            raise ScoringError(f"unknown request_id {fb.request_id!r} (never scored here as one item, or expired)", 404)
     verdict = guard.admit(iid, fb.label, client)
     if not verdict.accepted:
         if verdict.reason == "duplicate":
@@ -302,16 +322,21 @@ def _feedback(scorer: Scorer, guard: FeedbackGuard, fb: FeedbackRequest, client:
     return 200, out
 
 
-def build_scorer(registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
-                 config: ScorerConfig = ScorerConfig(), redis: str | None = None) -> Scorer:
+def build_scorer(
+    registry_uri: str,
+    feast_repo: str,
+    feast_profile: str = "sqlite",
+    config: ScorerConfig = ScorerConfig(),
+    redis: str | None = None,
+) -> Scorer:
     """A started :class:`Scorer` reading features from the Feast repo ``feast_repo``."""
-
 
     # one request is a batch of one: intra-op threads only add hand-off cost (measured ~1.5x slower with 2)
     torch.set_num_threads(1)
 
-    fc = FeastConfig(profile=feast_profile, repo_path=feast_repo,
-                     **({"redis_connection_string": redis} if redis else {}))
+    fc = FeastConfig(
+        profile=feast_profile, repo_path=feast_repo, **({"redis_connection_string": redis} if redis else {})
+    )
     store = open_store(fc, feast_repo)
     scorer = Scorer(ModelRegistry(registry_uri), lambda fs: FeastLookup(store, fs), config)
     scorer.start()
@@ -346,8 +371,12 @@ def authorized(header: str | None, token: str | None) -> bool:
     return hmac.compare_digest(header[7:].strip().encode(), token.encode())
 
 
-def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | None = None,
-             impressions: ImpressionLog | None = None):
+def asgi_app(
+    scorer: Scorer,
+    token: str | None = None,
+    guard: FeedbackGuard | None = None,
+    impressions: ImpressionLog | None = None,
+):
     """A Starlette app over :func:`handle`, with the streaming body limit and optional bearer auth (and the
     impression log, closed with the app)."""
     from starlette.applications import Starlette
@@ -359,15 +388,20 @@ def asgi_app(scorer: Scorer, token: str | None = None, guard: FeedbackGuard | No
 
     async def endpoint(request: Request) -> JSONResponse:
         path, method = request.url.path, request.method
-        if not (path == "/health" and method == "GET") and not authorized(request.headers.get("authorization"),
-                                                                          token):
-            return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if not (path == "/health" and method == "GET") and not authorized(request.headers.get("authorization"), token):
+            return JSONResponse(
+                {"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         try:
             body = await read_body(request)
         except BodyTooLarge as e:
-            return JSONResponse({"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
-                                status_code=413, headers={"Connection": "close"})
+            return JSONResponse(
+                {"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
+                status_code=413,
+                headers={"Connection": "close"},
+            )
         client = request.client.host if request.client else ""
         try:
             status, out = handle(scorer, method, path, body, guard, client, impressions)
@@ -401,23 +435,34 @@ def serve_token(host: str, token_env: str = TOKEN_ENV) -> str | None:
     """The bearer token from the environment; required off loopback (``ScoringError``), warned about on it."""
     token = os.environ.get(token_env) or None
     if token is None and not is_loopback(host):
-        raise ScoringError(f"--host {host} is not loopback: set a bearer token in ${token_env} "
-                           f"(clients send Authorization: Bearer <token>)", 2)
+        raise ScoringError(
+            f"--host {host} is not loopback: set a bearer token in ${token_env} "
+            f"(clients send Authorization: Bearer <token>)",
+            2,
+        )
     if token is None:
         log.warning("scoring service without authentication (set $%s to require a bearer token)", token_env)
     return token
 
 
-def serve_http(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               guard: FeedbackGuard | None = None, impressions: ImpressionLog | None = None) -> None:
+def serve_http(
+    scorer: Scorer,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    guard: FeedbackGuard | None = None,
+    impressions: ImpressionLog | None = None,
+) -> None:
     import uvicorn
 
-    uvicorn.run(asgi_app(scorer, token, guard, impressions), host=host, port=port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        asgi_app(scorer, token, guard, impressions), host=host, port=port, log_level="warning", access_log=False
+    )
 
 
-def impression_log(kafka: Any, impressions_topic: str | None, feedback_topic: str | None,
-                   **config: Any) -> ImpressionLog | None:
+def impression_log(
+    kafka: Any, impressions_topic: str | None, feedback_topic: str | None, **config: Any
+) -> ImpressionLog | None:
     """The service's impression log (a started :class:`ImpressionLog`), or None when neither topic is set.
 
     ``kafka`` is a :class:`pipelines.config.KafkaConfig` (bootstrap and security settings); an empty topic
@@ -425,25 +470,33 @@ def impression_log(kafka: Any, impressions_topic: str | None, feedback_topic: st
     """
     if impressions_topic is None and feedback_topic is None:
         return None
-    cfg = ImpressionLogConfig(impressions_topic=(impressions_topic or kafka.impressions_topic)
-                              if impressions_topic is not None else None,
-                              feedback_topic=(feedback_topic or kafka.feedback_topic)
-                              if feedback_topic is not None else None, **config)
+    cfg = ImpressionLogConfig(
+        impressions_topic=(impressions_topic or kafka.impressions_topic) if impressions_topic is not None else None,
+        feedback_topic=(feedback_topic or kafka.feedback_topic) if feedback_topic is not None else None,
+        **config,
+    )
     return ImpressionLog(kafka, cfg)
 
 
 class ServeDeployment:
     """The same handlers as a Ray Serve deployment (``serve.deployment(ServeDeployment)``)."""
 
-    def __init__(self, registry_uri: str, feast_repo: str, feast_profile: str = "sqlite",
-                 scorer_config: dict | None = None, impression_topics: dict | None = None,
-                 kafka: dict | None = None) -> None:
+    def __init__(
+        self,
+        registry_uri: str,
+        feast_repo: str,
+        feast_profile: str = "sqlite",
+        scorer_config: dict | None = None,
+        impression_topics: dict | None = None,
+        kafka: dict | None = None,
+    ) -> None:
 
         logging.basicConfig(level=logging.INFO)
         self.scorer = build_scorer(registry_uri, feast_repo, feast_profile, ScorerConfig(**(scorer_config or {})))
         topics = impression_topics or {}
-        self.impressions = impression_log(KafkaConfig(**(kafka or {})), topics.get("impressions"),
-                                          topics.get("feedback"))
+        self.impressions = impression_log(
+            KafkaConfig(**(kafka or {})), topics.get("impressions"), topics.get("feedback")
+        )
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's in-place update (``serve.run`` with a new ``user_config``): ``{"use_memory": bool}``
@@ -457,21 +510,39 @@ class ServeDeployment:
         from starlette.responses import JSONResponse
 
         if not authorized(request.headers.get("authorization"), os.environ.get(TOKEN_ENV) or None) and not (
-                request.url.path == "/health" and request.method == "GET"):
+            request.url.path == "/health" and request.method == "GET"
+        ):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         try:
             body = await read_body(request)
         except BodyTooLarge as e:
-            return JSONResponse({"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"},
-                                status_code=413)
-        status, out = handle(self.scorer, request.method, request.url.path, body, None,
-                             request.client.host if request.client else "", self.impressions)
+            return JSONResponse(
+                {"error": f"body of {e.args[0]}+ bytes is over the limit of {MAX_BODY_BYTES}"}, status_code=413
+            )
+        status, out = handle(
+            self.scorer,
+            request.method,
+            request.url.path,
+            body,
+            None,
+            request.client.host if request.client else "",
+            self.impressions,
+        )
         return JSONResponse(out, status_code=status)
 
 
-def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_config: dict, host: str, port: int,
-              address: str | None = None, blocking: bool = True, impression_topics: dict | None = None,
-              kafka: dict | None = None):
+def serve_ray(
+    registry_uri: str,
+    feast_repo: str,
+    feast_profile: str,
+    scorer_config: dict,
+    host: str,
+    port: int,
+    address: str | None = None,
+    blocking: bool = True,
+    impression_topics: dict | None = None,
+    kafka: dict | None = None,
+):
     """Run the deployment on Ray Serve (local ``ray.init`` unless ``address``)."""
     import ray
     from ray import serve
@@ -484,7 +555,8 @@ def serve_ray(registry_uri: str, feast_repo: str, feast_profile: str, scorer_con
     from jobs.serve import ServeDeployment as deployment_cls  # noqa: PLW0406  (this module, by its import name)
 
     app = serve.deployment(deployment_cls, name="reloop-scorer", ray_actor_options={"num_cpus": 1}).bind(
-        registry_uri, feast_repo, feast_profile, scorer_config, impression_topics, kafka)
+        registry_uri, feast_repo, feast_profile, scorer_config, impression_topics, kafka
+    )
     return serve.run(app, name="reloop", route_prefix="/", blocking=blocking)
 
 
@@ -543,7 +615,6 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", user
 def _alert_sink(cfg):
     """Lockstep alerts go through the configured hooks (webhooks, Kafka, Python), in the background."""
     try:
-
         dispatcher = dispatcher_from_config(cfg)
     except Exception as e:  # noqa: BLE001  (no hooks configured or unusable: log the alerts instead)
         log.warning("feedback alerts go to the log only: %s", e)
@@ -562,10 +633,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="serve base predictions only")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between registry checks")
     p.add_argument("--token-env", default=TOKEN_ENV, help=f"env var holding the bearer token (default {TOKEN_ENV})")
-    p.add_argument("--impressions-topic", nargs="?", const="", default=None, metavar="TOPIC",
-                   help="publish every scored candidate as a v2 impression (bare flag: kafka.impressions_topic)")
-    p.add_argument("--feedback-topic", nargs="?", const="", default=None, metavar="TOPIC",
-                   help="publish every accepted click as v2 feedback (bare flag: kafka.feedback_topic)")
+    p.add_argument(
+        "--impressions-topic",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TOPIC",
+        help="publish every scored candidate as a v2 impression (bare flag: kafka.impressions_topic)",
+    )
+    p.add_argument(
+        "--feedback-topic",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TOPIC",
+        help="publish every accepted click as v2 feedback (bare flag: kafka.feedback_topic)",
+    )
     a = p.parse_args(argv)
 
     cfg = load_config(a.config)  # a bad config fails first, alone
@@ -579,17 +662,28 @@ def main(argv: list[str] | None = None) -> int:
     repo = a.feast_repo or cfg.feast.repo_path
     sc = {"use_memory": not a.no_memory, "poll_seconds": a.poll, "memory": cfg.memory.settings()}
     if a.backend == "ray":
-        serve_ray(registry, repo, cfg.feast.profile, sc, a.host, a.port, address=cfg.ray.address,
-                  impression_topics={"impressions": a.impressions_topic, "feedback": a.feedback_topic},
-                  kafka=cfg.kafka.model_dump())
+        serve_ray(
+            registry,
+            repo,
+            cfg.feast.profile,
+            sc,
+            a.host,
+            a.port,
+            address=cfg.ray.address,
+            impression_topics={"impressions": a.impressions_topic, "feedback": a.feedback_topic},
+            kafka=cfg.kafka.model_dump(),
+        )
         return 0
     scorer = build_scorer(registry, repo, cfg.feast.profile, ScorerConfig(**sc), cfg.feast.redis_connection_string)
     print(f"scoring service on http://{a.host}:{a.port} (model {scorer.health()['model_version']})", flush=True)
     guard = guard_for(scorer, GuardConfig(), alert=_alert_sink(cfg))
     impressions = impression_log(cfg.kafka, a.impressions_topic, a.feedback_topic)
     if impressions is not None:
-        print(f"impression log: {impressions.config.impressions_topic} / {impressions.config.feedback_topic} "
-              f"on {cfg.kafka.bootstrap_servers}", flush=True)
+        print(
+            f"impression log: {impressions.config.impressions_topic} / {impressions.config.feedback_topic} "
+            f"on {cfg.kafka.bootstrap_servers}",
+            flush=True,
+        )
     serve_http(scorer, a.host, a.port, token, guard, impressions)
     return 0
 

@@ -63,9 +63,19 @@ from online_models.learner import LearnerConfig, OnlineLearner
 from online_models.models import KINDS, ModelConfig, build_model
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
-CKPT_FORMAT = "reloop.trainer-checkpoint/2"   # 2: the optimizers of an OnlineLearner
-RAY_EXCLUDES = [".venv", ".state", ".git", ".pytest_cache", "infra/kafka/lib", "infra/kafka/target",
-                "features/data", "reports", "benchmarks/results", "**/__pycache__"]
+CKPT_FORMAT = "reloop.trainer-checkpoint/2"  # 2: the optimizers of an OnlineLearner
+RAY_EXCLUDES = [
+    ".venv",
+    ".state",
+    ".git",
+    ".pytest_cache",
+    "infra/kafka/lib",
+    "infra/kafka/target",
+    "features/data",
+    "reports",
+    "benchmarks/results",
+    "**/__pycache__",
+]
 
 
 class TrainerError(ReloopError, RuntimeError):
@@ -79,7 +89,7 @@ class TrainerConfig:
     examples_uri: str
     checkpoint_dir: str
     registry_uri: str | None = None
-    feature_service: str | None = None     # default: features.windows.feature_service_name(model_kind)
+    feature_service: str | None = None  # default: features.windows.feature_service_name(model_kind)
     model_kind: str = "dcnv2"
     hash_buckets: int = 20_011
     batch_size: int = 256
@@ -88,14 +98,14 @@ class TrainerConfig:
     optimizer: str = "adagrad"
     lr: float = 0.1
     weight_decay: float = 1e-4
-    checkpoint_every: int = 5_000          # examples
+    checkpoint_every: int = 5_000  # examples
     checkpoint_seconds: float = 30.0
-    publish_every: int = 0                 # checkpoints between registry versions (0 = never)
-    promote: bool = False                  # promote each published version at once
+    publish_every: int = 0  # checkpoints between registry versions (0 = never)
+    promote: bool = False  # promote each published version at once
     poll_seconds: float = 1.0
-    idle_exit: float | None = None         # stop after this long without new examples (None: run forever)
-    max_examples: int | None = None        # stop after learning this many in this run
-    throttle_seconds: float = 0.0          # pause per batch (share a small machine; crash tests)
+    idle_exit: float | None = None  # stop after this long without new examples (None: run forever)
+    max_examples: int | None = None  # stop after learning this many in this run
+    throttle_seconds: float = 0.0  # pause per batch (share a small machine; crash tests)
     seed: int = 0
     #: examples (in store order) learned freely before the serving clock bounds the trainer (see
     #: :meth:`IncrementalTrainer.allow`): the bootstrap model's warm-up, which serving never scores
@@ -118,8 +128,10 @@ def event_digest(event_ids: list[str]) -> int:
     >>> event_digest(["a", "b"]) == event_digest(["b", "a"]) != event_digest(["a", "a"])
     True
     """
-    h = np.array([int.from_bytes(hashlib.blake2b(e.encode(), digest_size=8).digest(), "little")
-                  for e in event_ids], dtype=np.uint64)
+    h = np.array(
+        [int.from_bytes(hashlib.blake2b(e.encode(), digest_size=8).digest(), "little") for e in event_ids],
+        dtype=np.uint64,
+    )
     return int(h.sum(dtype=np.uint64)) if len(h) else 0
 
 
@@ -133,7 +145,6 @@ class IncrementalTrainer:
     """Test-then-train over the example store, with exact resume (see the module docstring)."""
 
     def __init__(self, config: TrainerConfig) -> None:
-
 
         self.config = config
         self.store = ExampleStore(config.examples_uri)
@@ -150,45 +161,61 @@ class IncrementalTrainer:
         self.pending_preds: list[pa.Table] = []
         self.last_published: str | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()   # set by allow() and stop(): the idle wait ends at once
-        self._allowed_at = 0.0           # when the serving clock last moved (monotonic)
-        self._lock = threading.RLock()         # a batch's update, a checkpoint and adopt() never interleave
+        self._wake = threading.Event()  # set by allow() and stop(): the idle wait ends at once
+        self._allowed_at = 0.0  # when the serving clock last moved (monotonic)
+        self._lock = threading.RLock()  # a batch's update, a checkpoint and adopt() never interleave
         #: the registry version whose weights the trainer took over last (a promoted retrain), if any
         self.adopted: str | None = None
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         self.ckpts = CheckpointStore(config.checkpoint_dir)
         resumed = self._restore()
-        self.runs.append({"started_at": time.time(), "resumed_from": resumed, "resumed_learned": self.learned,
-                          "pid": os.getpid()})
+        self.runs.append(
+            {"started_at": time.time(), "resumed_from": resumed, "resumed_learned": self.learned, "pid": os.getpid()}
+        )
         self._heartbeat()
 
     # ---- model set-up ----------------------------------------------------------------------------
     def _build(self, first: pa.Table | None, model_config: dict | None = None, encoder_config: dict | None = None):
 
-
         if encoder_config is None:
             numeric = feature_columns(first.column_names)
-            enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(numeric), hash_buckets=self.config.hash_buckets,
-                                               history_field=history_field(self.config.model_kind)))
+            enc = FeatureEncoder(
+                EncoderConfig(
+                    numeric_fields=tuple(numeric),
+                    hash_buckets=self.config.hash_buckets,
+                    history_field=history_field(self.config.model_kind),
+                )
+            )
             encoder_config = enc.fit(first).config.to_dict()
         self.encoder = FeatureEncoder(EncoderConfig.from_dict(encoder_config))
         if model_config is None:
             ec = self.encoder.config
-            model_config = ModelConfig(kind=self.config.model_kind, num_categorical=len(ec.categorical_fields),
-                                       hash_buckets=ec.hash_buckets, num_numeric=len(ec.numeric_fields),
-                                       categorical_fields=ec.categorical_fields, numeric_fields=ec.numeric_fields,
-                                       use_history=ec.history_field is not None, seed=self.config.seed).to_dict()
+            model_config = ModelConfig(
+                kind=self.config.model_kind,
+                num_categorical=len(ec.categorical_fields),
+                hash_buckets=ec.hash_buckets,
+                num_numeric=len(ec.numeric_fields),
+                categorical_fields=ec.categorical_fields,
+                numeric_fields=ec.numeric_fields,
+                use_history=ec.history_field is not None,
+                seed=self.config.seed,
+            ).to_dict()
         self.model_config = model_config
         torch.manual_seed(self.config.seed)
         self.model = build_model(ModelConfig.from_dict(model_config))
-        self.learner = OnlineLearner(self.model, LearnerConfig(lr=self.config.lr, optimizer=self.config.optimizer,
-                                                               weight_decay=self.config.weight_decay,
-                                                               seed=self.config.seed))
+        self.learner = OnlineLearner(
+            self.model,
+            LearnerConfig(
+                lr=self.config.lr,
+                optimizer=self.config.optimizer,
+                weight_decay=self.config.weight_decay,
+                seed=self.config.seed,
+            ),
+        )
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _restore(self) -> str | None:
-
 
         try:
             name = self.ckpts.latest()
@@ -218,8 +245,11 @@ class IncrementalTrainer:
         self.trained_until_ts = state.get("trained_until_ts")
         self.metrics, self.runs = state["metrics"], state.get("runs", [])
         self.last_published = state.get("last_published")
-        print(f"[trainer] resumed from {name}: learned={self.learned} files_done={len(self.position.done)} "
-              f"partial={self.position.partial}", flush=True)
+        print(
+            f"[trainer] resumed from {name}: learned={self.learned} files_done={len(self.position.done)} "
+            f"partial={self.position.partial}",
+            flush=True,
+        )
         return name
 
     def checkpoint(self) -> str:
@@ -239,17 +269,31 @@ class IncrementalTrainer:
             self.ckpts.write_table(pa.concat_tables(self.pending_preds), "predictions", f"part-{self.seq:06d}.parquet")
         opt = io.BytesIO()
         torch.save([o.state_dict() for o in self.learner.optimizers], opt)
-        state = {"format": CKPT_FORMAT, "seq": self.seq, "model_config": self.model_config,
-                 "encoder_config": self.encoder.config.to_dict(), "position": self.position.to_dict(),
-                 "learned": self.learned, "digest": f"{self.digest:016x}", "metrics": self.metrics,
-                 "trained_until_ts": self.trained_until_ts,
-                 "summary": metrics, "runs": self.runs, "last_published": self.last_published,
-                 "written_at": time.time(), "config": asdict(self.config)}
-        self.ckpts.commit(name, {
-            "model.safetensors": save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}),
-            "optimizer.pt": opt.getvalue(),
-            "rng.safetensors": save({"torch": torch.get_rng_state(), "learner": self.learner._gen.get_state()}),
-            "state.json": json.dumps(state, indent=1).encode()})
+        state = {
+            "format": CKPT_FORMAT,
+            "seq": self.seq,
+            "model_config": self.model_config,
+            "encoder_config": self.encoder.config.to_dict(),
+            "position": self.position.to_dict(),
+            "learned": self.learned,
+            "digest": f"{self.digest:016x}",
+            "metrics": self.metrics,
+            "trained_until_ts": self.trained_until_ts,
+            "summary": metrics,
+            "runs": self.runs,
+            "last_published": self.last_published,
+            "written_at": time.time(),
+            "config": asdict(self.config),
+        }
+        self.ckpts.commit(
+            name,
+            {
+                "model.safetensors": save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}),
+                "optimizer.pt": opt.getvalue(),
+                "rng.safetensors": save({"torch": torch.get_rng_state(), "learner": self.learner._gen.get_state()}),
+                "state.json": json.dumps(state, indent=1).encode(),
+            },
+        )
         self.ckpts.gc(keep=2)
         self.pending_preds = []
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
@@ -261,22 +305,30 @@ class IncrementalTrainer:
 
     def _heartbeat(self) -> None:
         """A small progress file (pid, examples learned) for operators and crash tests; not a checkpoint."""
-        self.ckpts.write(json.dumps({"pid": os.getpid(), "learned": self.learned, "seq": self.seq,
-                                     "at": time.time()}).encode(), "heartbeat.json", durable=False)
+        self.ckpts.write(
+            json.dumps({"pid": os.getpid(), "learned": self.learned, "seq": self.seq, "at": time.time()}).encode(),
+            "heartbeat.json",
+            durable=False,
+        )
 
     def publish(self, metrics: dict[str, float] | None = None) -> str:
         """Publish the current weights to the registry (a candidate unless ``promote``); returns the version."""
 
         reg = ModelRegistry(self.config.registry_uri)
-        entry = reg.publish(self.model.state_dict(), model_config=self.model_config,
-                            feature_service=self.config.feature_service,
-                            training_range={"learned": self.learned, "checkpoint": self.seq,
-                                            "files_done": len(self.position.done),
-                                            "trained_until_ts": self.trained_until_ts},
-                            metrics=metrics or self.summary_metrics(),
-                            extra={"encoder": self.encoder.config.to_dict(), "source": "jobs.trainer",
-                                   "adopted": self.adopted},
-                            promote=self.config.promote)
+        entry = reg.publish(
+            self.model.state_dict(),
+            model_config=self.model_config,
+            feature_service=self.config.feature_service,
+            training_range={
+                "learned": self.learned,
+                "checkpoint": self.seq,
+                "files_done": len(self.position.done),
+                "trained_until_ts": self.trained_until_ts,
+            },
+            metrics=metrics or self.summary_metrics(),
+            extra={"encoder": self.encoder.config.to_dict(), "source": "jobs.trainer", "adopted": self.adopted},
+            promote=self.config.promote,
+        )
         self.last_published = entry.version
         print(f"[trainer] published {entry.version}{' (current)' if self.config.promote else ''}", flush=True)
         return entry.version
@@ -288,12 +340,14 @@ class IncrementalTrainer:
         Returns False (and changes nothing) when the version is not compatible. Callable from another thread.
         """
 
-
         entry, model = load_model(ModelRegistry(self.config.registry_uri), version)
         with self._lock:
             same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
-            if self.model is None or not same(entry.model_config, self.model_config) or \
-                    not same(entry.extra.get("encoder"), self.encoder.config.to_dict()):
+            if (
+                self.model is None
+                or not same(entry.model_config, self.model_config)
+                or not same(entry.extra.get("encoder"), self.encoder.config.to_dict())
+            ):
                 return False
             # in place: the optimizers keep their state. Adagrad's accumulators are the scale of each weight's
             # gradients so far; fresh ones would make the first steps lr-sized (a logloss spike after each
@@ -323,8 +377,16 @@ class IncrementalTrainer:
         self.metrics["n"] += len(yn)
         self.metrics["pos"] += int(yn.sum())
         self.metrics["logloss_sum"] += float(-(yn * np.log(pred + eps) + (1 - yn) * np.log(1 - pred + eps)).sum())
-        self.pending_preds.append(pa.table({"event_id": table["event_id"], "ts": table["ts"],
-                                            "label": table["label"], "pred": pa.array(pred, pa.float32())}))
+        self.pending_preds.append(
+            pa.table(
+                {
+                    "event_id": table["event_id"],
+                    "ts": table["ts"],
+                    "label": table["label"],
+                    "pred": pa.array(pred, pa.float32()),
+                }
+            )
+        )
         self.learned += table.num_rows
         # what it knows reaches to the newest label it learned: under delayed labels that is the label's
         # arrival (label_ts), later than the impression's ts
@@ -347,13 +409,15 @@ class IncrementalTrainer:
     def summary_metrics(self) -> dict[str, float]:
         """Streaming (test-then-train) metrics over everything learned so far, plus AUC since the last checkpoint."""
         n = max(1, self.metrics["n"])
-        out = {"examples": float(self.metrics["n"]), "logloss": self.metrics["logloss_sum"] / n,
-               "ctr": self.metrics["pos"] / n}
+        out = {
+            "examples": float(self.metrics["n"]),
+            "logloss": self.metrics["logloss_sum"] / n,
+            "ctr": self.metrics["pos"] / n,
+        }
         if self.pending_preds:
             t = pa.concat_tables(self.pending_preds)
             y, p = t["label"].to_numpy(), t["pred"].to_numpy()
             if 0 < y.sum() < len(y):
-
                 out["auc_recent"] = float(roc_auc_score(y, p))
         return out
 
@@ -361,8 +425,10 @@ class IncrementalTrainer:
         free = self.config.free_examples
         if free and self.seq == 0:  # the first checkpoint (the bootstrap model) comes at the end of the warm-up
             return self.learned >= free
-        return (self._since_ckpt >= self.config.checkpoint_every
-                or time.monotonic() - self._ckpt_time >= self.config.checkpoint_seconds)
+        return (
+            self._since_ckpt >= self.config.checkpoint_every
+            or time.monotonic() - self._ckpt_time >= self.config.checkpoint_seconds
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to checkpoint and return after the current batch (callable from another thread)."""
@@ -385,9 +451,14 @@ class IncrementalTrainer:
         return max(self.allowed or 0, self.config.free_examples or 0)
 
     def status(self) -> dict[str, Any]:
-        return {"learned": self.learned, "seq": self.seq, "trained_until_ts": self.trained_until_ts,
-                "position": self.position.to_dict(),
-                "last_published": self.last_published, **self.summary_metrics()}
+        return {
+            "learned": self.learned,
+            "seq": self.seq,
+            "trained_until_ts": self.trained_until_ts,
+            "position": self.position.to_dict(),
+            "last_published": self.last_published,
+            **self.summary_metrics(),
+        }
 
     def run(self) -> dict[str, Any]:
         """Consume examples until stopped, idle for ``idle_exit`` s, or ``max_examples`` learned this run."""
@@ -395,7 +466,7 @@ class IncrementalTrainer:
         learned_this_run, idle_since = 0, time.monotonic()
         while not self._stop.is_set():
             got = False
-            settle = 0.0   # > 0: a part-batch waits this long for the clock to stand still
+            settle = 0.0  # > 0: a part-batch waits this long for the clock to stand still
             for table, pos in self.store.batches(self.position, cfg.batch_size):
                 bound = self._bound()
                 if bound is not None and self.learned + table.num_rows > bound:
@@ -456,13 +527,16 @@ def read_checkpoint_state(checkpoint_dir: str) -> dict[str, Any] | None:
 
 # ---- command line / Ray binding -----------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m jobs.trainer", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="reloop YAML config (defaults for the paths below)")
     p.add_argument("--examples", help="example store URI (default: storage.examples_uri)")
     p.add_argument("--checkpoint-dir", help="local checkpoint directory (default: <state>/trainer)")
     p.add_argument("--registry", help="registry URI (default: storage.registry_uri)")
-    p.add_argument("--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v<feature-set version>)")
+    p.add_argument(
+        "--feature-service", default=None, help="Feast feature service (default: ctr_<model>_v<feature-set version>)"
+    )
     # model and optimizer: the config's trainer section unless given here
     p.add_argument("--model", default=None, choices=list(KINDS))
     p.add_argument("--batch-size", type=int, default=None)
@@ -483,13 +557,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     examples = a.examples or cfg.storage.examples_uri
     registry = a.registry or cfg.storage.registry_uri
     ckpt = a.checkpoint_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer")
-    tc = TrainerConfig(examples_uri=examples, checkpoint_dir=ckpt, registry_uri=registry,
-                       feature_service=a.feature_service, model_kind=a.model or cfg.trainer.model,
-                       batch_size=a.batch_size or cfg.trainer.batch_size, lr=a.lr or cfg.trainer.lr,
-                       optimizer=a.optimizer or cfg.trainer.optimizer, weight_decay=cfg.trainer.weight_decay,
-                       checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
-                       publish_every=a.publish_every, promote=a.promote, idle_exit=a.idle_exit,
-                       max_examples=a.max_examples, throttle_seconds=a.throttle, seed=a.seed)
+    tc = TrainerConfig(
+        examples_uri=examples,
+        checkpoint_dir=ckpt,
+        registry_uri=registry,
+        feature_service=a.feature_service,
+        model_kind=a.model or cfg.trainer.model,
+        batch_size=a.batch_size or cfg.trainer.batch_size,
+        lr=a.lr or cfg.trainer.lr,
+        optimizer=a.optimizer or cfg.trainer.optimizer,
+        weight_decay=cfg.trainer.weight_decay,
+        checkpoint_every=a.checkpoint_every,
+        checkpoint_seconds=a.checkpoint_seconds,
+        publish_every=a.publish_every,
+        promote=a.promote,
+        idle_exit=a.idle_exit,
+        max_examples=a.max_examples,
+        throttle_seconds=a.throttle,
+        seed=a.seed,
+    )
     return tc, a
 
 

@@ -138,16 +138,28 @@ class CBPEMonitor:
     def update(self, estimate: float) -> bool:
         self._n += 1
         band = self.band
-        alarm = band is not None and np.isfinite(estimate) and (
-            estimate < band[0] or (self.two_sided and estimate > band[1]))
+        alarm = (
+            band is not None
+            and np.isfinite(estimate)
+            and (estimate < band[0] or (self.two_sided and estimate > band[1]))
+        )
         if alarm:
             self.alarms.append(self._n - 1)
         return bool(alarm)
 
 
-def estimate_over_time(p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, *, start: int = 0,
-                       chunk: int = 2000, calibration_window: int = 5000, reference_chunks: int = 5,
-                       min_pending: int = 50) -> dict:
+def estimate_over_time(
+    p: np.ndarray,
+    ts: np.ndarray,
+    label: np.ndarray,
+    label_ts: np.ndarray,
+    *,
+    start: int = 0,
+    chunk: int = 2000,
+    calibration_window: int = 5000,
+    reference_chunks: int = 5,
+    min_pending: int = 50,
+) -> dict:
     """The label-free estimate against the realised metric, chunk by chunk of a served stream.
 
     ``p``: the served predictions at impression time, ``ts`` impression times (sorted), ``label`` the
@@ -169,15 +181,25 @@ def estimate_over_time(p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_t
         cal = PlattCalibrator().fit(p[known], label[known])
         q = cal(p[lo:hi])
         open_ = label_ts[lo:hi] > ts[hi - 1]
-        row = {"lo": lo, "hi": hi, "ts": int(ts[hi - 1]), "pending_share": float(open_.mean()),
-               "expected_auc": expected_auc(q, p[lo:hi]), "realised_auc": auc(label[lo:hi], p[lo:hi]),
-               "expected_logloss": expected_logloss(q), "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
-               "uncalibrated_expected_logloss": expected_logloss(p[lo:hi])}
+        row = {
+            "lo": lo,
+            "hi": hi,
+            "ts": int(ts[hi - 1]),
+            "pending_share": float(open_.mean()),
+            "expected_auc": expected_auc(q, p[lo:hi]),
+            "realised_auc": auc(label[lo:hi], p[lo:hi]),
+            "expected_logloss": expected_logloss(q),
+            "realised_logloss": logloss(label[lo:hi], p[lo:hi]),
+            "uncalibrated_expected_logloss": expected_logloss(p[lo:hi]),
+        }
         if open_.sum() >= min_pending:
-            row.update(pending_n=int(open_.sum()), pending_expected_logloss=expected_logloss(q[open_]),
-                       pending_realised_logloss=logloss(label[lo:hi][open_], p[lo:hi][open_]),
-                       pending_expected_auc=expected_auc(q[open_], p[lo:hi][open_]),
-                       pending_realised_auc=auc(label[lo:hi][open_], p[lo:hi][open_]))
+            row.update(
+                pending_n=int(open_.sum()),
+                pending_expected_logloss=expected_logloss(q[open_]),
+                pending_realised_logloss=logloss(label[lo:hi][open_], p[lo:hi][open_]),
+                pending_expected_auc=expected_auc(q[open_], p[lo:hi][open_]),
+                pending_realised_auc=auc(label[lo:hi][open_], p[lo:hi][open_]),
+            )
         rows.append(row)
     mon = CBPEMonitor().fit([r["expected_auc"] for r in rows[:reference_chunks]])
     alarms = [i for i, r in enumerate(rows[reference_chunks:], reference_chunks) if mon.update(r["expected_auc"])]
@@ -187,9 +209,14 @@ def estimate_over_time(p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_t
         return float(np.mean(vals)) if vals else None
 
     pend = [r for r in rows if "pending_n" in r]
-    return {"chunks": rows, "mae_auc": gap(rows, "expected_auc", "realised_auc"),
-            "mae_logloss": gap(rows, "expected_logloss", "realised_logloss"),
-            "uncalibrated_mae_logloss": gap(rows, "uncalibrated_expected_logloss", "realised_logloss"),
-            "pending_chunks": len(pend), "pending_mae_auc": gap(pend, "pending_expected_auc", "pending_realised_auc"),
-            "pending_mae_logloss": gap(pend, "pending_expected_logloss", "pending_realised_logloss"),
-            "monitor_alarms": alarms, "monitor_band": mon.band}
+    return {
+        "chunks": rows,
+        "mae_auc": gap(rows, "expected_auc", "realised_auc"),
+        "mae_logloss": gap(rows, "expected_logloss", "realised_logloss"),
+        "uncalibrated_mae_logloss": gap(rows, "uncalibrated_expected_logloss", "realised_logloss"),
+        "pending_chunks": len(pend),
+        "pending_mae_auc": gap(pend, "pending_expected_auc", "pending_realised_auc"),
+        "pending_mae_logloss": gap(pend, "pending_expected_logloss", "pending_realised_logloss"),
+        "monitor_alarms": alarms,
+        "monitor_band": mon.band,
+    }

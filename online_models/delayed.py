@@ -49,8 +49,12 @@ def fnc_calibrate(b: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (b / (1.0 - b)).clamp(eps, 1.0 - eps)
 
 
-def learn_weighted(learner: OnlineLearner, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None,
-                   correction: str | None = None) -> float:
+def learn_weighted(
+    learner: OnlineLearner,
+    batch: dict[str, torch.Tensor],
+    weights: torch.Tensor | None = None,
+    correction: str | None = None,
+) -> float:
     """One optimizer step of ``learner`` on ``batch`` with per-sample ``weights`` (or the FNW weights from
     the model's own current prediction when ``correction == 'fnw'``); otherwise exactly
     :meth:`OnlineLearner.learn` (the same step: sparse id rows, regularisation, clipping, dropout seed)."""

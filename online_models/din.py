@@ -44,14 +44,15 @@ class DIN(CTRModel):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         if not config.use_history:
-            raise ModelConfigError("kind 'din' attends over the user's history: set use_history=True "
-                                   "(and an encoder history_field, e.g. user_last_items)")
+            raise ModelConfigError(
+                "kind 'din' attends over the user's history: set use_history=True "
+                "(and an encoder history_field, e.g. user_last_items)"
+            )
         fields = config.categorical_fields
         # the candidate item is the query; its id field's position in ``cat`` (the encoder's field order)
         self.item_field = fields.index("item_id") if "item_id" in fields else min(1, config.num_categorical - 1)
         d = config.embedding_dim
-        self.attention = nn.Sequential(nn.Linear(4 * d, ATTENTION_HIDDEN), nn.PReLU(),
-                                       nn.Linear(ATTENTION_HIDDEN, 1))
+        self.attention = nn.Sequential(nn.Linear(4 * d, ATTENTION_HIDDEN), nn.PReLU(), nn.Linear(ATTENTION_HIDDEN, 1))
         d_in = config.num_fields * d + config.num_numeric
         self.mlp = _mlp([d_in, *config.hidden_sizes], config.dropout)
         self.out = nn.Linear(config.hidden_sizes[-1], 1)
@@ -62,11 +63,11 @@ class DIN(CTRModel):
 
     def _history(self, batch: dict[str, torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hist = batch.get("hist")
-        if hist is None:                                               # no history column: an empty history
+        if hist is None:  # no history column: an empty history
             hist = batch["cat"].new_zeros(batch["cat"].shape[0], 1)
-        keys = self.embedding(hist)                                    # (B, H, D)
-        q = query.unsqueeze(1).expand_as(keys)                         # (B, H, D)
-        score = self.attention(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)   # (B, H)
+        keys = self.embedding(hist)  # (B, H, D)
+        q = query.unsqueeze(1).expand_as(keys)  # (B, H, D)
+        score = self.attention(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)  # (B, H)
         return score * (hist > 0).float(), keys
 
     def attention_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,12 +77,12 @@ class DIN(CTRModel):
             return self._history(batch, query)[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, wide = self.embed(batch)                                  # (B, F_cat + F_bag, D), (B,)
-        w, keys = self._history(batch, emb[:, self.item_field])        # (B, H), (B, H, D)
-        interest = (w.unsqueeze(-1) * keys).sum(1, keepdim=True)       # (B, 1, D)
-        emb = torch.cat([emb, interest], dim=1)                        # (B, F, D)
+        emb, wide = self.embed(batch)  # (B, F_cat + F_bag, D), (B,)
+        w, keys = self._history(batch, emb[:, self.item_field])  # (B, H), (B, H, D)
+        interest = (w.unsqueeze(-1) * keys).sum(1, keepdim=True)  # (B, 1, D)
+        emb = torch.cat([emb, interest], dim=1)  # (B, F, D)
         self._last_emb = emb
-        hidden = self.mlp(self.dense_input(emb, batch))                # (B, H_last)
+        hidden = self.mlp(self.dense_input(emb, batch))  # (B, H_last)
         return wide + self.out(hidden).squeeze(-1), hidden
 
 

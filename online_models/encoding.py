@@ -75,7 +75,7 @@ class EncoderConfig:
     categorical_fields: tuple[str, ...] = ("user_id", "item_id")
     numeric_fields: tuple[str, ...] = ()
     hash_buckets: int = 20_011
-    history_field: str | None = None   # e.g. "user_last_items" (list<string>), hashed into the item_id field
+    history_field: str | None = None  # e.g. "user_last_items" (list<string>), hashed into the item_id field
     history_len: int = 10
     # numeric fields that are rates in [0, 1] (e.g. smoothed CTRs): log-odds instead of log1p, so the model sees
     # a click rate on the scale its logit adds up on (a rate of .9 vs .8 is a big step, .5 vs .4 a small one)
@@ -88,7 +88,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.hash_buckets < 2:
-            raise EncodingError(f"hash_buckets must be >= 2 (bucket 0 is reserved for missing), got {self.hash_buckets}")
+            raise EncodingError(
+                f"hash_buckets must be >= 2 (bucket 0 is reserved for missing), got {self.hash_buckets}"
+            )
         if not self.categorical_fields:
             raise EncodingError("categorical_fields must name at least one column (e.g. user_id)")
         if self.bag_len < 1:
@@ -158,8 +160,9 @@ class FeatureEncoder:
         std = np.nanstd(raw, axis=0) if len(raw) else np.ones(raw.shape[1])
         mean = np.nan_to_num(mean, nan=0.0)
         std = np.where(np.isfinite(std) & (std > 1e-6), std, 1.0)
-        return FeatureEncoder(replace(self.config, numeric_mean=tuple(float(x) for x in mean),
-                                      numeric_std=tuple(float(x) for x in std)))
+        return FeatureEncoder(
+            replace(self.config, numeric_mean=tuple(float(x) for x in mean), numeric_std=tuple(float(x) for x in std))
+        )
 
     def encode(self, table: pa.Table) -> dict[str, torch.Tensor]:
         """The batch dict of ``table`` (see the module docstring); never mutates ``table``."""
@@ -180,8 +183,12 @@ class FeatureEncoder:
             batch["hist"] = torch.from_numpy(self._history(table[cfg.history_field]))
         if cfg.bag_fields:
             offset = self.num_categorical * cfg.hash_buckets
-            batch["bag"] = torch.from_numpy(np.stack(
-                [self._bag(table[c], c, offset + j * cfg.hash_buckets) for j, c in enumerate(cfg.bag_fields)], axis=1))
+            batch["bag"] = torch.from_numpy(
+                np.stack(
+                    [self._bag(table[c], c, offset + j * cfg.hash_buckets) for j, c in enumerate(cfg.bag_fields)],
+                    axis=1,
+                )
+            )
         if "label" in table.column_names:
             batch["label"] = torch.from_numpy(table["label"].to_numpy(zero_copy_only=False).astype(np.float32))
         return batch
@@ -194,8 +201,9 @@ class FeatureEncoder:
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         enc = pc.dictionary_encode(col)
-        lut = np.array([stable_bucket(name, v, self.config.hash_buckets) for v in enc.dictionary.to_pylist()]
-                       + [0], dtype=np.int64)
+        lut = np.array(
+            [stable_bucket(name, v, self.config.hash_buckets) for v in enc.dictionary.to_pylist()] + [0], dtype=np.int64
+        )
         idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
         return lut[idx]
 
@@ -211,12 +219,12 @@ class FeatureEncoder:
         flat = col.flatten()
         if len(flat):
             buckets = self._hash_column(flat, name)
-            buckets = np.where(buckets > 0, buckets + offset, 0)       # a null value inside a list pads too
+            buckets = np.where(buckets > 0, buckets + offset, 0)  # a null value inside a list pads too
             offsets = col.offsets.to_numpy()
             for i in range(len(col)):
                 lo, hi = offsets[i], offsets[i + 1]
-                seq = buckets[lo:min(hi, lo + n)]
-                out[i, :len(seq)] = seq
+                seq = buckets[lo : min(hi, lo + n)]
+                out[i, : len(seq)] = seq
         return out
 
     def _numeric_raw(self, table: pa.Table) -> np.ndarray:
@@ -236,7 +244,9 @@ class FeatureEncoder:
 
     def _history(self, col: pa.ChunkedArray) -> np.ndarray:
         n, cfg = self.config.history_len, self.config
-        item_offset = cfg.categorical_fields.index("item_id") * cfg.hash_buckets if "item_id" in cfg.categorical_fields else 0
+        item_offset = (
+            cfg.categorical_fields.index("item_id") * cfg.hash_buckets if "item_id" in cfg.categorical_fields else 0
+        )
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         out = np.zeros((len(col), n), dtype=np.int64)
@@ -246,6 +256,6 @@ class FeatureEncoder:
             offsets = col.offsets.to_numpy()
             for i in range(len(col)):  # lists are short (last N items); the hashing above is vectorised
                 lo, hi = offsets[i], offsets[i + 1]
-                seq = buckets[max(lo, hi - n):hi]
-                out[i, :len(seq)] = seq
+                seq = buckets[max(lo, hi - n) : hi]
+                out[i, : len(seq)] = seq
         return out

@@ -39,7 +39,7 @@ RULES = {
     "refresh": "promote unless the {pct}% interval of the paired logloss difference lies above 0 (evidence worse)",
     "retrain": "promote only if the {pct}% interval of the paired logloss difference lies below 0 (evidence better)",
     "rollback": "roll back only if the {pct}% interval of (previous - current) logloss lies below 0 "
-                "(evidence the previous model is better)",
+    "(evidence the previous model is better)",
 }
 
 
@@ -52,9 +52,9 @@ class GateDecision:
     """One decision, with everything needed to audit it."""
 
     kind: str
-    promote: bool            # for a rollback: roll back
+    promote: bool  # for a rollback: roll back
     n: int
-    diff: float              # mean per-event logloss, candidate - current (negative: candidate better)
+    diff: float  # mean per-event logloss, candidate - current (negative: candidate better)
     lo: float
     hi: float
     level: float
@@ -68,11 +68,16 @@ class GateDecision:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
     def summary(self) -> str:
-        verdict = {"refresh": ("promoted", "rejected"), "retrain": ("promoted", "rejected"),
-                   "rollback": ("rolled back", "kept")}[self.kind][0 if self.promote else 1]
-        return (f"{self.kind} {verdict}: n={self.n}, logloss {self.candidate_logloss:.4f} vs "
-                f"{self.current_logloss:.4f}, diff {self.diff:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}] "
-                f"({100 * self.level:.0f}% block bootstrap)")
+        verdict = {
+            "refresh": ("promoted", "rejected"),
+            "retrain": ("promoted", "rejected"),
+            "rollback": ("rolled back", "kept"),
+        }[self.kind][0 if self.promote else 1]
+        return (
+            f"{self.kind} {verdict}: n={self.n}, logloss {self.candidate_logloss:.4f} vs "
+            f"{self.current_logloss:.4f}, diff {self.diff:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}] "
+            f"({100 * self.level:.0f}% block bootstrap)"
+        )
 
 
 def event_logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
@@ -95,9 +100,19 @@ def block_bootstrap_mean(d: np.ndarray, level: float, block: int, resamples: int
     return float(lo), float(hi)
 
 
-def paired_test(y: np.ndarray, p_candidate: np.ndarray, p_current: np.ndarray, kind: str, *,
-                level: float = 0.90, block: int = 25, resamples: int = 2000, min_n: int = 100,
-                seed: int = 0, margin: float = 0.0) -> GateDecision:
+def paired_test(
+    y: np.ndarray,
+    p_candidate: np.ndarray,
+    p_current: np.ndarray,
+    kind: str,
+    *,
+    level: float = 0.90,
+    block: int = 25,
+    resamples: int = 2000,
+    min_n: int = 100,
+    seed: int = 0,
+    margin: float = 0.0,
+) -> GateDecision:
     """Decide ``kind`` (see the module docstring) from paired predictions of the same labelled events.
 
     ``margin`` (a fraction of the current model's logloss) is a minimum effect size for ``retrain`` and
@@ -117,5 +132,17 @@ def paired_test(y: np.ndarray, p_candidate: np.ndarray, p_current: np.ndarray, k
     diff = float(d.mean())
     # identical predictions: the interval is exactly [0, 0], no evidence either way
     promote = not lo > 0 if kind == "refresh" else hi < -margin * float(lr.mean())
-    return GateDecision(kind, bool(promote), len(y), diff, lo, hi, level, float(lc.mean()), float(lr.mean()),
-                        RULES[kind].format(pct=round(100 * level)), block, resamples)
+    return GateDecision(
+        kind,
+        bool(promote),
+        len(y),
+        diff,
+        lo,
+        hi,
+        level,
+        float(lc.mean()),
+        float(lr.mean()),
+        RULES[kind].format(pct=round(100 * level)),
+        block,
+        resamples,
+    )

@@ -54,8 +54,8 @@ class LearnerConfig:
     """Optimizer settings of an :class:`OnlineLearner`."""
 
     lr: float = 1e-3
-    weight_decay: float = 0.0      # decoupled (AdamW) decay on dense weights only; embeddings use embedding_l2
-    optimizer: str = "adam"        # "adam" | "sgd" | "adagrad"
+    weight_decay: float = 0.0  # decoupled (AdamW) decay on dense weights only; embeddings use embedding_l2
+    optimizer: str = "adam"  # "adam" | "sgd" | "adagrad"
     grad_clip: float = 10.0
     # learning rate of the id embeddings and first-order id weights (None = lr). Each id appears in few
     # batches, so with Adam at the dense rate a new user's bias barely moves before the user is gone.
@@ -79,9 +79,9 @@ class OnlineLearner:
         self.model = model
         self.config = config or LearnerConfig()
         self.steps = 0
-        self._gen = torch.Generator().manual_seed(self.config.seed)   # dropout masks, reproducible per seed
+        self._gen = torch.Generator().manual_seed(self.config.seed)  # dropout masks, reproducible per seed
         for name in ID_TABLES:
-            getattr(model, name).sparse = True        # row-sparse gradients: a step touches the batch's rows only
+            getattr(model, name).sparse = True  # row-sparse gradients: a step touches the batch's rows only
         self._emb = [p for n, p in model.named_parameters() if n.startswith(tuple(f"{t}." for t in ID_TABLES))]
         self._dense = [p for n, p in model.named_parameters() if not n.startswith(tuple(f"{t}." for t in ID_TABLES))]
         # modules whose mode matters (dropout); toggled directly, since Module.train()/eval() walks the whole tree
@@ -99,13 +99,19 @@ class OnlineLearner:
         emb_lr = cfg.embedding_lr or cfg.lr
         if cfg.optimizer == "adam":
             # AdamW refuses sparse gradients: lazy SparseAdam for the id rows, AdamW (decoupled decay) for the rest
-            return [torch.optim.SparseAdam(self._emb, lr=emb_lr),
-                    torch.optim.AdamW(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)]
+            return [
+                torch.optim.SparseAdam(self._emb, lr=emb_lr),
+                torch.optim.AdamW(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
+            ]
         if cfg.optimizer == "adagrad":
-            return [SparseAdagrad(self._emb, lr=emb_lr),
-                    torch.optim.Adagrad(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)]
-        return [torch.optim.SGD(self._emb, lr=emb_lr),
-                torch.optim.SGD(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)]
+            return [
+                SparseAdagrad(self._emb, lr=emb_lr),
+                torch.optim.Adagrad(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
+            ]
+        return [
+            torch.optim.SGD(self._emb, lr=emb_lr),
+            torch.optim.SGD(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True),
+        ]
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -114,7 +120,7 @@ class OnlineLearner:
 
     def _set_training(self, mode: bool) -> None:
         for m in self._modules:
-            object.__setattr__(m, "training", mode)   # a plain attribute: skip Module.__setattr__'s type checks
+            object.__setattr__(m, "training", mode)  # a plain attribute: skip Module.__setattr__'s type checks
 
     @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +144,11 @@ class OnlineLearner:
         """
         return self._step(batch, None, weight_fn)[0]
 
-    def test_then_train(self, batch: dict[str, torch.Tensor],
-                        key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
-                        ) -> Any:
+    def test_then_train(
+        self,
+        batch: dict[str, torch.Tensor],
+        key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
+    ) -> Any:
         """Score ``batch`` with the current weights, then learn from it; returns the pre-update probabilities.
 
         One forward pass serves both: the lookups and the layers before the first dropout are computed once,
@@ -151,8 +159,9 @@ class OnlineLearner:
         _, p, hidden = self._step(batch, key_fn or _no_key)
         return p if key_fn is None else (p, hidden)
 
-    def _step(self, batch: dict[str, torch.Tensor], key_fn: Callable | None,
-              weight_fn: WeightFn | None = None) -> tuple[float, Any, Any]:
+    def _step(
+        self, batch: dict[str, torch.Tensor], key_fn: Callable | None, weight_fn: WeightFn | None = None
+    ) -> tuple[float, Any, Any]:
         if "label" not in batch:
             raise KeyError("learn() needs a batch with a 'label' tensor")
         self._set_training(True)
@@ -175,10 +184,10 @@ class OnlineLearner:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
             total.backward()
-        self.model._last_emb = None   # drop the graph reference (keeps the model deep-copyable)
+        self.model._last_emb = None  # drop the graph reference (keeps the model deep-copyable)
         for param in self._emb:
             if param.grad is not None:
-                param.grad = param.grad.coalesce()   # one entry per row: the norm below and the step need it anyway
+                param.grad = param.grad.coalesce()  # one entry per row: the norm below and the step need it anyway
         if self.config.grad_clip:
             clip_grad_norm([*self._emb, *self._dense], self.config.grad_clip)
         for opt in self.optimizers:
@@ -197,14 +206,20 @@ class OnlineLearner:
         return twin
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
-                "steps": self.steps, "rng": self._gen.get_state()}   # rng: the dropout masks continue, too
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "steps": self.steps,
+            "rng": self._gen.get_state(),
+        }  # rng: the dropout masks continue, too
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         opts = state["optimizers"]
         if len(opts) != len(self.optimizers):
-            raise ValueError(f"optimizer state has {len(opts)} optimizers, this learner ({self.config.optimizer}) "
-                             f"has {len(self.optimizers)}")
+            raise ValueError(
+                f"optimizer state has {len(opts)} optimizers, this learner ({self.config.optimizer}) "
+                f"has {len(self.optimizers)}"
+            )
         self.model.load_state_dict(state["model"])
         for opt, st in zip(self.optimizers, opts):
             opt.load_state_dict(st)
@@ -223,14 +238,21 @@ class SparseAdagrad(torch.optim.Optimizer):
     Dense gradients (a table used without ``sparse=True``) are stepped as dense Adagrad.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-2, eps: float = 1e-10,
-                 initial_accumulator_value: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-2,
+        eps: float = 1e-10,
+        initial_accumulator_value: float = 0.0,
+    ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p]["sum"] = torch.full_like(p, initial_accumulator_value, memory_format=torch.preserve_format)
+                self.state[p]["sum"] = torch.full_like(
+                    p, initial_accumulator_value, memory_format=torch.preserve_format
+                )
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
@@ -281,4 +303,4 @@ def iter_batches(batch: dict[str, torch.Tensor], size: int) -> Iterable[dict[str
     """
     n = len(next(iter(batch.values())))
     for lo in range(0, n, size):
-        yield {k: v[lo:lo + size] for k, v in batch.items()}
+        yield {k: v[lo : lo + size] for k, v in batch.items()}

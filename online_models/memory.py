@@ -112,7 +112,9 @@ class MemoryConfig:
         if not self.shrinkage >= 0.0:
             raise MemoryConfigError(f"shrinkage must be >= 0, got {self.shrinkage}")
         if not 0.0 <= self.eps < 0.5:
-            raise MemoryConfigError(f"eps must be in [0, 0.5) (the estimate is clipped to [eps, 1-eps]), got {self.eps}")
+            raise MemoryConfigError(
+                f"eps must be in [0, 0.5) (the estimate is clipped to [eps, 1-eps]), got {self.eps}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,9 +131,20 @@ class Hashed:
 class ErrorCompensationMemory:
     """K SimHash tables of 2^L buckets of (count, sum of labels, sum of base predictions, sum of projections)."""
 
-    def __init__(self, dim: int, num_tables: int = 8, bits: int = 8, tau: float = 0.1, gamma: float = 1.0,
-                 lam: float = 0.5, decay: float = 1.0, shrinkage: float = 0.0, eps: float = 0.0, seed: int = 0,
-                 precision: str = "float32") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_tables: int = 8,
+        bits: int = 8,
+        tau: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.5,
+        decay: float = 1.0,
+        shrinkage: float = 0.0,
+        eps: float = 0.0,
+        seed: int = 0,
+        precision: str = "float32",
+    ) -> None:
         self.config = MemoryConfig(dim, num_tables, bits, tau, gamma, lam, decay, shrinkage, eps, seed, precision)
         self.precision = precision
         self.dim, self.num_tables, self.bits = dim, num_tables, bits
@@ -141,8 +154,8 @@ class ErrorCompensationMemory:
         # hyperplanes (D, K*L): one matmul hashes a batch into all K tables
         self.planes = torch.randn(dim, num_tables * bits, generator=gen)
         self._planes_bf16 = self.planes.bfloat16() if precision == "bfloat16" else None
-        self._powers = (2 ** torch.arange(bits)).float()                                # (L,), exact to 2^24
-        self._offsets = torch.arange(num_tables, dtype=torch.int64) * (1 << bits)    # (K,)
+        self._powers = (2 ** torch.arange(bits)).float()  # (L,), exact to 2^24
+        self._offsets = torch.arange(num_tables, dtype=torch.int64) * (1 << bits)  # (K,)
         self.reset()
 
     @classmethod
@@ -154,9 +167,9 @@ class ErrorCompensationMemory:
         n = self.num_tables << self.bits
         # one flat table, one row per bucket of every table: [count, sum_y, sum_p, sum_z (L)], so a batch is
         # one index_select and one index_add_ whatever K is
-        self.table = torch.zeros(n, len(STAT_NAMES) + self._sketch, dtype=torch.float32)   # (K*2^L, 3+L or 3)
-        self.clock = torch.zeros((), dtype=torch.int64)                                 # samples written so far
-        self.base = torch.zeros((), dtype=torch.int64)                                  # clock at last rescale
+        self.table = torch.zeros(n, len(STAT_NAMES) + self._sketch, dtype=torch.float32)  # (K*2^L, 3+L or 3)
+        self.clock = torch.zeros((), dtype=torch.int64)  # samples written so far
+        self.base = torch.zeros((), dtype=torch.int64)  # clock at last rescale
 
     @property
     def _sketch(self) -> int:
@@ -166,7 +179,7 @@ class ErrorCompensationMemory:
     @property
     def stats(self) -> torch.Tensor:
         """(K*2^L, 3) count, sum of labels, sum of base predictions per bucket (a view, not decayed)."""
-        return self.table[:, :len(STAT_NAMES)]
+        return self.table[:, : len(STAT_NAMES)]
 
     # -- hashing -------------------------------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class ErrorCompensationMemory:
             proj = (h.detach().bfloat16() @ self._planes_bf16).float().view(-1, self.num_tables, self.bits)
         else:
             proj = (h.detach().float() @ self.planes).view(-1, self.num_tables, self.bits)  # (B, K, L)
-        ids = ((proj > 0).float() @ self._powers).long() + self._offsets                # (B, K)
+        ids = ((proj > 0).float() @ self._powers).long() + self._offsets  # (B, K)
         return Hashed(ids, proj)
 
     def bucket_index(self, h: torch.Tensor) -> torch.Tensor:
@@ -200,8 +213,9 @@ class ErrorCompensationMemory:
     # -- write / estimate ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def write(self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None,
-              each: bool = False) -> None:
+    def write(
+        self, h: torch.Tensor, y: torch.Tensor, y_base: torch.Tensor, hashed: Hashed | None = None, each: bool = False
+    ) -> None:
         """Add a batch of labelled outcomes: keys (B, D), labels (B,), base predictions (B,).
 
         ``hashed`` is ``hash(h)`` when the caller already has it (e.g. from the estimate of the same keys).
@@ -210,20 +224,22 @@ class ErrorCompensationMemory:
         """
         y, y_base = _vector(y, "y"), _vector(y_base, "y_base")
         if not (len(y) == len(y_base) == h.shape[0]):
-            raise ValueError(f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}")
+            raise ValueError(
+                f"h, y and y_base must have the same batch size, got {h.shape[0]}, {len(y)}, {len(y_base)}"
+            )
         if len(y) == 0:
             return
         hashed = self._hashed(h, hashed)
         weight: float | torch.Tensor = 1.0
         if self.decay != 1.0:
             # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
-            if self.decay ** -(self._age() + len(y)) > 1e18:                # rescale everything once, rarely
+            if self.decay ** -(self._age() + len(y)) > 1e18:  # rescale everything once, rarely
                 self.table.mul_(self.decay ** self._age())
                 self.base = self.clock.clone()
             weight = self.decay ** -(self._age() + len(y))
             if each:
                 ages = torch.arange(1, len(y) + 1, dtype=torch.float64) + self._age()
-                weight = torch.pow(self.decay, -ages).float().unsqueeze(1)          # (B, 1)
+                weight = torch.pow(self.decay, -ages).float().unsqueeze(1)  # (B, 1)
         self._add(hashed, y.float(), y_base.float(), weight)
         self.clock = self.clock + len(y)
 
@@ -231,8 +247,8 @@ class ErrorCompensationMemory:
         """Add rows' weighted evidence to their buckets; ``weight`` a number or (B, 1) per row."""
         b, k = hashed.index.shape
         if not isinstance(weight, torch.Tensor):
-            weight = torch.tensor(weight, dtype=torch.float32)      # a 0-d float32: the same rounding as a scalar
-        vals = torch.empty(b, k, self.table.shape[1])                       # (B, K, 3+L)
+            weight = torch.tensor(weight, dtype=torch.float32)  # a 0-d float32: the same rounding as a scalar
+        vals = torch.empty(b, k, self.table.shape[1])  # (B, K, 3+L)
         vals[:, :, 0] = weight
         vals[:, :, 1] = (y.unsqueeze(1) * weight) if weight.dim() else (y * weight).unsqueeze(1)
         vals[:, :, 2] = (y_base.unsqueeze(1) * weight) if weight.dim() else (y_base * weight).unsqueeze(1)
@@ -242,8 +258,13 @@ class ErrorCompensationMemory:
         self.table.index_put_((hashed.index.view(-1),), vals.view(b * k, -1), accumulate=True)
 
     @torch.no_grad()
-    def read(self, h: torch.Tensor | None, hashed: Hashed | None = None, age: torch.Tensor | None = None,
-             rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def read(
+        self,
+        h: torch.Tensor | None,
+        hashed: Hashed | None = None,
+        age: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The weighted neighbourhood of each key: ``y_bar``, ``y_base_bar``, ``count`` (B,) and ``has`` (B,) bool.
 
         ``age`` (B,) is each row's read time in samples since the last rescale (default: now, for all rows);
@@ -252,24 +273,24 @@ class ErrorCompensationMemory:
         hashed = self._hashed(h, hashed)
         b, k = hashed.index.shape
         if rows is None:
-            rows = self.table.index_select(0, hashed.index.view(-1)).view(b, k, -1)   # (B, K, 3+L)
-        n = rows[..., 0]                                                    # (B, K)
+            rows = self.table.index_select(0, hashed.index.view(-1)).view(b, k, -1)  # (B, K, 3+L)
+        n = rows[..., 0]  # (B, K)
         has = n > 0
         if self._sketch:
             # cosine(z, centroid): the centroid sum_z / n, not sum_z itself, whose square overflows float32 once
             # forward-decay weights near the rescale limit (1e18) multiply it
-            sum_z = rows[..., 3:] / n.clamp(min=1e-30).unsqueeze(-1)        # (B, K, L)
-            dot = (sum_z * hashed.proj).sum(-1)                             # (B, K)
+            sum_z = rows[..., 3:] / n.clamp(min=1e-30).unsqueeze(-1)  # (B, K, L)
+            dot = (sum_z * hashed.proj).sum(-1)  # (B, K)
             norms = (sum_z.square().sum(-1) * hashed.proj.square().sum(-1)).clamp_(min=1e-16).rsqrt_()
             # softmax over the non-empty buckets (shifted by the best one, so no tau underflows): empty buckets
             # get weight exactly 0, and a query with no evidence at all is flagged by ``has``
-            logits = dot.mul_(norms).div_(self.tau).masked_fill_(~has, -float("inf"))   # (B, K)
+            logits = dot.mul_(norms).div_(self.tau).masked_fill_(~has, -float("inf"))  # (B, K)
             shift = logits.amax(dim=1, keepdim=True).clamp_(min=-1e30)
-            w = logits.sub_(shift).exp_()                                   # (B, K) unnormalised, 0 where empty
+            w = logits.sub_(shift).exp_()  # (B, K) unnormalised, 0 where empty
         else:
-            w = has.float()                                                 # tau = inf: uniform over non-empty
+            w = has.float()  # tau = inf: uniform over non-empty
         # [sum w, sum w*y_bar_k, sum w*p_bar_k] in one pass (w/n_k times each bucket's [n_k, sum_y_k, sum_p_k])
-        sums = ((w / n.clamp(min=1e-12)).unsqueeze(-1) * rows[..., :3]).sum(1)   # (B, 3)
+        sums = ((w / n.clamp(min=1e-12)).unsqueeze(-1) * rows[..., :3]).sum(1)  # (B, 3)
         z = sums[:, 0].clamp(min=1e-30)
         y_bar, p_bar, count = sums[:, 1] / z, sums[:, 2] / z, (w * n).sum(1) / z
         if self.decay != 1.0:
@@ -300,8 +321,9 @@ class ErrorCompensationMemory:
         out = (p + self.lam * self._error(r, p)).clamp(self.eps, 1.0 - self.eps)
         return torch.where(r["has"], out, p).to(y_base.dtype)
 
-    def step(self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor,
-             groups: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def step(
+        self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
         """Estimate a batch, then write its outcomes; returns the compensated predictions.
 
         ``groups`` (see :func:`write_groups`) are consecutive row ranges estimated together and written
@@ -316,8 +338,9 @@ class ErrorCompensationMemory:
             return out
         return self.step_per_event(hashed, y_base, y, groups)
 
-    def step_sequential(self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor,
-                        groups: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def step_sequential(
+        self, h: torch.Tensor, y_base: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
         """The reference: for each group in order (default: each event), estimate it, then write it."""
         groups = [(i, i + 1) for i in range(len(y_base))] if groups is None else groups
         hashed = self.hash(h)
@@ -329,8 +352,9 @@ class ErrorCompensationMemory:
         return out
 
     @torch.no_grad()
-    def step_per_event(self, hashed: Hashed, y_base: torch.Tensor, y: torch.Tensor,
-                    groups: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def step_per_event(
+        self, hashed: Hashed, y_base: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
         """Per-event (or per-group) memory semantics for a whole batch, in one read and one write.
 
         Same result as :meth:`step_sequential` (up to float32 rounding): group ``g`` (default: each event
@@ -346,12 +370,13 @@ class ErrorCompensationMemory:
         y_base, y = _vector(y_base, "y_base"), _vector(y, "y")
         n = len(y_base)
         if not (len(y) == n == hashed.index.shape[0]):
-            raise ValueError(f"keys, y and y_base must have the same batch size, got {hashed.index.shape[0]}, "
-                             f"{len(y)}, {n}")
+            raise ValueError(
+                f"keys, y and y_base must have the same batch size, got {hashed.index.shape[0]}, {len(y)}, {n}"
+            )
         if n == 0:
             return y_base.clone()
         if n == 1 or (groups is not None and len(groups) == 1):
-            out = self.estimate(None, y_base, hashed)                   # one group: estimate, then write
+            out = self.estimate(None, y_base, hashed)  # one group: estimate, then write
             self.write(hashed.index, y, y_base, hashed)
             return out
         if groups is None:
@@ -362,8 +387,8 @@ class ErrorCompensationMemory:
             sizes = hi - lo
             if int(sizes.sum()) != n or int(lo[0]) != 0 or bool((lo[1:] != hi[:-1]).any()) or bool((sizes < 1).any()):
                 raise ValueError("groups must be consecutive, non-empty row ranges covering the batch")
-            group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)     # (B,)
-            lo, hi = lo[group_of], hi[group_of]                                         # per row
+            group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)  # (B,)
+            lo, hi = lo[group_of], hi[group_of]  # per row
         if self.decay != 1.0 and self.decay ** -(self._age() + n) > 1e18:
             # rescale once before the batch (the sequential loop would do it at the group that crosses the limit:
             # the same arithmetic up to rounding, since ratios need no correction)
@@ -372,38 +397,38 @@ class ErrorCompensationMemory:
         age0 = self._age()
         p, yf = y_base.float(), y.float()
         if self.decay != 1.0:
-            weight = torch.pow(self.decay, -(age0 + hi).double()).float().unsqueeze(1)   # (B, 1)
+            weight = torch.pow(self.decay, -(age0 + hi).double()).float().unsqueeze(1)  # (B, 1)
             read_age = (age0 + lo).double()
         else:
             weight, read_age = torch.ones(n, 1), None
         b, k = hashed.index.shape
         c = self.table.shape[1]
-        vals = torch.empty(b, k, c)                                             # (B, K, 3+L) this batch's evidence
+        vals = torch.empty(b, k, c)  # (B, K, 3+L) this batch's evidence
         vals[:, :, 0] = weight
         vals[:, :, 1] = yf.unsqueeze(1) * weight
         vals[:, :, 2] = p.unsqueeze(1) * weight
         if self._sketch:
             torch.mul(hashed.proj, weight.unsqueeze(-1), out=vals[:, :, 3:])
         flat = hashed.index.reshape(-1)
-        rows = self.table.index_select(0, flat)                                 # (B*K, 3+L) before the batch
+        rows = self.table.index_select(0, flat)  # (B*K, 3+L) before the batch
         # by bucket, stream order within; int32 ids sort ~1.5x faster than int64 when they fit
         sb, order = torch.sort(flat.int() if self.table.shape[0] < 2**31 else flat, stable=True)
-        sg = group_of.repeat_interleave(k).index_select(0, order)               # group of each sorted entry
+        sg = group_of.repeat_interleave(k).index_select(0, order)  # group of each sorted entry
         m = len(sb)
         pos = torch.arange(m)
         new_bucket = torch.ones(m, dtype=torch.bool)
         torch.ne(sb[1:], sb[:-1], out=new_bucket[1:])
-        new_run = new_bucket.clone()                                             # a new (bucket, group) run
+        new_run = new_bucket.clone()  # a new (bucket, group) run
         new_run[1:] |= sg[1:] != sg[:-1]
         seg_start = torch.cummax(pos * new_bucket, 0).values
         run_start = torch.cummax(pos * new_run, 0).values
         # float64: forward-decay weights reach 1e18, and a float32 running sum over the whole batch would lose a
         # bucket's few entries against the others
         sorted_vals = vals.view(-1, c).index_select(0, order).double()
-        cum = torch.zeros(m + 1, c, dtype=torch.float64)                    # cum[t] = sum of entries < t
+        cum = torch.zeros(m + 1, c, dtype=torch.float64)  # cum[t] = sum of entries < t
         torch.cumsum(sorted_vals, 0, out=cum[1:])
         # earlier groups' evidence in the same bucket (0 for the first group of a bucket), back in row order
-        before = (cum.index_select(0, run_start) - cum.index_select(0, seg_start)).float()   # (B*K, C) sorted
+        before = (cum.index_select(0, run_start) - cum.index_select(0, seg_start)).float()  # (B*K, C) sorted
         inverse = torch.empty_like(order).scatter_(0, order, pos)
         rows += before.index_select(0, inverse)
         rows = rows.view(b, k, c)
@@ -416,8 +441,12 @@ class ErrorCompensationMemory:
         self.clock = self.clock + n
         return out.to(y_base.dtype)
 
-    def rebuild(self, samples: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module,
-                key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None) -> int:
+    def rebuild(
+        self,
+        samples: Iterable[dict[str, torch.Tensor]],
+        model: torch.nn.Module,
+        key_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
+    ) -> int:
         """Reset, then write ``samples`` (batches with a ``label``) keyed by ``model``'s hidden layer
         (or by ``key_fn(batch, hidden)``).
 
@@ -443,8 +472,12 @@ class ErrorCompensationMemory:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors only (safetensors-compatible); the hyper-parameters are in ``config``."""
-        return {"planes": self.planes.clone(), "table": self.table.clone(), "clock": self.clock.clone().reshape(1),
-                "base": self.base.clone().reshape(1)}
+        return {
+            "planes": self.planes.clone(),
+            "table": self.table.clone(),
+            "clock": self.clock.clone().reshape(1),
+            "base": self.base.clone().reshape(1),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {"planes": self.planes, "table": self.table}
@@ -453,8 +486,10 @@ class ErrorCompensationMemory:
             raise ValueError(f"memory state misses {', '.join(sorted(missing))}")
         for name, ref in expected.items():
             if tuple(state[name].shape) != tuple(ref.shape):
-                raise ValueError(f"memory state {name} has shape {tuple(state[name].shape)}, "
-                                 f"this memory needs {tuple(ref.shape)} (dim, K, L must match)")
+                raise ValueError(
+                    f"memory state {name} has shape {tuple(state[name].shape)}, "
+                    f"this memory needs {tuple(ref.shape)} (dim, K, L must match)"
+                )
         self.planes = state["planes"].to(self.planes.dtype).clone()
         self._planes_bf16 = self.planes.bfloat16() if self.precision == "bfloat16" else None
         self.table = state["table"].to(torch.float32).clone()
@@ -467,9 +502,11 @@ class ErrorCompensationMemory:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"ErrorCompensationMemory(dim={c.dim}, num_tables={c.num_tables}, bits={c.bits}, tau={c.tau}, "
-                f"gamma={c.gamma}, lam={c.lam}, decay={c.decay}, shrinkage={c.shrinkage}, eps={c.eps}, "
-                f"seed={c.seed}, precision={c.precision!r})")
+        return (
+            f"ErrorCompensationMemory(dim={c.dim}, num_tables={c.num_tables}, bits={c.bits}, tau={c.tau}, "
+            f"gamma={c.gamma}, lam={c.lam}, decay={c.decay}, shrinkage={c.shrinkage}, eps={c.eps}, "
+            f"seed={c.seed}, precision={c.precision!r})"
+        )
 
 
 def _vector(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -88,9 +88,14 @@ def logloss(y: Sequence[float] | np.ndarray, p: Sequence[float] | np.ndarray, ep
 
 def summarize(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, float | None]:
     """``auc``, ``gauc``, ``logloss``, ``n`` and the observed/predicted click rates of one set of scores."""
-    return {"auc": _clean(auc(y, p)), "gauc": _clean(gauc(y, p, groups)), "logloss": _clean(logloss(y, p)),
-            "n": int(len(y)), "ctr": _clean(float(np.mean(y))) if len(y) else None,
-            "mean_p": _clean(float(np.mean(p))) if len(p) else None}
+    return {
+        "auc": _clean(auc(y, p)),
+        "gauc": _clean(gauc(y, p, groups)),
+        "logloss": _clean(logloss(y, p)),
+        "n": int(len(y)),
+        "ctr": _clean(float(np.mean(y))) if len(y) else None,
+        "mean_p": _clean(float(np.mean(p))) if len(p) else None,
+    }
 
 
 def _clean(x: float) -> float | None:
@@ -169,5 +174,5 @@ class BinnedAUC:
         n_pos, n_neg = self.pos.sum(), self.neg.sum()
         if n_pos == 0 or n_neg == 0:
             return float("nan")
-        neg_below = np.cumsum(self.neg) - self.neg          # negatives in strictly lower bins
+        neg_below = np.cumsum(self.neg) - self.neg  # negatives in strictly lower bins
         return float((self.pos * (neg_below + 0.5 * self.neg)).sum() / (n_pos * n_neg))

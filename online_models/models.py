@@ -47,17 +47,17 @@ class ModelConfig:
     """A CTR model; the constructor is the whole configuration (rebuild a model from ``to_dict()`` alone)."""
 
     kind: str = "dcnv2"
-    num_categorical: int = 2          # categorical fields (user_id, item_id, ...), each with hash_buckets rows
+    num_categorical: int = 2  # categorical fields (user_id, item_id, ...), each with hash_buckets rows
     hash_buckets: int = 20_011
     num_numeric: int = 0
     embedding_dim: int = 8
     hidden_sizes: tuple[int, ...] = (64, 32)
-    cross_layers: int = 2             # DCNv2 only
+    cross_layers: int = 2  # DCNv2 only
     dropout: float = 0.1
-    weight_decay: float = 1e-5        # L2 on the dense weights (the optimizer's job; recorded here)
-    embedding_l2: float = 1e-5        # L2 on the embeddings looked up by a batch (see regularization())
-    use_history: bool = False         # mean-pool ``hist`` into one extra field (DIN: attend over it)
-    num_bags: int = 0                 # multi-valued fields (``bag``), each pooled into one extra field
+    weight_decay: float = 1e-5  # L2 on the dense weights (the optimizer's job; recorded here)
+    embedding_l2: float = 1e-5  # L2 on the embeddings looked up by a batch (see regularization())
+    use_history: bool = False  # mean-pool ``hist`` into one extra field (DIN: attend over it)
+    num_bags: int = 0  # multi-valued fields (``bag``), each pooled into one extra field
     categorical_fields: tuple[str, ...] = ("user_id", "item_id")
     numeric_fields: tuple[str, ...] = ()
     seed: int = 0
@@ -104,7 +104,7 @@ class CTRModel(nn.Module):
         self.config = config
         vocab = (config.num_categorical + config.num_bags) * config.hash_buckets
         self.embedding = nn.Embedding(vocab, config.embedding_dim)
-        self.linear = nn.Embedding(vocab, 1)           # first-order (wide) weights per id
+        self.linear = nn.Embedding(vocab, 1)  # first-order (wide) weights per id
         self.num_linear = nn.Linear(config.num_numeric, 1) if config.num_numeric else None
         self.bias = nn.Parameter(torch.zeros(1))
         self._last_emb: torch.Tensor | None = None
@@ -115,20 +115,20 @@ class CTRModel(nn.Module):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Field embeddings (B, F, D) and the first-order logit (B,)."""
-        cat = batch["cat"]                                             # (B, F_cat)
-        emb = self.embedding(cat)                                      # (B, F_cat, D)
-        wide = self.linear(cat).sum(dim=(1, 2)) + self.bias            # (B,)
+        cat = batch["cat"]  # (B, F_cat)
+        emb = self.embedding(cat)  # (B, F_cat, D)
+        wide = self.linear(cat).sum(dim=(1, 2)) + self.bias  # (B,)
         if self.config.num_bags:
-            bags, bag_wide = self.embed_bags(batch)                    # (B, F_bag, D), (B,)
+            bags, bag_wide = self.embed_bags(batch)  # (B, F_bag, D), (B,)
             emb, wide = torch.cat([emb, bags], dim=1), wide + bag_wide
         if self.config.use_history and self.pools_history:
             hist = batch.get("hist")
             if hist is None:
                 pooled = emb.new_zeros(emb.shape[0], 1, emb.shape[2])
             else:
-                mask = (hist > 0).unsqueeze(-1).float()                # (B, H, 1)
+                mask = (hist > 0).unsqueeze(-1).float()  # (B, H, 1)
                 pooled = (self.embedding(hist) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-            emb = torch.cat([emb, pooled], dim=1)                      # (B, F, D)
+            emb = torch.cat([emb, pooled], dim=1)  # (B, F, D)
         if self.num_linear is not None:
             wide = wide + self.num_linear(self._num(batch)).squeeze(-1)
         self._last_emb = emb
@@ -146,20 +146,23 @@ class CTRModel(nn.Module):
         bag = batch.get("bag")
         b = batch["cat"].shape[0]
         if bag is None:
-            return self.embedding.weight.new_zeros(b, self.config.num_bags, self.config.embedding_dim), \
-                self.embedding.weight.new_zeros(b)
-        flat = bag.reshape(-1, bag.shape[-1])                          # (B*F_bag, L)
-        pooled = nn.functional.embedding_bag(flat, self.embedding.weight, mode="mean", padding_idx=0,
-                                             sparse=self.embedding.sparse)
-        wide = nn.functional.embedding_bag(flat, self.linear.weight, mode="sum", padding_idx=0,
-                                           sparse=self.linear.sparse)
+            return self.embedding.weight.new_zeros(
+                b, self.config.num_bags, self.config.embedding_dim
+            ), self.embedding.weight.new_zeros(b)
+        flat = bag.reshape(-1, bag.shape[-1])  # (B*F_bag, L)
+        pooled = nn.functional.embedding_bag(
+            flat, self.embedding.weight, mode="mean", padding_idx=0, sparse=self.embedding.sparse
+        )
+        wide = nn.functional.embedding_bag(
+            flat, self.linear.weight, mode="sum", padding_idx=0, sparse=self.linear.sparse
+        )
         return pooled.view(b, -1, pooled.shape[-1]), wide.view(b, -1).sum(1)
 
     def dense_input(self, emb: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The flat input of the deep part: field embeddings, then the numeric features."""
-        x = emb.flatten(1)                                             # (B, F*D)
+        x = emb.flatten(1)  # (B, F*D)
         if self.config.num_numeric:
-            x = torch.cat([x, self._num(batch)], dim=1)                # (B, F*D + N)
+            x = torch.cat([x, self._num(batch)], dim=1)  # (B, F*D + N)
         return x
 
     def _num(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,20 +229,21 @@ class LogisticRegression(CTRModel):
         return self.config.num_categorical + self.config.num_bags + self.config.num_numeric
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.linear(batch["cat"]).squeeze(-1)                  # (B, F_cat)
+        parts = self.linear(batch["cat"]).squeeze(-1)  # (B, F_cat)
         if self.config.num_bags:
             flat = batch["bag"].reshape(-1, batch["bag"].shape[-1])
-            bag = nn.functional.embedding_bag(flat, self.linear.weight, mode="sum", padding_idx=0,
-                                              sparse=self.linear.sparse)
-            parts = torch.cat([parts, bag.view(parts.shape[0], -1)], dim=1)   # (B, F_cat + F_bag)
+            bag = nn.functional.embedding_bag(
+                flat, self.linear.weight, mode="sum", padding_idx=0, sparse=self.linear.sparse
+            )
+            parts = torch.cat([parts, bag.view(parts.shape[0], -1)], dim=1)  # (B, F_cat + F_bag)
         self._last_emb = parts
         if self.num_linear is not None:
-            parts = torch.cat([parts, self._num(batch) * self.num_linear.weight], dim=1)   # (B, F_cat + N)
+            parts = torch.cat([parts, self._num(batch) * self.num_linear.weight], dim=1)  # (B, F_cat + N)
             return parts.sum(1) + self.num_linear.bias + self.bias, parts
         return parts.sum(1) + self.bias, parts
 
     def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, parts = self(batch)                                    # no dropout: eval = train
+        logits, parts = self(batch)  # no dropout: eval = train
         return logits.detach(), parts.detach(), logits
 
 
@@ -257,9 +261,9 @@ class DeepFM(CTRModel):
         return self.config.hidden_sizes[-1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
-        fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)      # (B,)
-        hidden = self.mlp(self.dense_input(emb, batch))                # (B, H)
+        emb, wide = self.embed(batch)  # (B, F, D), (B,)
+        fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)  # (B,)
+        hidden = self.mlp(self.dense_input(emb, batch))  # (B, H)
         return wide + fm + self.out(hidden).squeeze(-1), hidden
 
     def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,16 +304,16 @@ class DCNv2(CTRModel):
 
     def _trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross network's output (B, d_in) and the wide logit (B,): everything before the first dropout."""
-        emb, wide = self.embed(batch)                                  # (B, F, D), (B,)
-        x0 = self.dense_input(emb, batch)                              # (B, d_in)
+        emb, wide = self.embed(batch)  # (B, F, D), (B,)
+        x0 = self.dense_input(emb, batch)  # (B, d_in)
         x = x0
         for layer in self.cross:
-            x = layer(x0, x)                                           # (B, d_in)
+            x = layer(x0, x)  # (B, d_in)
         return x, wide
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, wide = self._trunk(batch)
-        hidden = self.mlp(x)                                           # (B, H)
+        hidden = self.mlp(x)  # (B, H)
         return wide + self.out(hidden).squeeze(-1), hidden
 
     def forward_test_train(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -323,7 +327,7 @@ class DCNv2(CTRModel):
 
 def build_model(config: ModelConfig) -> CTRModel:
     """The model of ``config.kind``, initialised deterministically from ``config.seed``."""
-    from online_models.din import DIN   # din.py builds on CTRModel, so it is imported here, not at the top
+    from online_models.din import DIN  # din.py builds on CTRModel, so it is imported here, not at the top
 
     cls = {"lr": LogisticRegression, "deepfm": DeepFM, "dcnv2": DCNv2, "din": DIN}[config.kind]
     # a private generator: building a model never disturbs (or depends on) the global RNG
@@ -338,6 +342,7 @@ def build_model(config: ModelConfig) -> CTRModel:
 
 # ---------------------------------------------------------------------------------------------------------
 # predicting: the one "forward + sigmoid" (OnlineLearner.predict is its learner-side twin)
+
 
 @torch.no_grad()
 def predict_with_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,8 +382,10 @@ def predict_table(model: nn.Module, encoder: FeatureEncoder, table: pa.Table, ba
     >>> predict_table(m, enc, pa.table({"user_id": ["a", "b", "c"], "item_id": ["x", "y", "z"]}), 2).shape
     (3,)
     """
-    out = [predict_proba(model, encoder.encode(table.slice(lo, batch_size))).numpy()
-           for lo in range(0, table.num_rows, batch_size)]
+    out = [
+        predict_proba(model, encoder.encode(table.slice(lo, batch_size))).numpy()
+        for lo in range(0, table.num_rows, batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -386,10 +393,19 @@ def criteo_like_config(hash_buckets: int = 100_003, seed: int = 0) -> ModelConfi
     """A production-size CTR model: Criteo's shape (13 numeric + 26 categorical fields), embedding 16, DCNv2 with 3
     cross layers and an MLP of 3x400 (the DCN-V2 paper's public-data setups). What the memory's cost is measured
     against (``benchmarks/bench_memory.py``)."""
-    return ModelConfig(kind="dcnv2", num_categorical=26, hash_buckets=hash_buckets, num_numeric=13, embedding_dim=16,
-                       hidden_sizes=(400, 400, 400), cross_layers=3, dropout=0.0,
-                       categorical_fields=tuple(f"C{i}" for i in range(1, 27)),
-                       numeric_fields=tuple(f"I{i}" for i in range(1, 14)), seed=seed)
+    return ModelConfig(
+        kind="dcnv2",
+        num_categorical=26,
+        hash_buckets=hash_buckets,
+        num_numeric=13,
+        embedding_dim=16,
+        hidden_sizes=(400, 400, 400),
+        cross_layers=3,
+        dropout=0.0,
+        categorical_fields=tuple(f"C{i}" for i in range(1, 27)),
+        numeric_fields=tuple(f"I{i}" for i in range(1, 14)),
+        seed=seed,
+    )
 
 
 def synthetic_batch(config: ModelConfig, n: int, seed: int = 0, zipf: float = 1.1) -> dict[str, torch.Tensor]:
@@ -420,6 +436,7 @@ def synthetic_batch(config: ModelConfig, n: int, seed: int = 0, zipf: float = 1.
 
 
 from online_models.settings import MEMORY_KEYS  # noqa: E402  (the one list of keys)
+
 #: weight of the identity part of "hidden+user" keys relative to the unit-normalised hidden layer: with more
 #: weight on the user, the SimHash buckets mostly group a user's own recent outcomes. Chosen on the ML-100K
 #: validation slot (DCNv2, incremental+memory AUC/logloss): 1 -> .7563/.5786, 2 -> .7574/.5775, 4 -> .7589/.5766,
@@ -427,7 +444,9 @@ from online_models.settings import MEMORY_KEYS  # noqa: E402  (the one list of k
 USER_KEY_WEIGHT = 4.0
 
 
-def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Tensor, kind: str = "hidden") -> torch.Tensor:
+def memory_key(
+    model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Tensor, kind: str = "hidden"
+) -> torch.Tensor:
     """The error-compensation memory's key of a batch.
 
     ``hidden`` is the model's last hidden layer (ReLoop2). ``hidden+ids`` also appends the (unit-normalised)
@@ -452,7 +471,7 @@ def memory_key(model: CTRModel, batch: dict[str, torch.Tensor], hidden: torch.Te
         parts = [p / p.norm(dim=1, keepdim=True).clamp(min=1e-8) for p in parts]
         if kind == "hidden+user":
             parts[1] = USER_KEY_WEIGHT * parts[1]
-    return torch.cat(parts, dim=1)                                     # (B, H + fields*D)
+    return torch.cat(parts, dim=1)  # (B, H + fields*D)
 
 
 def memory_key_dim(model: CTRModel, kind: str = "hidden") -> int:

@@ -41,25 +41,37 @@ KINDS = ("lr", "fm")
 class RiverBaseline:
     """A River classifier (``kind`` = "lr" or "fm") with ``predict_proba``/``learn`` on batch dicts."""
 
-    def __init__(self, kind: str = "lr", lr: float = 0.05, l2: float = 0.0, n_factors: int = 8, seed: int = 0,
-                 numeric: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str = "lr",
+        lr: float = 0.05,
+        l2: float = 0.0,
+        n_factors: int = 8,
+        seed: int = 0,
+        numeric: tuple[int, ...] | None = None,
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.kind, self.lr, self.l2, self.n_factors, self.seed = kind, lr, l2, n_factors, seed
-        self.numeric = tuple(numeric) if numeric is not None else None   # columns of ``num`` to use (None = all)
+        self.numeric = tuple(numeric) if numeric is not None else None  # columns of ``num`` to use (None = all)
         self.reset()
 
     def reset(self) -> None:
         self.model: Classifier
         if self.kind == "lr":
-            self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2,
-                                                         intercept_lr=self.lr)
+            self.model = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), l2=self.l2, intercept_lr=self.lr)
         else:
             self.model = facto.FMClassifier(
-                n_factors=self.n_factors, weight_optimizer=optim.SGD(self.lr), latent_optimizer=optim.SGD(self.lr),
-                l2_weight=self.l2, l2_latent=self.l2, intercept_lr=self.lr, seed=self.seed)
+                n_factors=self.n_factors,
+                weight_optimizer=optim.SGD(self.lr),
+                latent_optimizer=optim.SGD(self.lr),
+                l2_weight=self.l2,
+                l2_latent=self.l2,
+                intercept_lr=self.lr,
+                seed=self.seed,
+            )
 
     def clone(self) -> "RiverBaseline":
         """An untrained twin with the same configuration."""
@@ -78,7 +90,7 @@ class RiverBaseline:
             x: dict[Hashable, float] = {f"c{b}": 1.0 for b in ids}
             if bags is not None:
                 for bag in bags[i]:
-                    vals = [b for b in bag if b > 0]      # 0 pads
+                    vals = [b for b in bag if b > 0]  # 0 pads
                     x.update({f"c{b}": 1.0 / len(vals) for b in vals})
             if num is not None:
                 x.update({f"n{j}": v for j, v in enumerate(num[i])})
@@ -102,5 +114,11 @@ class RiverBaseline:
         return torch.from_numpy(out)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "lr": self.lr, "l2": self.l2, "n_factors": self.n_factors, "seed": self.seed,
-                "numeric": list(self.numeric) if self.numeric is not None else None}
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "l2": self.l2,
+            "n_factors": self.n_factors,
+            "seed": self.seed,
+            "numeric": list(self.numeric) if self.numeric is not None else None,
+        }

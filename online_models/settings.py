@@ -20,5 +20,14 @@ KINDS = ("lr", "deepfm", "dcnv2", "din")
 #: the memory keys a model can give (:func:`online_models.models.memory_key`)
 MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
 
-SERVING_MEMORY: dict[str, Any] = {"key": "hidden+user", "num_tables": 32, "bits": 10, "tau": 0.2, "gamma": 0.0,
-                                  "lam": 0.6, "shrinkage": 10.0, "eps": 0.02, "decay": 0.999}
+SERVING_MEMORY: dict[str, Any] = {
+    "key": "hidden+user",
+    "num_tables": 32,
+    "bits": 10,
+    "tau": 0.2,
+    "gamma": 0.0,
+    "lam": 0.6,
+    "shrinkage": 10.0,
+    "eps": 0.02,
+    "decay": 0.999,
+}

@@ -80,13 +80,13 @@ class AggregateConfig:
         if not self.windows_ms or any(w <= 0 for _, w in self.windows_ms):
             raise ValueError(f"windows_ms must be non-empty positive durations, got {self.windows_ms}")
         if not 0.0 <= self.prior_ctr <= 1.0 or self.prior_weight <= 0:
-            raise ValueError(f"need 0 <= prior_ctr <= 1 and prior_weight > 0, got {self.prior_ctr}, "
-                             f"{self.prior_weight}")
+            raise ValueError(
+                f"need 0 <= prior_ctr <= 1 and prior_weight > 0, got {self.prior_ctr}, {self.prior_weight}"
+            )
         if self.last_n < 0 or self.allowed_lateness_ms < 0:
             raise ValueError("last_n and allowed_lateness_ms must be >= 0")
         if self.max_ahead_ms <= 0 or self.min_support < 1:
-            raise ValueError(f"need max_ahead_ms > 0 and min_support >= 1, got {self.max_ahead_ms}, "
-                             f"{self.min_support}")
+            raise ValueError(f"need max_ahead_ms > 0 and min_support >= 1, got {self.max_ahead_ms}, {self.min_support}")
 
     @property
     def horizon_ms(self) -> int:
@@ -104,11 +104,25 @@ DEFAULT_CONFIG = AggregateConfig()
 USER_FEATURES: list[str] = DEFAULT_CONFIG.feature_names("user")
 ITEM_FEATURES: list[str] = DEFAULT_CONFIG.feature_names("item")
 
-_TAIL_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
-                          ("item_id", pa.string()), ("label", pa.int8())])
-_EVICTED_SCHEMA = pa.schema([("entity", pa.string()), ("id", pa.string()), ("imp", pa.int64()),
-                             ("pos", pa.int64()), ("last_ts", pa.int64()),
-                             ("last_items", pa.list_(pa.string()))])
+_TAIL_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("ts", pa.int64()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("label", pa.int8()),
+    ]
+)
+_EVICTED_SCHEMA = pa.schema(
+    [
+        ("entity", pa.string()),
+        ("id", pa.string()),
+        ("imp", pa.int64()),
+        ("pos", pa.int64()),
+        ("last_ts", pa.int64()),
+        ("last_items", pa.list_(pa.string())),
+    ]
+)
 
 
 @dataclass
@@ -133,9 +147,11 @@ class FeatureState:
 
     def to_arrow(self) -> dict[str, pa.Table]:
         """Two tables (``tail``, ``evicted``) whose schema metadata carries the watermark and counters."""
-        meta = {b"watermark": str(self.watermark).encode(),
-                b"marks": json.dumps({str(p): int(t) for p, t in sorted(self.marks.items())}).encode(),
-                **{f"count_{k}".encode(): str(v).encode() for k, v in self.counts.items()}}
+        meta = {
+            b"watermark": str(self.watermark).encode(),
+            b"marks": json.dumps({str(p): int(t) for p, t in sorted(self.marks.items())}).encode(),
+            **{f"count_{k}".encode(): str(v).encode() for k, v in self.counts.items()},
+        }
         return {"tail": self.tail.replace_schema_metadata(meta), "evicted": self.evicted}
 
     @classmethod
@@ -161,15 +177,15 @@ class _Entity:
     counters are per code, and the evicted last items are ``ev_items[ev_start[c]:ev_start[c] + ev_len[c]]``.
     """
 
-    ts: np.ndarray          # (N,) int64
-    cum_pos: np.ndarray     # (N+1,) cumulative positives
-    items: pa.Array         # (N,) item ids of the sorted tail (for last-N)
-    keys: np.ndarray        # (N,) composite sort key
-    ev_imp: np.ndarray      # (C,) evicted counters per code
+    ts: np.ndarray  # (N,) int64
+    cum_pos: np.ndarray  # (N+1,) cumulative positives
+    items: pa.Array  # (N,) item ids of the sorted tail (for last-N)
+    keys: np.ndarray  # (N,) composite sort key
+    ev_imp: np.ndarray  # (C,) evicted counters per code
     ev_pos: np.ndarray
     ev_last_ts: np.ndarray
-    ev_start: np.ndarray    # (C,) where the code's evicted last items start in ev_items
-    ev_len: np.ndarray      # (C,) how many there are
+    ev_start: np.ndarray  # (C,) where the code's evicted last items start in ev_items
+    ev_len: np.ndarray  # (C,) how many there are
     ev_items: pa.Array
 
 
@@ -191,8 +207,15 @@ def _encode(*arrays: pa.Array) -> tuple[list[np.ndarray], pa.Array]:
     return np.split(codes, np.cumsum(sizes)[:-1]), enc.dictionary
 
 
-def _index(codes: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail_items: pa.Array,
-           dictionary: pa.Array, ev: pa.Table, t0: int) -> _Entity:
+def _index(
+    codes: np.ndarray,
+    tail_ts: np.ndarray,
+    tail_labels: np.ndarray,
+    tail_items: pa.Array,
+    dictionary: pa.Array,
+    ev: pa.Table,
+    t0: int,
+) -> _Entity:
     order = np.lexsort((tail_ts, codes))
     codes, ts = codes[order], tail_ts[order]
     cum_pos = np.concatenate([[0], np.cumsum(tail_labels[order], dtype=np.int64)])
@@ -212,15 +235,26 @@ def _index(codes: np.ndarray, tail_ts: np.ndarray, tail_labels: np.ndarray, tail
         offsets = lists.offsets.to_numpy()
         ev_start[p], ev_len[p] = offsets[:-1][hit], np.diff(offsets)[hit]
         ev_items = lists.values
-    return _Entity(ts, cum_pos, tail_items.take(pa.array(order)), _composite(codes, ts, t0),
-                   ev_imp, ev_pos, ev_last_ts, ev_start, ev_len, ev_items)
+    return _Entity(
+        ts,
+        cum_pos,
+        tail_items.take(pa.array(order)),
+        _composite(codes, ts, t0),
+        ev_imp,
+        ev_pos,
+        ev_last_ts,
+        ev_start,
+        ev_len,
+        ev_items,
+    )
 
 
-def _query(ent: _Entity, qcodes: np.ndarray, qts: np.ndarray, t0: int, cfg: AggregateConfig, prefix: str,
-           with_last_items: bool) -> dict[str, np.ndarray | pa.Array]:
+def _query(
+    ent: _Entity, qcodes: np.ndarray, qts: np.ndarray, t0: int, cfg: AggregateConfig, prefix: str, with_last_items: bool
+) -> dict[str, np.ndarray | pa.Array]:
     """Features of entities ``qcodes`` as of strictly before ``qts``, from the indexed tail."""
     out: dict[str, np.ndarray | pa.Array] = {}
-    hi = np.searchsorted(ent.keys, _composite(qcodes, qts, t0), side="left")          # rows with ts < t
+    hi = np.searchsorted(ent.keys, _composite(qcodes, qts, t0), side="left")  # rows with ts < t
     lo_all = np.searchsorted(ent.keys, _composite(qcodes, np.full_like(qts, t0), t0), side="left")
     smooth = cfg.prior_weight * cfg.prior_ctr
     for name, w in cfg.windows_ms:
@@ -253,14 +287,12 @@ def _last_items(ent: _Entity, qcodes: np.ndarray, lo: np.ndarray, hi: np.ndarray
     row = np.repeat(np.arange(len(qcodes)), lengths)
     j = np.arange(offsets[-1]) - offsets[row]
     tail_part = j < from_tail[row]
-    take = np.where(tail_part, hi[row] - 1 - j,
-                    len(ent.items) + ent.ev_start[qcodes[row]] + (j - from_tail[row]))
+    take = np.where(tail_part, hi[row] - 1 - j, len(ent.items) + ent.ev_start[qcodes[row]] + (j - from_tail[row]))
     pool = pa.concat_arrays([ent.items.cast(pa.string()), ent.ev_items.cast(pa.string())])
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pool.take(pa.array(take)))
 
 
-def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig
-            ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """Drop events too late for the allowed lateness, and event_ids already seen (in the tail or the batch).
 
     Returns ``(kept, late mask, duplicate mask)`` (masks over ``events``). Of several copies of one
@@ -276,8 +308,11 @@ def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig
         late = ts < state.watermark - cfg.allowed_lateness_ms
         keep &= ~late
     (codes,), _ = _encode(events["event_id"].combine_chunks())
-    seen = pc.is_in(events["event_id"], value_set=state.tail["event_id"].combine_chunks()).to_numpy(
-        zero_copy_only=False) if state.tail.num_rows else np.zeros(n, bool)
+    seen = (
+        pc.is_in(events["event_id"], value_set=state.tail["event_id"].combine_chunks()).to_numpy(zero_copy_only=False)
+        if state.tail.num_rows
+        else np.zeros(n, bool)
+    )
     if "kafka_offset" in events.column_names and "kafka_partition" in events.column_names:
         order = np.lexsort((events["kafka_offset"].to_numpy(), events["kafka_partition"].to_numpy()))
     else:
@@ -290,8 +325,9 @@ def _dedupe(events: pa.Table, state: FeatureState, cfg: AggregateConfig
     return events.filter(pa.array(keep)), late, dup
 
 
-def screen_ahead(events: pa.Table, state: FeatureState, cfg: AggregateConfig = DEFAULT_CONFIG
-                 ) -> tuple[pa.Table, pa.Table]:
+def screen_ahead(
+    events: pa.Table, state: FeatureState, cfg: AggregateConfig = DEFAULT_CONFIG
+) -> tuple[pa.Table, pa.Table]:
     """``(kept, ahead)``: split off events too far ahead of their partition's recent event times.
 
     Per partition, in offset order, an event is *ahead* when its ts exceeds the reference by more than
@@ -325,8 +361,9 @@ def screen_ahead(events: pa.Table, state: FeatureState, cfg: AggregateConfig = D
         idx = np.flatnonzero(parts == p)
         idx = idx[np.argsort(offsets[idx], kind="stable")]
         t = ts[idx]
-        base = max(state.marks.get(int(p), none), floor,
-                   int(np.median(t)) if len(t) >= cfg.min_support else batch_median)
+        base = max(
+            state.marks.get(int(p), none), floor, int(np.median(t)) if len(t) >= cfg.min_support else batch_median
+        )
         ahead[idx] = _ahead_of_running_max(t, base, cfg.max_ahead_ms)
     if not ahead.any():
         return events, events.slice(0, 0)
@@ -368,9 +405,12 @@ def advance_marks(state: FeatureState, accepted: pa.Table) -> dict[int, int]:
     return marks
 
 
-def compute_features(events: pa.Table, state: FeatureState, cfg: AggregateConfig = DEFAULT_CONFIG,
-                     dropped: list[tuple[str, pa.Table]] | None = None
-                     ) -> tuple[pa.Table, FeatureState, dict[str, int]]:
+def compute_features(
+    events: pa.Table,
+    state: FeatureState,
+    cfg: AggregateConfig = DEFAULT_CONFIG,
+    dropped: list[tuple[str, pa.Table]] | None = None,
+) -> tuple[pa.Table, FeatureState, dict[str, int]]:
     """Features for each accepted event of ``events`` as of strictly before its ts; the advanced state.
 
     Returns ``(features, new_state, stats)``: ``features`` keeps the accepted event rows (in time order,
@@ -407,13 +447,21 @@ def compute_features(events: pa.Table, state: FeatureState, cfg: AggregateConfig
     return feats, new_state, stats
 
 
-def _entity_features(tail: pa.Table, evicted: pa.Table, entity: str, qids: pa.Array, qts: np.ndarray,
-                     t0: int, cfg: AggregateConfig) -> dict[str, np.ndarray | pa.Array]:
+def _entity_features(
+    tail: pa.Table, evicted: pa.Table, entity: str, qids: pa.Array, qts: np.ndarray, t0: int, cfg: AggregateConfig
+) -> dict[str, np.ndarray | pa.Array]:
     """Features of one entity kind (``user``/``item``) for query ids at query times."""
     (codes, qcodes), dictionary = _encode(tail[f"{entity}_id"].combine_chunks(), qids)
     ev = evicted.filter(pc.equal(evicted["entity"], entity)) if evicted.num_rows else evicted
-    ent = _index(codes, tail["ts"].to_numpy(), tail["label"].to_numpy().astype(np.int64),
-                 tail["item_id"].combine_chunks(), dictionary, ev, t0)
+    ent = _index(
+        codes,
+        tail["ts"].to_numpy(),
+        tail["label"].to_numpy().astype(np.int64),
+        tail["item_id"].combine_chunks(),
+        dictionary,
+        ev,
+        t0,
+    )
     return _query(ent, qcodes, qts, t0, cfg, entity, entity == "user")
 
 
@@ -455,11 +503,17 @@ def _evicted_counters(old: pa.Table, entity: str, last_n: int) -> pa.Table:
         lengths, items = np.zeros(c, np.int64), pa.array([], pa.string())
     offsets = np.zeros(c + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.table({
-        "entity": pa.array([entity] * c, pa.string()), "id": ids.cast(pa.string()), "imp": imp,
-        "pos": np.bincount(codes, weights=old["label"].to_numpy(), minlength=c).astype(np.int64),
-        "last_ts": last_ts, "last_items": pa.ListArray.from_arrays(pa.array(offsets), items.cast(pa.string()))},
-        schema=_EVICTED_SCHEMA)
+    return pa.table(
+        {
+            "entity": pa.array([entity] * c, pa.string()),
+            "id": ids.cast(pa.string()),
+            "imp": imp,
+            "pos": np.bincount(codes, weights=old["label"].to_numpy(), minlength=c).astype(np.int64),
+            "last_ts": last_ts,
+            "last_items": pa.ListArray.from_arrays(pa.array(offsets), items.cast(pa.string())),
+        },
+        schema=_EVICTED_SCHEMA,
+    )
 
 
 def _merge_evicted(evicted: pa.Table, fresh: pa.Table, cfg: AggregateConfig) -> pa.Table:
@@ -470,8 +524,9 @@ def _merge_evicted(evicted: pa.Table, fresh: pa.Table, cfg: AggregateConfig) -> 
     key_new = pc.binary_join_element_wise(fresh["entity"], fresh["id"], "\x00")
     touched = pc.is_in(key_old, value_set=key_new.combine_chunks())
     keep, prev = evicted.filter(pc.invert(touched)), evicted.filter(touched)
-    prev_by_key = {k: i for i, k in enumerate(
-        pc.binary_join_element_wise(prev["entity"], prev["id"], "\x00").to_pylist())}
+    prev_by_key = {
+        k: i for i, k in enumerate(pc.binary_join_element_wise(prev["entity"], prev["id"], "\x00").to_pylist())
+    }
     imp, pos = fresh["imp"].to_numpy().copy(), fresh["pos"].to_numpy().copy()
     last_ts, items = fresh["last_ts"].to_numpy().copy(), fresh["last_items"].to_pylist()
     p_imp, p_pos, p_ts = prev["imp"].to_numpy(), prev["pos"].to_numpy(), prev["last_ts"].to_numpy()
@@ -483,13 +538,27 @@ def _merge_evicted(evicted: pa.Table, fresh: pa.Table, cfg: AggregateConfig) -> 
             pos[j] += p_pos[i]
             last_ts[j] = max(last_ts[j], p_ts[i])
             items[j] = (items[j] + p_items[i])[: cfg.last_n]  # fresh evictions are newer
-    merged = pa.table({"entity": fresh["entity"], "id": fresh["id"], "imp": imp, "pos": pos, "last_ts": last_ts,
-                       "last_items": pa.array(items, pa.list_(pa.string()))}, schema=_EVICTED_SCHEMA)
+    merged = pa.table(
+        {
+            "entity": fresh["entity"],
+            "id": fresh["id"],
+            "imp": imp,
+            "pos": pos,
+            "last_ts": last_ts,
+            "last_items": pa.array(items, pa.list_(pa.string())),
+        },
+        schema=_EVICTED_SCHEMA,
+    )
     return pa.concat_tables([keep, merged])
 
 
-def snapshot(state: FeatureState, as_of_ts: int, cfg: AggregateConfig = DEFAULT_CONFIG,
-             users: list[str] | None = None, items: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
+def snapshot(
+    state: FeatureState,
+    as_of_ts: int,
+    cfg: AggregateConfig = DEFAULT_CONFIG,
+    users: list[str] | None = None,
+    items: list[str] | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """Current features of entities, as of strictly before ``as_of_ts`` (what an event then would see).
 
     By default every entity in the state's tail; pass ``users``/``items`` to choose. Each table has the id
@@ -503,6 +572,7 @@ def snapshot(state: FeatureState, as_of_ts: int, cfg: AggregateConfig = DEFAULT_
         ids = sorted(set(tail[key].to_pylist())) if chosen is None else list(chosen)
         qts = np.full(len(ids), as_of_ts, np.int64)
         table = pa.table({key: pa.array(ids, pa.string()), "event_timestamp": pa.array(qts, pa.int64())})
-        out.append(_append(table, _entity_features(tail, state.evicted, entity, table[key].combine_chunks(),
-                                                   qts, t0, cfg)))
+        out.append(
+            _append(table, _entity_features(tail, state.evicted, entity, table[key].combine_chunks(), qts, t0, cfg))
+        )
     return out[0], out[1]

@@ -43,8 +43,9 @@ from pipelines.storage import open_filesystem, write_bytes_atomic, write_parquet
 
 def offsets_key(topic: str, offsets: dict[int, int]) -> str:
     """A file-name-safe key of a set of committed offsets: ``<total offset>-<hash>`` (sortable by progress)."""
-    canon = json.dumps({"topic": topic, "offsets": {str(p): int(o) for p, o in sorted(offsets.items())}},
-                       sort_keys=True)
+    canon = json.dumps(
+        {"topic": topic, "offsets": {str(p): int(o) for p, o in sorted(offsets.items())}}, sort_keys=True
+    )
     return f"{sum(offsets.values()):015d}-{hashlib.sha1(canon.encode()).hexdigest()[:12]}"
 
 
@@ -61,6 +62,7 @@ class PartitionRange:
     @property
     def size(self) -> int:
         return max(0, self.stop - self.start)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -79,16 +81,20 @@ class Plan:
     def __post_init__(self) -> None:
         bad = [p for p in self.start if self.stop.get(p, -1) < self.start[p]]
         if bad or set(self.start) != set(self.stop):
-            raise ValueError(f"plan for {self.topic}: stop must cover start per partition, got {self.start} -> "
-                             f"{self.stop}")
+            raise ValueError(
+                f"plan for {self.topic}: stop must cover start per partition, got {self.start} -> {self.stop}"
+            )
 
     @property
     def events(self) -> int:
         return sum(self.stop[p] - self.start[p] for p in self.start)
 
     def ranges(self) -> list[PartitionRange]:
-        return [PartitionRange(self.topic, p, self.start[p], self.stop[p])
-                for p in sorted(self.start) if self.stop[p] > self.start[p]]
+        return [
+            PartitionRange(self.topic, p, self.start[p], self.stop[p])
+            for p in sorted(self.start)
+            if self.stop[p] > self.start[p]
+        ]
 
     @property
     def start_key(self) -> str:
@@ -110,18 +116,37 @@ class Plan:
         Unique per run (two runs may plan the same stop offsets when the first deferred events) and
         sorting in processing order.
         """
-        canon = json.dumps({"topic": self.topic, "start": {str(p): o for p, o in sorted(self.start.items())},
-                            "stop": {str(p): o for p, o in sorted(self.stop.items())}}, sort_keys=True)
+        canon = json.dumps(
+            {
+                "topic": self.topic,
+                "start": {str(p): o for p, o in sorted(self.start.items())},
+                "stop": {str(p): o for p, o in sorted(self.stop.items())},
+            },
+            sort_keys=True,
+        )
         return f"{sum(self.start.values()):015d}-{hashlib.sha1(canon.encode()).hexdigest()[:12]}"
 
     def with_stops(self, stop: dict[int, int]) -> "Plan":
         """The same run, committing ``stop`` instead (events after a partition's time-aligned cut are deferred)."""
-        return Plan(self.topic, self.start, {p: stop.get(p, self.stop[p]) for p in self.start}, self.planned_at_ms,
-                    self.committed)
+        return Plan(
+            self.topic,
+            self.start,
+            {p: stop.get(p, self.stop[p]) for p in self.start},
+            self.planned_at_ms,
+            self.committed,
+        )
 
     def to_json(self) -> str:
-        return json.dumps({"topic": self.topic, "start": self.start, "stop": self.stop,
-                           "planned_at_ms": self.planned_at_ms, "committed": self.committed}, sort_keys=True)
+        return json.dumps(
+            {
+                "topic": self.topic,
+                "start": self.start,
+                "stop": self.stop,
+                "planned_at_ms": self.planned_at_ms,
+                "committed": self.committed,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -179,7 +204,9 @@ class StateStore:
 
     def state_keys(self) -> list[str]:
         sel = pafs.FileSelector(f"{self.root}/state", allow_not_found=True)
-        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
+        return sorted(
+            posixpath.basename(i.path) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory
+        )
 
     def prune_states(self, keep: set[str]) -> None:
         """Delete snapshots other than ``keep`` (after a commit only the committed one is needed)."""
@@ -188,7 +215,9 @@ class StateStore:
                 self.fs.delete_dir(self._state_dir(key))
 
     def save_pending(self, plan: Plan) -> None:
-        write_bytes_atomic(self.fs, f"{self.root}/pending/{plan.start_key}.json", plan.to_json().encode(), durable=False)
+        write_bytes_atomic(
+            self.fs, f"{self.root}/pending/{plan.start_key}.json", plan.to_json().encode(), durable=False
+        )
 
     def load_pending(self, start_key: str) -> Plan | None:
         path = f"{self.root}/pending/{start_key}.json"
@@ -203,8 +232,12 @@ class StateStore:
 
     def save_result(self, run_id: str, stops: dict[int, int]) -> None:
         """The offsets a run actually completed (its time-aligned cut), for the driver to commit."""
-        write_bytes_atomic(self.fs, f"{self.root}/results/{run_id}.json",
-                           json.dumps({str(p): int(o) for p, o in stops.items()}).encode(), durable=False)
+        write_bytes_atomic(
+            self.fs,
+            f"{self.root}/results/{run_id}.json",
+            json.dumps({str(p): int(o) for p, o in stops.items()}).encode(),
+            durable=False,
+        )
 
     def load_result(self, run_id: str) -> dict[int, int] | None:
         path = f"{self.root}/results/{run_id}.json"

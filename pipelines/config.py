@@ -61,8 +61,9 @@ class KafkaConfig(Strict):
             try:
                 opts["sasl_plain_password"] = os.environ[self.sasl_password_env]
             except KeyError:
-                raise ConfigError(f"kafka.sasl_password_env: environment variable {self.sasl_password_env} "
-                                  f"is not set") from None
+                raise ConfigError(
+                    f"kafka.sasl_password_env: environment variable {self.sasl_password_env} is not set"
+                ) from None
         return opts
 
 
@@ -111,7 +112,6 @@ class FeatureJobConfig(Strict):
     runner: str | None = None
     #: more Beam flags, e.g. ["--parallelism=2"] or ["--flink_master=jm:8081"]
     pipeline_args: list[str] = Field(default_factory=list)
-
 
 
 class PipelineConfig(Strict):

@@ -23,12 +23,18 @@ class OffsetsError(ReloopError, RuntimeError):
 
 
 def _consumer(cfg: KafkaConfig, group: str) -> KafkaConsumer:
-    return KafkaConsumer(**cfg.client_options(), group_id=group, enable_auto_commit=False,
-                         request_timeout_ms=30_000, allow_auto_create_topics=False)
+    return KafkaConsumer(
+        **cfg.client_options(),
+        group_id=group,
+        enable_auto_commit=False,
+        request_timeout_ms=30_000,
+        allow_auto_create_topics=False,
+    )
 
 
-def partition_offsets(cfg: KafkaConfig, topic: str, group: str) -> tuple[dict[int, int | None], dict[int, int],
-                                                                        dict[int, int]]:
+def partition_offsets(
+    cfg: KafkaConfig, topic: str, group: str
+) -> tuple[dict[int, int | None], dict[int, int], dict[int, int]]:
     """``(committed, beginning, end)`` per partition of ``topic`` (committed is None where never committed)."""
     consumer = _consumer(cfg, group)
     try:
@@ -44,8 +50,14 @@ def partition_offsets(cfg: KafkaConfig, topic: str, group: str) -> tuple[dict[in
         consumer.close()
 
 
-def plan_run(cfg: KafkaConfig, topic: str, group: str, store: StateStore, max_events: int | None = None,
-             now_ms: int | None = None) -> Plan:
+def plan_run(
+    cfg: KafkaConfig,
+    topic: str,
+    group: str,
+    store: StateStore,
+    max_events: int | None = None,
+    now_ms: int | None = None,
+) -> Plan:
     """The next micro-batch: the pending plan of an interrupted run, or committed -> end offsets.
 
     ``max_events`` caps the batch (split evenly over the partitions that have new events).
@@ -58,8 +70,10 @@ def plan_run(cfg: KafkaConfig, topic: str, group: str, store: StateStore, max_ev
     if pending is not None and pending.start == start:
         bad = {p: (pending.stop[p], end[p]) for p in pending.stop if pending.stop[p] > end[p]}
         if bad:
-            raise OffsetsError(f"{topic}: the interrupted run planned offsets beyond the log end {bad}; "
-                               f"was the topic recreated? Reset the job state (reloop features --reset).")
+            raise OffsetsError(
+                f"{topic}: the interrupted run planned offsets beyond the log end {bad}; "
+                f"was the topic recreated? Reset the job state (reloop features --reset)."
+            )
         return pending
     stop = dict(end)
     if max_events is not None:
@@ -71,8 +85,11 @@ def plan_run(cfg: KafkaConfig, topic: str, group: str, store: StateStore, max_ev
 
 def commit(cfg: KafkaConfig, plan: Plan, group: str) -> None:
     """Commit the stop offsets of every partition the run read (metadata = the run id)."""
-    offsets = {TopicPartition(plan.topic, p): OffsetAndMetadata(o, plan.run_id, -1)
-               for p, o in plan.committed_after.items() if o != plan.committed.get(p)}
+    offsets = {
+        TopicPartition(plan.topic, p): OffsetAndMetadata(o, plan.run_id, -1)
+        for p, o in plan.committed_after.items()
+        if o != plan.committed.get(p)
+    }
     if not offsets:
         return
     consumer = _consumer(cfg, group)
@@ -88,7 +105,7 @@ def reset(cfg: KafkaConfig, group: str) -> None:
     try:
         result = client.delete_groups([group])
         # kafka-python 3 answers {group: "OK" or an error class name}; a missing group is fine
-        for gid, err in (result.items() if isinstance(result, dict) else result):
+        for gid, err in result.items() if isinstance(result, dict) else result:
             name = err if isinstance(err, str) else getattr(err, "__name__", type(err).__name__)
             if err is not None and name not in ("OK", "NoError", "NoneType", GroupIdNotFoundError.__name__):
                 raise OffsetsError(f"cannot delete consumer group {gid}: {name}")

@@ -54,7 +54,7 @@ MAX_TS_MS = 4_102_444_800_000
 #: contract's own reasons ("context.x: must be a string...") while no parser ever recurses far.
 MAX_JSON_DEPTH = 16
 #: Context values are stored in int64 columns; a larger integer is rejected, not overflowed.
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 FIELDS = ("event_id", "ts", "user_id", "item_id", "label", "context")
 REQUIRED = FIELDS[:-1]
@@ -88,8 +88,16 @@ class Event:
 
     def to_json(self) -> bytes:
         """Encode for the wire (compact, key order fixed)."""
-        return _wire({"event_id": self.event_id, "ts": self.ts, "user_id": self.user_id, "item_id": self.item_id,
-                      "label": self.label}, context=self.context)
+        return _wire(
+            {
+                "event_id": self.event_id,
+                "ts": self.ts,
+                "user_id": self.user_id,
+                "item_id": self.item_id,
+                "label": self.label,
+            },
+            context=self.context,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +113,9 @@ class Rejection:
 
 #: names a context key may not take: the event table's columns, its Kafka origin, every feature and
 #: example column the feature job writes (see :mod:`pipelines.aggregates`), and the old rename prefix
-_RESERVED_EXACT = frozenset({"event_id", "ts", "user_id", "item_id", "label", "context", "event_timestamp",
-                             "user_last_items"})
+_RESERVED_EXACT = frozenset(
+    {"event_id", "ts", "user_id", "item_id", "label", "context", "event_timestamp", "user_last_items"}
+)
 _RESERVED_PATTERN = re.compile(r"^(kafka_|context_|ctx_)|^(user|item)_((imp|pos|ctr)_\w+|secs_since_last)$")
 
 
@@ -243,8 +252,9 @@ def _decode_object(raw: bytes | str | None) -> dict | Rejection:
     return d
 
 
-def _decode_record(raw: bytes | str | None, required: tuple[str, ...], known: tuple[str, ...]
-                   ) -> tuple[dict, bytes] | Rejection:
+def _decode_record(
+    raw: bytes | str | None, required: tuple[str, ...], known: tuple[str, ...]
+) -> tuple[dict, bytes] | Rejection:
     """The first steps of every contract's parser: ``(object, raw bytes)`` when the record decodes
     (:func:`_decode_object`) with its ``required`` fields and none outside ``known``; else the rejection."""
     d = _decode_object(raw)
@@ -264,8 +274,9 @@ def _id_reason(name: str, v: Any) -> str:
     return f"{name}: must be a non-empty string (<= {MAX_ID_CHARS} chars) or integer, got {type(v).__name__}"
 
 
-def _ids(d: dict, raw: bytes, names: tuple[str, ...], optional: tuple[str, ...] = ()
-         ) -> dict[str, str | None] | Rejection:
+def _ids(
+    d: dict, raw: bytes, names: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, str | None] | Rejection:
     """The id fields ``names`` as strings (an ``optional`` one absent or null is None), or the rejection
     of the first bad one."""
     ids: dict[str, str | None] = {}
@@ -363,9 +374,11 @@ IMPRESSION_SCHEMA_V2: dict[str, Any] = {
         "item_id": {"$ref": "#/$defs/id"},
         "request_id": {"$ref": "#/$defs/id"},
         "position": {"type": "integer", "minimum": 0, "maximum": MAX_POSITION},
-        "context": {"type": "object", "maxProperties": MAX_CONTEXT_FIELDS,
-                    "additionalProperties": {"type": ["string", "number", "boolean", "null"],
-                                             "maxLength": MAX_CONTEXT_STRING}},
+        "context": {
+            "type": "object",
+            "maxProperties": MAX_CONTEXT_FIELDS,
+            "additionalProperties": {"type": ["string", "number", "boolean", "null"], "maxLength": MAX_CONTEXT_STRING},
+        },
     },
     "$defs": {
         "id": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, {"type": "integer"}]},
@@ -410,9 +423,12 @@ class Impression:
     context: dict[str, ContextValue] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return _wire({"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id,
-                      "item_id": self.item_id}, request_id=self.request_id, position=self.position,
-                     context=self.context)
+        return _wire(
+            {"impression_id": self.impression_id, "ts": self.ts, "user_id": self.user_id, "item_id": self.item_id},
+            request_id=self.request_id,
+            position=self.position,
+            context=self.context,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,21 +475,22 @@ def parse_impression(raw: bytes | str | None, *, now_ms: int | None = None) -> I
     if isinstance(ts, Rejection):
         return ts
     position = d.get("position")
-    if position is not None and (isinstance(position, bool) or not isinstance(position, int)
-                                 or not 0 <= position <= MAX_POSITION):
+    if position is not None and (
+        isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= MAX_POSITION
+    ):
         return Rejection(f"position: must be an integer in [0, {MAX_POSITION}], got {position!r}", raw)
     context, why = _context(d.get("context"))
     if context is None:
         return Rejection(why, raw)
     if not _utf8_ok(*ids.values(), *(k for k in context), *(v for v in context.values() if isinstance(v, str))):
         return Rejection("invalid unicode: a lone surrogate escape in an id or context string", raw)
-    return Impression(ids["impression_id"], ts, ids["user_id"], ids["item_id"], ids["request_id"], position,
-                      context)
+    return Impression(ids["impression_id"], ts, ids["user_id"], ids["item_id"], ids["request_id"], position, context)
 
 
 @_never_raises
-def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
-                   kinds: tuple[str, ...] = FEEDBACK_KINDS) -> Feedback | Rejection:
+def parse_feedback(
+    raw: bytes | str | None, *, now_ms: int | None = None, kinds: tuple[str, ...] = FEEDBACK_KINDS
+) -> Feedback | Rejection:
     """Validate one ``feedback`` record (contract v2, :data:`FEEDBACK_SCHEMA_V2`); never raises.
 
     Whether its impression exists is the join's business (an orphan goes to the DLQ there).
@@ -497,8 +514,9 @@ def parse_feedback(raw: bytes | str | None, *, now_ms: int | None = None,
     if not isinstance(kind, str) or kind not in kinds:
         return Rejection(f"kind: must be one of {', '.join(kinds)}, got {kind!r}", raw)
     value = d.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value)):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    ):
         return Rejection(f"value: must be a finite number, got {value!r}", raw)
     return Feedback(iid, ts, kind, None if value is None else float(value))
 
@@ -515,8 +533,9 @@ def split_v1(event: Event) -> tuple[Impression, Feedback | None]:
 
 
 @_never_raises
-def parse_impression_or_v1(raw: bytes | str | None, *, now_ms: int | None = None
-                           ) -> tuple[Impression, Feedback | None] | Rejection:
+def parse_impression_or_v1(
+    raw: bytes | str | None, *, now_ms: int | None = None
+) -> tuple[Impression, Feedback | None] | Rejection:
     """What the impressions topic accepts: a v2 impression, or a v1 labelled event (impression + feedback).
 
     A record with a ``label`` (or an ``event_id`` and no ``impression_id``) is read as v1, so existing

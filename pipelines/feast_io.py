@@ -37,8 +37,10 @@ def resolve_repo(cfg: FeastConfig, repo_path: str | None = None) -> Path:
         if all((cand / w).is_file() for w in want):
             return cand.resolve()
     missing = next(f"{c / w}" for c in tried for w in want if not (c / w).is_file())
-    raise FileNotFoundError(f"no Feast repo at {' or '.join(str(c) for c in tried)} (missing {missing}); "
-                            f"set feast.repo_path in the config or --feature_repo")
+    raise FileNotFoundError(
+        f"no Feast repo at {' or '.join(str(c) for c in tried)} (missing {missing}); "
+        f"set feast.repo_path in the config or --feature_repo"
+    )
 
 
 def yaml_path_name(cfg: FeastConfig) -> str:
@@ -134,8 +136,10 @@ def write_snapshot(store, view: str, table: pa.Table, run_id: str) -> None:
 USER_PROFILE_VIEW = "user_profile"
 ITEM_CATALOG_VIEW = "item_catalog"
 #: the features of the batch views, and their value when an entity has none (missing: the encoder's bucket 0)
-BATCH_FEATURES: dict[str, tuple[str, ...]] = {USER_PROFILE_VIEW: ("age_bucket", "gender", "occupation", "zip_prefix"),
-                                               ITEM_CATALOG_VIEW: ("release_year", "genres")}
+BATCH_FEATURES: dict[str, tuple[str, ...]] = {
+    USER_PROFILE_VIEW: ("age_bucket", "gender", "occupation", "zip_prefix"),
+    ITEM_CATALOG_VIEW: ("release_year", "genres"),
+}
 BAG_FEATURES = ("genres",)
 _JOIN_KEYS = {USER_PROFILE_VIEW: "user_id", ITEM_CATALOG_VIEW: "item_id"}
 
@@ -151,8 +155,9 @@ def write_batch_source(store, view: str, table: pa.Table, run_id: str) -> str:
     return path
 
 
-def materialize_batch_views(store, end_ms: int | None = None,
-                            views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> None:
+def materialize_batch_views(
+    store, end_ms: int | None = None, views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)
+) -> None:
     """Copy the versions valid at ``end_ms`` (default now) online with Feast's own materialisation.
 
     A view never materialised gets ``materialize`` from the epoch (its TTL is 0, and ``materialize_incremental``
@@ -188,8 +193,9 @@ def _with_defaults(cols: dict[str, list]) -> dict[str, list]:
     return {f: ([v if v is not None else [] for v in vals] if f in BAG_FEATURES else vals) for f, vals in cols.items()}
 
 
-def lookup_batch_features(store, user_ids: list[str], item_ids: list[str],
-                          views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> pa.Table:
+def lookup_batch_features(
+    store, user_ids: list[str], item_ids: list[str], views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)
+) -> pa.Table:
     """The online batch features of (user, item) rows, for scoring: unknown entities get the defaults."""
     rows = [{"user_id": u, "item_id": i} for u, i in zip(user_ids, item_ids)]
     got = store.get_online_features(features=_refs(views), entity_rows=rows).to_dict()
@@ -201,8 +207,9 @@ def _arrow_cols(cols: dict[str, list]) -> dict[str, pa.Array]:
     return {f: pa.array(vals, pa.list_(pa.string()) if f in BAG_FEATURES else pa.string()) for f, vals in cols.items()}
 
 
-def join_batch_features(store, examples: pa.Table,
-                        views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)) -> pa.Table:
+def join_batch_features(
+    store, examples: pa.Table, views: tuple[str, ...] = (USER_PROFILE_VIEW, ITEM_CATALOG_VIEW)
+) -> pa.Table:
     """``examples`` (``user_id``, ``item_id``, ``ts`` epoch ms) plus the batch features valid at each row's time.
 
     Feast's point-in-time join (``get_historical_features``): each row gets the newest version with
@@ -210,12 +217,22 @@ def join_batch_features(store, examples: pa.Table,
     """
     import pandas as pd
 
-    ent = pd.DataFrame({"user_id": examples["user_id"].to_pylist(), "item_id": examples["item_id"].to_pylist(),
-                        "event_timestamp": pd.to_datetime(examples["ts"].to_numpy(), unit="ms", utc=True),
-                        "_row": range(examples.num_rows)})
+    ent = pd.DataFrame(
+        {
+            "user_id": examples["user_id"].to_pylist(),
+            "item_id": examples["item_id"].to_pylist(),
+            "event_timestamp": pd.to_datetime(examples["ts"].to_numpy(), unit="ms", utc=True),
+            "_row": range(examples.num_rows),
+        }
+    )
     df = store.get_historical_features(entity_df=ent, features=_refs(views)).to_df().sort_values("_row")
-    cols = _with_defaults({f: [None if _is_na(v) else (list(v) if f in BAG_FEATURES else v) for v in df[f]]
-                           for v_ in views for f in BATCH_FEATURES[v_]})
+    cols = _with_defaults(
+        {
+            f: [None if _is_na(v) else (list(v) if f in BAG_FEATURES else v) for v in df[f]]
+            for v_ in views
+            for f in BATCH_FEATURES[v_]
+        }
+    )
     out = examples
     for f, arr in _arrow_cols(cols).items():
         out = out.drop_columns([f]) if f in out.column_names else out
@@ -227,6 +244,6 @@ def _is_na(v) -> bool:
     if v is None:
         return True
     try:
-        return bool(v != v)   # NaN (pandas' missing float)
-    except (TypeError, ValueError):   # arrays compare element-wise
+        return bool(v != v)  # NaN (pandas' missing float)
+    except (TypeError, ValueError):  # arrays compare element-wise
         return False

@@ -76,8 +76,18 @@ from pipelines.kafka_io import ensure_topics
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("records_read", "events_parsed", "rejected", "dead_lettered", "accepted", "late", "duplicates",
-            "deferred", "examples_written", "feature_rows_written")
+COUNTERS = (
+    "records_read",
+    "events_parsed",
+    "rejected",
+    "dead_lettered",
+    "accepted",
+    "late",
+    "duplicates",
+    "deferred",
+    "examples_written",
+    "feature_rows_written",
+)
 
 
 class FeatureJobError(ReloopError, RuntimeError):
@@ -117,8 +127,10 @@ class JobStats:
 
 
 def aggregate_config(cfg: PipelineConfig):
-    return AggregateConfig(allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000),
-                           max_ahead_ms=int(cfg.feature_job.max_ahead_s * 1000))
+    return AggregateConfig(
+        allowed_lateness_ms=int(cfg.feature_job.allowed_lateness_s * 1000),
+        max_ahead_ms=int(cfg.feature_job.max_ahead_s * 1000),
+    )
 
 
 def pipeline_options(pipeline_args: list[str] | None):
@@ -139,8 +151,11 @@ def build(p, cfg: PipelineConfig, plan, *, repo_path: str | None = None) -> None
     from pipelines.transforms import ComputeFeatures, ParseRecords, WriteDeadLetters, WriteExamples, WriteFeatures
 
     fj = cfg.feature_job
-    raw = (p | "PlanRanges" >> beam.Create(plan.ranges())
-             | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
+    raw = (
+        p
+        | "PlanRanges" >> beam.Create(plan.ranges())
+        | "ReadKafka" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size)
+    )
     parsed = raw | "Parse" >> ParseRecords(plan.planned_at_ms)
     out = parsed.events | "Features" >> ComputeFeatures(fj.state_uri, plan, aggregate_config(cfg), cfg.kafka)
     _ = parsed.dlq | "DeadLetter" >> WriteDeadLetters(cfg.kafka, plan.topic, cfg.kafka.dlq_topic, out.stops)
@@ -171,13 +186,26 @@ def _reaching_kafka(cfg: PipelineConfig) -> Iterator[None]:
     try:
         yield
     except KafkaError as e:
-        raise FeatureJobError(f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e} "
-                              f"(is it up? `reloop up kafka`)") from e
+        raise FeatureJobError(
+            f"cannot reach Kafka at {cfg.kafka.bootstrap_servers}: {e} (is it up? `reloop up kafka`)"
+        ) from e
 
 
-def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str, unit: str, saved_state,
-                 attach: Callable[[object], None], commit: Callable[[object], None],
-                 pipeline_args: list[str] | None, repo_path: str | None, ensure_feast: bool) -> dict[str, int] | None:
+def _run_planned(
+    cfg: PipelineConfig,
+    store,
+    plan,
+    stats: JobStats,
+    *,
+    job: str,
+    unit: str,
+    saved_state,
+    attach: Callable[[object], None],
+    commit: Callable[[object], None],
+    pipeline_args: list[str] | None,
+    repo_path: str | None,
+    ensure_feast: bool,
+) -> dict[str, int] | None:
     """The exactly-once steps both contracts share, for one planned micro-batch: check the saved state,
     save the plan as pending, run the Beam pipeline ``attach(p)`` builds, then (only when it is DONE and
     left its result) ``commit(completed_plan)`` the offsets and drop the pending plan and the old states.
@@ -194,7 +222,8 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
         raise FeatureJobError(
             f"no {job} state under {cfg.feature_job.state_uri} for the committed offsets {plan.committed} of "
             f"group {cfg.kafka.consumer_group}; the state was moved or wiped. `reloop features --reset` "
-            f"recomputes from the start.")
+            f"recomputes from the start."
+        )
     if ensure_feast:
         _ensure_feast(cfg, repo_path)
     store.save_pending(plan)
@@ -226,8 +255,14 @@ def _run_planned(cfg: PipelineConfig, store, plan, stats: JobStats, *, job: str,
     return counts
 
 
-def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
-             topic: str | None = None, ensure_feast: bool = True) -> JobStats:
+def run_once(
+    cfg: PipelineConfig,
+    *,
+    pipeline_args: list[str] | None = None,
+    repo_path: str | None = None,
+    topic: str | None = None,
+    ensure_feast: bool = True,
+) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
     from pipelines import consumer_group
     from pipelines.checkpoint import StateStore
@@ -240,10 +275,20 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
         ensure_topics(cfg.kafka, [topic, cfg.kafka.dlq_topic])
         plan = consumer_group.plan_run(cfg.kafka, topic, group, store, cfg.feature_job.max_events_per_run)
     stats = JobStats(run_id=plan.run_id, topic=topic, start=plan.start, stop=plan.stop)
-    _run_planned(cfg, store, plan, stats, job="feature", unit="events", saved_state=store.load_state,
-                 attach=lambda p: build(p, cfg, plan, repo_path=repo_path),
-                 commit=lambda completed: consumer_group.commit(cfg.kafka, completed, group),
-                 pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
+    _run_planned(
+        cfg,
+        store,
+        plan,
+        stats,
+        job="feature",
+        unit="events",
+        saved_state=store.load_state,
+        attach=lambda p: build(p, cfg, plan, repo_path=repo_path),
+        commit=lambda completed: consumer_group.commit(cfg.kafka, completed, group),
+        pipeline_args=pipeline_args,
+        repo_path=repo_path,
+        ensure_feast=ensure_feast,
+    )
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -251,10 +296,14 @@ def run_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, rep
 # ---------------------------------------------------------------------------------------------------------
 # contract v2: impressions + feedback, joined in an attribution window (see pipelines.join)
 
+
 def join_config(cfg: PipelineConfig):
     fj = cfg.feature_job
-    return JoinConfig(window_ms=int(fj.attribution_window_s * 1000),
-                      closed_retention_ms=int(fj.closed_retention_s * 1000), features=aggregate_config(cfg))
+    return JoinConfig(
+        window_ms=int(fj.attribution_window_s * 1000),
+        closed_retention_ms=int(fj.closed_retention_s * 1000),
+        features=aggregate_config(cfg),
+    )
 
 
 def joint_plan(plan_i, plan_f):
@@ -263,9 +312,13 @@ def joint_plan(plan_i, plan_f):
     from pipelines.checkpoint import Plan
 
     shift = lambda m: {FEEDBACK_PARTITION_BASE + p: o for p, o in m.items()}  # noqa: E731
-    return Plan(f"{plan_i.topic}+{plan_f.topic}", {**plan_i.start, **shift(plan_f.start)},
-                {**plan_i.stop, **shift(plan_f.stop)}, plan_i.planned_at_ms,
-                {**plan_i.committed, **shift(plan_f.committed)})
+    return Plan(
+        f"{plan_i.topic}+{plan_f.topic}",
+        {**plan_i.start, **shift(plan_f.start)},
+        {**plan_i.stop, **shift(plan_f.stop)},
+        plan_i.planned_at_ms,
+        {**plan_i.committed, **shift(plan_f.committed)},
+    )
 
 
 def split_ranges(plan, topics: tuple[str, str]):
@@ -288,27 +341,45 @@ def build_join(p, cfg: PipelineConfig, plan, topics: tuple[str, str], *, repo_pa
 
     fj = cfg.feature_job
     imp_ranges, fb_ranges = split_ranges(plan, topics)
-    raw_i = (p | "PlanImpressions" >> beam.Create(imp_ranges)
-               | "ReadImpressions" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
-    raw_f = (p | "PlanFeedback" >> beam.Create(fb_ranges)
-               | "ReadFeedback" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size))
+    raw_i = (
+        p
+        | "PlanImpressions" >> beam.Create(imp_ranges)
+        | "ReadImpressions" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size)
+    )
+    raw_f = (
+        p
+        | "PlanFeedback" >> beam.Create(fb_ranges)
+        | "ReadFeedback" >> ReadKafkaRanges(cfg.kafka, fj.read_batch_size, fj.split_size)
+    )
     imps = raw_i | "ParseImpressions" >> beam.ParDo(ParseImpressionsFn(plan.planned_at_ms)).with_outputs(
-        "feedback", "dlq", main="impressions")
+        "feedback", "dlq", main="impressions"
+    )
     fbs = raw_f | "ParseFeedback" >> beam.ParDo(ParseFeedbackFn(plan.planned_at_ms)).with_outputs(
-        "dlq", main="feedback")
-    tagged = ((imps.impressions | "TagI" >> beam.Map(lambda t: (0, ("i", t))).with_output_types(tuple[int, tuple])),
-              (imps.feedback | "TagV1" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])),
-              (fbs.feedback | "TagF" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])))
-    out = (tagged | "Both" >> beam.Flatten() | "GatherMicroBatch" >> beam.GroupByKey()
-           | "Join" >> beam.ParDo(JoinFn(fj.state_uri, plan, join_config(cfg), cfg.kafka, topics)).with_outputs(
-               "examples", "snapshots", "dlq", "stops"))
+        "dlq", main="feedback"
+    )
+    tagged = (
+        (imps.impressions | "TagI" >> beam.Map(lambda t: (0, ("i", t))).with_output_types(tuple[int, tuple])),
+        (imps.feedback | "TagV1" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])),
+        (fbs.feedback | "TagF" >> beam.Map(lambda t: (0, ("f", t))).with_output_types(tuple[int, tuple])),
+    )
+    out = (
+        tagged
+        | "Both" >> beam.Flatten()
+        | "GatherMicroBatch" >> beam.GroupByKey()
+        | "Join"
+        >> beam.ParDo(JoinFn(fj.state_uri, plan, join_config(cfg), cfg.kafka, topics)).with_outputs(
+            "examples", "snapshots", "dlq", "stops"
+        )
+    )
     stops = beam.pvalue.AsSingleton(out.stops)
     dlq = cfg.kafka.dlq_topic
     _ = imps.dlq | "DeadLetterImpressions" >> beam.ParDo(JointDeadLetterFn(cfg.kafka, topics[0], dlq, 0), stops=stops)
     _ = fbs.dlq | "DeadLetterFeedback" >> beam.ParDo(
-        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE), stops=stops)
+        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE), stops=stops
+    )
     _ = out.dlq | "DeadLetterOrphans" >> beam.ParDo(
-        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE))
+        JointDeadLetterFn(cfg.kafka, topics[1], dlq, FEEDBACK_PARTITION_BASE)
+    )
     _ = out.examples | "TrainingExamples" >> WriteExamples(cfg.storage.examples_uri, plan.run_id)
     _ = out.snapshots | "Feast" >> WriteFeatures(cfg.feast, repo_path, plan.run_id)
 
@@ -317,21 +388,35 @@ def commit_joint(cfg: PipelineConfig, plan, topics: tuple[str, str], group: str)
     """Commit both topics' offsets in one OffsetCommit request (one group: the coordinator appends them
     to the group's ``__consumer_offsets`` partition together, so a crash never commits one topic only)."""
     B = FEEDBACK_PARTITION_BASE
-    offsets = {TopicPartition(topics[1] if p >= B else topics[0], p - B if p >= B else p):
-               OffsetAndMetadata(o, plan.run_id, -1)
-               for p, o in plan.committed_after.items() if o != plan.committed.get(p)}
+    offsets = {
+        TopicPartition(topics[1] if p >= B else topics[0], p - B if p >= B else p): OffsetAndMetadata(
+            o, plan.run_id, -1
+        )
+        for p, o in plan.committed_after.items()
+        if o != plan.committed.get(p)
+    }
     if not offsets:
         return
-    consumer = KafkaConsumer(**cfg.kafka.client_options(), group_id=group, enable_auto_commit=False,
-                             request_timeout_ms=30_000, allow_auto_create_topics=False)
+    consumer = KafkaConsumer(
+        **cfg.kafka.client_options(),
+        group_id=group,
+        enable_auto_commit=False,
+        request_timeout_ms=30_000,
+        allow_auto_create_topics=False,
+    )
     try:
         consumer.commit(offsets)
     finally:
         consumer.close()
 
 
-def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None, repo_path: str | None = None,
-                  ensure_feast: bool = True) -> JobStats:
+def run_join_once(
+    cfg: PipelineConfig,
+    *,
+    pipeline_args: list[str] | None = None,
+    repo_path: str | None = None,
+    ensure_feast: bool = True,
+) -> JobStats:
     """Plan, run and commit one joint micro-batch of ``kafka.impressions_topic`` + ``kafka.feedback_topic``.
 
     Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
@@ -358,14 +443,26 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     if pending is not None and pending.start == plan.start:  # an interrupted run: redo exactly that one
         end = {**end_i, **{FEEDBACK_PARTITION_BASE + p: o for p, o in end_f.items()}}
         if any(pending.stop[p] > end.get(p, pending.stop[p]) for p in pending.stop):
-            raise FeatureJobError(f"the interrupted run planned offsets beyond the log end of {topics}; "
-                                  f"were the topics recreated? `reloop features --reset`")
+            raise FeatureJobError(
+                f"the interrupted run planned offsets beyond the log end of {topics}; "
+                f"were the topics recreated? `reloop features --reset`"
+            )
         plan = pending
     stats = JobStats(run_id=plan.run_id, topic=plan.topic, start=plan.start, stop=plan.stop)
-    counts = _run_planned(cfg, store, plan, stats, job="join", unit="records", saved_state=store.load_join_state,
-                          attach=lambda p: build_join(p, cfg, plan, topics, repo_path=repo_path),
-                          commit=lambda completed: commit_joint(cfg, completed, topics, group),
-                          pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
+    counts = _run_planned(
+        cfg,
+        store,
+        plan,
+        stats,
+        job="join",
+        unit="records",
+        saved_state=store.load_join_state,
+        attach=lambda p: build_join(p, cfg, plan, topics, repo_path=repo_path),
+        commit=lambda completed: commit_joint(cfg, completed, topics, group),
+        pipeline_args=pipeline_args,
+        repo_path=repo_path,
+        ensure_feast=ensure_feast,
+    )
     if counts is not None:  # the join names its impression counters after the join
         stats.accepted = counts.get("join_impressions_accepted", 0)
         stats.late = counts.get("join_impressions_late", 0)
@@ -376,10 +473,19 @@ def run_join_once(cfg: PipelineConfig, *, pipeline_args: list[str] | None = None
     return stats
 
 
-def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None = None, *,
-                    pipeline_args: list[str] | None = None, repo_path: str | None = None,
-                    topic: str | None = None, max_runs: int | None = None, on_run=None,
-                    max_failures: int = 5, join: bool = False) -> JobStats:
+def run_feature_job(
+    cfg: PipelineConfig,
+    once: bool = True,
+    every: float | None = None,
+    *,
+    pipeline_args: list[str] | None = None,
+    repo_path: str | None = None,
+    topic: str | None = None,
+    max_runs: int | None = None,
+    on_run=None,
+    max_failures: int = 5,
+    join: bool = False,
+) -> JobStats:
     """Run one micro-batch (``once``) or one every ``every`` seconds until interrupted (or ``max_runs``).
 
     Returns the stats of the last run; ``on_run(stats)`` is called after each run. In the loop a failed
@@ -387,11 +493,11 @@ def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None 
     the retry redoes the same plan. ``max_failures`` failures in a row end the loop with the error.
     ``join``: contract v2 (impressions + feedback topics, :func:`run_join_once`).
     """
+
     def step(cfg, *, pipeline_args=None, repo_path=None, topic=None, ensure_feast=True) -> JobStats:
         if join:
             return run_join_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, ensure_feast=ensure_feast)
-        return run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
-                        ensure_feast=ensure_feast)
+        return run_once(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic, ensure_feast=ensure_feast)
 
     if once or not every:
         stats = step(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic)
@@ -402,8 +508,7 @@ def run_feature_job(cfg: PipelineConfig, once: bool = True, every: float | None 
     while max_runs is None or runs < max_runs:
         started = time.monotonic()
         try:
-            stats = step(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic,
-                             ensure_feast=runs == 0)
+            stats = step(cfg, pipeline_args=pipeline_args, repo_path=repo_path, topic=topic, ensure_feast=runs == 0)
             failures = 0
             if on_run:
                 on_run(stats)
@@ -436,21 +541,28 @@ def format_stats(s: JobStats) -> str:
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.dlq_reasons.items()))
     if s.join:
         j = s.join
-        return (f"join job {s.run_id}: read {s.records_read:,}, dead-lettered {s.dead_lettered:,}"
-                f"{f' ({reasons})' if reasons else ''}, impressions {j.get('impressions_accepted', 0):,}, "
-                f"clicks {j.get('feedback_accepted', 0):,}, examples {s.examples_written:,} "
-                f"(+{j.get('positives', 0):,} / -{j.get('negatives', 0):,}), late clicks "
-                f"{j.get('late_feedback', 0):,}, duplicate clicks {j.get('duplicate_feedback', 0):,}, orphans "
-                f"{j.get('orphan_feedback', 0):,}, deferred {s.deferred:,} in {s.seconds:.2f}s")
-    return (f"feature job {s.run_id}: read {s.records_read:,}, parsed {s.events_parsed:,}, "
-            f"dead-lettered {s.dead_lettered:,}{f' ({reasons})' if reasons else ''}, accepted {s.accepted:,}, "
-            f"late {s.late:,}, duplicates {s.duplicates:,}, deferred {s.deferred:,}, examples {s.examples_written:,}, "
-            f"feature rows {s.feature_rows_written:,} in {s.seconds:.2f}s ({s.events_per_s:,.0f} events/s)")
+        return (
+            f"join job {s.run_id}: read {s.records_read:,}, dead-lettered {s.dead_lettered:,}"
+            f"{f' ({reasons})' if reasons else ''}, impressions {j.get('impressions_accepted', 0):,}, "
+            f"clicks {j.get('feedback_accepted', 0):,}, examples {s.examples_written:,} "
+            f"(+{j.get('positives', 0):,} / -{j.get('negatives', 0):,}), late clicks "
+            f"{j.get('late_feedback', 0):,}, duplicate clicks {j.get('duplicate_feedback', 0):,}, orphans "
+            f"{j.get('orphan_feedback', 0):,}, deferred {s.deferred:,} in {s.seconds:.2f}s"
+        )
+    return (
+        f"feature job {s.run_id}: read {s.records_read:,}, parsed {s.events_parsed:,}, "
+        f"dead-lettered {s.dead_lettered:,}{f' ({reasons})' if reasons else ''}, accepted {s.accepted:,}, "
+        f"late {s.late:,}, duplicates {s.duplicates:,}, deferred {s.deferred:,}, examples {s.examples_written:,}, "
+        f"feature rows {s.feature_rows_written:,} in {s.seconds:.2f}s ({s.events_per_s:,.0f} events/s)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.feature_job", description=__doc__.split("\n")[0],
-                                 epilog="Other flags are Beam PipelineOptions (e.g. --runner=FlinkRunner).")
+    ap = argparse.ArgumentParser(
+        prog="python -m pipelines.feature_job",
+        description=__doc__.split("\n")[0],
+        epilog="Other flags are Beam PipelineOptions (e.g. --runner=FlinkRunner).",
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="one micro-batch, then exit (default)")
     mode.add_argument("--every", type=float, metavar="SECONDS", help="one micro-batch every SECONDS")
@@ -461,10 +573,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--state_uri", help="feature-state root, local path or pyarrow.fs URI")
     ap.add_argument("--max_events", type=int, help="cap on the events of one micro-batch")
     ap.add_argument("--reset", action="store_true", help="forget offsets and state, then exit")
-    ap.add_argument("--join", action="store_true", help="contract v2: join kafka.impressions_topic and "
-                    "kafka.feedback_topic in the attribution window (implied by --attribution-window)")
-    ap.add_argument("--attribution-window", "--attribution_window", dest="attribution_window",
-                    help="contract v2: how long after an impression a click counts, e.g. 30m, 1h (event time)")
+    ap.add_argument(
+        "--join",
+        action="store_true",
+        help="contract v2: join kafka.impressions_topic and "
+        "kafka.feedback_topic in the attribution window (implied by --attribution-window)",
+    )
+    ap.add_argument(
+        "--attribution-window",
+        "--attribution_window",
+        dest="attribution_window",
+        help="contract v2: how long after an impression a click counts, e.g. 30m, 1h (event time)",
+    )
     return ap.parse_known_args(argv)
 
 
@@ -478,9 +598,17 @@ def config_with_overrides(args: argparse.Namespace) -> PipelineConfig:
             raise SystemExit(f"error: --attribution-window: {e}") from None
         if window <= 0:
             raise SystemExit("error: --attribution-window must be positive")
-    fj = cfg.feature_job.model_copy(update={k: v for k, v in (("state_uri", args.state_uri),
-                                                              ("max_events_per_run", args.max_events),
-                                                              ("attribution_window_s", window)) if v})
+    fj = cfg.feature_job.model_copy(
+        update={
+            k: v
+            for k, v in (
+                ("state_uri", args.state_uri),
+                ("max_events_per_run", args.max_events),
+                ("attribution_window_s", window),
+            )
+            if v
+        }
+    )
     storage = cfg.storage.model_copy(update={"examples_uri": args.examples_uri} if args.examples_uri else {})
     return cfg.model_copy(update={"feature_job": fj, "storage": storage})
 
@@ -491,16 +619,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_with_overrides(args)
     if args.reset:
         reset_feature_job(cfg, args.topic)
-        print(f"feature job reset: offsets of group {cfg.kafka.consumer_group} and the state under "
-              f"{cfg.feature_job.state_uri} forgotten. Outputs are left in place: remove "
-              f"{cfg.storage.examples_uri} and the Feast offline files (or point them elsewhere) before "
-              f"recomputing, or the examples of the old runs stay next to the new ones.")
+        print(
+            f"feature job reset: offsets of group {cfg.kafka.consumer_group} and the state under "
+            f"{cfg.feature_job.state_uri} forgotten. Outputs are left in place: remove "
+            f"{cfg.storage.examples_uri} and the Feast offline files (or point them elsewhere) before "
+            f"recomputing, or the examples of the old runs stay next to the new ones."
+        )
         return 0
     try:
-        run_feature_job(cfg, once=not args.every, every=args.every, pipeline_args=beam_args,
-                        repo_path=args.feature_repo, topic=args.topic, on_run=lambda s: print(format_stats(s),
-                                                                                             flush=True),
-                        join=args.join or bool(args.attribution_window))
+        run_feature_job(
+            cfg,
+            once=not args.every,
+            every=args.every,
+            pipeline_args=beam_args,
+            repo_path=args.feature_repo,
+            topic=args.topic,
+            on_run=lambda s: print(format_stats(s), flush=True),
+            join=args.join or bool(args.attribution_window),
+        )
     except FeatureJobError as e:
         print(f"error: {e}")
         return 1

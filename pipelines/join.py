@@ -50,24 +50,56 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.aggregates import (AggregateConfig, FeatureState, _advance, _entity_features,  # noqa: F401
-                                  compute_features, snapshot)
+from pipelines.aggregates import (
+    AggregateConfig,
+    FeatureState,
+    _advance,
+    _entity_features,  # noqa: F401
+    compute_features,
+    snapshot,
+)
 from pipelines.events import FEEDBACK_KINDS, Rejection, parse_feedback, parse_impression_or_v1
 from pipelines.parse import Rejects, _context_columns, concat_events
 
 #: feedback partitions are numbered from here in a joint plan (impressions keep theirs)
 FEEDBACK_PARTITION_BASE = 1 << 20
 
-FEEDBACK_SCHEMA = pa.schema([("impression_id", pa.string()), ("ts", pa.int64()), ("kind", pa.string()),
-                             ("value", pa.float64()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()),
-                             ("key", pa.binary()), ("raw", pa.binary())])
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("impression_id", pa.string()),
+        ("ts", pa.int64()),
+        ("kind", pa.string()),
+        ("value", pa.float64()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("key", pa.binary()),
+        ("raw", pa.binary()),
+    ]
+)
 _CLOSED_SCHEMA = pa.schema([("impression_id", pa.string()), ("imp_ts", pa.int64()), ("clicked", pa.bool_())])
 #: one row per dead-lettered feedback record (the shape of ``pipelines.parse.REJECT_SCHEMA``)
-_DLQ_SCHEMA = pa.schema([("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()), ("reason", pa.string()),
-                         ("key", pa.binary()), ("value", pa.binary())])
-COUNTERS = ("impressions_accepted", "impressions_late", "impressions_duplicate", "feedback_accepted",
-            "orphan_feedback", "feedback_before_impression", "duplicate_feedback", "late_feedback",
-            "other_feedback", "positives", "negatives")
+_DLQ_SCHEMA = pa.schema(
+    [
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("reason", pa.string()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+    ]
+)
+COUNTERS = (
+    "impressions_accepted",
+    "impressions_late",
+    "impressions_duplicate",
+    "feedback_accepted",
+    "orphan_feedback",
+    "feedback_before_impression",
+    "duplicate_feedback",
+    "late_feedback",
+    "other_feedback",
+    "positives",
+    "negatives",
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +112,9 @@ class JoinConfig:
 
     def __post_init__(self) -> None:
         if self.window_ms <= 0 or self.closed_retention_ms < 0:
-            raise ValueError(f"need window_ms > 0 and closed_retention_ms >= 0, got {self.window_ms}, "
-                             f"{self.closed_retention_ms}")
+            raise ValueError(
+                f"need window_ms > 0 and closed_retention_ms >= 0, got {self.window_ms}, {self.closed_retention_ms}"
+            )
 
 
 @dataclass
@@ -113,8 +146,10 @@ class JoinState:
         for name, st in (("imp", self.imp), ("clk", self.clk)):
             for k, t in st.to_arrow().items():
                 out[f"{name}_{k}"] = t
-        meta = {b"partition_ts": json.dumps({str(p): int(t) for p, t in self.partition_ts.items()}).encode(),
-                b"counts": json.dumps(self.counts).encode()}
+        meta = {
+            b"partition_ts": json.dumps({str(p): int(t) for p, t in self.partition_ts.items()}).encode(),
+            b"counts": json.dumps(self.counts).encode(),
+        }
         out["closed"] = self.closed.replace_schema_metadata(meta)
         if self.pending is not None:
             out["pending"] = self.pending
@@ -126,16 +161,21 @@ class JoinState:
         clk = FeatureState.from_arrow({"tail": tables["clk_tail"], "evicted": tables["clk_evicted"]})
         closed = tables["closed"]
         meta = closed.schema.metadata or {}
-        st = cls(imp, clk, tables.get("pending"), closed.replace_schema_metadata(None).cast(_CLOSED_SCHEMA),
-                 {int(p): int(t) for p, t in json.loads(meta.get(b"partition_ts", b"{}")).items()})
+        st = cls(
+            imp,
+            clk,
+            tables.get("pending"),
+            closed.replace_schema_metadata(None).cast(_CLOSED_SCHEMA),
+            {int(p): int(t) for p, t in json.loads(meta.get(b"partition_ts", b"{}")).items()},
+        )
         st.counts.update(json.loads(meta.get(b"counts", b"{}")))
         return st
 
 
 @dataclass
 class JoinResult:
-    examples: pa.Table          # labelled examples, sorted by label_ts
-    dlq: pa.Table               # feedback to dead-letter (kafka_partition, kafka_offset, reason, key, value)
+    examples: pa.Table  # labelled examples, sorted by label_ts
+    dlq: pa.Table  # feedback to dead-letter (kafka_partition, kafka_offset, reason, key, value)
     state: JoinState
     stats: dict[str, int]
 
@@ -148,16 +188,19 @@ def _concat(tables: list[pa.Table | None]) -> pa.Table | None:
 
 
 def _sort(t: pa.Table) -> pa.Table:
-    keys = [("ts", "ascending")] + [(k, "ascending") for k in ("kafka_partition", "kafka_offset")
-                                    if k in t.column_names]
+    keys = [("ts", "ascending")] + [
+        (k, "ascending") for k in ("kafka_partition", "kafka_offset") if k in t.column_names
+    ]
     return t.sort_by(keys) if t.num_rows else t
 
 
-def _impression_features(imps: pa.Table, state: JoinState, cfg: AggregateConfig
-                         ) -> tuple[pa.Table, FeatureState, dict[str, int]]:
+def _impression_features(
+    imps: pa.Table, state: JoinState, cfg: AggregateConfig
+) -> tuple[pa.Table, FeatureState, dict[str, int]]:
     """Impression-side features of the new impressions (strictly before each; late ones dropped)."""
     events = imps.append_column("event_id", imps["impression_id"]).append_column(
-        "label", pa.array(np.zeros(imps.num_rows, np.int8)))
+        "label", pa.array(np.zeros(imps.num_rows, np.int8))
+    )
     feats, new_imp, stats = compute_features(events, state.imp, cfg)
     return feats.drop_columns(["event_id", "label"]), new_imp, stats
 
@@ -172,27 +215,34 @@ def _click_features(feats: pa.Table, state: JoinState, clicks: pa.Table, cfg: Ag
     t0 = lo - cfg.horizon_ms - 1
     m, smooth = cfg.prior_weight, cfg.prior_weight * cfg.prior_ctr
     for entity in ("user", "item"):
-        got = _entity_features(tail, state.clk.evicted, entity, feats[f"{entity}_id"].combine_chunks(), qts, t0,
-                               cfg)
+        got = _entity_features(tail, state.clk.evicted, entity, feats[f"{entity}_id"].combine_chunks(), qts, t0, cfg)
         for w in [n for n, _ in cfg.windows_ms] + ["all"]:
             pos = np.asarray(got[f"{entity}_imp_{w}"], np.int64)
             imp = feats[f"{entity}_imp_{w}"].to_numpy()
-            feats = feats.set_column(feats.column_names.index(f"{entity}_pos_{w}"), f"{entity}_pos_{w}",
-                                     pa.array(pos))
-            feats = feats.set_column(feats.column_names.index(f"{entity}_ctr_{w}"), f"{entity}_ctr_{w}",
-                                     pa.array((pos + smooth) / (imp + m)))
+            feats = feats.set_column(feats.column_names.index(f"{entity}_pos_{w}"), f"{entity}_pos_{w}", pa.array(pos))
+            feats = feats.set_column(
+                feats.column_names.index(f"{entity}_ctr_{w}"), f"{entity}_ctr_{w}", pa.array((pos + smooth) / (imp + m))
+            )
     return feats
 
 
 def _dlq_rows(fb: pa.Table, mask: np.ndarray, reason: list[str]) -> pa.Table:
     rows = fb.filter(pa.array(mask))
-    return pa.table({"kafka_partition": rows["kafka_partition"], "kafka_offset": rows["kafka_offset"],
-                     "reason": pa.array(reason, pa.string()), "key": rows["key"], "value": rows["raw"]},
-                    schema=_DLQ_SCHEMA)
+    return pa.table(
+        {
+            "kafka_partition": rows["kafka_partition"],
+            "kafka_offset": rows["kafka_offset"],
+            "reason": pa.array(reason, pa.string()),
+            "key": rows["key"],
+            "value": rows["raw"],
+        },
+        schema=_DLQ_SCHEMA,
+    )
 
 
-def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg: JoinConfig = JoinConfig()
-               ) -> JoinResult:
+def join_batch(
+    impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg: JoinConfig = JoinConfig()
+) -> JoinResult:
     """One micro-batch of the join (see the module docstring); the input state is not mutated.
 
     ``impressions``: parsed impression rows (``impression_id, ts, user_id, item_id`` + optional columns,
@@ -209,8 +259,11 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
     # 1. duplicate impressions (already open or closed, or twice in the batch): dropped, counted
     if imps.num_rows:
         known = [t["impression_id"].combine_chunks() for t in (state.pending, state.closed) if t is not None]
-        seen = (pc.is_in(imps["impression_id"], value_set=pa.concat_arrays(known)).to_numpy(zero_copy_only=False)
-                if known else np.zeros(imps.num_rows, bool))
+        seen = (
+            pc.is_in(imps["impression_id"], value_set=pa.concat_arrays(known)).to_numpy(zero_copy_only=False)
+            if known
+            else np.zeros(imps.num_rows, bool)
+        )
         _, first = np.unique(imps["impression_id"].to_numpy(zero_copy_only=False), return_index=True)
         firsts = np.zeros(imps.num_rows, bool)
         firsts[first] = True
@@ -226,20 +279,27 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
     # 3. match feedback to impressions (open, new, or closed), in event-time order
     n_fb = fb.num_rows
     clicks_idx: list[int] = []
-    click_imp_rows: list[tuple[str, int]] = []   # (source: "pending"/"new", row) of each accepted click
+    click_imp_rows: list[tuple[str, int]] = []  # (source: "pending"/"new", row) of each accepted click
     reasons: dict[int, str] = {}
     if n_fb:
-        open_ids = {} if state.pending is None else {i: r for r, i in enumerate(
-            state.pending["impression_id"].to_pylist())}
+        open_ids = (
+            {} if state.pending is None else {i: r for r, i in enumerate(state.pending["impression_id"].to_pylist())}
+        )
         new_ids = {i: r for r, i in enumerate(imps["impression_id"].to_pylist())}
         open_ts = None if state.pending is None else state.pending["ts"].to_numpy()
         new_ts = imps["ts"].to_numpy() if imps.num_rows else np.zeros(0, np.int64)
-        closed = {i: (t, c) for i, t, c in zip(state.closed["impression_id"].to_pylist(),
-                                                state.closed["imp_ts"].to_pylist(),
-                                                state.closed["clicked"].to_pylist())}
+        closed = {
+            i: (t, c)
+            for i, t, c in zip(
+                state.closed["impression_id"].to_pylist(),
+                state.closed["imp_ts"].to_pylist(),
+                state.closed["clicked"].to_pylist(),
+            )
+        }
         clicked_now: set[str] = set()
-        for j, (iid, ts, kind) in enumerate(zip(fb["impression_id"].to_pylist(), fb["ts"].to_pylist(),
-                                                fb["kind"].to_pylist())):
+        for j, (iid, ts, kind) in enumerate(
+            zip(fb["impression_id"].to_pylist(), fb["ts"].to_pylist(), fb["kind"].to_pylist())
+        ):
             if iid in open_ids:
                 src, row, t_imp, was_clicked = "pending", open_ids[iid], int(open_ts[open_ids[iid]]), False
             elif iid in new_ids:
@@ -279,9 +339,15 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
         users.append(t["user_id"][row].as_py())
         items.append(t["item_id"][row].as_py())
     cidx = pa.array(clicks_idx, pa.int64())
-    clicks = pa.table({"event_id": fb["impression_id"].take(cidx), "ts": fb["ts"].take(cidx),
-                       "user_id": pa.array(users, pa.string()), "item_id": pa.array(items, pa.string()),
-                       "label": pa.array(np.ones(len(clicks_idx), np.int8))})
+    clicks = pa.table(
+        {
+            "event_id": fb["impression_id"].take(cidx),
+            "ts": fb["ts"].take(cidx),
+            "user_id": pa.array(users, pa.string()),
+            "item_id": pa.array(items, pa.string()),
+            "label": pa.array(np.ones(len(clicks_idx), np.int8)),
+        }
+    )
 
     # 4. click-side features of the new impressions (clicks arrived strictly before each), then the click
     # state advances
@@ -311,16 +377,29 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
         neg_mask = ~pos_mask & (ts + W < wm)
         if pos_mask.any():
             p = waiting.filter(pa.array(pos_mask))
-            out.append(p.append_column("label", pa.array(np.ones(p.num_rows, np.int8))).append_column(
-                "label_ts", pa.array([click_ts[i] for i in p["impression_id"].to_pylist()], pa.int64())))
+            out.append(
+                p.append_column("label", pa.array(np.ones(p.num_rows, np.int8))).append_column(
+                    "label_ts", pa.array([click_ts[i] for i in p["impression_id"].to_pylist()], pa.int64())
+                )
+            )
         if neg_mask.any():
             n = waiting.filter(pa.array(neg_mask))
-            out.append(n.append_column("label", pa.array(np.zeros(n.num_rows, np.int8))).append_column(
-                "label_ts", pa.array(n["ts"].to_numpy() + W, pa.int64())))
+            out.append(
+                n.append_column("label", pa.array(np.zeros(n.num_rows, np.int8))).append_column(
+                    "label_ts", pa.array(n["ts"].to_numpy() + W, pa.int64())
+                )
+            )
         done = pos_mask | neg_mask
-        closed_rows.append(pa.table({"impression_id": waiting["impression_id"].filter(pa.array(done)),
-                                     "imp_ts": waiting["ts"].filter(pa.array(done)),
-                                     "clicked": pa.array(pos_mask[done])}, schema=_CLOSED_SCHEMA))
+        closed_rows.append(
+            pa.table(
+                {
+                    "impression_id": waiting["impression_id"].filter(pa.array(done)),
+                    "imp_ts": waiting["ts"].filter(pa.array(done)),
+                    "clicked": pa.array(pos_mask[done]),
+                },
+                schema=_CLOSED_SCHEMA,
+            )
+        )
         pending = waiting.filter(pa.array(~done))
         stats["positives"], stats["negatives"] = int(pos_mask.sum()), int(neg_mask.sum())
     else:
@@ -330,25 +409,44 @@ def join_batch(impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg:
         closed_all = closed_all.filter(pc.greater_equal(closed_all["imp_ts"], wm - W - cfg.closed_retention_ms))
     examples = _concat(out)
     if examples is None:
-        examples = pa.table({"impression_id": pa.array([], pa.string()), "ts": pa.array([], pa.int64()),
-                             "label": pa.array([], pa.int8()), "label_ts": pa.array([], pa.int64())})
+        examples = pa.table(
+            {
+                "impression_id": pa.array([], pa.string()),
+                "ts": pa.array([], pa.int64()),
+                "label": pa.array([], pa.int8()),
+                "label_ts": pa.array([], pa.int64()),
+            }
+        )
     else:
-        examples = examples.sort_by([("label_ts", "ascending"), ("ts", "ascending"),
-                                     ("impression_id", "ascending")])
+        examples = examples.sort_by([("label_ts", "ascending"), ("ts", "ascending"), ("impression_id", "ascending")])
         # v1 readers (the trainer, the evaluation) key examples by event_id
         examples = examples.add_column(0, "event_id", examples["impression_id"])
-    new_state = JoinState(new_imp, new_clk, pending if pending is not None and pending.num_rows else
-                          (pending.slice(0, 0) if pending is not None else None), closed_all, partition_ts,
-                          {k: state.counts.get(k, 0) + v for k, v in stats.items()})
+    new_state = JoinState(
+        new_imp,
+        new_clk,
+        pending if pending is not None and pending.num_rows else (pending.slice(0, 0) if pending is not None else None),
+        closed_all,
+        partition_ts,
+        {k: state.counts.get(k, 0) + v for k, v in stats.items()},
+    )
     return JoinResult(examples, dlq, new_state, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # parsing the two topics into the join's tables (record by record through the contract's parsers)
 
-IMPRESSION_CORE = pa.schema([("impression_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
-                             ("item_id", pa.string()), ("request_id", pa.string()), ("position", pa.int64()),
-                             ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())])
+IMPRESSION_CORE = pa.schema(
+    [
+        ("impression_id", pa.string()),
+        ("ts", pa.int64()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("request_id", pa.string()),
+        ("position", pa.int64()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ]
+)
 
 
 def _pylists(values, keys) -> tuple[list, list]:
@@ -358,8 +456,9 @@ def _pylists(values, keys) -> tuple[list, list]:
     return values, keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else list(keys)
 
 
-def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int | None = None
-                      ) -> tuple[pa.Table, pa.Table, pa.Table]:
+def parse_impressions(
+    values, *, partition: int, offsets, keys=None, now_ms: int | None = None
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """``(impressions, immediate feedback of v1 events, rejections)`` of one batch of one partition.
 
     v1 labelled records are accepted (:func:`reloop.events.parse_impression_or_v1`); their clicks come back
@@ -376,9 +475,16 @@ def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int
             bad.add(off, key, raw, got)
             continue
         imp, fb = got
-        for n, v in (("impression_id", imp.impression_id), ("ts", imp.ts), ("user_id", imp.user_id),
-                     ("item_id", imp.item_id), ("request_id", imp.request_id), ("position", imp.position),
-                     ("kafka_partition", partition), ("kafka_offset", int(off))):
+        for n, v in (
+            ("impression_id", imp.impression_id),
+            ("ts", imp.ts),
+            ("user_id", imp.user_id),
+            ("item_id", imp.item_id),
+            ("request_id", imp.request_id),
+            ("position", imp.position),
+            ("kafka_partition", partition),
+            ("kafka_offset", int(off)),
+        ):
             cols[n].append(v)
         contexts.append(imp.context)
         if fb is not None:
@@ -392,8 +498,16 @@ def parse_impressions(values, *, partition: int, offsets, keys=None, now_ms: int
 
 def _add_feedback(fcols: dict[str, list], fb, partition: int, off, key: bytes | None, raw: bytes | None) -> None:
     """One feedback row (a ``FEEDBACK_SCHEMA`` row: the record, where it was read, its key and bytes)."""
-    for n, v in (("impression_id", fb.impression_id), ("ts", fb.ts), ("kind", fb.kind), ("value", fb.value),
-                 ("kafka_partition", partition), ("kafka_offset", int(off)), ("key", key), ("raw", raw)):
+    for n, v in (
+        ("impression_id", fb.impression_id),
+        ("ts", fb.ts),
+        ("kind", fb.kind),
+        ("value", fb.value),
+        ("kafka_partition", partition),
+        ("kafka_offset", int(off)),
+        ("key", key),
+        ("raw", raw),
+    ):
         fcols[n].append(v)
 
 
@@ -401,8 +515,9 @@ def _feedback_table(fcols: dict[str, list]) -> pa.Table:
     return pa.table({n: pa.array(fcols[n], FEEDBACK_SCHEMA.field(n).type) for n in FEEDBACK_SCHEMA.names})
 
 
-def parse_feedback_records(values, *, partition: int, offsets, keys=None, now_ms: int | None = None,
-                           kinds: tuple[str, ...] | None = None) -> tuple[pa.Table, pa.Table]:
+def parse_feedback_records(
+    values, *, partition: int, offsets, keys=None, now_ms: int | None = None, kinds: tuple[str, ...] | None = None
+) -> tuple[pa.Table, pa.Table]:
     """``(feedback rows, rejections)`` of one batch of one feedback partition (``partition`` as given:
     the caller numbers feedback partitions from :data:`FEEDBACK_PARTITION_BASE` for the join)."""
     values, keys = _pylists(values, keys)
@@ -417,8 +532,9 @@ def parse_feedback_records(values, *, partition: int, offsets, keys=None, now_ms
     return _feedback_table(fcols), bad.table()
 
 
-def join_snapshot(state: JoinState, cfg: AggregateConfig, users: list[str], items: list[str]
-                  ) -> tuple[pa.Table, pa.Table]:
+def join_snapshot(
+    state: JoinState, cfg: AggregateConfig, users: list[str], items: list[str]
+) -> tuple[pa.Table, pa.Table]:
     """Online features of ``users`` and ``items`` as of just after the newest impression, with the
     join's definition of positives (clicks arrived by then): what an impression then would see."""
     as_of = state.imp.watermark + 1
@@ -430,7 +546,10 @@ def join_snapshot(state: JoinState, cfg: AggregateConfig, users: list[str], item
         for w in [n for n, _ in cfg.windows_ms] + ["all"]:
             pos = c[f"{entity}_imp_{w}"].to_numpy()
             t = t.set_column(t.column_names.index(f"{entity}_pos_{w}"), f"{entity}_pos_{w}", pa.array(pos))
-            t = t.set_column(t.column_names.index(f"{entity}_ctr_{w}"), f"{entity}_ctr_{w}",
-                             pa.array((pos + smooth) / (t[f"{entity}_imp_{w}"].to_numpy() + m)))
+            t = t.set_column(
+                t.column_names.index(f"{entity}_ctr_{w}"),
+                f"{entity}_ctr_{w}",
+                pa.array((pos + smooth) / (t[f"{entity}_imp_{w}"].to_numpy() + m)),
+            )
         out.append(t)
     return out[0], out[1]

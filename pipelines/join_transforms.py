@@ -20,11 +20,27 @@ from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.checkpoint import StateStore
-from pipelines.join import (COUNTERS, FEEDBACK_PARTITION_BASE, FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch,
-                            join_snapshot, parse_feedback_records, parse_impressions)
+from pipelines.join import (
+    COUNTERS,
+    FEEDBACK_PARTITION_BASE,
+    FEEDBACK_SCHEMA,
+    JoinConfig,
+    JoinState,
+    join_batch,
+    join_snapshot,
+    parse_feedback_records,
+    parse_impressions,
+)
 from pipelines.parse import concat_events
-from pipelines.transforms import (NS, DeadLetterFn, PartitionParseFn, align_partitions, before_cut, idle_partitions,
-                                  start_state)
+from pipelines.transforms import (
+    NS,
+    DeadLetterFn,
+    PartitionParseFn,
+    align_partitions,
+    before_cut,
+    idle_partitions,
+    start_state,
+)
 from pipelines.config import KafkaConfig
 
 
@@ -33,10 +49,14 @@ class ParseImpressionsFn(PartitionParseFn):
 
     PARSED = "impressions_parsed"
 
-    def parse_partition(self, part: pa.Table, partition: int
-                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
-        imps, fb, bad = parse_impressions(part["value"], partition=partition, offsets=part["kafka_offset"].to_numpy(),
-                                          keys=part["key"], now_ms=self.now_ms)
+    def parse_partition(self, part: pa.Table, partition: int) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        imps, fb, bad = parse_impressions(
+            part["value"],
+            partition=partition,
+            offsets=part["kafka_offset"].to_numpy(),
+            keys=part["key"],
+            now_ms=self.now_ms,
+        )
         return imps, [("feedback", fb)], bad
 
 
@@ -49,11 +69,15 @@ class ParseFeedbackFn(PartitionParseFn):
         super().__init__(now_ms)
         self.kinds = kinds
 
-    def parse_partition(self, part: pa.Table, partition: int
-                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
-        fb, bad = parse_feedback_records(part["value"], partition=FEEDBACK_PARTITION_BASE + partition,
-                                         offsets=part["kafka_offset"].to_numpy(), keys=part["key"],
-                                         now_ms=self.now_ms, kinds=self.kinds)
+    def parse_partition(self, part: pa.Table, partition: int) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+        fb, bad = parse_feedback_records(
+            part["value"],
+            partition=FEEDBACK_PARTITION_BASE + partition,
+            offsets=part["kafka_offset"].to_numpy(),
+            keys=part["key"],
+            now_ms=self.now_ms,
+            kinds=self.kinds,
+        )
         return fb, [], bad
 
 
@@ -66,8 +90,14 @@ class JoinFn(beam.DoFn):
     cut's offsets, and the sinks only see outputs after that.
     """
 
-    def __init__(self, state_uri: str, plan, cfg: JoinConfig, kafka: KafkaConfig | None = None,
-                 topics: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_uri: str,
+        plan,
+        cfg: JoinConfig,
+        kafka: KafkaConfig | None = None,
+        topics: tuple[str, str] | None = None,
+    ) -> None:
         self.state_uri, self.plan, self.cfg, self.kafka, self.topics = state_uri, plan, cfg, kafka, topics
         self.counters = {k: Metrics.counter(NS, f"join_{k}") for k in COUNTERS}
         self.deferred = Metrics.counter(NS, "deferred")
@@ -85,12 +115,17 @@ class JoinFn(beam.DoFn):
             stops = {**plan.stop, **prior}
         else:
             # one cut over both topics: (ts, partition, offset) of every record read
-            both = pa.table({"ts": pa.concat_arrays([imps["ts"].combine_chunks().cast(pa.int64()),
-                                                     fb["ts"].combine_chunks()]),
-                             "kafka_partition": pa.concat_arrays([imps["kafka_partition"].combine_chunks(),
-                                                                  fb["kafka_partition"].combine_chunks()]),
-                             "kafka_offset": pa.concat_arrays([imps["kafka_offset"].combine_chunks(),
-                                                               fb["kafka_offset"].combine_chunks()])})
+            both = pa.table(
+                {
+                    "ts": pa.concat_arrays([imps["ts"].combine_chunks().cast(pa.int64()), fb["ts"].combine_chunks()]),
+                    "kafka_partition": pa.concat_arrays(
+                        [imps["kafka_partition"].combine_chunks(), fb["kafka_partition"].combine_chunks()]
+                    ),
+                    "kafka_offset": pa.concat_arrays(
+                        [imps["kafka_offset"].combine_chunks(), fb["kafka_offset"].combine_chunks()]
+                    ),
+                }
+            )
             # a v1 record yields an impression and a click on one offset: both are kept or deferred together
             _, stops = align_partitions(both, plan.stop, self._idle_partitions())
         kept_i, kept_f = before_cut(imps, stops), before_cut(fb, stops)
@@ -116,8 +151,9 @@ class JoinFn(beam.DoFn):
         """Joint partitions whose log end has not moved past the plan (see :func:`idle_partitions`)."""
         if self.topics is None:
             return set()
-        return idle_partitions(self.kafka, self.plan.stop,
-                               [(0, self.topics[0]), (FEEDBACK_PARTITION_BASE, self.topics[1])])
+        return idle_partitions(
+            self.kafka, self.plan.stop, [(0, self.topics[0]), (FEEDBACK_PARTITION_BASE, self.topics[1])]
+        )
 
 
 class JointDeadLetterFn(DeadLetterFn):

@@ -48,20 +48,21 @@ def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int | Non
 
 def producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:
     """An idempotent producer (acks=all), batched for throughput on loopback."""
-    opts = dict(acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024,
-                max_request_size=4 * 1024 * 1024)
+    opts = dict(
+        acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024, max_request_size=4 * 1024 * 1024
+    )
     opts.update(overrides)
     return KafkaProducer(**cfg.client_options(), **opts)
 
 
-def topic_partitions(consumer: KafkaConsumer, topic: str, refresh: bool = False,
-                     timeout_s: float = 10.0) -> set[int]:
+def topic_partitions(consumer: KafkaConsumer, topic: str, refresh: bool = False, timeout_s: float = 10.0) -> set[int]:
     """The partitions of ``topic`` (empty if it does not exist); see :func:`topics_partitions`."""
     return topics_partitions(consumer, [topic], refresh, timeout_s)[topic]
 
 
-def topics_partitions(consumer: KafkaConsumer, topics: list[str], refresh: bool = False,
-                      timeout_s: float = 10.0) -> dict[str, set[int]]:
+def topics_partitions(
+    consumer: KafkaConsumer, topics: list[str], refresh: bool = False, timeout_s: float = 10.0
+) -> dict[str, set[int]]:
     """The partitions of each topic (empty if it does not exist), from metadata of these topics only.
 
     ``KafkaConsumer.partitions_for_topic`` asks the broker for the metadata of every topic, which
@@ -95,8 +96,9 @@ class _MissingTopicFilter(logging.Filter):
         self.topics = set(topics)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg == "Topic %s not found in cluster metadata" and record.args
-                    and record.args[0] in self.topics)
+        return not (
+            record.msg == "Topic %s not found in cluster metadata" and record.args and record.args[0] in self.topics
+        )
 
 
 def end_offsets(cfg: KafkaConfig, topic: str) -> dict[int, int]:
@@ -126,8 +128,14 @@ class RangeReader:
                 print(len(cols), cols.offsets[0], cols.values[0])
     """
 
-    def __init__(self, cfg: KafkaConfig, *, max_partition_bytes: int = 16 * 1024 * 1024,
-                 max_wait_ms: int = 500, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        *,
+        max_partition_bytes: int = 16 * 1024 * 1024,
+        max_wait_ms: int = 500,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.cfg = cfg
         self.max_partition_bytes = max_partition_bytes
         self.max_wait_ms = max_wait_ms
@@ -171,8 +179,10 @@ class RangeReader:
                     deadline = time.monotonic() + self.timeout_s
                     continue
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}[{partition}]: no records for {self.timeout_s:.0f}s while reading "
-                                   f"offsets {start}..{stop} (at {pos})")
+                raise TimeoutError(
+                    f"{topic}[{partition}]: no records for {self.timeout_s:.0f}s while reading "
+                    f"offsets {start}..{stop} (at {pos})"
+                )
 
     def _fetch(self, tp: TopicPartition, offset: int):
         """One fetch of ``tp`` from ``offset``: the response's partition data, or None after a retriable
@@ -182,12 +192,30 @@ class RangeReader:
         if leader is None or leader < 0:
             return self._retry_later(tp)
         request = FetchRequest(
-            max_wait_ms=self.max_wait_ms, min_bytes=1, max_bytes=self.max_partition_bytes,
-            isolation_level=IsolationLevel.READ_UNCOMMITTED, session_id=0, session_epoch=-1,
-            topics=[FetchRequest.FetchTopic(topic=tp.topic, partitions=[FetchRequest.FetchTopic.FetchPartition(
-                partition=tp.partition, current_leader_epoch=-1, fetch_offset=offset, last_fetched_epoch=-1,
-                partition_max_bytes=self.max_partition_bytes)])],
-            forgotten_topics_data=[], rack_id="", max_version=12)
+            max_wait_ms=self.max_wait_ms,
+            min_bytes=1,
+            max_bytes=self.max_partition_bytes,
+            isolation_level=IsolationLevel.READ_UNCOMMITTED,
+            session_id=0,
+            session_epoch=-1,
+            topics=[
+                FetchRequest.FetchTopic(
+                    topic=tp.topic,
+                    partitions=[
+                        FetchRequest.FetchTopic.FetchPartition(
+                            partition=tp.partition,
+                            current_leader_epoch=-1,
+                            fetch_offset=offset,
+                            last_fetched_epoch=-1,
+                            partition_max_bytes=self.max_partition_bytes,
+                        )
+                    ],
+                )
+            ],
+            forgotten_topics_data=[],
+            rack_id="",
+            max_version=12,
+        )
         manager = consumer._client._manager
 
         async def send():
@@ -210,13 +238,15 @@ class RangeReader:
 
     def _connect(self) -> KafkaConsumer:
         if self._consumer is None:
-            self._consumer = KafkaConsumer(**self.cfg.client_options(), enable_auto_commit=False, group_id=None,
-                                           allow_auto_create_topics=False)
+            self._consumer = KafkaConsumer(
+                **self.cfg.client_options(), enable_auto_commit=False, group_id=None, allow_auto_create_topics=False
+            )
         return self._consumer
 
 
-def read_range(cfg: KafkaConfig, topic: str, partition: int, start: int, stop: int,
-               timeout_s: float = 60.0) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+def read_range(
+    cfg: KafkaConfig, topic: str, partition: int, start: int, stop: int, timeout_s: float = 60.0
+) -> Iterator[tuple[int, bytes | None, bytes | None]]:
     """Yield ``(offset, key, value)`` for offsets ``[start, stop)`` of one partition, in order (see
     :class:`RangeReader`, which yields the same as columns)."""
     with RangeReader(cfg, timeout_s=timeout_s) as reader:

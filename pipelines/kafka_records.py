@@ -69,12 +69,14 @@ def decode_records(records: bytes | memoryview | None, fetch_offset: int = 0) ->
     while (batch := mr.next_batch()) is not None:
         next_offset = max(next_offset, batch.next_offset)
         if batch.magic != 2:
-            raise CorruptRecordError(f"record batch at offset {batch.base_offset} has message format "
-                                     f"v{batch.magic}; only v2 (Kafka >= 0.11) is supported")
+            raise CorruptRecordError(
+                f"record batch at offset {batch.base_offset} has message format "
+                f"v{batch.magic}; only v2 (Kafka >= 0.11) is supported"
+            )
         if batch.is_control_batch or batch.next_offset <= fetch_offset or batch.records_count == 0:
             continue
         batch._maybe_uncompress()  # kafka-python's codecs; afterwards _buffer[_pos:] holds the records
-        section = bytes(memoryview(batch._buffer)[batch._pos:])
+        section = bytes(memoryview(batch._buffer)[batch._pos :])
         starts.append(_record_starts(section, batch.records_count, batch.base_offset) + size)
         bases.append(np.full(batch.records_count, batch.base_offset, np.int64))
         size += len(section)
@@ -90,8 +92,9 @@ def decode_records(records: bytes | memoryview | None, fetch_offset: int = 0) ->
     return RecordColumns(offsets, keys, values, next_offset)
 
 
-def _decode_fields(buf: np.ndarray, starts: np.ndarray, bases: np.ndarray
-                   ) -> tuple[np.ndarray, pa.BinaryArray, pa.BinaryArray]:
+def _decode_fields(
+    buf: np.ndarray, starts: np.ndarray, bases: np.ndarray
+) -> tuple[np.ndarray, pa.BinaryArray, pa.BinaryArray]:
     """Every record's fields at once, given where each record starts in ``buf``.
 
     The starts come from the same length prefixes (:func:`_record_starts`), so each record's body ends
@@ -168,7 +171,10 @@ def _bytes_field(buf: np.ndarray, pos: np.ndarray) -> tuple[pa.BinaryArray, np.n
     value_offsets = np.zeros(len(pos) + 1, np.int64)
     np.cumsum(n_bytes, out=value_offsets[1:])
     validity = None if valid.all() else pa.array(valid).buffers()[1]
-    arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(pos),
-                                           [validity, pa.py_buffer(value_offsets), pa.py_buffer(data)],
-                                           null_count=int((~valid).sum()))
+    arr = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        len(pos),
+        [validity, pa.py_buffer(value_offsets), pa.py_buffer(data)],
+        null_count=int((~valid).sum()),
+    )
     return arr.cast(pa.binary()), ends

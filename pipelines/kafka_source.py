@@ -13,7 +13,6 @@ Elements out are Arrow tables of :data:`pipelines.parse.RAW_SCHEMA`
 one Python object per batch, not per record.
 """
 
-
 from typing import Iterator
 
 import apache_beam as beam
@@ -32,9 +31,15 @@ from pipelines.kafka_records import RecordColumns
 
 def raw_table(partition: int, offsets, keys, values) -> pa.Table:
     """A :data:`RAW_SCHEMA` table from offsets, keys and values (lists, arrays or Arrow arrays)."""
-    return pa.Table.from_arrays([pa.array(np.full(len(offsets), partition, np.int32)),
-                                 pa.array(np.asarray(offsets, np.int64)), pa.array(keys, pa.binary()),
-                                 pa.array(values, pa.binary())], schema=RAW_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.full(len(offsets), partition, np.int32)),
+            pa.array(np.asarray(offsets, np.int64)),
+            pa.array(keys, pa.binary()),
+            pa.array(values, pa.binary()),
+        ],
+        schema=RAW_SCHEMA,
+    )
 
 
 class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
@@ -43,8 +48,9 @@ class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
     The DoFn is its own restriction provider (restriction = ``OffsetRange`` of the partition).
     """
 
-    def __init__(self, kafka: KafkaConfig, batch_size: int = 5000, chunk_size: int = 50_000,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, batch_size: int = 5000, chunk_size: int = 50_000, timeout_s: float = 60.0
+    ) -> None:
         self.kafka = kafka
         self.batch_size = batch_size
         self.chunk_size = chunk_size
@@ -76,8 +82,7 @@ class ReadOffsetRangesFn(beam.DoFn, RestrictionProvider):
     def teardown(self) -> None:
         self._reader.close()
 
-    def process(self, element: PartitionRange,
-                tracker=beam.DoFn.RestrictionParam()) -> Iterator[pa.Table]:  # type: ignore[override]
+    def process(self, element: PartitionRange, tracker=beam.DoFn.RestrictionParam()) -> Iterator[pa.Table]:  # type: ignore[override]
         r = tracker.current_restriction()
         for cols in self._reader.read(element.topic, element.partition, r.start, r.stop):
             for lo in range(0, len(cols), self.batch_size):
@@ -111,4 +116,5 @@ class ReadKafkaRanges(beam.PTransform):
 
     def expand(self, ranges):
         return ranges | "ReadRanges" >> beam.ParDo(
-            ReadOffsetRangesFn(self.kafka, self.batch_size, self.chunk_size)).with_output_types(pa.Table)
+            ReadOffsetRangesFn(self.kafka, self.batch_size, self.chunk_size)
+        ).with_output_types(pa.Table)

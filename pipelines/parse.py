@@ -32,18 +32,45 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from pipelines.events import (MAX_CONTEXT_FIELDS, MAX_CONTEXT_STRING, MAX_FUTURE_MS, MAX_ID_CHARS, MAX_JSON_DEPTH,
-                           MAX_PAYLOAD_BYTES, MAX_TS_MS, Event, Rejection, parse_event, reserved_name)
+from pipelines.events import (
+    MAX_CONTEXT_FIELDS,
+    MAX_CONTEXT_STRING,
+    MAX_FUTURE_MS,
+    MAX_ID_CHARS,
+    MAX_JSON_DEPTH,
+    MAX_PAYLOAD_BYTES,
+    MAX_TS_MS,
+    Event,
+    Rejection,
+    parse_event,
+    reserved_name,
+)
 
-CORE_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
-                         ("item_id", pa.string()), ("label", pa.int8()), ("kafka_partition", pa.int32()),
-                         ("kafka_offset", pa.int64())])
+CORE_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("ts", pa.int64()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("label", pa.int8()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ]
+)
 #: one row per rejected record: where it was, the reason, and the original key and value bytes
-REJECT_SCHEMA = pa.schema([("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()),
-                           ("reason", pa.string()), ("key", pa.binary()), ("value", pa.binary())])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+        ("reason", pa.string()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+    ]
+)
 #: one row per record read from Kafka (the unit the reader emits)
-RAW_SCHEMA = pa.schema([("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()),
-                        ("key", pa.binary()), ("value", pa.binary())])
+RAW_SCHEMA = pa.schema(
+    [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64()), ("key", pa.binary()), ("value", pa.binary())]
+)
 
 
 def reason_kind(reason: str) -> str:
@@ -78,15 +105,26 @@ class Rejects:
 
     def table(self) -> pa.Table:
         c = self.cols
-        return pa.table({"kafka_partition": pa.array([self.partition] * len(c["reason"]), pa.int32()),
-                         "kafka_offset": pa.array(c["kafka_offset"], pa.int64()),
-                         "reason": pa.array(c["reason"], pa.string()), "key": pa.array(c["key"], pa.binary()),
-                         "value": pa.array(c["value"], pa.binary())}, schema=REJECT_SCHEMA)
+        return pa.table(
+            {
+                "kafka_partition": pa.array([self.partition] * len(c["reason"]), pa.int32()),
+                "kafka_offset": pa.array(c["kafka_offset"], pa.int64()),
+                "reason": pa.array(c["reason"], pa.string()),
+                "key": pa.array(c["key"], pa.binary()),
+                "value": pa.array(c["value"], pa.binary()),
+            },
+            schema=REJECT_SCHEMA,
+        )
 
 
-def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, offsets: Sequence[int] | np.ndarray,
-                keys: Sequence[bytes | None] | pa.Array | None = None, now_ms: int | None = None
-                ) -> tuple[pa.Table, pa.Table]:
+def parse_batch(
+    values: Sequence[bytes | None] | pa.Array,
+    *,
+    partition: int,
+    offsets: Sequence[int] | np.ndarray,
+    keys: Sequence[bytes | None] | pa.Array | None = None,
+    now_ms: int | None = None,
+) -> tuple[pa.Table, pa.Table]:
     """``(events, rejections)`` of one batch of records from one partition (see the module docstring).
 
     ``values`` and ``keys`` are lists of bytes or Arrow binary arrays (what the Kafka reader emits; no
@@ -104,8 +142,7 @@ def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, of
     values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.binary())
     values = values.cast(pa.binary())
     n = len(values)
-    keys = keys if isinstance(keys, pa.Array) else pa.array(list(keys) if keys is not None else [None] * n,
-                                                           pa.binary())
+    keys = keys if isinstance(keys, pa.Array) else pa.array(list(keys) if keys is not None else [None] * n, pa.binary())
     offsets = np.asarray(offsets, np.int64)
     if now_ms is None:
         now_ms = int(time.time() * 1000)
@@ -118,23 +155,29 @@ def parse_batch(values: Sequence[bytes | None] | pa.Array, *, partition: int, of
         except Exception:  # noqa: BLE001  (the vectorised path is an optimisation: any failure -> per record)
             fast = None
     if fast is None:
-        return _slow_parse(values.to_pylist(), partition=partition, offsets=offsets.tolist(), keys=keys.to_pylist(),
-                           now_ms=now_ms)
+        return _slow_parse(
+            values.to_pylist(), partition=partition, offsets=offsets.tolist(), keys=keys.to_pylist(), now_ms=now_ms
+        )
     accepted, sub_ok = fast
     ok = np.zeros(n, bool)
     ok[np.flatnonzero(screened)[sub_ok]] = True
     core = accepted.select(_FAST_SCHEMA.names)
-    events = core.append_column("kafka_partition", pa.array(np.full(len(core), partition, np.int32))) \
-        .append_column("kafka_offset", pa.array(offsets[ok]))
-    for name in accepted.column_names[len(_FAST_SCHEMA.names):]:
+    events = core.append_column("kafka_partition", pa.array(np.full(len(core), partition, np.int32))).append_column(
+        "kafka_offset", pa.array(offsets[ok])
+    )
+    for name in accepted.column_names[len(_FAST_SCHEMA.names) :]:
         events = events.append_column(name, accepted[name])
     rest = np.flatnonzero(~ok)
     if len(rest) == 0:
         return events, REJECT_SCHEMA.empty_table()
     idx = pa.array(rest)
-    slow_events, rejects = _slow_parse(values.take(idx).to_pylist(), partition=partition,
-                                       offsets=offsets[rest].tolist(), keys=keys.take(idx).to_pylist(),
-                                       now_ms=now_ms)
+    slow_events, rejects = _slow_parse(
+        values.take(idx).to_pylist(),
+        partition=partition,
+        offsets=offsets[rest].tolist(),
+        keys=keys.take(idx).to_pylist(),
+        now_ms=now_ms,
+    )
     return concat_events([events, slow_events]).sort_by("kafka_offset"), rejects
 
 
@@ -149,10 +192,10 @@ def _screen(values: pa.Array) -> np.ndarray:
     if n == 0:
         return np.zeros(0, bool)
     ok = ~values.is_null().to_numpy(zero_copy_only=False)
-    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + n + 1].astype(np.int64)
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset : values.offset + n + 1].astype(np.int64)
     data = values.buffers()[2]
     base = int(offsets[0])
-    data = (np.frombuffer(data, np.uint8)[base:int(offsets[-1])] if data is not None else np.zeros(0, np.uint8))
+    data = np.frombuffer(data, np.uint8)[base : int(offsets[-1])] if data is not None else np.zeros(0, np.uint8)
     rel = offsets - base
     lengths = np.diff(rel)
     ok &= (lengths > 0) & (lengths <= MAX_PAYLOAD_BYTES)
@@ -187,8 +230,8 @@ def _json_lines(values: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     n = len(values)
     if n == 0 or values.null_count:
         return None
-    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + n + 1]
-    data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset : values.offset + n + 1]
+    data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
     if (data == 0x0A).any():
         return None
     joined = np.full(len(data) + n - 1, 0x0A, np.uint8)
@@ -198,8 +241,15 @@ def _json_lines(values: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     return joined, np.diff(offsets)
 
 
-_FAST_SCHEMA = pa.schema([("event_id", pa.string()), ("ts", pa.int64()), ("user_id", pa.string()),
-                          ("item_id", pa.string()), ("label", pa.int64())])
+_FAST_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("ts", pa.int64()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("label", pa.int64()),
+    ]
+)
 # core fields typed, everything else inferred: a flat ``context`` object becomes a struct column
 _FAST_OPTIONS = pajson.ParseOptions(explicit_schema=_FAST_SCHEMA, unexpected_field_behavior="infer")
 _CONTEXT_TYPES = (pa.int64(), pa.float64(), pa.string(), pa.bool_(), pa.null())
@@ -219,8 +269,11 @@ def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | 
         return None
     joined, lengths = lines
     try:
-        t = pajson.read_json(pa.py_buffer(joined), parse_options=_FAST_OPTIONS,
-                             read_options=pajson.ReadOptions(block_size=max(1 << 20, len(joined) + 1)))
+        t = pajson.read_json(
+            pa.py_buffer(joined),
+            parse_options=_FAST_OPTIONS,
+            read_options=pajson.ReadOptions(block_size=max(1 << 20, len(joined) + 1)),
+        )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     if t.num_rows != len(values) or set(t.column_names) - {*_FAST_SCHEMA.names, "context"}:
@@ -246,15 +299,16 @@ def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | 
                     return None  # a reserved key is rejected per record, with the contract's reason
                 child = pc.struct_field(ctx, [i])
                 if f.type == pa.string():
-                    ok &= pc.fill_null(pc.less_equal(pc.utf8_length(child), MAX_CONTEXT_STRING),
-                                       True).to_numpy(zero_copy_only=False)
+                    ok &= pc.fill_null(pc.less_equal(pc.utf8_length(child), MAX_CONTEXT_STRING), True).to_numpy(
+                        zero_copy_only=False
+                    )
                 elif f.type == pa.float64():
                     ok &= pc.fill_null(pc.is_finite(child), True).to_numpy(zero_copy_only=False)
                     # pyarrow reads an integer literal beyond int64 as a double; Python keeps it an int,
                     # which the contract rejects: such rows take the per-record path
-                    ok &= ~pc.fill_null(pc.and_(pc.equal(pc.floor(child), child),
-                                                pc.greater_equal(pc.abs(child), 2.0 ** 63)),
-                                        False).to_numpy(zero_copy_only=False)
+                    ok &= ~pc.fill_null(
+                        pc.and_(pc.equal(pc.floor(child), child), pc.greater_equal(pc.abs(child), 2.0**63)), False
+                    ).to_numpy(zero_copy_only=False)
                 context[f.name] = child.cast(pa.bool_()) if f.type == pa.null() else child
         elif not pa.types.is_null(ctx.type):
             return None
@@ -266,8 +320,14 @@ def _fast_parse(values: pa.Array, now_ms: int) -> tuple[pa.Table, np.ndarray] | 
     return accepted, ok
 
 
-def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequence[int],
-                keys: Sequence[bytes | None], now_ms: int | None) -> tuple[pa.Table, pa.Table]:
+def _slow_parse(
+    values: Sequence[bytes | None],
+    *,
+    partition: int,
+    offsets: Sequence[int],
+    keys: Sequence[bytes | None],
+    now_ms: int | None,
+) -> tuple[pa.Table, pa.Table]:
     """Record by record through :func:`pipelines.events.parse_event`."""
     cols: dict[str, list] = {n: [] for n in ("event_id", "ts", "user_id", "item_id", "label", "kafka_offset")}
     contexts: list[dict] = []
@@ -291,10 +351,15 @@ def _slow_parse(values: Sequence[bytes | None], *, partition: int, offsets: Sequ
         else:
             bad.add(off, key, raw, ev)
     n = len(cols["ts"])
-    arrays = [pa.array(cols["event_id"], pa.string()), pa.array(cols["ts"], pa.int64()),
-              pa.array(cols["user_id"], pa.string()), pa.array(cols["item_id"], pa.string()),
-              pa.array(cols["label"], pa.int8()), pa.array([partition] * n, pa.int32()),
-              pa.array(cols["kafka_offset"], pa.int64())]
+    arrays = [
+        pa.array(cols["event_id"], pa.string()),
+        pa.array(cols["ts"], pa.int64()),
+        pa.array(cols["user_id"], pa.string()),
+        pa.array(cols["item_id"], pa.string()),
+        pa.array(cols["label"], pa.int8()),
+        pa.array([partition] * n, pa.int32()),
+        pa.array(cols["kafka_offset"], pa.int64()),
+    ]
     events = pa.Table.from_arrays(arrays, schema=CORE_SCHEMA)
     if has_context:
         for name, arr in _context_columns(contexts).items():

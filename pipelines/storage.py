@@ -101,10 +101,18 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, dur
 
 #: the environment variables object-store clients read (pyarrow's S3 via the AWS SDK, s3fs, gcsfs)
 STORAGE_ENV_VARS = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED",
     # S3-compatible servers that do not speak the SDK's newer default checksums need these two
-    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
     "GOOGLE_APPLICATION_CREDENTIALS",
 )
 

@@ -21,7 +21,6 @@ Counters (namespace ``feature_job``): ``records_read``, ``events_parsed``,
 ``feature_rows_written``.
 """
 
-
 import datetime as _dt
 import json
 import os
@@ -65,8 +64,7 @@ class PartitionParseFn(beam.DoFn):
         self.parsed = Metrics.counter(NS, self.PARSED)
         self.rejected = Metrics.counter(NS, "rejected")
 
-    def parse_partition(self, part: pa.Table, partition: int
-                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+    def parse_partition(self, part: pa.Table, partition: int) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
         raise NotImplementedError
 
     def process(self, raw: pa.Table) -> Iterator:
@@ -89,8 +87,7 @@ class PartitionParseFn(beam.DoFn):
 class ParseBatchFn(PartitionParseFn):
     """Raw record table -> event table (main) and rejection table (tag ``dlq``)."""
 
-    def parse_partition(self, part: pa.Table, partition: int
-                        ) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
+    def parse_partition(self, part: pa.Table, partition: int) -> tuple[pa.Table, list[tuple[str, pa.Table]], pa.Table]:
         events, bad = parse_quarantined(part, partition, self.now_ms)
         return events, [], bad
 
@@ -105,9 +102,13 @@ def parse_quarantined(part: pa.Table, partition: int, now_ms: int | None) -> tup
     re-raised only when it cannot be the records' fault (an empty batch failing).
     """
     try:
-        events, bad = parse_batch(part["value"].combine_chunks(), partition=partition,
-                                  offsets=part["kafka_offset"].to_numpy(), keys=part["key"].combine_chunks(),
-                                  now_ms=now_ms)
+        events, bad = parse_batch(
+            part["value"].combine_chunks(),
+            partition=partition,
+            offsets=part["kafka_offset"].to_numpy(),
+            keys=part["key"].combine_chunks(),
+            now_ms=now_ms,
+        )
         events.validate(full=True)
         bad.validate(full=True)
         return events, bad
@@ -117,10 +118,16 @@ def parse_quarantined(part: pa.Table, partition: int, now_ms: int | None) -> tup
         if part.num_rows == 1:
             Metrics.counter(NS, "quarantined").inc()
             reason = f"parser error: {type(e).__name__}: {str(e)[:200]}"
-            return CORE_SCHEMA.empty_table(), pa.table({
-                "kafka_partition": pa.array([partition], pa.int32()), "kafka_offset": part["kafka_offset"],
-                "reason": pa.array([reason]), "key": part["key"], "value": pa.array(
-                    [part["value"][0].as_py() or b""], pa.binary())}, schema=REJECT_SCHEMA)
+            return CORE_SCHEMA.empty_table(), pa.table(
+                {
+                    "kafka_partition": pa.array([partition], pa.int32()),
+                    "kafka_offset": part["kafka_offset"],
+                    "reason": pa.array([reason]),
+                    "key": part["key"],
+                    "value": pa.array([part["value"][0].as_py() or b""], pa.binary()),
+                },
+                schema=REJECT_SCHEMA,
+            )
         half = part.num_rows // 2
         left = parse_quarantined(part.slice(0, half), partition, now_ms)
         right = parse_quarantined(part.slice(half), partition, now_ms)
@@ -135,8 +142,7 @@ class ParseRecords(beam.PTransform):
         self.now_ms = now_ms
 
     def expand(self, raw):
-        return raw | "ParseBatches" >> beam.ParDo(ParseBatchFn(self.now_ms)).with_outputs(
-            "dlq", main="events")
+        return raw | "ParseBatches" >> beam.ParDo(ParseBatchFn(self.now_ms)).with_outputs("dlq", main="events")
 
 
 class DeadLetterFn(beam.DoFn):
@@ -152,8 +158,10 @@ class DeadLetterFn(beam.DoFn):
 
     def process(self, bad: pa.Table, stops: dict[int, int] | None = None) -> None:
         if stops is not None:  # records after a partition's cut are deferred to the next run, with their events
-            keep = [off < stops.get(p, off + 1) for p, off in zip(bad["kafka_partition"].to_pylist(),
-                                                                 bad["kafka_offset"].to_pylist())]
+            keep = [
+                off < stops.get(p, off + 1)
+                for p, off in zip(bad["kafka_partition"].to_pylist(), bad["kafka_offset"].to_pylist())
+            ]
             bad = bad.filter(pa.array(keep, pa.bool_()))
         self.published.inc(bad.num_rows)
         if bad.num_rows:
@@ -161,11 +169,14 @@ class DeadLetterFn(beam.DoFn):
                 Metrics.counter(NS, f"dlq_{kind}").inc(int(n))
         futures = []
         d = bad.to_pydict()
-        for p, off, reason, key, value in zip(d["kafka_partition"], d["kafka_offset"], d["reason"], d["key"],
-                                              d["value"]):
-            headers = [("reloop.reason", reason.encode("utf-8", "replace")),
-                       ("reloop.source", f"{self.source_topic}/{p}/{off}".encode()),
-                       ("reloop.job", self.job.encode())]
+        for p, off, reason, key, value in zip(
+            d["kafka_partition"], d["kafka_offset"], d["reason"], d["key"], d["value"]
+        ):
+            headers = [
+                ("reloop.reason", reason.encode("utf-8", "replace")),
+                ("reloop.source", f"{self.source_topic}/{p}/{off}".encode()),
+                ("reloop.job", self.job.encode()),
+            ]
             futures.append(self._producer.send(self.dlq_topic, key=key, value=value, headers=headers))
         self._producer.flush()
         for f in futures:  # raise (and fail the run, so offsets are not committed) if any was not delivered
@@ -208,8 +219,7 @@ def compute_batch(events: pa.Table, state: FeatureState, cfg: AggregateConfig) -
     which the runner delivered the batches. Snapshots are as of just after the newest accepted event.
     """
     if events.num_rows:
-        events = events.sort_by([("ts", "ascending"), ("kafka_partition", "ascending"),
-                                 ("kafka_offset", "ascending")])
+        events = events.sort_by([("ts", "ascending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
     dropped: list[tuple[str, pa.Table]] = []
     feats, new_state, stats = compute_features(events, state, cfg, dropped=dropped)
     users = pc.unique(feats["user_id"]).to_pylist() if feats.num_rows else []
@@ -231,15 +241,21 @@ def dead_letter_rows(rows: pa.Table, reason: str) -> pa.Table:
         if ctx:
             ev["context"] = ctx
         values.append(json.dumps(ev, separators=(",", ":"), default=str).encode())
-    return pa.table({"kafka_partition": rows["kafka_partition"].cast(pa.int32()),
-                     "kafka_offset": rows["kafka_offset"].cast(pa.int64()),
-                     "reason": pa.array([reason] * rows.num_rows, pa.string()),
-                     "key": pa.array([u.encode() for u in d["user_id"]], pa.binary()),
-                     "value": pa.array(values, pa.binary())}, schema=REJECT_SCHEMA)
+    return pa.table(
+        {
+            "kafka_partition": rows["kafka_partition"].cast(pa.int32()),
+            "kafka_offset": rows["kafka_offset"].cast(pa.int64()),
+            "reason": pa.array([reason] * rows.num_rows, pa.string()),
+            "key": pa.array([u.encode() for u in d["user_id"]], pa.binary()),
+            "value": pa.array(values, pa.binary()),
+        },
+        schema=REJECT_SCHEMA,
+    )
 
 
-def align_partitions(events: pa.Table, stops: dict[int, int], idle: frozenset[int] | set[int] = frozenset()
-                     ) -> tuple[pa.Table, dict[int, int]]:
+def align_partitions(
+    events: pa.Table, stops: dict[int, int], idle: frozenset[int] | set[int] = frozenset()
+) -> tuple[pa.Table, dict[int, int]]:
     """Keep the events of a micro-batch that every partition has caught up with in event time.
 
     The cut is the smallest, over partitions with events in the batch, of their newest event time. Each
@@ -302,14 +318,15 @@ def start_state(load: Callable[[str], S | None], plan, state_uri: str, what: str
     state = load(plan.start_key)
     if state is None:
         if plan.committed:
-            raise RuntimeError(f"no {what} state for the committed offsets (key {plan.start_key}) under "
-                               f"{state_uri}; reset the job (reloop features --reset) to recompute")
+            raise RuntimeError(
+                f"no {what} state for the committed offsets (key {plan.start_key}) under "
+                f"{state_uri}; reset the job (reloop features --reset) to recompute"
+            )
         state = empty()
     return state
 
 
-def idle_partitions(kafka: KafkaConfig | None, stops: dict[int, int], topics: Sequence[tuple[int, str]]
-                    ) -> set[int]:
+def idle_partitions(kafka: KafkaConfig | None, stops: dict[int, int], topics: Sequence[tuple[int, str]]) -> set[int]:
     """Partitions whose log end has not moved past the plan's ``stops`` while the run read them (Flink calls
     such a source idle). ``topics`` pairs a base with a topic: plan partition ``base + p`` is partition ``p``
     of that topic (one topic: ``[(0, topic)]``). Without a Kafka config (unit tests) none is idle: the
@@ -349,8 +366,7 @@ class ComputeFeaturesFn(beam.DoFn):
             kept = before_cut(events, prior)
             stops = {**plan.stop, **prior}
         else:
-            kept, stops = align_partitions(events, plan.stop, idle_partitions(self.kafka, plan.stop,
-                                                                              [(0, plan.topic)]))
+            kept, stops = align_partitions(events, plan.stop, idle_partitions(self.kafka, plan.stop, [(0, plan.topic)]))
         res = compute_batch(kept, state, self.cfg)
         store.save_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)
@@ -363,8 +379,7 @@ class ComputeFeaturesFn(beam.DoFn):
             ahead = before_cut(ahead, stops)
             self.counters["ahead"].inc(ahead.num_rows)
             if ahead.num_rows:
-                dlq.append(dead_letter_rows(ahead, f"ahead: {_DROP_REASONS['ahead']} "
-                                                   f"({self.cfg.max_ahead_ms} ms)"))
+                dlq.append(dead_letter_rows(ahead, f"ahead: {_DROP_REASONS['ahead']} ({self.cfg.max_ahead_ms} ms)"))
         if dlq:
             yield TaggedOutput("dlq", pa.concat_tables(dlq))
         yield TaggedOutput("examples", res.examples)
@@ -372,10 +387,11 @@ class ComputeFeaturesFn(beam.DoFn):
         yield TaggedOutput("snapshots", ("item", res.items))
 
 
-
-_DROP_REASONS = {"late": "older than the watermark minus the allowed lateness",
-                 "duplicate": "event_id already seen (the first copy in the log wins)",
-                 "ahead": "too far ahead of the partition's recent event times"}
+_DROP_REASONS = {
+    "late": "older than the watermark minus the allowed lateness",
+    "duplicate": "event_id already seen (the first copy in the log wins)",
+    "ahead": "too far ahead of the partition's recent event times",
+}
 
 
 class ComputeFeatures(beam.PTransform):
@@ -385,8 +401,9 @@ class ComputeFeatures(beam.PTransform):
     earlier event of its user and of its item, across partitions.
     """
 
-    def __init__(self, state_uri: str, plan, cfg: AggregateConfig = AggregateConfig(),
-                 kafka: KafkaConfig | None = None) -> None:
+    def __init__(
+        self, state_uri: str, plan, cfg: AggregateConfig = AggregateConfig(), kafka: KafkaConfig | None = None
+    ) -> None:
         super().__init__()
         self.args = (state_uri, plan, cfg, kafka)
 
@@ -395,11 +412,14 @@ class ComputeFeatures(beam.PTransform):
         # saves its result and stops, and so commits past them (else the DLQ's side input is empty and
         # the run fails again and again on the same plan)
         seed = events.pipeline | "SeedEmptyBatch" >> beam.Create([CORE_SCHEMA.empty_table()])
-        out = ((events, seed) | "WithSeed" >> beam.Flatten()
-               | "KeyAll" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, pa.Table])
-               | "GatherMicroBatch" >> beam.GroupByKey()
-               | "Aggregate" >> beam.ParDo(ComputeFeaturesFn(*self.args)).with_outputs(
-                   "examples", "snapshots", "stops", "dlq"))
+        out = (
+            (events, seed)
+            | "WithSeed" >> beam.Flatten()
+            | "KeyAll" >> beam.Map(lambda t: (0, t)).with_output_types(tuple[int, pa.Table])
+            | "GatherMicroBatch" >> beam.GroupByKey()
+            | "Aggregate"
+            >> beam.ParDo(ComputeFeaturesFn(*self.args)).with_outputs("examples", "snapshots", "stops", "dlq")
+        )
         state_uri, plan, cfg, kafka = self.args
         if kafka is not None:  # late, duplicate and far-ahead events: a side output, never only a counter
             _ = out.dlq | "DeadLetterDropped" >> WriteDeadLetters(kafka, plan.topic, kafka.dlq_topic)

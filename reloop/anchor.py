@@ -30,10 +30,13 @@ from reloop.datasets import load_dataset
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
 
-def lr_anchor(dataset: str = "movielens-100k", same_time: str = "stream", limit: int | None = None,
-              features: tuple[str, ...] = ("user_ctr_all", "item_ctr_all")) -> dict[str, float]:
+def lr_anchor(
+    dataset: str = "movielens-100k",
+    same_time: str = "stream",
+    limit: int | None = None,
+    features: tuple[str, ...] = ("user_ctr_all", "item_ctr_all"),
+) -> dict[str, float]:
     """AUC and logloss on the second half of a logistic regression fitted on the first half."""
-
 
     events = load_dataset(dataset, limit=limit, spread_ties=same_time == "stream")
     feats, _, _ = compute_features(events, FeatureState.empty(), AggregateConfig())
@@ -53,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", default="movielens-100k")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
-    for name, feats in (("two CTRs", ("user_ctr_all", "item_ctr_all")),
-                        ("all windowed features", tuple(USER_FEATURES + ITEM_FEATURES))):
+    for name, feats in (
+        ("two CTRs", ("user_ctr_all", "item_ctr_all")),
+        ("all windowed features", tuple(USER_FEATURES + ITEM_FEATURES)),
+    ):
         for same_time in ("stream", "timestamp"):
             r = lr_anchor(args.dataset, same_time, args.limit, feats)
             print(f"LR on {name:22s} same_time={same_time:9s} AUC {r['auc']:.4f}  logloss {r['logloss']:.4f}")

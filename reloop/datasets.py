@@ -61,7 +61,8 @@ def movielens_100k_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(
             "MovieLens-100K comes from the PyPI wheel recbole==1.2.1, which is not installed; "
-            "run `make setup` (or `pip install --no-deps recbole==1.2.1`)")
+            "run `make setup` (or `pip install --no-deps recbole==1.2.1`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k" / "ml-100k.inter"
     if not path.is_file():
         raise DatasetError(f"recbole is installed but {path} is missing; reinstall recbole==1.2.1")
@@ -75,12 +76,19 @@ def load_movielens_100k(limit: int | None = None, spread_ties: bool = True) -> p
         path,
         parse_options=pacsv.ParseOptions(delimiter="\t"),
         read_options=pacsv.ReadOptions(skip_rows=1, column_names=["user_id", "item_id", "rating", "timestamp"]),
-        convert_options=pacsv.ConvertOptions(column_types={
-            "user_id": pa.string(), "item_id": pa.string(), "rating": pa.float64(), "timestamp": pa.int64()}),
+        convert_options=pacsv.ConvertOptions(
+            column_types={
+                "user_id": pa.string(),
+                "item_id": pa.string(),
+                "rating": pa.float64(),
+                "timestamp": pa.int64(),
+            }
+        ),
     )
     label = pc.cast(pc.greater_equal(raw["rating"], 4.0), pa.int8())
-    table = pa.table({"user_id": raw["user_id"], "item_id": raw["item_id"],
-                      "timestamp": raw["timestamp"], "label": label})
+    table = pa.table(
+        {"user_id": raw["user_id"], "item_id": raw["item_id"], "timestamp": raw["timestamp"], "label": label}
+    )
     return _finish(table, prefix="ml100k-", source=str(path), limit=limit, spread_ties=spread_ties)
 
 
@@ -93,14 +101,20 @@ def load_file(path: str | Path, limit: int | None = None, spread_ties: bool = Tr
         if path.suffix.lower() in (".parquet", ".pq"):
             table = pq.read_table(path)
         else:
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={"user_id": pa.string(), "item_id": pa.string(), "event_id": pa.string()}))
+            table = pacsv.read_csv(
+                path,
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"user_id": pa.string(), "item_id": pa.string(), "event_id": pa.string()}
+                ),
+            )
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(f"{path}: cannot be read: {e}") from e
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; "
-                           f"required: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(table.column_names)}")
+        raise DatasetError(
+            f"{path}: missing column(s) {', '.join(missing)}; "
+            f"required: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(table.column_names)}"
+        )
     return _finish(table, prefix="e-", source=str(path), limit=limit, spread_ties=spread_ties)
 
 
@@ -113,7 +127,6 @@ def load_dataset(spec: str, limit: int | None = None, spread_ties: bool = True) 
     if spec == MOVIELENS_100K:
         return load_movielens_100k(limit, spread_ties)
     if spec.startswith("synthetic:"):  # e.g. synthetic:abrupt_ctr?n=100000&seed=1 (see reloop.synthetic)
-
         return load_synthetic(spec, limit)
     return load_file(spec, limit, spread_ties)
 

@@ -82,7 +82,7 @@ class EvaluationConfig:
     model: str = "dcnv2"
     slots: int = 10
     warmup: float = 0.5
-    validation: float = 0.2           # share of the warm-up (its end) used as the validation slot
+    validation: float = 0.2  # share of the warm-up (its end) used as the validation slot
     seed: int = 0
     # test-then-train granularity: River learns one sample at a time and ML-100K users rate in bursts, so a model
     # that waits for 256 events before learning misses most of a session (River FM on the validation slot: AUC .753
@@ -101,7 +101,7 @@ class EvaluationConfig:
     dropout: float = 0.1
     embedding_l2: float = 1e-4
     hash_buckets: int = 20_011
-    use_history: bool = False         # the user's last items as a field (always on for "din", which attends over them)
+    use_history: bool = False  # the user's last items as a field (always on for "din", which attends over them)
     # last N items kept per user (None: the feature job's AggregateConfig.last_n = 5). DIN with side features,
     # seed 1, incremental on the validation slot (AUC/logloss): 5 -> .7506/.5823, 10 -> .7506/.5819,
     # 20 -> .7486/.5837: 5 and 10 tie, so the feature job's 5 stays
@@ -111,19 +111,19 @@ class EvaluationConfig:
     side_features: bool = False
     users_path: str | None = None
     items_path: str | None = None
-    validation_only: bool = False     # stop after the validation slot (for choosing hyper-parameters on it)
+    validation_only: bool = False  # stop after the validation slot (for choosing hyper-parameters on it)
     # None = all of USER_FEATURES + ITEM_FEATURES; () = ids only. The 4 CTRs beat all 26 windowed features on the
     # validation slot (DCNv2 AUC .7527 vs .7505)
     numeric_features: tuple[str, ...] | None = ("user_ctr_1d", "user_ctr_all", "item_ctr_1d", "item_ctr_all")
-    logit_ctr: bool = False           # the numeric *_ctr_* features enter as log-odds (see EncoderConfig.logit_fields)
-    optimizer: str = "adagrad"        # "adam" | "sgd" | "adagrad" (see LearnerConfig); chosen on validation
+    logit_ctr: bool = False  # the numeric *_ctr_* features enter as log-odds (see EncoderConfig.logit_fields)
+    optimizer: str = "adagrad"  # "adam" | "sgd" | "adagrad" (see LearnerConfig); chosen on validation
     lr: float = 0.1
     embedding_lr: float | None = None
     weight_decay: float = 1e-4
     # memory (the defaults of the grid search; the chosen values go to the result)
     memory: MemoryConfig = field(default_factory=lambda: MemoryConfig(dim=1))
-    memory_key: str = SERVING_MEMORY["key"]   # "hidden" (ReLoop2), "hidden+ids", "hidden+user" (models.memory_key)
-    memory_buffer: int = 20_000       # recent samples written into a freshly (re)built memory
+    memory_key: str = SERVING_MEMORY["key"]  # "hidden" (ReLoop2), "hidden+ids", "hidden+user" (models.memory_key)
+    memory_buffer: int = 20_000  # recent samples written into a freshly (re)built memory
     # when a labelled outcome reaches the memory: "timestamp" = as soon as its event time has passed (events of
     # the same millisecond are scored together, then written: strictly-before, like the features), "event" = right
     # after the event in stream order (River's learn_one timing), "batch" = after the whole mini-batch
@@ -134,7 +134,7 @@ class EvaluationConfig:
     decay_grid: tuple[float, ...] = (0.999,)
     gamma_grid: tuple[float, ...] = (0.0, 1.0)
     lam_grid: tuple[float, ...] = (0.6, 1.0)
-    tau_grid: tuple[float, ...] = (0.2, float("inf"))   # inf = uniform weights (the softmax's limit; cheaper)
+    tau_grid: tuple[float, ...] = (0.2, float("inf"))  # inf = uniform weights (the softmax's limit; cheaper)
     shrinkage_grid: tuple[float, ...] = (10.0,)
     eps_grid: tuple[float, ...] = (0.02,)
     # river baselines
@@ -182,8 +182,8 @@ class _Stream:
     users: np.ndarray
     ts: np.ndarray
     n: int
-    train_end: int      # [0, train_end) trains the base model
-    warm_end: int       # [train_end, warm_end) is the validation slot; [warm_end, n) the test slots
+    train_end: int  # [0, train_end) trains the base model
+    warm_end: int  # [train_end, warm_end) is the validation slot; [warm_end, n) the test slots
     slot_bounds: list[tuple[int, int]]
     encoder: FeatureEncoder
 
@@ -205,18 +205,25 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
     warm_end = int(n * cfg.warmup)
     train_end = int(warm_end * (1.0 - cfg.validation))
     if train_end < cfg.batch_size or n - warm_end < cfg.slots:
-        raise EvaluationError(f"{n} events are too few for warmup={cfg.warmup}, validation={cfg.validation}, "
-                              f"slots={cfg.slots}, batch_size={cfg.batch_size}")
+        raise EvaluationError(
+            f"{n} events are too few for warmup={cfg.warmup}, validation={cfg.validation}, "
+            f"slots={cfg.slots}, batch_size={cfg.batch_size}"
+        )
     numeric = tuple(USER_FEATURES) + tuple(ITEM_FEATURES) if cfg.numeric_features is None else cfg.numeric_features
     unknown = [c for c in numeric if c not in feats.column_names]
     if unknown:
-        raise EvaluationError(f"unknown numeric feature(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(USER_FEATURES + ITEM_FEATURES)}")
-    enc_cfg = EncoderConfig(categorical_fields=categorical, numeric_fields=numeric, bag_fields=bags,
-                            logit_fields=tuple(c for c in numeric if "_ctr_" in c) if cfg.logit_ctr else (),
-                            hash_buckets=cfg.hash_buckets,
-                            history_field="user_last_items" if cfg.with_history else None,
-                            history_len=agg.last_n or 1)
+        raise EvaluationError(
+            f"unknown numeric feature(s) {', '.join(unknown)}; known: {', '.join(USER_FEATURES + ITEM_FEATURES)}"
+        )
+    enc_cfg = EncoderConfig(
+        categorical_fields=categorical,
+        numeric_fields=numeric,
+        bag_fields=bags,
+        logit_fields=tuple(c for c in numeric if "_ctr_" in c) if cfg.logit_ctr else (),
+        hash_buckets=cfg.hash_buckets,
+        history_field="user_last_items" if cfg.with_history else None,
+        history_len=agg.last_n or 1,
+    )
     encoder = FeatureEncoder(enc_cfg).fit(feats.slice(0, train_end))
     batch = encoder.encode(feats)
     edges = np.linspace(warm_end, n, cfg.slots + 1).round().astype(int)
@@ -231,8 +238,10 @@ def join_side_features(cfg: EvaluationConfig, feats: pa.Table) -> tuple[pa.Table
 
     users, items = load_side_tables(cfg.dataset, cfg.users_path, cfg.items_path)
     if users is None and items is None:
-        raise EvaluationError(f"side_features: {cfg.dataset} has no side tables of its own; "
-                              f"give users_path and/or items_path (CSV, see reloop.side_tables)")
+        raise EvaluationError(
+            f"side_features: {cfg.dataset} has no side tables of its own; "
+            f"give users_path and/or items_path (CSV, see reloop.side_tables)"
+        )
     categorical: tuple[str, ...] = ("user_id", "item_id")
     bags: tuple[str, ...] = ()
     if users is not None:
@@ -247,16 +256,27 @@ def join_side_features(cfg: EvaluationConfig, feats: pa.Table) -> tuple[pa.Table
 
 def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
     enc = stream.encoder.config
-    return ModelConfig(kind=cfg.model, num_categorical=len(enc.categorical_fields), hash_buckets=enc.hash_buckets,
-                       num_bags=len(enc.bag_fields),
-                       num_numeric=len(enc.numeric_fields), embedding_dim=cfg.embedding_dim,
-                       hidden_sizes=cfg.hidden_sizes, dropout=cfg.dropout, weight_decay=cfg.weight_decay,
-                       embedding_l2=cfg.embedding_l2, use_history=cfg.with_history,
-                       categorical_fields=enc.categorical_fields, numeric_fields=enc.numeric_fields, seed=cfg.seed)
+    return ModelConfig(
+        kind=cfg.model,
+        num_categorical=len(enc.categorical_fields),
+        hash_buckets=enc.hash_buckets,
+        num_bags=len(enc.bag_fields),
+        num_numeric=len(enc.numeric_fields),
+        embedding_dim=cfg.embedding_dim,
+        hidden_sizes=cfg.hidden_sizes,
+        dropout=cfg.dropout,
+        weight_decay=cfg.weight_decay,
+        embedding_l2=cfg.embedding_l2,
+        use_history=cfg.with_history,
+        categorical_fields=enc.categorical_fields,
+        numeric_fields=enc.numeric_fields,
+        seed=cfg.seed,
+    )
 
 
-def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: int,
-                 key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_all(
+    learner: OnlineLearner, batch: dict[str, torch.Tensor], size: int, key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictions and memory keys of a frozen model over a long batch."""
     ps, ks = [], []
     for b in iter_batches(batch, size):
@@ -266,8 +286,15 @@ def _predict_all(learner: OnlineLearner, batch: dict[str, torch.Tensor], size: i
     return torch.cat(ps), torch.cat(ks)
 
 
-def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor,
-                   ts: np.ndarray, size: int, mode: str) -> torch.Tensor:
+def _replay_memory(
+    mem: ErrorCompensationMemory,
+    h: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    ts: np.ndarray,
+    size: int,
+    mode: str,
+) -> torch.Tensor:
     """Test-then-write a frozen model's (hidden, prediction) stream through ``mem``; compensated predictions."""
     out = []
     for lo in range(0, len(p), size):
@@ -276,9 +303,13 @@ def _replay_memory(mem: ErrorCompensationMemory, h: torch.Tensor, p: torch.Tenso
     return torch.cat(out)
 
 
-def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], users: np.ndarray,
-                ts: np.ndarray) -> tuple[MemoryConfig, list[dict]]:
+def tune_memory(
+    cfg: EvaluationConfig,
+    buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    users: np.ndarray,
+    ts: np.ndarray,
+) -> tuple[MemoryConfig, list[dict]]:
     """Grid over (K, L, decay, gamma, tau, shrinkage, eps, lam) on the validation slot.
 
     A memory written with ``buf`` (keys, predictions, labels before the slot) test-then-writes the slot ``val``.
@@ -289,24 +320,73 @@ def tune_memory(cfg: EvaluationConfig, buf: tuple[torch.Tensor, torch.Tensor, to
     (hb, pb, yb), (hv, pv, yv) = buf, val
     base = summarize(yv.numpy(), pv.numpy(), users)
     m0 = cfg.memory
-    trials = [{"num_tables": m0.num_tables, "bits": m0.bits, "decay": m0.decay, "gamma": m0.gamma, "lam": 0.0,
-               "tau": m0.tau, "shrinkage": 0.0, "eps": 0.0, **base}]
-    grid = itertools.product(cfg.tables_grid, cfg.bits_grid, cfg.decay_grid, cfg.gamma_grid, cfg.tau_grid,
-                             cfg.shrinkage_grid, cfg.eps_grid, cfg.lam_grid)
+    trials = [
+        {
+            "num_tables": m0.num_tables,
+            "bits": m0.bits,
+            "decay": m0.decay,
+            "gamma": m0.gamma,
+            "lam": 0.0,
+            "tau": m0.tau,
+            "shrinkage": 0.0,
+            "eps": 0.0,
+            **base,
+        }
+    ]
+    grid = itertools.product(
+        cfg.tables_grid,
+        cfg.bits_grid,
+        cfg.decay_grid,
+        cfg.gamma_grid,
+        cfg.tau_grid,
+        cfg.shrinkage_grid,
+        cfg.eps_grid,
+        cfg.lam_grid,
+    )
     for k, bits, decay, gamma, tau, s, eps, lam in grid:
-        mc = replace(m0, dim=hb.shape[1], num_tables=k, bits=bits, decay=decay, gamma=gamma, lam=lam, tau=tau,
-                     shrinkage=s, eps=eps)
+        mc = replace(
+            m0,
+            dim=hb.shape[1],
+            num_tables=k,
+            bits=bits,
+            decay=decay,
+            gamma=gamma,
+            lam=lam,
+            tau=tau,
+            shrinkage=s,
+            eps=eps,
+        )
         mem = ErrorCompensationMemory.from_config(mc)
         mem.write(hb, yb, pb)
         comp = _replay_memory(mem, hv, pv, yv, ts, cfg.batch_size, cfg.memory_write)
-        trials.append({"num_tables": k, "bits": bits, "decay": decay, "gamma": gamma, "lam": lam, "tau": tau,
-                       "shrinkage": s, "eps": eps, **summarize(yv.numpy(), comp.numpy(), users)})
+        trials.append(
+            {
+                "num_tables": k,
+                "bits": bits,
+                "decay": decay,
+                "gamma": gamma,
+                "lam": lam,
+                "tau": tau,
+                "shrinkage": s,
+                "eps": eps,
+                **summarize(yv.numpy(), comp.numpy(), users),
+            }
+        )
     ok = [t for t in trials if t["logloss"] is not None and t["logloss"] <= base["logloss"] + 1e-9]
     top = max(t["auc"] or 0.0 for t in ok)
     best = min((t for t in ok if (t["auc"] or 0.0) >= top - AUC_TIE), key=lambda t: (t["num_tables"], t["logloss"]))
-    chosen = replace(m0, dim=hb.shape[1], num_tables=best["num_tables"], bits=best["bits"], decay=best["decay"],
-                     gamma=best["gamma"], lam=best["lam"], tau=best["tau"], shrinkage=best["shrinkage"],
-                     eps=best["eps"])
+    chosen = replace(
+        m0,
+        dim=hb.shape[1],
+        num_tables=best["num_tables"],
+        bits=best["bits"],
+        decay=best["decay"],
+        gamma=best["gamma"],
+        lam=best["lam"],
+        tau=best["tau"],
+        shrinkage=best["shrinkage"],
+        eps=best["eps"],
+    )
     return chosen, trials
 
 
@@ -331,9 +411,16 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     y_all = stream.batch["label"]
 
     # 1) base model on the warm-up before the validation slot (chronological mini-batches)
-    learner = OnlineLearner(build_model(_model_config(cfg, stream)),
-                            LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, embedding_lr=cfg.embedding_lr,
-                                          optimizer=cfg.optimizer, seed=cfg.seed))
+    learner = OnlineLearner(
+        build_model(_model_config(cfg, stream)),
+        LearnerConfig(
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            embedding_lr=cfg.embedding_lr,
+            optimizer=cfg.optimizer,
+            seed=cfg.seed,
+        ),
+    )
     for _ in range(cfg.warmup_epochs):
         for b in iter_batches(stream.slice(0, stream.train_end), bs):
             learner.learn(b)
@@ -343,17 +430,17 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     #    keeps learning the validation slot (test-then-train), which then becomes the base model
     buf_lo = max(0, stream.train_end - cfg.memory_buffer)
     pb, hb = _predict_all(learner, stream.slice(buf_lo, stream.train_end), bs, cfg.memory_key)
-    buf = (hb, pb, y_all[buf_lo:stream.train_end])
+    buf = (hb, pb, y_all[buf_lo : stream.train_end])
     val_batch = stream.slice(stream.train_end, stream.warm_end)
     pv, hv = _predict_all(learner, val_batch, bs, cfg.memory_key)
-    yv = y_all[stream.train_end:stream.warm_end]
+    yv = y_all[stream.train_end : stream.warm_end]
     # 3) the base model also learns the validation slot (test-then-train), then it is frozen
     ps, ks = [], []
     for b in iter_batches(val_batch, bs):
         p, k = learner.test_then_train(b, key_fn=lambda b, h: memory_key(learner.model, b, h, cfg.memory_key))
         ps.append(p)
         ks.append(k)
-    val_users, val_ts = stream.users[stream.train_end:stream.warm_end], stream.ts[stream.train_end:stream.warm_end]
+    val_users, val_ts = stream.users[stream.train_end : stream.warm_end], stream.ts[stream.train_end : stream.warm_end]
     mem_cfgs = {name: replace(cfg.memory, dim=hb.shape[1]) for name in ("base+memory", "incremental+memory")}
     trials: dict[str, list[dict]] = {}
     if cfg.tune_memory:
@@ -361,17 +448,29 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             if name in cfg.variants:
                 mem_cfgs[name], trials[name] = tune_memory(cfg, buf, (h_val, p_val, yv), val_users, val_ts)
     users_val = val_users
-    validation = {"base": summarize(yv.numpy(), pv.numpy(), users_val),
-                  "incremental": summarize(yv.numpy(), torch.cat(ps).numpy(), users_val)}
+    validation = {
+        "base": summarize(yv.numpy(), pv.numpy(), users_val),
+        "incremental": summarize(yv.numpy(), torch.cat(ps).numpy(), users_val),
+    }
     for name, tr in trials.items():
         chosen = mem_cfgs[name]
-        validation[name] = next(({k: t[k] for k in ("auc", "gauc", "logloss")} for t in tr
-                                 if (t["num_tables"], t["lam"], t["tau"], t["gamma"]) ==
-                                 (chosen.num_tables, chosen.lam, chosen.tau, chosen.gamma)), validation["incremental"])
+        validation[name] = next(
+            (
+                {k: t[k] for k in ("auc", "gauc", "logloss")}
+                for t in tr
+                if (t["num_tables"], t["lam"], t["tau"], t["gamma"])
+                == (chosen.num_tables, chosen.lam, chosen.tau, chosen.gamma)
+            ),
+            validation["incremental"],
+        )
     if cfg.validation_only:
-        return {"config": cfg.to_dict(), "model_config": learner.model.config.to_dict(),
-                "memory_configs": {name: c.to_dict() for name, c in mem_cfgs.items()},
-                "validation": validation, "seconds": {"total": time.perf_counter() - t_start}}
+        return {
+            "config": cfg.to_dict(),
+            "model_config": learner.model.config.to_dict(),
+            "memory_configs": {name: c.to_dict() for name, c in mem_cfgs.items()},
+            "validation": validation,
+            "seconds": {"total": time.perf_counter() - t_start},
+        }
     base = learner
     incremental = learner.clone()
     buf_lo = max(0, stream.warm_end - cfg.memory_buffer)
@@ -379,14 +478,17 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
     mems = {}
     for name, lrn in (("base+memory", base), ("incremental+memory", incremental)):
         mems[name] = ErrorCompensationMemory.from_config(mem_cfgs[name])
-        mems[name].rebuild(iter_batches(recent, bs), lrn.model,
-                           key_fn=lambda b, h, m=lrn.model: memory_key(m, b, h, cfg.memory_key))
+        mems[name].rebuild(
+            iter_batches(recent, bs), lrn.model, key_fn=lambda b, h, m=lrn.model: memory_key(m, b, h, cfg.memory_key)
+        )
 
     rivers = {}
     num_fields = stream.encoder.config.numeric_fields
     fm_numeric = tuple(num_fields.index(c) for c in cfg.river_fm_numeric if c in num_fields)
-    for name, kind, lr, numeric in (("river_lr", "lr", cfg.river_lr, None),
-                                    ("river_fm", "fm", cfg.river_fm_lr, fm_numeric)):
+    for name, kind, lr, numeric in (
+        ("river_lr", "lr", cfg.river_lr, None),
+        ("river_fm", "fm", cfg.river_fm_lr, fm_numeric),
+    ):
         if name in cfg.variants:
             rivers[name] = RiverBaseline(kind, lr=lr, seed=cfg.seed, numeric=numeric)
             rivers[name].learn(stream.slice(0, stream.warm_end))
@@ -432,25 +534,34 @@ def _run(cfg: EvaluationConfig, progress: Callable[[int, int], None] | None) -> 
             metrics[name].end_slot()
 
     results = {name: metrics[name].result() for name in cfg.variants}
-    returning = set(stream.users[:stream.warm_end].tolist())
-    test_users = stream.users[stream.warm_end:]
+    returning = set(stream.users[: stream.warm_end].tolist())
+    test_users = stream.users[stream.warm_end :]
     is_new = np.array([u not in returning for u in test_users.tolist()])
     cohorts = {}
     for name in cfg.variants:
         y, p, g = metrics[name].arrays()
-        cohorts[name] = {"new": summarize(y[is_new], p[is_new], g[is_new]),
-                         "returning": summarize(y[~is_new], p[~is_new], g[~is_new])}
+        cohorts[name] = {
+            "new": summarize(y[is_new], p[is_new], g[is_new]),
+            "returning": summarize(y[~is_new], p[~is_new], g[~is_new]),
+        }
     return {
         "config": cfg.to_dict(),
         "model_config": base.model.config.to_dict(),
         "memory_config": mem_cfgs["incremental+memory"].to_dict(),
         "memory_configs": {name: c.to_dict() for name, c in mem_cfgs.items()},
-        "memory_validation": {"slot": [stream.train_end, stream.warm_end],
-                              "trials": trials.get("incremental+memory", []), "trials_base": trials.get("base+memory", [])},
-        "split": {"events": stream.n, "train_end": stream.train_end, "warmup_end": stream.warm_end,
-                  "slots": stream.slot_bounds,
-                  "test_users": int(len(set(test_users.tolist()))),
-                  "test_users_new": int(len(set(test_users[is_new].tolist())))},
+        "memory_validation": {
+            "slot": [stream.train_end, stream.warm_end],
+            "trials": trials.get("incremental+memory", []),
+            "trials_base": trials.get("base+memory", []),
+        },
+        "split": {
+            "events": stream.n,
+            "train_end": stream.train_end,
+            "warmup_end": stream.warm_end,
+            "slots": stream.slot_bounds,
+            "test_users": int(len(set(test_users.tolist()))),
+            "test_users_new": int(len(set(test_users[is_new].tolist()))),
+        },
         "variants": results,
         "cohorts": cohorts,
         "validation": validation,
@@ -500,7 +611,7 @@ def plot_slots(result: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})   # no timestamp/version: same seed, same bytes
+    fig.savefig(path, metadata={"Software": None})  # no timestamp/version: same seed, same bytes
     plt.close(fig)
 
 
@@ -511,24 +622,35 @@ def evaluate_and_report(cfg: EvaluationConfig, out: str | Path, show_progress: b
     from rich.table import Table
 
     console = Console(stderr=True)
-    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, disable=not show_progress) as bar:
+    with Progress(
+        TextColumn("[bold]evaluate[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress,
+    ) as bar:
         task = bar.add_task(f"{cfg.dataset} / {cfg.model}", total=None)
         result = run_evaluation(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
     json_path, png_path = write_results(result, out)
-    table = Table(title=f"{cfg.dataset} / {cfg.model}, seed {cfg.seed}: {cfg.slots} test slots after "
-                        f"{cfg.warmup:.0%} warm-up")
+    table = Table(
+        title=f"{cfg.dataset} / {cfg.model}, seed {cfg.seed}: {cfg.slots} test slots after {cfg.warmup:.0%} warm-up"
+    )
     for col in ("variant", "AUC", "gAUC", "logloss", "AUC new users", "AUC returning"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, res in result["variants"].items():
         co = result["cohorts"][name]
-        table.add_row(name, *(_fmt(x) for x in (res["auc"], res["gauc"], res["logloss"], co["new"]["auc"],
-                                                   co["returning"]["auc"])))
+        table.add_row(
+            name,
+            *(_fmt(x) for x in (res["auc"], res["gauc"], res["logloss"], co["new"]["auc"], co["returning"]["auc"])),
+        )
     Console().print(table)
     for name, m in result["memory_configs"].items():
-        Console().print(f"{name} memory (chosen on validation events {result['memory_validation']['slot']}): "
-                        f"K={m['num_tables']} L={m['bits']} tau={m['tau']} gamma={m['gamma']} lam={m['lam']} "
-                        f"shrinkage={m['shrinkage']} eps={m['eps']} decay={m['decay']}")
+        Console().print(
+            f"{name} memory (chosen on validation events {result['memory_validation']['slot']}): "
+            f"K={m['num_tables']} L={m['bits']} tau={m['tau']} gamma={m['gamma']} lam={m['lam']} "
+            f"shrinkage={m['shrinkage']} eps={m['eps']} decay={m['decay']}"
+        )
     Console().print(f"wrote {json_path} and {png_path} in {result['seconds']['total']:.1f}s")
     return result
 

@@ -95,11 +95,21 @@ def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndar
     def run(imps: pa.Table, fb: pa.Table) -> pa.Table:
         n, m = imps.num_rows, fb.num_rows
         it = imps.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
-            "kafka_offset", pa.array(np.arange(n), pa.int64()))
-        ft = pa.table({"impression_id": fb["impression_id"], "ts": fb["ts"], "kind": fb["kind"],
-                       "value": pa.nulls(m, pa.float64()), "kafka_partition": pa.array(np.full(m, 1 << 20, np.int32)),
-                       "kafka_offset": pa.array(np.arange(m), pa.int64()), "key": pa.nulls(m, pa.binary()),
-                       "raw": pa.nulls(m, pa.binary())}, schema=FEEDBACK_SCHEMA)
+            "kafka_offset", pa.array(np.arange(n), pa.int64())
+        )
+        ft = pa.table(
+            {
+                "impression_id": fb["impression_id"],
+                "ts": fb["ts"],
+                "kind": fb["kind"],
+                "value": pa.nulls(m, pa.float64()),
+                "kafka_partition": pa.array(np.full(m, 1 << 20, np.int32)),
+                "kafka_offset": pa.array(np.arange(m), pa.int64()),
+                "key": pa.nulls(m, pa.binary()),
+                "raw": pa.nulls(m, pa.binary()),
+            },
+            schema=FEEDBACK_SCHEMA,
+        )
         res = join_batch(it, ft, JoinState.empty(), jc)
         st = res.state  # the end of the stream: every window closes
         st.partition_ts = {p: int(t["ts"].to_numpy().max()) + 2 * cfg.window_ms for p in st.partition_ts}
@@ -109,8 +119,9 @@ def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndar
 
     delayed = run(imps, fb)
     pos = delayed.filter(pa.compute.equal(delayed["label"], 1))
-    immediate = pa.table({"impression_id": pos["impression_id"], "ts": pos["ts"],
-                          "kind": pa.array(["click"] * pos.num_rows)})
+    immediate = pa.table(
+        {"impression_id": pos["impression_id"], "ts": pos["ts"], "kind": pa.array(["click"] * pos.num_rows)}
+    )
     nodelay = run(imps, immediate.sort_by("ts"))
     truth = dict(zip(t["event_id"].to_pylist(), t["label"].to_pylist()))
     y_true = np.array([truth[i] for i in delayed["impression_id"].to_pylist()], np.int8)
@@ -119,15 +130,35 @@ def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndar
 
 def _learner(cfg: DelayedEvalConfig, n_num: int) -> OnlineLearner:
     torch.manual_seed(cfg.seed)
-    mc = ModelConfig(kind=cfg.model, num_categorical=2, hash_buckets=cfg.hash_buckets, num_numeric=n_num,
-                     embedding_dim=8, hidden_sizes=(64, 32), dropout=0.1, weight_decay=1e-4, embedding_l2=1e-4,
-                     categorical_fields=("user_id", "item_id"), numeric_fields=NUMERIC, seed=cfg.seed)
-    return OnlineLearner(build_model(mc), LearnerConfig(lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=1e-4,
-                                                        seed=cfg.seed))
+    mc = ModelConfig(
+        kind=cfg.model,
+        num_categorical=2,
+        hash_buckets=cfg.hash_buckets,
+        num_numeric=n_num,
+        embedding_dim=8,
+        hidden_sizes=(64, 32),
+        dropout=0.1,
+        weight_decay=1e-4,
+        embedding_l2=1e-4,
+        categorical_fields=("user_id", "item_id"),
+        numeric_fields=NUMERIC,
+        seed=cfg.seed,
+    )
+    return OnlineLearner(
+        build_model(mc), LearnerConfig(lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=1e-4, seed=cfg.seed)
+    )
 
 
-def simulate(cfg: DelayedEvalConfig, batch: dict[str, torch.Tensor], ts: np.ndarray, label: np.ndarray,
-             label_ts: np.ndarray, y_true: np.ndarray, mode: str, with_memory: bool) -> dict[str, Any]:
+def simulate(
+    cfg: DelayedEvalConfig,
+    batch: dict[str, torch.Tensor],
+    ts: np.ndarray,
+    label: np.ndarray,
+    label_ts: np.ndarray,
+    y_true: np.ndarray,
+    mode: str,
+    with_memory: bool,
+) -> dict[str, Any]:
     """One variant over the stream; returns predictions at impression time and training bookkeeping."""
     n = len(ts)
     learner = _learner(cfg, batch["num"].shape[1])
@@ -147,7 +178,8 @@ def simulate(cfg: DelayedEvalConfig, batch: dict[str, torch.Tensor], ts: np.ndar
     mem = None
     if with_memory:
         mem = ErrorCompensationMemory.from_config(
-            MemoryConfig(**{**asdict(cfg.memory), "dim": memory_key_dim(learner.model, cfg.memory_key)}))
+            MemoryConfig(**{**asdict(cfg.memory), "dim": memory_key_dim(learner.model, cfg.memory_key)})
+        )
         keys = torch.zeros(n, memory_key_dim(learner.model, cfg.memory_key))
     p_base = torch.zeros(n)
     p_out = torch.zeros(n)
@@ -161,8 +193,11 @@ def simulate(cfg: DelayedEvalConfig, batch: dict[str, torch.Tensor], ts: np.ndar
         while j < k:
             jj = min(j + bs, k)
             rows = torch.as_tensor(idx[j:jj])
-            b = {"cat": batch["cat"][rows], "num": batch["num"][rows],
-                 "label": torch.as_tensor(lab[j:jj], dtype=torch.float32)}
+            b = {
+                "cat": batch["cat"][rows],
+                "num": batch["num"][rows],
+                "label": torch.as_tensor(lab[j:jj], dtype=torch.float32),
+            }
             learn_weighted(learner, b, correction=correction)
             if mem is not None:  # the outcome reaches the memory with the key and prediction of impression time
                 mem.write(keys[rows], b["label"], p_base[rows])
@@ -183,11 +218,20 @@ def simulate(cfg: DelayedEvalConfig, batch: dict[str, torch.Tensor], ts: np.ndar
     return {"p": p_out.double().numpy(), "fake_negative_share": fake / max(learnt, 1), "learnt": learnt}
 
 
-def cbpe_chunks(cfg: DelayedEvalConfig, p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray,
-                start: int) -> dict[str, Any]:
+def cbpe_chunks(
+    cfg: DelayedEvalConfig, p: np.ndarray, ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, start: int
+) -> dict[str, Any]:
     """Label-free estimate per chunk of the test impressions vs the realised metric (see the docstring)."""
-    return estimate_over_time(p, ts, label, label_ts, start=start, chunk=cfg.chunk,
-                              calibration_window=cfg.calibration_window, reference_chunks=cfg.reference_chunks)
+    return estimate_over_time(
+        p,
+        ts,
+        label,
+        label_ts,
+        start=start,
+        chunk=cfg.chunk,
+        calibration_window=cfg.calibration_window,
+        reference_chunks=cfg.reference_chunks,
+    )
 
 
 def run(cfg: DelayedEvalConfig) -> dict[str, Any]:
@@ -204,21 +248,34 @@ def run(cfg: DelayedEvalConfig) -> dict[str, Any]:
             mode = name.split("+")[0]
             ex = nodelay if mode == "no-delay" else delayed
             enc = FeatureEncoder(EncoderConfig(numeric_fields=NUMERIC, hash_buckets=cfg.hash_buckets)).fit(
-                ex.slice(0, burn))
+                ex.slice(0, burn)
+            )
             batch = enc.encode(ex)
             ts, label = ex["ts"].to_numpy(), ex["label"].to_numpy().astype(np.int8)
             lts = ex["label_ts"].to_numpy()
             r = simulate(cfg, batch, ts, label, lts, y_true, mode, name.endswith("+memory"))
             y, p = label[burn:], r["p"][burn:]
-            out["variants"][name] = {"auc": auc(y, p), "logloss": logloss(y, p),
-                                     "fake_negative_share": r["fake_negative_share"], "samples_learnt": r["learnt"]}
+            out["variants"][name] = {
+                "auc": auc(y, p),
+                "logloss": logloss(y, p),
+                "fake_negative_share": r["fake_negative_share"],
+                "samples_learnt": r["learnt"],
+            }
             if name == "wait":
                 out["cbpe"] = cbpe_chunks(cfg, r["p"], ts, label, lts, burn)
-            print(f"{name:18s} auc {out['variants'][name]['auc']:.4f} logloss {out['variants'][name]['logloss']:.4f} "
-                  f"fake negatives {r['fake_negative_share']:.3f}", flush=True)
+            print(
+                f"{name:18s} auc {out['variants'][name]['auc']:.4f} logloss {out['variants'][name]['logloss']:.4f} "
+                f"fake negatives {r['fake_negative_share']:.3f}",
+                flush=True,
+            )
         lab = delayed["label"].to_numpy()
-        out["stream"] = {"impressions": n, "attributed_positives": int(lab.sum()), "true_positives": int(y_true.sum()),
-                         "clicks_after_window": int(((y_true == 1) & (lab == 0)).sum()), "test_from": burn}
+        out["stream"] = {
+            "impressions": n,
+            "attributed_positives": int(lab.sum()),
+            "true_positives": int(y_true.sum()),
+            "clicks_after_window": int(((y_true == 1) & (lab == 0)).sum()),
+            "test_from": burn,
+        }
         out["seconds"] = time.perf_counter() - t0
         return out
     finally:
@@ -231,11 +288,14 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v['auc']:.4f} | {v['logloss']:.4f} | {v['fake_negative_share']:.3f} |")
     c = result.get("cbpe")
     if c:
-        lines += ["", f"CBPE on `wait` ({len(c['chunks'])} chunks): mean |expected - realised| AUC "
-                      f"{c['mae_auc']:.4f}, logloss {c['mae_logloss']:.4f} (uncalibrated logloss "
-                      f"{c['uncalibrated_mae_logloss']:.4f}); pending-only ({c['pending_chunks']} chunks with >= 50 open "
-                      f"windows): AUC {c['pending_mae_auc']}, logloss {c['pending_mae_logloss']}; monitor alarms at "
-                      f"chunks {c['monitor_alarms']}"]
+        lines += [
+            "",
+            f"CBPE on `wait` ({len(c['chunks'])} chunks): mean |expected - realised| AUC "
+            f"{c['mae_auc']:.4f}, logloss {c['mae_logloss']:.4f} (uncalibrated logloss "
+            f"{c['uncalibrated_mae_logloss']:.4f}); pending-only ({c['pending_chunks']} chunks with >= 50 open "
+            f"windows): AUC {c['pending_mae_auc']}, logloss {c['pending_mae_logloss']}; monitor alarms at "
+            f"chunks {c['monitor_alarms']}",
+        ]
     return "\n".join(lines)
 
 
@@ -252,10 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=2000, help="impressions per CBPE chunk")
     ap.add_argument("--out", default="results/delayed")
     a = ap.parse_args(argv)
-    cfg = DelayedEvalConfig(dataset=a.dataset, label_delay=a.label_delay,
-                            window_ms=parse_duration_ms(a.attribution_window), seed=a.seed, limit=a.limit,
-                            batch_size=a.batch_size, variants=tuple(v for v in a.variants.split(",") if v),
-                            chunk=a.chunk)
+    cfg = DelayedEvalConfig(
+        dataset=a.dataset,
+        label_delay=a.label_delay,
+        window_ms=parse_duration_ms(a.attribution_window),
+        seed=a.seed,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        variants=tuple(v for v in a.variants.split(",") if v),
+        chunk=a.chunk,
+    )
     result = run(cfg)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,13 @@ from reloop.synthetic import SyntheticStream
 FEATURES = ("item_pop", "price", "hour", "topic")
 
 
-def score_monitors(stream: SyntheticStream, specs: Iterable[Mapping[str, Any]],
-                   default_warmup: int = 1000, policy: DriftPolicy | None = None,
-                   policy_monitors: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+def score_monitors(
+    stream: SyntheticStream,
+    specs: Iterable[Mapping[str, Any]],
+    default_warmup: int = 1000,
+    policy: DriftPolicy | None = None,
+    policy_monitors: Iterable[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """For each monitor: ``delay`` (events from the shift's first event to the first drift
     detection at or after it; None if missed), ``false_alarms`` (drift detections before
     the shift, or over the whole stream if it is stable) and ``warnings``.
@@ -75,5 +79,9 @@ def score_monitors(stream: SyntheticStream, specs: Iterable[Mapping[str, Any]],
 def summarise(delays: list[int | None]) -> dict[str, Any]:
     """Median delay over seeds and how many seeds missed the shift."""
     hit = [d for d in delays if d is not None]
-    return {"median_delay": float(np.median(hit)) if hit else None, "max_delay": max(hit) if hit else None,
-            "missed": len(delays) - len(hit), "runs": len(delays)}
+    return {
+        "median_delay": float(np.median(hit)) if hit else None,
+        "max_delay": max(hit) if hit else None,
+        "missed": len(delays) - len(hit),
+        "runs": len(delays),
+    }

@@ -52,14 +52,16 @@ class Shift:
         return asdict(self)
 
 
-def inject_drift(table: pa.Table, scenario: str, *, at: float = 0.6, seed: int = 0, width: float = 0.1,
-                 drop: float = 0.7) -> tuple[pa.Table, Shift]:
+def inject_drift(
+    table: pa.Table, scenario: str, *, at: float = 0.6, seed: int = 0, width: float = 0.1, drop: float = 0.7
+) -> tuple[pa.Table, Shift]:
     """A copy of ``table`` (time-sorted events) with ``scenario`` applied from fraction ``at`` on."""
     if scenario not in SCENARIOS:
         raise InjectionError(f"unknown drift scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     if not 0.0 < at < 1.0 or not 0.0 < width <= 1.0 or not 0.0 <= drop <= 1.0:
-        raise InjectionError(f"need 0 < at < 1, 0 < width <= 1, 0 <= drop <= 1; got at={at}, width={width}, "
-                             f"drop={drop}")
+        raise InjectionError(
+            f"need 0 < at < 1, 0 < width <= 1, 0 <= drop <= 1; got at={at}, width={width}, drop={drop}"
+        )
     n = table.num_rows
     rng = np.random.default_rng(seed)
     start = int(n * at)

@@ -73,20 +73,30 @@ class Trace:
     y: list[np.ndarray] = field(default_factory=list)
     p_base: list[np.ndarray] = field(default_factory=list)
     p_mem: list[np.ndarray] = field(default_factory=list)
-    p_prev: list[np.ndarray] = field(default_factory=list)   # the previous version's shadow (NaN: none)
+    p_prev: list[np.ndarray] = field(default_factory=list)  # the previous version's shadow (NaN: none)
     user: list[np.ndarray] = field(default_factory=list)
     event_id: list[np.ndarray] = field(default_factory=list)
-    version: list[np.ndarray] = field(default_factory=list)   # the version that served each event
-    horizon: list[np.ndarray] = field(default_factory=list)   # its trained_until_ts (ms)
+    version: list[np.ndarray] = field(default_factory=list)  # the version that served each event
+    horizon: list[np.ndarray] = field(default_factory=list)  # its trained_until_ts (ms)
     label_ts: list[np.ndarray] = field(default_factory=list)  # when each label arrived (= ts without delay)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None = None,
-            version: str = "", horizon: int | None = None) -> None:
-        cols = (table["ts"].to_numpy(), table["label"].to_numpy().astype(np.float64),
-                table["user_id"].to_numpy(zero_copy_only=False).astype(object),
-                table["event_id"].to_numpy(zero_copy_only=False).astype(object),
-                table["label_ts" if "label_ts" in table.column_names else "ts"].to_numpy())
+    def add(
+        self,
+        table: pa.Table,
+        p_base: np.ndarray,
+        p_mem: np.ndarray,
+        p_prev: np.ndarray | None = None,
+        version: str = "",
+        horizon: int | None = None,
+    ) -> None:
+        cols = (
+            table["ts"].to_numpy(),
+            table["label"].to_numpy().astype(np.float64),
+            table["user_id"].to_numpy(zero_copy_only=False).astype(object),
+            table["event_id"].to_numpy(zero_copy_only=False).astype(object),
+            table["label_ts" if "label_ts" in table.column_names else "ts"].to_numpy(),
+        )
         with self.lock:
             for chunks, values in zip((self.ts, self.y, self.user, self.event_id, self.label_ts), cols):
                 chunks.append(values)
@@ -101,9 +111,18 @@ class Trace:
         the deployer, which ask often, concatenate only what arrived since the last call."""
         out = {}
         with self.lock:
-            for name, dtype in (("ts", np.int64), ("y", float), ("p_base", float), ("p_mem", float),
-                                ("p_prev", float), ("user", object), ("event_id", object), ("version", object),
-                                ("horizon", np.int64), ("label_ts", np.int64)):
+            for name, dtype in (
+                ("ts", np.int64),
+                ("y", float),
+                ("p_base", float),
+                ("p_mem", float),
+                ("p_prev", float),
+                ("user", object),
+                ("event_id", object),
+                ("version", object),
+                ("horizon", np.int64),
+                ("label_ts", np.int64),
+            ):
                 chunks = getattr(self, name)
                 if len(chunks) > 1:
                     chunks[:] = [np.concatenate(chunks)]
@@ -121,11 +140,19 @@ class Trace:
             ok = ~np.isnan(old)
             if v.get("previous") is None or ok.sum() < 50 or not 0 < y[ok].sum() < ok.sum():
                 continue
-            out.append({"version": v["version"], "previous": v["previous"], "reason": v["reason"], "ts": v["ts"],
-                        "n": int(ok.sum()), "auc_new": round(auc(y[ok], new[ok]), 6),
-                        "auc_previous": round(auc(y[ok], old[ok]), 6),
-                        "logloss_new": round(logloss(y[ok], new[ok]), 6),
-                        "logloss_previous": round(logloss(y[ok], old[ok]), 6)})
+            out.append(
+                {
+                    "version": v["version"],
+                    "previous": v["previous"],
+                    "reason": v["reason"],
+                    "ts": v["ts"],
+                    "n": int(ok.sum()),
+                    "auc_new": round(auc(y[ok], new[ok]), 6),
+                    "auc_previous": round(auc(y[ok], old[ok]), 6),
+                    "logloss_new": round(logloss(y[ok], new[ok]), 6),
+                    "logloss_previous": round(logloss(y[ok], old[ok]), 6),
+                }
+            )
         return out
 
     def last(self, n: int) -> dict[str, np.ndarray]:
@@ -142,9 +169,17 @@ class ServingLoop:
     rollback watch, the previous model's shadow prediction on the same events.
     """
 
-    def __init__(self, examples_uri: str, registry: ModelRegistry, memory_config: dict[str, Any],
-                 monitor=None, buffer_rows: int = 20_000, batch_size: int = 512, shadow_events: int = 20_000,
-                 causal: bool = True) -> None:
+    def __init__(
+        self,
+        examples_uri: str,
+        registry: ModelRegistry,
+        memory_config: dict[str, Any],
+        monitor=None,
+        buffer_rows: int = 20_000,
+        batch_size: int = 512,
+        shadow_events: int = 20_000,
+        causal: bool = True,
+    ) -> None:
         self.store = ExampleStore(examples_uri)
         self.position = Position()
         self.registry = registry
@@ -156,9 +191,9 @@ class ServingLoop:
         #: the version that started the current lineage: refreshes of the same incremental model keep it, so
         #: the monitors are not rebased (and blinded) by every refresh; a retrain, rollback or bootstrap starts one
         self.lineage: str | None = None
-        self.shadow: tuple[Bundle, int] | None = None   # the previous model, scored alongside for a while
+        self.shadow: tuple[Bundle, int] | None = None  # the previous model, scored alongside for a while
         self.trace = Trace()
-        self.unscored = 0          # examples that arrived before any model was current
+        self.unscored = 0  # examples that arrived before any model was current
         self.scored = 0
         self.versions: list[dict[str, Any]] = []
         self.last_ts = 0
@@ -192,8 +227,10 @@ class ServingLoop:
             self.waiting = None
             return None
         if self.waiting is None or self.waiting[0].version != current:
-            self.waiting = (load_bundle(self.registry, current, self.memory_config),
-                            pointer.get("reason") or "promoted")
+            self.waiting = (
+                load_bundle(self.registry, current, self.memory_config),
+                pointer.get("reason") or "promoted",
+            )
         return self.waiting[0]
 
     def maybe_swap(self, next_ts: int | None = None) -> bool:
@@ -207,8 +244,13 @@ class ServingLoop:
         if new is None:
             return False
         horizon = horizon_of(new.entry)
-        if self.causal and next_ts is not None and horizon is not None and next_ts <= horizon \
-                and self.served is not None:
+        if (
+            self.causal
+            and next_ts is not None
+            and horizon is not None
+            and next_ts <= horizon
+            and self.served is not None
+        ):
             return False  # not yet: it learned events at or after the next one to serve
         reason = self.waiting[1]
         self.waiting = None
@@ -221,11 +263,22 @@ class ServingLoop:
             self.skip = max(0, int(entry.training_range.get("learned", 0)) - self.unscored)
         self.served = new
         self.shadow = (previous, self.scored) if previous is not None else None
-        self.versions.append({"ts": int(self.last_ts), "wall_s": round(time.time() - self.t0, 2),
-                              "version": new.version, "previous": previous.version if previous else None,
-                              "reason": reason, "lineage": self.lineage, "memory_rebuilt_from": rebuilt,
-                              "at_event": self.scored, "source": entry.extra.get("source"),
-                              "trained_until_ts": horizon, "first_served_ts": None, "served_events": 0})
+        self.versions.append(
+            {
+                "ts": int(self.last_ts),
+                "wall_s": round(time.time() - self.t0, 2),
+                "version": new.version,
+                "previous": previous.version if previous else None,
+                "reason": reason,
+                "lineage": self.lineage,
+                "memory_rebuilt_from": rebuilt,
+                "at_event": self.scored,
+                "source": entry.extra.get("source"),
+                "trained_until_ts": horizon,
+                "first_served_ts": None,
+                "served_events": 0,
+            }
+        )
         return True
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -324,9 +377,19 @@ class ServingLoop:
         ids, users, items = (table[c].to_pylist() for c in ("event_id", "user_id", "item_id"))
         ts, labels = table["ts"].to_pylist(), table["label"].to_pylist()
         for j in range(len(ids)):
-            self.monitor.process(PredictionRecord(
-                ids[j], ts[j], users[j], items[j], float(p_base[j]), int(labels[j]), version, float(p_base[j]),
-                None if p_prev is None else float(p_prev[j])))
+            self.monitor.process(
+                PredictionRecord(
+                    ids[j],
+                    ts[j],
+                    users[j],
+                    items[j],
+                    float(p_base[j]),
+                    int(labels[j]),
+                    version,
+                    float(p_base[j]),
+                    None if p_prev is None else float(p_prev[j]),
+                )
+            )
 
 
 class PredictionLog:
@@ -342,15 +405,24 @@ class PredictionLog:
         self.producer = producer(kafka_cfg)
         self.sent = 0
 
-    def __call__(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None,
-                 version: str) -> None:
+    def __call__(
+        self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None, version: str
+    ) -> None:
 
         cols = {c: table[c].to_pylist() for c in ("event_id", "ts", "user_id", "item_id", "label")}
         feats = {f: table[f].to_pylist() for f in self.features if f in table.column_names}
         for j in range(table.num_rows):
-            rec = {"event_id": cols["event_id"][j], "ts": int(cols["ts"][j]), "user_id": cols["user_id"][j],
-                   "item_id": cols["item_id"][j], "label": int(cols["label"][j]), "p": round(float(p_mem[j]), 6),
-                   "p_base": round(float(p_base[j]), 6), "model_version": version, "run_id": self.run_id}
+            rec = {
+                "event_id": cols["event_id"][j],
+                "ts": int(cols["ts"][j]),
+                "user_id": cols["user_id"][j],
+                "item_id": cols["item_id"][j],
+                "label": int(cols["label"][j]),
+                "p": round(float(p_mem[j]), 6),
+                "p_base": round(float(p_base[j]), 6),
+                "model_version": version,
+                "run_id": self.run_id,
+            }
             if p_prev is not None and np.isfinite(p_prev[j]):
                 rec["p_prev"] = round(float(p_prev[j]), 6)
             for f, vals in feats.items():
@@ -382,15 +454,16 @@ class DelayedServingLoop(ServingLoop):
     the trainer may learn, is the store-order prefix whose outcomes have arrived on this timeline.
     """
 
-    def __init__(self, examples_uri: str, registry: ModelRegistry, memory_config: dict[str, Any], *,
-                 window_ms: int, **kw: Any) -> None:
+    def __init__(
+        self, examples_uri: str, registry: ModelRegistry, memory_config: dict[str, Any], *, window_ms: int, **kw: Any
+    ) -> None:
         super().__init__(examples_uri, registry, memory_config, **kw)
         self.window_ms = int(window_ms)
-        self.final = False          # set by the run once the feature job has emitted everything
-        self.read = 0               # store rows read so far (their store-order sequence numbers)
-        self.closed_until = -1      # the newest label_ts of a negative read: the join's watermark passed it
-        self.clock = -1             # event time of the last timeline step processed
-        self.open: pa.Table | None = None   # rows read whose impression or outcome step is still ahead
+        self.final = False  # set by the run once the feature job has emitted everything
+        self.read = 0  # store rows read so far (their store-order sequence numbers)
+        self.closed_until = -1  # the newest label_ts of a negative read: the join's watermark passed it
+        self.clock = -1  # event time of the last timeline step processed
+        self.open: pa.Table | None = None  # rows read whose impression or outcome step is still ahead
         self._state: dict[str, np.ndarray] = {}
 
     @property
@@ -411,9 +484,16 @@ class DelayedServingLoop(ServingLoop):
         neg = table["label"].to_numpy() == 0
         if neg.any():
             self.closed_until = max(self.closed_until, int(table["label_ts"].to_numpy()[neg].max()))
-        new = {"seq": seq, "scored": np.zeros(n, bool), "written": np.zeros(n, bool),
-               "p_base": np.full(n, np.nan), "p_mem": np.full(n, np.nan), "p_prev": np.full(n, np.nan),
-               "version": np.full(n, "", object), "horizon": np.full(n, -1, np.int64)}
+        new = {
+            "seq": seq,
+            "scored": np.zeros(n, bool),
+            "written": np.zeros(n, bool),
+            "p_base": np.full(n, np.nan),
+            "p_mem": np.full(n, np.nan),
+            "p_prev": np.full(n, np.nan),
+            "version": np.full(n, "", object),
+            "horizon": np.full(n, -1, np.int64),
+        }
         if self.skip:  # the first model's own training examples: their impressions are never scored
             k = min(self.skip, n)
             new["scored"][:k] = True
@@ -521,7 +601,7 @@ class DelayedServingLoop(ServingLoop):
         self.buffer.append(table)
         while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
             self.buffer.popleft()
-        served = ~np.isnan(st["p_base"][rows])      # a warm-up row's impression was never served
+        served = ~np.isnan(st["p_base"][rows])  # a warm-up row's impression was never served
         if not served.any():
             return
         t, r = table.filter(pa.array(served)), rows[served]
@@ -553,17 +633,16 @@ class DelayedServingLoop(ServingLoop):
     def save(self, d) -> None:
         """The rows between their impression and their outcome, and the timeline's clocks (``--resume``)."""
 
-
         if self.open is not None and self.open.num_rows:
             t = self.open
             for c, v in self._state.items():
                 t = t.append_column(f"__{c}", pa.array(v.tolist() if v.dtype == object else v))
             pq.write_table(t, d / "open.parquet")
-        (d / "timeline.json").write_text(json.dumps({"read": self.read, "closed_until": self.closed_until,
-                                                     "clock": self.clock, "skip": self.skip}))
+        (d / "timeline.json").write_text(
+            json.dumps({"read": self.read, "closed_until": self.closed_until, "clock": self.clock, "skip": self.skip})
+        )
 
     def load(self, d) -> None:
-
 
         if not (d / "timeline.json").exists():
             return

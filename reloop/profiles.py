@@ -35,11 +35,13 @@ def cluster_config(path: str | Path = CLUSTER_YAML) -> ReloopConfig:
     os.environ.update(services.ray_client_env())
     if "AWS_ENDPOINT_URL" not in os.environ:  # no other object store named: the local s3proxy
         os.environ.update(services.s3_client_env())
-    return cfg.model_copy(update={
-        "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": services.KAFKA_BOOTSTRAP}),
-        "feast": cfg.feast.model_copy(update={"redis_connection_string": services.REDIS_URL}),
-        "ray": cfg.ray.model_copy(update={"address": services.RAY_ADDRESS, "jobs_address": services.RAY_DASHBOARD}),
-    })
+    return cfg.model_copy(
+        update={
+            "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": services.KAFKA_BOOTSTRAP}),
+            "feast": cfg.feast.model_copy(update={"redis_connection_string": services.REDIS_URL}),
+            "ray": cfg.ray.model_copy(update={"address": services.RAY_ADDRESS, "jobs_address": services.RAY_DASHBOARD}),
+        }
+    )
 
 
 def start_cluster_services(workers: int = CLUSTER_RAY_WORKERS) -> None:

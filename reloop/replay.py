@@ -64,8 +64,11 @@ def parse_speed(speed: str) -> float | None:
 #: what a table holds: v1 labelled events, or the v2 impressions / feedback of a delayed stream
 KINDS = ("event", "impression", "feedback")
 #: the core (non-context) columns and the key column of each kind
-_CORE = {"event": (CORE_COLUMNS, "user_id"), "impression": (IMPRESSION_COLUMNS, "user_id"),
-         "feedback": (FEEDBACK_COLUMNS + ("value",), "impression_id")}
+_CORE = {
+    "event": (CORE_COLUMNS, "user_id"),
+    "impression": (IMPRESSION_COLUMNS, "user_id"),
+    "feedback": (FEEDBACK_COLUMNS + ("value",), "impression_id"),
+}
 
 
 def encode_batch(batch: pa.RecordBatch, kind: str = "event") -> tuple[list[bytes], list[bytes]]:
@@ -82,8 +85,13 @@ def encode_batch(batch: pa.RecordBatch, kind: str = "event") -> tuple[list[bytes
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     values = []
     for i in range(batch.num_rows):
-        rec = {"event_id": d["event_id"][i], "ts": d["ts"][i], "user_id": d["user_id"][i],
-               "item_id": d["item_id"][i], "label": d["label"][i]}
+        rec = {
+            "event_id": d["event_id"][i],
+            "ts": d["ts"][i],
+            "user_id": d["user_id"][i],
+            "item_id": d["item_id"][i],
+            "label": d["label"][i],
+        }
         if context_cols:
             rec["context"] = {c: d[c][i] for c in context_cols}
         values.append(dumps(rec).encode())
@@ -122,9 +130,19 @@ def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
     return out
 
 
-def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None, speed: float | None = None,
-                 progress: bool = False, batch_size: int = 5000, workers: int | None = None, kind: str = "event",
-                 ts0: int | None = None, t0: float | None = None) -> ReplayStats:
+def replay_table(
+    table: pa.Table,
+    cfg: KafkaConfig,
+    *,
+    topic: str | None = None,
+    speed: float | None = None,
+    progress: bool = False,
+    batch_size: int = 5000,
+    workers: int | None = None,
+    kind: str = "event",
+    ts0: int | None = None,
+    t0: float | None = None,
+) -> ReplayStats:
     """Produce every row of an event table (already in time order) to ``topic``; wait for all acks.
 
     Each event goes to its key's default partition (so consumers see one user's events in order).
@@ -133,7 +151,6 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     start time, so N x real time holds across workers. ``kind``: see :func:`encode_batch`; ``ts0``/``t0``
     (event time and wall clock of the pacing origin) let two streams replayed side by side share one clock.
     """
-
 
     topic = topic or cfg.events_topic
     try:
@@ -153,7 +170,6 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     t0 = time.time() if t0 is None else t0
     bar = None
     if progress:
-
         bar = tqdm(total=table.num_rows, unit="ev", desc=f"replay -> {topic}", smoothing=0.1)
     if workers == 1:
         _produce(table, cfg, topic, speed, ts0, t0, batch_size, bar.update if bar else None, kind=kind)
@@ -164,8 +180,18 @@ def replay_table(table: pa.Table, cfg: KafkaConfig, *, topic: str | None = None,
     return ReplayStats(topic, table.num_rows, time.time() - t0)
 
 
-def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None, ts0: int, t0: float,
-             batch_size: int, on_batch=None, ready=None, kind: str = "event") -> None:
+def _produce(
+    table: pa.Table,
+    cfg: KafkaConfig,
+    topic: str,
+    speed: float | None,
+    ts0: int,
+    t0: float,
+    batch_size: int,
+    on_batch=None,
+    ready=None,
+    kind: str = "event",
+) -> None:
     """One producer sending ``table`` in order (explicit partitions), pacing against wall-clock ``t0``.
 
     ``ready()`` is called once the producer knows the topic's partitions, right before the first send.
@@ -203,8 +229,9 @@ def _produce(table: pa.Table, cfg: KafkaConfig, topic: str, speed: float | None,
         raise ReplayError(f"{len(failures)} event(s) were not delivered to {topic}: {failures[0]!r}")
 
 
-def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done,
-            start, kind: str = "event") -> None:
+def _worker(
+    ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, batch_size: int, done, start, kind: str = "event"
+) -> None:
     table = pa.ipc.open_stream(ipc).read_all()
 
     def tick(n: int) -> None:
@@ -221,8 +248,18 @@ def _worker(ipc: bytes, cfg_json: str, topic: str, speed, ts0: int, t0: float, b
         raise
 
 
-def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0: int, t0: float, batch_size: int,
-                      workers: int, bar, kind: str = "event") -> None:
+def _produce_parallel(
+    table: pa.Table,
+    cfg: KafkaConfig,
+    topic: str,
+    speed,
+    ts0: int,
+    t0: float,
+    batch_size: int,
+    workers: int,
+    bar,
+    kind: str = "event",
+) -> None:
 
     owner = table["__partition"].to_numpy() % workers  # worker w owns partitions p with p % workers == w
     ctx = mp.get_context("spawn")  # no fork: the parent may hold client threads
@@ -237,8 +274,22 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, part.schema) as writer:
             writer.write_table(part)
-        proc = ctx.Process(target=_worker, args=(sink.getvalue().to_pybytes(), cfg.model_dump_json(), topic, speed,
-                                                 ts0, t0, batch_size, done, start, kind), daemon=True)
+        proc = ctx.Process(
+            target=_worker,
+            args=(
+                sink.getvalue().to_pybytes(),
+                cfg.model_dump_json(),
+                topic,
+                speed,
+                ts0,
+                t0,
+                batch_size,
+                done,
+                start,
+                kind,
+            ),
+            daemon=True,
+        )
         proc.start()
         procs.append(proc)
     shown = 0
@@ -251,8 +302,10 @@ def _produce_parallel(table: pa.Table, cfg: KafkaConfig, topic: str, speed, ts0:
         bar.update(done.value - shown)
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
-        raise ReplayError(f"{len(bad)} of {workers} producer process(es) failed (exit codes {bad}); "
-                          f"{done.value} of {table.num_rows} events were acknowledged")
+        raise ReplayError(
+            f"{len(bad)} of {workers} producer process(es) failed (exit codes {bad}); "
+            f"{done.value} of {table.num_rows} events were acknowledged"
+        )
 
 
 @dataclass(frozen=True)
@@ -261,8 +314,16 @@ class DelayedReplayStats:
     feedback: ReplayStats
 
 
-def _replay_slices(imps: pa.Table, fb: pa.Table, cfg: KafkaConfig, it: str, ft: str, slice_events: int,
-                   progress: bool, workers: int | None) -> DelayedReplayStats:
+def _replay_slices(
+    imps: pa.Table,
+    fb: pa.Table,
+    cfg: KafkaConfig,
+    it: str,
+    ft: str,
+    slice_events: int,
+    progress: bool,
+    workers: int | None,
+) -> DelayedReplayStats:
     """Full speed, both topics advancing together: slice by slice of event time (see :func:`replay_delayed`)."""
     t0 = time.time()
     its, fts = imps["ts"].to_numpy(), fb["ts"].to_numpy()
@@ -273,11 +334,13 @@ def _replay_slices(imps: pa.Table, fb: pa.Table, cfg: KafkaConfig, it: str, ft: 
         # the clicks up to the next slice's first impression (all of them after the last slice)
         hi_f = len(fts) if hi >= len(its) else int(np.searchsorted(fts, its[hi], side="left"))
         if hi > lo:
-            n_imp += replay_table(imps.slice(lo, hi - lo), cfg, topic=it, workers=workers or 1,
-                                  kind="impression").events
+            n_imp += replay_table(
+                imps.slice(lo, hi - lo), cfg, topic=it, workers=workers or 1, kind="impression"
+            ).events
         if hi_f > lo_f:
-            n_fb += replay_table(fb.slice(lo_f, hi_f - lo_f), cfg, topic=ft, workers=workers or 1,
-                                 kind="feedback").events
+            n_fb += replay_table(
+                fb.slice(lo_f, hi_f - lo_f), cfg, topic=ft, workers=workers or 1, kind="feedback"
+            ).events
         lo_f = hi_f
         if progress:
             print(f"\rreplay -> {it} + {ft}: {n_imp:,} impressions, {n_fb:,} clicks", end="", flush=True)
@@ -287,11 +350,20 @@ def _replay_slices(imps: pa.Table, fb: pa.Table, cfg: KafkaConfig, it: str, ft: 
     return DelayedReplayStats(ReplayStats(it, n_imp, seconds), ReplayStats(ft, n_fb, seconds))
 
 
-def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed: int = 0,
-                   impressions_topic: str | None = None, feedback_topic: str | None = None,
-                   speed: float | None = None, progress: bool = False, workers: int | None = None,
-                   slice_events: int = 5000, skip: tuple[set[str], set[str]] | None = None
-                   ) -> DelayedReplayStats:
+def replay_delayed(
+    table: pa.Table,
+    cfg: KafkaConfig,
+    label_delay: str,
+    *,
+    seed: int = 0,
+    impressions_topic: str | None = None,
+    feedback_topic: str | None = None,
+    speed: float | None = None,
+    progress: bool = False,
+    workers: int | None = None,
+    slice_events: int = 5000,
+    skip: tuple[set[str], set[str]] | None = None,
+) -> DelayedReplayStats:
     """Replay a labelled table as contract v2: impressions, and clicks ``label_delay`` later (seeded).
 
     At full speed the two streams go out in event-time slices of ``slice_events`` impressions, each slice's
@@ -325,8 +397,10 @@ def replay_delayed(table: pa.Table, cfg: KafkaConfig, label_delay: str, *, seed:
         except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
             out[name] = e
 
-    threads = [threading.Thread(target=send, args=("impressions", imps, it, "impression")),
-               threading.Thread(target=send, args=("feedback", fb, ft, "feedback"))]
+    threads = [
+        threading.Thread(target=send, args=("impressions", imps, it, "impression")),
+        threading.Thread(target=send, args=("feedback", fb, ft, "feedback")),
+    ]
     for th in threads:
         th.start()
     for th in threads:

@@ -22,8 +22,11 @@ from online_models.gate import RULES as GATE_RULES
 from online_models.metrics import auc, gauc, logloss
 
 #: the variants drawn over event time: (key in RunRecord.series, label, colour)
-VARIANTS = (("served", "served model", "#1f77b4"), ("served+memory", "served model + memory", "#d62728"),
-            ("incremental", "incremental trainer (test-then-train)", "#2ca02c"))
+VARIANTS = (
+    ("served", "served model", "#1f77b4"),
+    ("served+memory", "served model + memory", "#d62728"),
+    ("incremental", "incremental trainer (test-then-train)", "#2ca02c"),
+)
 
 
 @dataclass
@@ -46,10 +49,10 @@ class RunRecord:
     dataset: str
     model: str
     series: dict[str, Series]
-    alerts: list[dict[str, Any]] = field(default_factory=list)     # each with "ts" (ms) and "summary"
-    versions: list[dict[str, Any]] = field(default_factory=list)   # each with "ts" (ms), "version", "reason"
-    shift: dict[str, Any] | None = None                            # from reloop.inject.Shift
-    throughput: dict[str, float] = field(default_factory=dict)     # stage -> events/s
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # each with "ts" (ms) and "summary"
+    versions: list[dict[str, Any]] = field(default_factory=list)  # each with "ts" (ms), "version", "reason"
+    shift: dict[str, Any] | None = None  # from reloop.inject.Shift
+    throughput: dict[str, float] = field(default_factory=dict)  # stage -> events/s
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -58,8 +61,12 @@ class RunRecord:
 def metrics_of(s: Series) -> dict[str, float | None]:
     if len(s.y) == 0:
         return {"n": 0, "auc": None, "gauc": None, "logloss": None}
-    return {"n": int(len(s.y)), "auc": _num(auc(s.y, s.p)), "gauc": _num(gauc(s.y, s.p, s.user)),
-            "logloss": _num(logloss(s.y, s.p))}
+    return {
+        "n": int(len(s.y)),
+        "auc": _num(auc(s.y, s.p)),
+        "gauc": _num(gauc(s.y, s.p, s.user)),
+        "logloss": _num(logloss(s.y, s.p)),
+    }
 
 
 def over_time(s: Series, buckets: int = 20) -> dict[str, list]:
@@ -107,11 +114,21 @@ def summarize(rec: RunRecord) -> dict[str, Any]:
     gain = None
     if variants.get("served", {}).get("auc") is not None and variants.get("served+memory", {}).get("auc") is not None:
         gain = round(variants["served+memory"]["auc"] - variants["served"]["auc"], 6)
-    return {"run_id": rec.run_id, "dataset": rec.dataset, "model": rec.model, "seconds": round(rec.seconds, 2),
-            "counts": rec.counts, "variants": variants, "memory_auc_gain": gain,
-            "throughput_events_per_s": {k: round(v, 1) for k, v in rec.throughput.items()},
-            "alerts": rec.alerts, "versions": rec.versions, "shift": rec.shift,
-            "over_time": {k: over_time(s) for k, s in rec.series.items()}, **rec.extra}
+    return {
+        "run_id": rec.run_id,
+        "dataset": rec.dataset,
+        "model": rec.model,
+        "seconds": round(rec.seconds, 2),
+        "counts": rec.counts,
+        "variants": variants,
+        "memory_auc_gain": gain,
+        "throughput_events_per_s": {k: round(v, 1) for k, v in rec.throughput.items()},
+        "alerts": rec.alerts,
+        "versions": rec.versions,
+        "shift": rec.shift,
+        "over_time": {k: over_time(s) for k, s in rec.series.items()},
+        **rec.extra,
+    }
 
 
 def _dt(ms: float) -> datetime:
@@ -144,8 +161,7 @@ def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
             continue
         x = [_dt(t) for t in c["ts"]]
         axes[0].plot(x, [np.nan if v is None else v for v in c["auc"]], marker="o", ms=3, color=colour, label=label)
-        axes[1].plot(x, [np.nan if v is None else v for v in c["logloss"]], marker="o", ms=3, color=colour,
-                     label=label)
+        axes[1].plot(x, [np.nan if v is None else v for v in c["logloss"]], marker="o", ms=3, color=colour, label=label)
     for ax, name in zip(axes, ("AUC", "logloss")):
         _marks(ax, rec)
         ax.set_ylabel(name)
@@ -163,8 +179,12 @@ def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
     base, mem = curves.get("served"), curves.get("served+memory")
     if base and mem and base["ts"]:
         gain = [None if a is None or b is None else 100 * (b - a) for a, b in zip(base["auc"], mem["auc"])]
-        ax.bar([_dt(t) for t in base["ts"]], [0 if g is None else g for g in gain], width=3,
-               color=["#d62728" if (g or 0) >= 0 else "#7f7f7f" for g in gain])
+        ax.bar(
+            [_dt(t) for t in base["ts"]],
+            [0 if g is None else g for g in gain],
+            width=3,
+            color=["#d62728" if (g or 0) >= 0 else "#7f7f7f" for g in gain],
+        )
     _marks(ax, rec)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_ylabel("AUC gain (points)")
@@ -193,10 +213,23 @@ def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
         fig, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
         x = [_dt(c["ts"]) for c in chunks]
         for ax, metric in zip(axes, ("auc", "logloss")):
-            ax.plot(x, [c[f"expected_{metric}"] for c in chunks], marker="o", ms=3, ls="--", color="#9467bd",
-                    label="label-free estimate (at serving time)")
-            ax.plot(x, [c[f"realised_{metric}"] for c in chunks], marker="o", ms=3, color="#d62728",
-                    label="realised (once the labels arrived)")
+            ax.plot(
+                x,
+                [c[f"expected_{metric}"] for c in chunks],
+                marker="o",
+                ms=3,
+                ls="--",
+                color="#9467bd",
+                label="label-free estimate (at serving time)",
+            )
+            ax.plot(
+                x,
+                [c[f"realised_{metric}"] for c in chunks],
+                marker="o",
+                ms=3,
+                color="#d62728",
+                label="realised (once the labels arrived)",
+            )
             ax.set_ylabel(metric.upper() if metric == "auc" else metric)
             ax.grid(alpha=0.3)
         axes[0].set_title("Served model + memory: expected metric from calibrated probabilities vs realised")
@@ -250,8 +283,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>' \
-           f'{html.escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>'
+        f"{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 def _when(ms: Any) -> str:
@@ -260,60 +295,117 @@ def _when(ms: Any) -> str:
 
 def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     variants = [{"variant": k, **v} for k, v in s["variants"].items()]
-    alerts = [{"event time": _when(a.get("ts")), "action": a.get("action", "alert"), "summary": a.get("summary", "")}
-              for a in s["alerts"]]
-    versions = [{"event time": _when(v.get("ts")), "version": v.get("version"),
-                 "trained until": _when(v.get("trained_until_ts")), "first served": _when(v.get("first_served_ts")),
-                 "events served": v.get("served_events"), "reason": v.get("reason", "")[:90]} for v in s["versions"]]
+    alerts = [
+        {"event time": _when(a.get("ts")), "action": a.get("action", "alert"), "summary": a.get("summary", "")}
+        for a in s["alerts"]
+    ]
+    versions = [
+        {
+            "event time": _when(v.get("ts")),
+            "version": v.get("version"),
+            "trained until": _when(v.get("trained_until_ts")),
+            "first served": _when(v.get("first_served_ts")),
+            "events served": v.get("served_events"),
+            "reason": v.get("reason", "")[:90],
+        }
+        for v in s["versions"]
+    ]
     counts = [{"stage": k, "count": v} for k, v in s["counts"].items()]
     thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
-    deploys = [{"event time": _when(e.get("ts")), "what": e.get("what"),
-                "detail": ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("ts", "what"))}
-               for e in s.get("deployer", [])]
-    promos = [{"event time": _when(p.get("ts")), "version": p["version"], "previous": p["previous"],
-               "events": p["n"], "AUC new": p["auc_new"], "AUC previous": p["auc_previous"],
-               "logloss new": p["logloss_new"], "logloss previous": p["logloss_previous"]}
-              for p in s.get("promotions", [])]
-    incidents = [{"incident": i["id"], "start": _when(i.get("start_ts")), "events": f"{i['start_event']:,}-"
-                  f"{i['last_event']:,}", "alerts": i["alerts"], "evidence": ", ".join(i.get("evidence", [])[:5]),
-                  "actions": "; ".join(a.get("what", "") + (f" {a['version']}" if a.get("version") else "")
-                                       for a in i.get("actions", []) if a.get("what") != "gate"),
-                  "resolution": i.get("resolution") or i.get("status")} for i in s.get("incidents", [])]
-    gate = [{"event time": _when(g.get("events_ts", [None])[0]), "kind": g["kind"], "candidate": g["version"],
-             "current": g["current"], "n": g["n"], "logloss diff": g["diff"],
-             "interval": f"[{g['lo']:+.4f}, {g['hi']:+.4f}]", "decision": "promote" if g["promote"] else "keep"}
-            for g in s.get("gate", [])]
+    deploys = [
+        {
+            "event time": _when(e.get("ts")),
+            "what": e.get("what"),
+            "detail": ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("ts", "what")),
+        }
+        for e in s.get("deployer", [])
+    ]
+    promos = [
+        {
+            "event time": _when(p.get("ts")),
+            "version": p["version"],
+            "previous": p["previous"],
+            "events": p["n"],
+            "AUC new": p["auc_new"],
+            "AUC previous": p["auc_previous"],
+            "logloss new": p["logloss_new"],
+            "logloss previous": p["logloss_previous"],
+        }
+        for p in s.get("promotions", [])
+    ]
+    incidents = [
+        {
+            "incident": i["id"],
+            "start": _when(i.get("start_ts")),
+            "events": f"{i['start_event']:,}-{i['last_event']:,}",
+            "alerts": i["alerts"],
+            "evidence": ", ".join(i.get("evidence", [])[:5]),
+            "actions": "; ".join(
+                a.get("what", "") + (f" {a['version']}" if a.get("version") else "")
+                for a in i.get("actions", [])
+                if a.get("what") != "gate"
+            ),
+            "resolution": i.get("resolution") or i.get("status"),
+        }
+        for i in s.get("incidents", [])
+    ]
+    gate = [
+        {
+            "event time": _when(g.get("events_ts", [None])[0]),
+            "kind": g["kind"],
+            "candidate": g["version"],
+            "current": g["current"],
+            "n": g["n"],
+            "logloss diff": g["diff"],
+            "interval": f"[{g['lo']:+.4f}, {g['hi']:+.4f}]",
+            "decision": "promote" if g["promote"] else "keep",
+        }
+        for g in s.get("gate", [])
+    ]
     gate_pct = round(100 * (s.get("gate") or [{}])[0].get("level", 0.9))
     fr = s.get("freshness") or {}
     # event-time lag in days (the raw seconds are in summary.json)
     fresh = [{"lag in": "events", **{q: fr["events"][q] for q in ("p50", "p99", "max")}}] if "events" in fr else []
     if "seconds" in fr:
-        fresh.append({"lag in": "event-time days", **{q: round(fr["seconds"][q] / 86400, 2)
-                                                      for q in ("p50", "p99", "max")}})
+        fresh.append(
+            {"lag in": "event-time days", **{q: round(fr["seconds"][q] / 86400, 2) for q in ("p50", "p99", "max")}}
+        )
     delay = s.get("label_delay") or {}
     est = delay.get("label_free") or {}
-    est_rows = [{"last impression": _when(c["ts"]), "impressions": c["hi"] - c["lo"],
-                 "expected AUC": c["expected_auc"], "realised AUC": c["realised_auc"],
-                 "expected logloss": c["expected_logloss"], "realised logloss": c["realised_logloss"]}
-                for c in est.get("chunks", [])]
+    est_rows = [
+        {
+            "last impression": _when(c["ts"]),
+            "impressions": c["hi"] - c["lo"],
+            "expected AUC": c["expected_auc"],
+            "realised AUC": c["realised_auc"],
+            "expected logloss": c["expected_logloss"],
+            "realised logloss": c["realised_logloss"],
+        }
+        for c in est.get("chunks", [])
+    ]
     label_free = ""
     if delay:
-        gap = ("" if est.get("mae_auc") is None else
-               f"<p>Mean absolute gap, estimate vs realised: AUC <b>{est['mae_auc']:.4f}</b>, logloss "
-               f"<b>{est['mae_logloss']:.4f}</b>; monitor alarms on the estimate: {len(est.get('monitor_alarms', []))}"
-               f".</p>")
-        label_free = (f"<h2>Label-free estimate while labels are pending (CBPE)</h2><p>Labels arrive "
-                      f"{html.escape(str(delay.get('delay')))} after the impression (attribution window "
-                      f"{delay.get('attribution_window_s', 0) / 60:.0f} min). For each chunk of impressions the "
-                      f"served probabilities, calibrated (Platt) on outcomes known before the chunk, give the expected "
-                      f"metric at serving time; the realised one follows once the labels are in.</p>{gap}"
-                      f"{_img(images['label_free'], 'Label-free estimate vs realised metric') if 'label_free' in images else ''}"
-                      f"{_table(est_rows)}{html.escape(est.get('note', ''))}")
+        gap = (
+            ""
+            if est.get("mae_auc") is None
+            else f"<p>Mean absolute gap, estimate vs realised: AUC <b>{est['mae_auc']:.4f}</b>, logloss "
+            f"<b>{est['mae_logloss']:.4f}</b>; monitor alarms on the estimate: {len(est.get('monitor_alarms', []))}"
+            f".</p>"
+        )
+        label_free = (
+            f"<h2>Label-free estimate while labels are pending (CBPE)</h2><p>Labels arrive "
+            f"{html.escape(str(delay.get('delay')))} after the impression (attribution window "
+            f"{delay.get('attribution_window_s', 0) / 60:.0f} min). For each chunk of impressions the "
+            f"served probabilities, calibrated (Platt) on outcomes known before the chunk, give the expected "
+            f"metric at serving time; the realised one follows once the labels are in.</p>{gap}"
+            f"{_img(images['label_free'], 'Label-free estimate vs realised metric') if 'label_free' in images else ''}"
+            f"{_table(est_rows)}{html.escape(est.get('note', ''))}"
+        )
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in s.get("errors", []))
     gain = s.get("memory_auc_gain")
     shift = s.get("shift")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>reloop run {html.escape(s['run_id'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>reloop run {html.escape(s["run_id"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
@@ -322,26 +414,37 @@ th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 </style></head><body>
-<h1>reloop run <code>{html.escape(s['run_id'])}</code></h1>
-<p class="kpi">Dataset <b>{html.escape(s['dataset'])}</b>, model <b>{html.escape(s['model'])}</b>,
-{s['seconds']:.0f} s wall clock. Memory AUC gain on the served stream:
-<b>{'–' if gain is None else f'{100 * gain:+.2f} points'}</b>.</p>
-{f"<p>Injected drift: <b>{html.escape(shift['scenario'])}</b> from {_when(shift['start_ts'])} "
- f"({shift['changed_labels']:,} labels changed).</p>" if shift else ""}
+<h1>reloop run <code>{html.escape(s["run_id"])}</code></h1>
+<p class="kpi">Dataset <b>{html.escape(s["dataset"])}</b>, model <b>{html.escape(s["model"])}</b>,
+{s["seconds"]:.0f} s wall clock. Memory AUC gain on the served stream:
+<b>{"–" if gain is None else f"{100 * gain:+.2f} points"}</b>.</p>
+{
+        f"<p>Injected drift: <b>{html.escape(shift['scenario'])}</b> from {_when(shift['start_ts'])} "
+        f"({shift['changed_labels']:,} labels changed).</p>"
+        if shift
+        else ""
+    }
 <h2>Quality per variant</h2>{_table(variants)}
-{_img(images['metrics'], 'Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)')}
-{_img(images['memory_gain'], 'AUC gain of the error-compensation memory per slice of the stream')}
+{
+        _img(
+            images["metrics"],
+            "Streaming AUC and logloss over event time; vertical lines: model versions (dotted), drift alerts (dashed), injected shift (solid)",
+        )
+    }
+{_img(images["memory_gain"], "AUC gain of the error-compensation memory per slice of the stream")}
 <h2>Freshness: how far the served version's trained_until_ts lies behind each served event</h2>{_table(fresh)}
 {label_free}
 <h2>Incidents (alerts of one shift, grouped)</h2>{_table(incidents)}
 <h2>The deployment gate: paired block bootstrap on per-event logloss differences (candidate - current)</h2>
-<ul>{"".join(f"<li><b>{k}</b>: {html.escape(r.format(pct=gate_pct))}</li>" for k, r in GATE_RULES.items())}</ul>{_table(gate)}
+<ul>{"".join(f"<li><b>{k}</b>: {html.escape(r.format(pct=gate_pct))}</li>" for k, r in GATE_RULES.items())}</ul>{
+        _table(gate)
+    }
 <h2>Drift alerts (raw)</h2>{_table(alerts)}
 <h2>Model versions</h2>{_table(versions)}
 <h2>After each model change: new vs previous version on the same events</h2>{_table(promos)}
 <h2>Deployment decisions</h2>{_table(deploys)}
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Stages</h2>{_table(counts)}{_table(thr)}
-{_img(images['throughput'], 'Throughput per stage')}
+{_img(images["throughput"], "Throughput per stage")}
 </body></html>
 """

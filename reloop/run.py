@@ -102,24 +102,24 @@ class RunOptions:
     dataset: str = "movielens-100k"
     #: None (here and below): the config's ``trainer`` / ``gate`` section (jobs.config)
     model: str | None = None
-    speed: float | None = None            # None: as fast as possible; else N x real time
+    speed: float | None = None  # None: as fast as possible; else N x real time
     limit: int | None = None
     inject_drift: str | None = None
     drift_at: float = 0.6
     resume: bool = False
     run_id: str | None = None
     feature_every_s: float = 3.0
-    holdout: int = 1000                   # newest served events kept out of a retrain (its gate events)
-    refresh_every: int | None = None      # examples between checkpoints offered to serving (see bench_refresh_cadence)
-    bootstrap: int | None = None          # examples the first model learns before it serves (never scored)
-    gate_events: int | None = None        # the newest paired events the gate decides on
-    gate_level: float | None = None       # the gate's two-sided interval (each end a one-sided 95 % bound)
-    gate_margin: float | None = None      # a retrain must beat the served logloss by this fraction (and the test)
-    retrain_window: int = 20_000          # at most this many events before the holdout are trained on
-    retrain_min_rows: int = 3000          # wait for this many events after the drift began before retraining
-    retrain_lookback: int = 1000          # the drift is taken to have begun this many events before detection
-    refresh: bool = True                  # promote the incremental trainer's checkpoints through the gate
-    max_lag: int = 1000                   # how far (examples) serving may run ahead of the trainer
+    holdout: int = 1000  # newest served events kept out of a retrain (its gate events)
+    refresh_every: int | None = None  # examples between checkpoints offered to serving (see bench_refresh_cadence)
+    bootstrap: int | None = None  # examples the first model learns before it serves (never scored)
+    gate_events: int | None = None  # the newest paired events the gate decides on
+    gate_level: float | None = None  # the gate's two-sided interval (each end a one-sided 95 % bound)
+    gate_margin: float | None = None  # a retrain must beat the served logloss by this fraction (and the test)
+    retrain_window: int = 20_000  # at most this many events before the holdout are trained on
+    retrain_min_rows: int = 3000  # wait for this many events after the drift began before retraining
+    retrain_lookback: int = 1000  # the drift is taken to have begun this many events before detection
+    refresh: bool = True  # promote the incremental trainer's checkpoints through the gate
+    max_lag: int = 1000  # how far (examples) serving may run ahead of the trainer
     report_root: str = "reports"
     state_root: str = ".state/runs"
     progress: bool = True
@@ -130,7 +130,7 @@ class RunOptions:
     #: the feature job joins them in ``attribution_window`` (None: the config's feature_job section)
     label_delay: str | None = None
     attribution_window: str | None = None
-    train_batch: int | None = None        # the incremental trainer's mini-batch (test-then-train steps)
+    train_batch: int | None = None  # the incremental trainer's mini-batch (test-then-train steps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,23 +144,39 @@ def latest_run(root: Path) -> str | None:
 
 def run_config(cfg: ReloopConfig, run_id: str, state: Path) -> ReloopConfig:
     """The config of one run: its own topic suffix, consumer group and storage under the run directory."""
+
     def under(uri: str, name: str) -> str:
         return str(state / name) if "://" not in uri else posixpath.join(uri, "runs", run_id, name)
 
-    return cfg.model_copy(update={
-        "kafka": cfg.kafka.model_copy(update={"consumer_group": f"{cfg.kafka.consumer_group}.{run_id}",
-                                              "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}",
-                                              "impressions_topic": f"{cfg.kafka.impressions_topic}.{run_id}",
-                                              "feedback_topic": f"{cfg.kafka.feedback_topic}.{run_id}"}),
-        "storage": cfg.storage.model_copy(update={"examples_uri": under(cfg.storage.examples_uri, "examples"),
-                                                  "registry_uri": under(cfg.storage.registry_uri, "registry"),
-                                                  "trainer_uri": under(cfg.storage.trainer_uri, "trainer")}),
-        "feature_job": cfg.feature_job.model_copy(update={"state_uri": under(cfg.feature_job.state_uri,
-                                                                             "feature_state")}),
-        "hooks": cfg.hooks.model_copy(update={"dead_letter_path": str(state / "alerts.deadletter.jsonl")}),
-        "drift": cfg.drift.model_copy(update={"state_path": str(state / "monitor" / "state.json"),
-                                              "audit_log_path": str(state / "monitor" / "audit.jsonl")}),
-    })
+    return cfg.model_copy(
+        update={
+            "kafka": cfg.kafka.model_copy(
+                update={
+                    "consumer_group": f"{cfg.kafka.consumer_group}.{run_id}",
+                    "dlq_topic": f"{cfg.kafka.dlq_topic}.{run_id}",
+                    "impressions_topic": f"{cfg.kafka.impressions_topic}.{run_id}",
+                    "feedback_topic": f"{cfg.kafka.feedback_topic}.{run_id}",
+                }
+            ),
+            "storage": cfg.storage.model_copy(
+                update={
+                    "examples_uri": under(cfg.storage.examples_uri, "examples"),
+                    "registry_uri": under(cfg.storage.registry_uri, "registry"),
+                    "trainer_uri": under(cfg.storage.trainer_uri, "trainer"),
+                }
+            ),
+            "feature_job": cfg.feature_job.model_copy(
+                update={"state_uri": under(cfg.feature_job.state_uri, "feature_state")}
+            ),
+            "hooks": cfg.hooks.model_copy(update={"dead_letter_path": str(state / "alerts.deadletter.jsonl")}),
+            "drift": cfg.drift.model_copy(
+                update={
+                    "state_path": str(state / "monitor" / "state.json"),
+                    "audit_log_path": str(state / "monitor" / "audit.jsonl"),
+                }
+            ),
+        }
+    )
 
 
 def _sibling(uri: str, name: str) -> str:
@@ -173,24 +189,29 @@ def _sibling(uri: str, name: str) -> str:
 def _trainer_predictions(trainer_dir: str) -> dict[str, np.ndarray]:
     """The incremental trainer's test-then-train log: event_id, ts, label, pred (before each update)."""
 
-
     # a local directory or an object-store URI (the cluster profile keeps the trainer's log in the bucket)
     fs, root, local = open_filesystem(trainer_dir)
     d = os.path.join(root, "predictions") if local else posixpath.join(root, "predictions")
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
-                   and i.base_name.endswith(".parquet"))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.startswith("part-") and i.base_name.endswith(".parquet")
+    )
     if not files:
-        return {"event_id": np.zeros(0, object), "ts": np.zeros(0, np.int64), "label": np.zeros(0),
-                "pred": np.zeros(0)}
+        return {"event_id": np.zeros(0, object), "ts": np.zeros(0, np.int64), "label": np.zeros(0), "pred": np.zeros(0)}
     t = ds.dataset(files, format="parquet", filesystem=fs).to_table()
     # a crash can make the trainer re-log a batch under a new name: keep the last prediction per event
     ids = t["event_id"].to_numpy(zero_copy_only=False).astype(object)
     _, last = np.unique(ids[::-1], return_index=True)
     keep = np.sort(len(ids) - 1 - last)
     t = t.take(pa.array(keep)).sort_by("ts")
-    return {"event_id": t["event_id"].to_numpy(zero_copy_only=False).astype(object), "ts": t["ts"].to_numpy(),
-            "label": t["label"].to_numpy().astype(float), "pred": t["pred"].to_numpy().astype(float)}
+    return {
+        "event_id": t["event_id"].to_numpy(zero_copy_only=False).astype(object),
+        "ts": t["ts"].to_numpy(),
+        "label": t["label"].to_numpy().astype(float),
+        "pred": t["pred"].to_numpy().astype(float),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,10 +246,15 @@ class LoopRun:
     def __init__(self, cfg: ReloopConfig, opts: RunOptions) -> None:
         if opts.memory is None:
             opts.memory = cfg.memory.settings()
-        for field, value in (("model", cfg.trainer.model), ("train_batch", cfg.trainer.batch_size),
-                             ("refresh_every", cfg.trainer.refresh_every), ("bootstrap", cfg.trainer.bootstrap),
-                             ("gate_events", cfg.gate.events), ("gate_level", cfg.gate.level),
-                             ("gate_margin", cfg.gate.margin)):
+        for field, value in (
+            ("model", cfg.trainer.model),
+            ("train_batch", cfg.trainer.batch_size),
+            ("refresh_every", cfg.trainer.refresh_every),
+            ("bootstrap", cfg.trainer.bootstrap),
+            ("gate_events", cfg.gate.events),
+            ("gate_level", cfg.gate.level),
+            ("gate_margin", cfg.gate.margin),
+        ):
             if getattr(opts, field) is None:
                 setattr(opts, field, value)
         self.base_cfg, self.opts = cfg, opts
@@ -252,8 +278,9 @@ class LoopRun:
         self.delayed = opts.label_delay not in (None, "none")
         if self.delayed:
             self._delayed_setup()
-        self.topics = ([self.cfg.kafka.impressions_topic, self.cfg.kafka.feedback_topic] if self.delayed
-                       else [self.topic])
+        self.topics = (
+            [self.cfg.kafka.impressions_topic, self.cfg.kafka.feedback_topic] if self.delayed else [self.topic]
+        )
         self.report_dir = Path(opts.report_root) / run_id
         self.stop = threading.Event()
         self.replay_done = threading.Event()
@@ -268,12 +295,20 @@ class LoopRun:
         self.dataset_rows = 0
         self.predictions = None
         self.trainer = None
-        self.join_counts: dict[str, int] = {}   # the attribution join's counters, summed over micro-batches
+        self.join_counts: dict[str, int] = {}  # the attribution join's counters, summed over micro-batches
         self.t0 = time.time()
         if not opts.resume:
-            (self.state / "run.json").write_text(json.dumps(
-                {"run_id": run_id, "created": time.time(), "topic": self.topic,
-                 "options": {k: getattr(opts, k) for k in RESUMED}}, indent=2))
+            (self.state / "run.json").write_text(
+                json.dumps(
+                    {
+                        "run_id": run_id,
+                        "created": time.time(),
+                        "topic": self.topic,
+                        "options": {k: getattr(opts, k) for k in RESUMED},
+                    },
+                    indent=2,
+                )
+            )
 
     def _delayed_setup(self) -> None:
         """Check ``--label-delay`` / ``--attribution-window`` before anything starts; the window goes into the
@@ -307,7 +342,6 @@ class LoopRun:
 
         table = load_dataset(self.opts.dataset, limit=self.opts.limit)
         if self.opts.inject_drift:
-
             table, shift = inject_drift(table, self.opts.inject_drift, at=self.opts.drift_at, seed=self.opts.seed)
             self.shift = shift.to_dict()
         return table
@@ -328,11 +362,18 @@ class LoopRun:
 
         if self.delayed:
             k = self.cfg.kafka
-            skip = ((self._on_topic(k.impressions_topic, "impression_id"),
-                     self._on_topic(k.feedback_topic, "impression_id")) if self.opts.resume else None)
+            skip = (
+                (
+                    self._on_topic(k.impressions_topic, "impression_id"),
+                    self._on_topic(k.feedback_topic, "impression_id"),
+                )
+                if self.opts.resume
+                else None
+            )
             self.c.replayed = len(skip[0]) if skip else 0
-            stats = replay_delayed(table, k, self.opts.label_delay, seed=self.opts.seed, speed=self.opts.speed,
-                                   skip=skip)
+            stats = replay_delayed(
+                table, k, self.opts.label_delay, seed=self.opts.seed, speed=self.opts.speed, skip=skip
+            )
             self.c.replayed += stats.impressions.events
             self.c.replay_seconds += stats.impressions.seconds
             self.replay_done.set()
@@ -380,15 +421,26 @@ class LoopRun:
 
     def _trainer_config(self):
 
-        return TrainerConfig(examples_uri=self.cfg.storage.examples_uri, checkpoint_dir=self.cfg.storage.trainer_uri,
-                             registry_uri=self.cfg.storage.registry_uri, model_kind=self.opts.model,
-                             # a checkpoint, and a version offered to serving, every `refresh_every` examples
-                             # (by count, not seconds: the cadence is a property of the stream, not the machine);
-                             # the first after the bootstrap warm-up, learned before the serving clock binds
-                             checkpoint_every=self.opts.refresh_every, checkpoint_seconds=1e9, publish_every=1,
-                             promote=False, poll_seconds=0.2, seed=self.opts.seed, free_examples=self.opts.bootstrap,
-                             batch_size=self.opts.train_batch, optimizer=self.cfg.trainer.optimizer,
-                             lr=self.cfg.trainer.lr, weight_decay=self.cfg.trainer.weight_decay)
+        return TrainerConfig(
+            examples_uri=self.cfg.storage.examples_uri,
+            checkpoint_dir=self.cfg.storage.trainer_uri,
+            registry_uri=self.cfg.storage.registry_uri,
+            model_kind=self.opts.model,
+            # a checkpoint, and a version offered to serving, every `refresh_every` examples
+            # (by count, not seconds: the cadence is a property of the stream, not the machine);
+            # the first after the bootstrap warm-up, learned before the serving clock binds
+            checkpoint_every=self.opts.refresh_every,
+            checkpoint_seconds=1e9,
+            publish_every=1,
+            promote=False,
+            poll_seconds=0.2,
+            seed=self.opts.seed,
+            free_examples=self.opts.bootstrap,
+            batch_size=self.opts.train_batch,
+            optimizer=self.cfg.trainer.optimizer,
+            lr=self.cfg.trainer.lr,
+            weight_decay=self.cfg.trainer.weight_decay,
+        )
 
     def _heartbeat_learned(self) -> int:
         """The trainer's progress from its heartbeat file (written after every batch): a local read, so the
@@ -424,8 +476,7 @@ class LoopRun:
                 if caught_up and deployer.requested is not None and not live.has_pending():
                     deployer.requested = None  # the stream ended before enough post-drift data arrived
                     deployer._log("retrain dropped: the stream ended first")
-                if caught_up and deployer.pending is None and deployer.requested is None \
-                        and not live.has_pending():
+                if caught_up and deployer.pending is None and deployer.requested is None and not live.has_pending():
                     deployer.flush()  # a checkpoint waiting for gate events is decided on what exists
                     break
                 # waiting for the trainer (its heartbeat is a local file): look again soon; for new examples
@@ -453,37 +504,54 @@ class LoopRun:
 
     def _run(self) -> dict[str, Any]:
 
-
         if not self.opts.resume:
-
             for topic in self.topics:
                 if sum(end_offsets(self.cfg.kafka, topic).values()):
-                    raise RunError(f"run id {self.run_id!r} is taken: topic {topic} already holds events; choose "
-                                   f"another --run-id, or --resume it")
+                    raise RunError(
+                        f"run id {self.run_id!r} is taken: topic {topic} already holds events; choose "
+                        f"another --run-id, or --resume it"
+                    )
         ensure_topics(self.cfg.kafka, [*self.topics, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
         table = self._load_table()
         self.dataset_rows = table.num_rows
         registry = ModelRegistry(self.cfg.storage.registry_uri)
         if self.delayed:
-            live = self.live = DelayedServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory,
-                                                  window_ms=self.window_ms)
+            live = self.live = DelayedServingLoop(
+                self.cfg.storage.examples_uri, registry, self.opts.memory, window_ms=self.window_ms
+            )
         else:
             live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
         o = self.opts
-        deployer = Deployer(registry, live, DeployConfig(
-            examples_uri=self.cfg.storage.examples_uri, registry_uri=self.cfg.storage.registry_uri,
-            work_dir=str(self.state), model=o.model, seed=o.seed, memory=o.memory, refresh=o.refresh,
-            gate_events=o.gate_events, gate_min_events=max(100, o.gate_events // 2), gate_level=o.gate_level,
-            gate_margin=o.gate_margin,
-            retrain_window=o.retrain_window, retrain_min_rows=o.retrain_min_rows,
-            retrain_lookback=o.retrain_lookback, holdout=o.holdout,
-            ray_train_uri=_sibling(self.cfg.storage.trainer_uri, "ray_train"),
-            retrain_workers=self.cfg.ray.retrain_workers, retrain_placement=self.cfg.ray.retrain_placement))
+        deployer = Deployer(
+            registry,
+            live,
+            DeployConfig(
+                examples_uri=self.cfg.storage.examples_uri,
+                registry_uri=self.cfg.storage.registry_uri,
+                work_dir=str(self.state),
+                model=o.model,
+                seed=o.seed,
+                memory=o.memory,
+                refresh=o.refresh,
+                gate_events=o.gate_events,
+                gate_min_events=max(100, o.gate_events // 2),
+                gate_level=o.gate_level,
+                gate_margin=o.gate_margin,
+                retrain_window=o.retrain_window,
+                retrain_min_rows=o.retrain_min_rows,
+                retrain_lookback=o.retrain_lookback,
+                holdout=o.holdout,
+                ray_train_uri=_sibling(self.cfg.storage.trainer_uri, "ray_train"),
+                retrain_workers=self.cfg.ray.retrain_workers,
+                retrain_placement=self.cfg.ray.retrain_placement,
+            ),
+        )
         deployer.t0 = live.t0 = self.t0
         try:  # the scored predictions, as a log on Kafka that `reloop monitor` can read
             ensure_topics(self.cfg.kafka, [self.cfg.drift.predictions_topic])
-            live.publish = self.predictions = PredictionLog(self.cfg.kafka, self.cfg.drift.predictions_topic,
-                                                            self.run_id, tuple(self.cfg.drift.features))
+            live.publish = self.predictions = PredictionLog(
+                self.cfg.kafka, self.cfg.drift.predictions_topic, self.run_id, tuple(self.cfg.drift.features)
+            )
         except Exception as e:  # noqa: BLE001 - the in-process monitors still see every prediction
             self.errors.append(f"predictions topic: {e!r}")
         live.mark_ts = self.shift["start_ts"] if self.shift else None
@@ -499,7 +567,8 @@ class LoopRun:
         else:
             init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env_vars})
         trainer = ray.remote(num_cpus=1, max_concurrency=2, resources=dict(self.cfg.ray.trainer_resources) or None)(
-            IncrementalTrainer).remote(self._trainer_config())
+            IncrementalTrainer
+        ).remote(self._trainer_config())
         self.trainer = trainer
         # a promoted warm retrain becomes the trainer's starting point: one lineage, refreshed as before
         deployer.on_promoted = lambda version: trainer.adopt.remote(version)
@@ -509,9 +578,14 @@ class LoopRun:
         except Exception as e:  # noqa: BLE001
             ray.shutdown()
             raise RunError(f"the trainer actor did not start: {e!r}") from e
-        threads = [threading.Thread(target=self._guard, args=(name, fn), name=name, daemon=True)
-                   for name, fn in (("replay", lambda: self._replay(table)), ("features", self._features),
-                                    ("live", lambda: self._live(live, deployer)))]
+        threads = [
+            threading.Thread(target=self._guard, args=(name, fn), name=name, daemon=True)
+            for name, fn in (
+                ("replay", lambda: self._replay(table)),
+                ("features", self._features),
+                ("live", lambda: self._live(live, deployer)),
+            )
+        ]
         progress = _Progress(self) if self.opts.progress else None
         # our own handlers (after ray.init, which installs some): Ctrl-C or SIGTERM asks every stage to stop
         # at its next safe point, whatever thread the signal lands in
@@ -581,17 +655,27 @@ class LoopRun:
     def _interrupt(self, signum, frame) -> None:
         if not self.interrupted:
             self.interrupted = True
-            self.errors.append(f"interrupted ({signal.Signals(signum).name}): stopped cleanly; "
-                               f"`reloop run --resume --run-id {self.run_id}` continues")
+            self.errors.append(
+                f"interrupted ({signal.Signals(signum).name}): stopped cleanly; "
+                f"`reloop run --resume --run-id {self.run_id}` continues"
+            )
         self.stop.set()
 
     def _on_request(self, live):
         def on_request(req) -> None:
             self.c.alerts += 1
-            self.alerts.append({"ts": live.last_ts, "wall_s": round(time.time() - self.t0, 2),
-                                "at_event": live.scored, "action": req.action,
-                                "level": req.level,
-                                "summary": req.reason, "detectors": [d.detector for d in req.detections]})
+            self.alerts.append(
+                {
+                    "ts": live.last_ts,
+                    "wall_s": round(time.time() - self.t0, 2),
+                    "at_event": live.scored,
+                    "action": req.action,
+                    "level": req.level,
+                    "summary": req.reason,
+                    "detectors": [d.detector for d in req.detections],
+                }
+            )
+
         return on_request
 
     # -- resume support -----------------------------------------------------------------------------
@@ -601,17 +685,26 @@ class LoopRun:
         d.mkdir(exist_ok=True)
         a = live.trace.arrays()
 
-        pq.write_table(pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in a.items()}),
-                       d / "trace.parquet")
-        (d / "state.json").write_text(json.dumps({
-            "position": live.position.to_dict(), "unscored": live.unscored, "versions": live.versions,
-            "alerts": self.alerts, "counters": self.c.__dict__}, default=str))
+        pq.write_table(
+            pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in a.items()}), d / "trace.parquet"
+        )
+        (d / "state.json").write_text(
+            json.dumps(
+                {
+                    "position": live.position.to_dict(),
+                    "unscored": live.unscored,
+                    "versions": live.versions,
+                    "alerts": self.alerts,
+                    "counters": self.c.__dict__,
+                },
+                default=str,
+            )
+        )
         save_state(monitor, d / "monitor.json")
         if self.delayed:
             live.save(d)
 
     def _load_live(self, live, monitor) -> None:
-
 
         d = self.state / "live"
         if not (d / "state.json").exists():
@@ -630,8 +723,18 @@ class LoopRun:
             live.trace.horizon = [np.array(t.get("horizon", [-1] * len(t["ts"])), np.int64)]
             live.trace.label_ts = [np.array(t.get("label_ts", t["ts"]), np.int64)]
             live.scored = len(t["ts"])
-        for k in ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates",
-                  "examples_written", "feature_runs", "feature_seconds", "alerts"):
+        for k in (
+            "records_read",
+            "events_parsed",
+            "dead_lettered",
+            "accepted",
+            "late",
+            "duplicates",
+            "examples_written",
+            "feature_runs",
+            "feature_seconds",
+            "alerts",
+        ):
             setattr(self.c, k, s["counters"].get(k, 0))
         load_state(monitor, d / "monitor.json")
         if self.delayed:
@@ -646,56 +749,99 @@ class LoopRun:
             order = np.argsort(a["ts"], kind="stable")
             a = {k: v[order] for k, v in a.items()}
         tp = _trainer_predictions(self.cfg.storage.trainer_uri)
-        series = {"served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
-                  "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"])}
+        series = {
+            "served": Series(a["ts"], a["y"], a["p_base"], a["user"]),
+            "served+memory": Series(a["ts"], a["y"], a["p_mem"], a["user"]),
+        }
         if len(tp["ts"]):
             # on the same events as the served variants: the trainer's warm-up, which serving never scores,
             # is left out of its figure too
             users = dict(zip(a["event_id"].tolist(), a["user"].tolist()))
             same = np.array([e in users for e in tp["event_id"]], bool)
-            series["incremental"] = Series(tp["ts"][same], tp["label"][same], tp["pred"][same],
-                                           np.array([users[e] for e in tp["event_id"][same]], object))
+            series["incremental"] = Series(
+                tp["ts"][same],
+                tp["label"][same],
+                tp["pred"][same],
+                np.array([users[e] for e in tp["event_id"][same]], object),
+            )
 
         incidents = group_incidents(self.alerts, deployer.events, end_event=live.scored)
         c = self.c
         wall = time.time() - self.t0
-        throughput = {"replay": c.replayed / c.replay_seconds if c.replay_seconds else 0.0,
-                      "feature job": c.records_read / c.feature_seconds if c.feature_seconds else 0.0,
-                      "trainer (wall)": c.learned / wall if wall else 0.0,
-                      "scoring + memory": c.scored / live.score_seconds if live.score_seconds else 0.0}
-        counts = {"events in dataset": self.dataset_rows, "replayed": c.replayed,
-                  "consumed": c.records_read, "committed offsets": self.committed, "parsed": c.events_parsed,
-                  "dead-lettered": c.dead_lettered,
-                  "featurised (accepted)": c.accepted, "late": c.late, "duplicates": c.duplicates,
-                  "examples written": c.examples_written, "examples learned": c.learned,
-                  "scored": live.scored, "arrived before the first model": live.unscored,
-                  "alerts": c.alerts, "incidents": len(incidents), "retrains": deployer.retrains,
-                  "rollbacks": deployer.rollbacks, "gate decisions": len(deployer.decisions),
-                  "model versions served": len(live.versions),
-                  "predictions published": self.predictions.sent if self.predictions is not None else 0}
+        throughput = {
+            "replay": c.replayed / c.replay_seconds if c.replay_seconds else 0.0,
+            "feature job": c.records_read / c.feature_seconds if c.feature_seconds else 0.0,
+            "trainer (wall)": c.learned / wall if wall else 0.0,
+            "scoring + memory": c.scored / live.score_seconds if live.score_seconds else 0.0,
+        }
+        counts = {
+            "events in dataset": self.dataset_rows,
+            "replayed": c.replayed,
+            "consumed": c.records_read,
+            "committed offsets": self.committed,
+            "parsed": c.events_parsed,
+            "dead-lettered": c.dead_lettered,
+            "featurised (accepted)": c.accepted,
+            "late": c.late,
+            "duplicates": c.duplicates,
+            "examples written": c.examples_written,
+            "examples learned": c.learned,
+            "scored": live.scored,
+            "arrived before the first model": live.unscored,
+            "alerts": c.alerts,
+            "incidents": len(incidents),
+            "retrains": deployer.retrains,
+            "rollbacks": deployer.rollbacks,
+            "gate decisions": len(deployer.decisions),
+            "model versions served": len(live.versions),
+            "predictions published": self.predictions.sent if self.predictions is not None else 0,
+        }
         extra: dict[str, Any] = {}
         if self.delayed:
             counts.update({f"join: {k.replace('_', ' ')}": v for k, v in sorted(self.join_counts.items())})
-            extra["label_delay"] = {"delay": self.opts.label_delay, "attribution_window_s": self.window_ms / 1000,
-                                    "label_free": _label_free(a)}
-        violations = [v["version"] for v in live.versions
-                      if v.get("first_served_ts") is not None and
-                      (v.get("trained_until_ts") is None or v["trained_until_ts"] >= v["first_served_ts"])]
-        rec = RunRecord(self.run_id, self.opts.dataset, self.opts.model, series, alerts=self.alerts,
-                        versions=live.versions, shift=self.shift, throughput=throughput, counts=counts,
-                        seconds=wall, extra={"errors": self.errors, "deployer": deployer.events,
-                                             "incidents": incidents, "gate": deployer.decisions,
-                                             "retrain_comparisons": deployer.retrain_comparisons,
-                                             "freshness": freshness(a["ts"], a["horizon"]),
-                                             "causal_violations": violations,
-                                             "promotions": live.trace.promotions(live.versions),
-                                             "shift_first_served_wall_s": live.mark_wall_s,
-                                             "shift_first_served_at_event": live.mark_event,
-                                             "topic": ", ".join(self.topics), "state_dir": str(self.state),
-                                             "report_dir": str(self.report_dir), **extra})
+            extra["label_delay"] = {
+                "delay": self.opts.label_delay,
+                "attribution_window_s": self.window_ms / 1000,
+                "label_free": _label_free(a),
+            }
+        violations = [
+            v["version"]
+            for v in live.versions
+            if v.get("first_served_ts") is not None
+            and (v.get("trained_until_ts") is None or v["trained_until_ts"] >= v["first_served_ts"])
+        ]
+        rec = RunRecord(
+            self.run_id,
+            self.opts.dataset,
+            self.opts.model,
+            series,
+            alerts=self.alerts,
+            versions=live.versions,
+            shift=self.shift,
+            throughput=throughput,
+            counts=counts,
+            seconds=wall,
+            extra={
+                "errors": self.errors,
+                "deployer": deployer.events,
+                "incidents": incidents,
+                "gate": deployer.decisions,
+                "retrain_comparisons": deployer.retrain_comparisons,
+                "freshness": freshness(a["ts"], a["horizon"]),
+                "causal_violations": violations,
+                "promotions": live.trace.promotions(live.versions),
+                "shift_first_served_wall_s": live.mark_wall_s,
+                "shift_first_served_at_event": live.mark_event,
+                "topic": ", ".join(self.topics),
+                "state_dir": str(self.state),
+                "report_dir": str(self.report_dir),
+                **extra,
+            },
+        )
         if violations:
-            self.errors.append(f"causal clock violated by {', '.join(violations)}: served events at or before "
-                               f"their trained_until_ts")
+            self.errors.append(
+                f"causal clock violated by {', '.join(violations)}: served events at or before their trained_until_ts"
+            )
         write_report(rec, self.report_dir)
         summary = json.loads((self.report_dir / "summary.json").read_text())
         summary.pop("over_time", None)
@@ -710,8 +856,9 @@ def _label_free(a: dict[str, np.ndarray]) -> dict[str, Any]:
     if n < 4000:
         return {"chunks": [], "note": f"{n} served impressions: too few for chunks of 2,000"}
     chunk = 2000 if n >= 20_000 else max(500, n // 10)
-    out = estimate_over_time(a["p_mem"], a["ts"], a["y"], a["label_ts"], start=chunk, chunk=chunk,
-                             calibration_window=5000)
+    out = estimate_over_time(
+        a["p_mem"], a["ts"], a["y"], a["label_ts"], start=chunk, chunk=chunk, calibration_window=5000
+    )
     return {**out, "chunk": chunk}
 
 
@@ -730,32 +877,40 @@ class _Progress:
     def update(self, total: int) -> None:
         from rich.table import Table
 
-
         c, r = self.run.c, self.run
         t = Table(title=f"reloop run {r.run_id}  ({time.time() - r.t0:.0f}s)", show_header=True)
         for col in ("stage", "progress", "detail"):
             t.add_column(col)
         t.add_row("replay", f"{c.replayed:,} / {total:,}", r.topic)
-        t.add_row("features", f"{c.records_read:,} read", f"{c.accepted:,} featurised, {c.dead_lettered:,} "
-                  f"dead-lettered, {c.feature_runs} micro-batches")
+        t.add_row(
+            "features",
+            f"{c.records_read:,} read",
+            f"{c.accepted:,} featurised, {c.dead_lettered:,} dead-lettered, {c.feature_runs} micro-batches",
+        )
         t.add_row("trainer", f"{c.learned:,} learned", f"of {c.examples_written:,} examples written")
         detail = f"version {c.version or '-'}"
         if r.live is not None and r.live.scored >= 500:
             last = r.live.trace.last(5000)
             if 0 < last["y"].sum() < len(last["y"]):
-                detail += (f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
-                           f"{auc(last['y'], last['p_mem']):.4f} with memory")
+                detail += (
+                    f", AUC last {len(last['y']):,}: {auc(last['y'], last['p_base']):.4f} base, "
+                    f"{auc(last['y'], last['p_mem']):.4f} with memory"
+                )
         if r.live is not None and r.live.scored:
-
             a = r.live.trace.arrays()
             f = freshness(a["ts"], a["horizon"])
             if "events" in f:
-                detail += (f"; freshness p50/p99 {f['events']['p50']:,.0f}/{f['events']['p99']:,.0f} events, "
-                           f"{f['seconds']['p50'] / 3600:,.1f}/{f['seconds']['p99'] / 3600:,.1f} h behind")
+                detail += (
+                    f"; freshness p50/p99 {f['events']['p50']:,.0f}/{f['events']['p99']:,.0f} events, "
+                    f"{f['seconds']['p50'] / 3600:,.1f}/{f['seconds']['p99'] / 3600:,.1f} h behind"
+                )
         t.add_row("serving", f"{c.scored:,} scored", detail)
 
-        t.add_row("drift", f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents",
-                  "; ".join(f"{a['action']}: {a['summary'][:40]}" for a in r.alerts[-2:]))
+        t.add_row(
+            "drift",
+            f"{c.alerts} alerts, {len(group_incidents(r.alerts))} incidents",
+            "; ".join(f"{a['action']}: {a['summary'][:40]}" for a in r.alerts[-2:]),
+        )
         if r.errors:
             t.add_row("errors", str(len(r.errors)), r.errors[-1][:80])
         self.live.update(t)

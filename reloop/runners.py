@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 from online_models.errors import ReloopError
 
+
 class RunnerError(ReloopError, RuntimeError):
     """The requested runner cannot be used: e.g. the local Flink job server did not start."""
 
@@ -23,8 +24,7 @@ def _has(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def runner_args(runner: str | None, args: list[str], start_local_flink: Callable[[], str] | None = None
-                ) -> list[str]:
+def runner_args(runner: str | None, args: list[str], start_local_flink: Callable[[], str] | None = None) -> list[str]:
     """Beam flags for ``runner`` followed by ``args``; ``start_local_flink()`` returns the job endpoint.
 
     >>> runner_args(None, ["--max_events=5"])

@@ -167,18 +167,28 @@ class Service:
         if self.pid() is not None and self.ready():
             return self.status()
         if self.pid() is None and self.ready():
-            raise ServiceError(f"{self.name}: {self.address()} is already in use by a process reloop did not start; "
-                               f"stop it or choose another port (see reloop/services.py)")
+            raise ServiceError(
+                f"{self.name}: {self.address()} is already in use by a process reloop did not start; "
+                f"stop it or choose another port (see reloop/services.py)"
+            )
         self.prepare()
         log = open(self.dir / "process.log", "ab")
-        proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env(), cwd=self.dir, start_new_session=True)
+        proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            cwd=self.dir,
+            start_new_session=True,
+        )
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with code {proc.returncode}; "
-                                   f"see {self.dir / 'process.log'}\n{self._tail()}")
+                raise ServiceError(
+                    f"{self.name} exited with code {proc.returncode}; see {self.dir / 'process.log'}\n{self._tail()}"
+                )
             if self.ready():
                 return self.status()
             time.sleep(0.5)
@@ -241,8 +251,9 @@ class Kafka(Service):
     name = "kafka"
     lib = INFRA / "kafka" / "lib"
 
-    def __init__(self, root: Path | None = None, port: int = KAFKA_PORT,
-                 controller_port: int = KAFKA_CONTROLLER_PORT) -> None:
+    def __init__(
+        self, root: Path | None = None, port: int = KAFKA_PORT, controller_port: int = KAFKA_CONTROLLER_PORT
+    ) -> None:
         super().__init__(root)
         self.port, self.controller_port = port, controller_port
 
@@ -265,10 +276,19 @@ class Kafka(Service):
         return str(self.lib / "*")
 
     def _jvm(self, main: str, *args: str, heap: str = "-Xmx512m") -> list[str]:
-        return [self._java(), heap, "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={INFRA / 'kafka' / 'log4j2.properties'}",
-                f"-Dkafka.logs.dir={self.dir / 'logs'}",
-                "-cp", self._classpath(), main, *args]
+        return [
+            self._java(),
+            heap,
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={INFRA / 'kafka' / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.dir / 'logs'}",
+            "-cp",
+            self._classpath(),
+            main,
+            *args,
+        ]
 
     @property
     def props(self) -> Path:
@@ -280,10 +300,31 @@ class Kafka(Service):
         self.props.write_text(template.format(port=self.port, controller_port=self.controller_port, data_dir=data))
         (self.dir / "logs").mkdir(exist_ok=True)
         if not (data / "meta.properties").exists():
-            cluster_id = subprocess.run(self._jvm("kafka.tools.StorageTool", "random-uuid", heap="-Xmx128m"),
-                                        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            subprocess.run(self._jvm("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.props),
-                                     "--standalone", heap="-Xmx128m"), check=True, capture_output=True, text=True)
+            cluster_id = (
+                subprocess.run(
+                    self._jvm("kafka.tools.StorageTool", "random-uuid", heap="-Xmx128m"),
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            subprocess.run(
+                self._jvm(
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(self.props),
+                    "--standalone",
+                    heap="-Xmx128m",
+                ),
+                check=True,
+                capture_output=True,
+                text=True,
+            )
 
     def command(self) -> list[str]:
         return self._jvm("kafka.Kafka", str(self.props))
@@ -341,8 +382,9 @@ class Redis(Service):
             self.password_file.write_text(secrets.token_hex(24))
             self.password_file.chmod(0o600)
         pw = self.password()
-        self.conf_file.write_text(f"requirepass {pw}\nrename-command FLUSHALL \"\"\nrename-command FLUSHDB \"\"\n"
-                                  f"rename-command CONFIG \"\"\n")
+        self.conf_file.write_text(
+            f'requirepass {pw}\nrename-command FLUSHALL ""\nrename-command FLUSHDB ""\nrename-command CONFIG ""\n'
+        )
         self.conf_file.chmod(0o600)
 
     def password(self) -> str:
@@ -357,9 +399,24 @@ class Redis(Service):
         return f"{REDIS_URL},password={pw}" if pw else REDIS_URL
 
     def command(self) -> list[str]:
-        return [self._bin(), str(self.conf_file), "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-                "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--protected-mode", "yes"]
+        return [
+            self._bin(),
+            str(self.conf_file),
+            "--port",
+            str(REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
 
     def ready(self) -> bool:
         if not _port_open(REDIS_PORT):
@@ -400,11 +457,21 @@ class Ray(Service):
 
     def command(self) -> list[str]:
         ray = Path(sys.executable).parent / "ray"
-        return [str(ray), "start", "--head", "--block", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={RAY_DASHBOARD_PORT}", "--include-dashboard=true",
-                f"--temp-dir={self.dir / 'tmp'}", "--disable-usage-stats",
-                f"--ray-client-server-port={RAY_CLIENT_PORT}",
-                "--resources=" + json.dumps({RAY_HEAD_RESOURCE: NODE_RESOURCE_UNITS})]
+        return [
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            f"--port={RAY_PORT}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={RAY_DASHBOARD_PORT}",
+            "--include-dashboard=true",
+            f"--temp-dir={self.dir / 'tmp'}",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={RAY_CLIENT_PORT}",
+            "--resources=" + json.dumps({RAY_HEAD_RESOURCE: NODE_RESOURCE_UNITS}),
+        ]
 
     def stop(self, timeout_s: float = 30.0) -> None:
         for w in running_ray_workers():  # a worker node without its head only retries: stop it first
@@ -415,9 +482,9 @@ class Ray(Service):
         if not _port_open(RAY_DASHBOARD_PORT):
             return False
         try:
-
-            req = urllib.request.Request(f"{RAY_DASHBOARD}/api/version",
-                                         headers={"Authorization": f"Bearer {self._token()}"})
+            req = urllib.request.Request(
+                f"{RAY_DASHBOARD}/api/version", headers={"Authorization": f"Bearer {self._token()}"}
+            )
             with urllib.request.urlopen(req, timeout=2) as r:
                 return r.status == 200
         except Exception:  # not serving yet
@@ -446,17 +513,36 @@ class Flink(Service):
     lib = INFRA / "flink" / "lib"
     ready_timeout_s = 120.0
     # Flink and Beam reflect into JDK internals; Java 17 refuses without these
-    ADD_OPENS = ("java.base/java.lang", "java.base/java.lang.invoke", "java.base/java.lang.reflect",
-                 "java.base/java.io", "java.base/java.net", "java.base/java.nio", "java.base/java.text",
-                 "java.base/java.time", "java.base/java.util", "java.base/java.util.concurrent",
-                 "java.base/java.util.concurrent.atomic", "java.base/sun.nio.ch")
+    ADD_OPENS = (
+        "java.base/java.lang",
+        "java.base/java.lang.invoke",
+        "java.base/java.lang.reflect",
+        "java.base/java.io",
+        "java.base/java.net",
+        "java.base/java.nio",
+        "java.base/java.text",
+        "java.base/java.time",
+        "java.base/java.util",
+        "java.base/java.util.concurrent",
+        "java.base/java.util.concurrent.atomic",
+        "java.base/sun.nio.ch",
+    )
 
-    def __init__(self, root: Path | None = None, job_port: int = FLINK_JOB_PORT,
-                 artifact_port: int = FLINK_ARTIFACT_PORT, expansion_port: int = FLINK_EXPANSION_PORT,
-                 heap: str = os.environ.get("RELOOP_FLINK_HEAP", "1g")) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        job_port: int = FLINK_JOB_PORT,
+        artifact_port: int = FLINK_ARTIFACT_PORT,
+        expansion_port: int = FLINK_EXPANSION_PORT,
+        heap: str = os.environ.get("RELOOP_FLINK_HEAP", "1g"),
+    ) -> None:
         super().__init__(root)
-        self.job_port, self.artifact_port, self.expansion_port, self.heap = (job_port, artifact_port,
-                                                                             expansion_port, heap)
+        self.job_port, self.artifact_port, self.expansion_port, self.heap = (
+            job_port,
+            artifact_port,
+            expansion_port,
+            heap,
+        )
 
     def address(self) -> str:
         return f"localhost:{self.job_port}"
@@ -470,7 +556,7 @@ class Flink(Service):
         jars = sorted(self.lib.glob("beam-runners-flink-1.*-[0-9]*.jar"))
         if not jars:
             return "?"
-        flink, beam = jars[0].stem[len("beam-runners-flink-"):].split("-", 1)
+        flink, beam = jars[0].stem[len("beam-runners-flink-") :].split("-", 1)
         return f"beam {beam}, flink {flink}"
 
     def command(self) -> list[str]:
@@ -478,17 +564,30 @@ class Flink(Service):
         if not java:
             raise ServiceError("java not found: the Flink job server needs Java 11 or 17")
         if not (self.lib / ".complete").exists():
-            raise ServiceError(f"Flink job server jars missing in {self.lib}; run scripts/setup.sh "
-                               f"(it fetches them with mvn)")
-        return [java, f"-Xmx{self.heap}", "-Xms256m", "-XX:MaxDirectMemorySize=512m", "-XX:+UseG1GC",
-                "-XX:ParallelGCThreads=2", "-Djava.awt.headless=true",
-                *(f"--add-opens={m}=ALL-UNNAMED" for m in self.ADD_OPENS),
-                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
-                "-Dorg.slf4j.simpleLogger.log.org.apache.beam.runners.jobsubmission=info",
-                "-Dorg.slf4j.simpleLogger.showDateTime=true",
-                "-cp", str(self.lib / "*"), "org.apache.beam.runners.flink.FlinkJobServerDriver",
-                "--flink-master=[local]", "--job-host=localhost", f"--job-port={self.job_port}",
-                f"--artifact-port={self.artifact_port}", f"--expansion-port={self.expansion_port}"]
+            raise ServiceError(
+                f"Flink job server jars missing in {self.lib}; run scripts/setup.sh (it fetches them with mvn)"
+            )
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            "-Xms256m",
+            "-XX:MaxDirectMemorySize=512m",
+            "-XX:+UseG1GC",
+            "-XX:ParallelGCThreads=2",
+            "-Djava.awt.headless=true",
+            *(f"--add-opens={m}=ALL-UNNAMED" for m in self.ADD_OPENS),
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "-Dorg.slf4j.simpleLogger.log.org.apache.beam.runners.jobsubmission=info",
+            "-Dorg.slf4j.simpleLogger.showDateTime=true",
+            "-cp",
+            str(self.lib / "*"),
+            "org.apache.beam.runners.flink.FlinkJobServerDriver",
+            "--flink-master=[local]",
+            "--job-host=localhost",
+            f"--job-port={self.job_port}",
+            f"--artifact-port={self.artifact_port}",
+            f"--expansion-port={self.expansion_port}",
+        ]
 
     def ready(self) -> bool:
         """Both gRPC endpoints answer an HTTP/2 handshake (a bare TCP probe would log protocol errors)."""
@@ -538,10 +637,18 @@ class KafkaExpansion(Service):
         if not (self.lib / ".complete").exists():
             raise ServiceError(f"expansion service jars missing in {self.lib}; run scripts/setup.sh")
 
-        return [java, f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
-                "-cp", str(self.lib / "*"), "org.apache.beam.sdk.expansion.service.ExpansionService",
-                str(self.port), "--defaultEnvironmentType=PROCESS",
-                "--defaultEnvironmentConfig=" + json.dumps({"command": str(self.boot)})]
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            "-XX:+UseSerialGC",
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "-cp",
+            str(self.lib / "*"),
+            "org.apache.beam.sdk.expansion.service.ExpansionService",
+            str(self.port),
+            "--defaultEnvironmentType=PROCESS",
+            "--defaultEnvironmentConfig=" + json.dumps({"command": str(self.boot)}),
+        ]
 
     def ready(self) -> bool:
         if not _port_open(self.port):
@@ -567,8 +674,13 @@ class RayWorker(Service):
 
     ready_timeout_s = 120.0
 
-    def __init__(self, index: int = 1, root: Path | None = None, num_cpus: int | None = None,
-                 object_store_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        index: int = 1,
+        root: Path | None = None,
+        num_cpus: int | None = None,
+        object_store_bytes: int = 512 * 1024 * 1024,
+    ) -> None:
         super().__init__(root)
         if index < 1:
             raise ServiceError(f"ray worker node index must be >= 1, got {index}")
@@ -597,14 +709,25 @@ class RayWorker(Service):
     def command(self) -> list[str]:
         ray = Path(sys.executable).parent / "ray"
         b = self.base
-        cmd = [str(ray), "start", f"--address={RAY_ADDRESS}", "--block", "--node-ip-address=127.0.0.1",
-               f"--node-manager-port={b}", f"--object-manager-port={b + 1}",
-               f"--dashboard-agent-listen-port={b + 2}", f"--dashboard-agent-grpc-port={b + 3}",
-               f"--metrics-export-port={b + 4}", f"--runtime-env-agent-port={b + 5}",
-               f"--min-worker-port={b + 100}", f"--max-worker-port={b + 199}",
-               f"--object-store-memory={self.object_store_bytes}",
-               f"--temp-dir={Ray(self.root).dir / 'tmp'}", "--disable-usage-stats",
-               "--resources=" + json.dumps({self.resource: NODE_RESOURCE_UNITS})]
+        cmd = [
+            str(ray),
+            "start",
+            f"--address={RAY_ADDRESS}",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--node-manager-port={b}",
+            f"--object-manager-port={b + 1}",
+            f"--dashboard-agent-listen-port={b + 2}",
+            f"--dashboard-agent-grpc-port={b + 3}",
+            f"--metrics-export-port={b + 4}",
+            f"--runtime-env-agent-port={b + 5}",
+            f"--min-worker-port={b + 100}",
+            f"--max-worker-port={b + 199}",
+            f"--object-store-memory={self.object_store_bytes}",
+            f"--temp-dir={Ray(self.root).dir / 'tmp'}",
+            "--disable-usage-stats",
+            "--resources=" + json.dumps({self.resource: NODE_RESOURCE_UNITS}),
+        ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         return cmd
@@ -633,10 +756,11 @@ def ray_nodes() -> list[dict]:
     if not _port_open(RAY_DASHBOARD_PORT):
         return []
 
-    token = (state_dir() / "ray" / "auth_token")
+    token = state_dir() / "ray" / "auth_token"
     try:
-        req = urllib.request.Request(f"{RAY_DASHBOARD}/nodes?view=summary",
-                                     headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+        req = urllib.request.Request(
+            f"{RAY_DASHBOARD}/nodes?view=summary", headers={"Authorization": f"Bearer {token.read_text().strip()}"}
+        )
         with urllib.request.urlopen(req, timeout=3) as r:
             data = json.loads(r.read())
     except Exception:  # not serving yet, or no token: no nodes to report
@@ -711,15 +835,23 @@ class S3Proxy(Service):
         try:
             return json.loads(self.credentials_file.read_text())
         except (OSError, ValueError) as e:
-            raise ServiceError(f"s3: no credentials in {self.credentials_file} (`reloop up s3` makes them): {e}") \
-                from None
+            raise ServiceError(
+                f"s3: no credentials in {self.credentials_file} (`reloop up s3` makes them): {e}"
+            ) from None
 
     def prepare(self) -> None:
         if not self.credentials_file.exists():
             self.credentials_file.touch(mode=0o600)
-            self.credentials_file.write_text(json.dumps({
-                "access_key_id": "reloop-" + secrets.token_hex(8), "secret_access_key": secrets.token_hex(24),
-                "region": "us-east-1", "bucket": S3_BUCKET}))
+            self.credentials_file.write_text(
+                json.dumps(
+                    {
+                        "access_key_id": "reloop-" + secrets.token_hex(8),
+                        "secret_access_key": secrets.token_hex(24),
+                        "region": "us-east-1",
+                        "bucket": S3_BUCKET,
+                    }
+                )
+            )
         creds = self.credentials()
         if creds.get("endpoint") != self.endpoint:  # the port may have moved since the keys were made
             creds["endpoint"] = self.endpoint
@@ -727,10 +859,19 @@ class S3Proxy(Service):
         (self.dir / "data").mkdir(exist_ok=True)
         props = self.dir / "s3proxy.properties"
         props.touch(mode=0o600)  # it holds the secret too
-        props.write_text("\n".join([
-            f"s3proxy.endpoint={self.endpoint}", "s3proxy.authorization=aws-v2-or-v4",
-            f"s3proxy.identity={creds['access_key_id']}", f"s3proxy.credential={creds['secret_access_key']}",
-            "jclouds.provider=filesystem", f"jclouds.filesystem.basedir={self.dir / 'data'}", ""]))
+        props.write_text(
+            "\n".join(
+                [
+                    f"s3proxy.endpoint={self.endpoint}",
+                    "s3proxy.authorization=aws-v2-or-v4",
+                    f"s3proxy.identity={creds['access_key_id']}",
+                    f"s3proxy.credential={creds['secret_access_key']}",
+                    "jclouds.provider=filesystem",
+                    f"jclouds.filesystem.basedir={self.dir / 'data'}",
+                    "",
+                ]
+            )
+        )
 
     def command(self) -> list[str]:
         java = shutil.which("java")
@@ -738,19 +879,34 @@ class S3Proxy(Service):
             raise ServiceError("java not found: s3proxy needs Java 17+")
         if not (self.lib / ".complete").exists():
             raise ServiceError(f"s3proxy jars missing in {self.lib}; run scripts/setup.sh (it fetches them with mvn)")
-        return [java, f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
-                f"-Dlogback.configurationFile={INFRA / 's3proxy' / 'logback.xml'}",
-                "-cp", str(self.lib / "*"), "org.gaul.s3proxy.Main", "--properties",
-                str(self.dir / "s3proxy.properties")]
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            f"-Dlogback.configurationFile={INFRA / 's3proxy' / 'logback.xml'}",
+            "-cp",
+            str(self.lib / "*"),
+            "org.gaul.s3proxy.Main",
+            "--properties",
+            str(self.dir / "s3proxy.properties"),
+        ]
 
     def _fs(self, **kw):
         import pyarrow.fs as pafs
 
         c = self.credentials()
-        return pafs.S3FileSystem(access_key=c["access_key_id"], secret_key=c["secret_access_key"],
-                                 endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region=c["region"],
-                                 connect_timeout=1, request_timeout=3,
-                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **kw)
+        return pafs.S3FileSystem(
+            access_key=c["access_key_id"],
+            secret_key=c["secret_access_key"],
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            region=c["region"],
+            connect_timeout=1,
+            request_timeout=3,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+            **kw,
+        )
 
     def ready(self) -> bool:
         """A signed request with our keys is answered (a wrong key or another server raises)."""
@@ -778,11 +934,16 @@ def s3_client_env(root: Path | None = None) -> dict[str, str]:
     (without them multipart uploads fail with ``XAmzContentSHA256Mismatch``). Give it to every process
     that touches the store, Ray workers included."""
     c = S3Proxy(root).credentials()
-    return {"AWS_ENDPOINT_URL": c["endpoint"], "AWS_ACCESS_KEY_ID": c["access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": c["secret_access_key"], "AWS_DEFAULT_REGION": c["region"],
-            "AWS_REGION": c["region"], "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+    return {
+        "AWS_ENDPOINT_URL": c["endpoint"],
+        "AWS_ACCESS_KEY_ID": c["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": c["secret_access_key"],
+        "AWS_DEFAULT_REGION": c["region"],
+        "AWS_REGION": c["region"],
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    }
 
 
 def _cluster_environ() -> dict[str, str]:
@@ -797,8 +958,14 @@ def ray_client_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-SERVICES: dict[str, type[Service]] = {"kafka": Kafka, "redis": Redis, "ray": Ray, "flink": Flink,
-                                     "expansion": KafkaExpansion, "s3": S3Proxy}
+SERVICES: dict[str, type[Service]] = {
+    "kafka": Kafka,
+    "redis": Redis,
+    "ray": Ray,
+    "flink": Flink,
+    "expansion": KafkaExpansion,
+    "s3": S3Proxy,
+}
 
 
 def get(name: str) -> Service:
@@ -824,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
         except (IndexError, ValueError):
             print("--workers needs a number", file=sys.stderr)
             return 2
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     verb, names = argv[0], argv[1:] or list(SERVICES)
     if verb == "start" and workers and "ray" in names:
         names = [*names, *(f"ray-worker-{i}" for i in range(1, workers + 1))]

@@ -57,10 +57,17 @@ from reloop.datasets import MOVIELENS_100K
 USER_ATTRIBUTES = ("age_bucket", "gender", "occupation", "zip_prefix")
 ITEM_ATTRIBUTES = ("release_year",)
 ITEM_BAGS = ("genres",)
-USER_SCHEMA = pa.schema([("user_id", pa.string()), ("valid_from", pa.int64()),
-                         *((c, pa.string()) for c in USER_ATTRIBUTES)])
-ITEM_SCHEMA = pa.schema([("item_id", pa.string()), ("valid_from", pa.int64()),
-                         *((c, pa.string()) for c in ITEM_ATTRIBUTES), ("genres", pa.list_(pa.string()))])
+USER_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("valid_from", pa.int64()), *((c, pa.string()) for c in USER_ATTRIBUTES)]
+)
+ITEM_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("valid_from", pa.int64()),
+        *((c, pa.string()) for c in ITEM_ATTRIBUTES),
+        ("genres", pa.list_(pa.string())),
+    ]
+)
 #: (lower bound in years, label): the MovieLens-1M age groups
 AGE_BUCKETS = ((0, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+"))
 ZIP_PREFIX_LEN = 3
@@ -84,8 +91,10 @@ def age_bucket(age: int | None) -> str | None:
 def _recbole_file(name: str) -> Path:
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("MovieLens-100K side tables come from the PyPI wheel recbole==1.2.1, which is not "
-                           "installed; run `pip install --no-deps recbole==1.2.1`")
+        raise DatasetError(
+            "MovieLens-100K side tables come from the PyPI wheel recbole==1.2.1, which is not "
+            "installed; run `pip install --no-deps recbole==1.2.1`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k" / name
     if not path.is_file():
         raise DatasetError(f"recbole is installed but {path} is missing; reinstall recbole==1.2.1")
@@ -94,8 +103,11 @@ def _recbole_file(name: str) -> Path:
 
 def _read_tsv(path: Path) -> dict[str, list]:
     # RecBole's atomic files: a tab-separated header of "name:type"; read as strings (titles hold commas/quotes)
-    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-                           convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    table = pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+    )
     table = table.rename_columns([c.split(":")[0] for c in table.column_names])
     return {c: pc.cast(table[c], pa.string()).to_pylist() for c in table.column_names}
 
@@ -121,21 +133,31 @@ def _zip_prefix(v: str | None) -> str | None:
 def movielens_100k_users() -> pa.Table:
     """The 943 ML-100K users: age group, gender, occupation, zip prefix; valid from the epoch."""
     d = _read_tsv(_recbole_file("ml-100k.user"))
-    return pa.Table.from_pydict({
-        "user_id": d["user_id"], "valid_from": [0] * len(d["user_id"]),
-        "age_bucket": [age_bucket(_int_or_none(a)) for a in d["age"]],
-        "gender": [_none_if_empty(g) for g in d["gender"]],
-        "occupation": [_none_if_empty(o) for o in d["occupation"]],
-        "zip_prefix": [_zip_prefix(z) for z in d["zip_code"]]}, schema=USER_SCHEMA)
+    return pa.Table.from_pydict(
+        {
+            "user_id": d["user_id"],
+            "valid_from": [0] * len(d["user_id"]),
+            "age_bucket": [age_bucket(_int_or_none(a)) for a in d["age"]],
+            "gender": [_none_if_empty(g) for g in d["gender"]],
+            "occupation": [_none_if_empty(o) for o in d["occupation"]],
+            "zip_prefix": [_zip_prefix(z) for z in d["zip_code"]],
+        },
+        schema=USER_SCHEMA,
+    )
 
 
 def movielens_100k_items() -> pa.Table:
     """The 1,682 ML-100K movies: release year and genres (a bag); valid from the epoch."""
     d = _read_tsv(_recbole_file("ml-100k.item"))
-    return pa.Table.from_pydict({
-        "item_id": d["item_id"], "valid_from": [0] * len(d["item_id"]),
-        "release_year": [_none_if_empty(y) for y in d["release_year"]],
-        "genres": [sorted(set((g or "").split())) for g in d["class"]]}, schema=ITEM_SCHEMA)
+    return pa.Table.from_pydict(
+        {
+            "item_id": d["item_id"],
+            "valid_from": [0] * len(d["item_id"]),
+            "release_year": [_none_if_empty(y) for y in d["release_year"]],
+            "genres": [sorted(set((g or "").split())) for g in d["class"]],
+        },
+        schema=ITEM_SCHEMA,
+    )
 
 
 def _read_csv(path: str | Path, key: str) -> dict[str, list]:
@@ -143,8 +165,9 @@ def _read_csv(path: str | Path, key: str) -> dict[str, list]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such side-table file (a CSV with a header; see reloop.side_tables)")
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={key: pa.string()}, strings_can_be_null=True))
+        table = pacsv.read_csv(
+            path, convert_options=pacsv.ConvertOptions(column_types={key: pa.string()}, strings_can_be_null=True)
+        )
     except (pa.ArrowInvalid, OSError) as e:
         raise DatasetError(f"{path}: cannot be read: {e}") from e
     if key not in table.column_names:
@@ -166,14 +189,22 @@ def read_users_csv(path: str | Path) -> pa.Table:
     d = _read_csv(path, "user_id")
     n = len(d["user_id"])
     none = [None] * n
-    buckets = (d["age_bucket"] if "age_bucket" in d else [age_bucket(_int_or_none(a)) for a in d.get("age", none)])
+    buckets = d["age_bucket"] if "age_bucket" in d else [age_bucket(_int_or_none(a)) for a in d.get("age", none)]
     zips = d["zip_prefix"] if "zip_prefix" in d else [_zip_prefix(z) for z in d.get("zip", none)]
-    return _sorted(pa.Table.from_pydict({
-        "user_id": d["user_id"], "valid_from": d["valid_from"],
-        "age_bucket": [_none_if_empty(b) for b in buckets],
-        "gender": [_none_if_empty(g) for g in d.get("gender", none)],
-        "occupation": [_none_if_empty(o) for o in d.get("occupation", none)],
-        "zip_prefix": [_none_if_empty(z) for z in zips]}, schema=USER_SCHEMA), "user_id")
+    return _sorted(
+        pa.Table.from_pydict(
+            {
+                "user_id": d["user_id"],
+                "valid_from": d["valid_from"],
+                "age_bucket": [_none_if_empty(b) for b in buckets],
+                "gender": [_none_if_empty(g) for g in d.get("gender", none)],
+                "occupation": [_none_if_empty(o) for o in d.get("occupation", none)],
+                "zip_prefix": [_none_if_empty(z) for z in zips],
+            },
+            schema=USER_SCHEMA,
+        ),
+        "user_id",
+    )
 
 
 def read_items_csv(path: str | Path) -> pa.Table:
@@ -181,18 +212,27 @@ def read_items_csv(path: str | Path) -> pa.Table:
     d = _read_csv(path, "item_id")
     none = [None] * len(d["item_id"])
     genres = [sorted({g.strip() for g in (v or "").split("|") if g.strip()}) for v in d.get("genres", none)]
-    return _sorted(pa.Table.from_pydict({
-        "item_id": d["item_id"], "valid_from": d["valid_from"],
-        "release_year": [_none_if_empty(y) for y in d.get("release_year", none)],
-        "genres": genres}, schema=ITEM_SCHEMA), "item_id")
+    return _sorted(
+        pa.Table.from_pydict(
+            {
+                "item_id": d["item_id"],
+                "valid_from": d["valid_from"],
+                "release_year": [_none_if_empty(y) for y in d.get("release_year", none)],
+                "genres": genres,
+            },
+            schema=ITEM_SCHEMA,
+        ),
+        "item_id",
+    )
 
 
 def _sorted(table: pa.Table, key: str) -> pa.Table:
     return table.sort_by([(key, "ascending"), ("valid_from", "ascending")])
 
 
-def load_side_tables(dataset: str, users: str | None = None, items: str | None = None
-                     ) -> tuple[pa.Table | None, pa.Table | None]:
+def load_side_tables(
+    dataset: str, users: str | None = None, items: str | None = None
+) -> tuple[pa.Table | None, pa.Table | None]:
     """The (users, items) side tables of a dataset: explicit CSV paths win, else ML-100K's own, else None."""
 
     u = read_users_csv(users) if users else (movielens_100k_users() if dataset == MOVIELENS_100K else None)
@@ -200,8 +240,7 @@ def load_side_tables(dataset: str, users: str | None = None, items: str | None =
     return u, i
 
 
-def join_as_of(events: pa.Table, side: pa.Table, key: str, columns: tuple[str, ...],
-               ts_column: str = "ts") -> pa.Table:
+def join_as_of(events: pa.Table, side: pa.Table, key: str, columns: tuple[str, ...], ts_column: str = "ts") -> pa.Table:
     """``events`` plus ``columns`` of the newest ``side`` version of each row's ``key`` with ``valid_from <= ts``.
 
     Rows without such a version get nulls (the "missing" default). ``events`` keeps its order and columns.
@@ -222,7 +261,7 @@ def join_as_of(events: pa.Table, side: pa.Table, key: str, columns: tuple[str, .
         lo = start.get(k)
         if lo is None:
             continue
-        j = lo + int(np.searchsorted(valid[lo:stop[k]], t, side="right")) - 1
+        j = lo + int(np.searchsorted(valid[lo : stop[k]], t, side="right")) - 1
         if j >= lo:
             take[r] = j
     idx = pa.array(take, mask=take < 0)
@@ -239,15 +278,27 @@ def to_batch_source(side: pa.Table) -> pa.Table:
     return side.rename_columns(["event_timestamp" if c == "valid_from" else c for c in side.column_names])
 
 
-def publish_side_tables(feast_cfg, dataset: str, users: str | None = None, items: str | None = None,
-                        end_ms: int | None = None, run_id: str = "side") -> dict[str, int]:
+def publish_side_tables(
+    feast_cfg,
+    dataset: str,
+    users: str | None = None,
+    items: str | None = None,
+    end_ms: int | None = None,
+    run_id: str = "side",
+) -> dict[str, int]:
     """Write the side tables as the Parquet batch sources of ``user_profile``/``item_catalog`` and materialise them.
 
     Feast's own ``materialize`` (first time) / ``materialize_incremental`` (later) copies the versions valid at
     ``end_ms`` (default: now) to the online store. Returns the rows written per view.
     """
-    from pipelines.feast_io import (ITEM_CATALOG_VIEW, USER_PROFILE_VIEW, apply_repo, materialize_batch_views,
-                                    open_store, write_batch_source)
+    from pipelines.feast_io import (
+        ITEM_CATALOG_VIEW,
+        USER_PROFILE_VIEW,
+        apply_repo,
+        materialize_batch_views,
+        open_store,
+        write_batch_source,
+    )
 
     u, i = load_side_tables(dataset, users, items)
     apply_repo(feast_cfg)

@@ -51,8 +51,10 @@ def defaults_from_config(module: str, args: list[str], config: str | None) -> li
     if "--registry" not in given:
         extra += ["--registry", cfg.storage.registry_uri]
     if module == "jobs.trainer" and "--checkpoint-dir" not in given:
-        extra += ["--checkpoint-dir", os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)),
-                                                   "trainer")]
+        extra += [
+            "--checkpoint-dir",
+            os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer"),
+        ]
     return [*args, *extra]
 
 
@@ -60,8 +62,17 @@ def submit(module: str, args: list[str], address: str, wait: bool = True, config
     """``ray job submit --working-dir <repo> -- python -m <module> <args>``; returns the CLI's exit code."""
 
     job_args = absolute_paths(defaults_from_config(module, args, config))
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": RAY_EXCLUDES})]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": RAY_EXCLUDES}),
+    ]
     if not wait:
         cmd.append("--no-wait")
     cmd += ["--", sys.executable, "-m", module, *job_args]

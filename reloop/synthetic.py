@@ -154,14 +154,20 @@ class SyntheticStream:
         return int(self.table.column("ts")[self.shift_start].as_py())
 
     def ground_truth(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "seed": self.params.seed, "n": self.params.n,
-                "shift_start": self.shift_start, "shift_end": self.shift_end, "shift_ts": self.shift_ts,
-                "delay": self.params.delay or None}
+        return {
+            "scenario": self.scenario,
+            "seed": self.params.seed,
+            "n": self.params.n,
+            "shift_start": self.shift_start,
+            "shift_end": self.shift_end,
+            "shift_ts": self.shift_ts,
+            "delay": self.params.delay or None,
+        }
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``synthetic:<scenario>?k=v&...`` into the scenario and typed parameters."""
-    body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     scenario, _, query = body.partition("?")
     if scenario not in SCENARIOS:
         raise SyntheticError(f"unknown synthetic scenario {scenario!r}; allowed: {', '.join(SCENARIOS)}")
@@ -226,8 +232,8 @@ def generate(scenario: str = "stable", **overrides: Any) -> SyntheticStream:
     n, K = p.n, p.topics
 
     # the world (old concept), then its shifted twin
-    interest0 = rng.dirichlet(np.full(K, p.interest_alpha), size=p.users)       # (U, K)
-    rotate = rng.integers(1, K, size=p.users)                                    # never the identity
+    interest0 = rng.dirichlet(np.full(K, p.interest_alpha), size=p.users)  # (U, K)
+    rotate = rng.integers(1, K, size=p.users)  # never the identity
     interest1 = interest0[np.arange(p.users)[:, None], (np.arange(K)[None, :] - rotate[:, None]) % K]
     item_topic = rng.integers(0, K, size=p.items)
     pop0 = _zipf_weights(p.items, p.zipf_items, rng)
@@ -266,21 +272,26 @@ def generate(scenario: str = "stable", **overrides: Any) -> SyntheticStream:
     device = np.asarray(DEVICES)[rng.choice(len(DEVICES), size=n, p=[0.5, 0.3, 0.2])]
     item_pop = np.log(pop0[items] * p.items)
 
-    table = pa.table({
-        "event_id": pa.array([f"syn{p.seed}-{i}" for i in range(n)], pa.string()),
-        "ts": pa.array(ts, pa.int64()),
-        "user_id": pa.array(np.char.add("u", users.astype(str)), pa.string()),
-        "item_id": pa.array(np.char.add("i", items.astype(str)), pa.string()),
-        "label": pa.array(label, pa.int8()),
-        "topic": pa.array(topic.astype(np.int32)),
-        "item_pop": pa.array(item_pop, pa.float64()),
-        "price": pa.array(price[items], pa.float64()),
-        "hour": pa.array(hour),
-        "device": pa.array(device.astype(str), pa.string()),
-    })
+    table = pa.table(
+        {
+            "event_id": pa.array([f"syn{p.seed}-{i}" for i in range(n)], pa.string()),
+            "ts": pa.array(ts, pa.int64()),
+            "user_id": pa.array(np.char.add("u", users.astype(str)), pa.string()),
+            "item_id": pa.array(np.char.add("i", items.astype(str)), pa.string()),
+            "label": pa.array(label, pa.int8()),
+            "topic": pa.array(topic.astype(np.int32)),
+            "item_pop": pa.array(item_pop, pa.float64()),
+            "price": pa.array(price[items], pa.float64()),
+            "hour": pa.array(hour),
+            "device": pa.array(device.astype(str), pa.string()),
+        }
+    )
     # drawn from a generator of its own, so adding a delay leaves every other column of the stream unchanged
-    delays = (np.where(label == 1, parse_delay(p.delay).sample(n, np.random.default_rng([p.seed, 1])), -1)
-              if p.delay else None)
+    delays = (
+        np.where(label == 1, parse_delay(p.delay).sample(n, np.random.default_rng([p.seed, 1])), -1)
+        if p.delay
+        else None
+    )
     stream = SyntheticStream(scenario, p, table, at, end, p_true, p_stale, concept, delays)
     stream.table = table.replace_schema_metadata({METADATA_KEY: json.dumps(stream.ground_truth()).encode()})
     return stream
@@ -352,8 +363,10 @@ def parse_delay(spec: str) -> DelaySpec:
     kind, *args = spec.strip().lower().split(":")
     n_args = {"none": 0, "fixed": 1, "exp": 1, "uniform": 2, "lognormal": 2}
     if kind not in n_args:
-        raise SyntheticError(f"unknown delay distribution {spec!r}; allowed: none, fixed:D, exp:MEAN, "
-                             f"uniform:A:B, lognormal:MEDIAN:SIGMA (durations like 90s, 20m, 1h)")
+        raise SyntheticError(
+            f"unknown delay distribution {spec!r}; allowed: none, fixed:D, exp:MEAN, "
+            f"uniform:A:B, lognormal:MEDIAN:SIGMA (durations like 90s, 20m, 1h)"
+        )
     if len(args) != n_args[kind]:
         raise SyntheticError(f"delay {spec!r}: {kind} takes {n_args[kind]} argument(s), got {len(args)}")
     if kind == "none":
@@ -390,14 +403,25 @@ def split_delayed(table: pa.Table, delays_ms: np.ndarray) -> tuple[pa.Table, pa.
     Feedback is sorted by its own time (ties: impression order).
     """
     context = [c for c in table.column_names if c not in REQUIRED]
-    imps = pa.table({"impression_id": table["event_id"], "ts": table["ts"], "user_id": table["user_id"],
-                     "item_id": table["item_id"], **{c: table[c] for c in context}})
+    imps = pa.table(
+        {
+            "impression_id": table["event_id"],
+            "ts": table["ts"],
+            "user_id": table["user_id"],
+            "item_id": table["item_id"],
+            **{c: table[c] for c in context},
+        }
+    )
     pos = np.flatnonzero(table["label"].to_numpy(zero_copy_only=False) == 1)
     click_ts = table["ts"].to_numpy()[pos] + np.asarray(delays_ms, np.int64)[pos]
     order = np.argsort(click_ts, kind="stable")
-    fb = pa.table({"impression_id": table["event_id"].take(pa.array(pos[order])),
-                   "ts": pa.array(click_ts[order], pa.int64()),
-                   "kind": pa.array(["click"] * len(pos), pa.string())})
+    fb = pa.table(
+        {
+            "impression_id": table["event_id"].take(pa.array(pos[order])),
+            "ts": pa.array(click_ts[order], pa.int64()),
+            "kind": pa.array(["click"] * len(pos), pa.string()),
+        }
+    )
     return imps.combine_chunks(), fb
 
 

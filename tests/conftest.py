@@ -39,4 +39,3 @@ def redis_url() -> str:
 
     services.get("redis").start()
     return services.get("redis").connection_string()
-

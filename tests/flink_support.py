@@ -12,8 +12,12 @@ import pytest
 
 def flink_args(endpoint: str, parallelism: int = 2) -> list[str]:
     """Beam flags that run a pipeline on the local job server; the Python workers live in this process."""
-    return ["--runner=PortableRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK",
-            f"--parallelism={parallelism}"]
+    return [
+        "--runner=PortableRunner",
+        f"--job_endpoint={endpoint}",
+        "--environment_type=LOOPBACK",
+        f"--parallelism={parallelism}",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +50,15 @@ def isolated_job_config(root, kafka, topic: str, name: str):
     features = Path(__file__).resolve().parent.parent / "features"
     for f in ("feature_repo.py", "feature_store.yaml"):
         shutil.copy(features / f, repo / f)
-    k = kafka.model_copy(update={"events_topic": topic, "dlq_topic": f"{topic}.dlq",
-                                 "consumer_group": f"{topic}.{name}"})
-    return ReloopConfig(kafka=k, storage=StorageConfig(examples_uri=str(d / "examples")),
-                        feature_job=FeatureJobConfig(state_uri=str(d / "state")),
-                        feast=FeastConfig(repo_path=str(repo)))
+    k = kafka.model_copy(
+        update={"events_topic": topic, "dlq_topic": f"{topic}.dlq", "consumer_group": f"{topic}.{name}"}
+    )
+    return ReloopConfig(
+        kafka=k,
+        storage=StorageConfig(examples_uri=str(d / "examples")),
+        feature_job=FeatureJobConfig(state_uri=str(d / "state")),
+        feast=FeastConfig(repo_path=str(repo)),
+    )
 
 
 def job_outputs(cfg) -> dict:

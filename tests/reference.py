@@ -11,8 +11,9 @@ import pandas as pd
 from pipelines.aggregates import AggregateConfig
 
 
-def pandas_features(df: pd.DataFrame, entity: str, ids, times, cfg: AggregateConfig = AggregateConfig()
-                    ) -> pd.DataFrame:
+def pandas_features(
+    df: pd.DataFrame, entity: str, ids, times, cfg: AggregateConfig = AggregateConfig()
+) -> pd.DataFrame:
     """Features of ``entity`` ids as of strictly before each time, one query at a time."""
     groups = {k: g.sort_values("ts", kind="stable") for k, g in df.groupby(f"{entity}_id", sort=False)}
     m, prior = cfg.prior_weight, cfg.prior_ctr
@@ -43,19 +44,20 @@ def pandas_join(imps: pd.DataFrame, feedback: pd.DataFrame, window_ms: int, wate
     import numpy as np
 
     imps = imps.drop_duplicates("impression_id", keep="first")
-    m = feedback[feedback.kind == "click"].merge(imps[["impression_id", "ts"]], on="impression_id",
-                                                 suffixes=("_c", ""))
+    m = feedback[feedback.kind == "click"].merge(imps[["impression_id", "ts"]], on="impression_id", suffixes=("_c", ""))
     m = m[(m.ts_c >= m.ts) & (m.ts_c <= m.ts + window_ms)]
     first = m.groupby("impression_id").ts_c.min()
     out = imps.copy()
     out["label"] = out.impression_id.isin(first.index).astype(int)
-    out["label_ts"] = np.where(out.label == 1, out.impression_id.map(first).fillna(0).astype("int64"),
-                               out.ts + window_ms)
+    out["label_ts"] = np.where(
+        out.label == 1, out.impression_id.map(first).fillna(0).astype("int64"), out.ts + window_ms
+    )
     return out[(out.label == 1) | (out.ts + window_ms < watermark)].reset_index(drop=True)
 
 
-def pandas_join_features(imps: pd.DataFrame, clicks: pd.DataFrame, sample: pd.DataFrame,
-                         cfg: AggregateConfig = AggregateConfig()) -> pd.DataFrame:
+def pandas_join_features(
+    imps: pd.DataFrame, clicks: pd.DataFrame, sample: pd.DataFrame, cfg: AggregateConfig = AggregateConfig()
+) -> pd.DataFrame:
     """Features of the sampled examples: impression counts, recency, last items from the impressions
     strictly before each; positives from the attributed clicks that arrived strictly before it.
 

@@ -7,8 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.aggregates import (ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState,
-                                  compute_features, snapshot)
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features, snapshot
 from reloop.datasets import load_dataset
 from tests.reference import pandas_features as brute_force
 
@@ -20,8 +19,9 @@ def assert_frames_close(got: pd.DataFrame, want: pd.DataFrame) -> None:
         if col == "user_last_items":
             assert [list(x) for x in got[col]] == list(want[col]), col
         elif "_ctr_" in col or "secs" in col:
-            np.testing.assert_allclose(got[col].to_numpy(float), want[col].to_numpy(float), rtol=0, atol=1e-9,
-                                       err_msg=col)
+            np.testing.assert_allclose(
+                got[col].to_numpy(float), want[col].to_numpy(float), rtol=0, atol=1e-9, err_msg=col
+            )
         else:
             np.testing.assert_array_equal(got[col].to_numpy(), want[col].to_numpy(), err_msg=col)
 
@@ -58,8 +58,10 @@ def test_state_is_bounded_and_eviction_keeps_all_time_counts(ml_slice):
     as_of = state.watermark + 1
     users, items = snapshot(state, as_of, CFG, users=["1", "13", "999999"], items=["50", "1"])
     df = ml_slice.to_pandas()
-    assert_frames_close(users.to_pandas()[USER_FEATURES + ["user_last_items"]],
-                        brute_force(df, "user", ["1", "13", "999999"], [as_of] * 3))
+    assert_frames_close(
+        users.to_pandas()[USER_FEATURES + ["user_last_items"]],
+        brute_force(df, "user", ["1", "13", "999999"], [as_of] * 3),
+    )
     assert_frames_close(items.to_pandas()[ITEM_FEATURES], brute_force(df, "item", ["50", "1"], [as_of] * 2))
 
 
@@ -75,11 +77,25 @@ def test_state_round_trips_through_arrow(ml_slice):
 
 def test_late_and_duplicate_events_are_dropped_and_counted():
     cfg = AggregateConfig(allowed_lateness_ms=1000)
-    ev = pa.table({"event_id": ["a", "b"], "ts": [10_000, 20_000], "user_id": ["u", "u"],
-                   "item_id": ["i", "i"], "label": pa.array([1, 1], pa.int8())})
+    ev = pa.table(
+        {
+            "event_id": ["a", "b"],
+            "ts": [10_000, 20_000],
+            "user_id": ["u", "u"],
+            "item_id": ["i", "i"],
+            "label": pa.array([1, 1], pa.int8()),
+        }
+    )
     _, state, _ = compute_features(ev, FeatureState.empty(), cfg)
-    again = pa.table({"event_id": ["b", "c", "d", "d"], "ts": [20_000, 18_000, 19_500, 19_500],
-                      "user_id": ["u"] * 4, "item_id": ["i"] * 4, "label": pa.array([1, 1, 0, 0], pa.int8())})
+    again = pa.table(
+        {
+            "event_id": ["b", "c", "d", "d"],
+            "ts": [20_000, 18_000, 19_500, 19_500],
+            "user_id": ["u"] * 4,
+            "item_id": ["i"] * 4,
+            "label": pa.array([1, 1, 0, 0], pa.int8()),
+        }
+    )
     feats, state, stats = compute_features(again, state, cfg)
     assert stats == {"accepted": 1, "late": 1, "duplicates": 2}
     assert feats["event_id"].to_pylist() == ["d"]

@@ -23,13 +23,25 @@ FREE = 1000
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("causal")
     write_example_files(movielens_examples(N), str(root / "examples"), rows_per_file=500)
-    cfg = TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"), idle_exit=0,
-                        checkpoint_every=FREE, checkpoint_seconds=1e9, publish_every=1, model_kind="lr",
-                        free_examples=FREE)
+    cfg = TrainerConfig(
+        str(root / "examples"),
+        str(root / "ckpt"),
+        registry_uri=str(root / "reg"),
+        idle_exit=0,
+        checkpoint_every=FREE,
+        checkpoint_seconds=1e9,
+        publish_every=1,
+        model_kind="lr",
+        free_examples=FREE,
+    )
     trainer = IncrementalTrainer(cfg)
     trainer.run()
-    return {"root": root, "trainer": trainer, "registry": ModelRegistry(str(root / "reg")),
-            "ts": ExampleStore(str(root / "examples")).read_window()["ts"].to_numpy()}
+    return {
+        "root": root,
+        "trainer": trainer,
+        "registry": ModelRegistry(str(root / "reg")),
+        "ts": ExampleStore(str(root / "examples")).read_window()["ts"].to_numpy(),
+    }
 
 
 def _loop(world) -> ServingLoop:
@@ -49,7 +61,7 @@ def test_served_events_lie_after_the_horizon_and_a_later_horizon_waits(world) ->
     v1 = reg.versions()[0]
     reg.promote(v1, reason="bootstrap")
     loop = _loop(world)
-    loop.step(max_batches=6)                     # the warm-up is passed over, then ~2,500 events scored
+    loop.step(max_batches=6)  # the warm-up is passed over, then ~2,500 events scored
     a = loop.trace.arrays()
     assert loop.scored > 0 and (a["ts"] > a["horizon"]).all() and (a["version"] == v1).all()
     first = loop.versions[0]
@@ -60,7 +72,7 @@ def test_served_events_lie_after_the_horizon_and_a_later_horizon_waits(world) ->
     assert t.learned == N
     v2 = reg.versions()[-1]
     assert reg.entry(v2).training_range["trained_until_ts"] == int(world["ts"].max())
-    reg.promote(v2, reason="refresh: test")       # learned every event still to be served
+    reg.promote(v2, reason="refresh: test")  # learned every event still to be served
     loop.step()
     a = loop.trace.arrays()
     assert loop.passed == N and (a["version"] == v1).all(), "a version served events it had learned"
@@ -74,7 +86,7 @@ def test_serving_a_checkpoint_with_a_later_horizon_fails_loudly(world) -> None:
     loop = _loop(world)
     loop.step(max_batches=6)
     assert loop.scored > 0
-    loop.served = load_bundle(reg, later, dict(SERVING_MEMORY))   # as if the clock had not been asked
+    loop.served = load_bundle(reg, later, dict(SERVING_MEMORY))  # as if the clock had not been asked
     table = next(iter(ExampleStore(str(world["root"] / "examples")).batches(loop.position, 256)))[0]
     with pytest.raises(CausalityError, match="leak from the future"):
         loop._process(table)
@@ -90,15 +102,30 @@ def test_the_gate_pairs_on_events_after_the_candidates_horizon(world, tmp_path) 
     weights = load_bundle(reg, v1, dict(SERVING_MEMORY)).model.state_dict()
 
     def publish(state) -> str:
-        return reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
-                           training_range=entry.training_range, extra=entry.extra).version
+        return reg.publish(
+            state,
+            model_config=entry.model_config,
+            feature_service=entry.feature_service,
+            training_range=entry.training_range,
+            extra=entry.extra,
+        ).version
 
     same = publish(weights)
     g = torch.Generator().manual_seed(0)
-    noisy = publish({k: v + 3.0 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                     for k, v in weights.items()})
-    d = Deployer(reg, loop, DeployConfig(str(world["root"] / "examples"), str(world["root"] / "reg"),
-                                         str(tmp_path), gate_events=1000, gate_min_events=500))
+    noisy = publish(
+        {k: v + 3.0 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in weights.items()}
+    )
+    d = Deployer(
+        reg,
+        loop,
+        DeployConfig(
+            str(world["root"] / "examples"),
+            str(world["root"] / "reg"),
+            str(tmp_path),
+            gate_events=1000,
+            gate_min_events=500,
+        ),
+    )
     eq_refresh, eq_retrain = d.gate(same, "refresh"), d.gate(same, "retrain")
     assert eq_refresh.promote and not eq_retrain.promote and eq_refresh.n == 1000
     bad = d.gate(noisy, "refresh")
@@ -113,10 +140,19 @@ def test_the_trainer_takes_over_a_promoted_retrain_of_its_own_lineage(world, tmp
     entry = reg.entry(reg.versions()[-1])
     state = {k: v + 1.0 if v.is_floating_point() else v for k, v in t.model.state_dict().items()}
     later = int(world["ts"].max()) + 5
-    v = reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
-                    training_range={"trained_until_ts": later}, extra={**entry.extra, "source": "jobs.retrain"}).version
+    v = reg.publish(
+        state,
+        model_config=entry.model_config,
+        feature_service=entry.feature_service,
+        training_range={"trained_until_ts": later},
+        extra={**entry.extra, "source": "jobs.retrain"},
+    ).version
     assert t.adopt(v) and t.adopted == v and t.trained_until_ts == later
     assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), state.values()))
-    other = reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
-                        extra={**entry.extra, "encoder": {**entry.extra["encoder"], "hash_buckets": 7}}).version
+    other = reg.publish(
+        state,
+        model_config=entry.model_config,
+        feature_service=entry.feature_service,
+        extra={**entry.extra, "encoder": {**entry.extra["encoder"], "hash_buckets": 7}},
+    ).version
     assert not t.adopt(other) and t.adopted == v

@@ -37,7 +37,7 @@ def test_platt_calibration_fixes_an_overconfident_model():
     rng = np.random.default_rng(2)
     z = rng.normal(0, 1, 20_000)
     y = (rng.random(20_000) < 1 / (1 + np.exp(-z))).astype(int)
-    over = 1 / (1 + np.exp(-(3 * z + 1)))                # overconfident and biased
+    over = 1 / (1 + np.exp(-(3 * z + 1)))  # overconfident and biased
     cal = PlattCalibrator().fit(over, y)
     assert abs(cal.a - 1 / 3) < 0.05 and abs(cal.b + 1 / 3) < 0.05
     assert abs(expected_logloss(cal(over)) - logloss(y, cal(over))) < 0.01
@@ -65,7 +65,7 @@ def test_estimate_over_time_never_uses_a_chunks_own_labels():
     lts = ts + 3_600_000
     a = estimate_over_time(p, ts, y, lts, start=1000, chunk=1000, calibration_window=2000)
     y2 = y.copy()
-    y2[3000:4000] = 1 - y2[3000:4000]   # a chunk's own outcomes change: its estimate does not
+    y2[3000:4000] = 1 - y2[3000:4000]  # a chunk's own outcomes change: its estimate does not
     b = estimate_over_time(p, ts, y2, lts, start=1000, chunk=1000, calibration_window=2000)
     i = [r["lo"] for r in a["chunks"]].index(3000)
     assert a["chunks"][i]["expected_auc"] == b["chunks"][i]["expected_auc"]

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _cli(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "reloop.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "reloop.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,7 @@ def bad_config(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.mark.parametrize("command", [["features"], ["serve"], ["train"], ["retrain"], ["replay"], ["run"],
-                                     ["monitor"]])
+@pytest.mark.parametrize("command", [["features"], ["serve"], ["train"], ["retrain"], ["replay"], ["run"], ["monitor"]])
 def test_a_bad_config_is_one_line_and_exit_code_2(command, bad_config, tmp_path):
     r = _cli([*command, "--config", str(bad_config)], cwd=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])

@@ -33,17 +33,47 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 EVENTS = 20_000
-ARGS = ["--limit", str(EVENTS), "--inject-drift", "abrupt_ctr", "--drift-at", "0.5", "--retrain-min-rows", "2000",
-        "--quiet", "--feature-every", "2"]
+ARGS = [
+    "--limit",
+    str(EVENTS),
+    "--inject-drift",
+    "abrupt_ctr",
+    "--drift-at",
+    "0.5",
+    "--retrain-min-rows",
+    "2000",
+    "--quiet",
+    "--feature-every",
+    "2",
+]
 
 
 def run_cli(tmp_path: Path, name: str, *args: str) -> dict:
     run_id = f"{name}-{uuid.uuid4().hex[:8]}"  # run ids name Kafka topics and bucket prefixes: unique
     proc = subprocess.run(
-        [sys.executable, "-m", "reloop.cli", "run", *ARGS, "--run-id", run_id, "--reports",
-         str(tmp_path / "reports"), "--state-dir", str(tmp_path / "runs"), *args],
-        capture_output=True, text=True, timeout=2400, cwd=REPO,
-        env={**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-m",
+            "reloop.cli",
+            "run",
+            *ARGS,
+            "--run-id",
+            run_id,
+            "--reports",
+            str(tmp_path / "reports"),
+            "--state-dir",
+            str(tmp_path / "runs"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        cwd=REPO,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+            "PYTHONPATH": str(REPO),
+        },
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
     summary["state"] = tmp_path / "runs" / run_id
@@ -83,17 +113,36 @@ def runs(tmp_path_factory):
 
 def stage_counts(summary: dict) -> dict:
     c = summary["counts"]
-    return {k: c[k] for k in ("events in dataset", "replayed", "consumed", "committed offsets", "parsed",
-                              "dead-lettered", "featurised (accepted)", "late", "duplicates", "examples written",
-                              "examples learned")}
+    return {
+        k: c[k]
+        for k in (
+            "events in dataset",
+            "replayed",
+            "consumed",
+            "committed offsets",
+            "parsed",
+            "dead-lettered",
+            "featurised (accepted)",
+            "late",
+            "duplicates",
+            "examples written",
+            "examples learned",
+        )
+    }
 
 
 def test_counts_equal_the_embedded_run(runs):
     embedded, cluster = runs
     assert stage_counts(cluster) == stage_counts(embedded)
     c = cluster["counts"]
-    assert c["replayed"] == c["consumed"] == c["featurised (accepted)"] == c["examples written"] == \
-        c["examples learned"] == EVENTS
+    assert (
+        c["replayed"]
+        == c["consumed"]
+        == c["featurised (accepted)"]
+        == c["examples written"]
+        == c["examples learned"]
+        == EVENTS
+    )
     assert cluster["errors"] == [] and embedded["errors"] == []
 
 
@@ -126,8 +175,9 @@ def online_features(store, events) -> dict:
     out = {}
     for key, view, names in (("user_id", USER_VIEW, USER_FEATURES), ("item_id", ITEM_VIEW, ITEM_FEATURES)):
         ids = sorted(set(events[key].to_pylist()))
-        got = store.get_online_features(features=[f"{view}:{n}" for n in names],
-                                        entity_rows=[{key: i} for i in ids]).to_dict()
+        got = store.get_online_features(
+            features=[f"{view}:{n}" for n in names], entity_rows=[{key: i} for i in ids]
+        ).to_dict()
         out.update({f"{view}:{n}": got[n] for n in names})
     return out
 
@@ -142,14 +192,14 @@ def test_redis_holds_the_online_features_of_every_entity(runs):
 
     _, cluster = runs
     events = load_dataset("movielens-100k", limit=EVENTS)
-    redis = open_store(FeastConfig(profile="redis", repo_path=str(cluster["feast_repo"]),
-                                   redis_connection_string=services.REDIS_URL))
+    redis = open_store(
+        FeastConfig(profile="redis", repo_path=str(cluster["feast_repo"]), redis_connection_string=services.REDIS_URL)
+    )
     got = online_features(redis, events)
     for name, values in got.items():
         assert values and all(v is not None for v in values), f"{name}: missing rows in Redis"
     embedded, _ = runs
-    sqlite = online_features(open_store(FeastConfig(profile="sqlite", repo_path=str(embedded["feast_repo"]))),
-                             events)
+    sqlite = online_features(open_store(FeastConfig(profile="sqlite", repo_path=str(embedded["feast_repo"]))), events)
     # for the note: how many rows differ between the two runs' stores (equal micro-batches: the next test)
     print({n: sum(a != b for a, b in zip(v, got[n])) for n, v in sqlite.items()})
 
@@ -171,12 +221,19 @@ def test_redis_on_flink_equals_sqlite_on_the_local_runner_for_the_same_events(tm
     stores = {}
     for profile, args in (("sqlite", None), ("redis", runner_args("flink", ["--parallelism=2"], start_local_flink))):
         repo = feature_repo(tmp_path, f"features_{profile}")
-        k = kafka_config.model_copy(update={"events_topic": unique_topic, "dlq_topic": f"{unique_topic}.dlq",
-                                            "consumer_group": f"{unique_topic}.{profile}"})
-        cfg = ReloopConfig(kafka=k, storage=StorageConfig(examples_uri=str(tmp_path / profile / "examples")),
-                           feature_job=FeatureJobConfig(state_uri=str(tmp_path / profile / "state")),
-                           feast=FeastConfig(profile=profile, repo_path=str(repo),
-                                             redis_connection_string=services.REDIS_URL))
+        k = kafka_config.model_copy(
+            update={
+                "events_topic": unique_topic,
+                "dlq_topic": f"{unique_topic}.dlq",
+                "consumer_group": f"{unique_topic}.{profile}",
+            }
+        )
+        cfg = ReloopConfig(
+            kafka=k,
+            storage=StorageConfig(examples_uri=str(tmp_path / profile / "examples")),
+            feature_job=FeatureJobConfig(state_uri=str(tmp_path / profile / "state")),
+            feast=FeastConfig(profile=profile, repo_path=str(repo), redis_connection_string=services.REDIS_URL),
+        )
         stats = run_once(cfg, topic=unique_topic, pipeline_args=args)
         assert stats.committed and stats.examples_written == EVENTS, (profile, stats)
         stores[profile] = online_features(open_store(cfg.feast), events)

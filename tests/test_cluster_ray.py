@@ -38,9 +38,13 @@ def cluster():
     # before Ray is imported: it reads its auth settings once, when its core library loads
     os.environ.update({**services.s3_client_env(), **services.ray_client_env()})
     import ray
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(address=services.RAY_ADDRESS, log_to_driver=False,
-             runtime_env={"env_vars": {**storage_env(), "PYTHONPATH": root}})
+    ray.init(
+        address=services.RAY_ADDRESS,
+        log_to_driver=False,
+        runtime_env={"env_vars": {**storage_env(), "PYTHONPATH": root}},
+    )
     yield services
     ray.shutdown()
     os.environ.clear()
@@ -74,29 +78,56 @@ def data(cluster):
     root = f"s3://{services.S3_BUCKET}/tests/{uuid.uuid4().hex[:10]}"
     rng = np.random.default_rng(0)
     users = rng.integers(0, 200, N_EXAMPLES)
-    t = pa.table({"event_id": [f"e{i}" for i in range(N_EXAMPLES)], "ts": np.arange(N_EXAMPLES) * 1000,
-                  "user_id": [f"u{u}" for u in users], "item_id": [f"i{x}" for x in rng.integers(0, 300, N_EXAMPLES)],
-                  "label": (rng.random(N_EXAMPLES) < 0.3 + 0.4 * (users % 2)).astype("int8"),
-                  USER_FEATURES[0]: rng.random(N_EXAMPLES)})
+    t = pa.table(
+        {
+            "event_id": [f"e{i}" for i in range(N_EXAMPLES)],
+            "ts": np.arange(N_EXAMPLES) * 1000,
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [f"i{x}" for x in rng.integers(0, 300, N_EXAMPLES)],
+            "label": (rng.random(N_EXAMPLES) < 0.3 + 0.4 * (users % 2)).astype("int8"),
+            USER_FEATURES[0]: rng.random(N_EXAMPLES),
+        }
+    )
     fs, path, _ = open_filesystem(root + "/examples")
     for k, lo in enumerate(range(0, N_EXAMPLES, 3000)):
         write_parquet_atomic(fs, f"{path}/run-{k}/part-0.parquet", t.slice(lo, 3000))
     reg = ModelRegistry(root + "/registry")
     enc = EncoderConfig(numeric_fields=(USER_FEATURES[0],), hash_buckets=1009)
-    mc = ModelConfig(kind="lr", num_categorical=2, hash_buckets=1009, num_numeric=1,
-                     categorical_fields=enc.categorical_fields, numeric_fields=enc.numeric_fields)
-    reg.publish(build_model(mc).state_dict(), model_config=mc.to_dict(), feature_service="ctr_lr",
-                extra={"encoder": enc.to_dict()}, promote=True)
+    mc = ModelConfig(
+        kind="lr",
+        num_categorical=2,
+        hash_buckets=1009,
+        num_numeric=1,
+        categorical_fields=enc.categorical_fields,
+        numeric_fields=enc.numeric_fields,
+    )
+    reg.publish(
+        build_model(mc).state_dict(),
+        model_config=mc.to_dict(),
+        feature_service="ctr_lr",
+        extra={"encoder": enc.to_dict()},
+        promote=True,
+    )
     return root
 
 
 def retrain_config(root: str, **kw):
     from jobs.retrain import RetrainConfig
 
-    return RetrainConfig(**{"examples_uri": root + "/examples", "registry_uri": root + "/registry",
-                            "storage_path": root + "/ray_train", "model_kind": "lr", "window_days": None,
-                            "num_workers": 2, "placement_strategy": "STRICT_SPREAD", "epochs": 1,
-                            "hash_buckets": 1009, **kw})
+    return RetrainConfig(
+        **{
+            "examples_uri": root + "/examples",
+            "registry_uri": root + "/registry",
+            "storage_path": root + "/ray_train",
+            "model_kind": "lr",
+            "window_days": None,
+            "num_workers": 2,
+            "placement_strategy": "STRICT_SPREAD",
+            "epochs": 1,
+            "hash_buckets": 1009,
+            **kw,
+        }
+    )
 
 
 def test_cluster_has_two_nodes_with_their_own_resources(cluster):
@@ -105,8 +136,7 @@ def test_cluster_has_two_nodes_with_their_own_resources(cluster):
     nodes = alive_nodes()
     assert sorted(nodes.values()) == ["head", "worker_1"]
     total = ray.cluster_resources()
-    assert total[services.RAY_HEAD_RESOURCE] == total[services.ray_worker_resource(1)] == \
-        services.NODE_RESOURCE_UNITS
+    assert total[services.RAY_HEAD_RESOURCE] == total[services.ray_worker_resource(1)] == services.NODE_RESOURCE_UNITS
 
 
 def test_retrain_runs_two_workers_on_two_nodes_with_s3_storage(cluster, data):
@@ -130,10 +160,17 @@ def test_incremental_trainer_actor_runs_on_the_worker_node(cluster, data):
     from jobs.checkpoints import CheckpointStore
     from jobs.trainer import IncrementalTrainer, TrainerConfig
 
-    cfg = TrainerConfig(examples_uri=data + "/examples", checkpoint_dir=data + "/trainer", model_kind="lr",
-                        hash_buckets=1009, checkpoint_every=3000, idle_exit=0.0)
-    Actor = ray.remote(num_cpus=1, max_concurrency=2,
-                       resources={services.ray_worker_resource(1): 1})(IncrementalTrainer)
+    cfg = TrainerConfig(
+        examples_uri=data + "/examples",
+        checkpoint_dir=data + "/trainer",
+        model_kind="lr",
+        hash_buckets=1009,
+        checkpoint_every=3000,
+        idle_exit=0.0,
+    )
+    Actor = ray.remote(num_cpus=1, max_concurrency=2, resources={services.ray_worker_resource(1): 1})(
+        IncrementalTrainer
+    )
     actor = Actor.remote(cfg)
     node = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=120)
     assert alive_nodes()[node] == "worker_1"

@@ -18,7 +18,7 @@ def write(tmp_path, text):
 
 def test_each_layer_reads_its_sections_of_the_same_file(tmp_path):
     p = write(tmp_path, "kafka: {partitions: 2}\ndrift: {policy: {min_evidence: 3}}\nmemory: {key: hidden}\n")
-    assert load_pipeline_config(p).kafka.partitions == 2          # the stream layer ignores drift/memory
+    assert load_pipeline_config(p).kafka.partitions == 2  # the stream layer ignores drift/memory
     jobs = load_jobs_config(p)
     assert jobs.kafka.partitions == 2 and jobs.drift.policy.min_evidence == 3 and jobs.memory.key == "hidden"
     assert load_config(p).memory.settings()["key"] == "hidden"
@@ -43,8 +43,11 @@ def test_trainer_and_gate_sections_set_the_run_and_the_flags_override_them(tmp_p
     assert (o.model, o.train_batch, o.refresh_every, o.gate_level, o.gate_events) == ("lr", 64, 2000, 0.8, 1000)
     tc = run._trainer_config()
     assert (tc.model_kind, tc.batch_size, tc.optimizer, tc.lr) == ("lr", 64, "adagrad", 0.1)
-    for bad, where in (("trainer: {model: xgboost}\n", r"trainer\.model"), ("gate: {level: 1.5}\n", r"gate\.level"),
-                       ("trainer: {batch_size: 0}\n", r"trainer\.batch_size")):
+    for bad, where in (
+        ("trainer: {model: xgboost}\n", r"trainer\.model"),
+        ("gate: {level: 1.5}\n", r"gate\.level"),
+        ("trainer: {batch_size: 0}\n", r"trainer\.batch_size"),
+    ):
         with pytest.raises(ConfigError, match=where):
             load_config(write(tmp_path, bad))
 

@@ -17,9 +17,12 @@ from online_models.river_baselines import RiverBaseline
 
 def _batch(seed: int = 0, n: int = 32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"cat": torch.stack([torch.randint(1, 50, (n,), generator=g), 50 + torch.randint(1, 50, (n,), generator=g)], 1),
-            "num": torch.randn(n, 3, generator=g), "hist": torch.randint(0, 100, (n, 4), generator=g),
-            "label": (torch.rand(n, generator=g) > 0.5).float()}
+    return {
+        "cat": torch.stack([torch.randint(1, 50, (n,), generator=g), 50 + torch.randint(1, 50, (n,), generator=g)], 1),
+        "num": torch.randn(n, 3, generator=g),
+        "hist": torch.randint(0, 100, (n, 4), generator=g),
+        "label": (torch.rand(n, generator=g) > 0.5).float(),
+    }
 
 
 def _clone(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -28,8 +31,9 @@ def _clone(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _learner(kind: str, seed: int = 0, **kw) -> OnlineLearner:
     # din attends over the user's history: it needs one (the batch carries "hist")
-    cfg = ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3, seed=seed,
-                      **{"use_history": kind == "din", **kw})
+    cfg = ModelConfig(
+        kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3, seed=seed, **{"use_history": kind == "din", **kw}
+    )
     return OnlineLearner(build_model(cfg), LearnerConfig(lr=0.01, seed=seed))
 
 
@@ -80,7 +84,8 @@ def test_model_state_round_trips_through_safetensors_and_config(kind) -> None:
     blob = save(learner.model.state_dict())
     twin = build_model(ModelConfig.from_dict(learner.model.config.to_dict()))
     twin.load_state_dict(load(blob))
-    twin.eval(); learner.model.eval()
+    twin.eval()
+    learner.model.eval()
     b = _batch(5)
     assert torch.equal(twin(b)[0], learner.model(b)[0])
 
@@ -97,8 +102,9 @@ def test_learner_clone_is_independent(kind) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hidden_is_the_declared_memory_key(kind) -> None:
-    model = build_model(ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3,
-                                    use_history=kind == "din"))
+    model = build_model(
+        ModelConfig(kind=kind, num_categorical=2, hash_buckets=50, num_numeric=3, use_history=kind == "din")
+    )
     logits, hidden = model(_batch())
     assert logits.shape == (32,) and hidden.shape == (32, model.hidden_dim)
     mem = ErrorCompensationMemory(dim=model.hidden_dim, seed=0)
@@ -117,16 +123,20 @@ def test_memory_conformance() -> None:
     def run(seed: int) -> torch.Tensor:
         mem = ErrorCompensationMemory(dim=6, num_tables=4, bits=4, decay=0.999, shrinkage=1.0, seed=seed)
         g = torch.Generator().manual_seed(0)
-        h, y, p = torch.randn(64, 6, generator=g), (torch.rand(64, generator=g) > 0.5).float(), torch.rand(64, generator=g)
+        h, y, p = (
+            torch.randn(64, 6, generator=g),
+            (torch.rand(64, generator=g) > 0.5).float(),
+            torch.rand(64, generator=g),
+        )
         refs = (h.clone(), y.clone(), p.clone())
         mem.write(h, y, p)
         out = mem.estimate(h, p)
-        assert torch.equal(h, refs[0]) and torch.equal(y, refs[1]) and torch.equal(p, refs[2])   # not mutated
+        assert torch.equal(h, refs[0]) and torch.equal(y, refs[1]) and torch.equal(p, refs[2])  # not mutated
         buf = io.BytesIO(save(mem.state_dict()))
         twin = ErrorCompensationMemory(dim=6, num_tables=4, bits=4, decay=0.999, shrinkage=1.0, seed=seed)
         twin.load_state_dict(load(buf.getvalue()))
-        assert torch.equal(twin.estimate(h, p), out)                                                # round trip
+        assert torch.equal(twin.estimate(h, p), out)  # round trip
         return out
 
-    assert torch.equal(run(0), run(0))          # same seed, same output
-    assert not torch.equal(run(0), run(1))      # the seed matters (different hyperplanes)
+    assert torch.equal(run(0), run(0))  # same seed, same output
+    assert not torch.equal(run(0), run(1))  # the seed matters (different hyperplanes)

@@ -30,20 +30,34 @@ def test_limit_keeps_the_first_events_in_time():
 
 def test_parquet_with_context_and_event_ids(tmp_path):
     p = tmp_path / "e.parquet"
-    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [7, 8], "timestamp": [5, 3], "label": [1, 0],
-                             "event_id": ["x", "y"], "hour": [3, 4]}), p)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [1, 2],
+                "item_id": [7, 8],
+                "timestamp": [5, 3],
+                "label": [1, 0],
+                "event_id": ["x", "y"],
+                "hour": [3, 4],
+            }
+        ),
+        p,
+    )
     t = load_dataset(str(p))
     assert t["event_id"].to_pylist() == ["y", "x"]
     assert t["user_id"].to_pylist() == ["2", "1"] and t["hour"].to_pylist() == [4, 3]
 
 
-@pytest.mark.parametrize("content,message", [
-    ("user_id,item_id,label\n1,2,1\n", r"missing column\(s\) timestamp"),
-    ("user_id,item_id,timestamp,label\n", "no rows"),
-    ("user_id,item_id,timestamp,label\n1,2,abc,1\n", "timestamp"),
-    ("user_id,item_id,timestamp,label\n1,2,10,3\n", "only 0 and 1"),
-    ("user_id,item_id,timestamp,label\n1,2,-10,1\n", "negative"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("user_id,item_id,label\n1,2,1\n", r"missing column\(s\) timestamp"),
+        ("user_id,item_id,timestamp,label\n", "no rows"),
+        ("user_id,item_id,timestamp,label\n1,2,abc,1\n", "timestamp"),
+        ("user_id,item_id,timestamp,label\n1,2,10,3\n", "only 0 and 1"),
+        ("user_id,item_id,timestamp,label\n1,2,-10,1\n", "negative"),
+    ],
+)
 def test_bad_files_get_clear_errors(tmp_path, content, message):
     p = tmp_path / "bad.csv"
     p.write_text(content)

@@ -37,7 +37,7 @@ def _train(correction):
     cats, labels = _fake_negative_stream()
     for _ in range(4):
         for lo in range(0, len(labels), 64):
-            learn_weighted(learner, {"cat": cats[lo:lo + 64], "label": labels[lo:lo + 64]}, correction=correction)
+            learn_weighted(learner, {"cat": cats[lo : lo + 64], "label": labels[lo : lo + 64]}, correction=correction)
     p = learner.predict_proba({"cat": torch.arange(4)[:, None]})
     return fnc_calibrate(p) if correction == "fnc" else p
 
@@ -45,7 +45,7 @@ def _train(correction):
 def test_fnw_and_fnc_undo_the_fake_negative_bias():
     truth = torch.tensor([0.05, 0.2, 0.4, 0.6])
     naive = _train(None)
-    assert (naive - truth / (1 + truth)).abs().max() < 0.03   # learns b = p / (1 + p): biased low
+    assert (naive - truth / (1 + truth)).abs().max() < 0.03  # learns b = p / (1 + p): biased low
     assert (naive - truth).abs().max() > 0.15
     for correction in ("fnw", "fnc"):
         got = _train(correction)

@@ -29,9 +29,17 @@ def world(tmp_path_factory):
     # the example store of the join: in label-arrival order
     store = delayed.sort_by([("label_ts", "ascending"), ("ts", "ascending"), ("kafka_offset", "ascending")])
     write_example_files(store, str(root / "examples"), rows_per_file=500)
-    cfg = TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"), idle_exit=0,
-                        checkpoint_every=FREE, checkpoint_seconds=1e9, publish_every=1, model_kind="lr",
-                        free_examples=FREE)
+    cfg = TrainerConfig(
+        str(root / "examples"),
+        str(root / "ckpt"),
+        registry_uri=str(root / "reg"),
+        idle_exit=0,
+        checkpoint_every=FREE,
+        checkpoint_seconds=1e9,
+        publish_every=1,
+        model_kind="lr",
+        free_examples=FREE,
+    )
     trainer = IncrementalTrainer(cfg)
     trainer.run()
     reg = ModelRegistry(str(root / "reg"))
@@ -40,8 +48,9 @@ def world(tmp_path_factory):
 
 
 def _loop(world, **kw) -> DelayedServingLoop:
-    return DelayedServingLoop(str(world["root"] / "examples"), world["registry"], dict(SERVING_MEMORY),
-                              window_ms=WINDOW, batch_size=256, **kw)
+    return DelayedServingLoop(
+        str(world["root"] / "examples"), world["registry"], dict(SERVING_MEMORY), window_ms=WINDOW, batch_size=256, **kw
+    )
 
 
 def test_the_first_version_knows_up_to_the_newest_label_it_learned(world) -> None:
@@ -53,12 +62,12 @@ def test_the_first_version_knows_up_to_the_newest_label_it_learned(world) -> Non
 
 def test_each_impression_sees_exactly_the_outcomes_that_had_arrived(world) -> None:
     loop = _loop(world)
-    loop.step(max_batches=4)              # the horizon: the newest negative read, less the window
+    loop.step(max_batches=4)  # the horizon: the newest negative read, less the window
     assert loop.has_pending() and 0 < loop.read < world["store"].num_rows
-    assert (world["store"]["ts"].to_numpy()[:loop.read] > loop.clock).any(), "impressions not yet safe wait"
+    assert (world["store"]["ts"].to_numpy()[: loop.read] > loop.clock).any(), "impressions not yet safe wait"
     while loop.step(max_batches=3):
         pass
-    loop.final = True                     # the feature job has emitted everything: run to the end
+    loop.final = True  # the feature job has emitted everything: run to the end
     while loop.step():
         pass
     assert loop.scored > 0
@@ -108,7 +117,7 @@ def test_serve_timeline_equals_one_step_at_a_time(world) -> None:
     write = rng.random(store.num_rows) < 0.5
     _, batched = serve_timeline(bundle, store, write)
     bundle.memory.reset()
-    one = np.array([serve_timeline(bundle, store.slice(i, 1), write[i:i + 1])[1][0] for i in range(store.num_rows)])
+    one = np.array([serve_timeline(bundle, store.slice(i, 1), write[i : i + 1])[1][0] for i in range(store.num_rows)])
     assert np.allclose(batched[~write], one[~write], atol=1e-6)
 
 
@@ -119,7 +128,7 @@ def test_a_resumed_loop_serves_every_impression_once(world, tmp_path) -> None:
         pass
     first = _loop(world)
     first.step(max_batches=5)
-    assert first.open is not None and first.open.num_rows > 0   # some rows between impression and outcome
+    assert first.open is not None and first.open.num_rows > 0  # some rows between impression and outcome
     first.save(tmp_path)
     second = _loop(world)
     second.position, second.scored, second.unscored = first.position, first.scored, first.unscored

@@ -13,16 +13,29 @@ from online_models.river_baselines import RiverBaseline
 
 
 def _table() -> pa.Table:
-    return pa.table({"user_id": ["u1", "u2", "u3", None], "item_id": ["i1", "i2", "i1", "i3"],
-                     "gender": ["F", None, "M", "F"],
-                     "genres": pa.array([["Comedy", "Drama"], [], None, ["Drama"]], pa.list_(pa.string())),
-                     "user_last_items": pa.array([["i2", "i3"], [], ["i1"], None], pa.list_(pa.string())),
-                     "label": [1, 0, 1, 0]})
+    return pa.table(
+        {
+            "user_id": ["u1", "u2", "u3", None],
+            "item_id": ["i1", "i2", "i1", "i3"],
+            "gender": ["F", None, "M", "F"],
+            "genres": pa.array([["Comedy", "Drama"], [], None, ["Drama"]], pa.list_(pa.string())),
+            "user_last_items": pa.array([["i2", "i3"], [], ["i1"], None], pa.list_(pa.string())),
+            "label": [1, 0, 1, 0],
+        }
+    )
 
 
 def _encoder() -> FeatureEncoder:
-    return FeatureEncoder(EncoderConfig(categorical_fields=("user_id", "item_id", "gender"), bag_fields=("genres",),
-                                        hash_buckets=101, history_field="user_last_items", history_len=4, bag_len=3))
+    return FeatureEncoder(
+        EncoderConfig(
+            categorical_fields=("user_id", "item_id", "gender"),
+            bag_fields=("genres",),
+            hash_buckets=101,
+            history_field="user_last_items",
+            history_len=4,
+            bag_len=3,
+        )
+    )
 
 
 def test_bags_are_hashed_in_their_own_block_and_padded():
@@ -30,9 +43,9 @@ def test_bags_are_hashed_in_their_own_block_and_padded():
     b = enc.encode(_table())
     assert tuple(b["bag"].shape) == (4, 1, 3) and enc.vocab_size == 4 * 101
     nz = b["bag"][b["bag"] > 0]
-    assert bool(((nz >= 3 * 101) & (nz < 4 * 101)).all())            # the block after the 3 categorical fields
-    assert b["bag"][1].sum() == 0 and b["bag"][2].sum() == 0          # empty and null bags are all padding
-    assert int(b["bag"][0, 0, 1]) == int(b["bag"][3, 0, 0])           # "Drama" is one bucket wherever it appears
+    assert bool(((nz >= 3 * 101) & (nz < 4 * 101)).all())  # the block after the 3 categorical fields
+    assert b["bag"][1].sum() == 0 and b["bag"][2].sum() == 0  # empty and null bags are all padding
+    assert int(b["bag"][0, 0, 1]) == int(b["bag"][3, 0, 0])  # "Drama" is one bucket wherever it appears
 
 
 @pytest.mark.parametrize("kind", ["lr", "deepfm", "dcnv2", "din"])
@@ -50,7 +63,7 @@ def test_every_kind_pools_bags_and_exposes_its_memory_key(kind):
     for _ in range(30):
         learner.learn(b)
     after = learner.predict_proba(b)
-    assert float(after[0] - after[1]) > float(before[0] - before[1])   # learns the labels
+    assert float(after[0] - after[1]) > float(before[0] - before[1])  # learns the labels
 
 
 def test_din_attention_ignores_padding_and_needs_a_history():
@@ -75,7 +88,7 @@ def test_river_sees_the_bag_values():
     x = RiverBaseline("lr").to_dicts(b)
     genre_keys = [k for k in x[0] if int(k[1:]) >= 3 * 101]
     assert len(genre_keys) == 2 and all(x[0][k] == 0.5 for k in genre_keys)
-    assert all(int(k[1:]) < 3 * 101 for k in x[1])                    # an empty bag adds nothing
+    assert all(int(k[1:]) < 3 * 101 for k in x[1])  # an empty bag adds nothing
 
 
 def test_the_incremental_trainer_runs_din_over_the_examples_last_items(tmp_path):
@@ -85,8 +98,15 @@ def test_the_incremental_trainer_runs_din_over_the_examples_last_items(tmp_path)
 
     examples = movielens_examples(300)
     write_example_files(examples, str(tmp_path / "ex"), rows_per_file=300)
-    t = IncrementalTrainer(TrainerConfig(examples_uri=str(tmp_path / "ex"), checkpoint_dir=str(tmp_path / "ck"),
-                                         batch_size=100, idle_exit=0, model_kind="din"))
+    t = IncrementalTrainer(
+        TrainerConfig(
+            examples_uri=str(tmp_path / "ex"),
+            checkpoint_dir=str(tmp_path / "ck"),
+            batch_size=100,
+            idle_exit=0,
+            model_kind="din",
+        )
+    )
     p = t.learn_batch(examples.slice(0, 100))
     assert tuple(p.shape) == (100,)
     assert t.encoder.config.history_field == "user_last_items" and t.model_config["use_history"]

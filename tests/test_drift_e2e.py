@@ -18,10 +18,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def run(tmp_path, name: str, *extra: str) -> dict:
     run_id = f"{name}-{uuid.uuid4().hex[:8]}"  # run ids name Kafka topics: unique per test run
     proc = subprocess.run(
-        [sys.executable, "-m", "reloop.cli", "run", "--quiet", "--limit", "40000", "--inject-drift",
-         "abrupt_inversion", "--drift-at", "0.5", "--no-refresh", "--run-id", run_id,
-         "--reports", str(tmp_path / "reports"), "--state-dir", str(tmp_path / "runs"), *extra],
-        capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "reloop.cli",
+            "run",
+            "--quiet",
+            "--limit",
+            "40000",
+            "--inject-drift",
+            "abrupt_inversion",
+            "--drift-at",
+            "0.5",
+            "--no-refresh",
+            "--run-id",
+            run_id,
+            "--reports",
+            str(tmp_path / "reports"),
+            "--state-dir",
+            str(tmp_path / "runs"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
 
@@ -42,8 +63,7 @@ def test_shift_alert_retrain_gate_promote_serve_recover(tmp_path, kafka_config):
     assert any(v["reason"].startswith("retrain") for v in s["versions"]), s["versions"]
     # the audit trail has every step, in order
     kinds = [r["kind"] for r in audit(tmp_path, s)]
-    for step in ("alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted",
-                 "watch_started"):
+    for step in ("alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted", "watch_started"):
         assert step in kinds, kinds
     assert kinds.index("retrain_requested") < kinds.index("candidate_evaluated") < kinds.index("promoted")
     # every promotion was judged afterwards against the model it replaced, on the same events

@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from jobs.monitor import (Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction,
-                          save_state)
+from jobs.monitor import Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction, save_state
 from jobs.alerts import HookDispatcher, PythonHook
 from online_models.drift.monitors import MonitorSuite
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog
 from reloop.synthetic import generate
 
-SPECS = [{"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
-         {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}}]
+SPECS = [
+    {"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
+    {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}},
+]
 
 
 class FakeActions:
@@ -55,8 +56,13 @@ def run(actions, *, new_model_bad=False, n=30_000, at=10_000, tmp_path, shadow=F
     y, ts = s.table.column("label").to_numpy(), s.table.column("ts").to_numpy()
     received: list[dict] = []
     audit = AuditLog(tmp_path / "audit.jsonl")
-    loop = MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(watch_min_events=1000, watch_events=5000),
-                       HookDispatcher([PythonHook(received.append, accepts_records=True)]), actions, audit)
+    loop = MonitorLoop(
+        MonitorSuite.from_specs(SPECS),
+        DriftPolicy(watch_min_events=1000, watch_events=5000),
+        HookDispatcher([PythonHook(received.append, accepts_records=True)]),
+        actions,
+        audit,
+    )
     for i in range(n):
         v = actions.current
         if v == "v1":
@@ -72,8 +78,15 @@ def test_retrain_gate_promote_then_watch_passes(tmp_path):
     acts = FakeActions(better=True)
     loop, kinds, received = run(acts, tmp_path=tmp_path)
     assert [c[0] for c in acts.calls] == ["request_retrain", "evaluate_candidate", "promote"]
-    order = ["alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted", "watch_started",
-             "watch_passed"]
+    order = [
+        "alert",
+        "retrain_requested",
+        "retrain_submitted",
+        "candidate_evaluated",
+        "promoted",
+        "watch_started",
+        "watch_passed",
+    ]
     it = iter(kinds)
     assert all(k in it for k in order), f"{order} must happen in this order within {kinds}"
     assert "rolled_back" not in kinds and loop.current_version == "v2"
@@ -111,10 +124,12 @@ def test_failing_action_is_audited_and_monitoring_continues(tmp_path):
 def test_without_actions_the_loop_only_alerts(tmp_path):
     class NoActions(FakeActions):
         pass
+
     acts = NoActions()
     s = generate("abrupt_ctr", n=16_000, seed=8, at=8000)
-    loop = MonitorLoop(MonitorSuite.from_specs(SPECS), DriftPolicy(), HookDispatcher([]), None,
-                       AuditLog(tmp_path / "a.jsonl"))
+    loop = MonitorLoop(
+        MonitorSuite.from_specs(SPECS), DriftPolicy(), HookDispatcher([]), None, AuditLog(tmp_path / "a.jsonl")
+    )
     y = s.table.column("label").to_numpy()
     for i in range(16_000):
         loop.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), "v1"))
@@ -138,24 +153,40 @@ def test_loop_checkpoint_round_trip(tmp_path):
         load_state(mk(), tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("raw, reason", [
-    (b"{not json", "not JSON"),
-    (b"[1]", "expected a JSON object"),
-    (b'{"event_id": "e", "ts": 1, "label": 1}', "missing field(s): p"),
-    (b'{"event_id": "e", "ts": 1, "label": 1, "p": 1.5}', "probability"),
-    (b'{"event_id": "e", "ts": 1, "label": 2, "p": 0.5}', "label must be 0 or 1"),
-    (b'{"event_id": "e", "ts": -5, "label": 1, "p": 0.5}', "ts must be"),
-    (b'{"event_id": "e", "ts": 1, "label": 1, "p": NaN}', "probability"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1]", "expected a JSON object"),
+        (b'{"event_id": "e", "ts": 1, "label": 1}', "missing field(s): p"),
+        (b'{"event_id": "e", "ts": 1, "label": 1, "p": 1.5}', "probability"),
+        (b'{"event_id": "e", "ts": 1, "label": 2, "p": 0.5}', "label must be 0 or 1"),
+        (b'{"event_id": "e", "ts": -5, "label": 1, "p": 0.5}', "ts must be"),
+        (b'{"event_id": "e", "ts": 1, "label": 1, "p": NaN}', "probability"),
+    ],
+)
 def test_bad_prediction_records_are_rejected_with_a_reason(raw, reason):
     out = parse_prediction(raw)
     assert isinstance(out, str) and reason in out
 
 
 def test_prediction_record_features():
-    rec = parse_prediction(json.dumps({"event_id": "e", "ts": 5, "label": 0, "p": 0.2, "p_base": 0.25,
-                                       "model_version": 3, "item_pop": 1.5, "device": "web", "flag": True,
-                                       "features": {"price": 9.5}}))
+    rec = parse_prediction(
+        json.dumps(
+            {
+                "event_id": "e",
+                "ts": 5,
+                "label": 0,
+                "p": 0.2,
+                "p_base": 0.25,
+                "model_version": 3,
+                "item_pop": 1.5,
+                "device": "web",
+                "flag": True,
+                "features": {"price": 9.5},
+            }
+        )
+    )
     assert rec.features == {"item_pop": 1.5, "price": 9.5} and rec.model_version == "3" and rec.p_base == 0.25
     assert np.isclose(rec.p, 0.2)
 
@@ -181,6 +212,7 @@ def test_asynchronous_candidate_is_gated_on_the_loop_thread(tmp_path):
     s = generate("abrupt_ctr", n=16_000, seed=8, at=8000)
     y = s.table.column("label").to_numpy()
     import time
+
     for i in range(16_000):
         loop.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), acts.current))
         if acts.calls and acts.current == "v1" and len(acts.calls) == 1:

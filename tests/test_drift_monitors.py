@@ -14,17 +14,27 @@ import pytest
 
 from online_models.drift.defaults import DEFAULT_MONITORS
 from reloop.evaluate_drift import score_monitors
-from online_models.drift.monitors import (DETECTORS, DetectorMonitor, KSMonitor, MonitorError, MonitorSuite, PSIMonitor,
-                                   _decode, make_monitor)
+from online_models.drift.monitors import (
+    DETECTORS,
+    DetectorMonitor,
+    KSMonitor,
+    MonitorError,
+    MonitorSuite,
+    PSIMonitor,
+    _decode,
+    make_monitor,
+)
 from online_models.drift.policy import DriftPolicy
 from reloop.synthetic import generate
 
 N, AT = 24_000, 12_000
-PERF = [{"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
-        {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}},
-        {"kind": "hddm_a", "metric": "error", "params": {}},
-        {"kind": "ddm", "metric": "error", "params": {}},
-        {"kind": "adwin", "metric": "click", "params": {"delta": 0.0001}}]
+PERF = [
+    {"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
+    {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}},
+    {"kind": "hddm_a", "metric": "error", "params": {}},
+    {"kind": "ddm", "metric": "error", "params": {}},
+    {"kind": "adwin", "metric": "click", "params": {"delta": 0.0001}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +42,16 @@ def abrupt_ctr():
     return score_monitors(generate("abrupt_ctr", n=N, seed=11, at=AT), PERF, policy=DriftPolicy())
 
 
-@pytest.mark.parametrize("name, bound", [("adwin:logloss", 1500), ("page_hinkley:logloss", 1500),
-                                         ("hddm_a:error", 2500), ("ddm:error", 6000), ("adwin:click", 2000)])
+@pytest.mark.parametrize(
+    "name, bound",
+    [
+        ("adwin:logloss", 1500),
+        ("page_hinkley:logloss", 1500),
+        ("hddm_a:error", 2500),
+        ("ddm:error", 6000),
+        ("adwin:click", 2000),
+    ],
+)
 def test_abrupt_ctr_shift_detected_quickly(abrupt_ctr, name, bound):
     r = abrupt_ctr[name]
     assert r["delay"] is not None and r["delay"] <= bound, r
@@ -63,8 +81,10 @@ def test_interest_shift_seen_by_loss_not_by_click_rate():
 
 
 def test_popularity_shift_is_a_distribution_alert_not_a_retrain():
-    specs = list(DEFAULT_MONITORS) + [{"kind": "ks", "metric": "item_pop", "params": {}},
-                                      {"kind": "psi", "metric": "item_pop", "params": {"mode": "decay"}}]
+    specs = list(DEFAULT_MONITORS) + [
+        {"kind": "ks", "metric": "item_pop", "params": {}},
+        {"kind": "psi", "metric": "item_pop", "params": {"mode": "decay"}},
+    ]
     s = generate("abrupt_popularity", n=N, seed=14, at=AT)
     r = score_monitors(s, specs)
     assert r["ks:item_pop"]["delay"] is not None and r["ks:item_pop"]["delay"] <= 5000
@@ -117,8 +137,9 @@ def test_detector_checkpoint_round_trips_through_json(kind):
     metric = "error" if kind in ("ddm", "eddm", "hddm_a", "hddm_w") else "logloss"
     params = {"seed": 1} if kind == "kswin" else {}
     p, y, _ = _stream()
-    sig = [float((pi >= 0.5) != yi) if metric == "error" else float(-np.log(pi if yi else 1 - pi))
-           for pi, yi in zip(p, y)]
+    sig = [
+        float((pi >= 0.5) != yi) if metric == "error" else float(-np.log(pi if yi else 1 - pi)) for pi, yi in zip(p, y)
+    ]
     a = make_monitor(kind, metric, params, warmup=100)
     for i, v in enumerate(sig[:3500]):
         a.update(v, ts=i)
@@ -134,12 +155,15 @@ def test_detector_checkpoint_round_trips_through_json(kind):
         assert b.n == a.n == len(sig)
 
 
-@pytest.mark.parametrize("cls, mode", [(PSIMonitor, "window"), (PSIMonitor, "decay"), (KSMonitor, "window"),
-                                       (KSMonitor, "decay")])
+@pytest.mark.parametrize(
+    "cls, mode", [(PSIMonitor, "window"), (PSIMonitor, "decay"), (KSMonitor, "window"), (KSMonitor, "decay")]
+)
 def test_distribution_checkpoint_exact(cls, mode):
     _, _, pop = _stream(20_000)
-    a, b = cls("item_pop", mode=mode, reference_size=2000, window_size=2000), cls("item_pop", mode=mode,
-                                                                                  reference_size=2000, window_size=2000)
+    a, b = (
+        cls("item_pop", mode=mode, reference_size=2000, window_size=2000),
+        cls("item_pop", mode=mode, reference_size=2000, window_size=2000),
+    )
     for v in pop[:7000]:
         a.update(v)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
@@ -165,12 +189,15 @@ def test_checkpoint_never_names_arbitrary_classes():
         _decode({"__river__": "river.drift.adwin:annotations", "state": {}})
 
 
-@pytest.mark.parametrize("kind, metric, params, msg", [
-    ("cusum", "logloss", {}, "unknown monitor kind"),
-    ("ddm", "logloss", {}, "needs a 0/1 signal"),
-    ("adwin", "logloss", {"colour": 1}, "bad detector params"),
-    ("psi", "prediction", {"mode": "sometimes"}, "mode must be"),
-])
+@pytest.mark.parametrize(
+    "kind, metric, params, msg",
+    [
+        ("cusum", "logloss", {}, "unknown monitor kind"),
+        ("ddm", "logloss", {}, "needs a 0/1 signal"),
+        ("adwin", "logloss", {"colour": 1}, "bad detector params"),
+        ("psi", "prediction", {"mode": "sometimes"}, "mode must be"),
+    ],
+)
 def test_bad_monitor_config_is_a_clear_error(kind, metric, params, msg):
     with pytest.raises(MonitorError, match=msg):
         make_monitor(kind, metric, params)

@@ -27,7 +27,7 @@ def test_the_comparison_runs_and_reports_every_variant():
     late_share = r["stream"]["clicks_after_window"] / r["stream"]["impressions"]
     # waiting: the only fake negatives are clicks after the window (labels still pending at the end are not learnt)
     assert abs(v["wait"]["fake_negative_share"] - late_share) < 0.01
-    assert v["fnw"]["fake_negative_share"] > v["wait"]["fake_negative_share"]         # every positive was a negative first
+    assert v["fnw"]["fake_negative_share"] > v["wait"]["fake_negative_share"]  # every positive was a negative first
     assert v["wait"]["samples_learnt"] < v["fnw"]["samples_learnt"] <= 3000 + r["stream"]["attributed_positives"]
     assert all(np.isfinite(x["auc"]) and np.isfinite(x["logloss"]) for x in v.values())
     assert r["cbpe"]["chunks"] and np.isfinite(r["cbpe"]["mae_auc"])

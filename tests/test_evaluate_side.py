@@ -13,11 +13,18 @@ from reloop.evaluate import EvaluationConfig, EvaluationError, prepare_stream
 def test_side_features_are_joined_and_encoded() -> None:
     s = prepare_stream(EvaluationConfig(limit=3000, slots=2, batch_size=100, side_features=True, model="din"))
     enc = s.encoder.config
-    assert enc.categorical_fields == ("user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix",
-                                      "release_year")
+    assert enc.categorical_fields == (
+        "user_id",
+        "item_id",
+        "age_bucket",
+        "gender",
+        "occupation",
+        "zip_prefix",
+        "release_year",
+    )
     assert enc.bag_fields == ("genres",) and enc.history_field == "user_last_items"
     assert tuple(s.batch["bag"].shape[:2]) == (3000, 1) and bool((s.batch["bag"][:, 0, 0] > 0).all())
-    assert bool((s.batch["cat"][:, 2:] > 0).all())   # every ML-100K user has an age; every event's item a year
+    assert bool((s.batch["cat"][:, 2:] > 0).all())  # every ML-100K user has an age; every event's item a year
 
 
 def test_side_features_need_side_tables(tmp_path) -> None:
@@ -35,8 +42,22 @@ def test_cli_evaluates_din_with_side_features(tmp_path) -> None:
     from reloop.cli import app
 
     out = tmp_path / "din.json"
-    res = CliRunner().invoke(app, ["evaluate", "--limit", "3000", "--slots", "2", "--no-river", "--model", "din",
-                                   "--side-features", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--limit",
+            "3000",
+            "--slots",
+            "2",
+            "--no-river",
+            "--model",
+            "din",
+            "--side-features",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["model_config"]["kind"] == "din" and doc["model_config"]["num_bags"] == 1

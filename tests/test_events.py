@@ -9,8 +9,14 @@ import pytest
 from pipelines.events import MAX_PAYLOAD_BYTES, Event, Rejection, parse_event
 
 NOW = 1_700_000_000_000
-GOOD = {"event_id": "e1", "ts": 881_250_949_000, "user_id": "196", "item_id": "242", "label": 1,
-        "context": {"hour": 13, "device": "web", "price": 9.5, "promo": None}}
+GOOD = {
+    "event_id": "e1",
+    "ts": 881_250_949_000,
+    "user_id": "196",
+    "item_id": "242",
+    "label": 1,
+    "context": {"hour": 13, "device": "web", "price": 9.5, "promo": None},
+}
 
 
 def raw(**changes) -> bytes:
@@ -78,7 +84,7 @@ def test_bad_records_are_rejected_with_a_reason(case):
 
 def test_reasons_name_the_problem():
     assert parse_event(raw(user_id=DROP), now_ms=NOW).reason == "missing field(s): user_id"
-    assert "far future" in parse_event(raw(ts=NOW + 10 ** 12), now_ms=NOW).reason
+    assert "far future" in parse_event(raw(ts=NOW + 10**12), now_ms=NOW).reason
     assert parse_event(raw(ts=-5), now_ms=NOW).reason.startswith("ts: must be positive")
     assert parse_event(BAD["oversized payload"], now_ms=NOW).reason.startswith("oversized payload")
     assert parse_event(raw(rating=5), now_ms=NOW).reason == "unknown field(s): rating"

@@ -8,13 +8,32 @@ import json
 import jsonschema
 import pytest
 
-from pipelines.events import (FEEDBACK_SCHEMA_V2, IMPRESSION_SCHEMA_V2, MAX_PAYLOAD_BYTES, SCHEMAS, Event, Feedback,
-                           Impression, Rejection, parse_feedback, parse_impression, parse_impression_or_v1, split_v1)
+from pipelines.events import (
+    FEEDBACK_SCHEMA_V2,
+    IMPRESSION_SCHEMA_V2,
+    MAX_PAYLOAD_BYTES,
+    SCHEMAS,
+    Event,
+    Feedback,
+    Impression,
+    Rejection,
+    parse_feedback,
+    parse_impression,
+    parse_impression_or_v1,
+    split_v1,
+)
 
 NOW = 1_700_000_000_000
 DROP = object()
-IMP = {"impression_id": "imp-1", "ts": 881_250_949_000, "user_id": "196", "item_id": "242", "request_id": "r1",
-       "position": 3, "context": {"device": "web", "hour": 13}}
+IMP = {
+    "impression_id": "imp-1",
+    "ts": 881_250_949_000,
+    "user_id": "196",
+    "item_id": "242",
+    "request_id": "r1",
+    "position": 3,
+    "context": {"device": "web", "hour": 13},
+}
 FB = {"impression_id": "imp-1", "ts": 881_250_959_000, "kind": "click", "value": 1.0}
 
 

@@ -35,11 +35,21 @@ def test_feature_views_declare_exactly_the_computed_features():
 
 def test_feast_cli_apply_in_a_copy_of_the_repo(tmp_path):
     repo = _copy_repo(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "feast.cli.cli", "-c", str(repo), "apply"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "feast.cli.cli", "-c", str(repo), "apply"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0 and "No module named feast.cli.cli" in proc.stderr:
-        proc = subprocess.run([shutil.which("feast") or "feast", "-c", str(repo), "apply"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [shutil.which("feast") or "feast", "-c", str(repo), "apply"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "user_stats" in proc.stdout + proc.stderr
     assert (repo / "data" / "registry.db").exists() and (repo / "data" / "online_store.db").exists()
@@ -63,19 +73,26 @@ def test_online_write_then_read_round_trips_in_sqlite(tmp_path):
         write_snapshot(store, "item_stats", items, "run-a")
     assert [p.name for p in Path(offline_dir(store, "user_stats")).glob("*.parquet")] == ["part-run-a.parquet"]
     u = users.slice(0, 3).to_pylist()
-    got = store.get_online_features(features=["user_stats:user_imp_all", "user_stats:user_last_items",
-                                              "user_stats:user_ctr_7d"],
-                                    entity_rows=[{"user_id": r["user_id"]} for r in u]).to_dict()
+    got = store.get_online_features(
+        features=["user_stats:user_imp_all", "user_stats:user_last_items", "user_stats:user_ctr_7d"],
+        entity_rows=[{"user_id": r["user_id"]} for r in u],
+    ).to_dict()
     assert got["user_imp_all"] == [r["user_imp_all"] for r in u]
     assert got["user_last_items"] == [r["user_last_items"] for r in u]
     assert got["user_ctr_7d"] == pytest.approx([r["user_ctr_7d"] for r in u], abs=1e-12)
     # the duckdb offline store reads the run files and keeps entity rows without a match
     import pandas as pd
 
-    ent = pd.DataFrame({"user_id": [u[0]["user_id"], "nobody"],
-                        "event_timestamp": pd.to_datetime([state.watermark + 10] * 2, unit="ms", utc=True)})
+    ent = pd.DataFrame(
+        {
+            "user_id": [u[0]["user_id"], "nobody"],
+            "event_timestamp": pd.to_datetime([state.watermark + 10] * 2, unit="ms", utc=True),
+        }
+    )
     hist = store.get_historical_features(entity_df=ent, features=["user_stats:user_imp_all"]).to_df()
-    assert len(hist) == 2 and int(hist.set_index("user_id").loc[u[0]["user_id"], "user_imp_all"]) == u[0]["user_imp_all"]
+    assert (
+        len(hist) == 2 and int(hist.set_index("user_id").loc[u[0]["user_id"], "user_imp_all"]) == u[0]["user_imp_all"]
+    )
     assert pa.__version__
 
 
@@ -83,8 +100,9 @@ def test_redis_profile_takes_the_connection_string_from_the_reloop_config(tmp_pa
     from pipelines.feast_io import open_store
     from pipelines.config import FeastConfig
 
-    store = open_store(FeastConfig(profile="redis", repo_path=str(_copy_repo(tmp_path)),
-                                   redis_connection_string="127.0.0.1:6399,db=3"))
+    store = open_store(
+        FeastConfig(profile="redis", repo_path=str(_copy_repo(tmp_path)), redis_connection_string="127.0.0.1:6399,db=3")
+    )
     assert store.config.online_store.type == "redis"
     # the local service's generated password (when its state dir has one) is appended, never the config's own
     assert store.config.online_store.connection_string.split(",password=")[0] == "127.0.0.1:6399,db=3"
@@ -108,12 +126,21 @@ def test_redis_profile_online_round_trip(tmp_path, redis_url):
     store = open_store(cfg)
     import pyarrow as pa
 
-    events = pa.table({"event_id": ["a", "b"], "ts": [1_000, 2_000], "user_id": ["u1", "u1"],
-                       "item_id": ["i1", "i2"], "label": pa.array([1, 0], pa.int8())})
+    events = pa.table(
+        {
+            "event_id": ["a", "b"],
+            "ts": [1_000, 2_000],
+            "user_id": ["u1", "u1"],
+            "item_id": ["i1", "i2"],
+            "label": pa.array([1, 0], pa.int8()),
+        }
+    )
     _, state, _ = compute_features(events, FeatureState.empty())
     users, items = snapshot(state, 3_000)
     write_snapshot(store, "user_stats", users, "r1")
-    got = store.get_online_features(features=["user_stats:user_imp_all", "user_stats:user_last_items"],
-                                    entity_rows=[{"user_id": "u1"}, {"user_id": "nobody"}]).to_dict()
+    got = store.get_online_features(
+        features=["user_stats:user_imp_all", "user_stats:user_last_items"],
+        entity_rows=[{"user_id": "u1"}, {"user_id": "nobody"}],
+    ).to_dict()
     assert got["user_imp_all"] == [2, None] and got["user_last_items"] == [["i2", "i1"], None]
     store.teardown()

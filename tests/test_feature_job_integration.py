@@ -38,13 +38,15 @@ def assert_features_equal(got: pd.DataFrame, want: pd.DataFrame, what: str) -> N
         if col == "user_last_items":
             assert [list(x) for x in g] == w, f"{what}: {col}"
         elif "_ctr_" in col or "secs" in col:
-            np.testing.assert_allclose(np.asarray(g, float), np.asarray(w, float), rtol=0, atol=1e-9,
-                                       err_msg=f"{what}: {col}")
+            np.testing.assert_allclose(
+                np.asarray(g, float), np.asarray(w, float), rtol=0, atol=1e-9, err_msg=f"{what}: {col}"
+            )
         else:
             assert [int(x) for x in g] == [int(x) for x in w], f"{what}: {col}"
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def job_config(tmp_path: Path, kafka, topic: str, **feature_job):
     from pipelines.config import FeastConfig, FeatureJobConfig, StorageConfig
@@ -55,9 +57,12 @@ def job_config(tmp_path: Path, kafka, topic: str, **feature_job):
     for f in ("feature_repo.py", "feature_store.yaml"):
         shutil.copy(REPO / "features" / f, repo / f)
     k = kafka.model_copy(update={"events_topic": topic, "dlq_topic": f"{topic}.dlq", "consumer_group": topic})
-    return ReloopConfig(kafka=k, storage=StorageConfig(examples_uri=str(tmp_path / "examples")),
-                        feature_job=FeatureJobConfig(state_uri=str(tmp_path / "state"), **feature_job),
-                        feast=FeastConfig(repo_path=str(repo)))
+    return ReloopConfig(
+        kafka=k,
+        storage=StorageConfig(examples_uri=str(tmp_path / "examples")),
+        feature_job=FeatureJobConfig(state_uri=str(tmp_path / "state"), **feature_job),
+        feast=FeastConfig(repo_path=str(repo)),
+    )
 
 
 def replay(table: pa.Table, kafka, topic: str) -> None:
@@ -89,8 +94,10 @@ def check_against_pandas(cfg, events: pa.Table, n_sample: int = 40, seed: int = 
         assert_features_equal(sample[names].reset_index(drop=True), want, f"examples/{entity}")
 
     store = open_store(cfg.feast, cfg.feast.repo_path)
-    for entity, view, names in (("user", USER_VIEW, USER_FEATURES + ["user_last_items"]),
-                                ("item", ITEM_VIEW, ITEM_FEATURES)):
+    for entity, view, names in (
+        ("user", USER_VIEW, USER_FEATURES + ["user_last_items"]),
+        ("item", ITEM_VIEW, ITEM_FEATURES),
+    ):
         key = f"{entity}_id"
         files = sorted(Path(offline_dir(store, view)).glob("*.parquet"))
         offline = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
@@ -99,12 +106,14 @@ def check_against_pandas(cfg, events: pa.Table, n_sample: int = 40, seed: int = 
         as_of = [int(latest.loc[i, "event_timestamp"].value // 1_000_000) for i in ids]
         want = pandas_features(raw, entity, ids, as_of)
         assert_features_equal(latest.loc[ids, names].reset_index(drop=True), want, f"offline/{view}")
-        online = store.get_online_features(features=[f"{view}:{n}" for n in names],
-                                           entity_rows=[{key: i} for i in ids]).to_dict()
+        online = store.get_online_features(
+            features=[f"{view}:{n}" for n in names], entity_rows=[{key: i} for i in ids]
+        ).to_dict()
         assert_features_equal(pd.DataFrame({n: online[n] for n in names}), want, f"online/{view}")
 
 
 # ------------------------------------------------------------------ tests
+
 
 @pytest.fixture(scope="module")
 def ml20k() -> pa.Table:
@@ -142,9 +151,22 @@ def test_sigkill_in_the_middle_of_the_sinks_then_rerun(tmp_path, kafka_config, u
     config_file = tmp_path / "reloop.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     replay(ml20k.slice(0, 8_000), kafka_config, unique_topic)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
-                           "--feature_repo", cfg.feast.repo_path], cwd=REPO,
-                          env={**os.environ, "RELOOP_FAULT": "mid_sinks"}, capture_output=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.feature_job",
+            "--once",
+            "--config",
+            str(config_file),
+            "--feature_repo",
+            cfg.feast.repo_path,
+        ],
+        cwd=REPO,
+        env={**os.environ, "RELOOP_FAULT": "mid_sinks"},
+        capture_output=True,
+        timeout=600,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert 0 < len(read_examples(cfg)) < 8_000
     while run_once(cfg, repo_path=cfg.feast.repo_path).committed:
@@ -152,8 +174,7 @@ def test_sigkill_in_the_middle_of_the_sinks_then_rerun(tmp_path, kafka_config, u
     check_against_pandas(cfg, ml20k.slice(0, 8_000), n_sample=30)
 
 
-def test_sigkill_between_sinks_and_commit_then_rerun_counts_nothing_twice(tmp_path, kafka_config, unique_topic,
-                                                                         ml20k):
+def test_sigkill_between_sinks_and_commit_then_rerun_counts_nothing_twice(tmp_path, kafka_config, unique_topic, ml20k):
     from pipelines.checkpoint import Plan, StateStore
     from pipelines.consumer_group import partition_offsets
     from pipelines.feature_job import run_once
@@ -164,9 +185,22 @@ def test_sigkill_between_sinks_and_commit_then_rerun_counts_nothing_twice(tmp_pa
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     replay(first, kafka_config, unique_topic)
     env = {**os.environ, "RELOOP_FAULT": "before_commit"}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
-                           "--feature_repo", cfg.feast.repo_path], cwd=REPO, env=env, capture_output=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.feature_job",
+            "--once",
+            "--config",
+            str(config_file),
+            "--feature_repo",
+            cfg.feast.repo_path,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     # the sinks were written, the offsets were not committed
     committed, _, _ = partition_offsets(cfg.kafka, unique_topic, cfg.kafka.consumer_group)
@@ -191,14 +225,14 @@ def _malformed(n: int) -> list[bytes]:
     """``n`` bad records covering every rejection kind of the event contract."""
     kinds = [
         lambda i: b"{not json %d" % i,
-        lambda i: b'{"event_id": "m%d", "user_id": "1"}' % i,                                   # missing
+        lambda i: b'{"event_id": "m%d", "user_id": "1"}' % i,  # missing
         lambda i: b'{"event_id": "m%d", "ts": "yesterday", "user_id": "1", "item_id": "2", "label": 1}' % i,
         lambda i: b'{"event_id": "m%d", "ts": 881250949000, "user_id": "1", "item_id": "2", "label": 7}' % i,
         lambda i: b'{"event_id": "m%d", "ts": -5, "user_id": "1", "item_id": "2", "label": 0}' % i,
         lambda i: b'{"event_id": "m%d", "ts": 99999999999999, "user_id": "1", "item_id": "2", "label": 0}' % i,
         lambda i: b'{"event_id": "m%d", "ts": 881250949000, "user_id": "1", "item_id": "2", "label": 0, "x": 1}' % i,
-        lambda i: b'[%d]' % i,
-        lambda i: b'\xff\xfe%d' % i,
+        lambda i: b"[%d]" % i,
+        lambda i: b"\xff\xfe%d" % i,
         lambda i: b'{"event_id": "m%d", "ts": 881250949000, "user_id": null, "item_id": "2", "label": 0}' % i,
     ]
     out = [kinds[i % len(kinds)](i) for i in range(n - 5)]
@@ -206,8 +240,9 @@ def _malformed(n: int) -> list[bytes]:
     return out
 
 
-def test_malformed_records_go_to_the_dlq_with_reasons_and_good_ones_to_features(tmp_path, kafka_config,
-                                                                               unique_topic, ml20k):
+def test_malformed_records_go_to_the_dlq_with_reasons_and_good_ones_to_features(
+    tmp_path, kafka_config, unique_topic, ml20k
+):
     from kafka import KafkaConsumer, TopicPartition
 
     from pipelines.feature_job import run_once
@@ -243,8 +278,9 @@ def test_malformed_records_go_to_the_dlq_with_reasons_and_good_ones_to_features(
             reasons[k] = reasons.get(k, 0) + v
     assert sum(reasons.values()) == 1_000 and len(reasons) >= 8, reasons
 
-    consumer = KafkaConsumer(**kafka_config.client_options(), group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        **kafka_config.client_options(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     tps = [TopicPartition(cfg.kafka.dlq_topic, p) for p in consumer.partitions_for_topic(cfg.kafka.dlq_topic)]
     consumer.assign(tps)
     end = consumer.end_offsets(tps)
@@ -279,8 +315,12 @@ def test_offset_range_reader_splits_and_reads_every_offset_once(kafka_config, un
     ranges = [PartitionRange(unique_topic, p, begin[p] + 5, end[p]) for p in end]  # not from the start
     want = [(r.partition, o) for r in ranges for o in range(r.start, r.stop)]
     with TestPipeline(runner="FnApiRunner") as p:
-        got = (p | beam.Create(ranges) | ReadKafkaRanges(kafka_config, batch_size=97, chunk_size=250)
-               | beam.FlatMap(lambda t: zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist())))
+        got = (
+            p
+            | beam.Create(ranges)
+            | ReadKafkaRanges(kafka_config, batch_size=97, chunk_size=250)
+            | beam.FlatMap(lambda t: zip(t["kafka_partition"].to_pylist(), t["kafka_offset"].to_pylist()))
+        )
         assert_that(got, equal_to(want))
 
 

@@ -28,8 +28,12 @@ from tests.flink_support import flink_args, flink_job_endpoint, isolated_job_con
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-MALFORMED = [b"{not json", b'{"event_id": "x1", "ts": "yesterday", "user_id": "1", "item_id": "2", "label": 1}',
-             b'{"event_id": "x2", "user_id": "1"}', b"\xff\xfe"]
+MALFORMED = [
+    b"{not json",
+    b'{"event_id": "x1", "ts": "yesterday", "user_id": "1", "item_id": "2", "label": 1}',
+    b'{"event_id": "x2", "user_id": "1"}',
+    b"\xff\xfe",
+]
 
 
 def _replay(kafka, topic: str, start: int, stop: int, bad: list[bytes] = ()) -> None:
@@ -67,12 +71,24 @@ def _assert_same_outputs(a: dict, b: dict) -> None:
             assert a[name].equals(b[name]), f"{name} differs:\n{a[name].slice(0, 3)}\n{b[name].slice(0, 3)}"
 
 
-COUNTS = ("records_read", "events_parsed", "dead_lettered", "accepted", "late", "duplicates", "deferred",
-          "examples_written", "feature_rows_written", "dlq_reasons", "start", "stop", "run_id")
+COUNTS = (
+    "records_read",
+    "events_parsed",
+    "dead_lettered",
+    "accepted",
+    "late",
+    "duplicates",
+    "deferred",
+    "examples_written",
+    "feature_rows_written",
+    "dlq_reasons",
+    "start",
+    "stop",
+    "run_id",
+)
 
 
-def test_fnapi_and_flink_give_identical_features_and_examples(kafka_config, unique_topic, tmp_path,
-                                                              flink_job_endpoint):  # noqa: F811
+def test_fnapi_and_flink_give_identical_features_and_examples(kafka_config, unique_topic, tmp_path, flink_job_endpoint):  # noqa: F811
     local = isolated_job_config(tmp_path, kafka_config, unique_topic, "fnapi")
     flink = isolated_job_config(tmp_path, kafka_config, unique_topic, "flink")
     # two micro-batches: the second starts from the state the first saved, on each runner
@@ -99,8 +115,17 @@ def _job_process(cfg, config_file: Path, endpoint: str, fault: str | None = None
     env.pop("RELOOP_FAULT", None)
     if fault:
         env["RELOOP_FAULT"] = fault
-    cmd = [sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
-           "--feature_repo", cfg.feast.repo_path, *flink_args(endpoint)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.feature_job",
+        "--once",
+        "--config",
+        str(config_file),
+        "--feature_repo",
+        cfg.feast.repo_path,
+        *flink_args(endpoint),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -125,8 +150,7 @@ def _new_running(endpoint: str, known: set[str]) -> list[str]:
     return [j for j, state in _jobs(endpoint).items() if j not in known and state == "RUNNING"]
 
 
-def test_kill_and_rerun_on_flink_is_exactly_once(kafka_config, unique_topic, tmp_path,
-                                                 flink_job_endpoint):  # noqa: F811
+def test_kill_and_rerun_on_flink_is_exactly_once(kafka_config, unique_topic, tmp_path, flink_job_endpoint):  # noqa: F811
     from pipelines.checkpoint import StateStore
 
     ref = isolated_job_config(tmp_path, kafka_config, unique_topic, "reference")
@@ -173,8 +197,9 @@ def test_kill_and_rerun_on_flink_is_exactly_once(kafka_config, unique_topic, tmp
     _assert_same_outputs(out_ref, out_crash)
 
 
-def test_reloop_features_runner_flink_runs_on_the_local_job_server(kafka_config, unique_topic, tmp_path,
-                                                                   flink_job_endpoint):  # noqa: F811
+def test_reloop_features_runner_flink_runs_on_the_local_job_server(
+    kafka_config, unique_topic, tmp_path, flink_job_endpoint
+):  # noqa: F811
     from typer.testing import CliRunner
 
     from reloop.cli import app
@@ -182,9 +207,18 @@ def test_reloop_features_runner_flink_runs_on_the_local_job_server(kafka_config,
     cfg = isolated_job_config(tmp_path, kafka_config, unique_topic, "cli")
     _replay(kafka_config, unique_topic, 0, 500)
     before = set(_jobs(flink_job_endpoint))
-    result = CliRunner().invoke(app, ["features", "--runner", "flink", "--config",
-                                      str(_write_config(cfg, tmp_path / "cli.yaml")),
-                                      "--feature_repo", cfg.feast.repo_path])
+    result = CliRunner().invoke(
+        app,
+        [
+            "features",
+            "--runner",
+            "flink",
+            "--config",
+            str(_write_config(cfg, tmp_path / "cli.yaml")),
+            "--feature_repo",
+            cfg.feast.repo_path,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "read 500" in result.output
     new = {j: s for j, s in _jobs(flink_job_endpoint).items() if j not in before}

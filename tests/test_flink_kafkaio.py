@@ -16,8 +16,12 @@ from tests.flink_support import flink_args, flink_job_endpoint, kafka_expansion_
 pytestmark = pytest.mark.integration
 
 
-def test_read_from_kafka_on_local_flink(kafka_config, unique_topic, flink_job_endpoint,  # noqa: F811
-                                        kafka_expansion_service):  # noqa: F811
+def test_read_from_kafka_on_local_flink(
+    kafka_config,
+    unique_topic,
+    flink_job_endpoint,  # noqa: F811
+    kafka_expansion_service,
+):  # noqa: F811
     import apache_beam as beam
     from apache_beam.io.kafka import ReadFromKafka
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -31,6 +35,9 @@ def test_read_from_kafka_on_local_flink(kafka_config, unique_topic, flink_job_en
     with beam.Pipeline(options=PipelineOptions(flink_args(flink_job_endpoint))) as p:
         records = p | ReadFromKafka(
             consumer_config={"bootstrap.servers": kafka_config.bootstrap_servers, "auto.offset.reset": "earliest"},
-            topics=[unique_topic], max_num_records=table.num_rows, expansion_service=kafka_expansion_service)
+            topics=[unique_topic],
+            max_num_records=table.num_rows,
+            expansion_service=kafka_expansion_service,
+        )
         keyed = records | beam.Map(lambda kv: (kv[0].decode(), json.loads(kv[1])["event_id"]))
         assert_that(keyed, equal_to(list(zip(table["user_id"].to_pylist(), table["event_id"].to_pylist()))))

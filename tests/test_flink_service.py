@@ -93,11 +93,22 @@ def test_splittable_dofn_and_shuffle_run_on_local_flink(flink_job_endpoint):  # 
     for n in sizes:
         for x in range(n):
             expected[x % 7] = expected.get(x % 7, 0) + x
-    opts = PipelineOptions(["--runner=PortableRunner", f"--job_endpoint={flink_job_endpoint}",
-                            "--environment_type=LOOPBACK", "--parallelism=2"])
+    opts = PipelineOptions(
+        [
+            "--runner=PortableRunner",
+            f"--job_endpoint={flink_job_endpoint}",
+            "--environment_type=LOOPBACK",
+            "--parallelism=2",
+        ]
+    )
     with beam.Pipeline(options=opts) as p:
-        sums = (p | beam.Create(sizes) | "Split" >> beam.ParDo(Count())
-                  | beam.Map(lambda x: (x % 7, x)) | beam.CombinePerKey(sum))
+        sums = (
+            p
+            | beam.Create(sizes)
+            | "Split" >> beam.ParDo(Count())
+            | beam.Map(lambda x: (x % 7, x))
+            | beam.CombinePerKey(sum)
+        )
         assert_that(sums, equal_to(sorted(expected.items())))
 
 

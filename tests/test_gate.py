@@ -44,8 +44,8 @@ def test_a_clearly_better_candidate_passes_as_a_retrain_and_a_rollback_needs_the
     y, p = _log(1000, 4)
     stale = np.full(len(p), 0.5)
     assert paired_test(y, p, stale, "retrain").promote
-    assert paired_test(y, p, stale, "rollback").promote          # the previous model (p) is better
-    assert not paired_test(y, stale, p, "rollback").promote      # the previous model (stale) is worse
+    assert paired_test(y, p, stale, "rollback").promote  # the previous model (p) is better
+    assert not paired_test(y, stale, p, "rollback").promote  # the previous model (stale) is worse
 
 
 def test_the_decision_records_n_diff_interval_and_rule() -> None:

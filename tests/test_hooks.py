@@ -12,8 +12,16 @@ import pytest
 
 from jobs.monitor import MonitorLoop, PredictionRecord
 from reloop.config import ReloopConfig
-from jobs.alerts import (SIGNATURE_HEADER, DeadLetterLog, HookDispatcher, HookError, PythonHook, WebhookHook,
-                                dispatcher_from_config, verify)
+from jobs.alerts import (
+    SIGNATURE_HEADER,
+    DeadLetterLog,
+    HookDispatcher,
+    HookError,
+    PythonHook,
+    WebhookHook,
+    dispatcher_from_config,
+    verify,
+)
 from online_models.drift.monitors import MonitorSuite
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import Detection, Request, alert_payload
@@ -64,8 +72,18 @@ def receiver():
 
 
 def sample_request() -> Request:
-    d = Detection("adwin:logloss", "logloss", "drift", 0.48, 0.0001, 812, 1_767_225_600_000, 1_767_226_400_000,
-                  13_000, model_version="v000003")
+    d = Detection(
+        "adwin:logloss",
+        "logloss",
+        "drift",
+        0.48,
+        0.0001,
+        812,
+        1_767_225_600_000,
+        1_767_226_400_000,
+        13_000,
+        model_version="v000003",
+    )
     return Request("retrain", "2 performance monitors detect drift", (d,), "v000003", index=13_000)
 
 
@@ -73,6 +91,7 @@ def recording_sleep(log: list[float]):
     def sleep(s: float) -> None:
         log.append(s)
         time.sleep(s)
+
     return sleep
 
 
@@ -85,8 +104,16 @@ def test_webhook_delivers_signed_json_the_server_verifies(receiver, monkeypatch)
     [got] = receiver.received
     assert got["signature_ok"], "HMAC-SHA256 over the exact body with the secret from the environment"
     body = got["body"]
-    for key in ("detector", "metric", "statistic", "threshold", "window", "event_time_range", "model_version",
-                "summary"):
+    for key in (
+        "detector",
+        "metric",
+        "statistic",
+        "threshold",
+        "window",
+        "event_time_range",
+        "model_version",
+        "summary",
+    ):
         assert key in body, key
     assert body["detector"] == "adwin:logloss" and body["model_version"] == "v000003"
     assert body["event_time_range"] == {"start": 1_767_225_600_000, "end": 1_767_226_400_000}
@@ -117,8 +144,15 @@ def test_server_error_is_retried_then_delivered():
 def test_endpoint_down_retries_with_backoff_then_dead_letter(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/alerts"  # nothing listens there
     waits: list[float] = []
-    hook = WebhookHook(url, secret=SECRET.encode(), timeout_s=1, retries=3, backoff_s=0.05, backoff_max_s=0.15,
-                       sleep=recording_sleep(waits))
+    hook = WebhookHook(
+        url,
+        secret=SECRET.encode(),
+        timeout_s=1,
+        retries=3,
+        backoff_s=0.05,
+        backoff_max_s=0.15,
+        sleep=recording_sleep(waits),
+    )
     dl = DeadLetterLog(tmp_path / "alerts.deadletter.jsonl")
     payload = alert_payload(sample_request())
     t0 = time.monotonic()
@@ -150,11 +184,19 @@ def test_monitoring_continues_while_the_webhook_is_down(tmp_path):
     waits: list[float] = []
     seen: list[dict] = []
     dl = DeadLetterLog(tmp_path / "dl.jsonl")
-    dispatcher = HookDispatcher([WebhookHook(url, secret=b"s", retries=2, backoff_s=0.01, sleep=recording_sleep(waits)),
-                                 PythonHook(seen.append)], dl)
-    suite = MonitorSuite.from_specs([{"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
-                                     {"kind": "page_hinkley", "metric": "logloss",
-                                      "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}}])
+    dispatcher = HookDispatcher(
+        [
+            WebhookHook(url, secret=b"s", retries=2, backoff_s=0.01, sleep=recording_sleep(waits)),
+            PythonHook(seen.append),
+        ],
+        dl,
+    )
+    suite = MonitorSuite.from_specs(
+        [
+            {"kind": "adwin", "metric": "logloss", "params": {"delta": 0.0001}},
+            {"kind": "page_hinkley", "metric": "logloss", "params": {"threshold": 100.0, "delta": 0.02, "mode": "up"}},
+        ]
+    )
     loop = MonitorLoop(suite, DriftPolicy(), dispatcher)
     s = generate("abrupt_ctr", n=12_000, seed=4, at=6000)
     y, ts = s.table.column("label").to_numpy(), s.table.column("ts").to_numpy()
@@ -183,8 +225,12 @@ def test_background_delivery_never_blocks_the_caller(tmp_path):
 def test_python_entry_point_hook_and_errors():
     hook = PythonHook("json:dumps")
     assert hook.deliver({"a": 1}).ok
-    for spec, msg in [("nodots", "expected 'module:function'"), ("no_such_module_x:f", "cannot import"),
-                      ("json:nope", "has no attribute"), ("json:__doc__", "not callable")]:
+    for spec, msg in [
+        ("nodots", "expected 'module:function'"),
+        ("no_such_module_x:f", "cannot import"),
+        ("json:nope", "has no attribute"),
+        ("json:__doc__", "not callable"),
+    ]:
         with pytest.raises(HookError, match=msg):
             PythonHook(spec)
 
@@ -198,15 +244,23 @@ def test_missing_secret_env_is_a_clear_setup_error():
 
 def test_dispatcher_from_config(tmp_path, monkeypatch):
     monkeypatch.setenv("RELOOP_TEST_WEBHOOK_SECRET", SECRET)
-    cfg = ReloopConfig.model_validate({"hooks": {
-        "webhooks": [{"url": "http://127.0.0.1:9/a", "secret_env": "RELOOP_TEST_WEBHOOK_SECRET", "retries": 1}],
-        "kafka_enabled": False, "python": ["json:dumps"], "dead_letter_path": str(tmp_path / "dl.jsonl")}})
+    cfg = ReloopConfig.model_validate(
+        {
+            "hooks": {
+                "webhooks": [{"url": "http://127.0.0.1:9/a", "secret_env": "RELOOP_TEST_WEBHOOK_SECRET", "retries": 1}],
+                "kafka_enabled": False,
+                "python": ["json:dumps"],
+                "dead_letter_path": str(tmp_path / "dl.jsonl"),
+            }
+        }
+    )
     d = dispatcher_from_config(cfg, background=False)
     assert [h.name for h in d.hooks] == ["webhook:http://127.0.0.1:9/a", "python:json:dumps"]
     assert d.hooks[0].secret == SECRET.encode() and d.hooks[0].retries == 1
 
 
 # ------------------------------------------------------------------ issue 18: hostile or slow endpoints
+
 
 class _Endpoint:
     """A real endpoint whose handler is ``handle(request_handler)``."""
@@ -282,8 +336,9 @@ def test_a_trickling_endpoint_is_cut_at_the_deadline_and_does_not_starve_other_h
         res = slow_hook.deliver({"id": "s0"})
         took = time.monotonic() - t0
         assert not res.ok and took < 2.5, (res, took)  # was 32.5 s with per-read timeouts
-        d = HookDispatcher([slow_hook, WebhookHook(healthy.url, secret=SECRET.encode(), timeout_s=1)], dl,
-                           background=True)
+        d = HookDispatcher(
+            [slow_hook, WebhookHook(healthy.url, secret=SECRET.encode(), timeout_s=1)], dl, background=True
+        )
         for i in range(20):
             d.deliver({"id": f"a{i}", "detector": "x"})
         t0 = time.monotonic()

@@ -31,8 +31,7 @@ def consume_json(cfg: KafkaConfig, topic: str) -> list[tuple[bytes, dict]]:
 def test_alert_lands_on_the_alerts_topic(kafka_config, unique_topic):
     ensure_topics(kafka_config, [unique_topic], partitions=1)
     hook = KafkaHook(kafka_config, unique_topic)
-    d = Detection("page_hinkley:logloss", "logloss", "drift", 101.2, 100.0, 640, 1000, 2000, 12_345,
-                  model_version="v7")
+    d = Detection("page_hinkley:logloss", "logloss", "drift", 101.2, 100.0, 640, 1000, 2000, 12_345, model_version="v7")
     payload = alert_payload(Request("retrain", "2 performance monitors detect drift", (d,), "v7"))
     try:
         res = hook.deliver(payload)
@@ -55,21 +54,37 @@ def test_kafka_hook_with_broker_unreachable_fails_softly():
 def test_reloop_monitor_end_to_end_on_kafka(kafka_config, tmp_path):
     run_id = uuid.uuid4().hex[:10]
     preds, alerts = f"test.preds.{run_id}", f"test.alerts.{run_id}"
-    cfg = ReloopConfig.model_validate({
-        "kafka": {"bootstrap_servers": kafka_config.bootstrap_servers, "alerts_topic": alerts},
-        "hooks": {"kafka_enabled": True, "dead_letter_path": str(tmp_path / "dl.jsonl"), "background": False},
-        "drift": {"predictions_topic": preds, "consumer_group": f"test-monitor-{run_id}", "features": ["item_pop"],
-                  "state_path": str(tmp_path / "state.json"), "audit_log_path": str(tmp_path / "audit.jsonl"),
-                  "checkpoint_every": 5000}})
+    cfg = ReloopConfig.model_validate(
+        {
+            "kafka": {"bootstrap_servers": kafka_config.bootstrap_servers, "alerts_topic": alerts},
+            "hooks": {"kafka_enabled": True, "dead_letter_path": str(tmp_path / "dl.jsonl"), "background": False},
+            "drift": {
+                "predictions_topic": preds,
+                "consumer_group": f"test-monitor-{run_id}",
+                "features": ["item_pop"],
+                "state_path": str(tmp_path / "state.json"),
+                "audit_log_path": str(tmp_path / "audit.jsonl"),
+                "checkpoint_every": 5000,
+            },
+        }
+    )
     ensure_topics(kafka_config, [preds, alerts], partitions=1)
     n = 16_000
     s = generate("abrupt_ctr", n=n, seed=9, at=8000)
     rows = s.table.to_pylist()
     prod = producer(kafka_config)
     for i, r in enumerate(rows):
-        rec = {"event_id": r["event_id"], "ts": r["ts"], "user_id": r["user_id"], "item_id": r["item_id"],
-               "p_base": float(s.p_stale[i]), "p": float(s.p_stale[i]), "label": r["label"],
-               "model_version": "v000001", "item_pop": r["item_pop"]}
+        rec = {
+            "event_id": r["event_id"],
+            "ts": r["ts"],
+            "user_id": r["user_id"],
+            "item_id": r["item_id"],
+            "p_base": float(s.p_stale[i]),
+            "p": float(s.p_stale[i]),
+            "label": r["label"],
+            "model_version": "v000001",
+            "item_pop": r["item_pop"],
+        }
         prod.send(preds, key=r["user_id"].encode(), value=json.dumps(rec).encode())
     prod.send(preds, value=b"{broken json")  # a bad record is rejected, never a crash
     prod.flush()
@@ -86,11 +101,15 @@ def test_reloop_monitor_end_to_end_on_kafka(kafka_config, tmp_path):
     a = retrain_alerts[0]
     assert a["model_version"] == "v000001" and a["event_time_range"]["end"] >= s.shift_ts
     assert {b["kind"] for b in published if b.get("type") == "audit"} >= {"retrain_requested"}
-    assert [b["id"] for b in seen if b.get("type") == "alert"] == [b["id"] for b in published
-                                                                    if b.get("type") == "alert"]
+    assert [b["id"] for b in seen if b.get("type") == "alert"] == [
+        b["id"] for b in published if b.get("type") == "alert"
+    ]
     # incidents: the hooks get one page per incident and its updates; every raw alert stays in the audit log
-    assert [r.kind for r in AuditLog(tmp_path / "audit.jsonl").read()].count("alert") >= len(
-        [b for b in published if b.get("type") == "alert"]) >= 1
+    assert (
+        [r.kind for r in AuditLog(tmp_path / "audit.jsonl").read()].count("alert")
+        >= len([b for b in published if b.get("type") == "alert"])
+        >= 1
+    )
 
     # restart: the checkpoint and the committed offsets resume where the first run stopped
     state = json.loads((tmp_path / "state.json").read_text())
@@ -113,11 +132,20 @@ def test_reloop_monitor_cli(kafka_config, tmp_path):
     prod.flush()
     prod.close()
     cfg = tmp_path / "reloop.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "kafka": {"bootstrap_servers": kafka_config.bootstrap_servers, "alerts_topic": f"test.alerts.{run_id}"},
-        "hooks": {"dead_letter_path": str(tmp_path / "dl.jsonl")},
-        "drift": {"predictions_topic": preds, "consumer_group": f"g-{run_id}",
-                  "state_path": str(tmp_path / "s.json"), "audit_log_path": str(tmp_path / "a.jsonl")}}))
+    cfg.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "kafka": {"bootstrap_servers": kafka_config.bootstrap_servers, "alerts_topic": f"test.alerts.{run_id}"},
+                "hooks": {"dead_letter_path": str(tmp_path / "dl.jsonl")},
+                "drift": {
+                    "predictions_topic": preds,
+                    "consumer_group": f"g-{run_id}",
+                    "state_path": str(tmp_path / "s.json"),
+                    "audit_log_path": str(tmp_path / "a.jsonl"),
+                },
+            }
+        )
+    )
     res = CliRunner().invoke(app, ["monitor", "--config", str(cfg), "--from-beginning", "--idle-timeout", "3"])
     assert res.exit_code == 0, res.output
     assert "monitored 300 records (0 rejected)" in res.output

@@ -56,8 +56,9 @@ def drain(cfg) -> list:
 def dlq_records(kafka, topic: str) -> list:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(**kafka.client_options(), group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        **kafka.client_options(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     parts = consumer.partitions_for_topic(topic) or set()
     tps = [TopicPartition(topic, p) for p in parts]
     consumer.assign(tps)
@@ -78,19 +79,23 @@ def total(runs, name: str) -> int:
     return sum(getattr(s, name) for s in runs)
 
 
-def test_deep_nesting_and_invalid_utf8_are_dead_lettered_and_the_job_keeps_committing(tmp_path, kafka_config,
-                                                                                      unique_topic):
+def test_deep_nesting_and_invalid_utf8_are_dead_lettered_and_the_job_keeps_committing(
+    tmp_path, kafka_config, unique_topic
+):
     cfg = job_config(tmp_path, kafka_config, unique_topic)
     poison = [
         b'{"event_id":"deep","ts":5,"user_id":"u","item_id":"i","label":1,"context":{"a":'
-        + b"[" * 20_000 + b"]" * 20_000 + b"}}",                        # 40 KB, SIGSEGV in pyarrow before
-        b"[" * 1_000 + b"]" * 1_000,                                    # RecursionError out of parse_event
+        + b"[" * 20_000
+        + b"]" * 20_000
+        + b"}}",  # 40 KB, SIGSEGV in pyarrow before
+        b"[" * 1_000 + b"]" * 1_000,  # RecursionError out of parse_event
         b'{"event_id":"bad\xff\xfeutf8","ts":%d,"user_id":"u1","item_id":"i1","label":0}' % T0,
     ]
     assert all(len(p) < 64 * 1024 for p in poison)
     good = good_events(1_000)
-    records = good[:300] + [(b"u1", poison[0])] + good[300:600] + [(b"u1", poison[1])] + good[600:] \
-        + [(b"u1", poison[2])]
+    records = (
+        good[:300] + [(b"u1", poison[0])] + good[300:600] + [(b"u1", poison[1])] + good[600:] + [(b"u1", poison[2])]
+    )
     produce(kafka_config, unique_topic, records)
     runs = drain(cfg)
     assert runs and total(runs, "accepted") == 1_000 and total(runs, "dead_lettered") == 3
@@ -125,13 +130,17 @@ def test_a_failed_run_does_not_wedge_the_job(tmp_path, kafka_config, unique_topi
     assert total(runs, "accepted") == 100
 
 
-def test_a_far_future_event_is_dead_lettered_and_does_not_make_the_stream_late(tmp_path, kafka_config,
-                                                                               unique_topic):
+def test_a_far_future_event_is_dead_lettered_and_does_not_make_the_stream_late(tmp_path, kafka_config, unique_topic):
     import time
 
     cfg = job_config(tmp_path, kafka_config, unique_topic)
-    future = {"event_id": "future", "ts": int(time.time() * 1000) + 23 * 3600 * 1000, "user_id": "u7",
-              "item_id": "i1", "label": 1}
+    future = {
+        "event_id": "future",
+        "ts": int(time.time() * 1000) + 23 * 3600 * 1000,
+        "user_id": "u7",
+        "item_id": "i1",
+        "label": 1,
+    }
     # alone first, in the same batch as the good ones, then again alone after the state exists
     produce(kafka_config, unique_topic, [(b"u7", json.dumps(future).encode())] + good_events(5_000))
     runs = drain(cfg)
@@ -144,8 +153,7 @@ def test_a_far_future_event_is_dead_lettered_and_does_not_make_the_stream_late(t
     assert len(why) == 2 and all(w.startswith("ahead") for w in why), why
 
 
-def test_the_first_copy_of_an_event_id_wins_and_forged_copies_are_dead_lettered(tmp_path, kafka_config,
-                                                                                 unique_topic):
+def test_the_first_copy_of_an_event_id_wins_and_forged_copies_are_dead_lettered(tmp_path, kafka_config, unique_topic):
     cfg = job_config(tmp_path, kafka_config, unique_topic)
     good = good_events(2_000)
     forged = []
@@ -172,15 +180,18 @@ def test_the_first_copy_of_an_event_id_wins_and_forged_copies_are_dead_lettered(
     assert len(why) == 26 and all(w.startswith("duplicate") for w in why)
 
 
-def test_a_context_key_named_like_a_feature_is_rejected_and_example_files_stay_readable(tmp_path, kafka_config,
-                                                                                        unique_topic):
+def test_a_context_key_named_like_a_feature_is_rejected_and_example_files_stay_readable(
+    tmp_path, kafka_config, unique_topic
+):
     from jobs.examples import ExampleStore
 
     cfg = job_config(tmp_path, kafka_config, unique_topic)
     good = good_events(1_000)
     ev = json.loads(good[10][1])
-    clash = [(b"u3", json.dumps(dict(ev, event_id=f"c{i}", context={name: 0.99})).encode())
-             for i, name in enumerate(["user_ctr_7d", "item_imp_all", "label", "kafka_offset", "context_ts"])]
+    clash = [
+        (b"u3", json.dumps(dict(ev, event_id=f"c{i}", context={name: 0.99})).encode())
+        for i, name in enumerate(["user_ctr_7d", "item_imp_all", "label", "kafka_offset", "context_ts"])
+    ]
     with_ctx = [(k, json.dumps(dict(json.loads(v), context={"hour": 3})).encode()) for k, v in good[:100]]
     produce(kafka_config, unique_topic, with_ctx + clash + good[100:])
     runs = drain(cfg)

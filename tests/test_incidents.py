@@ -6,11 +6,20 @@ from online_models.drift.incidents import group_incidents
 
 
 def test_alerts_close_together_are_one_incident_with_its_actions_and_resolution() -> None:
-    alerts = [{"at_event": e, "ts": e, "summary": "s", "detectors": [d]}
-              for e, d in ((1000, "adwin:logloss"), (3000, "page_hinkley:logloss"), (9000, "adwin:click"),
-                           (40_000, "adwin:logloss"))]
-    actions = [{"what": "retrain submitted", "at_event": 3500}, {"what": "gate", "kind": "refresh", "at_event": 3600},
-               {"what": "retrain candidate promoted", "at_event": 4000, "version": "v7"}]
+    alerts = [
+        {"at_event": e, "ts": e, "summary": "s", "detectors": [d]}
+        for e, d in (
+            (1000, "adwin:logloss"),
+            (3000, "page_hinkley:logloss"),
+            (9000, "adwin:click"),
+            (40_000, "adwin:logloss"),
+        )
+    ]
+    actions = [
+        {"what": "retrain submitted", "at_event": 3500},
+        {"what": "gate", "kind": "refresh", "at_event": 3600},
+        {"what": "retrain candidate promoted", "at_event": 4000, "version": "v7"},
+    ]
     inc = group_incidents(alerts, actions, gap_events=10_000, end_event=45_000)
     assert [i["alerts"] for i in inc] == [3, 1]
     first = inc[0]
@@ -33,10 +42,18 @@ def test_the_monitor_pages_once_per_incident(tmp_path) -> None:
     y = s.table.column("label").to_numpy()
     pages: list[dict] = []
     audit = AuditLog(tmp_path / "audit.jsonl")
-    specs = [{"kind": "adwin", "metric": "logloss"}, {"kind": "page_hinkley", "metric": "logloss"},
-             {"kind": "adwin", "metric": "click"}]
-    loop = MonitorLoop(MonitorSuite.from_specs(specs), DriftPolicy(cooldown_events=2000),
-                       HookDispatcher([PythonHook(pages.append)]), None, audit)
+    specs = [
+        {"kind": "adwin", "metric": "logloss"},
+        {"kind": "page_hinkley", "metric": "logloss"},
+        {"kind": "adwin", "metric": "click"},
+    ]
+    loop = MonitorLoop(
+        MonitorSuite.from_specs(specs),
+        DriftPolicy(cooldown_events=2000),
+        HookDispatcher([PythonHook(pages.append)]),
+        None,
+        audit,
+    )
     for i in range(30_000):
         loop.process(PredictionRecord(f"e{i}", i, None, None, float(s.p_stale[i]), int(y[i]), "v1"))
     raw = [r for r in audit.read() if r.kind == "alert"]

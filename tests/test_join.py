@@ -18,17 +18,26 @@ HOUR = 3_600_000
 
 def feedback_table(fb: pa.Table, partition: int = FEEDBACK_PARTITION_BASE) -> pa.Table:
     n = fb.num_rows
-    return pa.table({"impression_id": fb["impression_id"], "ts": fb["ts"], "kind": fb["kind"],
-                     "value": pa.nulls(n, pa.float64()), "kafka_partition": pa.array([partition] * n, pa.int32()),
-                     "kafka_offset": pa.array(np.arange(n), pa.int64()),
-                     "key": pa.array([None] * n, pa.binary()),
-                     "raw": pa.array([b"x"] * n, pa.binary())}, schema=FEEDBACK_SCHEMA)
+    return pa.table(
+        {
+            "impression_id": fb["impression_id"],
+            "ts": fb["ts"],
+            "kind": fb["kind"],
+            "value": pa.nulls(n, pa.float64()),
+            "kafka_partition": pa.array([partition] * n, pa.int32()),
+            "kafka_offset": pa.array(np.arange(n), pa.int64()),
+            "key": pa.array([None] * n, pa.binary()),
+            "raw": pa.array([b"x"] * n, pa.binary()),
+        },
+        schema=FEEDBACK_SCHEMA,
+    )
 
 
 def imp_table(imps: pa.Table) -> pa.Table:
     n = imps.num_rows
     return imps.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
-        "kafka_offset", pa.array(np.arange(n), pa.int64()))
+        "kafka_offset", pa.array(np.arange(n), pa.int64())
+    )
 
 
 def run_join(imps: pa.Table, fb: pa.Table, cuts: list[int], cfg: JoinConfig, state=None):
@@ -85,8 +94,13 @@ def test_join_equals_pandas_on_movielens_with_exp20m_delays_and_1h_window(delaye
     want = check(ex, imps, fb, state, cfg)
     # every impression is an example except those whose window is still open at the end
     assert len(want) + state.open_count == t.num_rows
-    late = int((fb.to_pandas().merge(imps.to_pandas()[["impression_id", "ts"]], on="impression_id")
-                .pipe(lambda d: (d.ts_x > d.ts_y + HOUR).sum())))
+    late = int(
+        (
+            fb.to_pandas()
+            .merge(imps.to_pandas()[["impression_id", "ts"]], on="impression_id")
+            .pipe(lambda d: (d.ts_x > d.ts_y + HOUR).sum())
+        )
+    )
     assert state.counts["late_feedback"] == late > 0  # ~5% of clicks: P(exp(20m) > 1h) = e^-3
     assert state.counts["orphan_feedback"] == 0 and dlq.num_rows == 0
     # fake negatives: positives in the data that the window labels 0
@@ -126,29 +140,51 @@ def test_state_round_trips_through_arrow(delayed_ml100k):
 
 
 def _fb(rows):
-    t = pa.table({"impression_id": [r[0] for r in rows], "ts": [r[1] for r in rows],
-                  "kind": [r[2] if len(r) > 2 else "click" for r in rows]})
+    t = pa.table(
+        {
+            "impression_id": [r[0] for r in rows],
+            "ts": [r[1] for r in rows],
+            "kind": [r[2] if len(r) > 2 else "click" for r in rows],
+        }
+    )
     return feedback_table(t)
 
 
 def test_orphans_duplicates_late_and_early_feedback_are_counted_and_dead_lettered():
-    imps = imp_table(pa.table({"impression_id": ["a", "b", "c", "a"], "ts": [1000, 2000, 3000, 3500],
-                               "user_id": ["u", "u", "v", "u"], "item_id": ["x", "y", "x", "x"]}))
-    fb = _fb([("a", 1500), ("a", 1600), ("b", 2000 + HOUR + 1), ("zzz", 2500), ("c", 2900),
-              ("c", 3100, "purchase")])
+    imps = imp_table(
+        pa.table(
+            {
+                "impression_id": ["a", "b", "c", "a"],
+                "ts": [1000, 2000, 3000, 3500],
+                "user_id": ["u", "u", "v", "u"],
+                "item_id": ["x", "y", "x", "x"],
+            }
+        )
+    )
+    fb = _fb([("a", 1500), ("a", 1600), ("b", 2000 + HOUR + 1), ("zzz", 2500), ("c", 2900), ("c", 3100, "purchase")])
     res = join_batch(imps, fb, JoinState.empty(), JoinConfig(window_ms=HOUR))
     s = res.stats
-    assert (s["feedback_accepted"], s["duplicate_feedback"], s["late_feedback"], s["orphan_feedback"],
-            s["feedback_before_impression"], s["other_feedback"], s["impressions_duplicate"]) == (1, 1, 1, 1, 1, 1, 1)
+    assert (
+        s["feedback_accepted"],
+        s["duplicate_feedback"],
+        s["late_feedback"],
+        s["orphan_feedback"],
+        s["feedback_before_impression"],
+        s["other_feedback"],
+        s["impressions_duplicate"],
+    ) == (1, 1, 1, 1, 1, 1, 1)
     assert sorted(res.dlq["reason"].to_pylist()) == [
         "feedback before its impression: feedback ts 2900 < impression ts 3000",
-        "orphan feedback: no impression 'zzz' known to the join"]
+        "orphan feedback: no impression 'zzz' known to the join",
+    ]
     assert res.examples["impression_id"].to_pylist() == ["a"] and res.examples["label_ts"].to_pylist() == [1500]
     # later: the window of b closes (negative, though a late click came), a click on a closed one is late
     more = imp_table(pa.table({"impression_id": ["d"], "ts": [10 * HOUR], "user_id": ["w"], "item_id": ["z"]}))
     res2 = join_batch(more, _fb([("a", 10 * HOUR), ("b", 10 * HOUR)]), res.state, JoinConfig(window_ms=HOUR))
     assert sorted(zip(res2.examples["impression_id"].to_pylist(), res2.examples["label"].to_pylist())) == [
-        ("b", 0), ("c", 0)]
+        ("b", 0),
+        ("c", 0),
+    ]
     assert (res2.stats["duplicate_feedback"], res2.stats["late_feedback"], res2.dlq.num_rows) == (1, 1, 0)
 
 
@@ -172,8 +208,9 @@ def test_with_immediate_feedback_the_features_are_v1s():
 
     t = load_dataset("movielens-100k", limit=4000)
     imps, fb = label_delay(t, "none")
-    ex, _, _ = run_join(imp_table(imps), feedback_table(fb), [int(t["ts"][1999].as_py()), int(t["ts"][3999].as_py())],
-                        JoinConfig(HOUR))
+    ex, _, _ = run_join(
+        imp_table(imps), feedback_table(fb), [int(t["ts"][1999].as_py()), int(t["ts"][3999].as_py())], JoinConfig(HOUR)
+    )
     v1, _, _ = compute_features(t, FeatureState.empty())
     v1 = v1.to_pandas().set_index("event_id").loc[ex.impression_id].reset_index(drop=True)
     v1["user_last_items"] = [list(x) for x in v1["user_last_items"]]
@@ -185,11 +222,13 @@ def test_a_feedback_only_micro_batch():
     """Clicks arriving in a batch without impressions (an empty table of any schema) still label theirs."""
     from pipelines.parse import CORE_SCHEMA
 
-    imps = imp_table(pa.table({"impression_id": ["a", "b"], "ts": [1000, 2000], "user_id": ["u", "v"],
-                               "item_id": ["x", "y"]}))
+    imps = imp_table(
+        pa.table({"impression_id": ["a", "b"], "ts": [1000, 2000], "user_id": ["u", "v"], "item_id": ["x", "y"]})
+    )
     first = join_batch(imps, _fb([]), JoinState.empty(), JoinConfig(window_ms=HOUR))
     assert first.examples.num_rows == 0 and first.state.open_count == 2
-    res = join_batch(CORE_SCHEMA.empty_table(), _fb([("a", 5000), ("b", 2 * HOUR + 5000)]), first.state,
-                     JoinConfig(window_ms=HOUR))
+    res = join_batch(
+        CORE_SCHEMA.empty_table(), _fb([("a", 5000), ("b", 2 * HOUR + 5000)]), first.state, JoinConfig(window_ms=HOUR)
+    )
     assert res.examples["impression_id"].to_pylist() == ["a"] and res.stats["late_feedback"] == 1
     assert res.state.open_count == 1  # b's window closes only when every partition's watermark has passed it

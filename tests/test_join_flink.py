@@ -27,9 +27,25 @@ def test_join_on_flink_equals_pandas_after_a_sigkill(tmp_path, kafka_config, uni
     replay_v2(table, cfg)
     args = flink_args(flink_job_endpoint)
     assert run_join_once(cfg, pipeline_args=args, repo_path=cfg.feast.repo_path).committed
-    proc = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
-                           "--feature_repo", cfg.feast.repo_path, "--attribution-window", "1h", *args], cwd=REPO,
-                          env={**os.environ, "RELOOP_FAULT": "before_commit"}, capture_output=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.feature_job",
+            "--once",
+            "--config",
+            str(config_file),
+            "--feature_repo",
+            cfg.feast.repo_path,
+            "--attribution-window",
+            "1h",
+            *args,
+        ],
+        cwd=REPO,
+        env={**os.environ, "RELOOP_FAULT": "before_commit"},
+        capture_output=True,
+        timeout=900,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     while run_join_once(cfg, pipeline_args=args, repo_path=cfg.feast.repo_path).committed:
         pass

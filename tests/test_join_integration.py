@@ -98,26 +98,57 @@ def test_joined_movielens_equals_the_pandas_join(tmp_path, kafka_config, unique_
 
 
 @pytest.mark.parametrize("fault", ["before_commit", "mid_sinks"])
-def test_sigkill_mid_window_neither_loses_nor_doubles_an_example(tmp_path, kafka_config, unique_topic, ml100k,
-                                                                 fault):
+def test_sigkill_mid_window_neither_loses_nor_doubles_an_example(tmp_path, kafka_config, unique_topic, ml100k, fault):
     cfg = v2_config(tmp_path, kafka_config, unique_topic, max_events_per_run=40_000)
     config_file = tmp_path / "reloop.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     replay_v2(ml100k, cfg)
-    drain_first = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config",
-                                  str(config_file), "--feature_repo", cfg.feast.repo_path,
-                                  "--attribution-window", "1h"], cwd=REPO,
-                                 env={**os.environ, "RELOOP_FAULT": ""}, capture_output=True, timeout=600)
+    drain_first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.feature_job",
+            "--once",
+            "--config",
+            str(config_file),
+            "--feature_repo",
+            cfg.feast.repo_path,
+            "--attribution-window",
+            "1h",
+        ],
+        cwd=REPO,
+        env={**os.environ, "RELOOP_FAULT": ""},
+        capture_output=True,
+        timeout=600,
+    )
     assert drain_first.returncode == 0, drain_first.stderr.decode()[-2000:]
     # the second run is killed with windows open (the first left thousands of impressions pending)
     from pipelines.checkpoint import StateStore
 
-    open_before = StateStore(cfg.feature_job.state_uri).load_join_state(
-        StateStore(cfg.feature_job.state_uri).state_keys()[0]).open_count
+    open_before = (
+        StateStore(cfg.feature_job.state_uri)
+        .load_join_state(StateStore(cfg.feature_job.state_uri).state_keys()[0])
+        .open_count
+    )
     assert open_before > 0
-    proc = subprocess.run([sys.executable, "-m", "pipelines.feature_job", "--once", "--config", str(config_file),
-                           "--feature_repo", cfg.feast.repo_path, "--attribution-window", "1h"], cwd=REPO,
-                          env={**os.environ, "RELOOP_FAULT": fault}, capture_output=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.feature_job",
+            "--once",
+            "--config",
+            str(config_file),
+            "--feature_repo",
+            cfg.feast.repo_path,
+            "--attribution-window",
+            "1h",
+        ],
+        cwd=REPO,
+        env={**os.environ, "RELOOP_FAULT": fault},
+        capture_output=True,
+        timeout=600,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     drain(cfg)
     state, _ = check_against_pandas(cfg, ml100k, n_sample=150)
@@ -135,11 +166,18 @@ def test_bad_impressions_and_feedback_go_to_the_dlq_with_reasons(tmp_path, kafka
     t_end = int(small["ts"][2999].as_py())
     ensure_topics(kafka_config, [cfg.kafka.impressions_topic, cfg.kafka.feedback_topic])
     prod = producer(kafka_config)
-    bad_imps = [b"{nope", b'{"impression_id": "x1", "ts": 5}', b'{"impression_id": "", "ts": 5, "user_id": "u",'
-                b' "item_id": "i"}', b"[1]"]
-    bad_fb = [b"{{", b'{"impression_id": "ml100k-1", "ts": 5, "kind": "like"}',
-              b'{"impression_id": "never-shown", "ts": %d, "kind": "click"}' % (t_end - 1000),
-              b'{"impression_id": "ml100k-3", "ts": 7, "kind": "click", "extra": 1}']
+    bad_imps = [
+        b"{nope",
+        b'{"impression_id": "x1", "ts": 5}',
+        b'{"impression_id": "", "ts": 5, "user_id": "u", "item_id": "i"}',
+        b"[1]",
+    ]
+    bad_fb = [
+        b"{{",
+        b'{"impression_id": "ml100k-1", "ts": 5, "kind": "like"}',
+        b'{"impression_id": "never-shown", "ts": %d, "kind": "click"}' % (t_end - 1000),
+        b'{"impression_id": "ml100k-3", "ts": 7, "kind": "click", "extra": 1}',
+    ]
     for v in bad_imps:
         prod.send(cfg.kafka.impressions_topic, key=b"u", value=v)
     for v in bad_fb:
@@ -161,8 +199,11 @@ def test_bad_impressions_and_feedback_go_to_the_dlq_with_reasons(tmp_path, kafka
     assert set(reasons) == set(bad_imps + bad_fb)
     assert reasons[bad_fb[2]].startswith("orphan feedback")
     assert reasons[bad_fb[1]].startswith("kind")
-    assert all(dict(r.headers)["reloop.source"].decode().startswith(cfg.kafka.feedback_topic + "/")
-               for r in recs if r.value in bad_fb)
+    assert all(
+        dict(r.headers)["reloop.source"].decode().startswith(cfg.kafka.feedback_topic + "/")
+        for r in recs
+        if r.value in bad_fb
+    )
     state = final_state(cfg)
     assert state.counts["orphan_feedback"] == 1 and state.counts["impressions_accepted"] == 3000
 

@@ -41,8 +41,23 @@ def assert_same_events(records: list[tuple[bytes, bytes]], n: int) -> None:
 
 
 def test_reloop_replay_then_consume_every_event_back(kafka_config, unique_topic):
-    proc = subprocess.run([sys.executable, "-m", "reloop.cli", "replay", "--dataset", "movielens-100k",
-                           "--limit", str(N), "--topic", unique_topic], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reloop.cli",
+            "replay",
+            "--dataset",
+            "movielens-100k",
+            "--limit",
+            str(N),
+            "--topic",
+            unique_topic,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"replayed {N:,} events to {unique_topic}" in proc.stdout
     assert_same_events(consume_all(kafka_config, unique_topic), N)

@@ -15,13 +15,14 @@ from pipelines.kafka_records import decode_records
 GZIP, ZSTD = 1, 4
 
 
-def build(records: list[tuple[bytes | None, bytes | None, list]], offset: int = 0, codec: int = 0,
-          per_batch: int = 50) -> bytes:
+def build(
+    records: list[tuple[bytes | None, bytes | None, list]], offset: int = 0, codec: int = 0, per_batch: int = 50
+) -> bytes:
     """Several v2 batches, ``per_batch`` records each, as a fetch response would carry them."""
     out = b""
     for lo in range(0, len(records), per_batch):
         b = MemoryRecordsBuilder(magic=2, compression_type=codec, batch_size=1 << 24, offset=offset + lo)
-        for i, (k, v, headers) in enumerate(records[lo:lo + per_batch]):
+        for i, (k, v, headers) in enumerate(records[lo : lo + per_batch]):
             b.append(timestamp=1_700_000_000_000 + i, key=k, value=v, headers=headers)
         b.close()
         out += bytes(b.buffer())
@@ -94,8 +95,11 @@ def test_range_reader_on_the_broker_with_compression_and_headers(kafka_config, u
     prod.close()
 
     with RangeReader(kafka_config, max_partition_bytes=256 * 1024) as reader:  # many fetches
-        got = [(o, k, v) for c in reader.read(unique_topic, 0, 10, 2990)
-               for o, k, v in zip(c.offsets.tolist(), c.keys.to_pylist(), c.values.to_pylist())]
+        got = [
+            (o, k, v)
+            for c in reader.read(unique_topic, 0, 10, 2990)
+            for o, k, v in zip(c.offsets.tolist(), c.keys.to_pylist(), c.values.to_pylist())
+        ]
 
     consumer = KafkaConsumer(**kafka_config.client_options(), enable_auto_commit=False)
     tp = TopicPartition(unique_topic, 0)

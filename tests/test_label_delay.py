@@ -12,10 +12,16 @@ from reloop.synthetic import SyntheticError, generate, label_delay, parse_delay,
 
 def _table(n=20_000, seed=0) -> pa.Table:
     rng = np.random.default_rng(seed)
-    return pa.table({"event_id": [f"e{i}" for i in range(n)], "ts": 1 + np.arange(n, dtype=np.int64) * 1000,
-                     "user_id": [f"u{i % 50}" for i in range(n)], "item_id": [f"i{i % 70}" for i in range(n)],
-                     "label": pa.array(rng.random(n) < 0.3, pa.bool_()).cast(pa.int8()),
-                     "device": ["web"] * n})
+    return pa.table(
+        {
+            "event_id": [f"e{i}" for i in range(n)],
+            "ts": 1 + np.arange(n, dtype=np.int64) * 1000,
+            "user_id": [f"u{i % 50}" for i in range(n)],
+            "item_id": [f"i{i % 70}" for i in range(n)],
+            "label": pa.array(rng.random(n) < 0.3, pa.bool_()).cast(pa.int8()),
+            "device": ["web"] * n,
+        }
+    )
 
 
 def test_every_row_is_an_impression_and_every_positive_one_delayed_click():
@@ -28,14 +34,16 @@ def test_every_row_is_an_impression_and_every_positive_one_delayed_click():
     imp_ts = dict(zip(t["event_id"].to_pylist(), t["ts"].to_pylist()))
     delays = np.array([c - imp_ts[i] for i, c in zip(fb["impression_id"].to_pylist(), fb["ts"].to_pylist())])
     assert (delays >= 0).all()
-    assert abs(delays.mean() / 1_200_000 - 1) < 0.05            # exponential, mean 20 minutes
+    assert abs(delays.mean() / 1_200_000 - 1) < 0.05  # exponential, mean 20 minutes
     assert abs((delays > 3_600_000).mean() - np.exp(-3)) < 0.01  # P(delay > 1 h) = e^-3
     again = label_delay(t, "exp:20m", seed=3)
     assert again[1].equals(fb) and not label_delay(t, "exp:20m", seed=4)[1].equals(fb)
 
 
-@pytest.mark.parametrize("spec,mean_ms", [("fixed:90s", 90_000), ("uniform:1m:3m", 120_000),
-                                          ("none", 0), ("lognormal:10m:0.5", 600_000 * np.exp(0.125))])
+@pytest.mark.parametrize(
+    "spec,mean_ms",
+    [("fixed:90s", 90_000), ("uniform:1m:3m", 120_000), ("none", 0), ("lognormal:10m:0.5", 600_000 * np.exp(0.125))],
+)
 def test_delay_kinds(spec, mean_ms):
     d = parse_delay(spec).sample(200_000, np.random.default_rng(0))
     assert abs(d.mean() - mean_ms) <= 0.02 * max(mean_ms, 1)
@@ -45,8 +53,9 @@ def test_delay_kinds(spec, mean_ms):
         assert abs(float(spec_.cdf(med)) - 0.5) < 0.02
 
 
-@pytest.mark.parametrize("bad", ["exp", "exp:-5m", "exp:0", "gauss:1m", "uniform:5m:1m", "fixed:abc",
-                                 "lognormal:10m:x", "exp:1m:2m"])
+@pytest.mark.parametrize(
+    "bad", ["exp", "exp:-5m", "exp:0", "gauss:1m", "uniform:5m:1m", "fixed:abc", "lognormal:10m:x", "exp:1m:2m"]
+)
 def test_bad_delay_specs_are_clear_errors(bad):
     with pytest.raises(SyntheticError):
         parse_delay(bad)

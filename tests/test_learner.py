@@ -15,8 +15,11 @@ from online_models.models import ModelConfig, build_model, memory_key
 def _stream(n: int = 256, fields: int = 2, buckets: int = 50, numeric: int = 3, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     cat = torch.randint(0, buckets, (n, fields), generator=g) + torch.arange(fields) * buckets
-    return {"cat": cat, "num": torch.randn(n, numeric, generator=g),
-            "label": (torch.rand(n, generator=g) < 0.3).float()}
+    return {
+        "cat": cat,
+        "num": torch.randn(n, numeric, generator=g),
+        "label": (torch.rand(n, generator=g) < 0.3).float(),
+    }
 
 
 def _model(kind: str, **kw) -> nn.Module:
@@ -72,8 +75,8 @@ def test_one_pass_test_then_train_equals_predict_then_learn(kind: str) -> None:
         k_ref = memory_key(b.model, batch, h_ref, "hidden+user")
         b.learn(batch)
         p, k = a.test_then_train(batch, key_fn=lambda x, h: memory_key(a.model, x, h, "hidden+user"))
-        assert torch.equal(p, p_ref)                 # the same eval-mode scores, pre-update
-        assert torch.equal(k, k_ref)                 # and the key from the pre-update embeddings
+        assert torch.equal(p, p_ref)  # the same eval-mode scores, pre-update
+        assert torch.equal(k, k_ref)  # and the key from the pre-update embeddings
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(x, y)
 
@@ -95,7 +98,7 @@ def test_sparse_adagrad_equals_torch_adagrad_on_sparse_grads() -> None:
     o1, o2 = SparseAdagrad(w1.parameters(), lr=0.3), torch.optim.Adagrad(w2.parameters(), lr=0.3)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        idx = torch.randint(0, 30, (12,), generator=g)        # repeated rows: their gradients add up
+        idx = torch.randint(0, 30, (12,), generator=g)  # repeated rows: their gradients add up
         target = torch.randn(12, 4, generator=g)
         for w, o in ((w1, o1), (w2, o2)):
             o.zero_grad()
@@ -112,14 +115,15 @@ def test_adam_learns_and_state_round_trips() -> None:
         last = [learner.learn(b) for b in iter_batches(data, 32)]
     assert sum(last) < sum(first)
     twin = OnlineLearner(_model("deepfm"), LearnerConfig(lr=0.01, optimizer="adam", seed=0))
-    twin.load_state_dict(copy.deepcopy(learner.state_dict()))   # as if saved: optimizers load state by reference
+    twin.load_state_dict(copy.deepcopy(learner.state_dict()))  # as if saved: optimizers load state by reference
     batch = _stream(16, seed=9)
     torch.testing.assert_close(twin.predict_proba(batch), learner.predict_proba(batch))
-    twin.learn(batch), learner.learn(batch)      # the optimizer state came along: the next steps agree too
+    twin.learn(batch), learner.learn(batch)  # the optimizer state came along: the next steps agree too
     torch.testing.assert_close(twin.predict_proba(batch), learner.predict_proba(batch))
     with pytest.raises(ValueError, match="optimizers"):
         OnlineLearner(_model("deepfm"), LearnerConfig(optimizer="adagrad")).load_state_dict(
-            {**learner.state_dict(), "optimizers": learner.state_dict()["optimizers"][:1] * 3})
+            {**learner.state_dict(), "optimizers": learner.state_dict()["optimizers"][:1] * 3}
+        )
 
 
 def test_steps_do_not_grow_torch_lazy_seed_queues() -> None:

@@ -22,8 +22,14 @@ def test_concurrent_add_and_arrays_keep_every_row_in_every_column() -> None:
     for t in readers:
         t.start()
     for i in range(n):
-        table = pa.table({"ts": np.arange(rows) + i * rows, "label": np.ones(rows, np.int8),
-                          "user_id": ["u"] * rows, "event_id": [f"e{i}-{j}" for j in range(rows)]})
+        table = pa.table(
+            {
+                "ts": np.arange(rows) + i * rows,
+                "label": np.ones(rows, np.int8),
+                "user_id": ["u"] * rows,
+                "event_id": [f"e{i}-{j}" for j in range(rows)],
+            }
+        )
         trace.add(table, np.full(rows, 0.5), np.full(rows, 0.6))
     done.set()
     for t in readers:

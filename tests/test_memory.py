@@ -34,7 +34,7 @@ def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: 
             ybar = sum(m[1] for m in members) / n
             pbar = sum(m[2] for m in members) / n
             centroid = sum(m[0] for m in members) / n
-            zq, zc = q @ planes[:, k, :], centroid @ planes[:, k, :]          # (L,) projections on table k
+            zq, zc = q @ planes[:, k, :], centroid @ planes[:, k, :]  # (L,) projections on table k
             sim = float(torch.dot(zq, zc) / (zq.norm().clamp(min=1e-8) * zc.norm().clamp(min=1e-8)))
             reads.append((sim, ybar, pbar))
         if not reads:
@@ -104,7 +104,7 @@ def test_state_round_trips_through_safetensors(tmp_path) -> None:
     mem = ErrorCompensationMemory(dim=6, num_tables=3, bits=5, decay=0.99, seed=7)
     mem.write(torch.randn(100, 6), torch.randint(0, 2, (100,)).float(), torch.rand(100))
     save_file(mem.state_dict(), str(tmp_path / "mem.safetensors"))
-    twin = ErrorCompensationMemory(dim=6, num_tables=3, bits=5, decay=0.99, seed=99)   # other planes
+    twin = ErrorCompensationMemory(dim=6, num_tables=3, bits=5, decay=0.99, seed=99)  # other planes
     twin.load_state_dict(load_file(str(tmp_path / "mem.safetensors")))
     q, p = torch.randn(30, 6), torch.rand(30)
     assert torch.equal(twin.estimate(q, p), mem.estimate(q, p))
@@ -121,16 +121,24 @@ def test_reset_and_rebuild() -> None:
     mem.write(torch.randn(5, model.hidden_dim), torch.ones(5), torch.rand(5))
     assert mem.rebuild(batches, model) == 2
     assert float(mem.stats[:, 0].sum()) == 2 * mem.num_tables
-    assert model.training   # rebuild restores the mode it found
+    assert model.training  # rebuild restores the mode it found
     mem.reset()
     assert float(mem.stats.abs().sum()) == 0 and int(mem.clock) == 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"dim": 0}, "dim"), ({"dim": 4, "num_tables": 0}, "num_tables"), ({"dim": 4, "bits": 30}, "bits"),
-    ({"dim": 4, "tau": 0}, "tau"), ({"dim": 4, "gamma": 1.5}, "gamma"), ({"dim": 4, "lam": -1}, "lam"),
-    ({"dim": 4, "decay": 0}, "decay"), ({"dim": 4, "shrinkage": -1}, "shrinkage"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dim": 0}, "dim"),
+        ({"dim": 4, "num_tables": 0}, "num_tables"),
+        ({"dim": 4, "bits": 30}, "bits"),
+        ({"dim": 4, "tau": 0}, "tau"),
+        ({"dim": 4, "gamma": 1.5}, "gamma"),
+        ({"dim": 4, "lam": -1}, "lam"),
+        ({"dim": 4, "decay": 0}, "decay"),
+        ({"dim": 4, "shrinkage": -1}, "shrinkage"),
+    ],
+)
 def test_bad_parameters_are_named(kwargs, match) -> None:
     with pytest.raises(MemoryConfigError, match=match):
         ErrorCompensationMemory(**kwargs)
@@ -162,15 +170,19 @@ def test_eps_bounds_an_estimate_with_evidence_but_not_one_without() -> None:
     mem = ErrorCompensationMemory(dim=3, num_tables=2, bits=2, lam=5.0, gamma=1.0, eps=0.05, seed=0)
     h = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
     p = torch.full((20,), 0.001)
-    assert torch.equal(mem.estimate(h, p), p)          # no evidence: the base prediction, even below eps
+    assert torch.equal(mem.estimate(h, p), p)  # no evidence: the base prediction, even below eps
     mem.write(h, torch.zeros(20), torch.full((20,), 0.9))
-    out = mem.estimate(h, torch.full((20,), 0.9))       # all-negative neighbours, lam 5: pushed to the floor
+    out = mem.estimate(h, torch.full((20,), 0.9))  # all-negative neighbours, lam 5: pushed to the floor
     assert float(out.min()) == pytest.approx(0.05) and float(out.max()) <= 0.95
 
 
 def test_step_is_estimate_then_write() -> None:
     gen = torch.Generator().manual_seed(2)
-    h, y, p = torch.randn(64, 6, generator=gen), (torch.rand(64, generator=gen) > 0.5).float(), torch.rand(64, generator=gen)
+    h, y, p = (
+        torch.randn(64, 6, generator=gen),
+        (torch.rand(64, generator=gen) > 0.5).float(),
+        torch.rand(64, generator=gen),
+    )
     a = ErrorCompensationMemory(dim=6, num_tables=4, bits=3, lam=0.8, gamma=0.0, decay=0.99, shrinkage=2.0, seed=5)
     b = ErrorCompensationMemory(dim=6, num_tables=4, bits=3, lam=0.8, gamma=0.0, decay=0.99, shrinkage=2.0, seed=5)
     a.write(h[:32], y[:32], p[:32])
@@ -182,7 +194,10 @@ def test_step_is_estimate_then_write() -> None:
 
 
 def test_row_width_does_not_depend_on_the_key_width() -> None:
-    small, wide = ErrorCompensationMemory(dim=4, num_tables=2, bits=5), ErrorCompensationMemory(dim=400, num_tables=2, bits=5)
+    small, wide = (
+        ErrorCompensationMemory(dim=4, num_tables=2, bits=5),
+        ErrorCompensationMemory(dim=400, num_tables=2, bits=5),
+    )
     assert small.table.shape == wide.table.shape == (2 * 2**5, 3 + 5)
     # uniform weights (tau = inf, the softmax's limit) need no similarity, so no projection sums either
     assert ErrorCompensationMemory(dim=400, num_tables=2, bits=5, tau=math.inf).table.shape == (2 * 2**5, 3)
@@ -194,7 +209,7 @@ def test_tiny_tau_does_not_underflow_to_no_evidence() -> None:
     h = torch.randn(50, 4, generator=gen)
     mem.write(h, torch.ones(50), torch.zeros(50))
     q = torch.randn(10, 4, generator=gen)
-    assert torch.equal(mem.estimate(q, torch.zeros(10)), torch.ones(10))   # all neighbours positive
+    assert torch.equal(mem.estimate(q, torch.zeros(10)), torch.ones(10))  # all neighbours positive
 
 
 def _colliding_stream(n: int = 400, distinct: int = 12, dim: int = 6, seed: int = 0):
@@ -217,10 +232,10 @@ def test_batched_per_event_step_equals_one_at_a_time(decay: float, tau: float, m
     rounds, seq = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
     h, p, y = _colliding_stream()
     ts = torch.randint(0, 3, (len(p),), generator=torch.Generator().manual_seed(5)).cumsum(0).numpy()
-    for lo in range(0, len(p), 128):                       # several batches: state carries over between them
+    for lo in range(0, len(p), 128):  # several batches: state carries over between them
         sl = slice(lo, lo + 128)
         groups = write_groups(ts[sl], mode)
-        out = rounds.step(h[sl], p[sl], y[sl], groups)     # step() takes the batched path for several groups
+        out = rounds.step(h[sl], p[sl], y[sl], groups)  # step() takes the batched path for several groups
         ref = seq.step_sequential(h[sl], p[sl], y[sl], groups)
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rounds.table, seq.table, rtol=1e-6, atol=1e-6)
@@ -245,10 +260,11 @@ def test_per_event_step_survives_the_rescale() -> None:
     kw = dict(dim=6, num_tables=4, bits=3, tau=0.2, gamma=1.0, lam=1.0, shrinkage=1.0, decay=0.9, seed=0)
     a, b = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
     h, p, y = _colliding_stream(600)
-    for lo in range(0, 600, 50):                          # 0.9 ** -400 > 1e18: rescales happen along the way
+    for lo in range(0, 600, 50):  # 0.9 ** -400 > 1e18: rescales happen along the way
         sl = slice(lo, lo + 50)
-        torch.testing.assert_close(a.step_per_event(a.hash(h[sl]), p[sl], y[sl]), b.step_sequential(h[sl], p[sl], y[sl]),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            a.step_per_event(a.hash(h[sl]), p[sl], y[sl]), b.step_sequential(h[sl], p[sl], y[sl]), rtol=1e-5, atol=1e-6
+        )
     assert int(a.base) > 0 and int(b.base) > 0
 
 
@@ -258,9 +274,9 @@ def test_bfloat16_hashing_is_opt_in_and_close() -> None:
     b = ErrorCompensationMemory(dim=40, num_tables=8, bits=10, seed=3, precision="bfloat16")
     assert a.config.precision == "float32" and b.config.precision == "bfloat16"
     agree = (a.hash(h).index == b.hash(h).index).float().mean()
-    assert agree > 0.9                                      # only keys within bf16 rounding of a plane move
+    assert agree > 0.9  # only keys within bf16 rounding of a plane move
     torch.testing.assert_close(a.hash(h).proj, b.hash(h).proj, rtol=0.05, atol=0.05)
-    b.load_state_dict(a.state_dict())                       # planes come from the state: bf16 copy follows
+    b.load_state_dict(a.state_dict())  # planes come from the state: bf16 copy follows
     assert torch.equal(b._planes_bf16, a.planes.bfloat16())
     with pytest.raises(ValueError, match="precision"):
         ErrorCompensationMemory(dim=4, precision="int8")

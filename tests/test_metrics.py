@@ -12,11 +12,12 @@ from online_models.metrics import BinnedAUC, SlotMetrics, auc, gauc, logloss
 def test_auc_and_logloss_match_sklearn() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
-    p = np.round(rng.random(500), 2)   # rounding makes ties
+    p = np.round(rng.random(500), 2)  # rounding makes ties
     assert auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert logloss(y, p) == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), abs=1e-9)
     b = BinnedAUC(bins=100_000)
-    b.update(y[:200], p[:200]); b.update(y[200:], p[200:])
+    b.update(y[:200], p[:200])
+    b.update(y[200:], p[200:])
     assert b.value() == pytest.approx(roc_auc_score(y, p), abs=1e-3)
 
 

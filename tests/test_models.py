@@ -30,13 +30,13 @@ def test_encoder_is_config_only_and_deterministic() -> None:
     cfg = EncoderConfig(numeric_fields=("user_ctr_all",), hash_buckets=1009, history_field="user_last_items")
     t = _table(["u1", "u2"], ["i1", "i2"], ctr=[0.1, 0.9], last=[["i2", "i3"], []])
     fitted = FeatureEncoder(cfg).fit(t)
-    again = FeatureEncoder(EncoderConfig.from_dict(fitted.config.to_dict()))   # e.g. in the scoring service
+    again = FeatureEncoder(EncoderConfig.from_dict(fitted.config.to_dict()))  # e.g. in the scoring service
     a, b = fitted.encode(t), again.encode(t)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert a["num"].abs().max() <= 5.0 and abs(float(a["num"].mean())) < 1e-6   # standardised
+    assert a["num"].abs().max() <= 5.0 and abs(float(a["num"].mean())) < 1e-6  # standardised
     # history hashes into the item field: the same item has the same bucket
     assert int(a["hist"][0, 0]) == int(fitted.encode(_table(["u"], ["i2"]))["cat"][0, 1])
-    assert a["hist"][1].tolist() == [0] * cfg.history_len   # empty history = padding
+    assert a["hist"][1].tolist() == [0] * cfg.history_len  # empty history = padding
 
 
 def test_single_row_batch_matches_the_same_row_in_a_big_batch() -> None:

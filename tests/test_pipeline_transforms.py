@@ -33,9 +33,12 @@ def _raw_batches(table: pa.Table, batch: int = 500, bad_every: int = 0) -> list[
     out, offsets = [], {0: 0, 1: 0}
     for start in range(0, len(values), batch):
         p = (start // batch) % 2
-        n = len(values[start:start + batch])
-        out.append(raw_table(p, list(range(offsets[p], offsets[p] + n)), keys[start:start + batch],
-                             values[start:start + batch]))
+        n = len(values[start : start + batch])
+        out.append(
+            raw_table(
+                p, list(range(offsets[p], offsets[p] + n)), keys[start : start + batch], values[start : start + batch]
+            )
+        )
         offsets[p] += n
     return out
 
@@ -60,8 +63,15 @@ def test_parse_routes_bad_records_to_dlq_and_keeps_every_good_one(events):
 def test_compute_features_equals_direct_call_whatever_the_batch_order(events, tmp_path):
     raws = _raw_batches(events)
     random.Random(7).shuffle(raws)  # the runner may deliver batches in any order
-    parsed = [parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
-                          offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0] for r in raws]
+    parsed = [
+        parse_batch(
+            r["value"].to_pylist(),
+            partition=int(r["kafka_partition"][0].as_py()),
+            offsets=r["kafka_offset"].to_pylist(),
+            now_ms=NOW,
+        )[0]
+        for r in raws
+    ]
     cfg = AggregateConfig()
     plan = Plan("t", {0: 0, 1: 0}, {0: 10**6, 1: 10**6}, NOW)
     kept, stops = align_partitions(concat_events(parsed), plan.stop)
@@ -71,26 +81,43 @@ def test_compute_features_equals_direct_call_whatever_the_batch_order(events, tm
     with TestPipeline(runner="FnApiRunner") as p:
         out = p | beam.Create(parsed) | ComputeFeatures(str(tmp_path), plan, cfg)
         rows = out.examples | beam.FlatMap(
-            lambda t: [tuple(r[c] for c in ["event_id", *USER_FEATURES, *ITEM_FEATURES]) for r in t.to_pylist()])
+            lambda t: [tuple(r[c] for c in ["event_id", *USER_FEATURES, *ITEM_FEATURES]) for r in t.to_pylist()]
+        )
         entities = out.snapshots | beam.Map(lambda kv: (kv[0], kv[1].num_rows))
         assert_that(rows, equal_to(want_rows), label="examples")
-        assert_that(entities, equal_to([("user", len(set(kept["user_id"].to_pylist()))),
-                                        ("item", len(set(kept["item_id"].to_pylist())))]), label="snapshots")
+        assert_that(
+            entities,
+            equal_to(
+                [("user", len(set(kept["user_id"].to_pylist()))), ("item", len(set(kept["item_id"].to_pylist())))]
+            ),
+            label="snapshots",
+        )
         assert_that(out.stops, equal_to([stops]), label="stops")
     store = StateStore(str(tmp_path))
     assert store.load_result(plan.run_id) == stops
     saved = store.load_state(plan.with_stops(stops).stop_key)
     assert saved is not None and saved.watermark == want_state.watermark
-    assert saved.tail.num_rows + int(np.sum(saved.evicted.filter(
-        pa.compute.equal(saved.evicted["entity"], "user"))["imp"].to_numpy())) == kept.num_rows
+    assert (
+        saved.tail.num_rows
+        + int(np.sum(saved.evicted.filter(pa.compute.equal(saved.evicted["entity"], "user"))["imp"].to_numpy()))
+        == kept.num_rows
+    )
 
 
 def test_compute_features_continues_from_the_saved_state(events, tmp_path):
     cfg = AggregateConfig()
     first, second = events.slice(0, 1000), events.slice(1000)
-    parse = lambda t: concat_events([parse_batch(r["value"].to_pylist(), partition=0,  # noqa: E731
-                                                 offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0]
-                                     for r in _raw_batches(t)])
+    parse = lambda t: concat_events(
+        [
+            parse_batch(
+                r["value"].to_pylist(),
+                partition=0,  # noqa: E731
+                offsets=r["kafka_offset"].to_pylist(),
+                now_ms=NOW,
+            )[0]
+            for r in _raw_batches(t)
+        ]
+    )
     store = StateStore(str(tmp_path))
     plan = Plan("t", {0: 1000}, {0: 3000}, NOW, committed={0: 1000})
     store.save_state(plan.start_key, compute_batch(parse(first), FeatureState.empty(), cfg).state)
@@ -104,9 +131,17 @@ def test_compute_features_continues_from_the_saved_state(events, tmp_path):
 def test_compute_features_refuses_to_restart_without_the_committed_state(events, tmp_path):
     with pytest.raises(Exception, match="no feature state"):
         with TestPipeline(runner="FnApiRunner") as p:
-            _ = (p | beam.Create([events.append_column("kafka_partition", pa.array([0] * events.num_rows, pa.int32()))
-                                  .append_column("kafka_offset", pa.array(range(events.num_rows), pa.int64()))])
-                 | ComputeFeatures(str(tmp_path), Plan("t", {0: 5}, {0: 9}, NOW, {0: 5}), AggregateConfig()))
+            _ = (
+                p
+                | beam.Create(
+                    [
+                        events.append_column(
+                            "kafka_partition", pa.array([0] * events.num_rows, pa.int32())
+                        ).append_column("kafka_offset", pa.array(range(events.num_rows), pa.int64()))
+                    ]
+                )
+                | ComputeFeatures(str(tmp_path), Plan("t", {0: 5}, {0: 9}, NOW, {0: 5}), AggregateConfig())
+            )
 
 
 def test_examples_are_partitioned_by_day_and_rewritten_idempotently(events, tmp_path):
@@ -137,8 +172,15 @@ def test_plan_json_and_pending_round_trip(tmp_path):
 def test_a_rerun_reuses_the_saved_cut(events, tmp_path):
     """After a crash the re-run must cut where the first attempt did (idleness may have changed since)."""
     raws = _raw_batches(events)
-    parsed = [parse_batch(r["value"].to_pylist(), partition=int(r["kafka_partition"][0].as_py()),
-                          offsets=r["kafka_offset"].to_pylist(), now_ms=NOW)[0] for r in raws]
+    parsed = [
+        parse_batch(
+            r["value"].to_pylist(),
+            partition=int(r["kafka_partition"][0].as_py()),
+            offsets=r["kafka_offset"].to_pylist(),
+            now_ms=NOW,
+        )[0]
+        for r in raws
+    ]
     plan = Plan("t", {0: 0, 1: 0}, {0: 10**6, 1: 10**6}, NOW)
     StateStore(str(tmp_path)).save_result(plan.run_id, {0: 700, 1: 10**6})
     with TestPipeline(runner="FnApiRunner") as p:

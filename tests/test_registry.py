@@ -9,14 +9,18 @@ import uuid
 import pytest
 import torch
 
-from jobs.registry import (MANIFEST, POINTER, WEIGHTS, CorruptEntryError, ModelRegistry, RegistryError,
-                           VersionNotFound)
+from jobs.registry import MANIFEST, POINTER, WEIGHTS, CorruptEntryError, ModelRegistry, RegistryError, VersionNotFound
 
 
 def _publish(reg: ModelRegistry, value: float = 1.0, **kw):
-    return reg.publish({"w": torch.full((3,), value), "b": torch.zeros(1)}, model_config={"kind": "lr", "dim": 3},
-                       feature_service="ctr_v1", training_range={"ts_min": 0, "ts_max": 10},
-                       metrics={"auc": 0.71}, **kw)
+    return reg.publish(
+        {"w": torch.full((3,), value), "b": torch.zeros(1)},
+        model_config={"kind": "lr", "dim": 3},
+        feature_service="ctr_v1",
+        training_range={"ts_min": 0, "ts_max": 10},
+        metrics={"auc": 0.71},
+        **kw,
+    )
 
 
 @pytest.fixture(params=["local", "fsspec-memory"])
@@ -61,13 +65,16 @@ def _corrupt(reg: ModelRegistry, version: str, name: str, data: bytes | None) ->
         reg._write(path, data)
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("truncate", "bytes, manifest says"),
-    ("flip", "does not match its sha256"),
-    ("no-manifest", "partial"),
-    ("bad-json", "manifest.json does not match the sha256"),
-    ("no-weights", "model.safetensors is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("truncate", "bytes, manifest says"),
+        ("flip", "does not match its sha256"),
+        ("no-manifest", "partial"),
+        ("bad-json", "manifest.json does not match the sha256"),
+        ("no-weights", "model.safetensors is missing"),
+    ],
+)
 def test_corrupt_entries_are_refused_and_never_current(reg, damage, match):
     _publish(reg, 1.0, promote=True)
     v2 = _publish(reg, 2.0).version
@@ -97,6 +104,7 @@ def test_weights_that_are_not_safetensors_are_refused(reg):
     fake = b"\x80\x04\x95pickle-bytes-not-safetensors"
     manifest = json.loads(reg._read(reg._p("versions", v, MANIFEST)))
     import hashlib
+
     manifest["files"][WEIGHTS] = {"sha256": hashlib.sha256(fake).hexdigest(), "bytes": len(fake)}
     _corrupt(reg, v, WEIGHTS, fake)
     _corrupt(reg, v, MANIFEST, json.dumps(manifest).encode())
@@ -153,6 +161,7 @@ def test_prune_keeps_newest_and_current_and_previous(reg):
 
 
 # ------------------------------------------------------------------ issue 18: the manifest is covered
+
 
 @pytest.mark.parametrize("edit", ["metrics", "feature_service", "encoder means"])
 def test_an_edited_manifest_is_refused(reg, edit):

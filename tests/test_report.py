@@ -20,12 +20,17 @@ def record(n: int = 4000) -> RunRecord:
     p = np.clip(0.5 + 0.2 * (y - 0.5) + rng.normal(0, 0.25, n), 0.01, 0.99)
     users = rng.integers(0, 40, n).astype(str).astype(object)
     better = np.clip(p + 0.1 * (y - 0.5), 0.0, 1.0)
-    return RunRecord("t1", "movielens-100k", "dcnv2",
-                     {"served": Series(ts, y, p, users), "served+memory": Series(ts, y, better, users)},
-                     alerts=[{"ts": int(ts[2500]), "action": "retrain", "summary": "adwin:logloss <b>"}],
-                     versions=[{"ts": int(ts[10]), "version": "v000001", "reason": "bootstrap"}],
-                     shift={"scenario": "abrupt_interest", "start_ts": int(ts[2400]), "changed_labels": 900},
-                     throughput={"replay": 12000.0, "feature job": 60000.0}, counts={"replayed": n})
+    return RunRecord(
+        "t1",
+        "movielens-100k",
+        "dcnv2",
+        {"served": Series(ts, y, p, users), "served+memory": Series(ts, y, better, users)},
+        alerts=[{"ts": int(ts[2500]), "action": "retrain", "summary": "adwin:logloss <b>"}],
+        versions=[{"ts": int(ts[10]), "version": "v000001", "reason": "bootstrap"}],
+        shift={"scenario": "abrupt_interest", "start_ts": int(ts[2400]), "changed_labels": 900},
+        throughput={"replay": 12000.0, "feature job": 60000.0},
+        counts={"replayed": n},
+    )
 
 
 def test_summary_numbers():
@@ -52,9 +57,17 @@ def test_report_opens_in_headless_chromium_without_errors(tmp_path):
 
     paths = write_report(record(), tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page()
             errors: list[str] = []

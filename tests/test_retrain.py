@@ -26,9 +26,15 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
     examples = movielens_examples(6000)
     write_example_files(examples, str(tmp_path / "ex"), rows_per_file=2000)
     reg = ModelRegistry(str(tmp_path / "reg"))
-    cfg = RetrainConfig(examples_uri=str(tmp_path / "ex"), registry_uri=str(tmp_path / "reg"),
-                        storage_path=str(tmp_path / "train"), model_kind="lr", window_days=None, epochs=1,
-                        num_workers=1)
+    cfg = RetrainConfig(
+        examples_uri=str(tmp_path / "ex"),
+        registry_uri=str(tmp_path / "reg"),
+        storage_path=str(tmp_path / "train"),
+        model_kind="lr",
+        window_days=None,
+        epochs=1,
+        num_workers=1,
+    )
     ts_min, ts_max = resolve_window(cfg)
     assert (ts_min, ts_max) == (None, None)
     ray.init(num_cpus=2, include_dashboard=False)
@@ -36,12 +42,21 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
         first = run_retrain(RetrainConfig(**{**cfg.__dict__, "promote": True}))
         second = run_retrain(cfg)
         ts = [int(t) for t in examples["ts"].to_numpy()]
-        warm = run_retrain(RetrainConfig(**{**cfg.__dict__, "ts_min": ts[4000], "ts_max": ts[-1] + 1,
-                                            "init_version": first["version"], "replay_ratio": 0.5}))
+        warm = run_retrain(
+            RetrainConfig(
+                **{
+                    **cfg.__dict__,
+                    "ts_min": ts[4000],
+                    "ts_max": ts[-1] + 1,
+                    "init_version": first["version"],
+                    "replay_ratio": 0.5,
+                }
+            )
+        )
     finally:
         ray.shutdown()
-    assert reg.current() == first["version"]          # promoted on request
-    assert second["version"] != reg.current()           # a candidate is not promoted by default
+    assert reg.current() == first["version"]  # promoted on request
+    assert second["version"] != reg.current()  # a candidate is not promoted by default
     entry = reg.entry(second["version"])
     assert 0.5 < entry.metrics["holdout_auc"] <= 1.0 and entry.metrics["holdout_n"] == 600
     assert entry.training_range["train_rows"] == 5400 and entry.feature_service == "ctr_lr_v1"

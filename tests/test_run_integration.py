@@ -15,9 +15,26 @@ pytestmark = pytest.mark.integration
 def run_cli(tmp_path, *args: str) -> dict:
     run_id = f"itest-{uuid.uuid4().hex[:8]}"  # run ids name Kafka topics: unique per test run
     proc = subprocess.run(
-        [sys.executable, "-m", "reloop.cli", "run", "--quiet", "--feature-every", "2", "--run-id", run_id,
-         "--reports", str(tmp_path / "reports"), "--state-dir", str(tmp_path / "runs"), *args],
-        capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "reloop.cli",
+            "run",
+            "--quiet",
+            "--feature-every",
+            "2",
+            "--run-id",
+            run_id,
+            "--reports",
+            str(tmp_path / "reports"),
+            "--state-dir",
+            str(tmp_path / "runs"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((tmp_path / "reports" / run_id / "summary.json").read_text())
 

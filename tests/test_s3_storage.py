@@ -44,7 +44,7 @@ def s3():
 def on_disk(proxy: services.S3Proxy, uri: str) -> Path:
     """Where s3proxy's filesystem backend keeps the objects of ``s3://bucket/prefix``."""
     assert uri.startswith("s3://")
-    return proxy.dir / "data" / uri[len("s3://"):]
+    return proxy.dir / "data" / uri[len("s3://") :]
 
 
 def prefix() -> str:
@@ -57,8 +57,13 @@ def test_registry_on_s3(s3, tmp_path):
     uri = prefix() + "/registry"
     reg = ModelRegistry(uri)
     assert type(reg.fs).__name__ == "S3FileSystem" and not reg.local
-    e1 = reg.publish({"w": torch.arange(4.0)}, model_config={"kind": "lr"}, feature_service="ctr_v1",
-                     metrics={"auc": 0.7}, promote=True)
+    e1 = reg.publish(
+        {"w": torch.arange(4.0)},
+        model_config={"kind": "lr"},
+        feature_service="ctr_v1",
+        metrics={"auc": 0.7},
+        promote=True,
+    )
     e2 = reg.publish({"w": torch.ones(3)}, model_config={"kind": "lr"}, feature_service="ctr_v1")
     assert (e1.version, e2.version) == ("v000001", "v000002")
     again = ModelRegistry(uri)  # a fresh client sees the same entries
@@ -104,14 +109,29 @@ def test_trainer_learns_from_and_checkpoints_to_s3(s3):
     fs, path, _ = open_filesystem(root + "/examples")
     n = 3000
     rng = __import__("numpy").random.default_rng(0)
-    t = pa.table({"event_id": [f"e{i}" for i in range(n)], "ts": list(range(n)),
-                  "user_id": [f"u{i % 50}" for i in range(n)], "item_id": [f"i{i % 70}" for i in range(n)],
-                  "label": rng.integers(0, 2, n).astype("int8"), USER_FEATURES[0]: rng.random(n)})
+    t = pa.table(
+        {
+            "event_id": [f"e{i}" for i in range(n)],
+            "ts": list(range(n)),
+            "user_id": [f"u{i % 50}" for i in range(n)],
+            "item_id": [f"i{i % 70}" for i in range(n)],
+            "label": rng.integers(0, 2, n).astype("int8"),
+            USER_FEATURES[0]: rng.random(n),
+        }
+    )
     write_parquet_atomic(fs, f"{path}/run-1/part-0.parquet", t.slice(0, 2000))
     write_parquet_atomic(fs, f"{path}/run-2/part-0.parquet", t.slice(2000))
-    cfg = TrainerConfig(examples_uri=root + "/examples", checkpoint_dir=root + "/trainer",
-                        registry_uri=root + "/registry", model_kind="lr", checkpoint_every=1000,
-                        publish_every=1, idle_exit=0.0, max_examples=2000, seed=0)
+    cfg = TrainerConfig(
+        examples_uri=root + "/examples",
+        checkpoint_dir=root + "/trainer",
+        registry_uri=root + "/registry",
+        model_kind="lr",
+        checkpoint_every=1000,
+        publish_every=1,
+        idle_exit=0.0,
+        max_examples=2000,
+        seed=0,
+    )
     first = IncrementalTrainer(cfg).run()
     assert 2000 <= first["learned"] < n
     second = IncrementalTrainer(TrainerConfig(**{**cfg.__dict__, "max_examples": None})).run()
@@ -138,11 +158,15 @@ def test_feature_job_writes_examples_and_state_to_s3(s3, kafka_config, unique_to
     for f in ("feature_repo.py", "feature_store.yaml"):
         shutil.copy(src / f, repo / f)
     root = prefix()
-    k = kafka_config.model_copy(update={"events_topic": unique_topic, "dlq_topic": f"{unique_topic}.dlq",
-                                        "consumer_group": unique_topic})
-    cfg = ReloopConfig(kafka=k, storage=StorageConfig(examples_uri=root + "/examples"),
-                       feature_job=FeatureJobConfig(state_uri=root + "/feature_state"),
-                       feast=FeastConfig(repo_path=str(repo)))
+    k = kafka_config.model_copy(
+        update={"events_topic": unique_topic, "dlq_topic": f"{unique_topic}.dlq", "consumer_group": unique_topic}
+    )
+    cfg = ReloopConfig(
+        kafka=k,
+        storage=StorageConfig(examples_uri=root + "/examples"),
+        feature_job=FeatureJobConfig(state_uri=root + "/feature_state"),
+        feast=FeastConfig(repo_path=str(repo)),
+    )
     events = load_dataset("movielens-100k", limit=2000)
     replay_table(events, k, topic=unique_topic, workers=1)
     stats = run_once(cfg, topic=unique_topic)

@@ -34,8 +34,16 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store = prepare_feature_store(str(root / "features"), load_dataset("movielens-100k", limit=N_EVENTS))
     write_example_files(movielens_examples(N_EVENTS), str(root / "examples"), rows_per_file=1000)
-    trainer = IncrementalTrainer(TrainerConfig(str(root / "examples"), str(root / "ckpt"), registry_uri=str(root / "reg"),
-                                               idle_exit=0, checkpoint_every=N_EVENTS, model_kind="deepfm"))
+    trainer = IncrementalTrainer(
+        TrainerConfig(
+            str(root / "examples"),
+            str(root / "ckpt"),
+            registry_uri=str(root / "reg"),
+            idle_exit=0,
+            checkpoint_every=N_EVENTS,
+            model_kind="deepfm",
+        )
+    )
     trainer.run()
     trainer.publish()
     reg = ModelRegistry(str(root / "reg"))
@@ -56,8 +64,11 @@ class Server:
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(asgi_app(scorer, token, guard), host="127.0.0.1", port=self.port,
-                                                    log_level="warning", access_log=False))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                asgi_app(scorer, token, guard), host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -104,32 +115,48 @@ def test_binds_loopback_and_scores(server):
     assert srv.server.config.host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("path,body,status,needle", [
-    ("/score", b"{not json", 400, "not valid JSON"),
-    ("/score", b"[1, 2]", 422, "JSON object"),
-    ("/score", b'{"user_id": "1"}', 422, "either item_id"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "colour": "red"}', 422, "colour: unknown field"),
-    ("/score", b'{"user_id": 1, "item_id": "2"}', 422, "user_id"),
-    ("/score", b'{"user_id": "", "item_id": "2"}', 422, "user_id"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"x": [1]}}', 422, "context.x"),
-    ("/feedback", b'{"request_id": "nope", "label": 1}', 404, "unknown request_id"),
-    ("/feedback", b'{"impression_id": "nope", "label": 1}', 404, "unknown impression"),
-    ("/feedback", b'{"request_id": "x", "label": 3}', 422, "label"),
-    ("/feedback", b'{"label": 1}', 422, "impression_id"),
-    ("/feedback", b'{"event": {"user_id": "1", "item_id": "2", "label": 1}}', 422, "issued by /score"),
-    # issue 18's HTTP 500s, now 4xx: a 60 KB nested body, an int beyond int64, a string in a numeric feature
-    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}", 400,
-     "too deeply nested"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"n": 1000000000000000000000000000000}}', 422, "int64"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": "high"}}', 422, "pipeline column"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": 0.99}}', 422, "pipeline column"),
-    ("/score", b'{"user_id": "1", "item_id": "2", "candidates": ["3"]}', 422, "not both"),
-    ("/score", b'{"user_id": "1", "candidates": [' + b",".join(b'"%d"' % i for i in range(1001)) + b"]}", 422,
-     "candidates"),
-    ("/score", b'{"user_id": "1", "candidates": []}', 422, "candidates"),
-    ("/nowhere", b"{}", 404, "no route"),
-    ("/score", b'{"user_id": "' + b"x" * 70_000 + b'"}', 413, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/score", b"{not json", 400, "not valid JSON"),
+        ("/score", b"[1, 2]", 422, "JSON object"),
+        ("/score", b'{"user_id": "1"}', 422, "either item_id"),
+        ("/score", b'{"user_id": "1", "item_id": "2", "colour": "red"}', 422, "colour: unknown field"),
+        ("/score", b'{"user_id": 1, "item_id": "2"}', 422, "user_id"),
+        ("/score", b'{"user_id": "", "item_id": "2"}', 422, "user_id"),
+        ("/score", b'{"user_id": "1", "item_id": "2", "context": {"x": [1]}}', 422, "context.x"),
+        ("/feedback", b'{"request_id": "nope", "label": 1}', 404, "unknown request_id"),
+        ("/feedback", b'{"impression_id": "nope", "label": 1}', 404, "unknown impression"),
+        ("/feedback", b'{"request_id": "x", "label": 3}', 422, "label"),
+        ("/feedback", b'{"label": 1}', 422, "impression_id"),
+        ("/feedback", b'{"event": {"user_id": "1", "item_id": "2", "label": 1}}', 422, "issued by /score"),
+        # issue 18's HTTP 500s, now 4xx: a 60 KB nested body, an int beyond int64, a string in a numeric feature
+        (
+            "/score",
+            b'{"user_id": "1", "item_id": "2", "context": {"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}",
+            400,
+            "too deeply nested",
+        ),
+        (
+            "/score",
+            b'{"user_id": "1", "item_id": "2", "context": {"n": 1000000000000000000000000000000}}',
+            422,
+            "int64",
+        ),
+        ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": "high"}}', 422, "pipeline column"),
+        ("/score", b'{"user_id": "1", "item_id": "2", "context": {"user_ctr_7d": 0.99}}', 422, "pipeline column"),
+        ("/score", b'{"user_id": "1", "item_id": "2", "candidates": ["3"]}', 422, "not both"),
+        (
+            "/score",
+            b'{"user_id": "1", "candidates": [' + b",".join(b'"%d"' % i for i in range(1001)) + b"]}",
+            422,
+            "candidates",
+        ),
+        ("/score", b'{"user_id": "1", "candidates": []}', 422, "candidates"),
+        ("/nowhere", b"{}", 404, "no route"),
+        ("/score", b'{"user_id": "' + b"x" * 70_000 + b'"}', 413, "over the limit"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server, path, body, status, needle):
     srv, _ = server
     r = requests.post(f"{srv.url}{path}", data=body, headers={"content-type": "application/json"}, timeout=10)
@@ -224,11 +251,17 @@ def test_promotion_while_scoring_in_a_loop_drops_nothing_and_switches_version(wo
         # a different model (more training) becomes current while the client is scoring
         model = world["trainer"].model
         with torch.no_grad():
-            state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                     for k, v in model.state_dict().items()}
+            state = {
+                k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()
+            }
         entry = reg.entry(old)
-        new = reg.publish(state, model_config=entry.model_config, feature_service=entry.feature_service,
-                          extra=entry.extra, metrics={"auc": 0.0})
+        new = reg.publish(
+            state,
+            model_config=entry.model_config,
+            feature_service=entry.feature_service,
+            extra=entry.extra,
+            metrics={"auc": 0.0},
+        )
         reg.promote(new.version)
         deadline = time.monotonic() + 20
         while (not seen or seen[-1] != new.version) and time.monotonic() < deadline:
@@ -239,7 +272,7 @@ def test_promotion_while_scoring_in_a_loop_drops_nothing_and_switches_version(wo
         t.join(timeout=20)
     assert failures == []
     assert seen[0] == old and seen[-1] == new.version
-    assert seen.index(new.version) > 0 and old not in seen[seen.index(new.version):]  # switched once, for good
+    assert seen.index(new.version) > 0 and old not in seen[seen.index(new.version) :]  # switched once, for good
     # the new model's memory was rebuilt from the outcomes: it compensates like the old one did
     out = scorer.score("7", "50")
     assert out["model_version"] == new.version and out["probability"] > out["base_probability"] + 0.05
@@ -251,8 +284,7 @@ def test_a_version_that_cannot_load_keeps_the_old_model(world, server):
     old = reg.current()
     entry = reg.entry(old)
     _, weights = reg.load(old)
-    bad = reg.publish(weights, model_config=entry.model_config, feature_service="no_such_service",
-                      extra=entry.extra)
+    bad = reg.publish(weights, model_config=entry.model_config, feature_service="no_such_service", extra=entry.extra)
     reg.promote(bad.version)
     try:
         time.sleep(1.0)
@@ -305,6 +337,7 @@ def test_memory_key_kind_sets_the_memory_width_and_bad_kinds_are_refused(world):
 
 
 # ------------------------------------------------------------------ issue 18: hostile clients
+
 
 def _guarded(world, **guard):
     from jobs.feedback import FeedbackGuard, GuardConfig
@@ -372,15 +405,19 @@ def test_feedback_flood_from_one_client_is_capped_alerted_and_kept_out_of_the_re
         def score(u, i):
             return s.post(f"{srv.url}/score", json={"user_id": u, "item_id": i}).json()
 
-        others = [("13", i) for i in ("181", "258", "50", "1")] + [("7", "50"), ("196", "242"), ("1", "1"),
-                                                                  ("42", "100")]
+        others = [("13", i) for i in ("181", "258", "50", "1")] + [
+            ("7", "50"),
+            ("196", "242"),
+            ("1", "1"),
+            ("42", "100"),
+        ]
         before = {p: score(*p)["probability"] for p in [("13", "100")] + others}
         outcomes_before = scorer.health()["outcomes_buffered"]
         codes: dict[int, int] = {}
         from jobs.serve import score_slate
 
         slate = [str(100)] * 1000  # 5 slates of the same item: 5,000 issued impressions of one pair (issued
-        for _ in range(5):         # in process: /score refuses a slate with an item twice)
+        for _ in range(5):  # in process: /score refuses a slate with an item twice)
             _, ranking = score_slate(scorer, g, "13", slate, {})
             for x in ranking:
                 c = s.post(f"{srv.url}/feedback", json={"impression_id": x["impression_id"], "label": 0}).status_code
@@ -392,8 +429,10 @@ def test_feedback_flood_from_one_client_is_capped_alerted_and_kept_out_of_the_re
         assert all(abs(after[p] - before[p]) <= bound + 1e-6 for p in others)
         assert scorer.health()["outcomes_buffered"] - outcomes_before == 2  # only accepted outcomes
         assert len(alerts) == 1 and alerts[0]["kind"] == "feedback_lockstep" and alerts[0]["item_id"] == "100"
-        print(f"\nflood: pair {before[('13', '100')]:.3f} -> {after[('13', '100')]:.3f} (bound {bound:.3f}); "
-              f"max other move {max(abs(after[p] - before[p]) for p in others):.3f}")
+        print(
+            f"\nflood: pair {before[('13', '100')]:.3f} -> {after[('13', '100')]:.3f} (bound {bound:.3f}); "
+            f"max other move {max(abs(after[p] - before[p]) for p in others):.3f}"
+        )
     finally:
         srv.stop()
         scorer.close()
@@ -405,6 +444,7 @@ def test_the_body_limit_is_enforced_while_reading(world):
     scorer, g, _ = _guarded(world)
     srv = Server(scorer, guard=g)
     try:
+
         def trickle():  # 200 MB, chunked (no Content-Length to trust)
             chunk = b'{"user_id": "' + b"x" * (1 << 20)
             for _ in range(200):
@@ -433,8 +473,9 @@ def test_bearer_token_is_required_when_set_and_off_loopback(world, monkeypatch):
         body = {"user_id": "1", "item_id": "2"}
         assert requests.post(f"{srv.url}/score", json=body).status_code == 401
         assert requests.post(f"{srv.url}/score", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-        assert requests.post(f"{srv.url}/score", json=body,
-                             headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert (
+            requests.post(f"{srv.url}/score", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        )
         assert requests.get(f"{srv.url}/health").status_code == 200
     finally:
         srv.stop()

@@ -58,7 +58,7 @@ def test_records_are_acknowledged_failed_or_dropped_and_counted():
         assert log.feedback("r.0", 12)
         wait_for(lambda: log.health()["queued"] == 0)
         h = log.health()
-        assert len(prod.sent) == 3 and h["in_flight"] == 3 and h["dropped"] == 3   # 6 records, 3 in flight
+        assert len(prod.sent) == 3 and h["in_flight"] == 3 and h["dropped"] == 3  # 6 records, 3 in flight
         assert [json.loads(v)["position"] for _, _, v, _ in prod.sent] == [0, 1, 2]
         assert {(t, k) for t, k, _, _ in prod.sent} == {("imp", b"u1")}
         prod.sent[0][3].ok[0](None)
@@ -83,9 +83,9 @@ def test_records_the_v2_parsers_refuse_are_counted_never_sent():
     prod = Producer()
     log = ImpressionLog(None, ImpressionLogConfig("imp", "fb"), producer_factory=lambda: prod)
     try:
-        log.impressions(10, "u1", "r", [("r.0", "i", 0)], {"user_ctr_7d": 0.9})   # a pipeline column
-        log.impressions(10, "u1", "r", [("r.1", "i", 20_000)], {})                # beyond the largest slate
-        log.feedback("r.0", -5)                                                    # not an epoch time
+        log.impressions(10, "u1", "r", [("r.0", "i", 0)], {"user_ctr_7d": 0.9})  # a pipeline column
+        log.impressions(10, "u1", "r", [("r.1", "i", 20_000)], {})  # beyond the largest slate
+        log.feedback("r.0", -5)  # not an epoch time
         wait_for(lambda: log.health()["invalid"] == 3)
         assert prod.sent == [] and "ts" in log.health()["last_invalid"]
     finally:
@@ -106,8 +106,8 @@ def test_the_producer_is_retried_until_it_can_be_created_and_the_queue_is_bounde
     try:
         t0 = time.perf_counter()
         accepted = [log.impressions(1, "u", None, [(f"x.{k}", "i", 0)], {}) for k in range(10)]
-        assert time.perf_counter() - t0 < 0.1            # the caller never waits for the producer
-        assert not log.feedback("x.0", 2)                # the feedback stream is not logged
+        assert time.perf_counter() - t0 < 0.1  # the caller never waits for the producer
+        assert not log.feedback("x.0", 2)  # the feedback stream is not logged
         wait_for(lambda: len(prod.sent) >= sum(accepted))
         h = log.health()
         assert h["connect_failures"] == 2 and h["producer_created"] and h["dropped"] == 10 - sum(accepted) >= 6
@@ -120,8 +120,8 @@ def test_the_service_flags_name_the_topics_or_take_the_configs():
     from pipelines.config import KafkaConfig
 
     k = KafkaConfig(bootstrap_servers="127.0.0.1:1", impressions_topic="cfg.imp", feedback_topic="cfg.fb")
-    assert impression_log(k, None, None) is None                       # no flag: no log
-    both = impression_log(k, "", "", retry_s=60, max_block_ms=100)                        # bare flags: the config's topics
+    assert impression_log(k, None, None) is None  # no flag: no log
+    both = impression_log(k, "", "", retry_s=60, max_block_ms=100)  # bare flags: the config's topics
     only = impression_log(k, "my.imp", None, retry_s=60, max_block_ms=100)
     try:
         assert (both.config.impressions_topic, both.config.feedback_topic) == ("cfg.imp", "cfg.fb")

@@ -35,8 +35,9 @@ class Server:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -62,8 +63,9 @@ def scorer(world):  # noqa: F811
 def v2_job(tmp_path, kafka_config, topic):
     """A feature-job config with its own v2 topics (one partition each) and a short attribution window."""
     cfg = job_config(tmp_path, kafka_config, topic, attribution_window_s=WINDOW_S)
-    k = cfg.kafka.model_copy(update={"impressions_topic": f"{topic}.imp", "feedback_topic": f"{topic}.fb",
-                                     "partitions": 1})
+    k = cfg.kafka.model_copy(
+        update={"impressions_topic": f"{topic}.imp", "feedback_topic": f"{topic}.fb", "partitions": 1}
+    )
     return cfg.model_copy(update={"kafka": k})
 
 
@@ -76,16 +78,17 @@ def drain(cfg):
     return runs
 
 
-def test_served_impressions_and_clicks_join_into_exactly_the_given_labels(tmp_path, kafka_config, unique_topic,
-                                                                          scorer):
+def test_served_impressions_and_clicks_join_into_exactly_the_given_labels(tmp_path, kafka_config, unique_topic, scorer):
     cfg = v2_job(tmp_path, kafka_config, unique_topic)
     log = ImpressionLog(cfg.kafka, ImpressionLogConfig(cfg.kafka.impressions_topic, cfg.kafka.feedback_topic))
     srv = Server(asgi_app(scorer, guard=FeedbackGuard(GuardConfig()), impressions=log))
     try:
         s = requests.Session()
         items = [str(i) for i in (100, 181, 258, 50, 1, 7, 242, 302, 377, 51)]
-        out = s.post(f"{srv.url}/score", json={"user_id": "13", "candidates": items, "context": {"device": "web"},
-                                               "request_id": "slate-1"}).json()
+        out = s.post(
+            f"{srv.url}/score",
+            json={"user_id": "13", "candidates": items, "context": {"device": "web"}, "request_id": "slate-1"},
+        ).json()
         ranking = out["ranking"]
         clicked = {ranking[1]["impression_id"], ranking[4]["impression_id"], ranking[9]["impression_id"]}
         said_no = {ranking[0]["impression_id"], ranking[5]["impression_id"]}
@@ -94,13 +97,13 @@ def test_served_impressions_and_clicks_join_into_exactly_the_given_labels(tmp_pa
             assert r.status_code == 200 and r.json()["written"], r.text
         # refused outcomes publish nothing: a repeat, an unknown impression
         assert s.post(f"{srv.url}/feedback", json={"impression_id": next(iter(clicked)), "label": 1}).json()[
-            "duplicate"]
+            "duplicate"
+        ]
         assert s.post(f"{srv.url}/feedback", json={"impression_id": "nope", "label": 1}).status_code == 404
         # after the window: one more request and its click move both topics' event time past slate 1's window
         time.sleep(WINDOW_S + 0.5)
         one = s.post(f"{srv.url}/score", json={"user_id": "7", "item_id": "50"}).json()
-        assert s.post(f"{srv.url}/feedback", json={"impression_id": one["impression_id"], "label": 1}).json()[
-            "written"]
+        assert s.post(f"{srv.url}/feedback", json={"impression_id": one["impression_id"], "label": 1}).json()["written"]
         assert log.flush(30)
         health = s.get(f"{srv.url}/health").json()["impression_log"]
         assert health["impressions_sent"] == 11 and health["feedback_sent"] == 4, health
@@ -116,25 +119,26 @@ def test_served_impressions_and_clicks_join_into_exactly_the_given_labels(tmp_pa
     served = {r["impression_id"]: pos for pos, r in enumerate(ranking)}
     assert set(served) <= set(ex.index) and ex.index.is_unique
     got = ex.loc[list(served)]
-    assert {i for i, y in got.label.items() if y == 1} == clicked         # exactly the clicks given
-    assert (got.label == 0).sum() == len(items) - len(clicked)              # every other candidate a negative
-    assert got.position.to_dict() == served                                 # the served ranks
+    assert {i for i, y in got.label.items() if y == 1} == clicked  # exactly the clicks given
+    assert (got.label == 0).sum() == len(items) - len(clicked)  # every other candidate a negative
+    assert got.position.to_dict() == served  # the served ranks
     assert set(got.request_id) == {"slate-1"} and set(got.user_id) == {"13"}
     assert set(got.item_id) == set(items)
     neg = got[got.label == 0]
-    assert ((neg.label_ts - neg.ts) == int(WINDOW_S * 1000)).all()          # negatives at window close
+    assert ((neg.label_ts - neg.ts) == int(WINDOW_S * 1000)).all()  # negatives at window close
     pos = got[got.label == 1]
     assert ((pos.label_ts >= pos.ts) & (pos.label_ts <= pos.ts + WINDOW_S * 1000)).all()
-    assert ex.loc[one["impression_id"], "label"] == 1                       # the later click, joined at once
+    assert ex.loc[one["impression_id"], "label"] == 1  # the later click, joined at once
 
 
 def test_the_service_keeps_answering_when_kafka_is_down(scorer):
     from pipelines.config import KafkaConfig
 
-    dead = KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}")   # nothing listens there
+    dead = KafkaConfig(bootstrap_servers=f"127.0.0.1:{free_port()}")  # nothing listens there
     log = ImpressionLog(dead, ImpressionLogConfig("x.imp", "x.fb", max_queued=50, max_block_ms=500, retry_s=0.2))
-    srv = Server(asgi_app(scorer, guard=FeedbackGuard(GuardConfig(max_per_pair=1000, max_per_user=1000)),
-                          impressions=log))
+    srv = Server(
+        asgi_app(scorer, guard=FeedbackGuard(GuardConfig(max_per_pair=1000, max_per_user=1000)), impressions=log)
+    )
     try:
         s = requests.Session()
         slowest = 0.0
@@ -142,20 +146,21 @@ def test_the_service_keeps_answering_when_kafka_is_down(scorer):
             t0 = time.perf_counter()
             r = s.post(f"{srv.url}/score", json={"user_id": "13", "candidates": [str(i) for i in range(1, 11)]})
             assert r.status_code == 200, r.text
-            fb = s.post(f"{srv.url}/feedback", json={"impression_id": r.json()["ranking"][0]["impression_id"],
-                                                     "label": 1})
+            fb = s.post(
+                f"{srv.url}/feedback", json={"impression_id": r.json()["ranking"][0]["impression_id"], "label": 1}
+            )
             assert fb.status_code == 200 and fb.json()["written"], fb.text
             slowest = max(slowest, time.perf_counter() - t0)
         deadline = time.monotonic() + 10
         while (h := s.get(f"{srv.url}/health").json())["impression_log"]["connect_failures"] < 1:
-            assert time.monotonic() < deadline, h   # the sender's first attempt gives up after max_block_ms
+            assert time.monotonic() < deadline, h  # the sender's first attempt gives up after max_block_ms
             time.sleep(0.1)
         assert h["model_version"] is not None
         il = h["impression_log"]
         assert not il["producer_created"] and il["last_error"] and "producer" in il["last_error"]
         assert il["queued"] <= 50 and il["dropped"] >= 30 * 11 - 50, il
         assert il["impressions_sent"] == il["feedback_sent"] == 0
-        assert slowest < 1.0, slowest   # a request never waits for the broker (max_block_ms is 0.5 s alone)
+        assert slowest < 1.0, slowest  # a request never waits for the broker (max_block_ms is 0.5 s alone)
     finally:
         srv.stop()
         log.close(timeout=1)

@@ -27,8 +27,11 @@ def test_ray_serve_backend_scores_validates_and_swaps(tmp_path):
     n = 2000
     prepare_feature_store(str(tmp_path / "features"), load_dataset("movielens-100k", limit=n))
     write_example_files(movielens_examples(n), str(tmp_path / "ex"), rows_per_file=n)
-    t = IncrementalTrainer(TrainerConfig(str(tmp_path / "ex"), str(tmp_path / "ck"), registry_uri=str(tmp_path / "reg"),
-                                         idle_exit=0, model_kind="lr"))
+    t = IncrementalTrainer(
+        TrainerConfig(
+            str(tmp_path / "ex"), str(tmp_path / "ck"), registry_uri=str(tmp_path / "reg"), idle_exit=0, model_kind="lr"
+        )
+    )
     t.run()
     reg = ModelRegistry(str(tmp_path / "reg"))
     v1 = t.publish()
@@ -39,9 +42,26 @@ def test_ray_serve_backend_scores_validates_and_swaps(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--backend", "ray", "--registry", str(tmp_path / "reg"),
-                             "--feast-repo", str(tmp_path / "features"), "--port", str(port), "--poll", "0.2"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "--backend",
+            "ray",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--feast-repo",
+            str(tmp_path / "features"),
+            "--port",
+            str(port),
+            "--poll",
+            "0.2",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

@@ -34,8 +34,9 @@ BUCKETS = 1009
 def side_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("side")
     users, items = load_side_tables("movielens-100k")
-    store = prepare_feature_store(str(root / "features"), load_dataset("movielens-100k", limit=3000),
-                                  users=users, items=items)
+    store = prepare_feature_store(
+        str(root / "features"), load_dataset("movielens-100k", limit=3000), users=users, items=items
+    )
     return {"root": root, "store": store, "users": users, "items": items}
 
 
@@ -44,16 +45,30 @@ def publish_side_model(root, feature_service: str) -> ModelRegistry:
     cat = ("user_id", "item_id") + SIDE
     numeric = tuple(USER_FEATURES) + tuple(ITEM_FEATURES)
     enc = EncoderConfig(categorical_fields=cat, numeric_fields=numeric, bag_fields=ITEM_BAGS, hash_buckets=BUCKETS)
-    mc = ModelConfig(kind="deepfm", num_categorical=len(cat), num_numeric=len(numeric), num_bags=len(ITEM_BAGS),
-                     hash_buckets=BUCKETS, categorical_fields=cat, numeric_fields=numeric, seed=3)
+    mc = ModelConfig(
+        kind="deepfm",
+        num_categorical=len(cat),
+        num_numeric=len(numeric),
+        num_bags=len(ITEM_BAGS),
+        hash_buckets=BUCKETS,
+        categorical_fields=cat,
+        numeric_fields=numeric,
+        seed=3,
+    )
     torch.manual_seed(3)
     model = build_model(mc)
     with torch.no_grad():  # visible embeddings, so a side attribute moves the score
         for p in model.parameters():
             p.normal_(0, 0.3)
     reg = ModelRegistry(str(root / f"reg-{feature_service}"))
-    reg.publish(model.state_dict(), model_config=mc.to_dict(), feature_service=feature_service,
-                extra={"encoder": enc.to_dict()}, training_range={"trained_until_ts": 0}, promote=True)
+    reg.publish(
+        model.state_dict(),
+        model_config=mc.to_dict(),
+        feature_service=feature_service,
+        extra={"encoder": enc.to_dict()},
+        training_range={"trained_until_ts": 0},
+        promote=True,
+    )
     return reg
 
 
@@ -98,14 +113,14 @@ def test_score_reads_the_side_attributes_in_the_same_feast_call(served, side_wor
     cands = ["255", "286", "298"]
     before = store.calls
     out = score(sc, guard, {"user_id": "259", "candidates": cands})
-    assert store.calls - before == 1                       # one Feast call for the slate, side features included
+    assert store.calls - before == 1  # one Feast call for the slate, side features included
     for r in out["ranking"]:
         row = served_row(guard, r["impression_id"])
         assert {c: row[c][0].as_py() for c in USER_ATTRIBUTES} == want_u
         it = items.filter(pa.compute.equal(items["item_id"], r["item_id"]))
         assert row["release_year"][0].as_py() == it["release_year"][0].as_py()
         assert row["genres"][0].as_py() == it["genres"][0].as_py() and row["genres"][0].as_py()
-        assert row["user_imp_all"][0].as_py() > 0          # and the streaming features beside them
+        assert row["user_imp_all"][0].as_py() > 0  # and the streaming features beside them
     # the model uses them: blanking the profile changes the score
     row = served_row(guard, out["ranking"][0]["impression_id"])
     blank = row
@@ -124,9 +139,9 @@ def test_unknown_users_and_items_get_the_documented_defaults(served):
         assert all(row[c][0].as_py() is None for c in SIDE) and row["genres"][0].as_py() == []
         batch = enc.encode(row)
         fields = enc.config.categorical_fields
-        for c in SIDE:   # bucket 0 of each side field: "missing"
+        for c in SIDE:  # bucket 0 of each side field: "missing"
             assert int(batch["cat"][0, fields.index(c)]) == fields.index(c) * BUCKETS
-        assert int(batch["bag"].abs().sum()) == 0          # the empty bag pools to zeros
+        assert int(batch["bag"].abs().sum()) == 0  # the empty bag pools to zeros
         assert 0 < r["base_probability"] < 1
     # a known user with unknown items, and one pair of an unknown user: scored, not refused
     assert score(sc, guard, {"user_id": "13", "candidates": ["no-such-item"]})["ranking"][0]["probability"] > 0

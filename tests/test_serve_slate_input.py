@@ -30,20 +30,23 @@ def server(scorer):  # noqa: F811
     srv.stop()
 
 
-@pytest.mark.parametrize("body,status,needle", [
-    (b'{"user_id": "1", "candidates": []}', 422, "candidates"),
-    (b'{"user_id": "1", "candidates": [' + _ids(1001) + b"]}", 422, "at most 1000"),
-    (b'{"user_id": "1", "candidates": [' + _ids(10_001) + b"]}", 413, "over the limit"),
-    (b'{"user_id": "1", "candidates": ["5", "6", "5"]}', 422, "item '5' appears 2 times"),
-    (b'{"user_id": "1", "candidates": ["5", ""]}', 422, "1 to 256 characters"),
-    (b'{"user_id": "1", "candidates": ["5", 6]}', 422, "candidates.1"),
-    (b'{"user_id": "1", "candidates": "5"}', 422, "candidates"),
-    (b'{"user_id": "\\ud800", "candidates": ["5"]}', 422, "valid string"),
-    (b'{"user_id": "1", "candidates": ["\\udfff"]}', 422, "lone surrogate"),
-    (b'{"user_id": "1", "item_id": "2", "context": {"d": "\\ud800"}}', 422, "lone surrogate"),
-    (b'{"user_id": "1", "item_id": "2", "request_id": "\\ud800"}', 422, "valid string"),
-    (b'{"user_id": "1", "item_id": "2", "context": {"\\ud800": 1}}', 422, "lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        (b'{"user_id": "1", "candidates": []}', 422, "candidates"),
+        (b'{"user_id": "1", "candidates": [' + _ids(1001) + b"]}", 422, "at most 1000"),
+        (b'{"user_id": "1", "candidates": [' + _ids(10_001) + b"]}", 413, "over the limit"),
+        (b'{"user_id": "1", "candidates": ["5", "6", "5"]}', 422, "item '5' appears 2 times"),
+        (b'{"user_id": "1", "candidates": ["5", ""]}', 422, "1 to 256 characters"),
+        (b'{"user_id": "1", "candidates": ["5", 6]}', 422, "candidates.1"),
+        (b'{"user_id": "1", "candidates": "5"}', 422, "candidates"),
+        (b'{"user_id": "\\ud800", "candidates": ["5"]}', 422, "valid string"),
+        (b'{"user_id": "1", "candidates": ["\\udfff"]}', 422, "lone surrogate"),
+        (b'{"user_id": "1", "item_id": "2", "context": {"d": "\\ud800"}}', 422, "lone surrogate"),
+        (b'{"user_id": "1", "item_id": "2", "request_id": "\\ud800"}', 422, "valid string"),
+        (b'{"user_id": "1", "item_id": "2", "context": {"\\ud800": 1}}', 422, "lone surrogate"),
+    ],
+)
 def test_bad_slates_get_a_clear_4xx(server, body, status, needle):
     r = requests.post(f"{server.url}/score", data=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
@@ -51,11 +54,14 @@ def test_bad_slates_get_a_clear_4xx(server, body, status, needle):
     assert requests.post(f"{server.url}/score", json={"user_id": "1", "candidates": ["2", "3"]}).status_code == 200
 
 
-@pytest.mark.parametrize("body,status,needle", [
-    (b'{"impression_id": "never-issued", "label": 1}', 404, "unknown impression"),
-    (b'{"impression_id": "\\ud800", "label": 1}', 422, "valid string"),
-    (b'{"impression_id": "x", "label": 1, "kind": "click"}', 422, "kind: unknown field"),
-])
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        (b'{"impression_id": "never-issued", "label": 1}', 404, "unknown impression"),
+        (b'{"impression_id": "\\ud800", "label": 1}', 422, "valid string"),
+        (b'{"impression_id": "x", "label": 1, "kind": "click"}', 422, "kind: unknown field"),
+    ],
+)
 def test_bad_feedback_gets_a_clear_4xx(server, body, status, needle):
     r = requests.post(f"{server.url}/feedback", data=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
@@ -69,11 +75,25 @@ def test_a_full_slate_of_distinct_items_is_scored_and_its_records_are_valid_v2(s
     guard = FeedbackGuard(GuardConfig())
     items = [f"item-{i}" for i in range(1000)]
     ctx = {"device": "web", "hour": 13, "score": 0.5, "new": True}
-    status, out = handle(scorer, "POST", "/score", json.dumps({"user_id": "13", "candidates": items,
-                                                               "context": ctx}).encode(), guard, "", log)
+    status, out = handle(
+        scorer,
+        "POST",
+        "/score",
+        json.dumps({"user_id": "13", "candidates": items, "context": ctx}).encode(),
+        guard,
+        "",
+        log,
+    )
     assert status == 200 and len(out["ranking"]) == 1000
-    status, fb = handle(scorer, "POST", "/feedback", json.dumps(
-        {"impression_id": out["ranking"][3]["impression_id"], "label": 1}).encode(), guard, "", log)
+    status, fb = handle(
+        scorer,
+        "POST",
+        "/feedback",
+        json.dumps({"impression_id": out["ranking"][3]["impression_id"], "label": 1}).encode(),
+        guard,
+        "",
+        log,
+    )
     assert status == 200 and fb["written"]
     entries = list(log._queue)
     assert [e[0] for e in entries] == ["imp", "fb"]

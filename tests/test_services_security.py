@@ -80,8 +80,11 @@ def test_embedded_ray_exports_no_metrics_and_no_agent_listens_on_all_ipv4_interf
         assert node.node_ip_address == "127.0.0.1"
         assert node.metrics_export_port in (None, -1, 0) or node.address_info.get("metrics_export_port") == -1
         pids = {p.pid for p in psutil.Process().children(recursive=True)} - before
-        listening = [(psutil.Process(c.pid).name(), c.laddr.ip) for c in psutil.net_connections(kind="inet")
-                     if c.status == "LISTEN" and c.pid in pids]
+        listening = [
+            (psutil.Process(c.pid).name(), c.laddr.ip)
+            for c in psutil.net_connections(kind="inet")
+            if c.status == "LISTEN" and c.pid in pids
+        ]
         assert len(listening) >= 3  # GCS, raylet, agents...
         assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
     finally:

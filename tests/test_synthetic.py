@@ -80,13 +80,16 @@ def test_load_dataset_spec_with_ground_truth_and_limit():
     assert load_dataset("synthetic:stable?n=100", limit=10).num_rows == 10
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ("synthetic:sideways", "unknown synthetic scenario"),
-    ("synthetic:abrupt_ctr?colour=1", "unknown synthetic parameter"),
-    ("synthetic:abrupt_ctr?n=lots", "is not a number"),
-    ("synthetic:abrupt_ctr?n=0", "n must be positive"),
-    ("synthetic:abrupt_ctr?n=10&at=20", "at must be in"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("synthetic:sideways", "unknown synthetic scenario"),
+        ("synthetic:abrupt_ctr?colour=1", "unknown synthetic parameter"),
+        ("synthetic:abrupt_ctr?n=lots", "is not a number"),
+        ("synthetic:abrupt_ctr?n=0", "n must be positive"),
+        ("synthetic:abrupt_ctr?n=10&at=20", "at must be in"),
+    ],
+)
 def test_bad_specs_are_clear_dataset_errors(spec, msg):
     with pytest.raises(DatasetError, match=msg):
         load_dataset(spec)

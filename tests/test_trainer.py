@@ -18,8 +18,15 @@ def examples():
 
 
 def _config(tmp_path, name="ck", **kw) -> TrainerConfig:
-    base = dict(examples_uri=str(tmp_path / "ex"), checkpoint_dir=str(tmp_path / name), batch_size=100,
-                checkpoint_every=300, checkpoint_seconds=3600, idle_exit=0, model_kind="dcnv2")
+    base = dict(
+        examples_uri=str(tmp_path / "ex"),
+        checkpoint_dir=str(tmp_path / name),
+        batch_size=100,
+        checkpoint_every=300,
+        checkpoint_seconds=3600,
+        idle_exit=0,
+        model_kind="dcnv2",
+    )
     base.update(kw)
     return TrainerConfig(**base)
 
@@ -52,6 +59,7 @@ def test_crash_and_resume_learns_every_example_once_and_matches_an_uninterrupted
     assert int(final["digest"], 16) == event_digest(examples["event_id"].to_pylist())
     # the prediction log holds every example exactly once (the replayed batch overwrote its part)
     import pyarrow.parquet as pq
+
     preds = pq.read_table(str(tmp_path / "ck" / "predictions"))
     assert sorted(preds["event_id"].to_pylist()) == sorted(examples["event_id"].to_pylist())
     # and the resumed weights equal those of a run that never crashed (optimizer and RNG state restored)

@@ -37,16 +37,37 @@ def ray_head():
 
 def _submit(address: str, env: dict, job_id: str, args: list[str]) -> None:
     ray_cli = str(Path(sys.executable).parent / "ray")
-    cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-           "--submission-id", job_id, "--runtime-env-json", json.dumps({"excludes": RAY_EXCLUDES}),
-           "--", sys.executable, "-m", "jobs.trainer", *args]
+    cmd = [
+        ray_cli,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--no-wait",
+        "--submission-id",
+        job_id,
+        "--runtime-env-json",
+        json.dumps({"excludes": RAY_EXCLUDES}),
+        "--",
+        sys.executable,
+        "-m",
+        "jobs.trainer",
+        *args,
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 def _status(address: str, env: dict, job_id: str) -> str:
-    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "status", "--address", address, job_id],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "status", "--address", address, job_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr).lower()
     for word, s in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("stopped", "STOPPED")):
         if f"job '{job_id}' {word}" in text:
@@ -55,8 +76,13 @@ def _status(address: str, env: dict, job_id: str) -> str:
 
 
 def _logs(address: str, env: dict, job_id: str) -> str:
-    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", address, job_id],
-                          env=env, capture_output=True, text=True, timeout=60).stdout
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", address, job_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def _wait_terminal(address, env, job_id, timeout=240) -> str:
@@ -74,8 +100,20 @@ def test_submitted_trainer_killed_mid_stream_resumes_and_learns_each_example_onc
     examples = movielens_examples(4000)
     ex, ck = tmp_path / "examples", tmp_path / "trainer"
     write_example_files(examples.slice(0, 3000), str(ex), rows_per_file=400)
-    args = ["--examples", str(ex), "--checkpoint-dir", str(ck), "--batch-size", "50", "--checkpoint-every", "400",
-            "--model", "deepfm", "--throttle", "0.05"]
+    args = [
+        "--examples",
+        str(ex),
+        "--checkpoint-dir",
+        str(ck),
+        "--batch-size",
+        "50",
+        "--checkpoint-every",
+        "400",
+        "--model",
+        "deepfm",
+        "--throttle",
+        "0.05",
+    ]
 
     job1 = f"trainer-test-{uuid.uuid4().hex[:8]}"
     _submit(address, env, job1, args)

@@ -33,17 +33,30 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     with grpc.insecure_channel(args.provision_endpoint) as ch:
-        info = beam_provision_api_pb2_grpc.ProvisionServiceStub(ch).GetProvisionInfo(
-            beam_provision_api_pb2.GetProvisionInfoRequest(), metadata=[("worker_id", args.id)]).info
+        info = (
+            beam_provision_api_pb2_grpc.ProvisionServiceStub(ch)
+            .GetProvisionInfo(beam_provision_api_pb2.GetProvisionInfoRequest(), metadata=[("worker_id", args.id)])
+            .info
+        )
     env = dict(os.environ)
-    env.update({"HARNESS_ID": args.id,
-                "PIPELINE_OPTIONS": json_format.MessageToJson(info.pipeline_options),
-                "LOGGING_API_SERVICE_DESCRIPTOR": f'url: "{info.logging_endpoint.url}"',
-                "CONTROL_API_SERVICE_DESCRIPTOR": f'url: "{info.control_endpoint.url}"',
-                "RUNNER_CAPABILITIES": " ".join(info.runner_capabilities)})
-    cmd = ["java", f"-Xmx{HEAP}", "-XX:+UseSerialGC",
-           *(f"--add-opens=java.base/{m}=ALL-UNNAMED" for m in ("java.lang", "java.nio", "java.util")),
-           "-cp", str(LIB / "*"), "org.apache.beam.fn.harness.FnHarness"]
+    env.update(
+        {
+            "HARNESS_ID": args.id,
+            "PIPELINE_OPTIONS": json_format.MessageToJson(info.pipeline_options),
+            "LOGGING_API_SERVICE_DESCRIPTOR": f'url: "{info.logging_endpoint.url}"',
+            "CONTROL_API_SERVICE_DESCRIPTOR": f'url: "{info.control_endpoint.url}"',
+            "RUNNER_CAPABILITIES": " ".join(info.runner_capabilities),
+        }
+    )
+    cmd = [
+        "java",
+        f"-Xmx{HEAP}",
+        "-XX:+UseSerialGC",
+        *(f"--add-opens=java.base/{m}=ALL-UNNAMED" for m in ("java.lang", "java.nio", "java.util")),
+        "-cp",
+        str(LIB / "*"),
+        "org.apache.beam.fn.harness.FnHarness",
+    ]
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
 

@@ -20,8 +20,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 #: deployer events that count as actions of the incident they fall in
-ACTION_PREFIXES = ("retrain submitted", "retrain candidate", "retrain failed", "retrain skipped",
-                   "retrain dropped", "rollback", "gate")
+ACTION_PREFIXES = (
+    "retrain submitted",
+    "retrain candidate",
+    "retrain failed",
+    "retrain skipped",
+    "retrain dropped",
+    "rollback",
+    "gate",
+)
 
 
 @dataclass
@@ -30,9 +37,9 @@ class Incident:
     start_ts: int | None
     start_event: int
     last_event: int
-    status: str = "open"                      # open | resolved
+    status: str = "open"  # open | resolved
     alerts: int = 0
-    evidence: list[str] = field(default_factory=list)      # distinct detectors / summaries
+    evidence: list[str] = field(default_factory=list)  # distinct detectors / summaries
     actions: list[dict[str, Any]] = field(default_factory=list)
     resolution: str | None = None
     end_event: int | None = None
@@ -75,8 +82,13 @@ class IncidentTracker:
         self.tick(int(action.get("at_event", 0)))
         inc = self.open
         if inc is not None:
-            inc.actions.append({k: action.get(k) for k in ("what", "at_event", "ts", "version", "kind", "promote")
-                                if action.get(k) is not None})
+            inc.actions.append(
+                {
+                    k: action.get(k)
+                    for k in ("what", "at_event", "ts", "version", "kind", "promote")
+                    if action.get(k) is not None
+                }
+            )
         return inc
 
     def tick(self, at_event: int, ts: int | None = None) -> list[Incident]:
@@ -88,11 +100,16 @@ class IncidentTracker:
         inc.end_event = inc.last_event + self.gap_events
         inc.end_ts = ts
         promoted = [a for a in inc.actions if a.get("what") == "retrain candidate promoted"]
-        rolled = [a for a in inc.actions if str(a.get("what", "")).startswith("rollback") and
-                  a.get("what") != "rollback declined"]
-        inc.resolution = (f"quiet for {self.gap_events} events after "
-                          + (f"promoting {promoted[-1].get('version')}" if promoted else "the last alert")
-                          + (" (rolled back)" if rolled else ""))
+        rolled = [
+            a
+            for a in inc.actions
+            if str(a.get("what", "")).startswith("rollback") and a.get("what") != "rollback declined"
+        ]
+        inc.resolution = (
+            f"quiet for {self.gap_events} events after "
+            + (f"promoting {promoted[-1].get('version')}" if promoted else "the last alert")
+            + (" (rolled back)" if rolled else "")
+        )
         return [inc]
 
     def close(self, at_event: int) -> None:
@@ -102,13 +119,20 @@ class IncidentTracker:
             self.open.resolution = "still open at the end of the stream"
 
 
-def group_incidents(alerts: Iterable[dict[str, Any]], actions: Iterable[dict[str, Any]] = (),
-                    gap_events: int = 10_000, end_event: int | None = None) -> list[dict[str, Any]]:
+def group_incidents(
+    alerts: Iterable[dict[str, Any]],
+    actions: Iterable[dict[str, Any]] = (),
+    gap_events: int = 10_000,
+    end_event: int | None = None,
+) -> list[dict[str, Any]]:
     """Incidents of a finished run from its alerts and deployer events (both with ``at_event``)."""
     t = IncidentTracker(gap_events)
     items = [(int(a.get("at_event", 0)), 0, a) for a in alerts]
-    items += [(int(e.get("at_event", 0)), 1, e) for e in actions
-              if str(e.get("what", "")).startswith(ACTION_PREFIXES) and not _routine(e)]
+    items += [
+        (int(e.get("at_event", 0)), 1, e)
+        for e in actions
+        if str(e.get("what", "")).startswith(ACTION_PREFIXES) and not _routine(e)
+    ]
     for _, kind, item in sorted(items, key=lambda x: (x[0], x[1])):
         if kind == 0:
             t.observe_alert(item)

@@ -58,8 +58,13 @@ from online_models.errors import ReloopError
 
 PERFORMANCE_METRICS = ("logloss", "error", "click")
 DETECTORS: dict[str, type] = {
-    "adwin": drift.ADWIN, "page_hinkley": drift.PageHinkley, "kswin": drift.KSWIN,
-    "ddm": binary.DDM, "eddm": binary.EDDM, "hddm_a": binary.HDDMA, "hddm_w": binary.HDDMW,
+    "adwin": drift.ADWIN,
+    "page_hinkley": drift.PageHinkley,
+    "kswin": drift.KSWIN,
+    "ddm": binary.DDM,
+    "eddm": binary.EDDM,
+    "hddm_a": binary.HDDMA,
+    "hddm_w": binary.HDDMW,
 }
 BINARY_ONLY = frozenset({"ddm", "eddm", "hddm_a", "hddm_w"})
 #: kinds whose whole state is plain Python attributes, restored exactly
@@ -75,6 +80,7 @@ class MonitorError(ReloopError, ValueError):
 
 # --------------------------------------------------------------------------- signals
 
+
 def event_signals(p: float, label: int) -> dict[str, float]:
     """The per-event performance signals of one labelled prediction.
 
@@ -83,8 +89,12 @@ def event_signals(p: float, label: int) -> dict[str, float]:
     """
     q = min(max(float(p), EPS), 1.0 - EPS)
     y = 1.0 if label else 0.0
-    return {"logloss": -(y * math.log(q) + (1.0 - y) * math.log(1.0 - q)),
-            "error": float((q >= 0.5) != bool(label)), "click": y, PREDICTION: float(p)}
+    return {
+        "logloss": -(y * math.log(q) + (1.0 - y) * math.log(1.0 - q)),
+        "error": float((q >= 0.5) != bool(label)),
+        "click": y,
+        PREDICTION: float(p),
+    }
 
 
 def batch_signals(p: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -108,6 +118,7 @@ def batch_signals(p: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- River state codec
 
+
 def _encode(v: Any) -> Any:
     """Encode River detector attributes as JSON; bound methods are rebuilt by the constructor."""
     if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
@@ -116,8 +127,10 @@ def _encode(v: Any) -> Any:
         return v if math.isfinite(v) else {"__float__": repr(v)}
     if isinstance(v, Base):
         cls = type(v)
-        return {"__river__": f"{cls.__module__}:{cls.__qualname__}",
-                "state": {k: _encode(x) for k, x in vars(v).items() if not callable(x)}}
+        return {
+            "__river__": f"{cls.__module__}:{cls.__qualname__}",
+            "state": {k: _encode(x) for k, x in vars(v).items() if not callable(x)},
+        }
     raise MonitorError(f"cannot checkpoint attribute of type {type(v).__name__}")
 
 
@@ -140,6 +153,7 @@ def _decode(v: Any) -> Any:
 
 # --------------------------------------------------------------------------- River detector monitors
 
+
 class DetectorMonitor:
     """A River drift detector on one per-event signal, with warm-up, window bookkeeping and checkpoints.
 
@@ -151,8 +165,15 @@ class DetectorMonitor:
 
     family = "performance"
 
-    def __init__(self, kind: str, metric: str = "logloss", params: Mapping[str, Any] | None = None,
-                 warmup: int = 1000, name: str | None = None, tail: int = 5000) -> None:
+    def __init__(
+        self,
+        kind: str,
+        metric: str = "logloss",
+        params: Mapping[str, Any] | None = None,
+        warmup: int = 1000,
+        name: str | None = None,
+        tail: int = 5000,
+    ) -> None:
         if kind not in DETECTORS:
             raise MonitorError(f"unknown detector kind {kind!r}; allowed: {', '.join(DETECTORS)}")
         if kind in BINARY_ONLY and metric not in ("error", "click"):
@@ -218,8 +239,9 @@ class DetectorMonitor:
         out = None
         if level is not None and self.n > self.warmup:
             stat, thr, window = self._stat()
-            out = Detection(self.name, self.metric, level, stat, thr, window, self._ts_start, ts, self.n,
-                            self.family, model_version)
+            out = Detection(
+                self.name, self.metric, level, stat, thr, window, self._ts_start, ts, self.n, self.family, model_version
+            )
             if level == "drift":
                 self.n_detections += 1
         if drift_now:  # River resets its detector after a drift: start a new evidence window too
@@ -228,9 +250,18 @@ class DetectorMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "type": "DetectorMonitor", "kind": self.kind, "metric": self.metric, "name": self.name,
-            "n": self.n, "n_detections": self.n_detections, "win_n": self._win_n, "win_sum": self._win_sum,
-            "ts_start": self._ts_start, "ts_last": self._ts_last, "warning": self._warning}
+            "type": "DetectorMonitor",
+            "kind": self.kind,
+            "metric": self.metric,
+            "name": self.name,
+            "n": self.n,
+            "n_detections": self.n_detections,
+            "win_n": self._win_n,
+            "win_sum": self._win_sum,
+            "ts_start": self._ts_start,
+            "ts_last": self._ts_last,
+            "warning": self._warning,
+        }
         if self._tail is None:
             state["detector"] = {k: _encode(v) for k, v in vars(self._det).items() if not callable(v)}
         else:
@@ -257,21 +288,38 @@ class DetectorMonitor:
 
 # --------------------------------------------------------------------------- distribution tests
 
+
 class _DistributionMonitor:
     """Shared reference-window bookkeeping of PSI and KS."""
 
     family = "distribution"
     kind = ""
 
-    def __init__(self, metric: str = PREDICTION, *, mode: Literal["window", "decay"] = "window",
-                 bins: int = 10, reference_size: int = 5000, window_size: int = 5000,
-                 half_life: int = 2000, check_every: int = 500, warning: float | None = None,
-                 threshold: float | None = None, warmup: int = 0, rebase_on_drift: bool = True,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        metric: str = PREDICTION,
+        *,
+        mode: Literal["window", "decay"] = "window",
+        bins: int = 10,
+        reference_size: int = 5000,
+        window_size: int = 5000,
+        half_life: int = 2000,
+        check_every: int = 500,
+        warning: float | None = None,
+        threshold: float | None = None,
+        warmup: int = 0,
+        rebase_on_drift: bool = True,
+        name: str | None = None,
+    ) -> None:
         if mode not in ("window", "decay"):
             raise MonitorError(f"mode must be 'window' or 'decay', got {mode!r}")
-        for k, v in (("bins", bins), ("reference_size", reference_size), ("window_size", window_size),
-                     ("half_life", half_life), ("check_every", check_every)):
+        for k, v in (
+            ("bins", bins),
+            ("reference_size", reference_size),
+            ("window_size", window_size),
+            ("half_life", half_life),
+            ("check_every", check_every),
+        ):
             if v < 1:
                 raise MonitorError(f"{k} must be >= 1, got {v}")
         self.metric, self.mode, self.bins = metric, mode, bins
@@ -295,12 +343,12 @@ class _DistributionMonitor:
     def rebase(self) -> None:
         """Start collecting a new reference window from the next value."""
         self._ref: list[float] = []
-        self.edges: list[float] | None = None      # inner bin edges from reference quantiles
+        self.edges: list[float] | None = None  # inner bin edges from reference quantiles
         self.ref_frac: list[float] | None = None
-        self._cur: list[float] = []                  # window mode: values of the current window
-        self._counts: list[float] = []               # decay mode: decayed bin counts
-        self._w, self._w2 = 0.0, 0.0                 # decay mode: sum of weights and of squared weights
-        self._g = 1.0                                # decay mode: weight of the latest value
+        self._cur: list[float] = []  # window mode: values of the current window
+        self._counts: list[float] = []  # decay mode: decayed bin counts
+        self._w, self._w2 = 0.0, 0.0  # decay mode: sum of weights and of squared weights
+        self._g = 1.0  # decay mode: weight of the latest value
         self._since_check = 0
         self._ts_start: int | None = None
         self._level: Level | None = None
@@ -348,26 +396,41 @@ class _DistributionMonitor:
             self._g /= self.decay
             if self._g > 1e100:
                 self._counts = [c / self._g for c in self._counts]
-                self._w, self._w2, self._g = self._w / self._g, self._w2 / self._g ** 2, 1.0
+                self._w, self._w2, self._g = self._w / self._g, self._w2 / self._g**2, 1.0
             self._counts[self._bin(x)] += self._g
             self._w += self._g
             self._w2 += self._g * self._g
             self._since_check += 1
-            if self._since_check < self.check_every or self._w / self._g < min(self.half_life, self.reference_size) * 0.5:
+            if (
+                self._since_check < self.check_every
+                or self._w / self._g < min(self.half_life, self.reference_size) * 0.5
+            ):
                 return None
             self._since_check = 0
             stat, window, ts_start = self._score_counts(), int(round(self._w * self._w / self._w2)), self._ts_start
         return self._decide(stat, window, ts_start, ts, model_version)
 
-    def _decide(self, stat: float, window: int, ts_start: int | None, ts: int | None,
-                model_version: str | None) -> Detection | None:
+    def _decide(
+        self, stat: float, window: int, ts_start: int | None, ts: int | None, model_version: str | None
+    ) -> Detection | None:
         thr_drift, thr_warn = self._thresholds(window)
         level: Level | None = "drift" if stat >= thr_drift else ("warning" if stat >= thr_warn else None)
         prev, self._level = self._level, level
         if level is None or (level == "warning" and prev == "warning"):
             return None
-        det = Detection(self.name, self.metric, level, float(stat), float(thr_drift), window, ts_start, ts,
-                        self.n, self.family, model_version)
+        det = Detection(
+            self.name,
+            self.metric,
+            level,
+            float(stat),
+            float(thr_drift),
+            window,
+            ts_start,
+            ts,
+            self.n,
+            self.family,
+            model_version,
+        )
         if level == "drift":
             self.n_detections += 1
             if self.rebase_on_drift:
@@ -375,10 +438,24 @@ class _DistributionMonitor:
         return det
 
     def state_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "metric": self.metric, "name": self.name, "n": self.n,
-                "n_detections": self.n_detections, "ref": self._ref, "edges": self.edges,
-                "ref_frac": self.ref_frac, "cur": self._cur, "counts": self._counts, "w": self._w,
-                "w2": self._w2, "g": self._g, "since_check": self._since_check, "ts_start": self._ts_start, "level": self._level}
+        return {
+            "type": type(self).__name__,
+            "metric": self.metric,
+            "name": self.name,
+            "n": self.n,
+            "n_detections": self.n_detections,
+            "ref": self._ref,
+            "edges": self.edges,
+            "ref_frac": self.ref_frac,
+            "cur": self._cur,
+            "counts": self._counts,
+            "w": self._w,
+            "w2": self._w2,
+            "g": self._g,
+            "since_check": self._since_check,
+            "ts_start": self._ts_start,
+            "level": self._level,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if (state.get("type"), state.get("metric")) != (type(self).__name__, self.metric):
@@ -486,8 +563,10 @@ class KSMonitor(_DistributionMonitor):
 
 # --------------------------------------------------------------------------- factory + suite
 
-def make_monitor(kind: str, metric: str, params: Mapping[str, Any] | None = None, warmup: int = 1000,
-                 name: str | None = None) -> DetectorMonitor | PSIMonitor | KSMonitor:
+
+def make_monitor(
+    kind: str, metric: str, params: Mapping[str, Any] | None = None, warmup: int = 1000, name: str | None = None
+) -> DetectorMonitor | PSIMonitor | KSMonitor:
     """Build a monitor from a config entry (``kind``, ``metric``, ``params``, ``warmup``)."""
     params = dict(params or {})
     if kind in DETECTORS:
@@ -524,11 +603,21 @@ class MonitorSuite:
 
     @classmethod
     def from_specs(cls, specs: Iterable[Mapping[str, Any]], default_warmup: int = 1000) -> "MonitorSuite":
-        return cls(make_monitor(s["kind"], s.get("metric", "logloss"), s.get("params"),
-                                s.get("warmup", default_warmup), s.get("name")) for s in specs)
+        return cls(
+            make_monitor(
+                s["kind"], s.get("metric", "logloss"), s.get("params"), s.get("warmup", default_warmup), s.get("name")
+            )
+            for s in specs
+        )
 
-    def update(self, p: float, label: int, features: Mapping[str, Any] | None = None, ts: int | None = None,
-               model_version: str | None = None) -> list[Detection]:
+    def update(
+        self,
+        p: float,
+        label: int,
+        features: Mapping[str, Any] | None = None,
+        ts: int | None = None,
+        model_version: str | None = None,
+    ) -> list[Detection]:
         """Feed one labelled prediction to every monitor; returns the detections it caused."""
         self.n += 1
         signals = event_signals(p, label)
@@ -545,8 +634,14 @@ class MonitorSuite:
                 out.append(det)
         return out
 
-    def update_batch(self, p: np.ndarray, labels: np.ndarray, features: Mapping[str, np.ndarray] | None = None,
-                     ts: np.ndarray | None = None, model_version: str | None = None) -> list[tuple[int, Detection]]:
+    def update_batch(
+        self,
+        p: np.ndarray,
+        labels: np.ndarray,
+        features: Mapping[str, np.ndarray] | None = None,
+        ts: np.ndarray | None = None,
+        model_version: str | None = None,
+    ) -> list[tuple[int, Detection]]:
         """Feed a batch of labelled predictions (arrays, stream order) to every monitor.
 
         Returns ``(row, detection)`` pairs in row order (monitor order within a row): what calling
@@ -557,8 +652,9 @@ class MonitorSuite:
         p = np.asarray(p, dtype=np.float64)
         n = len(p)
         if len(labels) != n or (ts is not None and len(ts) != n):
-            raise MonitorError(f"p, labels and ts must have the same length, got {n}, {len(labels)}, "
-                               f"{None if ts is None else len(ts)}")
+            raise MonitorError(
+                f"p, labels and ts must have the same length, got {n}, {len(labels)}, {None if ts is None else len(ts)}"
+            )
         self.n += n
         if n == 0:
             return []
@@ -588,8 +684,7 @@ class MonitorSuite:
             m.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "missing": dict(self.missing),
-                "monitors": {m.name: m.state_dict() for m in self.monitors}}
+        return {"n": self.n, "missing": dict(self.missing), "monitors": {m.name: m.state_dict() for m in self.monitors}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n, self.missing = int(state["n"]), dict(state.get("missing", {}))

@@ -93,14 +93,27 @@ class RollbackWatch:
 class DriftPolicy:
     """Turns detections into requests. The constructor's arguments are the whole configuration."""
 
-    def __init__(self, min_evidence: int = 2, evidence_window: int = 5000, cooldown_events: int = 20_000,
-                 clear_after: int = 10_000, alert_on_warning: bool = True, rollback_margin: float = 0.02,
-                 rollback_z: float = 2.0, watch_min_events: int = 2000, watch_events: int = 20_000) -> None:
+    def __init__(
+        self,
+        min_evidence: int = 2,
+        evidence_window: int = 5000,
+        cooldown_events: int = 20_000,
+        clear_after: int = 10_000,
+        alert_on_warning: bool = True,
+        rollback_margin: float = 0.02,
+        rollback_z: float = 2.0,
+        watch_min_events: int = 2000,
+        watch_events: int = 20_000,
+    ) -> None:
         if min_evidence < 1:
             raise ValueError(f"min_evidence must be >= 1, got {min_evidence}")
-        for k, v in (("evidence_window", evidence_window), ("cooldown_events", cooldown_events),
-                     ("clear_after", clear_after), ("watch_min_events", watch_min_events),
-                     ("watch_events", watch_events)):
+        for k, v in (
+            ("evidence_window", evidence_window),
+            ("cooldown_events", cooldown_events),
+            ("clear_after", clear_after),
+            ("watch_min_events", watch_min_events),
+            ("watch_events", watch_events),
+        ):
             if v < 0:
                 raise ValueError(f"{k} must be >= 0, got {v}")
         self.min_evidence, self.evidence_window = min_evidence, evidence_window
@@ -131,8 +144,11 @@ class DriftPolicy:
             self._evidence.extend((index, d) for d in detections)
         while self._evidence and index - self._evidence[0][0] > self.evidence_window:
             self._evidence.popleft()
-        if (self.state != "stable" and self._last_detection is not None
-                and index - self._last_detection >= self.clear_after):
+        if (
+            self.state != "stable"
+            and self._last_detection is not None
+            and index - self._last_detection >= self.clear_after
+        ):
             self.state = "stable"  # hysteresis: only a long quiet spell clears the state
         if not detections:
             return []
@@ -140,8 +156,12 @@ class DriftPolicy:
         evidence = [d for _, d in self._evidence]
         drift_perf = {d.detector: d for d in evidence if d.level == "drift" and d.family == "performance"}
         drift_any = {d.detector: d for d in evidence if d.level == "drift"}
-        strongest = tuple(sorted(drift_perf.values() or drift_any.values() or detections,
-                                 key=lambda d: (d.level != "drift", d.family != "performance")))
+        strongest = tuple(
+            sorted(
+                drift_perf.values() or drift_any.values() or detections,
+                key=lambda d: (d.level != "drift", d.family != "performance"),
+            )
+        )
         version = model_version or strongest[0].model_version
 
         if len(drift_perf) >= self.min_evidence:
@@ -151,8 +171,15 @@ class DriftPolicy:
                 # a new episode, or drift that outlived the cooldown (the retrain failed or was not promoted)
                 self._last_retrain = index
                 why = f"{len(drift_perf)} performance monitors detect drift ({', '.join(sorted(drift_perf))})"
-                return [Request("retrain", why + (" that persists after the cooldown" if persists else ""),
-                                strongest, version, index=index)]
+                return [
+                    Request(
+                        "retrain",
+                        why + (" that persists after the cooldown" if persists else ""),
+                        strongest,
+                        version,
+                        index=index,
+                    )
+                ]
             return [] if persists else self._cooldown_alert(index, strongest, version)
         if self.state == "drift":
             return []  # already acted on this episode; hysteresis keeps it until a quiet spell
@@ -165,23 +192,41 @@ class DriftPolicy:
                 return []
             self._last_drift_alert = index
             perf = [d for d in fresh if d.family == "performance"]
-            why = (f"early evidence: {len(drift_perf)}/{self.min_evidence} performance monitors detect drift"
-                   if perf else "distribution shift (the model may still be right): "
-                   + ", ".join(sorted({d.detector for d in fresh})))
+            why = (
+                f"early evidence: {len(drift_perf)}/{self.min_evidence} performance monitors detect drift"
+                if perf
+                else "distribution shift (the model may still be right): "
+                + ", ".join(sorted({d.detector for d in fresh}))
+            )
             return [Request("alert", why, tuple(perf or fresh), version, index=index)]
         if self.state == "stable":
             self.state = "warning"  # hysteresis: one warning alert per episode
             if self.alert_on_warning:
-                return [Request("alert", "warning: " + ", ".join(sorted({d.detector for d in detections})),
-                                tuple(detections), version, index=index, level="warning")]
+                return [
+                    Request(
+                        "alert",
+                        "warning: " + ", ".join(sorted({d.detector for d in detections})),
+                        tuple(detections),
+                        version,
+                        index=index,
+                        level="warning",
+                    )
+                ]
         return []
 
     def _cooldown_alert(self, index: int, dets: tuple[Detection, ...], version: str | None) -> list[Request]:
         if self._last_cooldown_alert is not None and index - self._last_cooldown_alert < self.cooldown_events:
             return []
         self._last_cooldown_alert = index
-        return [Request("alert", "drift detected during the cooldown after a retrain: not retraining again yet",
-                        dets, version, index=index)]
+        return [
+            Request(
+                "alert",
+                "drift detected during the cooldown after a retrain: not retraining again yet",
+                dets,
+                version,
+                index=index,
+            )
+        ]
 
     def on_model_changed(self, index: int) -> None:
         """A new model serves (promotion or rollback): old evidence is about the old model; cool down."""
@@ -190,8 +235,7 @@ class DriftPolicy:
         self._last_retrain = index
 
     # ------------------------------------------------------------------ rollback watch
-    def start_watch(self, index: int, new_version: str, old_version: str | None,
-                    baseline_loss: float | None) -> None:
+    def start_watch(self, index: int, new_version: str, old_version: str | None, baseline_loss: float | None) -> None:
         self.on_model_changed(index)
         self.watch = RollbackWatch(new_version, old_version, baseline_loss, index)
 
@@ -207,22 +251,42 @@ class DriftPolicy:
             if excess > self.rollback_margin * ref and excess > self.rollback_z * w.stderr:
                 self.watch = None
                 self.on_model_changed(index)
-                return [Request("rollback", f"live logloss of {w.new_version} is {w.mean:.4f} vs {ref:.4f} "
-                                f"for {w.old_version} over {w.n} events (+{excess / ref:.1%})",
-                                (), w.new_version, target_version=w.old_version, index=index,
-                                metrics={"live_logloss_new": w.mean, "reference_logloss": ref,
-                                         "stderr": w.stderr, "events": float(w.n)})]
+                return [
+                    Request(
+                        "rollback",
+                        f"live logloss of {w.new_version} is {w.mean:.4f} vs {ref:.4f} "
+                        f"for {w.old_version} over {w.n} events (+{excess / ref:.1%})",
+                        (),
+                        w.new_version,
+                        target_version=w.old_version,
+                        index=index,
+                        metrics={
+                            "live_logloss_new": w.mean,
+                            "reference_logloss": ref,
+                            "stderr": w.stderr,
+                            "events": float(w.n),
+                        },
+                    )
+                ]
         if w.n >= self.watch_events:
             self.watch = None  # passed: the caller sees watch is None and records it
         return []
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "evidence": [[i, d.to_dict()] for i, d in self._evidence],
-                "last_detection": self._last_detection, "last_retrain": self._last_retrain,
-                "last_cooldown_alert": self._last_cooldown_alert, "last_drift_alert": self._last_drift_alert,
-                "watch": None if self.watch is None else {k: (None if isinstance(v, float) and not math.isfinite(v)
-                                                              else v) for k, v in vars(self.watch).items()}}
+        return {
+            "state": self.state,
+            "evidence": [[i, d.to_dict()] for i, d in self._evidence],
+            "last_detection": self._last_detection,
+            "last_retrain": self._last_retrain,
+            "last_cooldown_alert": self._last_cooldown_alert,
+            "last_drift_alert": self._last_drift_alert,
+            "watch": None
+            if self.watch is None
+            else {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in vars(self.watch).items()
+            },
+        }
 
     def load_state_dict(self, s: Mapping[str, Any]) -> None:
         if s["state"] not in STATES:

@@ -60,8 +60,10 @@ class Detection:
     def summary(self) -> str:
         stat = "n/a" if self.statistic is None else f"{self.statistic:.4g}"
         thr = "n/a" if self.threshold is None else f"{self.threshold:.4g}"
-        return (f"{self.detector}: {self.level} on {self.metric} "
-                f"(statistic {stat} vs threshold {thr}, {self.window} events)")
+        return (
+            f"{self.detector}: {self.level} on {self.metric} "
+            f"(statistic {stat} vs threshold {thr}, {self.window} events)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,9 +100,16 @@ class Request:
         return (min(starts) if starts else None, max(ends) if ends else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "reason": self.reason, "detections": [d.to_dict() for d in self.detections],
-                "model_version": self.model_version, "target_version": self.target_version, "index": self.index,
-                "metrics": {k: finite(v) for k, v in self.metrics.items()}, "level": self.level}
+        return {
+            "action": self.action,
+            "reason": self.reason,
+            "detections": [d.to_dict() for d in self.detections],
+            "model_version": self.model_version,
+            "target_version": self.target_version,
+            "index": self.index,
+            "metrics": {k: finite(v) for k, v in self.metrics.items()},
+            "level": self.level,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Request":
@@ -140,9 +149,21 @@ def alert_payload(request: Request, alert_id: str | None = None, created_at: flo
     }
 
 
-AUDIT_KINDS = ("alert", "retrain_requested", "retrain_submitted", "candidate_evaluated", "promoted",
-               "not_promoted", "rollback_requested", "rolled_back", "watch_started", "watch_passed",
-               "action_failed", "rollback_declined", "incident_resolved")
+AUDIT_KINDS = (
+    "alert",
+    "retrain_requested",
+    "retrain_submitted",
+    "candidate_evaluated",
+    "promoted",
+    "not_promoted",
+    "rollback_requested",
+    "rolled_back",
+    "watch_started",
+    "watch_passed",
+    "action_failed",
+    "rollback_declined",
+    "incident_resolved",
+)
 
 
 @dataclass(frozen=True)
