@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -580,6 +579,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    import ray  # here, not at the top: Ray reads its auth settings when its core library loads (see reloop.run)
 
     tc, a = parse_args(argv)
     in_job = bool(os.environ.get("RAY_ADDRESS")) or a.address is not None

@@ -61,7 +61,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 
 from features.windows import parse_duration_ms
 from jobs.deploy import DeployConfig, Deployer
@@ -503,6 +502,9 @@ class LoopRun:
                 own_broker.stop()
 
     def _run(self) -> dict[str, Any]:
+        # Ray reads its auth mode and token when its core library loads, and the cluster profile sets them
+        # after this module is imported: Ray is imported here, at the start of the run, not at the top
+        import ray
 
         if not self.opts.resume:
             for topic in self.topics:
