@@ -95,8 +95,24 @@ def feature_repo(tmp: Path, name: str) -> Path:
     return repo
 
 
+#: what ``--profile cluster`` starts (reloop.profiles.start_cluster_services), workers before the head
+CLUSTER_SERVICES = ("flink", "s3", "ray-worker-1", "ray", "redis")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    # the cluster run leaves the services its profile started up for the next run, as `reloop up` does; the
+    # test stops (by pid) the ones that were down before it, so the suite leaves no JVM or Ray node behind
+    was_up = {n for n in CLUSTER_SERVICES if services.get(n).status().running}
+    try:
+        yield _runs(tmp_path_factory)
+    finally:
+        for name in CLUSTER_SERVICES:
+            if name not in was_up:
+                services.get(name).stop()
+
+
+def _runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("profiles")
     sqlite_repo, redis_repo = feature_repo(tmp, "features_sqlite"), feature_repo(tmp, "features_redis")
     (tmp / "embedded.yaml").write_text(yaml.safe_dump({"feast": {"repo_path": str(sqlite_repo)}}))
