@@ -320,9 +320,7 @@ class ServingLoop:
         if self.versions and not self.versions[-1]["ts"]:  # a version swapped in before any event: its start
             self.versions[-1]["ts"] = int(table["ts"].to_numpy().min())
         self.last_ts = int(table["ts"].to_numpy().max())
-        self.buffer.append(table)
-        while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
-            self.buffer.popleft()
+        self._remember(table)
         if self.skip:
             k = min(self.skip, table.num_rows)
             self.skip -= k
@@ -342,29 +340,48 @@ class ServingLoop:
                     return
         if self.causal:
             check_causal(self.served, table["ts"].to_numpy())
-        v = self.versions[-1] if self.versions else None
-        if v is not None and v["version"] == self.served.version:
-            if v["first_served_ts"] is None:
-                v["first_served_ts"] = int(table["ts"].to_numpy().min())
-            v["served_events"] += table.num_rows
+        self._count_served(int(table["ts"].to_numpy().min()), table.num_rows)
         t0 = time.perf_counter()
         pb, pm = score_rows(self.served, table, learn=True)
         self.score_seconds += time.perf_counter() - t0
-        prev = None
-        if self.shadow is not None:
-            old, since = self.shadow
-            if self.scored - since < self.shadow_events:
-                prev = base_predictions(old, table)
-            else:
-                self.shadow = None
+        prev = self._shadow_predictions(table)
         if self.mark_ts is not None and self.mark_wall_s is None and int(table["ts"].to_numpy().max()) >= self.mark_ts:
             self.mark_wall_s = round(time.time() - self.t0, 2)
             self.mark_event = self.scored + int((table["ts"].to_numpy() < self.mark_ts).sum())
         self.trace.add(table, pb, pm, prev, self.served.version, horizon)
         self.scored += table.num_rows
+        self._deliver(table, pb, pm, prev, self.served.version)
+
+    # -- what both loops do with a scored, labelled batch --------------------------------------------
+    def _remember(self, table: pa.Table) -> None:
+        """Keep labelled rows in the bounded buffer a new model's memory is rebuilt from."""
+        self.buffer.append(table)
+        while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
+            self.buffer.popleft()
+
+    def _count_served(self, first_ts: int, n: int) -> None:
+        """The serving version's record: its first served event time and how many events it served."""
+        v = self.versions[-1] if self.versions else None
+        if v is not None and v["version"] == self.served.version:
+            if v["first_served_ts"] is None:
+                v["first_served_ts"] = first_ts
+            v["served_events"] += n
+
+    def _shadow_predictions(self, table: pa.Table) -> np.ndarray | None:
+        """The previous model's predictions of ``table`` for a while after a swap (None once it expired)."""
+        if self.shadow is None:
+            return None
+        old, since = self.shadow
+        if self.scored - since < self.shadow_events:
+            return base_predictions(old, table)
+        self.shadow = None
+        return None
+
+    def _deliver(self, table: pa.Table, pb: np.ndarray, pm: np.ndarray, prev: np.ndarray | None, version: str) -> None:
+        """Labelled predictions to the predictions log and the drift monitors."""
         if self.publish is not None:
             try:
-                self.publish(table, pb, pm, prev, self.served.version)
+                self.publish(table, pb, pm, prev, version)
             except Exception as e:  # noqa: BLE001 - the log on Kafka is for outside readers; serving goes on
                 self.publish_errors += 1
                 self.last_publish_error = repr(e)
@@ -568,23 +585,16 @@ class DelayedServingLoop(ServingLoop):
         self.score_seconds += time.perf_counter() - t0
         served = rows[~write]
         if len(served):
-            v = self.versions[-1] if self.versions else None
-            if v is not None and v["version"] == self.served.version:
-                if v["first_served_ts"] is None:
-                    v["first_served_ts"] = int(when[~write].min())
-                    if not v["ts"]:
-                        v["ts"] = v["first_served_ts"]
-                v["served_events"] += len(served)
+            self._count_served(int(when[~write].min()), len(served))
+            if self.versions and not self.versions[-1]["ts"]:  # swapped in before any event: its start
+                self.versions[-1]["ts"] = self.versions[-1]["first_served_ts"]
             st["scored"][served] = True
             st["p_base"][served], st["p_mem"][served] = pb[~write], pm[~write]
             st["version"][served] = self.served.version
             st["horizon"][served] = -1 if horizon is None else horizon
-            if self.shadow is not None:
-                old, since = self.shadow
-                if self.scored - since < self.shadow_events:
-                    st["p_prev"][served] = base_predictions(old, table.filter(pa.array(~write)))
-                else:
-                    self.shadow = None
+            prev = self._shadow_predictions(table.filter(pa.array(~write)))
+            if prev is not None:
+                st["p_prev"][served] = prev
             self.scored += len(served)
             if self.mark_ts is not None and self.mark_wall_s is None and int(when[~write].max()) >= self.mark_ts:
                 self.mark_wall_s = round(time.time() - self.t0, 2)
@@ -598,9 +608,7 @@ class DelayedServingLoop(ServingLoop):
         """Outcomes that arrived: into the rebuild buffer, and, with the prediction served at impression time,
         into the trace, the predictions log and the monitors."""
         st = self._state
-        self.buffer.append(table)
-        while sum(t.num_rows for t in self.buffer) - self.buffer[0].num_rows >= self.buffer_rows:
-            self.buffer.popleft()
+        self._remember(table)
         served = ~np.isnan(st["p_base"][rows])  # a warm-up row's impression was never served
         if not served.any():
             return
@@ -611,14 +619,7 @@ class DelayedServingLoop(ServingLoop):
             prev = st["p_prev"][rv]
             prev = None if np.isnan(prev).all() else prev
             self.trace.add(tv, st["p_base"][rv], st["p_mem"][rv], prev, version, int(st["horizon"][rv][0]))
-            if self.publish is not None:
-                try:
-                    self.publish(tv, st["p_base"][rv], st["p_mem"][rv], prev, version)
-                except Exception as e:  # noqa: BLE001 - the log on Kafka is for outside readers; serving goes on
-                    self.publish_errors += 1
-                    self.last_publish_error = repr(e)
-            if self.monitor is not None:
-                self._monitor(tv, st["p_base"][rv], st["p_mem"][rv], prev)
+            self._deliver(tv, st["p_base"][rv], st["p_mem"][rv], prev, version)
 
     def _compact(self) -> None:
         """Drop rows whose impression and outcome steps are both behind the clock."""
