@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.trainer import feature_columns
     from online_models.encoding import EncoderConfig, FeatureEncoder
     from online_models.metrics import auc, logloss
-    from online_models.models import ModelConfig, build_model
+    from online_models.models import build_model, model_config_for
     from pipelines.aggregates import FeatureState, compute_features
     from reloop.datasets import load_dataset
 
@@ -45,15 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = FeatureEncoder(EncoderConfig(numeric_fields=tuple(feature_columns(table.column_names)))).fit(
         table.slice(0, a.warmup)
     )
-    ec = enc.config
-    mc = ModelConfig(
-        kind=a.model,
-        num_categorical=len(ec.categorical_fields),
-        hash_buckets=ec.hash_buckets,
-        num_numeric=len(ec.numeric_fields),
-        categorical_fields=ec.categorical_fields,
-        numeric_fields=ec.numeric_fields,
-    )
+    mc = model_config_for(a.model, enc.config)
     model = build_model(mc)
 
     def snapshot() -> torch.nn.Module:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from online_models.drift.defaults import DEFAULT_MONITORS
-from online_models.settings import KINDS, MEMORY_KEYS, SERVING_MEMORY
+from online_models.settings import KINDS, MEMORY_KEYS, MODEL_ARCH, SERVING_MEMORY
 from pipelines.config import PipelineConfig, Strict, _local, load_sections
 
 
@@ -128,6 +128,39 @@ class MemorySection(Strict):
         return self.model_dump()
 
 
+_A = MODEL_ARCH
+
+
+class ModelSection(Strict):
+    """The model every job builds: the incremental trainer, the retrain (``reloop run``, ``python -m jobs.trainer``).
+
+    Defaults: :data:`online_models.settings.MODEL_ARCH`, the evaluation's choice on its validation slot. The
+    fields a model reads come from the data (:func:`online_models.models.model_config_for`); these are the rest.
+    A registry version records its whole model config, so changing this section changes new models only.
+    """
+
+    kind: Literal[KINDS] = "dcnv2"  # type: ignore[valid-type]
+    hash_buckets: int = Field(_A["hash_buckets"], ge=2)
+    embedding_dim: int = Field(_A["embedding_dim"], ge=1)
+    hidden_sizes: tuple[int, ...] = Field(_A["hidden_sizes"], min_length=1)
+    cross_layers: int = Field(_A["cross_layers"], ge=0)
+    dropout: float = Field(_A["dropout"], ge=0, lt=1)
+    embedding_l2: float = Field(_A["embedding_l2"], ge=0)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(h < 1 for h in v):
+            raise ValueError(f"every hidden size must be >= 1, got {list(v)}")
+        return v
+
+    def architecture(self) -> dict[str, Any]:
+        """What :func:`online_models.models.model_config_for` takes as ``arch`` (JSON-able, for Ray)."""
+        d = self.model_dump(exclude={"kind", "hash_buckets"})
+        d["hidden_sizes"] = list(d["hidden_sizes"])
+        return d
+
+
 class TrainerSection(Strict):
     """The incremental trainer of ``reloop run`` (:class:`jobs.trainer.TrainerConfig`).
 
@@ -136,7 +169,6 @@ class TrainerSection(Strict):
     the first model learns ``bootstrap`` examples before it may serve (they are never scored).
     """
 
-    model: Literal[KINDS] = "dcnv2"  # type: ignore[valid-type]
     batch_size: int = Field(256, ge=1)
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     lr: float = Field(0.1, gt=0)
@@ -162,6 +194,7 @@ class JobsConfig(PipelineConfig):
     hooks: HooksConfig = HooksConfig()
     drift: DriftConfig = DriftConfig()
     memory: MemorySection = MemorySection()
+    model: ModelSection = ModelSection()
     trainer: TrainerSection = TrainerSection()
     gate: GateSection = GateSection()
 

@@ -30,6 +30,7 @@ from online_models.gate import GateDecision, GateError, paired_test
 from online_models.errors import ReloopError
 from jobs.scoring import horizon_of, load_bundle
 from online_models.models import predict_table
+from online_models.settings import MODEL_ARCH
 from jobs.examples import ExampleStore
 from jobs.retrain import RetrainConfig, run_retrain
 
@@ -74,6 +75,9 @@ class DeployConfig:
     registry_uri: str
     work_dir: str  # Ray Train run directory parent
     model: str = "dcnv2"
+    #: a cold retrain's model shape (the config's ``model`` section; empty: online_models.settings.MODEL_ARCH)
+    hash_buckets: int = MODEL_ARCH["hash_buckets"]
+    architecture: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
     refresh: bool = True  # offer the trainer's checkpoints to serving
@@ -423,6 +427,8 @@ class Deployer:
                     registry_uri=self.cfg.registry_uri,
                     storage_path=self.cfg.ray_train_uri or str(Path(self.cfg.work_dir) / "ray_train"),
                     model_kind=self.cfg.model,
+                    hash_buckets=self.cfg.hash_buckets,
+                    architecture=self.cfg.architecture,
                     window_days=None,
                     ts_min=ts_min,
                     ts_max=ts_max,

@@ -31,7 +31,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from features.windows import DAY_MS, feature_service_name
 from online_models.metrics import summarize
 from online_models.models import KINDS, predict_table
+from online_models.settings import MODEL_ARCH
 from jobs.ray_local import init_local
 
 
@@ -60,7 +61,10 @@ class RetrainConfig:
     epochs: int = 2
     batch_size: int = 512
     lr: float = 1e-3
-    hash_buckets: int = 20_011
+    hash_buckets: int = MODEL_ARCH["hash_buckets"]
+    #: a cold fit's model shape beyond what the data decides (the config's ``model`` section); empty:
+    #: :data:`online_models.settings.MODEL_ARCH`. A warm start keeps its version's whole model config.
+    architecture: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 1
     #: placement of the workers' bundles: PACK (default), SPREAD, or STRICT_SPREAD (one worker per node)
     placement_strategy: str = "PACK"
@@ -124,7 +128,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from jobs.examples import ExampleStore
     from jobs.trainer import feature_columns
     from online_models.encoding import EncoderConfig, FeatureEncoder
-    from online_models.models import ModelConfig, build_model
+    from online_models.models import ModelConfig, build_model, model_config_for
     from online_models.din import history_field
 
     cfg = RetrainConfig(**loop["config"])
@@ -164,17 +168,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 history_field=history_field(cfg.model_kind),
             )
         ).fit(train)
-        ec = enc.config
-        mc = ModelConfig(
-            kind=cfg.model_kind,
-            num_categorical=len(ec.categorical_fields),
-            hash_buckets=ec.hash_buckets,
-            num_numeric=len(ec.numeric_fields),
-            categorical_fields=ec.categorical_fields,
-            numeric_fields=ec.numeric_fields,
-            use_history=ec.history_field is not None,
-            seed=cfg.seed,
-        )
+        mc = model_config_for(cfg.model_kind, enc.config, cfg.architecture, seed=cfg.seed)
         base = build_model(mc)
     ec = enc.config
     # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
@@ -337,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--examples")
     p.add_argument("--registry")
     p.add_argument("--storage-path", help="Ray Train run directory (default: <state>/ray_train)")
-    p.add_argument("--model", default="dcnv2", choices=list(KINDS))
+    p.add_argument("--model", default=None, choices=list(KINDS), help="default: the config's model.kind")
     p.add_argument("--feature-service", default=None)
     p.add_argument("--window-days", type=float, default=7.0)
     p.add_argument("--ts-min", type=int, default=None)
@@ -371,7 +365,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
         examples_uri=examples,
         registry_uri=registry,
         storage_path=storage,
-        model_kind=a.model,
+        model_kind=a.model or c.model.kind,
+        hash_buckets=c.model.hash_buckets,
+        architecture=c.model.architecture(),
         feature_service=a.feature_service,
         window_days=a.window_days,
         ts_min=a.ts_min,

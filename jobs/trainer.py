@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,8 @@ from online_models.din import history_field
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.errors import ReloopError
 from online_models.learner import LearnerConfig, OnlineLearner
-from online_models.models import KINDS, ModelConfig, build_model
+from online_models.models import KINDS, ModelConfig, build_model, model_config_for
+from online_models.settings import MODEL_ARCH
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/2"  # 2: the optimizers of an OnlineLearner
@@ -90,7 +91,10 @@ class TrainerConfig:
     registry_uri: str | None = None
     feature_service: str | None = None  # default: features.windows.feature_service_name(model_kind)
     model_kind: str = "dcnv2"
-    hash_buckets: int = 20_011
+    hash_buckets: int = MODEL_ARCH["hash_buckets"]
+    #: the model's shape beyond what the data decides (:func:`online_models.models.model_config_for`; the
+    #: config's ``model`` section); empty: :data:`online_models.settings.MODEL_ARCH`
+    architecture: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 256
     #: the optimizer of :class:`online_models.learner.OnlineLearner` (sparse id rows, one forward pass per
     #: test-then-train step); the defaults are the evaluation's (``reloop evaluate``, chosen on validation)
@@ -189,15 +193,11 @@ class IncrementalTrainer:
             encoder_config = enc.fit(first).config.to_dict()
         self.encoder = FeatureEncoder(EncoderConfig.from_dict(encoder_config))
         if model_config is None:
-            ec = self.encoder.config
-            model_config = ModelConfig(
-                kind=self.config.model_kind,
-                num_categorical=len(ec.categorical_fields),
-                hash_buckets=ec.hash_buckets,
-                num_numeric=len(ec.numeric_fields),
-                categorical_fields=ec.categorical_fields,
-                numeric_fields=ec.numeric_fields,
-                use_history=ec.history_field is not None,
+            model_config = model_config_for(
+                self.config.model_kind,
+                self.encoder.config,
+                self.config.architecture,
+                weight_decay=self.config.weight_decay,
                 seed=self.config.seed,
             ).to_dict()
         self.model_config = model_config
@@ -561,7 +561,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
         checkpoint_dir=ckpt,
         registry_uri=registry,
         feature_service=a.feature_service,
-        model_kind=a.model or cfg.trainer.model,
+        model_kind=a.model or cfg.model.kind,
+        hash_buckets=cfg.model.hash_buckets,
+        architecture=cfg.model.architecture(),
         batch_size=a.batch_size or cfg.trainer.batch_size,
         lr=a.lr or cfg.trainer.lr,
         optimizer=a.optimizer or cfg.trainer.optimizer,

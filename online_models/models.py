@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from online_models.errors import ReloopError
 from online_models.settings import KINDS  # noqa: F401  (the one list of kinds; re-exported)
+from online_models.settings import MODEL_ARCH
 
 if TYPE_CHECKING:  # encoding's encoder and pyarrow only appear in predict_table's signature
     import pyarrow as pa
 
-    from online_models.encoding import FeatureEncoder
+    from online_models.encoding import EncoderConfig, FeatureEncoder
 
 
 class ModelConfigError(ReloopError, ValueError):
@@ -94,6 +95,54 @@ class ModelConfig:
         if unknown:
             raise ModelConfigError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+ARCH_FIELDS = ("embedding_dim", "hidden_sizes", "cross_layers", "dropout", "embedding_l2")
+
+
+def model_config_for(
+    kind: str,
+    encoder: EncoderConfig,
+    arch: dict[str, Any] | None = None,
+    *,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> ModelConfig:
+    """The model of ``kind`` over what ``encoder`` produces, with the architecture ``arch``.
+
+    The one place a model's shape is decided: the fields come from the encoder (its categorical, bag, numeric
+    and history fields, its hash buckets), the rest from ``arch`` (keys of :data:`ARCH_FIELDS`; missing ones
+    from :data:`online_models.settings.MODEL_ARCH`, the evaluation's choice). The trainer, the retrain and
+    ``reloop evaluate`` all build through it, from the config's ``model`` section.
+
+    >>> from online_models.encoding import EncoderConfig
+    >>> mc = model_config_for("dcnv2", EncoderConfig(numeric_fields=("user_ctr_1d",)), {"hidden_sizes": [16]})
+    >>> mc.num_categorical, mc.num_numeric, mc.hidden_sizes, mc.embedding_dim
+    (2, 1, (16,), 8)
+    """
+    arch = {**{k: MODEL_ARCH[k] for k in ARCH_FIELDS}, **(arch or {})}
+    unknown = set(arch) - set(ARCH_FIELDS) - {"hash_buckets"}  # hash_buckets: the encoder's, checked below
+    if unknown:
+        raise ModelConfigError(f"unknown model architecture field(s): {', '.join(sorted(unknown))}")
+    if "hash_buckets" in arch and arch["hash_buckets"] != encoder.hash_buckets:
+        raise ModelConfigError(f"hash_buckets {arch['hash_buckets']} differs from the encoder's {encoder.hash_buckets}")
+    return ModelConfig(
+        kind=kind,
+        num_categorical=len(encoder.categorical_fields),
+        hash_buckets=encoder.hash_buckets,
+        num_numeric=len(encoder.numeric_fields),
+        num_bags=len(encoder.bag_fields),
+        use_history=encoder.history_field is not None,
+        categorical_fields=encoder.categorical_fields,
+        numeric_fields=encoder.numeric_fields,
+        embedding_dim=arch["embedding_dim"],
+        hidden_sizes=tuple(arch["hidden_sizes"]),
+        cross_layers=arch["cross_layers"],
+        dropout=arch["dropout"],
+        embedding_l2=arch["embedding_l2"],
+        weight_decay=weight_decay,
+        seed=seed,
+    )
 
 
 class CTRModel(nn.Module):

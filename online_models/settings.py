@@ -8,6 +8,13 @@ fields.
 
 >>> SERVING_MEMORY["key"], SERVING_MEMORY["num_tables"]
 ('hidden+user', 32)
+
+:data:`MODEL_ARCH` is the architecture every model is built with unless the config's ``model`` section says
+otherwise (``jobs.config.ModelSection``): the incremental trainer, the retrain, ``reloop evaluate``. It is the
+evaluation's choice on its validation slot; :func:`online_models.models.model_config_for` applies it.
+
+>>> MODEL_ARCH["embedding_dim"], MODEL_ARCH["hidden_sizes"]
+(8, (64, 32))
 """
 
 from __future__ import annotations
@@ -19,6 +26,15 @@ KINDS = ("lr", "deepfm", "dcnv2", "din")
 
 #: the memory keys a model can give (:func:`online_models.models.memory_key`)
 MEMORY_KEYS = ("hidden", "hidden+ids", "hidden+user")
+
+MODEL_ARCH: dict[str, Any] = {
+    "hash_buckets": 20_011,  # rows per categorical field (a prime, so hashed ids spread evenly)
+    "embedding_dim": 8,
+    "hidden_sizes": (64, 32),
+    "cross_layers": 2,  # DCNv2 only
+    "dropout": 0.1,
+    "embedding_l2": 1e-4,  # L2 on the embedding rows a batch looks up
+}
 
 SERVING_MEMORY: dict[str, Any] = {
     "key": "hidden+user",

@@ -214,7 +214,7 @@ def features(
 def run(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
     model: Optional[str] = typer.Option(
-        None, help="lr, deepfm, dcnv2 or din (default: trainer.model of the config, dcnv2)"
+        None, help="lr, deepfm, dcnv2 or din (default: model.kind of the config, dcnv2)"
     ),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),

@@ -56,10 +56,10 @@ from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, write_groups
 from online_models.metrics import SlotMetrics, summarize
-from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key
+from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key, model_config_for
 from online_models.river_baselines import RiverBaseline
 from online_models.errors import ReloopError
-from online_models.settings import SERVING_MEMORY
+from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
 from reloop.datasets import load_dataset
 from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, join_as_of, load_side_tables
@@ -96,11 +96,13 @@ class EvaluationConfig:
     # same user); "timestamp" = raw whole seconds (same-second events do not see each other)
     same_time: str = "stream"
     # model and optimizer
-    embedding_dim: int = 8
-    hidden_sizes: tuple[int, ...] = (64, 32)
-    dropout: float = 0.1
-    embedding_l2: float = 1e-4
-    hash_buckets: int = 20_011
+    # the architecture (defaults: online_models.settings.MODEL_ARCH, chosen here on the validation slot; the
+    # trainer and the retrain take the same through the config's ``model`` section)
+    embedding_dim: int = MODEL_ARCH["embedding_dim"]
+    hidden_sizes: tuple[int, ...] = MODEL_ARCH["hidden_sizes"]
+    dropout: float = MODEL_ARCH["dropout"]
+    embedding_l2: float = MODEL_ARCH["embedding_l2"]
+    hash_buckets: int = MODEL_ARCH["hash_buckets"]
     use_history: bool = False  # the user's last items as a field (always on for "din", which attends over them)
     # last N items kept per user (None: the feature job's AggregateConfig.last_n = 5). DIN with side features,
     # seed 1, incremental on the validation slot (AUC/logloss): 5 -> .7506/.5823, 10 -> .7506/.5819,
@@ -255,23 +257,8 @@ def join_side_features(cfg: EvaluationConfig, feats: pa.Table) -> tuple[pa.Table
 
 
 def _model_config(cfg: EvaluationConfig, stream: _Stream) -> ModelConfig:
-    enc = stream.encoder.config
-    return ModelConfig(
-        kind=cfg.model,
-        num_categorical=len(enc.categorical_fields),
-        hash_buckets=enc.hash_buckets,
-        num_bags=len(enc.bag_fields),
-        num_numeric=len(enc.numeric_fields),
-        embedding_dim=cfg.embedding_dim,
-        hidden_sizes=cfg.hidden_sizes,
-        dropout=cfg.dropout,
-        weight_decay=cfg.weight_decay,
-        embedding_l2=cfg.embedding_l2,
-        use_history=cfg.with_history,
-        categorical_fields=enc.categorical_fields,
-        numeric_fields=enc.numeric_fields,
-        seed=cfg.seed,
-    )
+    arch = {k: getattr(cfg, k) for k in ("embedding_dim", "hidden_sizes", "dropout", "embedding_l2")}
+    return model_config_for(cfg.model, stream.encoder.config, arch, weight_decay=cfg.weight_decay, seed=cfg.seed)
 
 
 def _predict_all(

@@ -51,9 +51,10 @@ from online_models.cbpe import estimate_over_time
 from online_models.delayed import fnc_calibrate, learn_weighted
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.learner import LearnerConfig, OnlineLearner
-from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, MemoryConfig
+from online_models.memory import ErrorCompensationMemory, MemoryConfig
 from online_models.metrics import auc, logloss
-from online_models.models import ModelConfig, build_model, memory_key, memory_key_dim
+from online_models.models import build_model, memory_key, memory_key_dim, model_config_for
+from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.join import FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch
 from reloop.datasets import load_dataset
 from reloop.synthetic import label_delay
@@ -75,7 +76,7 @@ class DelayedEvalConfig:
     model: str = "dcnv2"
     lr: float = 0.1
     optimizer: str = "adagrad"
-    hash_buckets: int = 20_011
+    hash_buckets: int = MODEL_ARCH["hash_buckets"]
     # the memory settings `reloop evaluate` validated for serving (its validation slot, no delay): not tuned here
     memory_key: str = SERVING_MEMORY["key"]
     memory: MemoryConfig = MemoryConfig(dim=1, **{k: v for k, v in SERVING_MEMORY.items() if k != "key"})
@@ -128,22 +129,11 @@ def joined_examples(cfg: DelayedEvalConfig) -> tuple[pa.Table, pa.Table, np.ndar
     return delayed, nodelay, y_true
 
 
-def _learner(cfg: DelayedEvalConfig, n_num: int) -> OnlineLearner:
+def _learner(cfg: DelayedEvalConfig) -> OnlineLearner:
     torch.manual_seed(cfg.seed)
-    mc = ModelConfig(
-        kind=cfg.model,
-        num_categorical=2,
-        hash_buckets=cfg.hash_buckets,
-        num_numeric=n_num,
-        embedding_dim=8,
-        hidden_sizes=(64, 32),
-        dropout=0.1,
-        weight_decay=1e-4,
-        embedding_l2=1e-4,
-        categorical_fields=("user_id", "item_id"),
-        numeric_fields=NUMERIC,
-        seed=cfg.seed,
-    )
+    # the encoder's fields (what `reloop evaluate` validated: ids and the four CTRs), the shared architecture
+    fields = EncoderConfig(numeric_fields=NUMERIC, hash_buckets=cfg.hash_buckets)
+    mc = model_config_for(cfg.model, fields, weight_decay=1e-4, seed=cfg.seed)
     return OnlineLearner(
         build_model(mc), LearnerConfig(lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=1e-4, seed=cfg.seed)
     )
@@ -161,7 +151,7 @@ def simulate(
 ) -> dict[str, Any]:
     """One variant over the stream; returns predictions at impression time and training bookkeeping."""
     n = len(ts)
-    learner = _learner(cfg, batch["num"].shape[1])
+    learner = _learner(cfg)
     correction = mode if mode in ("fnw", "fnc") else None
     # the training samples: (time, impression index, label) in the order they become available
     if mode == "no-delay":

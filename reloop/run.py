@@ -246,7 +246,7 @@ class LoopRun:
         if opts.memory is None:
             opts.memory = cfg.memory.settings()
         for field, value in (
-            ("model", cfg.trainer.model),
+            ("model", cfg.model.kind),
             ("train_batch", cfg.trainer.batch_size),
             ("refresh_every", cfg.trainer.refresh_every),
             ("bootstrap", cfg.trainer.bootstrap),
@@ -425,6 +425,8 @@ class LoopRun:
             checkpoint_dir=self.cfg.storage.trainer_uri,
             registry_uri=self.cfg.storage.registry_uri,
             model_kind=self.opts.model,
+            hash_buckets=self.cfg.model.hash_buckets,
+            architecture=self.cfg.model.architecture(),
             # a checkpoint, and a version offered to serving, every `refresh_every` examples
             # (by count, not seconds: the cadence is a property of the stream, not the machine);
             # the first after the bootstrap warm-up, learned before the serving clock binds
@@ -532,6 +534,8 @@ class LoopRun:
                 registry_uri=self.cfg.storage.registry_uri,
                 work_dir=str(self.state),
                 model=o.model,
+                hash_buckets=self.cfg.model.hash_buckets,
+                architecture=self.cfg.model.architecture(),
                 seed=o.seed,
                 memory=o.memory,
                 refresh=o.refresh,
