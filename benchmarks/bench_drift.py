@@ -32,6 +32,10 @@ from online_models.drift.monitors import make_monitor  # noqa: E402
 from reloop.evaluate_drift import score_monitors, summarise  # noqa: E402
 from online_models.drift.policy import DriftPolicy  # noqa: E402
 from reloop.synthetic import generate  # noqa: E402
+import json
+from jobs.monitor import MonitorLoop, parse_prediction
+from jobs.alerts import HookDispatcher
+from online_models.drift.monitors import MonitorSuite
 
 #: every detector the package supports, with the parameters used by the default config where it has them
 BENCH_MONITORS = [
@@ -57,11 +61,6 @@ SCENARIOS = ("abrupt_ctr", "gradual_ctr", "abrupt_interest", "abrupt_popularity"
 def throughput(n: int) -> dict:
     """Events/s of the monitor loop (JSON parse + default monitors + policy) against the reference measured
     in the same run: ``json.loads`` of the same records, the floor of any consumer of the JSON topic."""
-    import json
-
-    from jobs.monitor import MonitorLoop, parse_prediction
-    from jobs.alerts import HookDispatcher
-    from online_models.drift.monitors import MonitorSuite
 
     s = generate("stable", n=n, seed=99)
     rows = s.table.to_pylist()

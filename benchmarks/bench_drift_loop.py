@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import report  # noqa: E402
+from reloop.config import ReloopConfig
+from reloop.run import LoopRun, RunOptions
 
 
 def main() -> None:
@@ -26,9 +28,6 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40_000)
     ap.add_argument("--scenario", default="abrupt_interest")
     args = ap.parse_args()
-
-    from reloop.config import ReloopConfig
-    from reloop.run import LoopRun, RunOptions
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     opts = RunOptions(

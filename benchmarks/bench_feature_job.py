@@ -43,6 +43,23 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import services_up  # noqa: E402
 from pipelines.aggregates import AggregateConfig, FeatureState  # noqa: E402
+from pipelines.kafka_source import raw_table
+from pipelines.parse import concat_events, parse_batch
+from pipelines.transforms import align_partitions, compute_batch
+import apache_beam as beam
+from pipelines.checkpoint import Plan
+from pipelines.feature_job import pipeline_options
+from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples
+from pipelines.consumer_group import partition_offsets
+from pipelines.config import KafkaConfig
+from pipelines.kafka_io import RangeReader
+from pipelines.feature_job import run_once
+from pipelines.config import FeastConfig, FeatureJobConfig, StorageConfig
+from reloop.config import ReloopConfig
+from reloop.replay import replay_table
+from pipelines.feast_io import apply_repo
+from reloop.datasets import load_dataset
+from reloop.replay import encode_batch
 
 
 def pandas_reference(values: list[bytes], cfg: AggregateConfig) -> pd.DataFrame:
@@ -78,7 +95,6 @@ def pandas_reference(values: list[bytes], cfg: AggregateConfig) -> pd.DataFrame:
 
 
 def raw_tables(values: list[bytes], keys: list[bytes], partitions: int = 4, batch: int = 5000) -> list[pa.Table]:
-    from pipelines.kafka_source import raw_table
 
     parts = [[] for _ in range(partitions)]
     for i, k in enumerate(keys):
@@ -94,8 +110,6 @@ def raw_tables(values: list[bytes], keys: list[bytes], partitions: int = 4, batc
 
 
 def bench_pure(raws: list[pa.Table], cfg: AggregateConfig) -> float:
-    from pipelines.parse import concat_events, parse_batch
-    from pipelines.transforms import align_partitions, compute_batch
 
     t0 = time.perf_counter()
     events = concat_events(
@@ -117,11 +131,6 @@ def bench_pure(raws: list[pa.Table], cfg: AggregateConfig) -> float:
 def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
     """The job's transforms on FnApiRunner; raw batches come from Arrow IPC files (``beam.Create`` of the
     tables themselves would pickle 10 MB into the pipeline proto, which measures Create, not the job)."""
-    import apache_beam as beam
-
-    from pipelines.checkpoint import Plan
-    from pipelines.feature_job import pipeline_options
-    from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples
 
     paths = []
     for i, t in enumerate(raws):
@@ -145,9 +154,6 @@ def bench_beam(raws: list[pa.Table], cfg: AggregateConfig, tmp: Path) -> float:
 
 def bench_kafka_read(topic: str) -> float:
     """Only reading every partition of the topic (fetch + decode, no parsing): the job's input floor."""
-    from pipelines.consumer_group import partition_offsets
-    from pipelines.config import KafkaConfig
-    from pipelines.kafka_io import RangeReader
 
     kafka = KafkaConfig()
     _, begin, end = partition_offsets(kafka, topic, f"{topic}.probe")
@@ -159,10 +165,6 @@ def bench_kafka_read(topic: str) -> float:
 
 
 def bench_job(table: pa.Table, tmp: Path) -> tuple[float, float, int, int, str, float]:
-    from pipelines.feature_job import run_once
-    from pipelines.config import FeastConfig, FeatureJobConfig, KafkaConfig, StorageConfig
-    from reloop.config import ReloopConfig
-    from reloop.replay import replay_table
 
     topic = f"bench.features.{uuid.uuid4().hex[:8]}"
     repo = tmp / "features"
@@ -177,7 +179,6 @@ def bench_job(table: pa.Table, tmp: Path) -> tuple[float, float, int, int, str, 
         feature_job=FeatureJobConfig(state_uri=str(tmp / "state")),
     )
     replay_table(table, kafka, topic=topic, workers=1)
-    from pipelines.feast_io import apply_repo
 
     apply_repo(cfg.feast, str(repo))  # registry creation is a one-off, not per micro-batch
     c0, t0 = time.process_time(), time.perf_counter()
@@ -201,11 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "feature_job.json"))
     ap.add_argument("--skip-kafka", action="store_true", help="only the in-memory rows")
     args = ap.parse_args(argv)
-
-    import feast  # noqa: F401  (warm imports: excluded from the timings)
-
-    from reloop.datasets import load_dataset
-    from reloop.replay import encode_batch
 
     table = load_dataset("movielens-100k", limit=args.events)
     keys, values = encode_batch(table.to_batches(max_chunksize=table.num_rows)[0])

@@ -22,9 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import report  # noqa: E402
 from reloop import services  # noqa: E402
-from reloop.config import KafkaConfig  # noqa: E402
+from pipelines.config import KafkaConfig  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.flink_support import flink_args, isolated_job_config  # noqa: E402
+import pyarrow.parquet as pq
+from pipelines.feature_job import run_feature_job
+from reloop.datasets import load_dataset
+from reloop.replay import replay_table
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -38,12 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--parallelism", type=int, default=2)
     args = ap.parse_args(argv)
-
-    import pyarrow.parquet as pq
-
-    from pipelines.feature_job import run_feature_job
-    from reloop.datasets import load_dataset
-    from reloop.replay import replay_table
 
     services.get("kafka").start()
     kafka = KafkaConfig(bootstrap_servers=services.KAFKA_BOOTSTRAP)

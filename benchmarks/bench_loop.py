@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
+from reloop import services
 
 
 def _classify(proc: psutil.Process, driver_pid: int) -> str:
@@ -53,7 +54,6 @@ def _classify(proc: psutil.Process, driver_pid: int) -> str:
 
 def _broker() -> psutil.Process | None:
     """The local Kafka broker of this environment (its pid file), whether the run or someone else started it."""
-    from reloop import services
 
     pid = services.get("kafka").pid()
     try:

@@ -20,15 +20,15 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jobs.trainer import feature_columns
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.metrics import auc, logloss
+from online_models.models import build_model, model_config_for
+from pipelines.aggregates import FeatureState, compute_features
+from reloop.datasets import load_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.trainer import feature_columns
-    from online_models.encoding import EncoderConfig, FeatureEncoder
-    from online_models.metrics import auc, logloss
-    from online_models.models import build_model, model_config_for
-    from pipelines.aggregates import FeatureState, compute_features
-    from reloop.datasets import load_dataset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic:stable?n=60000&seed=3")

@@ -37,12 +37,14 @@ sys.path.insert(0, str(REPO))
 
 # the set-up, the percentiles and the server process are shared with bench_slate.py
 from benchmarks.common import ServerProc, fill, pct as _pct, serve_world as setup  # noqa: E402,F401
+from jobs.scoring import FeastLookup, Scorer, ScorerConfig
+import requests
+import torch
 
 
 def bench_in_process(store, reg, pairs, labels, n: int) -> dict:
     """Scorers with and without memory (same model, same memory contents), requests alternated between them
     so load changes on a shared machine hit both alike."""
-    from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 
     scorers = {}
     for mem in (True, False):
@@ -68,7 +70,6 @@ def bench_in_process(store, reg, pairs, labels, n: int) -> dict:
 
 def latency_http(urls: dict[str, str], pairs, n: int) -> dict:
     """Sequential keep-alive requests, alternated between the servers (one request in flight at a time)."""
-    import requests
 
     sessions = {k: requests.Session() for k in urls}
     lat: dict[str, list[float]] = {k: [] for k in urls}
@@ -85,7 +86,6 @@ def latency_http(urls: dict[str, str], pairs, n: int) -> dict:
 
 
 def throughput_http(url: str, pairs, seconds: float, threads: int) -> float:
-    import requests
 
     done, stop = [0] * threads, threading.Event()
 
@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray Serve backend")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_serve.json"))
     a = ap.parse_args(argv)
-    import torch
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))

@@ -29,6 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_serve import _pct, setup  # noqa: E402
+import torch
+from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.scoring import FeastLookup, Scorer, ScorerConfig
+from jobs.serve import handle, score_slate
 
 
 def main() -> int:
@@ -38,11 +42,6 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_guard.json"))
     a = ap.parse_args()
-    import torch
-
-    from jobs.feedback import FeedbackGuard, GuardConfig
-    from jobs.scoring import FeastLookup, Scorer, ScorerConfig
-    from jobs.serve import handle, score_slate
 
     torch.set_num_threads(1)
     spec = importlib.util.spec_from_file_location("old_serve", a.old)

@@ -43,24 +43,29 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import ServerProc, fill, pct, report, serve_world  # noqa: E402
+import torch
+from jobs.registry import ModelRegistry
+from online_models.encoding import EncoderConfig
+from online_models.models import ModelConfig, build_model
+from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES
+from dataclasses import replace
+from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.scoring import FeastLookup, Scorer, ScorerConfig
+from jobs.serve import handle
+from reloop.side_tables import load_side_tables
+from benchmarks.common import services_up
+import requests
 
 SIZES = (1, 100, 1000)
 
 
 def side_registry(root: Path, reg):
     """A second registry: the trained model's architecture over the side attributes as well (seeded weights)."""
-    import torch
-
-    from jobs.registry import ModelRegistry
-    from online_models.encoding import EncoderConfig
-    from online_models.models import ModelConfig, build_model
-    from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES
 
     entry = reg.entry(reg.current())
     enc = EncoderConfig.from_dict(entry.extra["encoder"])
     mc = ModelConfig.from_dict(entry.model_config)
     cat = tuple(enc.categorical_fields) + USER_ATTRIBUTES + ITEM_ATTRIBUTES
-    from dataclasses import replace
 
     enc = replace(enc, categorical_fields=cat, bag_fields=ITEM_BAGS)
     mc = replace(mc, num_categorical=len(cat), num_bags=len(ITEM_BAGS), categorical_fields=cat)
@@ -78,8 +83,6 @@ def side_registry(root: Path, reg):
 
 
 def scorer_for(store, reg, pairs, labels):
-    from jobs.feedback import FeedbackGuard, GuardConfig
-    from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 
     sc = Scorer(reg, lambda fs: FeastLookup(store, fs), ScorerConfig())
     sc.reload()
@@ -105,7 +108,6 @@ def pair_body(user: str, item: str) -> bytes:
 
 
 def bench_in_process(sc, guard, reqs) -> dict:
-    from jobs.serve import handle
 
     slate, ref, feast = [], [], []
     lookup = sc.bundle.lookup
@@ -192,14 +194,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a, stack) -> int:
-    import torch
 
     reps = dict(zip(SIZES, (int(x) for x in a.reps.split(","))))
     root = Path(tempfile.mkdtemp(prefix="bench-slate-"))
     store, reg, pairs, labels = serve_world(root, a.events, side_tables=True)
     torch.set_num_threads(1)  # as the server does (build_scorer)
     users = sorted({u for u, _ in pairs})
-    from reloop.side_tables import load_side_tables
 
     # candidates from the whole catalogue (1,682 films): some have no streaming features yet, as in production
     items = sorted(set(load_side_tables("movielens-100k")[1]["item_id"].to_pylist()))
@@ -220,8 +220,6 @@ def run(a, stack) -> int:
     log_health = None
     servers: dict[str, tuple[str, ...]] = {} if a.no_http else {"http": ()}
     if a.kafka and servers:
-        from benchmarks.common import services_up
-
         stack.enter_context(services_up("kafka"))
         topic = f"bench.slate.{int(time.time())}"
         servers["http, impression log"] = ("--impressions-topic", f"{topic}.imp", "--feedback-topic", f"{topic}.fb")
@@ -237,8 +235,6 @@ def run(a, stack) -> int:
                 rows.append(row(path, n, lat))
                 print(rows[-1], flush=True)
         if "http, impression log" in procs:  # what the log did with the run's impressions, once it sent them
-            import requests
-
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 log_health = requests.get(f"{procs['http, impression log'].url}/health").json()["impression_log"]

@@ -15,6 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from jobs.examples import write_example_files
+from jobs.registry import ModelRegistry
+from jobs.serve import prepare_feature_store
+from jobs.trainer import IncrementalTrainer, TrainerConfig
+from reloop.datasets import load_dataset, movielens_examples
+from reloop.side_tables import load_side_tables
+import requests
+from reloop import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +46,6 @@ class services_up:
         self.names, self.started = names, []
 
     def __enter__(self) -> "services_up":
-        from reloop import services
 
         for name in self.names:
             svc = services.get(name)
@@ -98,17 +105,10 @@ def serve_world(root: Path, events: int, side_tables: bool = False, model_kind: 
     """A private Feast store (SQLite) with the online features after the first ``events`` MovieLens-100K events
     (and, with ``side_tables``, the user profiles and item catalogue materialised online), plus a registry whose
     current version was trained on them. Returns ``(store, registry, pairs, labels)``."""
-    from jobs.examples import write_example_files
-    from jobs.registry import ModelRegistry
-    from jobs.serve import prepare_feature_store
-    from jobs.trainer import IncrementalTrainer, TrainerConfig
-    from reloop.datasets import load_dataset, movielens_examples
 
     table = load_dataset("movielens-100k", limit=events)
     side = {}
     if side_tables:
-        from reloop.side_tables import load_side_tables
-
         side = dict(zip(("users", "items"), load_side_tables("movielens-100k")))
     store = prepare_feature_store(str(root / "features"), table, **side)
     write_example_files(movielens_examples(events), str(root / "examples"), rows_per_file=5000)
@@ -158,7 +158,6 @@ class ServerProc:
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{backend}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        import requests
 
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -184,7 +183,6 @@ class ServerProc:
 
 def fill(url: str, pairs, labels, n: int = 1000) -> None:
     """Fill a server's memory with the outcomes of the first ``n`` pairs (scored, then answered)."""
-    import requests
 
     s = requests.Session()
     for (u, i), y in zip(pairs[:n], labels[:n]):

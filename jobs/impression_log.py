@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from pipelines.config import KafkaConfig
 from pipelines.events import Feedback, Impression, Rejection, parse_feedback, parse_impression
+from pipelines.kafka_io import ensure_topics, producer
 
 log = logging.getLogger("reloop.serve.impressions")
 
@@ -185,7 +186,6 @@ class ImpressionLog:
 
     # ---- the sender thread ----------------------------------------------------------------------------
     def _default_producer(self) -> Any:
-        from pipelines.kafka_io import ensure_topics, producer
 
         assert self.kafka is not None, "no Kafka config"
         c = self.config

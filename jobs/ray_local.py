@@ -39,6 +39,8 @@ def init_local(**kwargs: Any) -> None:
     # Ray turns a loopback node address into the host's reachable IP unless clusters are "disabled" (its
     # single-machine mode for laptops): then the node, and its agents, stay on loopback
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray after the settings above, at call time: it reads its environment (and its token auth, which the
+    # cluster profile sets after this module is imported) when its core library loads
     import ray
     from ray._private import ray_constants
 

@@ -43,6 +43,22 @@ from online_models.metrics import summarize
 from online_models.models import KINDS, predict_table
 from online_models.settings import MODEL_ARCH
 from jobs.ray_local import init_local
+from jobs.examples import ExampleStore
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from jobs.trainer import feature_columns
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.models import ModelConfig, build_model, model_config_for
+from online_models.din import history_field
+import torch.distributed as dist
+from jobs.registry import ModelRegistry, load_model
+from safetensors.torch import load_file
+from jobs.config import load_jobs_config as load_config
+
+# Ray is imported inside train_loop_per_worker, run_retrain and main, where a retrain runs: Ray reads its auth
+# mode and token when its core library loads, and the cluster profile sets them after jobs.deploy (and so
+# reloop.run) has imported this module
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,6 @@ def resolve_window(cfg: RetrainConfig) -> tuple[int | None, int | None]:
     """``[ts_min, ts_max)`` of the run: explicit bounds, or the last ``window_days`` before the newest example."""
     if cfg.ts_min is not None or cfg.window_days is None:
         return cfg.ts_min, cfg.ts_max
-    from jobs.examples import ExampleStore
 
     ts = ExampleStore(cfg.examples_uri, columns=["ts"]).read_window(None, cfg.ts_max)
     if ts.num_rows == 0:
@@ -120,16 +135,7 @@ def evaluate(model, encoder, table) -> dict[str, float]:
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: read the window, train its shard with DDP, worker 0 evaluates and checkpoints."""
     import ray.train
-    import torch
-    import torch.nn.functional as F
     from ray.train import Checkpoint
-    from safetensors.torch import save_file
-
-    from jobs.examples import ExampleStore
-    from jobs.trainer import feature_columns
-    from online_models.encoding import EncoderConfig, FeatureEncoder
-    from online_models.models import ModelConfig, build_model, model_config_for
-    from online_models.din import history_field
 
     cfg = RetrainConfig(**loop["config"])
     ctx = ray.train.get_context()
@@ -138,8 +144,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     # where every worker runs, gathered to worker 0 for the record (which nodes took part)
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if world > 1:
-        import torch.distributed as dist
-
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     store = ExampleStore(cfg.examples_uri)
@@ -147,7 +151,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     train, holdout = split_window(table, cfg.holdout_fraction)
     if cfg.init_version:
         # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
-        from jobs.registry import ModelRegistry, load_model
 
         entry, base = load_model(ModelRegistry(cfg.registry_uri), cfg.init_version)
         enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
@@ -235,9 +238,6 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Fit on Ray (already initialised), publish the candidate; returns a summary (version, metrics)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
-
-    from jobs.registry import ModelRegistry, load_model
 
     ts_min, ts_max = resolve_window(cfg)
     t0 = time.time()
@@ -285,9 +285,6 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
-            from jobs.examples import ExampleStore
-            from online_models.encoding import EncoderConfig, FeatureEncoder
-
             entry, model = load_model(registry, current)
             table = ExampleStore(cfg.examples_uri).read_window(ts_min, ts_max)
             _, holdout = split_window(table, cfg.holdout_fraction)
@@ -351,7 +348,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from jobs.config import load_jobs_config as load_config
 
     c = load_config(a.config)
     examples = os.path.abspath(a.examples or c.storage.examples_uri) if "://" not in (a.examples or "") else a.examples

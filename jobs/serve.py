@@ -79,7 +79,22 @@ from jobs.scoring import FeastLookup, ScoredSlate, Scorer, ScorerConfig, Scoring
 from pipelines.aggregates import FeatureState, compute_features, snapshot
 from pipelines.config import FeastConfig, KafkaConfig
 from pipelines.events import INT64_MAX, INT64_MIN, decode_json, reserved_name
-from pipelines.feast_io import open_store
+from pipelines.feast_io import (
+    ITEM_CATALOG_VIEW,
+    ITEM_VIEW,
+    USER_PROFILE_VIEW,
+    USER_VIEW,
+    apply_repo,
+    materialize_batch_views,
+    open_store,
+    write_batch_source,
+    write_snapshot,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+import uvicorn
 
 log = logging.getLogger("reloop.serve")
 
@@ -379,10 +394,6 @@ def asgi_app(
 ):
     """A Starlette app over :func:`handle`, with the streaming body limit and optional bearer auth (and the
     impression log, closed with the app)."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     guard = guard or guard_for(scorer)
 
@@ -453,7 +464,6 @@ def serve_http(
     guard: FeedbackGuard | None = None,
     impressions: ImpressionLog | None = None,
 ) -> None:
-    import uvicorn
 
     uvicorn.run(
         asgi_app(scorer, token, guard, impressions), host=host, port=port, log_level="warning", access_log=False
@@ -507,7 +517,6 @@ class ServeDeployment:
         self.scorer.reload()
 
     async def __call__(self, request):
-        from starlette.responses import JSONResponse
 
         if not authorized(request.headers.get("authorization"), os.environ.get(TOKEN_ENV) or None) and not (
             request.url.path == "/health" and request.method == "GET"
@@ -544,6 +553,8 @@ def serve_ray(
     kafka: dict | None = None,
 ):
     """Run the deployment on Ray Serve (local ``ray.init`` unless ``address``)."""
+    # Ray at call time: it reads its auth mode and token when its core library loads, which a cluster
+    # profile sets after this module is imported (see jobs.ray_local)
     import ray
     from ray import serve
 
@@ -569,18 +580,6 @@ def prepare_feature_store(dest: str, events, feast_profile: str = "sqlite", user
     epoch ms) written as the batch sources of ``user_profile`` / ``item_catalog`` and materialised online
     with Feast's own ``materialize``, as ``reloop`` publishes them. Returns the open ``FeatureStore``.
     """
-
-    from pipelines.feast_io import (
-        ITEM_CATALOG_VIEW,
-        ITEM_VIEW,
-        USER_PROFILE_VIEW,
-        USER_VIEW,
-        apply_repo,
-        materialize_batch_views,
-        open_store,
-        write_batch_source,
-        write_snapshot,
-    )
 
     src = Path(__file__).resolve().parent.parent / "features"
     dest_p = Path(dest)

@@ -16,6 +16,14 @@ import pyarrow.compute as pc
 
 from pipelines.storage import open_filesystem, write_parquet_atomic
 from pipelines.config import FeastConfig
+import os
+import importlib.util
+import uuid
+from datetime import datetime, timezone
+import pandas as pd
+
+# Feast itself is imported in open_store and repo_objects, where a store is opened: importing it takes ~6 s
+# here, and jobs.scoring (so the trainer actor and every retrain worker) imports this module for its names only
 
 #: feature view names of the repo in features/ (see features/feature_repo.py)
 USER_VIEW = "user_stats"
@@ -67,7 +75,6 @@ def open_store(cfg: FeastConfig, repo_path: str | None = None):
 def redis_connection_string(cfg: FeastConfig) -> str:
     """``cfg.redis_connection_string`` with its password: from ``$<redis_password_env>`` when configured
     (a missing variable is a :class:`ValueError` naming it), else the local service's generated one."""
-    import os
 
     conn = cfg.redis_connection_string
     if "password=" in conn:
@@ -86,8 +93,6 @@ def redis_connection_string(cfg: FeastConfig) -> str:
 
 def repo_objects(repo_path: str | Path) -> list:
     """The Feast declarations of ``<repo>/feature_repo.py``, imported by path (works for copies of the repo)."""
-    import importlib.util
-    import uuid
 
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
@@ -163,7 +168,6 @@ def materialize_batch_views(
     A view never materialised gets ``materialize`` from the epoch (its TTL is 0, and ``materialize_incremental``
     would start one year back, missing older versions); later calls are ``materialize_incremental``.
     """
-    from datetime import datetime, timezone
 
     end = datetime.now(timezone.utc) if end_ms is None else datetime.fromtimestamp(end_ms / 1000, timezone.utc)
     for view in views:
@@ -215,7 +219,6 @@ def join_batch_features(
     Feast's point-in-time join (``get_historical_features``): each row gets the newest version with
     ``event_timestamp <= ts``, never a later one. Row order and the other columns are kept.
     """
-    import pandas as pd
 
     ent = pd.DataFrame(
         {

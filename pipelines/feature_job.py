@@ -67,12 +67,13 @@ from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.feast_io import apply_repo, open_store
 from pipelines.join import FEEDBACK_PARTITION_BASE, JoinConfig
 from pipelines.kafka_io import ensure_topics
+from pipelines import consumer_group
+from pipelines.checkpoint import PartitionRange, Plan, StateStore
 
-# Beam, and the modules built on it (transforms, join_transforms, kafka_source, checkpoint, consumer_group),
-# are imported inside the functions that plan and run a job, on purpose: ``reloop features`` and
-# ``python -m pipelines.feature_job`` check their flags and config first, and importing Beam takes ~0.8 s
-# and logs a GCS warning on stderr, before a config error that must be the one line there
-# (tests/test_cli_errors.py).
+# Beam, and the modules built on it (transforms, join_transforms, kafka_source), are imported inside the
+# functions that build and run a job, on purpose: ``reloop features`` and ``python -m pipelines.feature_job``
+# check their flags and config first, and importing Beam takes ~1 s and logs a GCS warning on stderr, before
+# a config error that must be the one line there (tests/test_cli_errors.py).
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,6 @@ def run_once(
     ensure_feast: bool = True,
 ) -> JobStats:
     """Plan, run and commit one micro-batch; returns what it did (zero counts when there was nothing new)."""
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-
     t0 = time.perf_counter()
     topic = topic or cfg.kafka.events_topic
     group = cfg.kafka.consumer_group
@@ -309,8 +307,6 @@ def join_config(cfg: PipelineConfig):
 def joint_plan(plan_i, plan_f):
     """One plan over both topics: feedback partitions numbered from ``FEEDBACK_PARTITION_BASE``, so one
     pending file, one run id, one cut and one state key cover the two topics."""
-    from pipelines.checkpoint import Plan
-
     shift = lambda m: {FEEDBACK_PARTITION_BASE + p: o for p, o in m.items()}  # noqa: E731
     return Plan(
         f"{plan_i.topic}+{plan_f.topic}",
@@ -323,8 +319,6 @@ def joint_plan(plan_i, plan_f):
 
 def split_ranges(plan, topics: tuple[str, str]):
     """The joint plan's ranges as real ``(impression ranges, feedback ranges)`` of the two topics."""
-    from pipelines.checkpoint import PartitionRange
-
     B = FEEDBACK_PARTITION_BASE
     imp = [PartitionRange(topics[0], r.partition, r.start, r.stop) for r in plan.ranges() if r.partition < B]
     fb = [PartitionRange(topics[1], r.partition - B, r.start, r.stop) for r in plan.ranges() if r.partition >= B]
@@ -422,9 +416,6 @@ def run_join_once(
     Exactly-once as :func:`run_once`: the joint plan is saved before running, the join state is saved under
     the key of the completed offsets, and both topics' offsets are committed together only after the sinks.
     """
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-
     t0 = time.perf_counter()
     topics = (cfg.kafka.impressions_topic, cfg.kafka.feedback_topic)
     group = cfg.kafka.consumer_group
@@ -526,9 +517,6 @@ def run_feature_job(
 
 def reset_feature_job(cfg: PipelineConfig, topic: str | None = None) -> None:
     """Forget the group's offsets and the saved state: the next run recomputes from the earliest offsets."""
-    from pipelines import consumer_group
-    from pipelines.checkpoint import StateStore
-
     consumer_group.reset(cfg.kafka, cfg.kafka.consumer_group)
     store = StateStore(cfg.feature_job.state_uri)
     store.clear_pending()

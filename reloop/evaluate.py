@@ -63,6 +63,9 @@ from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
 from reloop.datasets import load_dataset
 from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, join_as_of, load_side_tables
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)
@@ -582,6 +585,8 @@ def _json_default(x: Any) -> Any:
 
 
 def plot_slots(result: dict[str, Any], path: Path) -> None:
+    # matplotlib here, not at the top: the headless backend must be chosen before pyplot loads, and choosing
+    # it at import would change the backend of any program (a notebook) that imports this module
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,9 +609,6 @@ def plot_slots(result: dict[str, Any], path: Path) -> None:
 
 def evaluate_and_report(cfg: EvaluationConfig, out: str | Path, show_progress: bool = True) -> dict[str, Any]:
     """Run, write JSON + PNG, print a table (the body of ``reloop evaluate``)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
     console = Console(stderr=True)
     with Progress(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from online_models.errors import ReloopError
 from reloop.config import ReloopConfig, load_config
+from reloop import services
 
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "infra" / "cluster.yaml"
 PROFILES = ("embedded", "cluster")
@@ -29,7 +30,6 @@ class ProfileError(ReloopError, ValueError):
 
 def cluster_config(path: str | Path = CLUSTER_YAML) -> ReloopConfig:
     """The cluster profile for this machine's services; updates ``os.environ`` (Ray token, S3 endpoint)."""
-    from reloop import services
 
     cfg = load_config(path)
     os.environ.update(services.ray_client_env())
@@ -46,7 +46,6 @@ def cluster_config(path: str | Path = CLUSTER_YAML) -> ReloopConfig:
 
 def start_cluster_services(workers: int = CLUSTER_RAY_WORKERS) -> None:
     """s3proxy, Redis, the Ray head + ``workers`` nodes and the Flink job server (idempotent)."""
-    from reloop import services
 
     services.S3Proxy().start()
     services.get("redis").start()

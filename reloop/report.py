@@ -145,6 +145,8 @@ def _marks(ax, rec: RunRecord) -> None:
 
 
 def plot(rec: RunRecord, out_dir: Path) -> dict[str, Path]:
+    # matplotlib here, not at the top: the headless backend must be chosen before pyplot loads, and choosing
+    # it at import would change the backend of any program (a notebook) that imports this module
     import matplotlib
 
     matplotlib.use("Agg")

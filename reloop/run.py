@@ -86,6 +86,9 @@ from reloop.replay import replay_delayed, replay_table
 from reloop.report import RunRecord, Series, freshness, write_report
 from reloop.runners import runner_args, start_local_flink
 from reloop.synthetic import SyntheticError, parse_delay
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 
 class RunError(ReloopError, RuntimeError):
@@ -872,8 +875,6 @@ class _Progress:
     """Live terminal view of every stage (rich); one refresh per call."""
 
     def __init__(self, run: LoopRun) -> None:
-        from rich.console import Console
-        from rich.live import Live
 
         self.run = run
         self.console = Console(stderr=True)
@@ -881,7 +882,6 @@ class _Progress:
         self.live.start()
 
     def update(self, total: int) -> None:
-        from rich.table import Table
 
         c, r = self.run.c, self.run
         t = Table(title=f"reloop run {r.run_id}  ({time.time() - r.t0:.0f}s)", show_header=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 from online_models.errors import ReloopError
+from reloop import services
 
 
 class RunnerError(ReloopError, RuntimeError):
@@ -55,7 +56,6 @@ def runner_args(runner: str | None, args: list[str], start_local_flink: Callable
 
 def start_local_flink() -> str:
     """Start the local job server (idempotent) and return its job endpoint."""
-    from reloop import services
 
     try:
         return services.get("flink").start().address

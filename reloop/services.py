@@ -41,6 +41,9 @@ from pathlib import Path
 from online_models.errors import ReloopError
 import urllib.request
 import importlib.metadata
+from kafka import KafkaAdminClient
+import grpc
+import pyarrow.fs as pafs
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -333,8 +336,6 @@ class Kafka(Service):
         if not _port_open(self.port):
             return False
         try:
-            from kafka import KafkaAdminClient
-
             admin = KafkaAdminClient(bootstrap_servers=self.address(), request_timeout_ms=3000)
             try:
                 admin.list_topics()
@@ -594,8 +595,6 @@ class Flink(Service):
         if not (_port_open(self.job_port) and _port_open(self.expansion_port)):
             return False
         try:
-            import grpc
-
             for port in (self.job_port, self.expansion_port):
                 with grpc.insecure_channel(f"localhost:{port}") as ch:
                     grpc.channel_ready_future(ch).result(timeout=2)
@@ -654,8 +653,6 @@ class KafkaExpansion(Service):
         if not _port_open(self.port):
             return False
         try:
-            import grpc
-
             with grpc.insecure_channel(self.address()) as ch:
                 grpc.channel_ready_future(ch).result(timeout=2)
             return True
@@ -893,7 +890,6 @@ class S3Proxy(Service):
         ]
 
     def _fs(self, **kw):
-        import pyarrow.fs as pafs
 
         c = self.credentials()
         return pafs.S3FileSystem(
@@ -920,7 +916,6 @@ class S3Proxy(Service):
 
     def start(self) -> Status:
         st = super().start()
-        import pyarrow.fs as pafs
 
         fs = self._fs(allow_bucket_creation=True)
         if fs.get_file_info(S3_BUCKET).type == pafs.FileType.NotFound:

@@ -15,15 +15,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+import grpc
+from apache_beam.portability.api import beam_provision_api_pb2, beam_provision_api_pb2_grpc
+from google.protobuf import json_format
 
 LIB = Path(__file__).resolve().parent / "expansion" / "lib"
 HEAP = os.environ.get("RELOOP_JAVA_HARNESS_HEAP", "256m")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import grpc
-    from apache_beam.portability.api import beam_provision_api_pb2, beam_provision_api_pb2_grpc
-    from google.protobuf import json_format
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--id", required=True)
