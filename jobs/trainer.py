@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ from jobs.examples import ExampleStore, Position
 from jobs.ray_local import init_local
 from jobs.registry import ModelRegistry, load_model
 from jobs.scoring import horizon_of
+from jobs.timing import StageTimes
 from online_models.din import history_field
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.errors import ReloopError
@@ -170,6 +172,11 @@ class IncrementalTrainer:
         #: the registry version whose weights the trainer took over last (a promoted retrain), if any
         self.adopted: str | None = None
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
+        #: where the run's wall time goes (learning, checkpoints, waits): the time budget of ``reloop run``
+        self.times = StageTimes()
+        # checkpoints are written (and published) off the learning thread, one at a time (see checkpoint())
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-checkpoint")
+        self._writing: Future | None = None
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
         self.ckpts = CheckpointStore(config.checkpoint_dir)
         resumed = self._restore()
@@ -251,23 +258,43 @@ class IncrementalTrainer:
         )
         return name
 
-    def checkpoint(self) -> str:
-        """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name."""
-        with self._lock:
-            return self._checkpoint()
+    def checkpoint(self, wait: bool = True) -> str:
+        """Write a whole checkpoint, then switch ``LATEST`` to it atomically; returns its name.
 
-    def _checkpoint(self) -> str:
-
-        if self.model is None:
+        The state is taken at once (a consistent snapshot, under the lock that orders it with learning); the
+        files, the ``LATEST`` switch and the registry version are written by a writer thread. With ``wait``
+        this returns once they are; without, learning goes on meanwhile (the run's periodic checkpoints), and
+        at most one checkpoint is in flight: the next waits for it, so versions stay in order and memory
+        bounded. A write that failed raises at the next checkpoint, or here with ``wait``.
+        """
+        with self.times("checkpoint: snapshot"):
+            with self._lock:
+                job = self._snapshot()
+        with self.times("checkpoint: wait for the previous write"):
+            self._drain()
+        if job is None:
             return ""
+        self._writing = self._writer.submit(self._write, job)
+        if wait:
+            with self.times("checkpoint: wait for the write"):
+                self._drain()
+        return job["name"]
+
+    def _drain(self) -> None:
+        """Wait for the checkpoint in flight; raise its error, if it failed."""
+        if self._writing is not None:
+            done, self._writing = self._writing, None
+            done.result()
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        if self.model is None:
+            return None
         metrics = self.summary_metrics()
         self.seq += 1
         name = f"ckpt-{self.seq:06d}"
-        # predictions first: named by checkpoint seq, so a replay after a crash overwrites, never duplicates
-        if self.pending_preds:
-            self.ckpts.write_table(pa.concat_tables(self.pending_preds), "predictions", f"part-{self.seq:06d}.parquet")
         opt = io.BytesIO()
         torch.save([o.state_dict() for o in self.learner.optimizers], opt)
+        weights = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
         state = {
             "format": CKPT_FORMAT,
             "seq": self.seq,
@@ -284,23 +311,41 @@ class IncrementalTrainer:
             "written_at": time.time(),
             "config": asdict(self.config),
         }
-        self.ckpts.commit(
-            name,
-            {
-                "model.safetensors": save({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}),
+        job = {
+            "name": name,
+            "seq": self.seq,
+            "preds": pa.concat_tables(self.pending_preds) if self.pending_preds else None,
+            "weights": weights,
+            "files": {
+                "model.safetensors": save(weights),
                 "optimizer.pt": opt.getvalue(),
                 "rng.safetensors": save({"torch": torch.get_rng_state(), "learner": self.learner._gen.get_state()}),
                 "state.json": json.dumps(state, indent=1).encode(),
             },
-        )
-        self.ckpts.gc(keep=2)
+            "metrics": metrics,
+            "publish": bool(
+                self.config.publish_every and self.config.registry_uri and self.seq % self.config.publish_every == 0
+            ),
+            "training_range": self._training_range(),
+            "learned": self.learned,
+        }
         self.pending_preds = []
         self._since_ckpt, self._ckpt_time = 0, time.monotonic()
-        if self.config.publish_every and self.config.registry_uri and self.seq % self.config.publish_every == 0:
-            self.publish(metrics)
-        line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "examples")
-        print(f"[trainer] checkpoint {name}: learned={self.learned} {line}", flush=True)
-        return name
+        return job
+
+    def _write(self, job: dict[str, Any]) -> None:
+        """The writer thread: predictions, the checkpoint's files and ``LATEST``, old ones removed, the version."""
+        with self.times("checkpoint: write (writer thread)"):
+            # predictions first: named by checkpoint seq, so a replay after a crash overwrites, never duplicates
+            if job["preds"] is not None:
+                self.ckpts.write_table(job["preds"], "predictions", f"part-{job['seq']:06d}.parquet")
+            self.ckpts.commit(job["name"], job["files"])
+            self.ckpts.gc(keep=2)
+        if job["publish"]:
+            with self.times("publish (writer thread)"):
+                self._publish(job["weights"], job["training_range"], job["metrics"])
+        line = " ".join(f"{k}={v:.4f}" for k, v in job["metrics"].items() if k != "examples")
+        print(f"[trainer] checkpoint {job['name']}: learned={job['learned']} {line}", flush=True)
 
     def _heartbeat(self) -> None:
         """A small progress file (pid, examples learned) for operators and crash tests; not a checkpoint."""
@@ -312,20 +357,34 @@ class IncrementalTrainer:
 
     def publish(self, metrics: dict[str, float] | None = None) -> str:
         """Publish the current weights to the registry (a candidate unless ``promote``); returns the version."""
+        with self._lock:
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            training_range, metrics = self._training_range(), metrics or self.summary_metrics()
+        return self._publish(weights, training_range, metrics)
 
+    def _training_range(self) -> dict[str, Any]:
+        """What the weights of this instant learned (and the lineage they continue), recorded with a version."""
+        return {
+            "learned": self.learned,
+            "checkpoint": self.seq,
+            "files_done": len(self.position.done),
+            "trained_until_ts": self.trained_until_ts,
+            "adopted": self.adopted,
+        }
+
+    def _publish(self, weights: dict[str, Any], training_range: dict[str, Any], metrics: dict[str, float]) -> str:
         reg = ModelRegistry(self.config.registry_uri)
         entry = reg.publish(
-            self.model.state_dict(),
+            weights,
             model_config=self.model_config,
             feature_service=self.config.feature_service,
-            training_range={
-                "learned": self.learned,
-                "checkpoint": self.seq,
-                "files_done": len(self.position.done),
-                "trained_until_ts": self.trained_until_ts,
+            training_range={k: v for k, v in training_range.items() if k != "adopted"},
+            metrics=metrics,
+            extra={
+                "encoder": self.encoder.config.to_dict(),
+                "source": "jobs.trainer",
+                "adopted": training_range["adopted"],
             },
-            metrics=metrics or self.summary_metrics(),
-            extra={"encoder": self.encoder.config.to_dict(), "source": "jobs.trainer", "adopted": self.adopted},
             promote=self.config.promote,
         )
         self.last_published = entry.version
@@ -361,7 +420,7 @@ class IncrementalTrainer:
 
     def learn_batch(self, table: pa.Table) -> np.ndarray:
         """Test-then-train on one mini-batch; returns the pre-update predictions."""
-        with self._lock:
+        with self._lock, self.times("learn"):
             return self._learn_batch(table)
 
     def _learn_batch(self, table: pa.Table) -> np.ndarray:
@@ -463,6 +522,7 @@ class IncrementalTrainer:
         """Consume examples until stopped, idle for ``idle_exit`` s, or ``max_examples`` learned this run."""
         cfg = self.config
         learned_this_run, idle_since = 0, time.monotonic()
+        started = time.perf_counter()
         while not self._stop.is_set():
             got = False
             settle = 0.0  # > 0: a part-batch waits this long for the clock to stand still
@@ -483,7 +543,7 @@ class IncrementalTrainer:
                         self._since_ckpt += k
                         self._heartbeat()
                         if self._due():
-                            self.checkpoint()
+                            self.checkpoint(wait=False)
                     break  # wait for the serving clock
                 self.learn_batch(table)
                 self.position = pos
@@ -492,7 +552,7 @@ class IncrementalTrainer:
                 self._since_ckpt += table.num_rows
                 self._heartbeat()
                 if self._due():
-                    self.checkpoint()
+                    self.checkpoint(wait=False)
                 if cfg.throttle_seconds:
                     time.sleep(cfg.throttle_seconds)
                 if self._stop.is_set() or (cfg.max_examples and learned_this_run >= cfg.max_examples):
@@ -501,20 +561,27 @@ class IncrementalTrainer:
             if got:
                 idle_since = time.monotonic()
                 if settle > 0:  # a part-batch is waiting for the clock to settle (no re-read meanwhile)
-                    self._stop.wait(settle)
+                    with self.times("wait: a part-batch settles"):
+                        self._stop.wait(settle)
             elif cfg.idle_exit is not None and time.monotonic() - idle_since >= cfg.idle_exit:
                 break
             else:
                 if self._since_ckpt and time.monotonic() - self._ckpt_time >= cfg.checkpoint_seconds:
-                    self.checkpoint()
+                    self.checkpoint(wait=False)
                 if settle > 0:  # a part-batch is waiting for the clock to settle
-                    self._stop.wait(settle)
+                    with self.times("wait: a part-batch settles"):
+                        self._stop.wait(settle)
                 else:  # new examples are polled for; a raised serving clock wakes the wait at once
-                    self._wake.wait(cfg.poll_seconds)
+                    with self.times("wait: serving clock or new examples"):
+                        self._wake.wait(cfg.poll_seconds)
                     self._wake.clear()
         if self._since_ckpt or self.seq == 0:
             self.checkpoint()
-        return self.status()
+        with self.times("checkpoint: wait for the write"):
+            self._drain()  # the run's last checkpoint is on disk (and published) when it returns
+        spent = sum(self.times.as_dict().values())
+        self.times.add("read examples, other", max(0.0, time.perf_counter() - started - spent))
+        return {**self.status(), "seconds": self.times.as_dict()}
 
 
 def read_checkpoint_state(checkpoint_dir: str) -> dict[str, Any] | None:

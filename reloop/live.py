@@ -198,6 +198,7 @@ class ServingLoop:
         self.versions: list[dict[str, Any]] = []
         self.last_ts = 0
         self.score_seconds = 0.0
+        self.swap_seconds = 0.0  # looking for a new version, loading it and rebuilding its memory
         self.t0 = time.time()  # wall-clock origin of the wall_s stamps (the run sets its own)
         #: an event time to watch for (an injected shift): the wall-clock second its first event is scored
         self.mark_ts: int | None = None
@@ -240,6 +241,13 @@ class ServingLoop:
         time (``trained_until_ts`` < the event's ``ts``). A version whose horizon reaches ``next_ts`` (the
         first event of the next batch) waits: the one serving goes on until the stream has passed it.
         """
+        t0 = time.perf_counter()
+        try:
+            return self._maybe_swap(next_ts)
+        finally:
+            self.swap_seconds += time.perf_counter() - t0
+
+    def _maybe_swap(self, next_ts: int | None) -> bool:
         new = self._pending_version()
         if new is None:
             return False

@@ -314,6 +314,13 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     ]
     counts = [{"stage": k, "count": v} for k, v in s["counts"].items()]
     thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
+    wall = s.get("seconds") or 0.0
+    budget = [
+        {"stage": stage, "activity": what, "seconds": round(sec, 1), "share of the run": f"{sec / wall:.0%}"}
+        for stage, acts in s.get("time_budget_s", {}).items()
+        for what, sec in sorted(acts.items(), key=lambda kv: -kv[1])
+        if wall
+    ]
     deploys = [
         {
             "event time": _when(e.get("ts")),
@@ -447,6 +454,7 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 <h2>Deployment decisions</h2>{_table(deploys)}
 {f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""}
 <h2>Stages</h2>{_table(counts)}{_table(thr)}
+<h2>Where the time went (wall seconds per stage; each stage runs in its own thread or process)</h2>{_table(budget)}
 {_img(images["throughput"], "Throughput per stage")}
 </body></html>
 """

@@ -68,6 +68,7 @@ from jobs.examples import Position
 from jobs.monitor import build_loop, load_state, save_state
 from jobs.ray_local import init_local
 from jobs.registry import ModelRegistry
+from jobs.timing import StageTimes
 from jobs.trainer import IncrementalTrainer, TrainerConfig
 from online_models.cbpe import estimate_over_time
 from online_models.drift.incidents import group_incidents
@@ -298,6 +299,8 @@ class LoopRun:
         self.predictions = None
         self.trainer = None
         self.join_counts: dict[str, int] = {}  # the attribution join's counters, summed over micro-batches
+        self.live_times = StageTimes()  # the serving thread's time budget (the trainer keeps its own)
+        self.trainer_times: dict[str, float] = {}
         self.t0 = time.time()
         if not opts.resume:
             (self.state / "run.json").write_text(
@@ -455,12 +458,14 @@ class LoopRun:
             return 0
 
     def _live(self, live, deployer) -> None:
+        times = self.live_times
         while not self.stop.is_set():
             if deployer.pending is not None and self.opts.speed is None:
                 # at full replay speed a 30-60 s retrain would let months of event time pass; in real time it
                 # is a blink. The stream waits for it, so the report's time axis stays true.
-                deployer.tick()
-                self.stop.wait(0.3)
+                with times("wait: a retrain (the stream is held)"):
+                    deployer.tick()
+                    self.stop.wait(0.3)
                 continue
             # serve at most `max_lag` examples ahead of what the trainer has learned: at full replay speed
             # the stream would otherwise outrun training entirely, which no real-time deployment sees
@@ -469,10 +474,16 @@ class LoopRun:
             budget = None if trainer_done else self.c.learned + self.opts.max_lag - live.passed
             if self.delayed:
                 live.final = self.features_done.is_set()  # the join has emitted all it will: run to the end
-            n = live.step(max_batches=8, max_rows=budget)
+            swapping = live.swap_seconds
+            with times("serve: read + score + memory"):
+                n = live.step(max_batches=8, max_rows=budget)
+            swapped = live.swap_seconds - swapping  # a version swap inside the step: the memory's rebuild
+            times.add("serve: read + score + memory", -swapped)
+            times.add("swap a version in (memory rebuild)", swapped)
             if n and self.trainer is not None:
                 self.trainer.allow.remote(live.passed)  # the serving clock moved: the trainer may follow
-            deployer.tick()
+            with times("deploy: registry, gate"):
+                deployer.tick()
             self.c.scored = live.scored
             self.c.version = live.served.version if live.served else None
             if n == 0:
@@ -485,7 +496,12 @@ class LoopRun:
                     break
                 # waiting for the trainer (its heartbeat is a local file): look again soon; for new examples
                 # (a store listing, a LIST request on an object store) less often
-                self.stop.wait(0.02 if budget is not None and budget <= 0 else 0.1)
+                if budget is not None and budget <= 0:
+                    with times("wait: the trainer (serving is max_lag ahead)"):
+                        self.stop.wait(0.02)
+                else:
+                    with times("wait: new examples or the first version"):
+                        self.stop.wait(0.1)
 
     # -- the whole run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -630,6 +646,7 @@ class LoopRun:
                 ray.get(trainer.stop.remote())
                 final = ray.get(trainer_run)
                 self.c.learned = final["learned"]
+                self.trainer_times = final.get("seconds", {})
             except Exception as e:  # noqa: BLE001
                 self.errors.append(f"trainer: {e!r}")
             deployer.close(wait=not self.interrupted)
@@ -751,6 +768,18 @@ class LoopRun:
         live.maybe_swap()  # serve the current version again, memory rebuilt from nothing yet
 
     # -- the report ---------------------------------------------------------------------------------
+    def _time_budget(self, wall: float) -> dict[str, dict[str, float]]:
+        """Where each stage's wall time went, waits included: the loop is as fast as its slowest chain of waits."""
+        c = self.c
+        r = lambda x: round(max(0.0, x), 3)  # noqa: E731
+        live = self.live_times.as_dict()
+        return {
+            "replay": {"send to Kafka": r(c.replay_seconds), "wait, or done": r(wall - c.replay_seconds)},
+            "feature job": {"micro-batches": r(c.feature_seconds), "wait for events": r(wall - c.feature_seconds)},
+            "trainer actor": self.trainer_times,
+            "serving": {**live, "start-up, report, other": r(wall - sum(live.values()))},
+        }
+
     def _report(self, live, deployer) -> dict[str, Any]:
 
         a = live.trace.arrays()
@@ -838,6 +867,7 @@ class LoopRun:
                 "retrain_comparisons": deployer.retrain_comparisons,
                 "freshness": freshness(a["ts"], a["horizon"]),
                 "causal_violations": violations,
+                "time_budget_s": self._time_budget(wall),
                 "promotions": live.trace.promotions(live.versions),
                 "shift_first_served_wall_s": live.mark_wall_s,
                 "shift_first_served_at_event": live.mark_event,
