@@ -32,7 +32,7 @@ from jobs.scoring import horizon_of, load_bundle
 from online_models.models import predict_table
 from online_models.settings import MODEL_ARCH
 from jobs.examples import ExampleStore
-from jobs.retrain import RetrainConfig, run_retrain
+from jobs.retrain import RetrainConfig, run_retrains
 
 
 class DeployError(ReloopError, RuntimeError):
@@ -418,27 +418,28 @@ class Deployer:
         model with a replay sample, or both; each published as a candidate version."""
 
         served = self.live.served.version if self.live.served is not None else None
-        starts = {"cold": [None], "warm": [served], "both": [served, None]}[self.cfg.retrain_start]
+        starts = list(dict.fromkeys({"cold": [None], "warm": [served], "both": [served, None]}[self.cfg.retrain_start]))
+        # one Ray Train fit for all the starts: its worker group's start-up is most of a retrain's time
+        fitted = run_retrains(
+            RetrainConfig(
+                examples_uri=self.cfg.examples_uri,
+                registry_uri=self.cfg.registry_uri,
+                storage_path=self.cfg.ray_train_uri or str(Path(self.cfg.work_dir) / "ray_train"),
+                model_kind=self.cfg.model,
+                hash_buckets=self.cfg.hash_buckets,
+                architecture=self.cfg.architecture,
+                window_days=None,
+                ts_min=ts_min,
+                ts_max=ts_max,
+                seed=self.cfg.seed,
+                replay_ratio=self.cfg.replay_ratio,  # for the warm start only
+                num_workers=self.cfg.retrain_workers,
+                placement_strategy=self.cfg.retrain_placement,
+            ),
+            starts,
+        )
         out = []
-        for init in dict.fromkeys(starts):
-            res = run_retrain(
-                RetrainConfig(
-                    examples_uri=self.cfg.examples_uri,
-                    registry_uri=self.cfg.registry_uri,
-                    storage_path=self.cfg.ray_train_uri or str(Path(self.cfg.work_dir) / "ray_train"),
-                    model_kind=self.cfg.model,
-                    hash_buckets=self.cfg.hash_buckets,
-                    architecture=self.cfg.architecture,
-                    window_days=None,
-                    ts_min=ts_min,
-                    ts_max=ts_max,
-                    seed=self.cfg.seed,
-                    init_version=init,
-                    replay_ratio=self.cfg.replay_ratio if init else 0.0,
-                    num_workers=self.cfg.retrain_workers,
-                    placement_strategy=self.cfg.retrain_placement,
-                )
-            )
+        for res in fitted:
             self._log("retrain fitted", version=res["version"], worker_nodes=res.get("worker_nodes", []))
             out.append(
                 Candidate(
@@ -446,7 +447,7 @@ class Deployer:
                     None,
                     {**res["metrics"], "fit_seconds": res["fit_seconds"]},
                     "retrain",
-                    f"warm from {init}" if init else "cold",
+                    res["start"],
                 )
             )
         return out

@@ -133,7 +133,10 @@ def evaluate(model, encoder, table) -> dict[str, float]:
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: read the window, train its shard with DDP, worker 0 evaluates and checkpoints."""
+    """One Ray Train worker: read the window, then for each start (``loop["starts"]``: a registry version to
+    warm-start from, or None for a cold fit) train its shard with DDP; worker 0 evaluates each model and puts
+    them all in one checkpoint (``start-<i>/``). One fit for every candidate: the worker group's start-up
+    (processes, imports, the process group) is the larger part of a retrain on a small window."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -148,11 +151,33 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     store = ExampleStore(cfg.examples_uri)
     table = store.read_window(loop["ts_min"], loop["ts_max"])
-    train, holdout = split_window(table, cfg.holdout_fraction)
-    if cfg.init_version:
-        # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
+    window_train, holdout = split_window(table, cfg.holdout_fraction)
+    with tempfile.TemporaryDirectory() as d:
+        for i, start in enumerate(loop.get("starts", [cfg.init_version])):
+            metrics = _fit_one(cfg, start, store, table, window_train, holdout, loop, rank, world, nodes)
+            if rank == 0:
+                out = os.path.join(d, f"start-{i}")
+                os.makedirs(out)
+                save_file(
+                    {k: v.detach().contiguous() for k, v in metrics.pop("_weights").items()},
+                    os.path.join(out, "model.safetensors"),
+                )
+                with open(os.path.join(out, "meta.json"), "w") as f:
+                    json.dump(metrics.pop("_meta"), f)
+                with open(os.path.join(out, "metrics.json"), "w") as f:
+                    json.dump(metrics, f)
+        if rank == 0:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
 
-        entry, base = load_model(ModelRegistry(cfg.registry_uri), cfg.init_version)
+
+def _fit_one(cfg, start, store, table, train, holdout, loop, rank: int, world: int, nodes) -> dict[str, Any]:
+    """Fit one model on the window (warm from registry version ``start``, or cold); worker 0 adds its weights,
+    its record (``_meta``) and its holdout metrics."""
+    if start:
+        # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
+        entry, base = load_model(ModelRegistry(cfg.registry_uri), start)
         enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
         mc = ModelConfig.from_dict(entry.model_config)
         if cfg.replay_ratio > 0 and loop["ts_min"] is not None:
@@ -174,6 +199,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         mc = model_config_for(cfg.model_kind, enc.config, cfg.architecture, seed=cfg.seed)
         base = build_model(mc)
     ec = enc.config
+    import ray.train.torch  # in the worker (see the note on Ray at the top)
+
     # some models hold parameters a batch may not touch (LR's unused tables): DDP must not wait for them
     model = (
         ray.train.torch.prepare_model(base, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -198,52 +225,50 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             loss.backward()
             opt.step()
             total += loss.item() * len(logits)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": total / max(1, shard.num_rows),
-            "train_rows": train.num_rows,
-            "seconds": time.time() - t0,
-        }
-        if epoch < cfg.epochs - 1:
-            ray.train.report(metrics)
+    metrics: dict[str, Any] = {
+        "epoch": cfg.epochs - 1,
+        "train_loss": total / max(1, shard.num_rows),
+        "train_rows": train.num_rows,
+        "seconds": time.time() - t0,
+    }
     if rank == 0:
         metrics.update({f"holdout_{k}": v for k, v in evaluate(base, enc, holdout).items()})
-        with tempfile.TemporaryDirectory() as d:
-            save_file(
-                {k: v.detach().contiguous() for k, v in base.state_dict().items()}, os.path.join(d, "model.safetensors")
-            )
-            with open(os.path.join(d, "meta.json"), "w") as f:
-                json.dump(
-                    {
-                        "model_config": mc.to_dict(),
-                        "encoder_config": ec.to_dict(),
-                        "train_rows": train.num_rows,
-                        "holdout_rows": holdout.num_rows,
-                        "worker_nodes": nodes,
-                        "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
-                        "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())],
-                        # under delayed labels what it knows reaches to the newest label's arrival
-                        "label_ts_max": max(int(pc.max(t["label_ts"]).as_py()) for t in (train, holdout))
-                        if "label_ts" in train.column_names
-                        else None,
-                    },
-                    f,
-                )
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics)
+        metrics["_weights"] = base.state_dict()
+        metrics["_meta"] = {
+            "start": start,
+            "model_config": mc.to_dict(),
+            "encoder_config": ec.to_dict(),
+            "train_rows": train.num_rows,
+            "holdout_rows": holdout.num_rows,
+            "worker_nodes": nodes,
+            "train_ts": [int(pc.min(train["ts"]).as_py()), int(pc.max(train["ts"]).as_py())],
+            "holdout_ts": [int(holdout["ts"][0].as_py()), int(holdout["ts"][-1].as_py())],
+            # under delayed labels what it knows reaches to the newest label's arrival
+            "label_ts_max": max(int(pc.max(t["label_ts"]).as_py()) for t in (train, holdout))
+            if "label_ts" in train.column_names
+            else None,
+        }
+    return metrics
 
 
 def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     """Fit on Ray (already initialised), publish the candidate; returns a summary (version, metrics)."""
+    return run_retrains(cfg, [cfg.init_version])[0]
+
+
+def run_retrains(cfg: RetrainConfig, starts: list[str | None]) -> list[dict[str, Any]]:
+    """One Ray Train fit of a model per start (a registry version to warm-start from with ``cfg.replay_ratio``,
+    or None: cold), each published as a candidate; returns their summaries in the order of ``starts``."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if not starts:
+        raise ValueError("run_retrains needs at least one start (a version, or None for a cold fit)")
     ts_min, ts_max = resolve_window(cfg)
     t0 = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max},
+        train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max, "starts": list(starts)},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=False,
@@ -266,60 +291,72 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     fit_s = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"retrain produced no checkpoint: {result.error}")
+    fitted = []
     with result.checkpoint.as_directory() as d:
-        weights = load_file(os.path.join(d, "model.safetensors"))
-        with open(os.path.join(d, "meta.json")) as f:
-            meta = json.load(f)
-    metrics = {k: float(v) for k, v in result.metrics.items() if k.startswith("holdout_") or k == "train_loss"}
+        for i in range(len(starts)):
+            sub = os.path.join(d, f"start-{i}")
+            with open(os.path.join(sub, "meta.json")) as f, open(os.path.join(sub, "metrics.json")) as g:
+                fitted.append((load_file(os.path.join(sub, "model.safetensors")), json.load(f), json.load(g)))
     registry = ModelRegistry(cfg.registry_uri)
-    extra: dict[str, Any] = {
-        "encoder": meta["encoder_config"],
-        "source": "jobs.retrain",
-        "num_workers": cfg.num_workers,
-        "epochs": cfg.epochs,
-        "fit_seconds": fit_s,
-        "worker_nodes": meta.get("worker_nodes", []),
-        "start": f"warm from {cfg.init_version}" if cfg.init_version else "cold",
-        "replay_ratio": cfg.replay_ratio,
-    }
     current = registry.current()
+    reference: dict[str, Any] | None = None
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
             entry, model = load_model(registry, current)
             table = ExampleStore(cfg.examples_uri).read_window(ts_min, ts_max)
             _, holdout = split_window(table, cfg.holdout_fraction)
             enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
-            extra["holdout_current"] = {"version": current, **evaluate(model, enc, holdout)}
+            reference = {"version": current, **evaluate(model, enc, holdout)}
         except Exception as e:  # a broken current version must not stop a retrain that could replace it
-            extra["holdout_current"] = {"version": current, "error": str(e)}
-    entry = registry.publish(
-        weights,
-        model_config=meta["model_config"],
-        feature_service=cfg.feature_service,
-        training_range={
-            "ts_min": ts_min,
-            "ts_max": ts_max,
-            "train_ts": meta["train_ts"],
-            "holdout_ts": meta["holdout_ts"],
-            "train_rows": meta["train_rows"],
-            "holdout_rows": meta["holdout_rows"],
-            # the causal horizon: nothing of the window may be served by it
-            "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1], meta.get("label_ts_max") or -1),
-        },
-        metrics=metrics,
-        extra=extra,
-        promote=cfg.promote,
-    )
-    return {
-        "version": entry.version,
-        "promoted": cfg.promote,
-        "metrics": metrics,
-        "trained_until_ts": entry.training_range["trained_until_ts"],
-        "holdout_current": extra.get("holdout_current"),
-        "fit_seconds": round(fit_s, 1),
-        "worker_nodes": extra["worker_nodes"],
-        "checkpoint": result.checkpoint.path,
-    }
+            reference = {"version": current, "error": str(e)}
+    out = []
+    for (weights, meta, raw), start in zip(fitted, starts):
+        metrics = {k: float(v) for k, v in raw.items() if k.startswith("holdout_") or k == "train_loss"}
+        extra: dict[str, Any] = {
+            "encoder": meta["encoder_config"],
+            "source": "jobs.retrain",
+            "num_workers": cfg.num_workers,
+            "epochs": cfg.epochs,
+            "fit_seconds": fit_s,
+            "fitted_with": len(starts),  # candidates of the same fit (fit_seconds is theirs together)
+            "worker_nodes": meta.get("worker_nodes", []),
+            "start": f"warm from {start}" if start else "cold",
+            "replay_ratio": cfg.replay_ratio if start else 0.0,
+        }
+        if reference is not None:
+            extra["holdout_current"] = reference
+        entry = registry.publish(
+            weights,
+            model_config=meta["model_config"],
+            feature_service=cfg.feature_service,
+            training_range={
+                "ts_min": ts_min,
+                "ts_max": ts_max,
+                "train_ts": meta["train_ts"],
+                "holdout_ts": meta["holdout_ts"],
+                "train_rows": meta["train_rows"],
+                "holdout_rows": meta["holdout_rows"],
+                # the causal horizon: nothing of the window may be served by it
+                "trained_until_ts": max(meta["train_ts"][1], meta["holdout_ts"][1], meta.get("label_ts_max") or -1),
+            },
+            metrics=metrics,
+            extra=extra,
+            promote=cfg.promote,
+        )
+        out.append(
+            {
+                "version": entry.version,
+                "start": extra["start"],
+                "promoted": cfg.promote,
+                "metrics": metrics,
+                "trained_until_ts": entry.training_range["trained_until_ts"],
+                "holdout_current": extra.get("holdout_current"),
+                "fit_seconds": round(fit_s, 1),
+                "worker_nodes": extra["worker_nodes"],
+                "checkpoint": result.checkpoint.path,
+            }
+        )
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.Namespace]:

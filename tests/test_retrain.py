@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from jobs.examples import write_example_files
 from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
-from jobs.retrain import RetrainConfig, resolve_window, run_retrain, split_window
+from jobs.retrain import RetrainConfig, resolve_window, run_retrain, run_retrains, split_window
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,17 +43,10 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
         first = run_retrain(RetrainConfig(**{**cfg.__dict__, "promote": True}))
         second = run_retrain(cfg)
         ts = [int(t) for t in examples["ts"].to_numpy()]
-        warm = run_retrain(
-            RetrainConfig(
-                **{
-                    **cfg.__dict__,
-                    "ts_min": ts[4000],
-                    "ts_max": ts[-1] + 1,
-                    "init_version": first["version"],
-                    "replay_ratio": 0.5,
-                }
-            )
-        )
+        window = RetrainConfig(**{**cfg.__dict__, "ts_min": ts[4000], "ts_max": ts[-1] + 1, "replay_ratio": 0.5})
+        # a warm and a cold candidate from one fit (one worker group), and the same cold fit on its own
+        warm, cold = run_retrains(window, [first["version"], None])
+        alone = run_retrain(window)
     finally:
         ray.shutdown()
     assert reg.current() == first["version"]  # promoted on request
@@ -70,3 +64,11 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
     assert w.extra["start"] == f"warm from {first['version']}"
     assert w.extra["encoder"] == reg.entry(first["version"]).extra["encoder"]
     assert w.training_range["train_rows"] > 0.9 * 2000 * 1.4 and w.training_range["train_ts"][0] < ts[4000]
+    # the cold candidate of the joint fit is the same model as the cold fit alone (the warm one before it
+    # changes nothing), without the replay sample, and both candidates share the fit's time
+    c = reg.entry(cold["version"])
+    assert c.extra["start"] == "cold" and c.extra["replay_ratio"] == 0.0 and c.extra["fitted_with"] == 2
+    assert w.extra["fit_seconds"] == c.extra["fit_seconds"]
+    assert c.training_range["train_rows"] == reg.entry(alone["version"]).training_range["train_rows"] == 1800
+    a, b = reg.load(cold["version"])[1], reg.load(alone["version"])[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
