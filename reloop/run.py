@@ -598,11 +598,6 @@ class LoopRun:
         # a promoted warm retrain becomes the trainer's starting point: one lineage, refreshed as before
         deployer.on_promoted = lambda version: trainer.adopt.remote(version)
         trainer_run = trainer.run.remote()
-        try:  # the actor imports torch and restores its checkpoint first: wait for it once, generously
-            ray.get(trainer.status.remote(), timeout=300)
-        except Exception as e:  # noqa: BLE001
-            ray.shutdown()
-            raise RunError(f"the trainer actor did not start: {e!r}") from e
         threads = [
             threading.Thread(target=self._guard, args=(name, fn), name=name, daemon=True)
             for name, fn in (
@@ -616,8 +611,18 @@ class LoopRun:
         # at its next safe point, whatever thread the signal lands in
         previous = {sig: signal.signal(sig, self._interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for t in threads:
+            # the replay and the feature job need no trainer: they run while its actor starts (it imports torch
+            # and restores its checkpoint first, 10-30 s on 2 busy cores); serving starts once it is up
+            for t in threads[:2]:
                 t.start()
+            try:
+                ray.get(trainer.status.remote(), timeout=300)
+            except Exception as e:  # noqa: BLE001
+                self.stop.set()
+                for t in threads[:2]:
+                    t.join()
+                raise RunError(f"the trainer actor did not start: {e!r}") from e
+            threads[2].start()
             while any(t.is_alive() for t in threads):
                 try:
                     # the serving clock: the trainer learns only examples whose labels have arrived, i.e.
