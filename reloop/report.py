@@ -316,7 +316,7 @@ def _html(s: dict[str, Any], images: dict[str, Path]) -> str:
     thr = [{"stage": k, "events/s": int(round(v))} for k, v in s["throughput_events_per_s"].items()]
     wall = s.get("seconds") or 0.0
     budget = [
-        {"stage": stage, "activity": what, "seconds": round(sec, 1), "share of the run": f"{sec / wall:.0%}"}
+        {"stage": stage, "activity": what, "seconds": f"{sec:,.1f}", "share of the run": f"{sec / wall:.0%}"}
         for stage, acts in s.get("time_budget_s", {}).items()
         for what, sec in sorted(acts.items(), key=lambda kv: -kv[1])
         if wall
