@@ -32,7 +32,7 @@ from jobs.scoring import horizon_of, load_bundle
 from online_models.models import predict_table
 from online_models.settings import MODEL_ARCH
 from jobs.examples import ExampleStore
-from jobs.retrain import RetrainConfig, run_retrains
+from jobs.retrain import RetrainConfig, RetrainWorker, run_retrains
 
 
 class DeployError(ReloopError, RuntimeError):
@@ -117,6 +117,8 @@ class Deployer:
         self.monitor = None  # set by the run (the MonitorLoop)
         #: called with a promoted retrain's version (the run lets the incremental trainer take it over)
         self.on_promoted = None
+        #: a long-lived RetrainWorker actor (see start_retrain_worker): single-worker retrains run on it
+        self.retrain_worker = None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="retrain")
         self.pending: concurrent.futures.Future | None = None
         self.considered: set[str] = set()
@@ -392,6 +394,15 @@ class Deployer:
         )
         return best
 
+    def start_retrain_worker(self) -> None:
+        """Start the long-lived retrain worker now (Ray initialised), so that its start-up (a process that
+        imports torch, 10-20 s on 2 cores) overlaps the stream instead of holding it at the first drift.
+        Only for single-worker retrains: DDP retrains (``retrain_workers`` > 1) use Ray Train's worker group."""
+        if self.cfg.retrain_workers == 1 and self.retrain_worker is None:
+            import ray  # Ray is initialised by the run before this is called
+
+            self.retrain_worker = ray.remote(num_cpus=1)(RetrainWorker).remote()
+
     def close(self, wait: bool = True) -> None:
         """Wait for a running retrain (or, when interrupted, drop it: its candidate was never gated)."""
         self.pool.shutdown(wait=wait, cancel_futures=not wait)
@@ -437,6 +448,7 @@ class Deployer:
                 placement_strategy=self.cfg.retrain_placement,
             ),
             starts,
+            worker=self.retrain_worker,
         )
         out = []
         for res in fitted:

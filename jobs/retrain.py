@@ -133,29 +133,23 @@ def evaluate(model, encoder, table) -> dict[str, float]:
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: read the window, then for each start (``loop["starts"]``: a registry version to
-    warm-start from, or None for a cold fit) train its shard with DDP; worker 0 evaluates each model and puts
-    them all in one checkpoint (``start-<i>/``). One fit for every candidate: the worker group's start-up
-    (processes, imports, the process group) is the larger part of a retrain on a small window."""
+    """One Ray Train worker: :func:`fit_starts` with DDP over the worker group; worker 0 puts every model in one
+    checkpoint (``start-<i>/``). One fit for every candidate: the worker group's start-up (processes, imports,
+    the process group) is the larger part of a retrain on a small window."""
     import ray.train
     from ray.train import Checkpoint
 
-    cfg = RetrainConfig(**loop["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(1)
     # where every worker runs, gathered to worker 0 for the record (which nodes took part)
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    store = ExampleStore(cfg.examples_uri)
-    table = store.read_window(loop["ts_min"], loop["ts_max"])
-    window_train, holdout = split_window(table, cfg.holdout_fraction)
+    fitted = fit_starts(loop, rank, world, nodes)
     with tempfile.TemporaryDirectory() as d:
-        for i, start in enumerate(loop.get("starts", [cfg.init_version])):
-            metrics = _fit_one(cfg, start, store, table, window_train, holdout, loop, rank, world, nodes)
-            if rank == 0:
+        if rank == 0:
+            for i, metrics in enumerate(fitted):
                 out = os.path.join(d, f"start-{i}")
                 os.makedirs(out)
                 save_file(
@@ -166,10 +160,43 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                     json.dump(metrics.pop("_meta"), f)
                 with open(os.path.join(out, "metrics.json"), "w") as f:
                     json.dump(metrics, f)
-        if rank == 0:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            ray.train.report(fitted[-1], checkpoint=Checkpoint.from_directory(d))
         else:
-            ray.train.report(metrics)
+            ray.train.report(fitted[-1])
+
+
+def fit_starts(loop: dict[str, Any], rank: int = 0, world: int = 1, nodes: list[Any] | None = None) -> list[dict]:
+    """Read the window and fit a model per start (``loop["starts"]``: a registry version to warm-start from,
+    or None for a cold fit), as worker ``rank`` of ``world``; on worker 0 each result carries its weights
+    (``_weights``) and record (``_meta``) beside its metrics."""
+    cfg = RetrainConfig(**loop["config"])
+    torch.set_num_threads(1)
+    store = ExampleStore(cfg.examples_uri)
+    table = store.read_window(loop["ts_min"], loop["ts_max"])
+    window_train, holdout = split_window(table, cfg.holdout_fraction)
+    return [
+        _fit_one(cfg, start, store, table, window_train, holdout, loop, rank, world, nodes or [])
+        for start in loop.get("starts", [cfg.init_version])
+    ]
+
+
+class RetrainWorker:
+    """A long-lived retrain worker (a Ray actor: ``ray.remote(num_cpus=1)(RetrainWorker).remote()``) for
+    single-worker retrains: torch and this module are imported once, when the actor starts, not per retrain.
+
+    A ``TorchTrainer`` fit starts a controller and a worker group each time, 13-21 s on 2 cores for a fit that
+    does nothing (``benchmarks/bench_drift_loop.py``); a retrain on a drift window trains for a few seconds.
+    Multi-worker (DDP) retrains keep using Ray Train (:func:`run_retrains` without a worker).
+    """
+
+    def node(self) -> str:
+        import ray  # in the actor (see the note on Ray at the top)
+
+        return ray.get_runtime_context().get_node_id()
+
+    def fit(self, loop: dict[str, Any]) -> list[dict[str, Any]]:
+        """:func:`fit_starts` as the only worker: each result with its weights, record and metrics."""
+        return fit_starts(loop, 0, 1, [self.node()])
 
 
 def _fit_one(cfg, start, store, table, train, holdout, loop, rank: int, world: int, nodes) -> dict[str, Any]:
@@ -256,47 +283,58 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     return run_retrains(cfg, [cfg.init_version])[0]
 
 
-def run_retrains(cfg: RetrainConfig, starts: list[str | None]) -> list[dict[str, Any]]:
-    """One Ray Train fit of a model per start (a registry version to warm-start from with ``cfg.replay_ratio``,
-    or None: cold), each published as a candidate; returns their summaries in the order of ``starts``."""
+def run_retrains(cfg: RetrainConfig, starts: list[str | None], worker=None) -> list[dict[str, Any]]:
+    """One fit of a model per start (a registry version to warm-start from with ``cfg.replay_ratio``, or None:
+    cold), each published as a candidate; returns their summaries in the order of ``starts``.
+
+    With ``worker`` (a :class:`RetrainWorker` actor) and one worker configured, the fit runs on it; otherwise
+    on Ray Train (``TorchTrainer``, ``cfg.num_workers`` workers with DDP, checkpointed to ``storage_path``)."""
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not starts:
         raise ValueError("run_retrains needs at least one start (a version, or None for a cold fit)")
     ts_min, ts_max = resolve_window(cfg)
+    loop = {"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max, "starts": list(starts)}
     t0 = time.time()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": asdict(cfg), "ts_min": ts_min, "ts_max": ts_max, "starts": list(starts)},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=False,
-            resources_per_worker={"CPU": 1},
-            placement_strategy=cfg.placement_strategy,
-        ),
-        # a lost node counts like any failure: by default Ray Train retries preemptions and controller errors
-        # (a worker group that cannot be placed again) forever, which would wedge the deployer
-        run_config=RunConfig(
-            name=f"retrain-{int(time.time())}",
-            storage_path=cfg.storage_path,
-            failure_config=FailureConfig(
-                max_failures=cfg.max_failures,
-                controller_failure_limit=cfg.max_failures,
-                max_preemption_failures=cfg.max_failures,
+    fitted: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+    checkpoint: str | None = None
+    if worker is not None and cfg.num_workers == 1:
+        for metrics in ray.get(worker.fit.remote(loop)):
+            fitted.append((metrics.pop("_weights"), metrics.pop("_meta"), metrics))
+    else:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=False,
+                resources_per_worker={"CPU": 1},
+                placement_strategy=cfg.placement_strategy,
             ),
-        ),
-    )
-    result = trainer.fit()
+            # a lost node counts like any failure: by default Ray Train retries preemptions and controller
+            # errors (a worker group that cannot be placed again) forever, which would wedge the deployer
+            run_config=RunConfig(
+                name=f"retrain-{int(time.time())}",
+                storage_path=cfg.storage_path,
+                failure_config=FailureConfig(
+                    max_failures=cfg.max_failures,
+                    controller_failure_limit=cfg.max_failures,
+                    max_preemption_failures=cfg.max_failures,
+                ),
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"retrain produced no checkpoint: {result.error}")
+        checkpoint = result.checkpoint.path
+        with result.checkpoint.as_directory() as d:
+            for i in range(len(starts)):
+                sub = os.path.join(d, f"start-{i}")
+                with open(os.path.join(sub, "meta.json")) as f, open(os.path.join(sub, "metrics.json")) as g:
+                    fitted.append((load_file(os.path.join(sub, "model.safetensors")), json.load(f), json.load(g)))
     fit_s = time.time() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"retrain produced no checkpoint: {result.error}")
-    fitted = []
-    with result.checkpoint.as_directory() as d:
-        for i in range(len(starts)):
-            sub = os.path.join(d, f"start-{i}")
-            with open(os.path.join(sub, "meta.json")) as f, open(os.path.join(sub, "metrics.json")) as g:
-                fitted.append((load_file(os.path.join(sub, "model.safetensors")), json.load(f), json.load(g)))
     registry = ModelRegistry(cfg.registry_uri)
     current = registry.current()
     reference: dict[str, Any] | None = None
@@ -353,7 +391,7 @@ def run_retrains(cfg: RetrainConfig, starts: list[str | None]) -> list[dict[str,
                 "holdout_current": extra.get("holdout_current"),
                 "fit_seconds": round(fit_s, 1),
                 "worker_nodes": extra["worker_nodes"],
-                "checkpoint": result.checkpoint.path,
+                "checkpoint": checkpoint,  # Ray Train's (None from a RetrainWorker: the registry holds it)
             }
         )
     return out

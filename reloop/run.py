@@ -591,6 +591,7 @@ class LoopRun:
             ray.init(address=self.cfg.ray.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
         else:
             init_local(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        deployer.start_retrain_worker()  # its start-up overlaps the stream, not the first drift's wait
         trainer = ray.remote(num_cpus=1, max_concurrency=2, resources=dict(self.cfg.ray.trainer_resources) or None)(
             IncrementalTrainer
         ).remote(self._trainer_config())

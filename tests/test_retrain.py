@@ -8,7 +8,7 @@ import torch
 from jobs.examples import write_example_files
 from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
-from jobs.retrain import RetrainConfig, resolve_window, run_retrain, run_retrains, split_window
+from jobs.retrain import RetrainConfig, RetrainWorker, resolve_window, run_retrain, run_retrains, split_window
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,6 +47,9 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
         # a warm and a cold candidate from one fit (one worker group), and the same cold fit on its own
         warm, cold = run_retrains(window, [first["version"], None])
         alone = run_retrain(window)
+        # the long-lived worker fits the same models as Ray Train's worker group, without its start-up
+        worker = ray.remote(num_cpus=1)(RetrainWorker).remote()
+        on_worker = run_retrains(window, [first["version"], None], worker=worker)
     finally:
         ray.shutdown()
     assert reg.current() == first["version"]  # promoted on request
@@ -72,3 +75,7 @@ def test_retrain_publishes_a_candidate_with_holdout_metrics(tmp_path):
     assert c.training_range["train_rows"] == reg.entry(alone["version"]).training_range["train_rows"] == 1800
     a, b = reg.load(cold["version"])[1], reg.load(alone["version"])[1]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    for joint, kept in zip((warm, cold), on_worker):
+        a, b = reg.load(joint["version"])[1], reg.load(kept["version"])[1]
+        assert all(torch.equal(a[k], b[k]) for k in a) and kept["checkpoint"] is None
+        assert reg.entry(kept["version"]).training_range == reg.entry(joint["version"]).training_range
