@@ -78,6 +78,10 @@ class RetrainConfig:
     #: with a warm start, add a uniform sample of older examples (before ts_min) of this many times the
     #: window's rows, so the fine-tune does not forget what still holds
     replay_ratio: float = 0.0
+    #: side features (as :attr:`jobs.trainer.TrainerConfig.side_tables_uri`): the window is joined point in time
+    #: with the side tables there, and a cold fit's encoder reads them; None: none (a warm start whose
+    #: encoder reads them then fails with the reason)
+    side_tables_uri: str | None = None
 
     def __post_init__(self) -> None:
         if self.replay_ratio < 0:
@@ -87,7 +91,17 @@ class RetrainConfig:
         if self.num_workers < 1 or self.epochs < 1:
             raise ValueError("num_workers and epochs must be >= 1")
         if self.feature_service is None:
-            object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
+            object.__setattr__(
+                self, "feature_service", feature_service_name(self.model_kind, side=self.side_tables_uri is not None)
+            )
+
+
+def _store(cfg: RetrainConfig):
+    """The example store of the window, joined with the side tables when configured."""
+    from jobs.examples import ExampleStore
+    from pipelines.side_features import side_source
+
+    return ExampleStore(cfg.examples_uri, side=side_source(cfg.side_tables_uri))
 
 
 def resolve_window(cfg: RetrainConfig) -> tuple[int | None, int | None]:
@@ -125,11 +139,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
-    from jobs.examples import ExampleStore
-    from jobs.trainer import feature_columns
+    from jobs.trainer import encoder_config_for, reads_side_features
     from online_models.encoding import EncoderConfig, FeatureEncoder
     from online_models.models import ModelConfig, build_model, model_config_for
-    from online_models.din import history_field
 
     cfg = RetrainConfig(**loop["config"])
     ctx = ray.train.get_context()
@@ -142,7 +154,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    store = ExampleStore(cfg.examples_uri)
+    store = _store(cfg)
     table = store.read_window(loop["ts_min"], loop["ts_max"])
     train, holdout = split_window(table, cfg.holdout_fraction)
     if cfg.init_version:
@@ -151,6 +163,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
         entry, base = load_model(ModelRegistry(cfg.registry_uri), cfg.init_version)
         enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
+        if reads_side_features(enc.config) and store.side is None:
+            raise ValueError(f"{cfg.init_version} reads side attributes: give side_tables_uri for its warm start")
         mc = ModelConfig.from_dict(entry.model_config)
         if cfg.replay_ratio > 0 and loop["ts_min"] is not None:
             older = store.read_window(None, loop["ts_min"])
@@ -161,13 +175,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                     [older.take(pick).select(train.column_names), train], promote_options="permissive"
                 )
     else:
-        enc = FeatureEncoder(
-            EncoderConfig(
-                numeric_fields=tuple(feature_columns(table.column_names)),
-                hash_buckets=cfg.hash_buckets,
-                history_field=history_field(cfg.model_kind),
-            )
-        ).fit(train)
+        side = cfg.side_tables_uri is not None
+        enc = FeatureEncoder(encoder_config_for(table.column_names, cfg.model_kind, cfg.hash_buckets, side)).fit(train)
         mc = model_config_for(cfg.model_kind, enc.config, cfg.architecture, seed=cfg.seed)
         base = build_model(mc)
     ec = enc.config
@@ -285,11 +294,10 @@ def run_retrain(cfg: RetrainConfig) -> dict[str, Any]:
     current = registry.current()
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
-            from jobs.examples import ExampleStore
             from online_models.encoding import EncoderConfig, FeatureEncoder
 
             entry, model = load_model(registry, current)
-            table = ExampleStore(cfg.examples_uri).read_window(ts_min, ts_max)
+            table = _store(cfg).read_window(ts_min, ts_max)
             _, holdout = split_window(table, cfg.holdout_fraction)
             enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
             extra["holdout_current"] = {"version": current, **evaluate(model, enc, holdout)}
@@ -350,6 +358,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side-tables", default=None, help="side features: the user_profile/item_catalog batch sources")
     a = p.parse_args(argv)
     from jobs.config import load_jobs_config as load_config
 
@@ -380,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
         placement_strategy=a.placement,
         promote=a.promote,
         seed=a.seed,
+        side_tables_uri=a.side_tables,
     ), a
 
 
