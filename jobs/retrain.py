@@ -358,11 +358,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--side-tables", default=None, help="side features: the user_profile/item_catalog batch sources")
+    p.add_argument(
+        "--side-tables",
+        default=None,
+        help="side features: the user_profile/item_catalog batch sources "
+        "(default with trainer.side_features: the Feast repo's)",
+    )
     a = p.parse_args(argv)
     from jobs.config import load_jobs_config as load_config
 
     c = load_config(a.config)
+    if a.side_tables is None and c.trainer.side_features:  # the Feast repo's batch sources (reloop side-tables)
+        from pipelines.side_features import feast_batch_root
+
+        a.side_tables = feast_batch_root(c.feast)
     examples = os.path.abspath(a.examples or c.storage.examples_uri) if "://" not in (a.examples or "") else a.examples
     registry = a.registry or c.storage.registry_uri
     if "://" not in registry:

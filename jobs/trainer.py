@@ -62,7 +62,7 @@ from online_models.learner import LearnerConfig, OnlineLearner
 from online_models.models import KINDS, ModelConfig, build_model, model_config_for
 from online_models.settings import MODEL_ARCH
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
-from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, side_source
+from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, feast_batch_root, side_source
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/2"  # 2: the optimizers of an OnlineLearner
 RAY_EXCLUDES = [
@@ -581,11 +581,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
         "--side-tables",
         default=None,
         help="side features: directory/URI of the user_profile/item_catalog batch sources (e.g. the Feast repo's "
-        "data/offline, written by `reloop side-tables`)",
+        "data/offline, written by `reloop side-tables`; the default when the config's trainer.side_features is true)",
     )
     a = p.parse_args(argv)
 
     cfg = load_config(a.config)
+    if a.side_tables is None and cfg.trainer.side_features:  # the Feast repo's batch sources (reloop side-tables)
+        a.side_tables = feast_batch_root(cfg.feast)
     examples = a.examples or cfg.storage.examples_uri
     registry = a.registry or cfg.storage.registry_uri
     ckpt = a.checkpoint_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer")

@@ -226,6 +226,24 @@ class SideTableSource:
         return self.tables().join(table, ts_column)
 
 
+def feast_batch_root(feast_cfg) -> str:
+    """The directory holding the batch sources of the configured Feast repo's ``user_profile`` / ``item_catalog``
+    (where ``reloop side-tables`` writes them): the parent of the views' own source directories."""
+    from pipelines.feast_io import offline_dir, open_store
+
+    try:
+        store = open_store(feast_cfg)
+        dirs = {posixpath.dirname(offline_dir(store, v).rstrip("/")) for v, _, _ in _VIEWS}
+    except Exception as e:  # Feast raises its own not-found errors: the repo was never applied
+        raise ValueError(
+            f"side features: the Feast repo has no batch views user_profile/item_catalog ({e}); "
+            f"run `reloop side-tables` first, or give the side tables' location"
+        ) from e
+    if len(dirs) != 1:
+        raise ValueError(f"side features: user_profile and item_catalog read from different roots: {sorted(dirs)}")
+    return dirs.pop()
+
+
 def side_source(root: str | None) -> SideTableSource | None:
     """A :class:`SideTableSource` for a configured location, None for none."""
     return SideTableSource(root) if root else None

@@ -199,3 +199,12 @@ def test_a_side_feature_version_from_the_trainer_scores_at_score_and_in_the_serv
         bare = ServingLoop(str(tmp_path / "ex"), reg, dict(SERVING_MEMORY))
         while bare.step():
             pass
+
+
+def test_the_trainer_command_line_takes_the_side_tables(tmp_path):
+    from jobs.trainer import parse_args
+
+    tc, _ = parse_args(["--examples", str(tmp_path / "ex"), "--side-tables", str(tmp_path / "side")])
+    assert tc.side_tables_uri == str(tmp_path / "side") and tc.feature_service == "ctr_dcnv2_side_v1"
+    tc, _ = parse_args(["--examples", str(tmp_path / "ex")])
+    assert tc.side_tables_uri is None and tc.feature_service == "ctr_dcnv2_v1"
