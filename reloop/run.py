@@ -80,7 +80,7 @@ from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, side_source, wr
 from pipelines.storage import open_filesystem, storage_env
 from reloop import services
 from reloop.config import ReloopConfig
-from reloop.datasets import load_dataset
+from reloop.datasets import MOVIELENS_100K, load_dataset
 from reloop.inject import inject_drift
 from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
 from reloop.replay import replay_delayed, replay_table
@@ -320,6 +320,10 @@ class LoopRun:
         #: side features: where the run's side tables are (its trainer, retrains and serving join them)
         self.side_uri = _sibling(self.cfg.storage.examples_uri, "side_tables") if opts.side_features else None
         self.side_rows: dict[str, int] = {}
+        if opts.side_features and opts.dataset != MOVIELENS_100K and not (opts.users_path or opts.items_path):
+            raise RunError(
+                f"--side-features: {opts.dataset} has no side tables of its own; give --users and/or --items"
+            )
         self.t0 = time.time()
         if not opts.resume:
             (self.state / "run.json").write_text(

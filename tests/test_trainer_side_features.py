@@ -208,3 +208,12 @@ def test_the_trainer_command_line_takes_the_side_tables(tmp_path):
     assert tc.side_tables_uri == str(tmp_path / "side") and tc.feature_service == "ctr_dcnv2_side_v1"
     tc, _ = parse_args(["--examples", str(tmp_path / "ex")])
     assert tc.side_tables_uri is None and tc.feature_service == "ctr_dcnv2_v1"
+
+
+def test_a_run_with_side_features_on_a_dataset_without_side_tables_is_refused_up_front(tmp_path):
+    from reloop.config import ReloopConfig
+    from reloop.run import LoopRun, RunError, RunOptions
+
+    opts = RunOptions(dataset="synthetic:stable?n=100", side_features=True, state_root=str(tmp_path / "runs"))
+    with pytest.raises(RunError, match="no side tables of its own"):
+        LoopRun(ReloopConfig(), opts)
