@@ -175,6 +175,10 @@ class TrainerSection(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     refresh_every: int = Field(1000, ge=100)
     bootstrap: int = Field(5000, ge=1)
+    #: side features (``reloop run --side-features``): the user profile and item catalogue, joined point in time
+    #: onto the examples the trainer, the retrains and serving read, and encoded as fields (bags for genres);
+    #: versions are published under the ``ctr_<kind>_side_v<N>`` feature service
+    side_features: bool = False
 
 
 class GateSection(Strict):

@@ -103,6 +103,8 @@ class DeployConfig:
     #: doubled with each rejection in a row: the refreshed incremental model already tracks the stream, and
     #: a retrain pauses it at full replay speed
     retrain_backoff: int = 10_000
+    #: side features: the side tables' batch sources a retrain joins its window with (None: none)
+    side_tables_uri: str | None = None
 
 
 class Deployer:
@@ -446,6 +448,7 @@ class Deployer:
                 replay_ratio=self.cfg.replay_ratio,  # for the warm start only
                 num_workers=self.cfg.retrain_workers,
                 placement_strategy=self.cfg.retrain_placement,
+                side_tables_uri=self.cfg.side_tables_uri,
             ),
             starts,
             worker=self.retrain_worker,

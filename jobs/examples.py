@@ -41,6 +41,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.side_features import SideTableSource
 from pipelines.storage import open_filesystem, write_parquet_atomic
 
 
@@ -69,12 +70,18 @@ class Position:
 
 
 class ExampleStore:
-    """The Parquet files of training examples under ``uri`` (local path, pyarrow or fsspec URI)."""
+    """The Parquet files of training examples under ``uri`` (local path, pyarrow or fsspec URI).
 
-    def __init__(self, uri: str, columns: list[str] | None = None) -> None:
+    ``side``: the side tables (user profile, item catalogue) joined point in time onto every table read
+    (:mod:`pipelines.side_features`): the trainer, the retrain and the serving loop of ``reloop run`` read
+    examples through it, so they all see the attributes Feast's batch views serve.
+    """
+
+    def __init__(self, uri: str, columns: list[str] | None = None, side: SideTableSource | None = None) -> None:
         self.uri = uri
         self.fs, self.root, self.local = open_filesystem(uri)
         self.columns = columns
+        self.side = side
         self._min_ts: dict[str, int] = {}  # path -> smallest ts, cached: files never change
 
     def files(self) -> list[str]:
@@ -103,7 +110,10 @@ class ExampleStore:
         return self._min_ts[rel]
 
     def read_file(self, rel: str) -> pa.Table:
-        return pq.read_table(self._abs(rel), filesystem=self.fs, columns=self.columns)
+        return self._joined(pq.read_table(self._abs(rel), filesystem=self.fs, columns=self.columns))
+
+    def _joined(self, table: pa.Table) -> pa.Table:
+        return self.side.join(table) if self.side is not None and table.num_rows else table
 
     def pending(self, pos: Position) -> list[str]:
         """Files not yet consumed fully, the partial one first."""
@@ -141,7 +151,7 @@ class ExampleStore:
             expr = e2 if expr is None else expr & e2
         table = dataset.to_table(filter=expr, columns=self.columns)
         keys = [(k, "ascending") for k in ("ts", "event_id") if k in table.column_names]
-        return table.sort_by(keys) if keys else table
+        return self._joined(table.sort_by(keys) if keys else table)
 
 
 def _min_ts(meta: pq.FileMetaData) -> int:

@@ -47,10 +47,10 @@ from jobs.examples import ExampleStore
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from jobs.trainer import feature_columns
+from jobs.trainer import encoder_config_for, reads_side_features
+from pipelines.side_features import feast_batch_root, side_source
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.models import ModelConfig, build_model, model_config_for
-from online_models.din import history_field
 import torch.distributed as dist
 from jobs.registry import ModelRegistry, load_model
 from safetensors.torch import load_file
@@ -94,6 +94,10 @@ class RetrainConfig:
     #: with a warm start, add a uniform sample of older examples (before ts_min) of this many times the
     #: window's rows, so the fine-tune does not forget what still holds
     replay_ratio: float = 0.0
+    #: side features (as :attr:`jobs.trainer.TrainerConfig.side_tables_uri`): the window is joined point in time
+    #: with the side tables there, and a cold fit's encoder reads them; None: none (a warm start whose
+    #: encoder reads them then fails with the reason)
+    side_tables_uri: str | None = None
 
     def __post_init__(self) -> None:
         if self.replay_ratio < 0:
@@ -103,7 +107,14 @@ class RetrainConfig:
         if self.num_workers < 1 or self.epochs < 1:
             raise ValueError("num_workers and epochs must be >= 1")
         if self.feature_service is None:
-            object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
+            object.__setattr__(
+                self, "feature_service", feature_service_name(self.model_kind, side=self.side_tables_uri is not None)
+            )
+
+
+def _store(cfg: RetrainConfig):
+    """The example store of the window, joined with the side tables when configured."""
+    return ExampleStore(cfg.examples_uri, side=side_source(cfg.side_tables_uri))
 
 
 def resolve_window(cfg: RetrainConfig) -> tuple[int | None, int | None]:
@@ -171,7 +182,7 @@ def fit_starts(loop: dict[str, Any], rank: int = 0, world: int = 1, nodes: list[
     (``_weights``) and record (``_meta``) beside its metrics."""
     cfg = RetrainConfig(**loop["config"])
     torch.set_num_threads(1)
-    store = ExampleStore(cfg.examples_uri)
+    store = _store(cfg)
     table = store.read_window(loop["ts_min"], loop["ts_max"])
     window_train, holdout = split_window(table, cfg.holdout_fraction)
     return [
@@ -206,6 +217,8 @@ def _fit_one(cfg, start, store, table, train, holdout, loop, rank: int, world: i
         # warm start: the served model's own encoder and weights, fine-tuned on the window (+ a replay sample)
         entry, base = load_model(ModelRegistry(cfg.registry_uri), start)
         enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
+        if reads_side_features(enc.config) and store.side is None:
+            raise ValueError(f"{start} reads side attributes: give side_tables_uri for its warm start")
         mc = ModelConfig.from_dict(entry.model_config)
         if cfg.replay_ratio > 0 and loop["ts_min"] is not None:
             older = store.read_window(None, loop["ts_min"])
@@ -216,13 +229,8 @@ def _fit_one(cfg, start, store, table, train, holdout, loop, rank: int, world: i
                     [older.take(pick).select(train.column_names), train], promote_options="permissive"
                 )
     else:
-        enc = FeatureEncoder(
-            EncoderConfig(
-                numeric_fields=tuple(feature_columns(table.column_names)),
-                hash_buckets=cfg.hash_buckets,
-                history_field=history_field(cfg.model_kind),
-            )
-        ).fit(train)
+        side = cfg.side_tables_uri is not None
+        enc = FeatureEncoder(encoder_config_for(table.column_names, cfg.model_kind, cfg.hash_buckets, side)).fit(train)
         mc = model_config_for(cfg.model_kind, enc.config, cfg.architecture, seed=cfg.seed)
         base = build_model(mc)
     ec = enc.config
@@ -341,7 +349,7 @@ def run_retrains(cfg: RetrainConfig, starts: list[str | None], worker=None) -> l
     if current is not None:  # the reference for a promotion gate: the serving model on the same holdout
         try:
             entry, model = load_model(registry, current)
-            table = ExampleStore(cfg.examples_uri).read_window(ts_min, ts_max)
+            table = _store(cfg).read_window(ts_min, ts_max)
             _, holdout = split_window(table, cfg.holdout_fraction)
             enc = FeatureEncoder(EncoderConfig.from_dict(entry.extra["encoder"]))
             reference = {"version": current, **evaluate(model, enc, holdout)}
@@ -422,9 +430,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
     p.add_argument("--promote", action="store_true")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--side-tables",
+        default=None,
+        help="side features: the user_profile/item_catalog batch sources "
+        "(default with trainer.side_features: the Feast repo's)",
+    )
     a = p.parse_args(argv)
 
     c = load_config(a.config)
+    if a.side_tables is None and c.trainer.side_features:  # the Feast repo's batch sources (reloop side-tables)
+        a.side_tables = feast_batch_root(c.feast)
     examples = os.path.abspath(a.examples or c.storage.examples_uri) if "://" not in (a.examples or "") else a.examples
     registry = a.registry or c.storage.registry_uri
     if "://" not in registry:
@@ -451,6 +467,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrainConfig, argparse.N
         placement_strategy=a.placement,
         promote=a.promote,
         seed=a.seed,
+        side_tables_uri=a.side_tables,
     ), a
 
 

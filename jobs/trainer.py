@@ -64,6 +64,7 @@ from online_models.learner import LearnerConfig, OnlineLearner
 from online_models.models import KINDS, ModelConfig, build_model, model_config_for
 from online_models.settings import MODEL_ARCH
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
+from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, feast_batch_root, side_source
 
 CKPT_FORMAT = "reloop.trainer-checkpoint/2"  # 2: the optimizers of an OnlineLearner
 RAY_EXCLUDES = [
@@ -115,6 +116,12 @@ class TrainerConfig:
     #: examples (in store order) learned freely before the serving clock bounds the trainer (see
     #: :meth:`IncrementalTrainer.allow`): the bootstrap model's warm-up, which serving never scores
     free_examples: int | None = None
+    #: side features: the batch sources of Feast's ``user_profile`` / ``item_catalog`` (a directory or URI with
+    #: ``user_profile/*.parquet``, ``item_catalog/*.parquet``: ``reloop side-tables`` writes them into the Feast
+    #: repo, ``reloop run --side-features`` under its state). Set, the examples are joined with them point in
+    #: time (:mod:`pipelines.side_features`), the encoder reads the side attributes, and versions are published
+    #: under ``feature_service_name(model_kind, side=True)``. None: ids, aggregates (and history) only
+    side_tables_uri: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.checkpoint_every < 1:
@@ -124,7 +131,9 @@ class TrainerConfig:
         if self.optimizer not in ("adam", "sgd", "adagrad"):
             raise TrainerError(f"optimizer must be adam, sgd or adagrad, got {self.optimizer!r}")
         if self.feature_service is None:
-            object.__setattr__(self, "feature_service", feature_service_name(self.model_kind))
+            object.__setattr__(
+                self, "feature_service", feature_service_name(self.model_kind, side=self.side_tables_uri is not None)
+            )
 
 
 def event_digest(event_ids: list[str]) -> int:
@@ -146,13 +155,30 @@ def feature_columns(names: list[str]) -> list[str]:
     return [c for c in (*USER_FEATURES, *ITEM_FEATURES) if c in names]
 
 
+def encoder_config_for(names: list[str], model_kind: str, hash_buckets: int, side: bool = False) -> EncoderConfig:
+    """The (unfitted) encoder of a cold start over examples with columns ``names``: the ids, the numeric
+    aggregates present, the history a model kind reads, and with ``side`` the side attributes and bags."""
+    return EncoderConfig(
+        categorical_fields=("user_id", "item_id") + (SIDE_CATEGORICAL if side else ()),
+        numeric_fields=tuple(feature_columns(names)),
+        bag_fields=SIDE_BAGS if side else (),
+        hash_buckets=hash_buckets,
+        history_field=history_field(model_kind),
+    )
+
+
+def reads_side_features(encoder: EncoderConfig) -> bool:
+    """Whether an encoder reads side attributes (its examples must be joined with the side tables)."""
+    return bool(set(encoder.categorical_fields + encoder.bag_fields) & set(SIDE_CATEGORICAL + SIDE_BAGS))
+
+
 class IncrementalTrainer:
     """Test-then-train over the example store, with exact resume (see the module docstring)."""
 
     def __init__(self, config: TrainerConfig) -> None:
 
         self.config = config
-        self.store = ExampleStore(config.examples_uri)
+        self.store = ExampleStore(config.examples_uri, side=side_source(config.side_tables_uri))
         self.position = Position()
         self.learned, self.digest, self.seq = 0, 0, 0
         #: the event time of the newest example learned (its checkpoints may serve only later events)
@@ -189,16 +215,17 @@ class IncrementalTrainer:
     def _build(self, first: pa.Table | None, model_config: dict | None = None, encoder_config: dict | None = None):
 
         if encoder_config is None:
-            numeric = feature_columns(first.column_names)
+            side = self.config.side_tables_uri is not None
             enc = FeatureEncoder(
-                EncoderConfig(
-                    numeric_fields=tuple(numeric),
-                    hash_buckets=self.config.hash_buckets,
-                    history_field=history_field(self.config.model_kind),
-                )
+                encoder_config_for(first.column_names, self.config.model_kind, self.config.hash_buckets, side)
             )
             encoder_config = enc.fit(first).config.to_dict()
         self.encoder = FeatureEncoder(EncoderConfig.from_dict(encoder_config))
+        if reads_side_features(self.encoder.config) and self.store.side is None:
+            raise TrainerError(
+                "the checkpoint's encoder reads side attributes (user profile, item catalogue): "
+                "give the side tables' location (TrainerConfig.side_tables_uri, --side-tables)"
+            )
         if model_config is None:
             model_config = model_config_for(
                 self.config.model_kind,
@@ -617,9 +644,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
     p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause after each batch")
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local ray.init)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--side-tables",
+        default=None,
+        help="side features: directory/URI of the user_profile/item_catalog batch sources (e.g. the Feast repo's "
+        "data/offline, written by `reloop side-tables`; the default when the config's trainer.side_features is true)",
+    )
     a = p.parse_args(argv)
 
     cfg = load_config(a.config)
+    if a.side_tables is None and cfg.trainer.side_features:  # the Feast repo's batch sources (reloop side-tables)
+        a.side_tables = feast_batch_root(cfg.feast)
     examples = a.examples or cfg.storage.examples_uri
     registry = a.registry or cfg.storage.registry_uri
     ckpt = a.checkpoint_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.storage.examples_uri)), "trainer")
@@ -643,6 +678,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainerConfig, argparse.N
         max_examples=a.max_examples,
         throttle_seconds=a.throttle,
         seed=a.seed,
+        side_tables_uri=a.side_tables,
     )
     return tc, a
 

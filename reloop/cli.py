@@ -267,6 +267,18 @@ def run(
     train_batch: Optional[int] = typer.Option(
         None, min=1, help="the incremental trainer's mini-batch size (default: trainer.batch_size of the config, 256)"
     ),
+    side_features: Optional[bool] = typer.Option(
+        None,
+        "--side-features/--no-side-features",
+        help="join the user profile and item catalogue (point in time, as Feast's batch views serve them) into "
+        "training and serving, and encode them (ML-100K: from the wheel; default: trainer.side_features)",
+    ),
+    users: Optional[str] = typer.Option(
+        None, help="users side-table CSV (columns: reloop.side_tables); implies --side-features"
+    ),
+    items: Optional[str] = typer.Option(
+        None, help="items side-table CSV (columns: reloop.side_tables); implies --side-features"
+    ),
 ) -> None:
     """Run the whole loop: replay -> Beam features -> Feast + examples -> Ray trainer -> serving with memory
     -> drift monitors -> retrain/redeploy. Writes reports/<run id>/report.html and summary.json."""
@@ -303,6 +315,9 @@ def run(
             label_delay=label_delay,
             attribution_window=attribution_window,
             train_batch=train_batch,
+            side_features=True if (users or items) else side_features,
+            users_path=users,
+            items_path=items,
         )
         summary = LoopRun(_preflight(profile_config(profile, config)), opts).run()
     except (ConfigError, DatasetError, ReplayError, RunError, ProfileError, ServiceError) as e:
@@ -314,6 +329,8 @@ def run(
             f"{name:15s} n={m['n']:>7,}  AUC {m['auc'] or float('nan'):.4f}  gAUC "
             f"{m['gauc'] or float('nan'):.4f}  logloss {m['logloss'] or float('nan'):.4f}"
         )
+    if summary.get("side_features"):
+        typer.echo(f"side features: {', '.join(summary['side_features']['fields'])}")
     typer.echo(f"report: {summary['report_dir']}/report.html")
     if summary.get("errors"):
         _fail("run ended with errors:\n  " + "\n  ".join(summary["errors"]))

@@ -62,7 +62,8 @@ from online_models.errors import ReloopError
 from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
 from reloop.datasets import load_dataset
-from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, join_as_of, load_side_tables
+from pipelines.side_features import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, SideTables
+from reloop.side_tables import load_side_tables
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -247,13 +248,13 @@ def join_side_features(cfg: EvaluationConfig, feats: pa.Table) -> tuple[pa.Table
             f"side_features: {cfg.dataset} has no side tables of its own; "
             f"give users_path and/or items_path (CSV, see reloop.side_tables)"
         )
+    # the one point-in-time join of the trainer, the retrain and the serving loop (pipelines.side_features)
+    feats = SideTables(users, items).join(feats)
     categorical: tuple[str, ...] = ("user_id", "item_id")
     bags: tuple[str, ...] = ()
     if users is not None:
-        feats = join_as_of(feats, users, "user_id", USER_ATTRIBUTES)
         categorical += USER_ATTRIBUTES
     if items is not None:
-        feats = join_as_of(feats, items, "item_id", ITEM_ATTRIBUTES + ITEM_BAGS)
         categorical += ITEM_ATTRIBUTES
         bags += ITEM_BAGS
     return feats, categorical, bags

@@ -59,6 +59,7 @@ from jobs.scoring import (
 )
 from online_models.metrics import auc, logloss
 from pipelines.kafka_io import producer
+from pipelines.side_features import SideTableSource
 
 
 @dataclass
@@ -179,8 +180,10 @@ class ServingLoop:
         batch_size: int = 512,
         shadow_events: int = 20_000,
         causal: bool = True,
+        side: SideTableSource | None = None,
     ) -> None:
-        self.store = ExampleStore(examples_uri)
+        # side: the side tables joined point in time onto every example scored (reloop run --side-features)
+        self.store = ExampleStore(examples_uri, side=side)
         self.position = Position()
         self.registry = registry
         self.memory_config = dict(memory_config)

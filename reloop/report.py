@@ -428,6 +428,12 @@ figcaption {{ color: #666; font-size: 0.9em; }} .kpi {{ font-size: 1.2em; }}
 {s["seconds"]:.0f} s wall clock. Memory AUC gain on the served stream:
 <b>{"–" if gain is None else f"{100 * gain:+.2f} points"}</b>.</p>
 {
+        f"<p>Side features: <b>{', '.join(html.escape(f) for f in s['side_features']['fields'])}</b> (user profile, "
+        f"item catalogue; served as <code>{html.escape(s['side_features']['feature_service'])}</code>).</p>"
+        if s.get("side_features")
+        else ""
+    }
+{
         f"<p>Injected drift: <b>{html.escape(shift['scenario'])}</b> from {_when(shift['start_ts'])} "
         f"({shift['changed_labels']:,} labels changed).</p>"
         if shift

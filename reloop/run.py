@@ -62,7 +62,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from features.windows import parse_duration_ms
+from features.windows import feature_service_name, parse_duration_ms
 from jobs.deploy import DeployConfig, Deployer
 from jobs.examples import Position
 from jobs.monitor import build_loop, load_state, save_state
@@ -77,13 +77,15 @@ from online_models.metrics import auc
 from pipelines.consumer_group import partition_offsets
 from pipelines.feature_job import run_join_once, run_once
 from pipelines.kafka_io import end_offsets, ensure_topics, read_range
+from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, side_source, write_side_tables
 from pipelines.storage import open_filesystem, storage_env
 from reloop import services
 from reloop.config import ReloopConfig
-from reloop.datasets import load_dataset
+from reloop.datasets import MOVIELENS_100K, load_dataset
 from reloop.inject import inject_drift
 from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
 from reloop.replay import replay_delayed, replay_table
+from reloop.side_tables import load_side_tables
 from reloop.report import RunRecord, Series, freshness, write_report
 from reloop.runners import runner_args, start_local_flink
 from reloop.synthetic import SyntheticError, parse_delay
@@ -97,7 +99,19 @@ class RunError(ReloopError, RuntimeError):
 
 
 #: the options a resumed run takes from the run it continues (the stream must be the same one)
-RESUMED = ("dataset", "model", "limit", "inject_drift", "drift_at", "seed", "label_delay", "attribution_window")
+RESUMED = (
+    "dataset",
+    "model",
+    "limit",
+    "inject_drift",
+    "drift_at",
+    "seed",
+    "label_delay",
+    "attribution_window",
+    "side_features",
+    "users_path",
+    "items_path",
+)
 
 
 @dataclass
@@ -134,6 +148,13 @@ class RunOptions:
     label_delay: str | None = None
     attribution_window: str | None = None
     train_batch: int | None = None  # the incremental trainer's mini-batch (test-then-train steps)
+    #: side features: the dataset's user profile and item catalogue (ML-100K: from the wheel; else the CSVs
+    #: below, columns in reloop.side_tables), written under the run's state as the batch sources of Feast's
+    #: user_profile / item_catalog and joined point in time by the trainer, the retrains and serving.
+    #: None: the config's trainer.side_features
+    side_features: bool | None = None
+    users_path: str | None = None
+    items_path: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,6 +278,7 @@ class LoopRun:
             ("gate_events", cfg.gate.events),
             ("gate_level", cfg.gate.level),
             ("gate_margin", cfg.gate.margin),
+            ("side_features", cfg.trainer.side_features or bool(opts.users_path or opts.items_path)),
         ):
             if getattr(opts, field) is None:
                 setattr(opts, field, value)
@@ -301,6 +323,13 @@ class LoopRun:
         self.join_counts: dict[str, int] = {}  # the attribution join's counters, summed over micro-batches
         self.live_times = StageTimes()  # the serving thread's time budget (the trainer keeps its own)
         self.trainer_times: dict[str, float] = {}
+        #: side features: where the run's side tables are (its trainer, retrains and serving join them)
+        self.side_uri = _sibling(self.cfg.storage.examples_uri, "side_tables") if opts.side_features else None
+        self.side_rows: dict[str, int] = {}
+        if opts.side_features and opts.dataset != MOVIELENS_100K and not (opts.users_path or opts.items_path):
+            raise RunError(
+                f"--side-features: {opts.dataset} has no side tables of its own; give --users and/or --items"
+            )
         self.t0 = time.time()
         if not opts.resume:
             (self.state / "run.json").write_text(
@@ -443,11 +472,22 @@ class LoopRun:
             poll_seconds=0.2,
             seed=self.opts.seed,
             free_examples=self.opts.bootstrap,
+            side_tables_uri=self.side_uri,
             batch_size=self.opts.train_batch,
             optimizer=self.cfg.trainer.optimizer,
             lr=self.cfg.trainer.lr,
             weight_decay=self.cfg.trainer.weight_decay,
         )
+
+    def _write_side_tables(self) -> None:
+        """The dataset's side tables as the run's batch sources (what Feast's user_profile / item_catalog read),
+        before any stage reads an example; a resumed run writes the same file again."""
+        users, items = load_side_tables(self.opts.dataset, self.opts.users_path, self.opts.items_path)
+        if users is None and items is None:
+            raise RunError(
+                f"--side-features: {self.opts.dataset} has no side tables of its own; give --users and/or --items"
+            )
+        self.side_rows = write_side_tables(self.side_uri, users, items, self.run_id)
 
     def _heartbeat_learned(self) -> int:
         """The trainer's progress from its heartbeat file (written after every batch): a local read, so the
@@ -537,13 +577,16 @@ class LoopRun:
         ensure_topics(self.cfg.kafka, [*self.topics, self.cfg.kafka.dlq_topic, self.cfg.kafka.alerts_topic])
         table = self._load_table()
         self.dataset_rows = table.num_rows
+        if self.side_uri is not None:
+            self._write_side_tables()
         registry = ModelRegistry(self.cfg.storage.registry_uri)
+        side = side_source(self.side_uri)
         if self.delayed:
             live = self.live = DelayedServingLoop(
-                self.cfg.storage.examples_uri, registry, self.opts.memory, window_ms=self.window_ms
+                self.cfg.storage.examples_uri, registry, self.opts.memory, window_ms=self.window_ms, side=side
             )
         else:
-            live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory)
+            live = self.live = ServingLoop(self.cfg.storage.examples_uri, registry, self.opts.memory, side=side)
         o = self.opts
         deployer = Deployer(
             registry,
@@ -569,6 +612,7 @@ class LoopRun:
                 ray_train_uri=_sibling(self.cfg.storage.trainer_uri, "ray_train"),
                 retrain_workers=self.cfg.ray.retrain_workers,
                 retrain_placement=self.cfg.ray.retrain_placement,
+                side_tables_uri=self.side_uri,
             ),
         )
         deployer.t0 = live.t0 = self.t0
@@ -841,6 +885,13 @@ class LoopRun:
             "predictions published": self.predictions.sent if self.predictions is not None else 0,
         }
         extra: dict[str, Any] = {}
+        if self.side_uri is not None:
+            extra["side_features"] = {
+                "batch_sources": self.side_uri,
+                "rows": self.side_rows,
+                "fields": list(SIDE_CATEGORICAL + SIDE_BAGS),
+                "feature_service": feature_service_name(self.opts.model, side=True),
+            }
         if self.delayed:
             counts.update({f"join: {k.replace('_', ' ')}": v for k, v in sorted(self.join_counts.items())})
             extra["label_delay"] = {

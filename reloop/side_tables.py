@@ -13,7 +13,9 @@ the entity's next version. An event at time ``t`` sees the newest version with
 ``valid_from <= t`` (Feast's point-in-time rule, so :func:`join_as_of` and
 ``get_historical_features`` agree); an entity without such a version, and any
 missing attribute, is null (the encoder's bucket 0, "missing"; an empty bag), so
-an unknown user is never an error at training or serving time.
+an unknown user is never an error at training or serving time. The join itself, and the
+batch-source layout the trainer, the retrain, ``reloop run`` and ``reloop evaluate`` read, live in
+:mod:`pipelines.side_features` (below the job layer); this module reads the datasets' own tables.
 
 Sources:
 
@@ -46,28 +48,31 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from online_models.errors import DatasetError
+from pipelines.feast_io import (
+    ITEM_CATALOG_VIEW,
+    USER_PROFILE_VIEW,
+    apply_repo,
+    materialize_batch_views,
+    open_store,
+    write_batch_source,
+)
+from pipelines.side_features import (  # noqa: F401  (the columns and the join live below reloop; re-exported)
+    ITEM_ATTRIBUTES,
+    ITEM_BAGS,
+    ITEM_SCHEMA,
+    USER_ATTRIBUTES,
+    USER_SCHEMA,
+    join_as_of,
+    sort_versions,
+    to_batch_source,
+)
 from reloop.datasets import MOVIELENS_100K
 
-USER_ATTRIBUTES = ("age_bucket", "gender", "occupation", "zip_prefix")
-ITEM_ATTRIBUTES = ("release_year",)
-ITEM_BAGS = ("genres",)
-USER_SCHEMA = pa.schema(
-    [("user_id", pa.string()), ("valid_from", pa.int64()), *((c, pa.string()) for c in USER_ATTRIBUTES)]
-)
-ITEM_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("valid_from", pa.int64()),
-        *((c, pa.string()) for c in ITEM_ATTRIBUTES),
-        ("genres", pa.list_(pa.string())),
-    ]
-)
 #: (lower bound in years, label): the MovieLens-1M age groups
 AGE_BUCKETS = ((0, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+"))
 ZIP_PREFIX_LEN = 3
@@ -191,7 +196,7 @@ def read_users_csv(path: str | Path) -> pa.Table:
     none = [None] * n
     buckets = d["age_bucket"] if "age_bucket" in d else [age_bucket(_int_or_none(a)) for a in d.get("age", none)]
     zips = d["zip_prefix"] if "zip_prefix" in d else [_zip_prefix(z) for z in d.get("zip", none)]
-    return _sorted(
+    return sort_versions(
         pa.Table.from_pydict(
             {
                 "user_id": d["user_id"],
@@ -212,7 +217,7 @@ def read_items_csv(path: str | Path) -> pa.Table:
     d = _read_csv(path, "item_id")
     none = [None] * len(d["item_id"])
     genres = [sorted({g.strip() for g in (v or "").split("|") if g.strip()}) for v in d.get("genres", none)]
-    return _sorted(
+    return sort_versions(
         pa.Table.from_pydict(
             {
                 "item_id": d["item_id"],
@@ -226,10 +231,6 @@ def read_items_csv(path: str | Path) -> pa.Table:
     )
 
 
-def _sorted(table: pa.Table, key: str) -> pa.Table:
-    return table.sort_by([(key, "ascending"), ("valid_from", "ascending")])
-
-
 def load_side_tables(
     dataset: str, users: str | None = None, items: str | None = None
 ) -> tuple[pa.Table | None, pa.Table | None]:
@@ -238,44 +239,6 @@ def load_side_tables(
     u = read_users_csv(users) if users else (movielens_100k_users() if dataset == MOVIELENS_100K else None)
     i = read_items_csv(items) if items else (movielens_100k_items() if dataset == MOVIELENS_100K else None)
     return u, i
-
-
-def join_as_of(events: pa.Table, side: pa.Table, key: str, columns: tuple[str, ...], ts_column: str = "ts") -> pa.Table:
-    """``events`` plus ``columns`` of the newest ``side`` version of each row's ``key`` with ``valid_from <= ts``.
-
-    Rows without such a version get nulls (the "missing" default). ``events`` keeps its order and columns.
-    """
-    side = _sorted(side, key)
-    keys = side[key].to_pylist()
-    valid = side["valid_from"].to_numpy()
-    # each key's versions are one contiguous run of the sorted side table
-    start: dict[str, int] = {}
-    stop: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        start.setdefault(k, i)
-        stop[k] = i + 1
-    ev_keys = pc.cast(events[key], pa.string()).to_pylist()
-    ev_ts = events[ts_column].to_numpy()
-    take = np.full(len(ev_keys), -1, dtype=np.int64)
-    for r, (k, t) in enumerate(zip(ev_keys, ev_ts)):
-        lo = start.get(k)
-        if lo is None:
-            continue
-        j = lo + int(np.searchsorted(valid[lo : stop[k]], t, side="right")) - 1
-        if j >= lo:
-            take[r] = j
-    idx = pa.array(take, mask=take < 0)
-    out = events
-    for c in columns:
-        if c in out.column_names:
-            out = out.drop_columns([c])
-        out = out.append_column(c, side[c].take(idx))
-    return out
-
-
-def to_batch_source(side: pa.Table) -> pa.Table:
-    """A side table as the rows of its Feast batch source: ``valid_from`` becomes ``event_timestamp`` (epoch ms)."""
-    return side.rename_columns(["event_timestamp" if c == "valid_from" else c for c in side.column_names])
 
 
 def publish_side_tables(
@@ -291,14 +254,6 @@ def publish_side_tables(
     Feast's own ``materialize`` (first time) / ``materialize_incremental`` (later) copies the versions valid at
     ``end_ms`` (default: now) to the online store. Returns the rows written per view.
     """
-    from pipelines.feast_io import (
-        ITEM_CATALOG_VIEW,
-        USER_PROFILE_VIEW,
-        apply_repo,
-        materialize_batch_views,
-        open_store,
-        write_batch_source,
-    )
 
     u, i = load_side_tables(dataset, users, items)
     apply_repo(feast_cfg)

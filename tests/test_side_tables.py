@@ -132,7 +132,9 @@ def test_join_as_of_sees_a_version_from_its_time_on_only():
 
 
 def test_feast_point_in_time_join_and_materialisation_of_two_profile_versions(tmp_path, monkeypatch):
+    from jobs.examples import ExampleStore, Position, write_example_files
     from pipelines.config import FeastConfig
+    from pipelines.side_features import SideTableSource
     from pipelines.feast_io import (
         apply_repo,
         join_batch_features,
@@ -165,6 +167,13 @@ def test_feast_point_in_time_join_and_materialisation_of_two_profile_versions(tm
     )
     for c in USER_ATTRIBUTES + ITEM_ATTRIBUTES:
         assert joined[c].to_pylist() == ref[c].to_pylist(), c
+    # the trainer's path: the examples it reads (jobs.examples over pipelines.side_features, from the same
+    # batch sources Feast reads) carry what Feast's point-in-time join gives, bags and defaults included
+    write_example_files(_examples(), str(tmp_path / "ex"), rows_per_file=2)
+    ex = ExampleStore(str(tmp_path / "ex"), side=SideTableSource(str(tmp_path / "offline")))
+    mine = pa.concat_tables([b for b, _ in ex.batches(Position(), 2)])
+    for c in USER_ATTRIBUTES + ITEM_ATTRIBUTES + ITEM_BAGS:
+        assert mine[c].to_pylist() == joined[c].to_pylist(), c
 
     # online: materialize up to before the change serves the old version, materialize-incremental the new one
     materialize_batch_views(store, end_ms=T - 1)
