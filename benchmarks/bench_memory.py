@@ -20,7 +20,8 @@ throughput of the torch models next to River's logistic regression, on the same 
    with the one-event-at-a-time reference loop (``step_sequential``) and with the whole batch written at once
    (``batch`` semantics, the old fast path). Also the largest difference between per-event and sequential
    predictions (they must agree), and how many conflict-free rounds a batch would need (why the batched step
-   uses in-bucket prefix sums instead of rounds). Target: >= 50k events/s per-event.
+   does not run in rounds: with numba it is the sequential loop compiled, without it in-bucket prefix sums).
+   Target: >= 50k events/s per-event. ``--no-kernels`` runs the memory's torch paths (no numba), for comparison.
 
 Both sides run single-threaded (``torch.set_num_threads(1)``; River is pure Python), so ratios compare
 like with like. Prints a table and writes ``benchmarks/results/bench_memory.json``.
