@@ -20,7 +20,8 @@ throughput of the torch models next to River's logistic regression, on the same 
    with the one-event-at-a-time reference loop (``step_sequential``) and with the whole batch written at once
    (``batch`` semantics, the old fast path). Also the largest difference between per-event and sequential
    predictions (they must agree), and how many conflict-free rounds a batch would need (why the batched step
-   uses in-bucket prefix sums instead of rounds). Target: >= 50k events/s per-event.
+   does not run in rounds: with numba it is the sequential loop compiled, without it in-bucket prefix sums).
+   Target: >= 50k events/s per-event. ``--no-kernels`` runs the memory's torch paths (no numba), for comparison.
 
 Both sides run single-threaded (``torch.set_num_threads(1)``; River is pure Python), so ratios compare
 like with like. Prints a table and writes ``benchmarks/results/bench_memory.json``.
@@ -43,7 +44,8 @@ import torch
 
 from reloop.evaluate import EvaluationConfig, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
-from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory
+import online_models.memory as memory_mod
+from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, reference_hash
 from online_models.models import (
     ModelConfig,
     build_model,
@@ -92,8 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prod-batch-sizes", type=int, nargs="+", default=[1, 512, 4096])
     ap.add_argument("--sections", nargs="+", default=["cost", "train", "size", "prod", "serve"])
     ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
+    ap.add_argument(
+        "--no-kernels", action="store_true", help="run the memory's torch paths (the fallback without numba)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.no_kernels:
+        memory_mod.USE_KERNELS = False
+    print(f"memory kernels: {'compiled (numba)' if memory_mod.USE_KERNELS else 'torch'}")
 
     stream = prepare_stream(EvaluationConfig(limit=args.events, slots=1, warmup=0.5))
     enc = stream.encoder.config
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{r['hash_precision']:8s} batch {r['batch']:5d}  forward {r['forward_ms']:9.3f} ms  memory {r['memory_ms']:8.3f} ms "
                 f"({r['ratio']:6.1%})  per-event memory {r['per_event_memory_ms']:8.3f} ms ({r['per_event_ratio']:6.1%})"
-                f"  of which key+hash {r['key_hash_ms']:7.3f} ms"
+                f"  = key {r['key_ms']:6.3f} + hash {r['hash_ms']:6.3f} + estimate {r['estimate_ms']:6.3f} + write "
+                f"{r['write_ms']:6.3f} ms  buckets = float64 reference {r['bucket_agreement_vs_float64']:.5f}"
             )
     if serve_rows:
         print(
@@ -314,10 +323,27 @@ def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
         def key_hash():
             mem.hash(memory_key(model, batch, hidden, key_kind))
 
+        key = memory_key(model, batch, hidden, key_kind)
+        hashed = mem.hash(key)
+
+        def key_only():
+            memory_key(model, batch, hidden, key_kind)
+
+        def estimate_only():
+            mem.estimate(key, p, hashed)
+
+        def write_only():
+            mem.write(key, y, p, hashed)
+
         t_fwd, t_mem = _paired_median_times(forward, memory, repeats)
         _, t_pe = _paired_median_times(forward, per_event, repeats)
         _, t_kh = _paired_median_times(forward, key_hash, repeats)
+        _, t_key = _paired_median_times(forward, key_only, repeats)
+        _, t_est = _paired_median_times(forward, estimate_only, repeats)
+        _, t_wr = _paired_median_times(forward, write_only, repeats)
         mem.load_state_dict(state)
+        # buckets against the float64 reference (the float32 semantics): 1.0 = every bucket the same
+        agreement = float((mem.hash(key).index == reference_hash(mem, key)).float().mean())
         rows.append(
             {
                 "model": "criteo-like dcnv2",
@@ -329,6 +355,12 @@ def prod_rows(batch_sizes: list[int], repeats: int) -> list[dict]:
                 "per_event_memory_ms": t_pe * 1e3,
                 "per_event_ratio": t_pe / t_fwd,
                 "key_hash_ms": t_kh * 1e3,
+                "key_ms": t_key * 1e3,
+                "hash_ms": max(t_kh - t_key, 0.0) * 1e3,
+                "estimate_ms": t_est * 1e3,
+                "write_ms": t_wr * 1e3,
+                "bucket_agreement_vs_float64": agreement,
+                "compiled_kernels": memory_mod.USE_KERNELS,
                 "target_ratio_at_512": 0.10,
             }
         )

@@ -41,6 +41,11 @@ the weight would pass 1e18) the whole table is rescaled. State is a fixed set of
 (the size never grows with the stream) that round-trips through
 :meth:`state_dict`/:meth:`load_state_dict` and safetensors, without pickle.
 
+Speed: with numba installed, hashing, estimate, write and the per-event step run as compiled kernels (one pass
+over the batch's (event, table) pairs; the per-event step is the sequential loop itself), and the hyperplanes
+are Gaussian entries rounded to int8 / 32, so a batch is projected by exact int8 matmuls. The tensor
+implementations are the reference the kernels are tested against, and the fallback without numba.
+
 >>> mem = ErrorCompensationMemory(dim=4, num_tables=2, bits=3, tau=1.0, gamma=1.0, lam=1.0, seed=0)
 >>> h = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
 >>> mem.estimate(h, torch.tensor([0.3]))   # no evidence yet: the base prediction
@@ -59,6 +64,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from online_models.errors import ReloopError
+
+try:  # the compiled kernels (below); without numba the torch implementations run, with the same results
+    import numba
+except ImportError:  # pragma: no cover - the fallback itself is tested by switching the kernels off
+    numba = None  # type: ignore[assignment]
 
 STAT_NAMES = ("count", "sum_y", "sum_p")
 
@@ -87,9 +97,11 @@ class MemoryConfig:
     shrinkage: float = 0.0
     eps: float = 0.0
     seed: int = 0
-    # dtype of the hashing matmul (keys x hyperplanes): "bfloat16" is ~14x faster on CPUs with AVX512-BF16/AMX
-    # (the projection is most of the memory's cost on a wide key) and flips ~0.1% of the code bits (keys within
-    # bf16 rounding of a hyperplane); much slower on CPUs without bf16 units
+    # hashing precision. "float32": every code bit is the sign of the exact dot product of the float32 key with its
+    # plane (compiled path: three exact int8 matmuls on a 21-bit quantised key, a float64 fix-up near zero).
+    # "bfloat16": one bf16 matmul, ~2x faster again on CPUs with AVX512-BF16/AMX, and ~0.04% of the code bits flip
+    # (keys within bf16 rounding of a hyperplane: ~0.4% of the buckets at L=10 on a 416-wide key); much slower on
+    # CPUs without bf16 units
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -151,12 +163,31 @@ class ErrorCompensationMemory:
         self.tau, self.gamma, self.lam, self.decay, self.shrinkage, self.eps = tau, gamma, lam, decay, shrinkage, eps
         self.seed = seed
         gen = torch.Generator().manual_seed(seed)
-        # hyperplanes (D, K*L): one matmul hashes a batch into all K tables
-        self.planes = torch.randn(dim, num_tables * bits, generator=gen)
-        self._planes_bf16 = self.planes.bfloat16() if precision == "bfloat16" else None
+        # hyperplanes (D, K*L): one matmul hashes a batch into all K tables. Gaussian entries rounded to multiples
+        # of 1/32 in [-127/32, 127/32] (8-bit integers / 32): as good random hyperplanes as unrounded ones for
+        # SimHash, and exact in int8, so the compiled path projects a batch with int8 matmuls (see hash)
+        self.planes = (torch.randn(dim, num_tables * bits, generator=gen) * _PLANE_SCALE).round_().clamp_(-127, 127)
+        self.planes /= _PLANE_SCALE
+        self._set_planes(self.planes)
         self._powers = (2 ** torch.arange(bits)).float()  # (L,), exact to 2^24
         self._offsets = torch.arange(num_tables, dtype=torch.int64) * (1 << bits)  # (K,)
         self.reset()
+
+    def _set_planes(self, planes: torch.Tensor) -> None:
+        """The hyperplanes and their derived forms: bf16 (``precision="bfloat16"``), float64 (small batches) and
+        int8 with the quantisation margins (large batches), the last only when the planes are int8-exact (a state
+        saved before the planes were rounded is hashed by the float32 matmul instead)."""
+        self.planes = planes
+        self._planes_bf16 = planes.bfloat16() if self.precision == "bfloat16" else None
+        self._planes64 = planes.double()
+        ints = planes * _PLANE_SCALE
+        self._planes_i8: torch.Tensor | None = None
+        self._margin: np.ndarray | None = None
+        if bool(torch.equal(ints, ints.round())) and float(ints.abs().max()) <= 127:
+            self._planes_i8 = ints.to(torch.int8).contiguous()
+            l1 = ints.abs().double().sum(0).numpy()  # (K*L,) |P_j|_1 in integer units
+            # quantising a key moves its integer projection by at most |P_j|_1 / 2 (see _combine_kernel)
+            self._margin = np.ceil(l1 * (0.5 + 1e-6)) + 1.0
 
     @classmethod
     def from_config(cls, config: MemoryConfig) -> "ErrorCompensationMemory":
@@ -188,12 +219,83 @@ class ErrorCompensationMemory:
         """Bucket ids and projections of keys ``h`` (B, D): compute once, pass to ``estimate`` and ``write``."""
         if h.dim() != 2 or h.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(h.shape)}")
+        if USE_KERNELS:
+            return self._hash_compiled(h.detach().float().contiguous())
         if self._planes_bf16 is not None:
             proj = (h.detach().bfloat16() @ self._planes_bf16).float().view(-1, self.num_tables, self.bits)
         else:
             proj = (h.detach().float() @ self.planes).view(-1, self.num_tables, self.bits)  # (B, K, L)
         ids = ((proj > 0).float() @ self._powers).long() + self._offsets  # (B, K)
         return Hashed(ids, proj)
+
+    def _hash_compiled(self, h: torch.Tensor) -> Hashed:
+        """``hash`` with the compiled kernels. float32 precision: every code bit is the sign of the exact (float64)
+        dot product of the key with its plane, so the buckets are those of :func:`reference_hash`. A small batch is
+        one float64 matmul; a large one is quantised to 21-bit integers per row (three int8 digits), projected by
+        three exact int8 matmuls (VNNI: ~10x a float32 matmul's speed) and the few projections within the
+        quantisation error of zero (~1 in 10^5) are recomputed in float64."""
+        b, k, bits = h.shape[0], self.num_tables, self.bits
+        index = torch.empty(b, k, dtype=torch.int64)
+        if self._planes_bf16 is not None:  # opt-in bf16: ~0.1% of the code bits flip (keys near a plane)
+            proj = (h.bfloat16() @ self._planes_bf16).float()
+            _codes(proj.numpy(), k, bits, index.numpy())
+        elif self._planes_i8 is None or b <= _SMALL_BATCH:
+            proj64 = h.double() @ self._planes64
+            _codes(proj64.numpy(), k, bits, index.numpy())
+            proj = proj64.float()
+        else:
+            digits = torch.empty(3, b, self.dim, dtype=torch.int8)
+            scale, bad = np.empty(b), np.empty(b, dtype=np.bool_)
+            row_max = h.abs().amax(1).double().numpy()  # (B,) NaN/inf propagate: a non-finite row is flagged
+            _quantize(h.numpy(), row_max, digits.numpy(), scale, bad)
+            z2, z1, z0 = (torch._int_mm(digits[i], self._planes_i8).numpy() for i in range(3))
+            proj = torch.empty(b, k * bits)
+            _combine(
+                z2,
+                z1,
+                z0,
+                scale,
+                bad,
+                self._margin,
+                h.numpy(),
+                self.planes.numpy(),
+                k,
+                bits,
+                proj.numpy(),
+                index.numpy(),
+            )
+        return Hashed(index, proj.view(b, k, bits))
+
+    def _run(
+        self, hashed: Hashed, p: torch.Tensor, y: torch.Tensor | None, bounds: np.ndarray, estimate: bool
+    ) -> torch.Tensor:
+        """The compiled step over groups ``bounds``: estimate each (``estimate``), then write it (``y`` given)."""
+        n = len(p)
+        out = torch.empty(n, dtype=torch.float32)
+        p32 = p.detach().float().contiguous()
+        y32 = y.detach().float().contiguous() if y is not None else p32
+        age = _step(
+            self.table.numpy(),
+            hashed.index.contiguous().numpy(),
+            hashed.proj.float().contiguous().numpy(),
+            p32.numpy(),
+            y32.numpy(),
+            bounds,
+            self._age(),
+            float(self.decay),
+            float(self.tau),
+            float(self.gamma),
+            float(self.lam),
+            float(self.shrinkage),
+            float(self.eps),
+            estimate,
+            y is not None,
+            out.numpy(),
+        )
+        if y is not None:
+            self.clock = self.clock + n
+            self.base = self.clock - int(age)
+        return out
 
     def bucket_index(self, h: torch.Tensor) -> torch.Tensor:
         """Flat bucket ids (B, K) of keys ``h`` (B, D) in the K tables."""
@@ -230,6 +332,15 @@ class ErrorCompensationMemory:
         if len(y) == 0:
             return
         hashed = self._hashed(h, hashed)
+        if USE_KERNELS:
+            n = len(y)
+            bounds = np.arange(n + 1) if each else np.array([0, n])
+            self._run(hashed, y_base, y, bounds, estimate=False)
+            return
+        self._write_torch(hashed, y, y_base, each)
+
+    def _write_torch(self, hashed: Hashed, y: torch.Tensor, y_base: torch.Tensor, each: bool = False) -> None:
+        """``write`` as tensor ops (the reference of the compiled kernel, and its fallback)."""
         weight: float | torch.Tensor = 1.0
         if self.decay != 1.0:
             # the batch is written "now" (after its samples): forward-decay weight decay ** -(age after the write)
@@ -316,7 +427,16 @@ class ErrorCompensationMemory:
         y_base = _vector(y_base, "y_base")
         if self.lam == 0.0:
             return y_base.clone()
-        r = self.read(h, hashed)
+        hashed = self._hashed(h, hashed)
+        if USE_KERNELS:
+            return self._run(hashed, y_base, None, np.array([0, len(y_base)]), estimate=True).to(y_base.dtype)
+        return self._estimate_torch(hashed, y_base)
+
+    def _estimate_torch(self, hashed: Hashed, y_base: torch.Tensor) -> torch.Tensor:
+        """``estimate`` as tensor ops (the reference of the compiled kernel, and its fallback)."""
+        if self.lam == 0.0:
+            return y_base.clone()
+        r = self.read(None, hashed)
         p = y_base.float()
         out = (p + self.lam * self._error(r, p)).clamp(self.eps, 1.0 - self.eps)
         return torch.where(r["has"], out, p).to(y_base.dtype)
@@ -332,6 +452,8 @@ class ErrorCompensationMemory:
         (:meth:`step_sequential`), without one read and one write per group.
         """
         hashed = self.hash(h)
+        if USE_KERNELS:  # one compiled pass: each group estimated, then written
+            return self.step_per_event(hashed, y_base, y, [(0, len(y_base))] if groups is None else groups)
         if groups is None or len(groups) == 1:
             out = self.estimate(h, y_base, hashed)
             self.write(h, y, y_base, hashed)
@@ -347,8 +469,8 @@ class ErrorCompensationMemory:
         out = torch.empty_like(y_base)
         for lo, hi in groups:
             part = Hashed(hashed.index[lo:hi], hashed.proj[lo:hi])
-            out[lo:hi] = self.estimate(h[lo:hi], y_base[lo:hi], part)
-            self.write(h[lo:hi], y[lo:hi], y_base[lo:hi], part)
+            out[lo:hi] = self._estimate_torch(part, y_base[lo:hi])
+            self._write_torch(part, y[lo:hi].float(), y_base[lo:hi].float())
         return out
 
     @torch.no_grad()
@@ -375,6 +497,9 @@ class ErrorCompensationMemory:
             )
         if n == 0:
             return y_base.clone()
+        if USE_KERNELS:
+            bounds = np.arange(n + 1) if groups is None else _group_bounds(groups, n)
+            return self._run(hashed, y_base, y, bounds, estimate=True).to(y_base.dtype)
         if n == 1 or (groups is not None and len(groups) == 1):
             out = self.estimate(None, y_base, hashed)  # one group: estimate, then write
             self.write(hashed.index, y, y_base, hashed)
@@ -490,8 +615,7 @@ class ErrorCompensationMemory:
                     f"memory state {name} has shape {tuple(state[name].shape)}, "
                     f"this memory needs {tuple(ref.shape)} (dim, K, L must match)"
                 )
-        self.planes = state["planes"].to(self.planes.dtype).clone()
-        self._planes_bf16 = self.planes.bfloat16() if self.precision == "bfloat16" else None
+        self._set_planes(state["planes"].to(self.planes.dtype).clone())
         self.table = state["table"].to(torch.float32).clone()
         self.clock = state["clock"].to(torch.int64).reshape(()).clone()
         self.base = state["base"].to(torch.int64).reshape(()).clone()
@@ -507,6 +631,27 @@ class ErrorCompensationMemory:
             f"gamma={c.gamma}, lam={c.lam}, decay={c.decay}, shrinkage={c.shrinkage}, eps={c.eps}, "
             f"seed={c.seed}, precision={c.precision!r})"
         )
+
+
+def _group_bounds(groups: list[tuple[int, int]], n: int) -> np.ndarray:
+    """Row bounds (G+1,) of consecutive, non-empty groups covering ``n`` rows, or a ValueError."""
+    bounds = np.fromiter((g for pair in groups for g in pair), dtype=np.int64, count=2 * len(groups)).reshape(-1, 2)
+    if (
+        len(bounds) == 0
+        or bounds[0, 0] != 0
+        or bounds[-1, 1] != n
+        or bool((bounds[1:, 0] != bounds[:-1, 1]).any())
+        or bool((bounds[:, 1] <= bounds[:, 0]).any())
+    ):
+        raise ValueError("groups must be consecutive, non-empty row ranges covering the batch")
+    return np.append(bounds[:, 0], n)
+
+
+def reference_hash(mem: "ErrorCompensationMemory", h: torch.Tensor) -> torch.Tensor:
+    """Bucket ids (B, K) of keys ``h`` from a float64 matmul with the hyperplanes: the semantics of ``hash``
+    (float32 precision), written the plain way, for tests and the benchmark's agreement rate."""
+    proj = (h.detach().double() @ mem.planes.double()).view(-1, mem.num_tables, mem.bits)
+    return ((proj > 0).long() << torch.arange(mem.bits)).sum(-1) + mem._offsets
 
 
 def _vector(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -537,3 +682,201 @@ def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(n)]
     edges = [0, *(np.flatnonzero(np.diff(ts)) + 1).tolist(), n]
     return list(zip(edges[:-1], edges[1:]))
+
+
+# -- compiled kernels ----------------------------------------------------------------------------------------------
+# The memory's work per event is small (K buckets of 3 + L numbers), so as tensor ops it is ~30 passes over (B, K, L)
+# arrays plus their per-op overhead, and the per-event semantics need the prefix-sum construction of step_per_event.
+# In machine code (numba) it is one pass: each (event, table) pair reads its bucket row, the K read-outs are
+# softmax-weighted, and the group's outcomes are added before the next group is read, i.e. the sequential
+# reference loop itself. The torch implementations above are the fallback when numba is not installed (and the
+# reference the tests hold the kernels to).
+
+#: run the compiled kernels when numba is installed (tests switch this off to run the torch paths)
+USE_KERNELS = numba is not None
+
+#: forward-decay weights past this rescale the table (see the module docstring)
+_RESCALE_LIMIT = 1e18
+#: hyperplane entries are integers / _PLANE_SCALE in [-127, 127] / _PLANE_SCALE (int8-exact; see _planes)
+_PLANE_SCALE = 32.0
+#: keys are quantised to 21-bit integers per row, as three signed 7-bit digits (int8 matmuls)
+_Q_MAX = (1 << 20) - 1
+#: batches up to this size are hashed with one float64 matmul (exact, and cheaper than three int8 ones there)
+_SMALL_BATCH = 32
+
+
+def _njit(fn: Callable) -> Any:
+    # fastmath without nnan/ninf: empty buckets are -inf logits, and a bad key may be NaN
+    return (
+        numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})(fn) if numba is not None else None
+    )
+
+
+def _quantize_kernel(h, row_max, digits, scale, bad):  # pragma: no cover - compiled
+    """Row i of ``h`` as ``scale[i] * (d2 * 2^14 + d1 * 2^7 + d0)``, each digit in [-64, 64] (``digits`` (3, B, D)
+    int8: d2, d1, d0), given each row's largest magnitude ``row_max`` (float64; NaN or inf when the row has a
+    non-finite entry: then ``bad[i]``, and the caller's float64 path hashes that row)."""
+    n, d = h.shape
+    for i in range(n):
+        m = row_max[i]
+        bad[i] = not m < np.inf
+        if bad[i] or m == 0.0:
+            scale[i] = 0.0
+            for j in range(d):
+                digits[0, i, j] = digits[1, i, j] = digits[2, i, j] = 0
+            continue
+        scale[i] = m / _Q_MAX
+        inv = _Q_MAX / m
+        for j in range(d):  # float arithmetic (exact: integers below 2^21), branch-free, vectorised
+            q = np.rint(np.float64(h[i, j]) * inv)
+            d2 = np.floor((q + 8192.0) * (1.0 / 16384.0))
+            r = q - d2 * 16384.0
+            d1 = np.floor((r + 64.0) * (1.0 / 128.0))
+            digits[0, i, j] = np.int8(d2)
+            digits[1, i, j] = np.int8(d1)
+            digits[2, i, j] = np.int8(r - d1 * 128.0)
+
+
+def _combine_kernel(z2, z1, z0, scale, bad, margin, h, planes, num_tables, bits, proj, index):  # pragma: no cover
+    """Projections and bucket ids from the three digit products: ``proj = scale * (z2 * 2^14 + z1 * 2^7 + z0)`` /
+    plane scale, exact in integers (and in float64: below 2^53). The key's quantisation moves a projection by at
+    most ``scale / 2 * |P_j|_1``, so where the integer projection is within ``margin[j]`` (that bound in integer
+    units) of zero its sign is not settled by it, and the projection is recomputed in float64 from the key itself.
+    So every sign is the sign of the (float64) dot product of the float32 key with the plane, as
+    :func:`reference_hash` computes it."""
+    n, width = z2.shape
+    d = h.shape[1]
+    zf = np.empty(width, dtype=np.float64)
+    for i in range(n):
+        unsettled = False
+        for j in range(width):  # branch-free, vectorised
+            v = np.float64(z2[i, j]) * 16384.0 + np.float64(z1[i, j]) * 128.0 + np.float64(z0[i, j])
+            zf[j] = v
+            unsettled |= abs(v) <= margin[j]
+        si = scale[i] / _PLANE_SCALE
+        for j in range(width):
+            proj[i, j] = zf[j] * si
+        if unsettled or bad[i]:
+            for j in range(width):
+                if bad[i] or abs(zf[j]) <= margin[j]:
+                    acc = 0.0
+                    for t in range(d):
+                        acc += np.float64(h[i, t]) * np.float64(planes[t, j])
+                    zf[j] = acc
+                    proj[i, j] = acc
+        for k in range(num_tables):
+            code = 0
+            for b in range(bits):
+                if zf[k * bits + b] > 0:
+                    code |= 1 << b
+            index[i, k] = code + (k << bits)
+
+
+def _codes_kernel(proj, num_tables, bits, index):  # pragma: no cover - compiled
+    """Bucket ids (B, K) from projections (B, K*L): bit b of table k set where projection k*L + b > 0."""
+    n = proj.shape[0]
+    for i in range(n):
+        for k in range(num_tables):
+            code = 0
+            for b in range(bits):
+                if proj[i, k * bits + b] > 0:
+                    code |= 1 << b
+            index[i, k] = code + (k << bits)
+
+
+def _step_kernel(
+    table, index, proj, p, y, bounds, age0, decay, tau, gamma, lam, shrinkage, eps, estimate, write, out
+):  # pragma: no cover - compiled
+    """For each group ``bounds[g]:bounds[g+1]`` in order: estimate its rows (``estimate``), then add their outcomes
+    (``write``): :meth:`ErrorCompensationMemory.step_sequential`. ``out`` (B,) gets the compensated predictions.
+    Returns the age (samples since the last rescale) after the batch; the table is rescaled in place when a group's
+    weight would pass the limit, after its estimate and before its write, as the sequential loop does."""
+    num_tables = index.shape[1]
+    width = table.shape[1]
+    sketch = width - 3
+    logits = np.empty(num_tables, dtype=np.float64)
+    counts = np.empty(num_tables, dtype=np.float64)
+    ys = np.empty(num_tables, dtype=np.float64)
+    ps = np.empty(num_tables, dtype=np.float64)
+    age = age0
+    for g in range(len(bounds) - 1):
+        lo, hi = bounds[g], bounds[g + 1]
+        size = hi - lo
+        if estimate:
+            read_scale = decay**age if decay != 1.0 else 1.0
+            for i in range(lo, hi):
+                best = -np.inf
+                has = False
+                for k in range(num_tables):
+                    row = index[i, k]
+                    n = np.float64(table[row, 0])
+                    counts[k], ys[k], ps[k] = n, table[row, 1], table[row, 2]
+                    if n > 0:
+                        has = True
+                        lg = 0.0
+                        if sketch:
+                            # cosine of the query's and the centroid's projections (centroid = sum_z / n: sum_z's
+                            # square could overflow near the rescale limit)
+                            # float32, as the tensor reference computes it (and twice as fast as float64 here)
+                            inv = np.float32(1.0) / max(table[row, 0], np.float32(1e-30))
+                            dot = cc = zz = np.float32(0.0)
+                            for b in range(sketch):
+                                cb = table[row, 3 + b] * inv
+                                zb = proj[i, k, b]
+                                dot += cb * zb
+                                cc += cb * cb
+                                zz += zb * zb
+                            lg = np.float64(dot / np.sqrt(max(cc * zz, np.float32(1e-16)))) / tau
+                        logits[k] = lg
+                        if lg > best:
+                            best = lg
+                    else:
+                        logits[k] = -np.inf
+                if not has or lam == 0.0:
+                    out[i] = p[i]
+                    continue
+                s0 = s1 = s2 = sn = 0.0
+                for k in range(num_tables):
+                    if logits[k] == -np.inf:
+                        continue
+                    n = counts[k]
+                    w = math.exp(logits[k] - best) if sketch else 1.0
+                    # w / n times the bucket's sums, with n floored at 1e-12 as the tensor reference does (a bucket
+                    # whose decayed count fell below that, in table units, weighs less)
+                    wn = w / max(n, 1e-12)
+                    s0 += wn * n
+                    s1 += wn * ys[k]
+                    s2 += wn * ps[k]
+                    sn += w * n
+                pi = np.float64(p[i])
+                y_bar, p_bar = s1 / s0, s2 / s0
+                err = gamma * (y_bar - pi) + (1.0 - gamma) * (y_bar - p_bar)
+                if shrinkage > 0:
+                    count = sn / s0 * read_scale
+                    err = err * count / (count + shrinkage)
+                out[i] = min(max(pi + lam * err, eps), 1.0 - eps)
+        if write:
+            if decay != 1.0 and decay ** -(age + size) > _RESCALE_LIMIT:  # rescale everything once, rarely
+                f = np.float32(decay**age)
+                for r in range(table.shape[0]):
+                    for c in range(width):
+                        table[r, c] *= f
+                age = 0
+            w32 = np.float32(decay ** -(age + size)) if decay != 1.0 else np.float32(1.0)
+            for i in range(lo, hi):
+                wy, wp = np.float32(y[i]) * w32, np.float32(p[i]) * w32
+                for k in range(num_tables):
+                    row = index[i, k]
+                    table[row, 0] += w32
+                    table[row, 1] += wy
+                    table[row, 2] += wp
+                    for b in range(sketch):
+                        table[row, 3 + b] += proj[i, k, b] * w32
+            age += size
+    return age
+
+
+_quantize = _njit(_quantize_kernel)
+_combine = _njit(_combine_kernel)
+_codes = _njit(_codes_kernel)
+_step = _njit(_step_kernel)

@@ -135,3 +135,42 @@ def test_steps_do_not_grow_torch_lazy_seed_queues() -> None:
     for b in iter_batches(_stream(), 16):
         learner.learn(b)
     assert len(getattr(torch.cuda, "_queued_calls", [])) == before
+
+
+def test_fast_dense_adagrad_step_is_bitwise_the_library_step(monkeypatch) -> None:
+    # the learner steps a fused Adagrad by calling its two kernels directly; with that path off it calls
+    # torch.optim.Adagrad.step: the weights must be the same bits after many steps (clipping on some)
+    import online_models.learner as learner_mod
+
+    cfg = LearnerConfig(lr=0.1, optimizer="adagrad", weight_decay=1e-4, grad_clip=0.5, seed=3)
+    fast = OnlineLearner(_model("dcnv2"), cfg)
+    slow = OnlineLearner(_model("dcnv2"), cfg)
+    data = _stream(512)
+    batches = list(iter_batches(data, 16))
+    for b in batches:
+        fast.test_then_train(b)
+    monkeypatch.setattr(learner_mod, "_fused_adagrad_step", lambda opt: False)
+    for b in batches:
+        slow.test_then_train(b)
+    for (name, a), (_, b) in zip(fast.model.state_dict().items(), slow.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    sa, sb = fast.optimizers[1].state_dict()["state"], slow.optimizers[1].state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["sum"], sb[k]["sum"]) and torch.equal(sa[k]["step"], sb[k]["step"])
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "dcnv2"])
+def test_functional_forward_is_the_module_forward(kind: str) -> None:
+    # the models run their layers through the functional ops (no Module.__call__ per layer): same numbers and the
+    # same dropout draws as calling the modules
+    from online_models.models import _run_mlp
+
+    model = _model(kind, dropout=0.3)
+    x = torch.randn(32, model.mlp[0].in_features)
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(5)
+        a = model.mlp(x)
+        torch.manual_seed(5)
+        b = _run_mlp(model.mlp, x)
+        assert torch.equal(a, b)

@@ -8,7 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from online_models.memory import ErrorCompensationMemory, MemoryConfigError
+import online_models.memory as memory_mod
+from online_models.memory import ErrorCompensationMemory, MemoryConfigError, reference_hash
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def kernels(request, monkeypatch) -> str:
+    """Every test runs on the compiled kernels and on the torch implementations (the fallback without numba)."""
+    if request.param == "compiled" and memory_mod.numba is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(memory_mod, "USE_KERNELS", request.param == "compiled")
+    return request.param
 
 
 def _brute_force(mem: ErrorCompensationMemory, writes, h: torch.Tensor, y_base: torch.Tensor) -> list[float]:
@@ -280,3 +290,78 @@ def test_bfloat16_hashing_is_opt_in_and_close() -> None:
     assert torch.equal(b._planes_bf16, a.planes.bfloat16())
     with pytest.raises(ValueError, match="precision"):
         ErrorCompensationMemory(dim=4, precision="int8")
+
+
+def _keys(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Keys of mixed magnitudes, with exact zeros and entries far below the row's largest (the quantiser's worst)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, dim, generator=g) * torch.logspace(-6, 3, n).unsqueeze(1)
+    h[:, ::3] = torch.relu(h[:, ::3])  # a ReLU layer's zeros
+    h[1::7, : dim // 2] *= 1e-5
+    h[0] = 0.0
+    return h
+
+
+@pytest.mark.parametrize("n", [1, 5, 33, 600])
+def test_hash_buckets_are_the_float64_reference(n: int) -> None:
+    # every code bit is the sign of the exact dot product of the key with its plane, whatever path hashes the batch
+    # (small: one float64 matmul; large: three int8 matmuls with a float64 fix-up near zero; fallback: float32)
+    mem = ErrorCompensationMemory(dim=416, num_tables=32, bits=10, seed=7)
+    h = _keys(n, 416)
+    got = mem.hash(h)
+    ref = reference_hash(mem, h)
+    agree = (got.index == ref).float().mean()
+    if memory_mod.USE_KERNELS:
+        assert torch.equal(got.index, ref)
+    else:  # the float32 matmul: a sign flips only within float32 rounding of a plane
+        assert agree > 0.999
+    proj64 = (h.double() @ mem.planes.double()).view(n, 32, 10)
+    torch.testing.assert_close(got.proj.double(), proj64, rtol=1e-4, atol=1e-5 * float(h.abs().max()) + 1e-30)
+
+
+def test_hash_of_a_non_finite_key_does_not_break_the_batch() -> None:
+    mem = ErrorCompensationMemory(dim=40, num_tables=8, bits=6, seed=1)
+    h = _keys(100, 40)
+    h[3, 5] = float("nan")
+    h[4, 0] = float("inf")
+    got = mem.hash(h)
+    keep = torch.ones(100, dtype=torch.bool)
+    keep[3:5] = False
+    assert torch.equal(got.index[keep], reference_hash(mem, h)[keep])
+    assert bool(((got.index >= 0) & (got.index < 8 * 64)).all())
+
+
+def test_planes_are_int8_exact_and_a_state_with_other_planes_still_hashes() -> None:
+    mem = ErrorCompensationMemory(dim=30, num_tables=4, bits=8, seed=2)
+    ints = mem.planes * 32
+    assert torch.equal(ints, ints.round()) and float(ints.abs().max()) <= 127
+    assert 0.9 < float(mem.planes.std()) < 1.1  # still unit-Gaussian hyperplanes
+    # a state saved with unrounded planes: no int8 path, the hash is still that of its planes
+    state = mem.state_dict()
+    state["planes"] = torch.randn(30, 32, generator=torch.Generator().manual_seed(0))
+    mem.load_state_dict(state)
+    assert mem._planes_i8 is None
+    h = _keys(200, 30)
+    agree = (mem.hash(h).index == reference_hash(mem, h)).float().mean()
+    assert agree == 1.0 if memory_mod.USE_KERNELS else agree > 0.999
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.995, 0.9])
+@pytest.mark.parametrize("tau", [0.2, math.inf])
+def test_compiled_estimate_and_write_equal_the_tensor_reference(monkeypatch, decay: float, tau: float) -> None:
+    kw = dict(dim=6, num_tables=8, bits=4, tau=tau, gamma=0.3, lam=0.8, shrinkage=2.0, eps=0.01, decay=decay, seed=1)
+    a, b = ErrorCompensationMemory(**kw), ErrorCompensationMemory(**kw)
+    h, p, y = _colliding_stream(900)
+    for lo in range(0, 900, 90):  # decay 0.9: 0.9 ** -400 > 1e18, so rescales happen along the way
+        sl = slice(lo, lo + 90)
+        ha, hb = a.hash(h[sl]), b.hash(h[sl])
+        monkeypatch.setattr(memory_mod, "USE_KERNELS", False)
+        ref = b.estimate(None, p[sl], hb)
+        b.write(h[sl], y[sl], p[sl], hb, each=lo % 180 == 0)
+        monkeypatch.setattr(memory_mod, "USE_KERNELS", memory_mod.numba is not None)
+        got = a.estimate(None, p[sl], ha)
+        a.write(h[sl], y[sl], p[sl], ha, each=lo % 180 == 0)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    scale = a.decay ** a._age(), b.decay ** b._age()  # forward-decayed tables: compare what they stand for
+    torch.testing.assert_close(a.table * scale[0], b.table * scale[1], rtol=1e-4, atol=1e-5)
+    assert int(a.clock) == int(b.clock) == 900
