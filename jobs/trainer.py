@@ -203,7 +203,9 @@ class IncrementalTrainer:
         # checkpoints are written (and published) off the learning thread, one at a time (see checkpoint())
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-checkpoint")
         self._writing: Future | None = None
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # one intra-op thread: a step is many small ops, and a second OpenMP thread waits on a core that the
+        # serving process holds (bench_train.py, batch 256: 0.04x River LR with 2 threads, ~1x with 1)
+        torch.set_num_threads(1)
         self.ckpts = CheckpointStore(config.checkpoint_dir)
         resumed = self._restore()
         self.runs.append(

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import torch
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -567,6 +568,9 @@ class LoopRun:
         # after this module is imported: Ray is imported here, at the start of the run, not at the top
         import ray
 
+        # the serving thread's forward passes and memory rebuilds are small ops: one intra-op thread, as the
+        # trainer actor (a second one spins on a core the trainer, the feature job or the broker holds)
+        torch.set_num_threads(1)
         if not self.opts.resume:
             for topic in self.topics:
                 if sum(end_offsets(self.cfg.kafka, topic).values()):
