@@ -26,16 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import report  # noqa: E402
-from online_models.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: E402
-from online_models.drift.monitors import make_monitor  # noqa: E402
-from reloop.evaluate_drift import score_monitors, summarise  # noqa: E402
-from online_models.drift.policy import DriftPolicy  # noqa: E402
-from reloop.synthetic import generate  # noqa: E402
 import json
-from jobs.monitor import MonitorLoop, parse_prediction
+
+from benchmarks.common import report  # noqa: E402
 from jobs.alerts import HookDispatcher
-from online_models.drift.monitors import MonitorSuite
+from jobs.monitor import MonitorLoop, parse_prediction
+from online_models.drift.defaults import DEFAULT_MONITORS, PREDICTION  # noqa: E402
+from online_models.drift.monitors import (
+    MonitorSuite,
+    make_monitor,  # noqa: E402
+)
+from online_models.drift.policy import DriftPolicy  # noqa: E402
+from reloop.evaluate_drift import score_monitors, summarise  # noqa: E402
+from reloop.synthetic import generate  # noqa: E402
 
 #: every detector the package supports, with the parameters used by the default config where it has them
 BENCH_MONITORS = [

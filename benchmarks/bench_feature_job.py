@@ -41,25 +41,22 @@ import pyarrow.json as pajson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import apache_beam as beam
+
 from benchmarks.common import services_up  # noqa: E402
 from pipelines.aggregates import AggregateConfig, FeatureState  # noqa: E402
+from pipelines.checkpoint import Plan
+from pipelines.config import FeastConfig, FeatureJobConfig, KafkaConfig, StorageConfig
+from pipelines.consumer_group import partition_offsets
+from pipelines.feast_io import apply_repo
+from pipelines.feature_job import pipeline_options, run_once
+from pipelines.kafka_io import RangeReader
 from pipelines.kafka_source import raw_table
 from pipelines.parse import concat_events, parse_batch
-from pipelines.transforms import align_partitions, compute_batch
-import apache_beam as beam
-from pipelines.checkpoint import Plan
-from pipelines.feature_job import pipeline_options
-from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples
-from pipelines.consumer_group import partition_offsets
-from pipelines.config import KafkaConfig
-from pipelines.kafka_io import RangeReader
-from pipelines.feature_job import run_once
-from pipelines.config import FeastConfig, FeatureJobConfig, StorageConfig
+from pipelines.transforms import ComputeFeatures, ParseRecords, WriteExamples, align_partitions, compute_batch
 from reloop.config import ReloopConfig
-from reloop.replay import replay_table
-from pipelines.feast_io import apply_repo
 from reloop.datasets import load_dataset
-from reloop.replay import encode_batch
+from reloop.replay import encode_batch, replay_table
 
 
 def pandas_reference(values: list[bytes], cfg: AggregateConfig) -> pd.DataFrame:

@@ -20,15 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import report  # noqa: E402
-from reloop import services  # noqa: E402
-from pipelines.config import KafkaConfig  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.flink_support import flink_args, isolated_job_config  # noqa: E402
 import pyarrow.parquet as pq
+
+from benchmarks.common import report  # noqa: E402
+from pipelines.config import KafkaConfig  # noqa: E402
 from pipelines.feature_job import run_feature_job
+from reloop import services  # noqa: E402
 from reloop.datasets import load_dataset
 from reloop.replay import replay_table
+from tests.conftest import free_port  # noqa: E402
+from tests.flink_support import flink_args, isolated_job_config  # noqa: E402
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

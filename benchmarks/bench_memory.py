@@ -42,9 +42,8 @@ from pathlib import Path
 
 import torch
 
-from reloop.evaluate import EvaluationConfig, prepare_stream
-from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 import online_models.memory as memory_mod
+from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import SERVING_MEMORY, ErrorCompensationMemory, reference_hash
 from online_models.models import (
     ModelConfig,
@@ -54,6 +53,7 @@ from online_models.models import (
     memory_key_dim,
     synthetic_batch,
 )
+from reloop.evaluate import EvaluationConfig, prepare_stream
 
 KEY = "hidden+user"  # the evaluation's default memory key
 from online_models.river_baselines import RiverBaseline

@@ -20,6 +20,7 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from jobs.trainer import feature_columns
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.metrics import auc, logloss

@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import report  # noqa: E402
-from reloop import services  # noqa: E402
 from pipelines.config import KafkaConfig  # noqa: E402
-from reloop.datasets import load_dataset  # noqa: E402
 from pipelines.kafka_io import end_offsets, ensure_topics, read_range  # noqa: E402
+from reloop import services  # noqa: E402
+from reloop.datasets import load_dataset  # noqa: E402
 from reloop.replay import encode_batch, replay_table  # noqa: E402
 
 

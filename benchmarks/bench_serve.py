@@ -36,10 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # the set-up, the percentiles and the server process are shared with bench_slate.py
-from benchmarks.common import ServerProc, fill, pct as _pct, serve_world as setup  # noqa: E402,F401
-from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 import requests
 import torch
+
+from benchmarks.common import ServerProc, fill  # noqa: E402,F401
+from benchmarks.common import pct as _pct
+from benchmarks.common import serve_world as setup
+from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 
 
 def bench_in_process(store, reg, pairs, labels, n: int) -> dict:

@@ -28,8 +28,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_serve import _pct, setup  # noqa: E402
 import torch
+
+from benchmarks.bench_serve import _pct, setup  # noqa: E402
 from jobs.feedback import FeedbackGuard, GuardConfig
 from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 from jobs.serve import handle, score_slate

@@ -42,19 +42,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ServerProc, fill, pct, report, serve_world  # noqa: E402
-import torch
-from jobs.registry import ModelRegistry
-from online_models.encoding import EncoderConfig
-from online_models.models import ModelConfig, build_model
-from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES
 from dataclasses import replace
+
+import requests
+import torch
+
+from benchmarks.common import ServerProc, fill, pct, report, serve_world, services_up  # noqa: E402
 from jobs.feedback import FeedbackGuard, GuardConfig
+from jobs.registry import ModelRegistry
 from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 from jobs.serve import handle
-from reloop.side_tables import load_side_tables
-from benchmarks.common import services_up
-import requests
+from online_models.encoding import EncoderConfig
+from online_models.models import ModelConfig, build_model
+from reloop.side_tables import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, load_side_tables
 
 SIZES = (1, 100, 1000)
 

@@ -20,10 +20,10 @@ import time
 import torch
 
 from benchmarks.common import report
-from reloop.evaluate import EvaluationConfig, _model_config, prepare_stream
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.models import build_model
 from online_models.river_baselines import RiverBaseline
+from reloop.evaluate import EvaluationConfig, _model_config, prepare_stream
 
 TARGETS = {16: 0.1, 256: 0.6}
 

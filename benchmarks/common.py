@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import requests
+
 from jobs.examples import write_example_files
 from jobs.registry import ModelRegistry
 from jobs.serve import prepare_feature_store
 from jobs.trainer import IncrementalTrainer, TrainerConfig
+from reloop import services
 from reloop.datasets import load_dataset, movielens_examples
 from reloop.side_tables import load_side_tables
-import requests
-from reloop import services
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ class services_up:
     def __init__(self, *names: str) -> None:
         self.names, self.started = names, []
 
-    def __enter__(self) -> "services_up":
+    def __enter__(self) -> services_up:
 
         for name in self.names:
             svc = services.get(name)

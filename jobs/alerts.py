@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import importlib
 import json
 import logging
@@ -52,12 +53,13 @@ import os
 import queue
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
+
 from online_models.errors import ReloopError
-import http.client
-import urllib.parse
 from pipelines.kafka_io import producer
 
 log = logging.getLogger(__name__)

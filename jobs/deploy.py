@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from online_models.gate import GateDecision, GateError, paired_test
-from online_models.errors import ReloopError
-from jobs.scoring import horizon_of, load_bundle
-from online_models.models import predict_table
-from online_models.settings import MODEL_ARCH
 from jobs.examples import ExampleStore
 from jobs.retrain import RetrainConfig, RetrainWorker, run_retrains
+from jobs.scoring import horizon_of, load_bundle
+from online_models.errors import ReloopError
+from online_models.gate import GateDecision, GateError, paired_test
+from online_models.models import predict_table
+from online_models.settings import MODEL_ARCH
 
 
 class DeployError(ReloopError, RuntimeError):

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -56,13 +57,13 @@ class Position:
         return {"done": list(self.done), "partial": list(self.partial) if self.partial else None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Position":
+    def from_dict(cls, d: dict[str, Any] | None) -> Position:
         if not d:
             return cls()
         p = d.get("partial")
         return cls(list(d.get("done", [])), (str(p[0]), int(p[1])) if p else None)
 
-    def advanced(self, path: str, rows_done: int, file_rows: int) -> "Position":
+    def advanced(self, path: str, rows_done: int, file_rows: int) -> Position:
         """A new position after consuming rows up to ``rows_done`` of ``path`` (``file_rows`` in all)."""
         if rows_done >= file_rows:
             return Position([*self.done, path], None)

@@ -38,8 +38,9 @@ import collections
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["GuardConfig", "Impression", "Impressions", "Verdict", "FeedbackGuard", "LockstepDetector"]
 

@@ -37,8 +37,9 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pipelines.config import KafkaConfig
 from pipelines.events import Feedback, Impression, Rejection, parse_feedback, parse_impression

@@ -36,22 +36,23 @@ import queue
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
+from kafka import KafkaConsumer
+from kafka.structs import OffsetAndMetadata
 
+from jobs.alerts import dispatcher_from_config
 from jobs.deploy import Candidate, Evaluation
 from online_models.drift.incidents import IncidentTracker
 from online_models.drift.monitors import MonitorSuite, event_signals
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
-from pipelines.storage import write_bytes_atomic
-from jobs.alerts import dispatcher_from_config
-from kafka import KafkaConsumer
-from kafka.structs import OffsetAndMetadata
 from pipelines.kafka_io import ensure_topics
+from pipelines.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -49,16 +49,17 @@ import posixpath
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow.fs as pafs
-from online_models.errors import ReloopError
-from pipelines.storage import open_filesystem, write_bytes_atomic
-from online_models.models import ModelConfig, build_model
-from safetensors.torch import save
 from safetensors import SafetensorError
-from safetensors.torch import load
+from safetensors.torch import load, save
+
+from online_models.errors import ReloopError
+from online_models.models import ModelConfig, build_model
+from pipelines.storage import open_filesystem, write_bytes_atomic
 
 FORMAT = "reloop.registry/1"
 WEIGHTS = "model.safetensors"
@@ -181,7 +182,7 @@ class ModelRegistry:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         blob = save(tensors)
         files = {WEIGHTS: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}
-        for attempt in range(20):
+        for _attempt in range(20):
             nums = self._numbers()
             version = f"v{(nums[-1] + 1 if nums else 1):06d}"
             entry = ModelEntry(

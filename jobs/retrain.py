@@ -37,24 +37,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from features.windows import DAY_MS, feature_service_name
-from online_models.metrics import summarize
-from online_models.models import KINDS, predict_table
-from online_models.settings import MODEL_ARCH
-from jobs.ray_local import init_local
-from jobs.examples import ExampleStore
-import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from jobs.trainer import encoder_config_for, reads_side_features
-from pipelines.side_features import feast_batch_root, side_source
-from online_models.encoding import EncoderConfig, FeatureEncoder
-from online_models.models import ModelConfig, build_model, model_config_for
-import torch.distributed as dist
-from jobs.registry import ModelRegistry, load_model
-from safetensors.torch import load_file
 from jobs.config import load_jobs_config as load_config
+from jobs.examples import ExampleStore
+from jobs.ray_local import init_local
+from jobs.registry import ModelRegistry, load_model
+from jobs.trainer import encoder_config_for, reads_side_features
+from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.metrics import summarize
+from online_models.models import KINDS, ModelConfig, build_model, model_config_for, predict_table
+from online_models.settings import MODEL_ARCH
+from pipelines.side_features import feast_batch_root, side_source
 
 # Ray is imported inside train_loop_per_worker, run_retrain and main, where a retrain runs: Ray reads its auth
 # mode and token when its core library loads, and the cluster profile sets them after jobs.deploy (and so
@@ -248,7 +246,7 @@ def _fit_one(cfg, start, store, table, train, holdout, loop, rank: int, world: i
     shard = train.take(np.arange(rank, per * world, world))
     rng = np.random.default_rng(cfg.seed + rank)
     t0 = time.time()
-    for epoch in range(cfg.epochs):
+    for _epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(shard.num_rows)
         total = 0.0

@@ -36,8 +36,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -108,7 +109,7 @@ class FeastLookup:
         )
         self.names = frozenset(f.name for fs in views.values() for f in fs)
 
-    def for_fields(self, fields: Any) -> "FeastLookup":
+    def for_fields(self, fields: Any) -> FeastLookup:
         """This lookup, plus the batch-view features among ``fields`` (a model's encoder fields) it lacks."""
 
         missing = tuple(r for r in batch_feature_refs(fields) if r.split(":", 1)[1] not in self.names)
@@ -297,7 +298,7 @@ class ScoredSlate:
     def __init__(self, version: str, table: pa.Table, keys: torch.Tensor, bases: list[float]) -> None:
         self.version, self.table, self.keys, self.bases = version, table, keys, bases
 
-    def candidate(self, i: int) -> "SlateCandidate":
+    def candidate(self, i: int) -> SlateCandidate:
         return SlateCandidate(self, i)
 
 

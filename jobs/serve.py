@@ -64,10 +64,15 @@ import uuid
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
+import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from jobs.alerts import dispatcher_from_config
 from jobs.config import load_jobs_config as load_config
@@ -90,18 +95,13 @@ from pipelines.feast_io import (
     write_batch_source,
     write_snapshot,
 )
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-import uvicorn
 
 log = logging.getLogger("reloop.serve")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_CANDIDATES = 1_000
 TOKEN_ENV = "RELOOP_SERVE_TOKEN"
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 class _Strict(BaseModel):
@@ -175,7 +175,7 @@ def _validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-_GUARDS: "weakref.WeakKeyDictionary[Scorer, FeedbackGuard]" = weakref.WeakKeyDictionary()
+_GUARDS: weakref.WeakKeyDictionary[Scorer, FeedbackGuard] = weakref.WeakKeyDictionary()
 
 
 def guard_for(scorer: Scorer, config: GuardConfig | None = None, alert=None) -> FeedbackGuard:

@@ -69,7 +69,7 @@ class PlattCalibrator:
     a: float = 1.0
     b: float = 0.0
 
-    def fit(self, p: np.ndarray, y: np.ndarray, iters: int = 50, l2: float = 1e-3) -> "PlattCalibrator":
+    def fit(self, p: np.ndarray, y: np.ndarray, iters: int = 50, l2: float = 1e-3) -> PlattCalibrator:
         """Newton's method with backtracking, from the constant model (a = 0, b = logit of the mean label),
         where the Hessian is well conditioned even for a very overconfident model."""
         z = _logit(np.asarray(p, float))
@@ -124,7 +124,7 @@ class CBPEMonitor:
     alarms: list[int] = field(default_factory=list)
     _n: int = 0
 
-    def fit(self, estimates: list[float]) -> "CBPEMonitor":
+    def fit(self, estimates: list[float]) -> CBPEMonitor:
         self.reference = [float(e) for e in estimates if np.isfinite(e)]
         return self
 

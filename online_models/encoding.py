@@ -57,8 +57,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from online_models.errors import ReloopError
 
+from online_models.errors import ReloopError
 
 #: rates are clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] before their log-odds
 LOGIT_CLIP = 1e-3
@@ -108,7 +108,7 @@ class EncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         d = dict(d)
         for k in ("categorical_fields", "numeric_fields", "logit_fields", "numeric_mean", "numeric_std", "bag_fields"):
             if d.get(k) is not None:
@@ -151,7 +151,7 @@ class FeatureEncoder:
         """Rows of the shared embedding table: one block of ``hash_buckets`` per categorical and bag field."""
         return (self.num_categorical + self.num_bags) * self.config.hash_buckets
 
-    def fit(self, table: pa.Table) -> "FeatureEncoder":
+    def fit(self, table: pa.Table) -> FeatureEncoder:
         """A new encoder whose numeric mean/std come from ``table`` (e.g. the warm-up period)."""
         if not self.config.numeric_fields:
             return self

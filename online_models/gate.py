@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from online_models.errors import ReloopError
 
 KINDS = ("refresh", "retrain", "rollback")

@@ -34,8 +34,9 @@ True
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -210,7 +211,7 @@ class OnlineLearner:
         batches = list(batches)
         return [self.learn(b) for _ in range(epochs) for b in batches]
 
-    def clone(self) -> "OnlineLearner":
+    def clone(self) -> OnlineLearner:
         """An independent copy (weights, optimizer state, step count and RNG state)."""
         twin = copy.deepcopy(self)
         return twin

@@ -58,11 +58,13 @@ tensor([1.])
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
+
 from online_models.errors import ReloopError
 
 try:  # the compiled kernels (below); without numba the torch implementations run, with the same results
@@ -190,7 +192,7 @@ class ErrorCompensationMemory:
             self._margin = np.ceil(l1 * (0.5 + 1e-6)) + 1.0
 
     @classmethod
-    def from_config(cls, config: MemoryConfig) -> "ErrorCompensationMemory":
+    def from_config(cls, config: MemoryConfig) -> ErrorCompensationMemory:
         return cls(**config.to_dict())
 
     def reset(self) -> None:
@@ -647,7 +649,7 @@ def _group_bounds(groups: list[tuple[int, int]], n: int) -> np.ndarray:
     return np.append(bounds[:, 0], n)
 
 
-def reference_hash(mem: "ErrorCompensationMemory", h: torch.Tensor) -> torch.Tensor:
+def reference_hash(mem: ErrorCompensationMemory, h: torch.Tensor) -> torch.Tensor:
     """Bucket ids (B, K) of keys ``h`` from a float64 matmul with the hyperplanes: the semantics of ``hash``
     (float32 precision), written the plain way, for tests and the benchmark's agreement rate."""
     proj = (h.detach().double() @ mem.planes.double()).view(-1, mem.num_tables, mem.bits)

@@ -23,7 +23,8 @@ For unbounded streams, :class:`BinnedAUC` keeps a fixed-size histogram.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

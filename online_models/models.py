@@ -29,9 +29,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 from torch import nn
+
 from online_models.errors import ReloopError
-from online_models.settings import KINDS  # noqa: F401  (the one list of kinds; re-exported)
-from online_models.settings import MODEL_ARCH
+from online_models.settings import (
+    KINDS,  # noqa: F401  (the one list of kinds; re-exported)
+    MODEL_ARCH,
+)
 
 if TYPE_CHECKING:  # encoding's encoder and pyarrow only appear in predict_table's signature
     import pyarrow as pa
@@ -86,7 +89,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         for k in ("hidden_sizes", "categorical_fields", "numeric_fields"):
             if k in d and d[k] is not None:

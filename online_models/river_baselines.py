@@ -73,7 +73,7 @@ class RiverBaseline:
                 seed=self.seed,
             )
 
-    def clone(self) -> "RiverBaseline":
+    def clone(self) -> RiverBaseline:
         """An untrained twin with the same configuration."""
         return RiverBaseline(self.kind, self.lr, self.l2, self.n_factors, self.seed, self.numeric)
 

@@ -142,7 +142,7 @@ class FeatureState:
     marks: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls) -> "FeatureState":
+    def empty(cls) -> FeatureState:
         return cls(_TAIL_SCHEMA.empty_table(), _EVICTED_SCHEMA.empty_table())
 
     def to_arrow(self) -> dict[str, pa.Table]:
@@ -155,7 +155,7 @@ class FeatureState:
         return {"tail": self.tail.replace_schema_metadata(meta), "evicted": self.evicted}
 
     @classmethod
-    def from_arrow(cls, tables: dict[str, pa.Table]) -> "FeatureState":
+    def from_arrow(cls, tables: dict[str, pa.Table]) -> FeatureState:
         tail, evicted = tables["tail"], tables["evicted"]
         meta = tail.schema.metadata or {}
         counts = {k.decode()[6:]: int(v) for k, v in meta.items() if k.startswith(b"count_")}

@@ -126,7 +126,7 @@ class Plan:
         )
         return f"{sum(self.start.values()):015d}-{hashlib.sha1(canon.encode()).hexdigest()[:12]}"
 
-    def with_stops(self, stop: dict[int, int]) -> "Plan":
+    def with_stops(self, stop: dict[int, int]) -> Plan:
         """The same run, committing ``stop`` instead (events after a partition's time-aligned cut are deferred)."""
         return Plan(
             self.topic,
@@ -149,7 +149,7 @@ class Plan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
         ints = lambda m: {int(k): int(v) for k, v in m.items()}  # noqa: E731
         return cls(d["topic"], ints(d["start"]), ints(d["stop"]), int(d["planned_at_ms"]), ints(d["committed"]))

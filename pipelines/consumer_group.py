@@ -12,10 +12,10 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import GroupIdNotFoundError
 from kafka.structs import OffsetAndMetadata
 
+from online_models.errors import ReloopError
 from pipelines.checkpoint import Plan, StateStore
 from pipelines.config import KafkaConfig
 from pipelines.kafka_io import admin, topic_partitions
-from online_models.errors import ReloopError
 
 
 class OffsetsError(ReloopError, RuntimeError):

@@ -35,7 +35,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +59,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FIELDS = ("event_id", "ts", "user_id", "item_id", "label", "context")
 REQUIRED = FIELDS[:-1]
 
-ContextValue = Union[str, int, float, bool, None]
+ContextValue = str | int | float | bool | None
 
 
 def _wire(fields: dict[str, Any], context: dict[str, ContextValue] | None = None, **optional: Any) -> bytes:

@@ -8,19 +8,19 @@ named by the run id, so a re-run overwrites the file instead of appending.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import posixpath
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.storage import open_filesystem, write_parquet_atomic
 from pipelines.config import FeastConfig
-import os
-import importlib.util
-import uuid
-from datetime import datetime, timezone
-import pandas as pd
+from pipelines.storage import open_filesystem, write_parquet_atomic
 
 # Feast itself is imported in open_store and repo_objects, where a store is opened: importing it takes ~6 s
 # here, and jobs.scoring (so the trainer actor and every retrain worker) imports this module for its names only
@@ -169,10 +169,10 @@ def materialize_batch_views(
     would start one year back, missing older versions); later calls are ``materialize_incremental``.
     """
 
-    end = datetime.now(timezone.utc) if end_ms is None else datetime.fromtimestamp(end_ms / 1000, timezone.utc)
+    end = datetime.now(UTC) if end_ms is None else datetime.fromtimestamp(end_ms / 1000, UTC)
     for view in views:
         if store.get_feature_view(view).most_recent_end_time is None:
-            store.materialize(start_date=datetime(1970, 1, 1, tzinfo=timezone.utc), end_date=end, feature_views=[view])
+            store.materialize(start_date=datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=[view])
         else:
             store.materialize_incremental(end_date=end, feature_views=[view])
 

@@ -62,13 +62,13 @@ from kafka.structs import OffsetAndMetadata
 
 from features.windows import parse_duration_ms
 from online_models.errors import ReloopError
+from pipelines import consumer_group
 from pipelines.aggregates import AggregateConfig
+from pipelines.checkpoint import PartitionRange, Plan, StateStore
 from pipelines.config import PipelineConfig, load_pipeline_config
 from pipelines.feast_io import apply_repo, open_store
 from pipelines.join import FEEDBACK_PARTITION_BASE, JoinConfig
 from pipelines.kafka_io import ensure_topics
-from pipelines import consumer_group
-from pipelines.checkpoint import PartitionRange, Plan, StateStore
 
 # Beam, and the modules built on it (transforms, join_transforms, kafka_source), are imported inside the
 # functions that build and run a job, on purpose: ``reloop features`` and ``python -m pipelines.feature_job``

@@ -130,7 +130,7 @@ class JoinState:
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
 
     @classmethod
-    def empty(cls) -> "JoinState":
+    def empty(cls) -> JoinState:
         return cls(FeatureState.empty(), FeatureState.empty())
 
     @property
@@ -156,7 +156,7 @@ class JoinState:
         return out
 
     @classmethod
-    def from_arrow(cls, tables: dict[str, pa.Table]) -> "JoinState":
+    def from_arrow(cls, tables: dict[str, pa.Table]) -> JoinState:
         imp = FeatureState.from_arrow({"tail": tables["imp_tail"], "evicted": tables["imp_evicted"]})
         clk = FeatureState.from_arrow({"tail": tables["clk_tail"], "evicted": tables["clk_evicted"]})
         closed = tables["closed"]

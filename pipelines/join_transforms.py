@@ -10,7 +10,7 @@ every counter of :data:`pipelines.join.COUNTERS` (``join_<name>``).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow as pa
@@ -20,6 +20,7 @@ from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.checkpoint import StateStore
+from pipelines.config import KafkaConfig
 from pipelines.join import (
     COUNTERS,
     FEEDBACK_PARTITION_BASE,
@@ -41,7 +42,6 @@ from pipelines.transforms import (
     idle_partitions,
     start_state,
 )
-from pipelines.config import KafkaConfig
 
 
 class ParseImpressionsFn(PartitionParseFn):

@@ -51,7 +51,7 @@ class RecordColumns:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def slice(self, lo: int, hi: int) -> "RecordColumns":
+    def slice(self, lo: int, hi: int) -> RecordColumns:
         """Records ``[lo, hi)`` by position (``next_offset`` is kept)."""
         return RecordColumns(self.offsets[lo:hi], self.keys[lo:hi], self.values[lo:hi], self.next_offset)
 

@@ -13,7 +13,7 @@ Elements out are Arrow tables of :data:`pipelines.parse.RAW_SCHEMA`
 one Python object per batch, not per record.
 """
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -22,11 +22,11 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.transforms.core import RestrictionProvider
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
-from pipelines.parse import RAW_SCHEMA
 from pipelines.checkpoint import PartitionRange  # noqa: F401  (re-exported: the Beam-free plan type)
 from pipelines.config import KafkaConfig
 from pipelines.kafka_io import RangeReader
 from pipelines.kafka_records import RecordColumns
+from pipelines.parse import RAW_SCHEMA
 
 
 def raw_table(partition: int, offsets, keys, values) -> pa.Table:

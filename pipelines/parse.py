@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -170,7 +170,7 @@ class SideTables:
     items: pa.Table | None
 
     @classmethod
-    def read(cls, root: str) -> "SideTables":
+    def read(cls, root: str) -> SideTables:
         return cls(*read_batch_sources(root))
 
     def join(self, table: pa.Table, ts_column: str = "ts") -> pa.Table:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs

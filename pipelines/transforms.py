@@ -25,9 +25,10 @@ import datetime as _dt
 import json
 import os
 import signal
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import apache_beam as beam
 import numpy as np
@@ -38,11 +39,11 @@ from apache_beam.pvalue import TaggedOutput
 
 from pipelines import arrow_coder  # noqa: F401  (registers the pa.Table coder)
 from pipelines.aggregates import AggregateConfig, FeatureState, compute_features, screen_ahead, snapshot
-from pipelines.parse import CORE_SCHEMA, REJECT_SCHEMA, concat_events, parse_batch, reason_kind
 from pipelines.checkpoint import StateStore
 from pipelines.config import FeastConfig, KafkaConfig
 from pipelines.feast_io import ITEM_VIEW, USER_VIEW, open_store, write_snapshot  # feast itself loads in open_store
 from pipelines.kafka_io import end_offsets, producer
+from pipelines.parse import CORE_SCHEMA, REJECT_SCHEMA, concat_events, parse_batch, reason_kind
 from pipelines.storage import open_filesystem, write_parquet_atomic
 
 NS = "feature_job"

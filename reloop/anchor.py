@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from online_models.metrics import auc, logloss
-from sklearn.linear_model import LogisticRegression
-from pipelines.aggregates import AggregateConfig, FeatureState, compute_features
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
 from reloop.datasets import load_dataset
-from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 
 
 def lr_anchor(

@@ -9,7 +9,6 @@ up front on this 2-core machine). The modules a command calls import at their to
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -136,11 +135,11 @@ def status() -> None:
 @_command()
 def replay(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, or a CSV/Parquet path"),
-    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    limit: int | None = typer.Option(None, min=1, help="only the first N events in time order"),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time (e.g. 3600x)"),
-    topic: Optional[str] = typer.Option(None, help="Kafka topic (default: kafka.events_topic of the config)"),
-    config: Optional[str] = typer.Option(None, help="YAML config file"),
-    label_delay: Optional[str] = typer.Option(
+    topic: str | None = typer.Option(None, help="Kafka topic (default: kafka.events_topic of the config)"),
+    config: str | None = typer.Option(None, help="YAML config file"),
+    label_delay: str | None = typer.Option(
         None,
         "--label-delay",
         help="contract v2: impressions to kafka.impressions_topic and each positive's "
@@ -180,17 +179,17 @@ def replay(
 def features(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="one micro-batch, then exit (the default)"),
-    every: Optional[float] = typer.Option(
+    every: float | None = typer.Option(
         None, "--every", min=0.1, metavar="SECONDS", help="one micro-batch every SECONDS until interrupted"
     ),
     reset: bool = typer.Option(False, "--reset", help="forget the job's offsets and state, then exit"),
-    runner: Optional[str] = typer.Option(
+    runner: str | None = typer.Option(
         None,
         help="flink: the local Flink job server (started on "
         "demand), or a cluster with --flink_master=host:port; "
         "or any Beam runner (default: FnApiRunner)",
     ),
-    config: Optional[str] = typer.Option(None, help="YAML config file"),
+    config: str | None = typer.Option(None, help="YAML config file"),
 ) -> None:
     """Beam feature job: new Kafka offsets -> DLQ / windowed features -> Feast + training examples, offsets
     committed after the sinks. Other options go to python -m pipelines.feature_job (--max_events,
@@ -213,29 +212,27 @@ def features(
 @_command()
 def run(
     dataset: str = typer.Option("movielens-100k", help="movielens-100k, synthetic:<scenario>, or a CSV/Parquet path"),
-    model: Optional[str] = typer.Option(
-        None, help="lr, deepfm, dcnv2 or din (default: model.kind of the config, dcnv2)"
-    ),
+    model: str | None = typer.Option(None, help="lr, deepfm, dcnv2 or din (default: model.kind of the config, dcnv2)"),
     speed: str = typer.Option("max", help="'max', or 'Nx' for N times real time"),
-    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
-    inject_drift: Optional[str] = typer.Option(
+    limit: int | None = typer.Option(None, min=1, help="only the first N events in time order"),
+    inject_drift: str | None = typer.Option(
         None, help="abrupt_interest, gradual_interest, abrupt_ctr or abrupt_inversion"
     ),
     drift_at: float = typer.Option(0.6, help="where the injected drift starts, as a fraction of the stream"),
     resume: bool = typer.Option(False, "--resume", help="continue the latest (or --run-id) run"),
-    run_id: Optional[str] = typer.Option(None, help="name of the run (default: time + random)"),
+    run_id: str | None = typer.Option(None, help="name of the run (default: time + random)"),
     feature_every: float = typer.Option(3.0, help="seconds between feature-job micro-batches"),
     refresh: bool = typer.Option(
         True, "--refresh/--no-refresh", help="promote the incremental trainer's checkpoints (through the gate)"
     ),
-    gate_margin: Optional[float] = typer.Option(
+    gate_margin: float | None = typer.Option(
         None,
         min=0.0,
         help="a retrained candidate must beat the served "
         "logloss by this fraction, beyond the gate's paired test "
         "(default: gate.margin of the config, 0)",
     ),
-    refresh_every: Optional[int] = typer.Option(
+    refresh_every: int | None = typer.Option(
         None,
         min=100,
         help="examples the trainer learns between "
@@ -245,38 +242,38 @@ def run(
     retrain_min_rows: int = typer.Option(3000, min=100, help="post-drift events a retrain waits for and trains on"),
     reports: str = typer.Option("reports", help="where reports/<run id>/ goes"),
     state_dir: str = typer.Option(".state/runs", help="where each run keeps its state (resume reads it)"),
-    config: Optional[str] = typer.Option(None, help="YAML config file"),
+    config: str | None = typer.Option(None, help="YAML config file"),
     profile: str = typer.Option(
         "embedded",
         help="embedded (in process) or cluster (Flink, Redis, two-node Ray, "
         "s3proxy: infra/cluster.yaml on this machine's services)",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="no live progress"),
-    label_delay: Optional[str] = typer.Option(
+    label_delay: str | None = typer.Option(
         None,
         "--label-delay",
         help="contract v2: replay impressions, and each positive's click this much later "
         "(exp:MEAN, fixed:D, uniform:A:B, lognormal:MEDIAN:SIGMA; e.g. exp:20m); the feature job joins them",
     ),
-    attribution_window: Optional[str] = typer.Option(
+    attribution_window: str | None = typer.Option(
         None,
         "--attribution-window",
         help="with --label-delay: how long a click may follow its impression "
         "(e.g. 1h; default: feature_job.attribution_window_s of the config, 1h)",
     ),
-    train_batch: Optional[int] = typer.Option(
+    train_batch: int | None = typer.Option(
         None, min=1, help="the incremental trainer's mini-batch size (default: trainer.batch_size of the config, 256)"
     ),
-    side_features: Optional[bool] = typer.Option(
+    side_features: bool | None = typer.Option(
         None,
         "--side-features/--no-side-features",
         help="join the user profile and item catalogue (point in time, as Feast's batch views serve them) into "
         "training and serving, and encode them (ML-100K: from the wheel; default: trainer.side_features)",
     ),
-    users: Optional[str] = typer.Option(
+    users: str | None = typer.Option(
         None, help="users side-table CSV (columns: reloop.side_tables); implies --side-features"
     ),
-    items: Optional[str] = typer.Option(
+    items: str | None = typer.Option(
         None, help="items side-table CSV (columns: reloop.side_tables); implies --side-features"
     ),
 ) -> None:
@@ -353,7 +350,7 @@ def evaluate(
     warmup: float = typer.Option(0.5, help="fraction of events (in time order) used to warm up the base model"),
     seed: int = typer.Option(0, help="seed of models, memory hyperplanes and River"),
     out: str = typer.Option("reports/evaluate.json", help="result JSON (a PNG of AUC per slot goes next to it)"),
-    limit: Optional[int] = typer.Option(None, min=1, help="only the first N events in time order"),
+    limit: int | None = typer.Option(None, min=1, help="only the first N events in time order"),
     batch_size: int = typer.Option(16, min=1, help="mini-batch size of test-then-train (16: chosen on validation)"),
     no_river: bool = typer.Option(False, help="skip the River baselines (faster)"),
     memory_key: str = typer.Option(
@@ -379,19 +376,19 @@ def evaluate(
         help="join the user profile and item catalogue side tables "
         "(point in time) and encode them (ML-100K: from the wheel)",
     ),
-    users: Optional[str] = typer.Option(
+    users: str | None = typer.Option(
         None, help="users side-table CSV (columns: reloop.side_tables); implies --side-features"
     ),
-    items: Optional[str] = typer.Option(
+    items: str | None = typer.Option(
         None, help="items side-table CSV (columns: reloop.side_tables); implies --side-features"
     ),
-    history_len: Optional[int] = typer.Option(
+    history_len: int | None = typer.Option(
         None, min=1, help="the user's last N items (default: the feature job's last_n)"
     ),
 ) -> None:
     """Chronological test-then-train evaluation: base, incremental, +memory, River baselines."""
-    from reloop.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
     from reloop.datasets import DatasetError
+    from reloop.evaluate import VARIANTS, EvaluationConfig, EvaluationError, evaluate_and_report
 
     try:
         variants = tuple(v for v in VARIANTS if not (no_river and v.startswith("river")))
@@ -422,14 +419,14 @@ def side_tables(
     dataset: str = typer.Option(
         "movielens-100k", help="movielens-100k (side tables from the wheel), or any name with --users/--items"
     ),
-    users: Optional[str] = typer.Option(None, help="users CSV (columns: reloop.side_tables)"),
-    items: Optional[str] = typer.Option(None, help="items CSV (columns: reloop.side_tables)"),
-    config: Optional[str] = typer.Option(None, help="YAML config file (its feast section)"),
+    users: str | None = typer.Option(None, help="users CSV (columns: reloop.side_tables)"),
+    items: str | None = typer.Option(None, help="items CSV (columns: reloop.side_tables)"),
+    config: str | None = typer.Option(None, help="YAML config file (its feast section)"),
 ) -> None:
     """Write the user profile / item catalogue batch sources (Parquet) and materialise them online with Feast."""
+    from online_models.errors import DatasetError
     from reloop.config import load_config
     from reloop.side_tables import publish_side_tables
-    from online_models.errors import DatasetError
 
     try:
         written = publish_side_tables(load_config(config).feast, dataset, users, items)
@@ -443,15 +440,15 @@ def side_tables(
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _run_job(ctx: typer.Context, module: str, submit: bool, wait: bool, config: Optional[str]) -> None:
+def _run_job(ctx: typer.Context, module: str, submit: bool, wait: bool, config: str | None) -> None:
     """Run ``python -m <module>`` in-process (embedded Ray) or submit it with ``ray job submit``."""
     import importlib
 
     args = list(ctx.args) + (["--config", config] if config else [])
     if submit:
-        from reloop.submit import submit as submit_job
         from online_models.errors import ConfigError
         from reloop.config import load_config
+        from reloop.submit import submit as submit_job
 
         try:
             address = load_config(config).ray.jobs_address
@@ -466,7 +463,7 @@ def train(
     ctx: typer.Context,
     submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
     wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
-    config: Optional[str] = typer.Option(None, help="YAML config file"),
+    config: str | None = typer.Option(None, help="YAML config file"),
 ) -> None:
     """Incremental trainer (test-then-train, checkpoints, exact resume). Other options go to python -m jobs.trainer
     (--examples, --checkpoint-dir, --registry, --model, --idle-exit, --publish-every, --promote; see --help there)."""
@@ -478,7 +475,7 @@ def retrain(
     ctx: typer.Context,
     submit: bool = typer.Option(False, help="submit to the Ray cluster (ray.jobs_address) instead of local"),
     wait: bool = typer.Option(True, help="with --submit: follow the job's logs until it ends"),
-    config: Optional[str] = typer.Option(None, help="YAML config file"),
+    config: str | None = typer.Option(None, help="YAML config file"),
 ) -> None:
     """Full retrain on Ray Train -> a candidate registry version with holdout metrics. Other options go to
     python -m jobs.retrain (--window-days, --workers, --epochs, --model, --promote; see --help there)."""
@@ -486,7 +483,7 @@ def retrain(
 
 
 @_command(context_settings=_PASSTHROUGH)
-def serve(ctx: typer.Context, config: Optional[str] = typer.Option(None, help="YAML config file")) -> None:
+def serve(ctx: typer.Context, config: str | None = typer.Option(None, help="YAML config file")) -> None:
     """Scoring service: POST /score, POST /feedback, GET /health on 127.0.0.1:8000. Other options go to
     python -m jobs.serve (--port, --backend http|ray, --no-memory, --registry, --feast-repo, and
     --impressions-topic / --feedback-topic: log every scored candidate and every click as contract v2 on
@@ -501,7 +498,7 @@ def score(
     user_id: str = typer.Argument(..., help="user id"),
     item_id: str = typer.Argument(..., help="item id"),
     context: list[str] = typer.Option([], "--context", "-c", help="key=value context field (repeatable)"),
-    feedback: Optional[int] = typer.Option(None, min=0, max=1, help="then send this label for the request"),
+    feedback: int | None = typer.Option(None, min=0, max=1, help="then send this label for the request"),
     url: str = typer.Option("http://127.0.0.1:8000", help="scoring service URL"),
 ) -> None:
     """Score one (user, item) with the scoring service; optionally send the outcome back."""
@@ -546,20 +543,20 @@ def score(
 
 @_command()
 def monitor(
-    config: Optional[str] = typer.Option(None, help="YAML config file (sections drift and hooks)"),
-    topic: Optional[str] = typer.Option(None, help="predictions topic (default: drift.predictions_topic)"),
+    config: str | None = typer.Option(None, help="YAML config file (sections drift and hooks)"),
+    topic: str | None = typer.Option(None, help="predictions topic (default: drift.predictions_topic)"),
     from_beginning: bool = typer.Option(False, help="start at the earliest offset when the group has none"),
-    max_records: Optional[int] = typer.Option(None, min=1, help="stop after N records"),
-    idle_timeout: Optional[float] = typer.Option(None, help="stop after this many seconds without records"),
-    actions: Optional[str] = typer.Option(
+    max_records: int | None = typer.Option(None, min=1, help="stop after N records"),
+    idle_timeout: float | None = typer.Option(None, help="stop after this many seconds without records"),
+    actions: str | None = typer.Option(
         None, help="module:factory returning an Actions object, called with the config (default: alert only)"
     ),
 ) -> None:
     """Run the drift monitors on the served predictions joined with labels; alert, retrain, roll back."""
+    from jobs.alerts import HookError, resolve_entry_point
     from jobs.monitor import run_monitor
     from online_models.errors import ConfigError
     from reloop.config import load_config
-    from jobs.alerts import HookError, resolve_entry_point
 
     try:
         cfg = load_config(config)

@@ -44,9 +44,8 @@ import pyarrow.parquet as pq
 
 from online_models.errors import DatasetError
 from pipelines.aggregates import FeatureState, compute_features
-from pipelines.events import REQUIRED
+from pipelines.events import REQUIRED, Event
 from reloop.synthetic import load_synthetic
-from pipelines.events import Event
 
 MOVIELENS_100K = "movielens-100k"
 BUILTIN = (MOVIELENS_100K,)

@@ -44,29 +44,30 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from online_models.encoding import EncoderConfig, FeatureEncoder
+from online_models.errors import ReloopError
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, write_groups
 from online_models.metrics import SlotMetrics, summarize
 from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key, model_config_for
 from online_models.river_baselines import RiverBaseline
-from online_models.errors import ReloopError
 from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
-from reloop.datasets import load_dataset
 from pipelines.side_features import ITEM_ATTRIBUTES, ITEM_BAGS, USER_ATTRIBUTES, SideTables
+from reloop.datasets import load_dataset
 from reloop.side_tables import load_side_tables
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 SAME_TIME = ("stream", "timestamp")
 #: validation AUCs closer than this are a tie in the memory's grid search (then fewer tables win)

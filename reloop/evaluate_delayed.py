@@ -57,8 +57,7 @@ from online_models.models import build_model, memory_key, memory_key_dim, model_
 from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.join import FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch
 from reloop.datasets import load_dataset
-from reloop.synthetic import label_delay
-from reloop.synthetic import parse_duration_ms
+from reloop.synthetic import label_delay, parse_duration_ms
 
 VARIANTS = ("no-delay", "no-delay+memory", "wait", "wait+memory", "fnw", "fnc")
 NUMERIC = ("user_ctr_1d", "user_ctr_all", "item_ctr_1d", "item_ctr_all")

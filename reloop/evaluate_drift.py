@@ -14,7 +14,8 @@ predict, so every loss increase after the shift is the drift's doing.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+
 from online_models.errors import ReloopError
 
 SCENARIOS = ("abrupt_interest", "gradual_interest", "abrupt_ctr", "abrupt_inversion")

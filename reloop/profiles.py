@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from online_models.errors import ReloopError
-from reloop.config import ReloopConfig, load_config
 from reloop import services
+from reloop.config import ReloopConfig, load_config
 
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "infra" / "cluster.yaml"
 PROFILES = ("embedded", "cluster")

@@ -8,24 +8,23 @@ idempotent, so a broker hiccup and retry never duplicates an event.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-
-from pipelines.config import KafkaConfig
-from reloop.datasets import CORE_COLUMNS
-from online_models.errors import ReloopError
-from reloop.synthetic import FEEDBACK_COLUMNS, IMPRESSION_COLUMNS
-from kafka.partitioner.default import murmur2
 from kafka.errors import KafkaError
-from pipelines.kafka_io import ensure_topics, partition_count
+from kafka.partitioner.default import murmur2
 from tqdm import tqdm
-from pipelines.kafka_io import producer
-import multiprocessing as mp
-from reloop.synthetic import SyntheticError, label_delay as split
-import threading
+
+from online_models.errors import ReloopError
+from pipelines.config import KafkaConfig
+from pipelines.kafka_io import ensure_topics, partition_count, producer
+from reloop.datasets import CORE_COLUMNS
+from reloop.synthetic import FEEDBACK_COLUMNS, IMPRESSION_COLUMNS, SyntheticError
+from reloop.synthetic import label_delay as split
 
 
 class ReplayError(ReloopError, RuntimeError):

@@ -12,7 +12,7 @@ import base64
 import html
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class Series:
     user: np.ndarray
 
     @classmethod
-    def empty(cls) -> "Series":
+    def empty(cls) -> Series:
         return cls(np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0, object))
 
 
@@ -132,7 +132,7 @@ def summarize(rec: RunRecord) -> dict[str, Any]:
 
 
 def _dt(ms: float) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000.0, tz=UTC)
 
 
 def _marks(ax, rec: RunRecord) -> None:

@@ -59,9 +59,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import torch
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from features.windows import feature_service_name, parse_duration_ms
 from jobs.deploy import DeployConfig, Deployer
@@ -86,13 +89,10 @@ from reloop.datasets import MOVIELENS_100K, load_dataset
 from reloop.inject import inject_drift
 from reloop.live import DelayedServingLoop, PredictionLog, ServingLoop
 from reloop.replay import replay_delayed, replay_table
-from reloop.side_tables import load_side_tables
 from reloop.report import RunRecord, Series, freshness, write_report
 from reloop.runners import runner_args, start_local_flink
+from reloop.side_tables import load_side_tables
 from reloop.synthetic import SyntheticError, parse_delay
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 
 class RunError(ReloopError, RuntimeError):

@@ -8,7 +8,8 @@ and every other Beam flag pass through unchanged.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+
 from online_models.errors import ReloopError
 from reloop import services
 

@@ -27,6 +27,7 @@ Command line: ``python -m reloop.services {start|stop|status} [kafka|redis|ray|s
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import secrets
@@ -36,14 +37,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from online_models.errors import ReloopError
-import urllib.request
-import importlib.metadata
-from kafka import KafkaAdminClient
+
 import grpc
 import pyarrow.fs as pafs
+from kafka import KafkaAdminClient
+
+from online_models.errors import ReloopError
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from math import erf, sqrt
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -63,7 +64,6 @@ import pyarrow as pa
 from features import windows
 from online_models.errors import DatasetError
 from pipelines.events import FEEDBACK_REQUIRED, IMPRESSION_REQUIRED, REQUIRED
-from math import erf, sqrt
 
 PREFIX = "synthetic:"
 MODES = ("abrupt", "gradual", "recurring")

@@ -25,8 +25,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def kafka_config():
     """The shared local broker (started on demand, idempotently) as a KafkaConfig."""
-    from reloop import services
     from pipelines.config import KafkaConfig
+    from reloop import services
 
     services.get("kafka").start()
     return KafkaConfig(bootstrap_servers=services.KAFKA_BOOTSTRAP)

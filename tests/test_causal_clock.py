@@ -8,11 +8,11 @@ import torch
 
 from jobs.deploy import DeployConfig, Deployer
 from jobs.examples import ExampleStore, write_example_files
-from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.scoring import CausalityError, load_bundle
 from jobs.trainer import IncrementalTrainer, TrainerConfig
 from online_models.memory import SERVING_MEMORY
+from reloop.datasets import movielens_examples
 from reloop.live import ServingLoop
 
 N = 4000

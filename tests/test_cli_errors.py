@@ -42,8 +42,8 @@ def test_a_missing_config_file_is_one_line_and_exit_code_2(tmp_path):
 
 
 def test_run_finds_the_feast_repo_from_any_directory(tmp_path):
-    from pipelines.feast_io import resolve_repo
     from pipelines.config import FeastConfig
+    from pipelines.feast_io import resolve_repo
 
     here = os.getcwd()
     os.chdir(tmp_path)

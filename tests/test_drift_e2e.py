@@ -6,9 +6,9 @@ pass, nothing is promoted."""
 from __future__ import annotations
 
 import json
-import uuid
 import subprocess
 import sys
+import uuid
 
 import pytest
 

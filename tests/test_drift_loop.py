@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jobs.monitor import Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction, save_state
 from jobs.alerts import HookDispatcher, PythonHook
+from jobs.monitor import Candidate, Evaluation, MonitorLoop, PredictionRecord, load_state, parse_prediction, save_state
 from online_models.drift.monitors import MonitorSuite
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog

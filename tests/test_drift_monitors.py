@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from online_models.drift.defaults import DEFAULT_MONITORS
-from reloop.evaluate_drift import score_monitors
 from online_models.drift.monitors import (
     DETECTORS,
     DetectorMonitor,
@@ -25,6 +24,7 @@ from online_models.drift.monitors import (
     make_monitor,
 )
 from online_models.drift.policy import DriftPolicy
+from reloop.evaluate_drift import score_monitors
 from reloop.synthetic import generate
 
 N, AT = 24_000, 12_000

@@ -59,8 +59,8 @@ def test_online_write_then_read_round_trips_in_sqlite(tmp_path):
     import pyarrow as pa
 
     from pipelines.aggregates import FeatureState, compute_features, snapshot
-    from pipelines.feast_io import apply_repo, offline_dir, open_store, write_snapshot
     from pipelines.config import FeastConfig
+    from pipelines.feast_io import apply_repo, offline_dir, open_store, write_snapshot
     from reloop.datasets import load_dataset
 
     cfg = FeastConfig(repo_path=str(_copy_repo(tmp_path)))
@@ -97,8 +97,8 @@ def test_online_write_then_read_round_trips_in_sqlite(tmp_path):
 
 
 def test_redis_profile_takes_the_connection_string_from_the_reloop_config(tmp_path):
-    from pipelines.feast_io import open_store
     from pipelines.config import FeastConfig
+    from pipelines.feast_io import open_store
 
     store = open_store(
         FeastConfig(profile="redis", repo_path=str(_copy_repo(tmp_path)), redis_connection_string="127.0.0.1:6399,db=3")
@@ -113,8 +113,8 @@ def test_redis_profile_online_round_trip(tmp_path, redis_url):
     import uuid
 
     from pipelines.aggregates import FeatureState, compute_features, snapshot
-    from pipelines.feast_io import apply_repo, open_store, write_snapshot
     from pipelines.config import FeastConfig
+    from pipelines.feast_io import apply_repo, open_store, write_snapshot
 
     repo = _copy_repo(tmp_path)
     # a project of its own, so parallel tests never read each other's keys in the shared Redis

@@ -37,8 +37,8 @@ MALFORMED = [
 
 
 def _replay(kafka, topic: str, start: int, stop: int, bad: list[bytes] = ()) -> None:
-    from reloop.datasets import load_dataset
     from pipelines.kafka_io import producer
+    from reloop.datasets import load_dataset
     from reloop.replay import replay_table
 
     table = load_dataset("movielens-100k", limit=stop).slice(start)

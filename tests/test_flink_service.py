@@ -82,7 +82,7 @@ def test_splittable_dofn_and_shuffle_run_on_local_flink(flink_job_endpoint):  # 
             return r.split(max(1, r.size() // 4))
 
     class Count(beam.DoFn):
-        def process(self, n, tracker=beam.DoFn.RestrictionParam(Ranges())):
+        def process(self, n, tracker=beam.DoFn.RestrictionParam(Ranges())):  # noqa: B008  (Beam's marker)
             i = tracker.current_restriction().start
             while tracker.try_claim(i):
                 yield i

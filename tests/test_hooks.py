@@ -10,8 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from jobs.monitor import MonitorLoop, PredictionRecord
-from reloop.config import ReloopConfig
 from jobs.alerts import (
     SIGNATURE_HEADER,
     DeadLetterLog,
@@ -22,9 +20,11 @@ from jobs.alerts import (
     dispatcher_from_config,
     verify,
 )
+from jobs.monitor import MonitorLoop, PredictionRecord
 from online_models.drift.monitors import MonitorSuite
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import Detection, Request, alert_payload
+from reloop.config import ReloopConfig
 from reloop.synthetic import generate
 from tests.conftest import free_port
 

@@ -9,12 +9,12 @@ import uuid
 
 import pytest
 
-from jobs.monitor import run_monitor
-from pipelines.config import KafkaConfig
-from reloop.config import ReloopConfig
 from jobs.alerts import KafkaHook
+from jobs.monitor import run_monitor
 from online_models.drift.records import AuditLog, Detection, Request, alert_payload
+from pipelines.config import KafkaConfig
 from pipelines.kafka_io import end_offsets, ensure_topics, producer, read_range
+from reloop.config import ReloopConfig
 from reloop.synthetic import generate
 from tests.conftest import free_port
 

@@ -31,8 +31,8 @@ def test_alerts_close_together_are_one_incident_with_its_actions_and_resolution(
 
 
 def test_the_monitor_pages_once_per_incident(tmp_path) -> None:
-    from jobs.monitor import MonitorLoop, PredictionRecord
     from jobs.alerts import HookDispatcher, PythonHook
+    from jobs.monitor import MonitorLoop, PredictionRecord
     from online_models.drift.monitors import MonitorSuite
     from online_models.drift.policy import DriftPolicy
     from online_models.drift.records import AuditLog

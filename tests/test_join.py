@@ -95,11 +95,9 @@ def test_join_equals_pandas_on_movielens_with_exp20m_delays_and_1h_window(delaye
     # every impression is an example except those whose window is still open at the end
     assert len(want) + state.open_count == t.num_rows
     late = int(
-        (
-            fb.to_pandas()
-            .merge(imps.to_pandas()[["impression_id", "ts"]], on="impression_id")
-            .pipe(lambda d: (d.ts_x > d.ts_y + HOUR).sum())
-        )
+        fb.to_pandas()
+        .merge(imps.to_pandas()[["impression_id", "ts"]], on="impression_id")
+        .pipe(lambda d: (d.ts_x > d.ts_y + HOUR).sum())
     )
     assert state.counts["late_feedback"] == late > 0  # ~5% of clicks: P(exp(20m) > 1h) = e^-3
     assert state.counts["orphan_feedback"] == 0 and dlq.num_rows == 0

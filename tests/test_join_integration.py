@@ -212,8 +212,8 @@ def test_paced_delayed_replay_and_the_cli(tmp_path, kafka_config, unique_topic, 
     """Paced, both streams go side by side on one clock; the CLI refuses a bad --label-delay clearly."""
     from typer.testing import CliRunner
 
-    from reloop.cli import app
     from pipelines.kafka_io import end_offsets
+    from reloop.cli import app
     from reloop.replay import replay_delayed
 
     cfg = v2_config(tmp_path, kafka_config, unique_topic)

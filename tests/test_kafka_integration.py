@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from pipelines.config import KafkaConfig
-from reloop.datasets import load_dataset
 from pipelines.events import Event, parse_event
 from pipelines.kafka_io import end_offsets, read_range
+from reloop.datasets import load_dataset
 from reloop.replay import replay_table
 from tests.conftest import free_port
 

@@ -41,7 +41,7 @@ def reference(buf: bytes, fetch_offset: int = 0) -> list[tuple[int, bytes | None
 def random_records(n: int, seed: int) -> list:
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _i in range(n):
         key = None if rng.random() < 0.2 else rng.randbytes(rng.choice([0, 1, 5, 200]))
         value = None if rng.random() < 0.1 else rng.randbytes(rng.choice([0, 1, 63, 64, 127, 128, 300, 20_000]))
         headers = [("h", rng.randbytes(3))] * rng.choice([0, 0, 1, 3])

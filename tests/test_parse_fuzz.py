@@ -14,8 +14,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.parse import _slow_parse, parse_batch
 from pipelines.events import Event, parse_event
+from pipelines.parse import _slow_parse, parse_batch
 
 NOW = 1_700_000_000_000
 RECORDS = {"n": 0, "accepted": 0, "batches": 0}

@@ -8,8 +8,8 @@ import random
 import pytest
 
 import pipelines.events
-from pipelines.parse import parse_batch
 from pipelines.events import Event, parse_event
+from pipelines.parse import parse_batch
 
 NOW = 1_700_000_000_000
 OK = {"event_id": "e", "ts": 881250949000, "user_id": "196", "item_id": "242", "label": 1}

@@ -107,17 +107,20 @@ def test_compute_features_equals_direct_call_whatever_the_batch_order(events, tm
 def test_compute_features_continues_from_the_saved_state(events, tmp_path):
     cfg = AggregateConfig()
     first, second = events.slice(0, 1000), events.slice(1000)
-    parse = lambda t: concat_events(
-        [
-            parse_batch(
-                r["value"].to_pylist(),
-                partition=0,  # noqa: E731
-                offsets=r["kafka_offset"].to_pylist(),
-                now_ms=NOW,
-            )[0]
-            for r in _raw_batches(t)
-        ]
-    )
+
+    def parse(t):
+        return concat_events(
+            [
+                parse_batch(
+                    r["value"].to_pylist(),
+                    partition=0,  # noqa: E731
+                    offsets=r["kafka_offset"].to_pylist(),
+                    now_ms=NOW,
+                )[0]
+                for r in _raw_batches(t)
+            ]
+        )
+
     store = StateStore(str(tmp_path))
     plan = Plan("t", {0: 1000}, {0: 3000}, NOW, committed={0: 1000})
     store.save_state(plan.start_key, compute_batch(parse(first), FeatureState.empty(), cfg).state)

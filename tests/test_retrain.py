@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from jobs.examples import write_example_files
-from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.retrain import RetrainConfig, RetrainWorker, resolve_window, run_retrain, run_retrains, split_window
+from reloop.datasets import movielens_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import uuid
 import subprocess
 import sys
+import uuid
 
 import pytest
 

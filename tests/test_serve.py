@@ -17,12 +17,11 @@ import requests
 import torch
 
 from jobs.examples import write_example_files
-from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.scoring import FeastLookup, Scorer, ScorerConfig
 from jobs.serve import asgi_app, prepare_feature_store
 from jobs.trainer import IncrementalTrainer, TrainerConfig
-from reloop.datasets import load_dataset
+from reloop.datasets import load_dataset, movielens_examples
 
 pytestmark = pytest.mark.integration
 N_EVENTS = 3000
@@ -317,7 +316,7 @@ def test_reloop_score_cli(server):
     srv, scorer = server
     r = CliRunner().invoke(app, ["score", "196", "242", "-c", "device=web", "--feedback", "1", "--url", srv.url])
     assert r.exit_code == 0, r.output
-    assert '"model_version": "%s"' % scorer.bundle.version in r.output and '"written": true' in r.output
+    assert f'"model_version": "{scorer.bundle.version}"' in r.output and '"written": true' in r.output
     r = CliRunner().invoke(app, ["score", "196", "242", "-c", "novalue", "--url", srv.url])
     assert r.exit_code != 0 and "expected key=value" in r.output
 

@@ -142,7 +142,7 @@ def test_the_service_keeps_answering_when_kafka_is_down(scorer):
     try:
         s = requests.Session()
         slowest = 0.0
-        for k in range(30):
+        for _k in range(30):
             t0 = time.perf_counter()
             r = s.post(f"{srv.url}/score", json={"user_id": "13", "candidates": [str(i) for i in range(1, 11)]})
             assert r.status_code == 200, r.text

@@ -13,11 +13,10 @@ import pytest
 import requests
 
 from jobs.examples import write_example_files
-from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.serve import prepare_feature_store
 from jobs.trainer import IncrementalTrainer, TrainerConfig
-from reloop.datasets import load_dataset
+from reloop.datasets import load_dataset, movielens_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent

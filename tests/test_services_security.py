@@ -35,8 +35,8 @@ def test_redis_requires_the_generated_password_and_flushall_is_disabled(redis_ur
 
 
 def test_feast_takes_the_redis_password_from_the_env_field(tmp_path, monkeypatch, redis_url):
-    from pipelines.feast_io import redis_connection_string
     from pipelines.config import FeastConfig
+    from pipelines.feast_io import redis_connection_string
     from reloop import services
 
     monkeypatch.setenv("MY_REDIS_PW", "from-env")
@@ -52,8 +52,8 @@ def test_feast_takes_the_redis_password_from_the_env_field(tmp_path, monkeypatch
 def test_the_test_broker_does_not_auto_create_topics(kafka_config, unique_topic):
     from kafka.errors import KafkaTimeoutError
 
-    from reloop import services
     from pipelines.kafka_io import end_offsets, producer
+    from reloop import services
 
     assert "auto.create.topics.enable=false" in services.get("kafka").props.read_text()
     prod = producer(kafka_config, max_block_ms=3000)

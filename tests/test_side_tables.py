@@ -134,7 +134,6 @@ def test_join_as_of_sees_a_version_from_its_time_on_only():
 def test_feast_point_in_time_join_and_materialisation_of_two_profile_versions(tmp_path, monkeypatch):
     from jobs.examples import ExampleStore, Position, write_example_files
     from pipelines.config import FeastConfig
-    from pipelines.side_features import SideTableSource
     from pipelines.feast_io import (
         apply_repo,
         join_batch_features,
@@ -143,6 +142,7 @@ def test_feast_point_in_time_join_and_materialisation_of_two_profile_versions(tm
         open_store,
         write_batch_source,
     )
+    from pipelines.side_features import SideTableSource
 
     repo = tmp_path / "features"
     repo.mkdir()

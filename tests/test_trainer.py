@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from jobs.examples import write_example_files
-from reloop.datasets import movielens_examples
 from jobs.registry import ModelRegistry
 from jobs.trainer import IncrementalTrainer, TrainerConfig, event_digest, read_checkpoint_state
+from reloop.datasets import movielens_examples
 
 
 @pytest.fixture(scope="module")

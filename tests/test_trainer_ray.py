@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from jobs.examples import write_example_files
-from reloop.datasets import movielens_examples
 from jobs.trainer import RAY_EXCLUDES, event_digest, read_checkpoint_state
+from reloop.datasets import movielens_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent

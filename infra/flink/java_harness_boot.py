@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
 import grpc
 from apache_beam.portability.api import beam_provision_api_pb2, beam_provision_api_pb2_grpc
 from google.protobuf import json_format

@@ -16,8 +16,9 @@ live (one opening message, then updates), the report uses :func:`group_incidents
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 #: deployer events that count as actions of the incident they fall in
 ACTION_PREFIXES = (

@@ -45,7 +45,8 @@ import importlib
 import json  # noqa: F401  (the module doctest uses it)
 import math
 from collections import deque
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 from river import drift
@@ -602,7 +603,7 @@ class MonitorSuite:
         self.missing: dict[str, int] = {}
 
     @classmethod
-    def from_specs(cls, specs: Iterable[Mapping[str, Any]], default_warmup: int = 1000) -> "MonitorSuite":
+    def from_specs(cls, specs: Iterable[Mapping[str, Any]], default_warmup: int = 1000) -> MonitorSuite:
         return cls(
             make_monitor(
                 s["kind"], s.get("metric", "logloss"), s.get("params"), s.get("warmup", default_warmup), s.get("name")

@@ -21,9 +21,10 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 Level = Literal["warning", "drift"]
 Action = Literal["alert", "retrain", "rollback"]
@@ -71,7 +72,7 @@ class Detection:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Detection":
+    def from_dict(cls, d: dict[str, Any]) -> Detection:
         return cls(**d)
 
 
@@ -112,7 +113,7 @@ class Request:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Request":
+    def from_dict(cls, d: dict[str, Any]) -> Request:
         d = dict(d)
         d["detections"] = tuple(Detection.from_dict(x) for x in d.get("detections", ()))
         return cls(**d)
@@ -198,7 +199,7 @@ class AuditRecord:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AuditRecord":
+    def from_dict(cls, d: dict[str, Any]) -> AuditRecord:
         d = {k: v for k, v in d.items() if k != "type"}
         return cls(**d)
 
