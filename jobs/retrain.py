@@ -143,7 +143,7 @@ def evaluate(model, encoder, table) -> dict[str, float]:
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: :func:`fit_starts` with DDP over the worker group; worker 0 puts every model in one
-    checkpoint (``start-<i>/``). One fit for every candidate: the worker group's start-up (processes, imports,
+    checkpoint (``start-<i>.*`` files). One fit for every candidate: the worker group's start-up (processes, imports,
     the process group) is the larger part of a retrain on a small window."""
     import ray.train
     from ray.train import Checkpoint
@@ -158,16 +158,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     fitted = fit_starts(loop, rank, world, nodes)
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
+            # flat, one prefix per start: an object store has no directories, and Ray's download of a
+            # checkpoint with sub-directories from s3proxy fails (FileNotFoundError on the sub-directory)
             for i, metrics in enumerate(fitted):
-                out = os.path.join(d, f"start-{i}")
-                os.makedirs(out)
                 save_file(
                     {k: v.detach().contiguous() for k, v in metrics.pop("_weights").items()},
-                    os.path.join(out, "model.safetensors"),
+                    os.path.join(d, f"start-{i}.model.safetensors"),
                 )
-                with open(os.path.join(out, "meta.json"), "w") as f:
+                with open(os.path.join(d, f"start-{i}.meta.json"), "w") as f:
                     json.dump(metrics.pop("_meta"), f)
-                with open(os.path.join(out, "metrics.json"), "w") as f:
+                with open(os.path.join(d, f"start-{i}.metrics.json"), "w") as f:
                     json.dump(metrics, f)
             ray.train.report(fitted[-1], checkpoint=Checkpoint.from_directory(d))
         else:
@@ -337,9 +337,9 @@ def run_retrains(cfg: RetrainConfig, starts: list[str | None], worker=None) -> l
         checkpoint = result.checkpoint.path
         with result.checkpoint.as_directory() as d:
             for i in range(len(starts)):
-                sub = os.path.join(d, f"start-{i}")
-                with open(os.path.join(sub, "meta.json")) as f, open(os.path.join(sub, "metrics.json")) as g:
-                    fitted.append((load_file(os.path.join(sub, "model.safetensors")), json.load(f), json.load(g)))
+                stem = os.path.join(d, f"start-{i}")
+                with open(f"{stem}.meta.json") as f, open(f"{stem}.metrics.json") as g:
+                    fitted.append((load_file(f"{stem}.model.safetensors"), json.load(f), json.load(g)))
     fit_s = time.time() - t0
     registry = ModelRegistry(cfg.registry_uri)
     current = registry.current()

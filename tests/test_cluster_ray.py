@@ -151,7 +151,7 @@ def test_retrain_runs_two_workers_on_two_nodes_with_s3_storage(cluster, data):
     assert reg.entry(res["version"]).extra["worker_nodes"] == res["worker_nodes"]
     assert res["checkpoint"].startswith(f"{services.S3_BUCKET}/")  # Ray Train's checkpoint is in the bucket
     on_disk = services.S3Proxy().dir / "data" / res["checkpoint"]
-    assert (on_disk / "model.safetensors").is_file()
+    assert (on_disk / "start-0.model.safetensors").is_file()
 
 
 def test_incremental_trainer_actor_runs_on_the_worker_node(cluster, data):
