@@ -57,11 +57,10 @@ from jobs.ray_local import init_local
 from jobs.registry import ModelRegistry, load_model
 from jobs.scoring import horizon_of
 from jobs.timing import StageTimes
-from online_models.din import history_field
 from online_models.encoding import EncoderConfig, FeatureEncoder
 from online_models.errors import ReloopError
 from online_models.learner import LearnerConfig, OnlineLearner
-from online_models.models import KINDS, ModelConfig, build_model, model_config_for
+from online_models.models import KINDS, ModelConfig, build_model, history_field, model_config_for
 from online_models.settings import MODEL_ARCH
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
 from pipelines.side_features import SIDE_BAGS, SIDE_CATEGORICAL, feast_batch_root, side_source

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: the model kinds (:func:`online_models.models.build_model`; din: :mod:`online_models.din`)
+#: the model kinds (:func:`online_models.models.build_model`)
 KINDS = ("lr", "deepfm", "dcnv2", "din")
 
 #: the memory keys a model can give (:func:`online_models.models.memory_key`)
