@@ -53,10 +53,10 @@ from online_models.models import (
     memory_key_dim,
     synthetic_batch,
 )
+from online_models.river_baselines import RiverBaseline
 from reloop.evaluate import EvaluationConfig, prepare_stream
 
-KEY = "hidden+user"  # the evaluation's default memory key
-from online_models.river_baselines import RiverBaseline
+KEY = SERVING_MEMORY["key"]  # the evaluation's and serving's memory key
 
 
 def _paired_median_times(fa, fb, repeats: int) -> tuple[float, float]:

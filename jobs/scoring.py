@@ -154,9 +154,9 @@ def load_bundle(
 ) -> Bundle:
     """Model, encoder and a fresh memory of one registry version: what serving swaps in as a whole.
 
-    ``memory`` holds the memory's hyper-parameters and optionally ``key`` (``hidden`` by default, or
-    ``hidden+user``/``hidden+ids``: see :func:`online_models.models.memory_key`); its ``dim`` comes from the
-    model and the key. ``lookup_for`` maps the version's feature service to an online-feature lookup (None
+    ``memory`` holds the memory's hyper-parameters and optionally ``key`` (one of ``MEMORY_KEYS``, see
+    :func:`online_models.models.memory_key`; when absent, the serving default ``SERVING_MEMORY["key"]``);
+    its ``dim`` comes from the model and the key. ``lookup_for`` maps the version's feature service to an online-feature lookup (None
     where features come with the rows).
     """
 
@@ -164,7 +164,7 @@ def load_bundle(
     enc = entry.extra.get("encoder")
     if not enc:
         raise RegistryError(f"{registry.uri}: version {version} has no encoder config (extra.encoder)")
-    key = memory.get("key", "hidden")
+    key = memory.get("key", SERVING_MEMORY["key"])
     if key not in MEMORY_KEYS:
         raise ValueError(f"memory key must be one of {', '.join(MEMORY_KEYS)}, got {key!r}")
     params = {k: v for k, v in memory.items() if k not in ("dim", "key")}
