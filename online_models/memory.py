@@ -57,7 +57,9 @@ tensor([1.])
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -234,14 +236,15 @@ class ErrorCompensationMemory:
         """``hash`` with the compiled kernels. float32 precision: every code bit is the sign of the exact (float64)
         dot product of the key with its plane, so the buckets are those of :func:`reference_hash`. A small batch is
         one float64 matmul; a large one is quantised to 21-bit integers per row (three int8 digits), projected by
-        three exact int8 matmuls (VNNI: ~10x a float32 matmul's speed) and the few projections within the
+        three exact int8 matmuls (with VNNI ~10x a float32 matmul's speed; where they are slower than one float64
+        matmul, that one is used for every batch: :func:`_int8_matmul_pays`) and the few projections within the
         quantisation error of zero (~1 in 10^5) are recomputed in float64."""
         b, k, bits = h.shape[0], self.num_tables, self.bits
         index = torch.empty(b, k, dtype=torch.int64)
         if self._planes_bf16 is not None:  # opt-in bf16: ~0.1% of the code bits flip (keys near a plane)
             proj = (h.bfloat16() @ self._planes_bf16).float()
             _codes(proj.numpy(), k, bits, index.numpy())
-        elif self._planes_i8 is None or b <= _SMALL_BATCH:
+        elif self._planes_i8 is None or b <= _SMALL_BATCH or not _hash_by_int8(self.dim, k * bits):
             proj64 = h.double() @ self._planes64
             _codes(proj64.numpy(), k, bits, index.numpy())
             proj = proj64.float()
@@ -697,6 +700,10 @@ def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
 #: run the compiled kernels when numba is installed (tests switch this off to run the torch paths)
 USE_KERNELS = numba is not None
 
+#: hash large batches with three int8 matmuls (True), one float64 matmul (False), or whichever this CPU runs
+#: faster (None: timed once per process and key shape, see :func:`_int8_matmul_pays`). Both give the same buckets.
+INT8_MATMUL: bool | None = None
+
 #: forward-decay weights past this rescale the table (see the module docstring)
 _RESCALE_LIMIT = 1e18
 #: hyperplane entries are integers / _PLANE_SCALE in [-127, 127] / _PLANE_SCALE (int8-exact; see _planes)
@@ -705,6 +712,36 @@ _PLANE_SCALE = 32.0
 _Q_MAX = (1 << 20) - 1
 #: batches up to this size are hashed with one float64 matmul (exact, and cheaper than three int8 ones there)
 _SMALL_BATCH = 32
+
+
+@functools.cache
+def _int8_matmul_pays(dim: int, width: int) -> bool:
+    """Whether three int8 matmuls of a (2048, ``dim``) batch with the planes beat one float64 matmul on this CPU.
+
+    With VNNI (AVX512-VNNI, AVX-VNNI) ``torch._int_mm`` runs several times faster than a float matmul; without it,
+    torch falls back to a plain kernel: on an AVX2-only EPYC it took 304 ms for 20,000 x 40 x 320, against 63 ms
+    in float64, and made every memory rebuild of ``reloop run`` five times slower. So the choice is measured, once
+    per process and key shape (a few ms), instead of assumed."""
+    g = torch.Generator().manual_seed(0)
+    digits = torch.randint(-64, 65, (2048, dim), dtype=torch.int8, generator=g)
+    planes = torch.randint(-127, 128, (dim, width), dtype=torch.int8, generator=g)
+    keys, planes64 = digits.double(), planes.double()
+
+    def best(fn: Callable[[], Any]) -> float:
+        fn()  # the first call allocates and picks its kernel
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return 3 * best(lambda: torch._int_mm(digits, planes)) < best(lambda: keys @ planes64)
+
+
+def _hash_by_int8(dim: int, width: int) -> bool:
+    """The large-batch hash path: ``INT8_MATMUL`` when set, else what :func:`_int8_matmul_pays` measured."""
+    return INT8_MATMUL if INT8_MATMUL is not None else _int8_matmul_pays(dim, width)
 
 
 def _njit(fn: Callable) -> Any:

@@ -302,10 +302,13 @@ def _keys(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     return h
 
 
+@pytest.mark.parametrize("int8", [True, False])
 @pytest.mark.parametrize("n", [1, 5, 33, 600])
-def test_hash_buckets_are_the_float64_reference(n: int) -> None:
+def test_hash_buckets_are_the_float64_reference(n: int, int8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # every code bit is the sign of the exact dot product of the key with its plane, whatever path hashes the batch
-    # (small: one float64 matmul; large: three int8 matmuls with a float64 fix-up near zero; fallback: float32)
+    # (small: one float64 matmul; large: three int8 matmuls with a float64 fix-up near zero, or one float64 matmul
+    # where int8 is slower on this CPU; fallback: float32). Both large paths run here, whichever this CPU prefers.
+    monkeypatch.setattr(memory_mod, "INT8_MATMUL", int8)
     mem = ErrorCompensationMemory(dim=416, num_tables=32, bits=10, seed=7)
     h = _keys(n, 416)
     got = mem.hash(h)
