@@ -156,8 +156,8 @@ def load_bundle(
 
     ``memory`` holds the memory's hyper-parameters and optionally ``key`` (one of ``MEMORY_KEYS``, see
     :func:`online_models.models.memory_key`; when absent, the serving default ``SERVING_MEMORY["key"]``);
-    its ``dim`` comes from the model and the key. ``lookup_for`` maps the version's feature service to an online-feature lookup (None
-    where features come with the rows).
+    its ``dim`` comes from the model and the key. ``lookup_for`` maps the version's feature service to an
+    online-feature lookup (None where features come with the rows).
     """
 
     entry, model = load_model(registry, version)
