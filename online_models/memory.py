@@ -180,14 +180,16 @@ class ErrorCompensationMemory:
     def _set_planes(self, planes: torch.Tensor) -> None:
         """The hyperplanes and their derived forms: bf16 (``precision="bfloat16"``), float64 (small batches) and
         int8 with the quantisation margins (large batches), the last only when the planes are int8-exact (a state
-        saved before the planes were rounded is hashed by the float32 matmul instead)."""
+        saved before the planes were rounded is hashed by the float64 matmul instead) and int8 matmuls are the
+        faster path on this CPU (:func:`_hash_by_int8`)."""
         self.planes = planes
         self._planes_bf16 = planes.bfloat16() if self.precision == "bfloat16" else None
         self._planes64 = planes.double()
         ints = planes * _PLANE_SCALE
         self._planes_i8: torch.Tensor | None = None
         self._margin: np.ndarray | None = None
-        if bool(torch.equal(ints, ints.round())) and float(ints.abs().max()) <= 127:
+        exact = bool(torch.equal(ints, ints.round())) and float(ints.abs().max()) <= 127
+        if exact and _hash_by_int8(self.dim, planes.shape[1]):
             self._planes_i8 = ints.to(torch.int8).contiguous()
             l1 = ints.abs().double().sum(0).numpy()  # (K*L,) |P_j|_1 in integer units
             # quantising a key moves its integer projection by at most |P_j|_1 / 2 (see _combine_kernel)
@@ -237,14 +239,14 @@ class ErrorCompensationMemory:
         dot product of the key with its plane, so the buckets are those of :func:`reference_hash`. A small batch is
         one float64 matmul; a large one is quantised to 21-bit integers per row (three int8 digits), projected by
         three exact int8 matmuls (with VNNI ~10x a float32 matmul's speed; where they are slower than one float64
-        matmul, that one is used for every batch: :func:`_int8_matmul_pays`) and the few projections within the
-        quantisation error of zero (~1 in 10^5) are recomputed in float64."""
+        matmul there are no int8 planes and that one hashes every batch, see :meth:`_set_planes`) and the few
+        projections within the quantisation error of zero (~1 in 10^5) are recomputed in float64."""
         b, k, bits = h.shape[0], self.num_tables, self.bits
         index = torch.empty(b, k, dtype=torch.int64)
         if self._planes_bf16 is not None:  # opt-in bf16: ~0.1% of the code bits flip (keys near a plane)
             proj = (h.bfloat16() @ self._planes_bf16).float()
             _codes(proj.numpy(), k, bits, index.numpy())
-        elif self._planes_i8 is None or b <= _SMALL_BATCH or not _hash_by_int8(self.dim, k * bits):
+        elif self._planes_i8 is None or b <= _SMALL_BATCH:
             proj64 = h.double() @ self._planes64
             _codes(proj64.numpy(), k, bits, index.numpy())
             proj = proj64.float()
