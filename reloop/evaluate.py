@@ -61,7 +61,15 @@ from online_models.errors import ReloopError
 from online_models.learner import LearnerConfig, OnlineLearner, iter_batches
 from online_models.memory import MEMORY_WRITES, ErrorCompensationMemory, MemoryConfig, write_groups
 from online_models.metrics import SlotMetrics, summarize
-from online_models.models import KINDS, MEMORY_KEYS, ModelConfig, build_model, memory_key, model_config_for
+from online_models.models import (
+    HISTORY_FIELD,
+    KINDS,
+    MEMORY_KEYS,
+    ModelConfig,
+    build_model,
+    memory_key,
+    model_config_for,
+)
 from online_models.river_baselines import RiverBaseline
 from online_models.settings import MODEL_ARCH, SERVING_MEMORY
 from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig, FeatureState, compute_features
@@ -228,7 +236,7 @@ def prepare_stream(cfg: EvaluationConfig) -> _Stream:
         bag_fields=bags,
         logit_fields=tuple(c for c in numeric if "_ctr_" in c) if cfg.logit_ctr else (),
         hash_buckets=cfg.hash_buckets,
-        history_field="user_last_items" if cfg.with_history else None,
+        history_field=HISTORY_FIELD if cfg.with_history else None,
         history_len=agg.last_n or 1,
     )
     encoder = FeatureEncoder(enc_cfg).fit(feats.slice(0, train_end))
