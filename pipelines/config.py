@@ -107,6 +107,9 @@ class FeatureJobConfig(Strict):
     attribution_window_s: float = Field(3600.0, gt=0)
     #: contract v2: how long closed impressions are remembered, to tell a late click from an orphan
     closed_retention_s: float = Field(7 * 86400.0, ge=0)
+    #: contract v2: a partition with no records for this long (processing time) stops holding the join's
+    #: watermark back (Flink's idleness); until then every partition of both topics holds it
+    idle_timeout_s: float = Field(60.0, ge=0)
     #: the Beam runner of ``reloop run``'s micro-batches: None = Beam's local runner; "flink" = the local
     #: Flink job server (``reloop up flink``), or a Flink cluster with ``--flink_master`` in pipeline_args
     runner: str | None = None

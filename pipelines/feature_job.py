@@ -300,6 +300,7 @@ def join_config(cfg: PipelineConfig):
     return JoinConfig(
         window_ms=int(fj.attribution_window_s * 1000),
         closed_retention_ms=int(fj.closed_retention_s * 1000),
+        idle_timeout_ms=int(fj.idle_timeout_s * 1000),
         features=aggregate_config(cfg),
     )
 

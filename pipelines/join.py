@@ -18,10 +18,18 @@ Semantics (all in event time, ``W`` = the attribution window):
   impressions before ``t``; positives from the clicks that had *arrived*
   before ``t`` (by click time), so no label that was unknown at ``t`` leaks in.
   Smoothed CTR = ``(pos + m * prior) / (imp + m)`` as in v1;
-- the watermark is the minimum over the partitions read so far (of both
-  topics) of the newest event time read from each; a window closes when
-  ``t + W < watermark`` (strictly: a record at exactly the watermark may still
-  be unread in another partition);
+- the watermark is the minimum, over **every** partition of both topics, of the
+  newest event time read from each (a partition not read yet holds it at -1); a
+  window closes when ``t + W < watermark`` (strictly: a record at exactly the
+  watermark may still be unread in another partition). A partition that has had
+  no record planned for ``idle_timeout_ms`` of processing time (the plans'
+  clock) stops holding it, as Flink's ``withIdleness``; the watermark never
+  moves back when it wakes up;
+- an impression behind the watermark (``t + W < watermark``: its window would
+  already have closed) is dropped and counted (``impressions_behind_watermark``),
+  and remembered as closed (a click on it is late, not an orphan). Without this a
+  reader that trusts the watermark, such as the delayed serving loop, would
+  meet an example older than one it was told was final;
 - feedback on an impression id the join has never seen (nor remembers as
   closed, see ``closed_retention_ms``) is an **orphan**: dead-lettered with a
   reason and counted (``orphan_feedback``); feedback stamped before its
@@ -44,6 +52,7 @@ impressions with their features, and the ids of closed impressions for ``closed_
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +100,7 @@ COUNTERS = (
     "impressions_accepted",
     "impressions_late",
     "impressions_duplicate",
+    "impressions_behind_watermark",
     "feedback_accepted",
     "orphan_feedback",
     "feedback_before_impression",
@@ -104,16 +114,19 @@ COUNTERS = (
 
 @dataclass(frozen=True)
 class JoinConfig:
-    """The attribution window and how long closed impressions are remembered (both event-time ms)."""
+    """The attribution window and how long closed impressions are remembered (both event-time ms), and how
+    long a partition may go without records before it stops holding the watermark (processing-time ms)."""
 
     window_ms: int = 3_600_000
     closed_retention_ms: int = 7 * 86_400_000
+    idle_timeout_ms: int = 60_000
     features: AggregateConfig = AggregateConfig()
 
     def __post_init__(self) -> None:
-        if self.window_ms <= 0 or self.closed_retention_ms < 0:
+        if self.window_ms <= 0 or self.closed_retention_ms < 0 or self.idle_timeout_ms < 0:
             raise ValueError(
-                f"need window_ms > 0 and closed_retention_ms >= 0, got {self.window_ms}, {self.closed_retention_ms}"
+                "need window_ms > 0, closed_retention_ms >= 0 and idle_timeout_ms >= 0, got "
+                f"{self.window_ms}, {self.closed_retention_ms}, {self.idle_timeout_ms}"
             )
 
 
@@ -128,6 +141,10 @@ class JoinState:
     #: newest event time read per (joint) partition
     partition_ts: dict[int, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
+    #: processing time (the plan's clock, ms) each known partition last had records planned, or was first seen
+    partition_active_ms: dict[int, int] = field(default_factory=dict)
+    #: the watermark of the last batch (kept: with idle partitions left out, the minimum could move back)
+    last_watermark: int | None = None
 
     @classmethod
     def empty(cls) -> JoinState:
@@ -135,6 +152,8 @@ class JoinState:
 
     @property
     def watermark(self) -> int:
+        if self.last_watermark is not None:
+            return self.last_watermark
         return min(self.partition_ts.values()) if self.partition_ts else -1
 
     @property
@@ -149,6 +168,8 @@ class JoinState:
         meta = {
             b"partition_ts": json.dumps({str(p): int(t) for p, t in self.partition_ts.items()}).encode(),
             b"counts": json.dumps(self.counts).encode(),
+            b"partition_active_ms": json.dumps({str(p): int(t) for p, t in self.partition_active_ms.items()}).encode(),
+            b"watermark": json.dumps(self.last_watermark).encode(),
         }
         out["closed"] = self.closed.replace_schema_metadata(meta)
         if self.pending is not None:
@@ -169,6 +190,11 @@ class JoinState:
             {int(p): int(t) for p, t in json.loads(meta.get(b"partition_ts", b"{}")).items()},
         )
         st.counts.update(json.loads(meta.get(b"counts", b"{}")))
+        # states saved before the idle timeout: every partition counts as active now, the watermark as it was
+        st.partition_active_ms = {
+            int(p): int(t) for p, t in json.loads(meta.get(b"partition_active_ms", b"{}")).items()
+        }
+        st.last_watermark = json.loads(meta.get(b"watermark", b"null"))
         return st
 
 
@@ -241,16 +267,25 @@ def _dlq_rows(fb: pa.Table, mask: np.ndarray, reason: list[str]) -> pa.Table:
 
 
 def join_batch(
-    impressions: pa.Table, feedback: pa.Table, state: JoinState, cfg: JoinConfig = JoinConfig()
+    impressions: pa.Table,
+    feedback: pa.Table,
+    state: JoinState,
+    cfg: JoinConfig = JoinConfig(),
+    *,
+    partitions: Collection[int] | None = None,
+    now_ms: int | None = None,
 ) -> JoinResult:
     """One micro-batch of the join (see the module docstring); the input state is not mutated.
 
     ``impressions``: parsed impression rows (``impression_id, ts, user_id, item_id`` + optional columns,
     ``kafka_partition``/``kafka_offset`` where they came from); ``feedback``: :data:`FEEDBACK_SCHEMA` rows
-    (feedback partitions numbered from :data:`FEEDBACK_PARTITION_BASE`).
+    (feedback partitions numbered from :data:`FEEDBACK_PARTITION_BASE`). ``partitions``: every joint
+    partition of the micro-batch's plan; ``now_ms``: the plan's clock, for the idle timeout. Without them
+    (a replay from tables, the evaluation) only the partitions read count.
     """
     W = cfg.window_ms
     stats = {k: 0 for k in COUNTERS}
+    wm_before = state.watermark
     if "impression_id" not in impressions.column_names:  # no impressions in this micro-batch (feedback only)
         impressions = IMPRESSION_CORE.empty_table()
     imps = _sort(impressions)
@@ -271,6 +306,12 @@ def join_batch(
         stats["impressions_duplicate"] = int(dup.sum())
         imps = imps.filter(pa.array(~dup))
 
+    # 1b. impressions whose window closed before they arrived: dropped, counted, remembered as closed
+    behind = _behind(imps, wm_before, W)
+    if behind is not None:
+        stats["impressions_behind_watermark"] = behind.num_rows
+        imps = imps.filter(pc.greater_equal(pc.add(imps["ts"], W), wm_before))
+
     # 2. impression-side features; impressions too late for them are dropped here (no example)
     imps, new_imp, fstats = _impression_features(imps, state, cfg.features)
     stats["impressions_accepted"], stats["impressions_late"] = fstats["accepted"], fstats["late"]
@@ -288,12 +329,13 @@ def join_batch(
         new_ids = {i: r for r, i in enumerate(imps["impression_id"].to_pylist())}
         open_ts = None if state.pending is None else state.pending["ts"].to_numpy()
         new_ts = imps["ts"].to_numpy() if imps.num_rows else np.zeros(0, np.int64)
+        known_closed = state.closed if behind is None else pa.concat_tables([state.closed, behind])
         closed = {
             i: (t, c)
             for i, t, c in zip(
-                state.closed["impression_id"].to_pylist(),
-                state.closed["imp_ts"].to_pylist(),
-                state.closed["clicked"].to_pylist(),
+                known_closed["impression_id"].to_pylist(),
+                known_closed["imp_ts"].to_pylist(),
+                known_closed["clicked"].to_pylist(),
             )
         }
         clicked_now: set[str] = set()
@@ -356,14 +398,16 @@ def join_batch(
     clk_wm = max(state.clk.watermark, int(pc.max(clicks["ts"]).as_py()) if clicks.num_rows else -1)
     new_clk = _advance(clk_combined, state.clk.evicted, clk_wm, cfg.features)
 
-    # 5. the watermark over every partition read
-    partition_ts = dict(state.partition_ts)
+    # 5. the watermark over every partition of the plan (the idle ones left out)
+    partition_ts, active = dict(state.partition_ts), dict(state.partition_active_ms)
     for t in (impressions, feedback):
         if t.num_rows and "kafka_partition" in t.column_names:
             parts, ts = t["kafka_partition"].to_numpy(), t["ts"].to_numpy()
             for p in np.unique(parts):
                 partition_ts[int(p)] = max(partition_ts.get(int(p), -1), int(ts[parts == p].max()))
-    wm = min(partition_ts.values()) if partition_ts else -1
+                if now_ms is not None:  # active: it had valid records (garbage alone does not keep it so)
+                    active[int(p)] = int(now_ms)
+    wm = max(wm_before, _watermark(partition_ts, active, partitions, now_ms, cfg.idle_timeout_ms))
 
     # 6. positives now; negatives whose window closed; the rest stays open
     waiting = _concat([state.pending, feats if feats.num_rows else None])
@@ -404,6 +448,8 @@ def join_batch(
         stats["positives"], stats["negatives"] = int(pos_mask.sum()), int(neg_mask.sum())
     else:
         pending = waiting
+    if behind is not None:
+        closed_rows.append(behind)
     closed_all = pa.concat_tables([state.closed, *closed_rows])
     if closed_all.num_rows and wm >= 0:  # forget closed impressions older than the retention
         closed_all = closed_all.filter(pc.greater_equal(closed_all["imp_ts"], wm - W - cfg.closed_retention_ms))
@@ -428,8 +474,59 @@ def join_batch(
         closed_all,
         partition_ts,
         {k: state.counts.get(k, 0) + v for k, v in stats.items()},
+        active,
+        wm,
     )
     return JoinResult(examples, dlq, new_state, stats)
+
+
+def _behind(imps: pa.Table, wm: int, window_ms: int) -> pa.Table | None:
+    """The impressions whose window had closed before they arrived (``ts + W < wm``), as closed rows."""
+    if not imps.num_rows or wm < 0:
+        return None
+    late = pc.less(pc.add(imps["ts"], window_ms), wm)
+    if not pc.any(late).as_py():
+        return None
+    rows = imps.filter(late)
+    return pa.table(
+        {
+            "impression_id": rows["impression_id"],
+            "imp_ts": rows["ts"],
+            "clicked": pa.array(np.zeros(rows.num_rows, bool)),
+        },
+        schema=_CLOSED_SCHEMA,
+    )
+
+
+def _watermark(
+    partition_ts: dict[int, int],
+    active: dict[int, int],
+    partitions: Collection[int] | None,
+    now_ms: int | None,
+    idle_timeout_ms: int,
+) -> int:
+    """The minimum newest event time over the partitions that hold the watermark.
+
+    ``active`` maps a partition to the processing time it last had records read; a partition of the plan
+    seen for the first time starts its idle clock now (it is added). With a plan (``partitions``,
+    ``now_ms``), every partition holds the watermark, at -1 until it is read, unless it has been idle for
+    more than ``idle_timeout_ms``. When every partition is idle the stream is quiet, and the partitions read
+    decide, as they do without a plan.
+
+    >>> active = {0: 1_000}
+    >>> _watermark({0: 50}, active, [0, 1], now_ms=1_000, idle_timeout_ms=60_000)  # 1 not read yet
+    -1
+    >>> active[0] = 62_000
+    >>> _watermark({0: 50}, active, [0, 1], now_ms=62_000, idle_timeout_ms=60_000)  # 1 idle for 61 s
+    50
+    """
+    if partitions is not None and now_ms is not None:
+        for p in partitions:
+            active.setdefault(int(p), int(now_ms))
+        holding = [p for p in set(active) | set(partition_ts) if now_ms - active.get(p, now_ms) <= idle_timeout_ms]
+        if holding:
+            return min(partition_ts.get(p, -1) for p in holding)
+    return min(partition_ts.values()) if partition_ts else -1
 
 
 # ---------------------------------------------------------------------------------------------------------

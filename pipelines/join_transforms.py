@@ -40,6 +40,7 @@ from pipelines.transforms import (
     align_partitions,
     before_cut,
     idle_partitions,
+    lagging_partitions,
     start_state,
 )
 
@@ -127,9 +128,11 @@ class JoinFn(beam.DoFn):
                 }
             )
             # a v1 record yields an impression and a click on one offset: both are kept or deferred together
-            _, stops = align_partitions(both, plan.stop, self._idle_partitions())
+            idle = self._idle_partitions()
+            _, stops = align_partitions(both, plan.stop, idle, lagging_partitions(plan, idle, state.partition_ts))
         kept_i, kept_f = before_cut(imps, stops), before_cut(fb, stops)
-        res = join_batch(kept_i, kept_f, state, self.cfg)
+        # every partition of both topics holds the watermark, unless idle too long by the plan's clock
+        res = join_batch(kept_i, kept_f, state, self.cfg, partitions=list(plan.stop), now_ms=plan.planned_at_ms)
         store.save_join_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)
         for k, v in res.stats.items():

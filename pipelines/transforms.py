@@ -25,7 +25,7 @@ import datetime as _dt
 import json
 import os
 import signal
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -255,7 +255,10 @@ def dead_letter_rows(rows: pa.Table, reason: str) -> pa.Table:
 
 
 def align_partitions(
-    events: pa.Table, stops: dict[int, int], idle: frozenset[int] | set[int] = frozenset()
+    events: pa.Table,
+    stops: dict[int, int],
+    idle: frozenset[int] | set[int] = frozenset(),
+    lagging: Mapping[int, int] | None = None,
 ) -> tuple[pa.Table, dict[int, int]]:
     """Keep the events of a micro-batch that every partition has caught up with in event time.
 
@@ -266,7 +269,8 @@ def align_partitions(
     ahead in event time (a capped batch, a replay racing the job) would make the others' next events late.
     The partition defining the cut is always complete, so every run makes progress. ``idle`` partitions
     (nothing arrived beyond what this run reads, see :class:`ComputeFeaturesFn`) do not set the cut: a
-    drained topic is processed in one run.
+    drained topic is processed in one run. ``lagging`` partitions (see :func:`lagging_partitions`) cap the
+    cut at the newest event time read from them: their unread records may be older than the rest.
 
     >>> ev = pa.table({"ts": [1, 5, 9, 2, 3], "kafka_partition": pa.array([0, 0, 0, 1, 1], pa.int32()),
     ...                "kafka_offset": [0, 1, 2, 0, 1]})
@@ -275,6 +279,8 @@ def align_partitions(
     ([1, 2, 3], {0: 1, 1: 4})
     >>> align_partitions(ev, {0: 3, 1: 4}, idle={1})[1]
     {0: 3, 1: 4}
+    >>> align_partitions(ev, {0: 3, 1: 4, 2: 0}, lagging={2: 1})[1]  # 2 was empty when planned, not now
+    {0: 1, 1: 0, 2: 0}
     """
     if events.num_rows == 0:
         return events, dict(stops)
@@ -283,9 +289,10 @@ def align_partitions(
     offsets = events["kafka_offset"].to_numpy()
     present = np.unique(parts)
     busy = [p for p in present if int(p) not in idle]
-    if not busy:
+    caps = list((lagging or {}).values())
+    if not busy and not caps:
         return events, dict(stops)
-    cut = min(ts[parts == p].max() for p in busy)
+    cut = min([*(ts[parts == p].max() for p in busy), *caps])
     keep = np.ones(len(ts), bool)
     out = dict(stops)
     for p in present:
@@ -325,6 +332,23 @@ def start_state(load: Callable[[str], S | None], plan, state_uri: str, what: str
             )
         state = empty()
     return state
+
+
+def lagging_partitions(plan, idle: set[int], newest_ts: Mapping[int, int] | None = None) -> dict[int, int]:
+    """Partitions the plan read nothing from although records arrived in them since it was made (not
+    ``idle``), mapped to the newest event time already read from each (``newest_ts``; -1 if unknown).
+
+    A producer that starts a partition late (a second replay worker, a client coming up) would otherwise
+    see its first records arrive behind a cut the run moved past them: dropped as late by the features,
+    or behind the join's watermark. Capping the cut defers the rest of the run to the next plan instead,
+    which reads the lagging partition.
+
+    >>> from pipelines.checkpoint import Plan
+    >>> lagging_partitions(Plan("t", {0: 0, 1: 0}, {0: 5, 1: 0}, 0), idle=set())
+    {1: -1}
+    """
+    known = newest_ts or {}
+    return {p: known.get(p, -1) for p in plan.stop if plan.stop[p] <= plan.start[p] and p not in idle}
 
 
 def idle_partitions(kafka: KafkaConfig | None, stops: dict[int, int], topics: Sequence[tuple[int, str]]) -> set[int]:
@@ -367,7 +391,8 @@ class ComputeFeaturesFn(beam.DoFn):
             kept = before_cut(events, prior)
             stops = {**plan.stop, **prior}
         else:
-            kept, stops = align_partitions(events, plan.stop, idle_partitions(self.kafka, plan.stop, [(0, plan.topic)]))
+            idle = idle_partitions(self.kafka, plan.stop, [(0, plan.topic)])
+            kept, stops = align_partitions(events, plan.stop, idle, lagging_partitions(plan, idle))
         res = compute_batch(kept, state, self.cfg)
         store.save_state(plan.with_stops(stops).stop_key, res.state)
         store.save_result(plan.run_id, stops)

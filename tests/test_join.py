@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES
+from pipelines.aggregates import ITEM_FEATURES, USER_FEATURES, AggregateConfig
 from pipelines.join import FEEDBACK_PARTITION_BASE, FEEDBACK_SCHEMA, JoinConfig, JoinState, join_batch
 from tests.reference import pandas_join, pandas_join_features
 from tests.test_feature_job_integration import assert_features_equal
@@ -230,3 +230,85 @@ def test_a_feedback_only_micro_batch():
     )
     assert res.examples["impression_id"].to_pylist() == ["a"] and res.stats["late_feedback"] == 1
     assert res.state.open_count == 1  # b's window closes only when every partition's watermark has passed it
+
+
+def _serving_order_holds(batches: list[pa.Table], window_ms: int) -> bool:
+    """What the delayed serving loop trusts (``reloop.live.DelayedServingLoop``): once a negative with
+    ``label_ts = c`` is out, every example emitted after it has ``ts > c - window_ms``."""
+    closed_until = -1
+    for ex in batches:
+        for ts, label, lts in zip(ex["ts"].to_pylist(), ex["label"].to_pylist(), ex["label_ts"].to_pylist()):
+            if closed_until >= 0 and ts <= closed_until - window_ms:
+                return False
+            if label == 0:
+                closed_until = max(closed_until, lts)
+    return True
+
+
+def test_a_partition_that_starts_late_holds_the_watermark_until_it_is_read(delayed_ml100k):
+    """Two producers, one late: the first micro-batch reads impression and feedback partition 0, but
+    partition 1 of both topics is still empty (its producer had not started). Every partition of the plan holds the
+    watermark, so no window closes on partition 0 alone; the examples then equal the join of the whole
+    stream, and none comes after a negative that declared it past (the serving loop's horizon). Without
+    the plan's partitions (the watermark over the partitions read so far) that order breaks."""
+    _, imps, fb = delayed_ml100k
+    imps = imps.slice(0, 20_000)
+    end = int(imps["ts"][19_999].as_py())
+    fb = fb.filter(pa.compute.less_equal(fb["ts"], end))
+    part = pa.array((np.arange(imps.num_rows) % 2).astype(np.int32))
+    imps = imps.set_column(imps.schema.get_field_index("kafka_partition"), "kafka_partition", part)
+    # a click goes to its impression's partition number in the feedback topic (both keyed by the user's)
+    of_imp = dict(zip(imps["impression_id"].to_pylist(), part.to_pylist()))
+    fb_part = pa.array([FEEDBACK_PARTITION_BASE + of_imp[i] for i in fb["impression_id"].to_pylist()], pa.int32())
+    fb = fb.set_column(fb.schema.get_field_index("kafka_partition"), "kafka_partition", fb_part)
+    mid = int(imps["ts"][10_000].as_py())
+    first_i_mask = pa.compute.and_(pa.compute.less_equal(imps["ts"], mid), pa.compute.equal(part, 0))
+    first_f_mask = pa.compute.and_(
+        pa.compute.less_equal(fb["ts"], mid), pa.compute.equal(fb_part, FEEDBACK_PARTITION_BASE)
+    )
+    first_i, rest_i = imps.filter(first_i_mask), imps.filter(pa.compute.invert(first_i_mask))
+    first_f, rest_f = fb.filter(first_f_mask), fb.filter(pa.compute.invert(first_f_mask))
+    # features accept the late partition's impressions (the cut's lag guard, not tested here, keeps them timely)
+    cfg = JoinConfig(window_ms=HOUR, features=AggregateConfig(allowed_lateness_ms=400 * 86_400_000))
+    plan = [0, 1, FEEDBACK_PARTITION_BASE, FEEDBACK_PARTITION_BASE + 1]
+
+    def run(**kw):
+        a = join_batch(first_i, first_f, JoinState.empty(), cfg, **kw)
+        b = join_batch(rest_i, rest_f, a.state, cfg, **{k: (v + 1000 if k == "now_ms" else v) for k, v in kw.items()})
+        return a, b
+
+    a, b = run(partitions=plan, now_ms=10_000)
+    assert a.state.watermark == -1 and a.stats["negatives"] == 0  # partition 1 unread: nothing closes
+    assert _serving_order_holds([a.examples, b.examples], HOUR)
+    assert b.stats["impressions_behind_watermark"] == 0
+    ex = pa.concat_tables([a.examples, b.examples], promote_options="permissive").to_pandas()
+    want = pandas_join(imps.to_pandas(), fb.to_pandas(), HOUR, b.state.watermark)
+    assert sorted(ex.impression_id) == sorted(want.impression_id)
+    got = ex.set_index("impression_id").loc[want.impression_id]
+    assert got.label.tolist() == want.label.tolist() and got.label_ts.tolist() == want.label_ts.tolist()
+
+    old_a, old_b = run()  # the watermark over the partitions read so far: windows close on partition 0 alone
+    assert old_a.stats["negatives"] > 0
+    assert old_b.stats["impressions_behind_watermark"] > 0  # the late partition's, dropped, not leaked
+
+
+def test_an_idle_partition_stops_holding_the_watermark_after_the_timeout():
+    imps = imp_table(pa.table({"impression_id": ["a"], "ts": [1000], "user_id": ["u"], "item_id": ["x"]}))
+    cfg = JoinConfig(window_ms=HOUR, idle_timeout_ms=30_000)
+    plan = [0, 1, FEEDBACK_PARTITION_BASE]
+    s = join_batch(imps, _fb([]), JoinState.empty(), cfg, partitions=plan, now_ms=0).state
+    later = imp_table(pa.table({"impression_id": ["b"], "ts": [3 * HOUR], "user_id": ["u"], "item_id": ["y"]}))
+    clicks = _fb([("zzz", 3 * HOUR)])
+    held = join_batch(later, clicks, s, cfg, partitions=plan, now_ms=20_000)
+    assert held.stats["negatives"] == 0 and held.state.watermark == -1  # partition 1 never had a record
+    freed = join_batch(later.slice(0, 0), _fb([]), held.state, cfg, partitions=plan, now_ms=40_000)
+    assert freed.state.watermark == 3 * HOUR and freed.examples["impression_id"].to_pylist() == ["a"]
+    # the watermark never moves back, though partition 1 wakes up far behind it
+    woke = imp_table(pa.table({"impression_id": ["c"], "ts": [5000], "user_id": ["v"], "item_id": ["x"]}))
+    woke = woke.set_column(woke.schema.get_field_index("kafka_partition"), "kafka_partition", pa.array([1], pa.int32()))
+    res = join_batch(woke, _fb([("c", 6000)]), freed.state, cfg, partitions=plan, now_ms=50_000)
+    assert res.state.watermark == 3 * HOUR
+    assert res.stats["impressions_behind_watermark"] == 1 and res.examples.num_rows == 0
+    assert res.stats["late_feedback"] == 1 and res.stats["orphan_feedback"] == 0  # remembered as closed
+    restored = JoinState.from_arrow(res.state.to_arrow())
+    assert restored.watermark == 3 * HOUR and restored.partition_active_ms == res.state.partition_active_ms
