@@ -521,14 +521,22 @@ class IncrementalTrainer:
         self._stop.set()
         self._wake.set()
 
-    def allow(self, examples: int) -> None:
+    def allow(self, examples: int, still: bool = False) -> None:
         """The serving clock: learn at most ``examples`` examples in all (those whose labels have arrived,
         i.e. that serving has already scored), beyond the ``free_examples`` warm-up. Callable from another
-        thread; only ever raises the bound."""
+        thread; only ever raises the bound.
+
+        ``still``: the clock will not move until this trainer learns (serving is waiting for it), so a
+        part-batch up to the bound is learned now instead of after a poll of standing still: the same step,
+        without the wait.
+        """
         previous = self.allowed
         self.allowed = examples if self.allowed is None else max(self.allowed, examples)
         if self.allowed != previous:
             self._allowed_at = time.monotonic()
+            self._wake.set()
+        if still:
+            self._allowed_at = time.monotonic() - self.config.poll_seconds
             self._wake.set()
 
     def _bound(self) -> int | None:
@@ -588,17 +596,19 @@ class IncrementalTrainer:
                     break
             if got:
                 idle_since = time.monotonic()
-                if settle > 0:  # a part-batch is waiting for the clock to settle (no re-read meanwhile)
+                if settle > 0:  # a part-batch is waiting for the clock to settle (or to be told it stands still)
                     with self.times("wait: a part-batch settles"):
-                        self._stop.wait(settle)
+                        self._wake.wait(settle)
+                    self._wake.clear()
             elif cfg.idle_exit is not None and time.monotonic() - idle_since >= cfg.idle_exit:
                 break
             else:
                 if self._since_ckpt and time.monotonic() - self._ckpt_time >= cfg.checkpoint_seconds:
                     self.checkpoint(wait=False)
-                if settle > 0:  # a part-batch is waiting for the clock to settle
+                if settle > 0:  # a part-batch is waiting for the clock to settle (or to be told it stands still)
                     with self.times("wait: a part-batch settles"):
-                        self._stop.wait(settle)
+                        self._wake.wait(settle)
+                    self._wake.clear()
                 else:  # new examples are polled for; a raised serving clock wakes the wait at once
                     with self.times("wait: serving clock or new examples"):
                         self._wake.wait(cfg.poll_seconds)

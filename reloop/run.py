@@ -500,6 +500,7 @@ class LoopRun:
 
     def _live(self, live, deployer) -> None:
         times = self.live_times
+        told_still = False  # the trainer knows serving waits for it (the clock stands still until it learns)
         while not self.stop.is_set():
             if deployer.pending is not None and self.opts.speed is None:
                 # at full replay speed a 30-60 s retrain would let months of event time pass; in real time it
@@ -523,6 +524,7 @@ class LoopRun:
             times.add("swap a version in (memory rebuild)", swapped)
             if n and self.trainer is not None:
                 self.trainer.allow.remote(live.passed)  # the serving clock moved: the trainer may follow
+                told_still = False
             with times("deploy: registry, gate"):
                 deployer.tick()
             self.c.scored = live.scored
@@ -538,6 +540,10 @@ class LoopRun:
                 # waiting for the trainer (its heartbeat is a local file): look again soon; for new examples
                 # (a store listing, a LIST request on an object store) less often
                 if budget is not None and budget <= 0:
+                    if not told_still and self.trainer is not None:
+                        # nothing moves until the trainer learns: its part-batch need not wait to settle
+                        self.trainer.allow.remote(live.passed, still=True)
+                        told_still = True
                     with times("wait: the trainer (serving is max_lag ahead)"):
                         self.stop.wait(0.02)
                 else:

@@ -156,3 +156,42 @@ def test_the_trainer_takes_over_a_promoted_retrain_of_its_own_lineage(world, tmp
         extra={**entry.extra, "encoder": {**entry.extra["encoder"], "hash_buckets": 7}},
     ).version
     assert not t.adopt(other) and t.adopted == v
+
+
+def test_a_part_batch_waits_for_the_clock_to_settle_unless_serving_waits_for_the_trainer(tmp_path) -> None:
+    """A part-batch up to the bound waits a poll of the clock standing still (a step on a few rows at a whole
+    batch's rate makes a noisy model); told that serving waits for it, the trainer learns it at once."""
+    import threading
+    import time
+
+    write_example_files(movielens_examples(2000), str(tmp_path / "examples"), rows_per_file=500)
+    cfg = TrainerConfig(
+        str(tmp_path / "examples"),
+        str(tmp_path / "ckpt"),
+        registry_uri=str(tmp_path / "reg"),
+        checkpoint_every=10**6,
+        checkpoint_seconds=1e9,
+        model_kind="lr",
+        free_examples=FREE,
+        batch_size=256,
+        poll_seconds=120.0,  # far longer than the test: only the signal can release the part-batch
+    )
+    t = IncrementalTrainer(cfg)
+    th = threading.Thread(target=t.run, daemon=True)
+    th.start()
+
+    def learned(n: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and t.learned < n:
+            time.sleep(0.05)
+        return t.learned >= n
+
+    try:
+        assert learned(FREE, 60)
+        t.allow(FREE + 100)  # the clock moved by 100 rows: less than a batch
+        assert not learned(FREE + 100, 1.0) and t.learned == FREE
+        t.allow(FREE + 100, still=True)
+        assert learned(FREE + 100, 60) and t.learned == FREE + 100
+    finally:
+        t.stop()
+        th.join(timeout=60)
