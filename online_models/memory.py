@@ -185,6 +185,8 @@ class ErrorCompensationMemory:
         self.planes = planes
         self._planes_bf16 = planes.bfloat16() if self.precision == "bfloat16" else None
         self._planes64 = planes.double()
+        # per plane, |P_j|_1: bounds a float32 matmul's rounding of a projection (see _fix32_kernel)
+        self._plane_l1 = planes.double().abs().sum(0).numpy()
         ints = planes * _PLANE_SCALE
         self._planes_i8: torch.Tensor | None = None
         self._margin: np.ndarray | None = None
@@ -237,19 +239,24 @@ class ErrorCompensationMemory:
     def _hash_compiled(self, h: torch.Tensor) -> Hashed:
         """``hash`` with the compiled kernels. float32 precision: every code bit is the sign of the exact (float64)
         dot product of the key with its plane, so the buckets are those of :func:`reference_hash`. A small batch is
-        one float64 matmul; a large one is quantised to 21-bit integers per row (three int8 digits), projected by
-        three exact int8 matmuls (with VNNI ~10x a float32 matmul's speed; where they are slower than one float64
-        matmul there are no int8 planes and that one hashes every batch, see :meth:`_set_planes`) and the few
-        projections within the quantisation error of zero (~1 in 10^5) are recomputed in float64."""
+        one float64 matmul. A large one is quantised to 21-bit integers per row (three int8 digits) and projected by
+        three exact int8 matmuls (with VNNI several times a float32 matmul's speed), or, where those are slower (no
+        int8 planes, see :meth:`_set_planes`), projected by one float32 matmul. Either way the few projections
+        within the path's error bound of zero (~1 in 10^4) are recomputed in float64."""
         b, k, bits = h.shape[0], self.num_tables, self.bits
         index = torch.empty(b, k, dtype=torch.int64)
         if self._planes_bf16 is not None:  # opt-in bf16: ~0.1% of the code bits flip (keys near a plane)
             proj = (h.bfloat16() @ self._planes_bf16).float()
             _codes(proj.numpy(), k, bits, index.numpy())
-        elif self._planes_i8 is None or b <= _SMALL_BATCH:
+        elif b <= _SMALL_BATCH:
             proj64 = h.double() @ self._planes64
             _codes(proj64.numpy(), k, bits, index.numpy())
             proj = proj64.float()
+        elif self._planes_i8 is None:
+            proj = h @ self.planes  # float32: about 3x one float64 matmul and its rounding to float32
+            row_max = h.abs().amax(1).double().numpy()  # (B,) NaN/inf propagate: such a row is recomputed
+            gamma = 2.0 * self.dim * 2.0**-24 / (1.0 - self.dim * 2.0**-24)  # twice the float32 dot product's bound
+            _fix32(proj.numpy(), h.numpy(), self.planes.numpy(), row_max, self._plane_l1, gamma, k, bits, index.numpy())
         else:
             digits = torch.empty(3, b, self.dim, dtype=torch.int8)
             scale, bad = np.empty(b), np.empty(b, dtype=np.bool_)
@@ -702,7 +709,7 @@ def write_groups(ts: np.ndarray, mode: str) -> list[tuple[int, int]]:
 #: run the compiled kernels when numba is installed (tests switch this off to run the torch paths)
 USE_KERNELS = numba is not None
 
-#: hash large batches with three int8 matmuls (True), one float64 matmul (False), or whichever this CPU runs
+#: hash large batches with three int8 matmuls (True), one float32 matmul (False), or whichever this CPU runs
 #: faster (None: timed once per process and key shape, see :func:`_int8_matmul_pays`). Both give the same buckets.
 INT8_MATMUL: bool | None = None
 
@@ -718,16 +725,16 @@ _SMALL_BATCH = 32
 
 @functools.cache
 def _int8_matmul_pays(dim: int, width: int) -> bool:
-    """Whether three int8 matmuls of a (2048, ``dim``) batch with the planes beat one float64 matmul on this CPU.
+    """Whether three int8 matmuls of a (2048, ``dim``) batch with the planes beat one float32 matmul on this CPU.
 
     With VNNI (AVX512-VNNI, AVX-VNNI) ``torch._int_mm`` runs several times faster than a float matmul; without it,
     torch falls back to a plain kernel: on an AVX2-only EPYC one took 304 ms for 20,000 x 40 x 320, against 63 ms
-    in float64, and hashing 20,000 keys took 1,053 ms instead of 47 (``reloop run``'s version swaps: 70 s instead
-    of 10). So the choice is measured, once per process and key shape (a few ms), instead of assumed."""
+    in float64 and 19 ms in float32, and hashing 20,000 keys took 1,053 ms (``reloop run``'s version swaps: 70 s
+    instead of 10). So the choice is measured, once per process and key shape (a few ms), instead of assumed."""
     g = torch.Generator().manual_seed(0)
     digits = torch.randint(-64, 65, (2048, dim), dtype=torch.int8, generator=g)
     planes = torch.randint(-127, 128, (dim, width), dtype=torch.int8, generator=g)
-    keys, planes64 = digits.double(), planes.double()
+    keys, planes64 = digits.float(), planes.float()
 
     def best(fn: Callable[[], Any]) -> float:
         fn()  # the first call allocates and picks its kernel
@@ -811,6 +818,41 @@ def _combine_kernel(z2, z1, z0, scale, bad, margin, h, planes, num_tables, bits,
                 if zf[k * bits + b] > 0:
                     code |= 1 << b
             index[i, k] = code + (k << bits)
+
+
+def _fix32_kernel(proj, h, planes, row_max, plane_l1, gamma, num_tables, bits, index):  # pragma: no cover
+    """Bucket ids from a float32 matmul's projections ``proj`` (B, K*L), settled in place. Rounding moves a float32
+    dot product of length D by at most gamma_D * sum_t |h_t P_tj| <= gamma_D * max|h| * |P_j|_1 (any summation
+    order), so where a projection is within ``gamma`` (twice that factor) * ``row_max[i]`` * ``plane_l1[j]`` of
+    zero, or its row is not finite, it is recomputed in float64 from the key, and its code bit set by that. Every
+    sign is then the (float64) dot product's, as :func:`reference_hash` computes it."""
+    n, width = proj.shape
+    d = h.shape[1]
+    for i in range(n):
+        m = row_max[i]
+        bad = not m < np.inf
+        lim = np.float32(gamma * m) if not bad else np.float32(0.0)
+        unsettled = False
+        for j in range(width):  # branch-free, vectorised
+            unsettled |= abs(proj[i, j]) <= lim * np.float32(plane_l1[j])
+        for k in range(num_tables):
+            code = 0
+            for b in range(bits):
+                if proj[i, k * bits + b] > 0:
+                    code |= 1 << b
+            index[i, k] = code + (k << bits)
+        if unsettled or bad:
+            for j in range(width):
+                if bad or abs(proj[i, j]) <= lim * np.float32(plane_l1[j]):
+                    v = 0.0
+                    for t in range(d):
+                        v += np.float64(h[i, t]) * np.float64(planes[t, j])
+                    proj[i, j] = v
+                    k, b = j // bits, j % bits
+                    if v > 0:
+                        index[i, k] |= 1 << b
+                    else:
+                        index[i, k] &= ~(1 << b)
 
 
 def _codes_kernel(proj, num_tables, bits, index):  # pragma: no cover - compiled
@@ -920,4 +962,5 @@ def _step_kernel(
 _quantize = _njit(_quantize_kernel)
 _combine = _njit(_combine_kernel)
 _codes = _njit(_codes_kernel)
+_fix32 = _njit(_fix32_kernel)
 _step = _njit(_step_kernel)
