@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow.fs as pafs
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata
@@ -48,7 +49,7 @@ from kafka.structs import OffsetAndMetadata
 from jobs.alerts import dispatcher_from_config
 from jobs.deploy import Candidate, Evaluation
 from online_models.drift.incidents import IncidentTracker
-from online_models.drift.monitors import MonitorSuite, event_signals
+from online_models.drift.monitors import MonitorSuite, batch_signals, event_signals
 from online_models.drift.policy import DriftPolicy
 from online_models.drift.records import AuditLog, AuditRecord, Request, alert_payload
 from pipelines.kafka_io import ensure_topics
@@ -192,10 +193,85 @@ class MonitorLoop:
 
     # ------------------------------------------------------------------ per record
     def process(self, rec: PredictionRecord) -> list[Request]:
+        self._drain()
+        self._version(rec.model_version)
+        loss = event_signals(rec.p, rec.label)["logloss"]
+        dets = self.suite.update(rec.p, rec.label, rec.features, ts=rec.ts, model_version=rec.model_version)
+        return self._row(rec.ts, rec.label, loss, rec.p_prev, rec.model_version, dets)
+
+    def process_batch(
+        self,
+        ts: np.ndarray,
+        p: np.ndarray,
+        labels: np.ndarray,
+        model_version: str | None = None,
+        p_prev: np.ndarray | None = None,
+    ) -> list[Request]:
+        """:meth:`process` of a batch of one model's labelled predictions (arrays, stream order), without a
+        record per event: the same requests, audit records and end state as feeding them one by one.
+
+        The monitors take the batch as arrays (:meth:`MonitorSuite.update_batch`: nothing in a batch can
+        rebase them, the version being the batch's). Only the rows where something happens (a detection, an
+        incident's resolution, every row while a promotion is watched) go through the per-row step; the quiet
+        runs between them advance the counters at once, which is exact: with no detection the policy only
+        forgets old evidence and clears its state by index, and both are monotone in it.
+        """
+        n = len(p)
+        if n == 0:
+            return []
+        self._drain()
+        self._version(model_version)
+        ts_l = np.asarray(ts).tolist()
+        losses = batch_signals(p, labels)["logloss"].tolist()
+        labels_l = np.asarray(labels).tolist()
+        prev = None if p_prev is None else np.asarray(p_prev, dtype=np.float64).tolist()
+        hits: dict[int, list] = {}
+        for i, det in self.suite.update_batch(p, labels, ts=np.asarray(ts), model_version=model_version):
+            hits.setdefault(i, []).append(det)
+        rows = sorted(hits)
+        out: list[Request] = []
+        i = 0
+        while i < n:
+            watch = self.policy.watch
+            step_one = (watch is not None and model_version == watch.new_version) or (bool(rows) and rows[0] == i)
+            end = rows[0] if rows else n
+            inc = self.incidents.open
+            if inc is not None and not step_one:  # the row whose tick resolves the open incident steps alone
+                resolves = i + inc.last_event + self.incidents.gap_events - (self.n + 1)
+                step_one = resolves <= i
+                end = min(end, resolves)
+            if step_one:
+                if rows and rows[0] == i:
+                    rows.pop(0)
+                q = None if prev is None else prev[i]
+                out += self._row(ts_l[i], labels_l[i], losses[i], q, model_version, hits.get(i, []))
+                i += 1
+                continue
+            # a quiet run, rows i..end-1: the counters advance together
+            self.n += end - i
+            self._ts_range = [ts_l[i] if self._ts_range[0] is None else self._ts_range[0], ts_l[end - 1]]
+            self._losses.extend(losses[i:end])
+            self.policy.step(self.n, (), model_version)
+            i = end
+        return out
+
+    def _drain(self) -> None:
         while not self._ready.empty():
             self.on_candidate(*self._ready.get_nowait())
+
+    def _version(self, version: str | None) -> None:
+        if version is not None and version != self.current_version:
+            if self.current_version is not None:  # a new model serves: its history starts now
+                self.suite.rebase()
+                self._losses.clear()
+            self.current_version = version
+
+    def _row(
+        self, ts: int, label: int, loss: float, p_prev: float | None, version: str | None, dets: list
+    ) -> list[Request]:
+        """One event after the monitors saw it: incidents, the policy, a watched promotion, the requests."""
         self.n += 1
-        for inc in self.incidents.tick(self.n, rec.ts):
+        for inc in self.incidents.tick(self.n, ts):
             self._record(
                 "incident_resolved",
                 f"incident {inc.id} resolved",
@@ -203,19 +279,12 @@ class MonitorLoop:
                 {"alerts": inc.alerts},
                 details={"incident": inc.id, "evidence": inc.evidence},
             )
-        if rec.model_version is not None and rec.model_version != self.current_version:
-            if self.current_version is not None:  # a new model serves: its history starts now
-                self.suite.rebase()
-                self._losses.clear()
-            self.current_version = rec.model_version
-        self._ts_range = [rec.ts if self._ts_range[0] is None else self._ts_range[0], rec.ts]
-        loss = event_signals(rec.p, rec.label)["logloss"]
+        self._ts_range = [ts if self._ts_range[0] is None else self._ts_range[0], ts]
         self._losses.append(loss)
-        dets = self.suite.update(rec.p, rec.label, rec.features, ts=rec.ts, model_version=rec.model_version)
-        reqs = self.policy.step(self.n, dets, rec.model_version)
+        reqs = self.policy.step(self.n, dets, version)
         watch = self.policy.watch
-        if watch is not None and rec.model_version == watch.new_version:
-            old = None if rec.p_prev is None else event_signals(rec.p_prev, rec.label)["logloss"]
+        if watch is not None and version == watch.new_version:
+            old = None if p_prev is None else event_signals(p_prev, label)["logloss"]
             reqs += self.policy.observe_loss(self.n, loss, old)
             if self.policy.watch is None and not any(r.action == "rollback" for r in reqs):
                 self._record(

@@ -45,7 +45,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.examples import ExampleStore, Position
-from jobs.monitor import PredictionRecord
 from jobs.registry import ModelRegistry
 from jobs.scoring import (
     Bundle,
@@ -400,24 +399,11 @@ class ServingLoop:
             self._monitor(table, pb, pm, prev)
 
     def _monitor(self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None) -> None:
-
-        version = self.lineage
-        ids, users, items = (table[c].to_pylist() for c in ("event_id", "user_id", "item_id"))
-        ts, labels = table["ts"].to_pylist(), table["label"].to_pylist()
-        for j in range(len(ids)):
-            self.monitor.process(
-                PredictionRecord(
-                    ids[j],
-                    ts[j],
-                    users[j],
-                    items[j],
-                    float(p_base[j]),
-                    int(labels[j]),
-                    version,
-                    float(p_base[j]),
-                    None if p_prev is None else float(p_prev[j]),
-                )
-            )
+        # the base model's loss is what the monitors watch; the batch as arrays (what feeding it one
+        # PredictionRecord per event gives, see MonitorLoop.process_batch)
+        self.monitor.process_batch(
+            table["ts"].to_numpy(), np.asarray(p_base, np.float64), table["label"].to_numpy(), self.lineage, p_prev
+        )
 
 
 class PredictionLog:

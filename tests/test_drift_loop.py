@@ -220,3 +220,61 @@ def test_asynchronous_candidate_is_gated_on_the_loop_thread(tmp_path):
     assert [c[0] for c in acts.calls] == ["request_retrain", "evaluate_candidate", "promote"]
     kinds = [r.kind for r in audit.read()]
     assert kinds.index("retrain_submitted") < kinds.index("candidate_evaluated") < kinds.index("promoted")
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_batch_gives_what_its_records_one_by_one_give(tmp_path, bad):
+    """``process_batch`` (what serving calls, arrays per batch) against ``process`` per record on the same
+    stream and the same version per batch: the same requests at the same events, the same audit trail and hook
+    deliveries (alerts, retrain, gate, promotion, watch, rollback, incidents) and the same monitor state."""
+    s = generate("abrupt_ctr", n=30_000, seed=8, at=10_000)
+    y, ts = s.table.column("label").to_numpy(), s.table.column("ts").to_numpy()
+
+    def serve(batched: bool, where):
+        acts, received = FakeActions(better=True), []
+        audit = AuditLog(where / "audit.jsonl")
+        loop = MonitorLoop(
+            MonitorSuite.from_specs(SPECS),
+            DriftPolicy(watch_min_events=1000, watch_events=5000),
+            HookDispatcher([PythonHook(received.append, accepts_records=True)]),
+            acts,
+            audit,
+            incident_gap_events=3000,
+        )
+        for lo in range(0, len(y), 256):
+            sl = slice(lo, lo + 256)
+            v = acts.current  # the version is the batch's, as serving's lineage is
+            if v == "v1":
+                p, prev = s.p_stale[sl], None
+            else:
+                p = np.minimum(0.9, s.p_true[sl] * 3) if bad else s.p_true[sl]
+                prev = s.p_stale[sl]
+            if batched:
+                loop.process_batch(ts[sl], np.asarray(p, float), y[sl], v, prev)
+            else:
+                for j in range(len(p)):
+                    rec = PredictionRecord(
+                        "e",
+                        int(ts[sl][j]),
+                        "u",
+                        "i",
+                        float(p[j]),
+                        int(y[sl][j]),
+                        v,
+                        p_prev=float(prev[j]) if prev is not None else None,
+                    )
+                    loop.process(rec)
+        drop = {"id", "at", "created_at", "ts_wall", "alert_id", "time", "correlation_id"}
+        clean = lambda d: {k: (clean(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in drop}  # noqa: E731
+        return loop, [clean(r.to_dict()) for r in audit.read()], [clean(r) for r in received], acts.calls
+
+    (a, audit_a, hooks_a, calls_a) = serve(False, tmp_path / "one")
+    (b, audit_b, hooks_b, calls_b) = serve(True, tmp_path / "batch")
+    assert [(r.action, r.index) for r in a.requests] == [(r.action, r.index) for r in b.requests]
+    assert len(a.requests) >= 2 and ("rolled_back" in [r["kind"] for r in audit_a]) == bad
+    assert "incident_resolved" in [r["kind"] for r in audit_a]
+    assert audit_a == audit_b and hooks_a == hooks_b and calls_a == calls_b
+    assert a.n == b.n == len(y)
+    assert json.dumps(a.state_dict(), sort_keys=True, default=str) == json.dumps(
+        b.state_dict(), sort_keys=True, default=str
+    )
