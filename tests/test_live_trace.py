@@ -37,3 +37,62 @@ def test_concurrent_add_and_arrays_keep_every_row_in_every_column() -> None:
     a = trace.arrays()
     assert {len(v) for v in a.values()} == {n * rows}
     assert (np.diff(a["ts"]) == 1).all(), "in arrival order, nothing dropped or repeated"
+
+
+def test_the_predictions_log_writes_what_monitor_parses_to_each_users_default_partition() -> None:
+    """Records built from escaped strings: valid JSON that ``parse_prediction`` reads back, hostile ids included,
+    each sent to the partition kafka-python's default partitioner gives its key."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    from kafka.partitioner.default import DefaultPartitioner
+
+    from jobs.monitor import PredictionRecord, parse_prediction
+    from reloop.live import PredictionLog
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, bytes, int]] = []
+
+        def partitions_for(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3}
+
+        def send(self, topic: str, key: bytes, value: bytes, partition: int) -> None:
+            self.sent.append((key, value, partition))
+
+    class Cluster:
+        def topics(self) -> set[str]:
+            return {"t"}
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3}
+
+        available_partitions_for_topic = partitions_for_topic
+
+    log = PredictionLog(None, "t", 'r"1', ("age",), client=Producer())
+    users = ["196", 'u"\\n\x00é', "196", "22"]
+    table = pa.table(
+        {
+            "event_id": ["a", "b\u2028", "c", "d"],
+            "ts": [1, 2, 3, 4],
+            "user_id": users,
+            "item_id": ["x", "y", "z", "w"],
+            "label": pa.array([1, 0, 0, 1], pa.int8()),
+            "age": [31.0, float("nan"), 40.0, None],
+        }
+    )
+    p = np.array([0.1234567, 0.5, float("nan"), 0.9])
+    log(table, p, p, np.array([0.2, np.nan, 0.3, 0.4]), "v000001")
+    for (key, value, part), user, j in zip(log.producer.sent, users, range(4)):
+        rec = json.loads(value)
+        assert rec["user_id"] == user and key == user.encode() and rec["run_id"] == 'r"1'
+        assert part == DefaultPartitioner().partition("t", key, key, value, value, Cluster())
+        assert ("p_prev" in rec) == (j != 1) and ("age" in rec) == (j in (0, 2))
+        got = parse_prediction(value)
+        if j == 2:  # a non-finite probability is null on the topic, and the monitor refuses it with a reason
+            assert rec["p"] is None and isinstance(got, str)
+        else:
+            assert (
+                isinstance(got, PredictionRecord) and got.p == round(float(p[j]), 6) and got.model_version == "v000001"
+            )
