@@ -163,10 +163,12 @@ class Deployer:
         cand = load_bundle(self.registry, version, self.cfg.memory)
         horizon = horizon_of(cand.entry)
         a = self.live.trace.arrays()
-        ok = a["version"] == served.version
+        # only from the served version's first row on: the whole trace (a million rows at 1M events) is O(N) a gate
+        start = self.live.trace.first_rows.get(served.version, len(a["version"]))
+        ok = a["version"][start:] == served.version
         if horizon is not None:
-            ok &= a["ts"] > horizon
-        idx = np.flatnonzero(ok)
+            ok &= a["ts"][start:] > horizon
+        idx = np.flatnonzero(ok) + start
         recent = self.live.recent()
         if recent is None:
             raise DeployError("no recent rows buffered")
@@ -288,8 +290,8 @@ class Deployer:
             return
         trainer_versions = [
             v
-            for v in self.registry.versions()
-            if v not in self.considered and self.registry.entry(v).extra.get("source") == "jobs.trainer"
+            for v in self.registry.versions(skip=self.considered)
+            if self.registry.entry(v).extra.get("source") == "jobs.trainer"
         ]
         if trainer_versions:
             self.considered.update(trainer_versions)

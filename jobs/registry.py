@@ -49,7 +49,7 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,9 +157,13 @@ class ModelRegistry:
                 out.append(int(m.group(1)))
         return sorted(out)
 
-    def versions(self, include_partial: bool = False) -> list[str]:
-        """Version names in publication order; partial entries (no manifest) are left out."""
-        names = [f"v{n:06d}" for n in self._numbers()]
+    def versions(self, include_partial: bool = False, skip: Container[str] = ()) -> list[str]:
+        """Version names in publication order; partial entries (no manifest) are left out.
+
+        ``skip``: names the caller has already seen, left out without a look at their manifest (a poller that
+        asks often would otherwise pay one file-info request per version ever published, each time).
+        """
+        names = [v for v in (f"v{n:06d}" for n in self._numbers()) if v not in skip]
         if include_partial:
             return names
         return [v for v in names if self._exists(self._p("versions", v, MANIFEST))]

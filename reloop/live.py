@@ -83,6 +83,9 @@ class Trace:
     horizon: list[np.ndarray] = field(default_factory=list)  # its trained_until_ts (ms)
     label_ts: list[np.ndarray] = field(default_factory=list)  # when each label arrived (= ts without delay)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    #: the row where each version first appears: every row it served is at or after it (what the gate scans)
+    first_rows: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    rows: int = 0
 
     def add(
         self,
@@ -107,7 +110,17 @@ class Trace:
             self.p_mem.append(p_mem)
             self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
             self.version.append(np.full(len(p_base), version, object))
+            self.first_rows.setdefault(version, self.rows)
+            self.rows += len(p_base)
             self.horizon.append(np.full(len(p_base), -1 if horizon is None else horizon, np.int64))
+
+    def reindex(self) -> None:
+        """Recount the rows and each version's first row after the columns were set whole (a resumed run)."""
+        with self.lock:
+            versions = np.concatenate(self.version) if self.version else np.zeros(0, object)
+            names, first = np.unique(versions, return_index=True)
+            self.first_rows = {str(v): int(i) for v, i in zip(names, first)}
+            self.rows = len(versions)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every column as one array. The chunks are merged in place, so the progress display, the gate and

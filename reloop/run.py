@@ -808,6 +808,7 @@ class LoopRun:
             live.trace.version = [np.array(t.get("version", [""] * len(t["ts"])), object)]
             live.trace.horizon = [np.array(t.get("horizon", [-1] * len(t["ts"])), np.int64)]
             live.trace.label_ts = [np.array(t.get("label_ts", t["ts"]), np.int64)]
+            live.trace.reindex()
             live.scored = len(t["ts"])
         for k in (
             "records_read",

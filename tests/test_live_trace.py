@@ -96,3 +96,17 @@ def test_the_predictions_log_writes_what_monitor_parses_to_each_users_default_pa
             assert (
                 isinstance(got, PredictionRecord) and got.p == round(float(p[j]), 6) and got.model_version == "v000001"
             )
+
+
+def test_each_versions_first_row_is_kept_and_recounted_on_resume() -> None:
+    trace = Trace()
+    for version in ("v1", "v1", "v2", "v1", "v3"):
+        t = pa.table({"ts": [1, 2], "label": np.ones(2, np.int8), "user_id": ["u", "v"], "event_id": ["a", "b"]})
+        trace.add(t, np.full(2, 0.5), np.full(2, 0.5), version=version)
+    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8} and trace.rows == 10
+    a = trace.arrays()
+    for v, first in trace.first_rows.items():
+        assert int(np.flatnonzero(a["version"] == v)[0]) == first
+    trace.first_rows, trace.rows = {}, 0
+    trace.reindex()
+    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8} and trace.rows == 10

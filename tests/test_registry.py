@@ -203,3 +203,8 @@ def test_hmac_seal_with_a_key_from_the_environment(reg, monkeypatch):
     monkeypatch.delenv(HMAC_KEY_ENV)
     with pytest.raises(CorruptEntryError, match="HMAC-signed"):
         reg.load(v)
+
+
+def test_versions_skips_the_names_a_poller_has_seen(reg):
+    a, b, c = (_publish(reg, float(i)).version for i in range(3))
+    assert reg.versions(skip={a, b}) == [c] and reg.versions(skip=set()) == [a, b, c]
