@@ -63,6 +63,19 @@ from online_models.metrics import auc, logloss
 from pipelines.kafka_io import producer
 from pipelines.side_features import SideTableSource
 
+_TRACE_COLUMNS = (
+    ("ts", np.int64),
+    ("y", np.float64),
+    ("p_base", np.float64),
+    ("p_mem", np.float64),
+    ("p_prev", np.float64),
+    ("user", object),
+    ("event_id", object),
+    ("version", object),
+    ("horizon", np.int64),
+    ("label_ts", np.int64),
+)
+
 
 @dataclass
 class Trace:
@@ -86,6 +99,9 @@ class Trace:
     #: the row where each version first appears: every row it served is at or after it (what the gate scans)
     first_rows: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     rows: int = 0
+    #: the columns as growing buffers (the chunk lists above hold what was added since the last arrays())
+    _buffers: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _filled: int = 0
 
     def add(
         self,
@@ -116,33 +132,40 @@ class Trace:
 
     def reindex(self) -> None:
         """Recount the rows and each version's first row after the columns were set whole (a resumed run)."""
+        versions = self.arrays()["version"]
+        names, first = np.unique(versions, return_index=True)
         with self.lock:
-            versions = np.concatenate(self.version) if self.version else np.zeros(0, object)
-            names, first = np.unique(versions, return_index=True)
             self.first_rows = {str(v): int(i) for v, i in zip(names, first)}
             self.rows = len(versions)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every column as one array. The chunks are merged in place, so the progress display, the gate and
-        the deployer, which ask often, concatenate only what arrived since the last call."""
+        """Every column as one array (views of the rows so far: later rows never change them).
+
+        The chunks added since the last call are copied into a buffer per column whose capacity doubles, so
+        the progress display, the gate and the deployer, which ask often, pay for what arrived since, not for
+        the whole trace (merging every chunk into one array again was O(rows) per call: 4 s of a 300k run's
+        gates).
+        """
         out = {}
         with self.lock:
-            for name, dtype in (
-                ("ts", np.int64),
-                ("y", float),
-                ("p_base", float),
-                ("p_mem", float),
-                ("p_prev", float),
-                ("user", object),
-                ("event_id", object),
-                ("version", object),
-                ("horizon", np.int64),
-                ("label_ts", np.int64),
-            ):
+            added = sum(len(c) for c in self.ts)
+            filled = self._filled + added
+            for name, dtype in _TRACE_COLUMNS:
                 chunks = getattr(self, name)
-                if len(chunks) > 1:
-                    chunks[:] = [np.concatenate(chunks)]
-                out[name] = chunks[0] if chunks else np.zeros(0, dtype)
+                buf = self._buffers.get(name)
+                if chunks:
+                    if buf is None or len(buf) < filled:
+                        grown = np.empty(max(filled, 2 * (0 if buf is None else len(buf)), 1024), dtype)
+                        if buf is not None:
+                            grown[: self._filled] = buf[: self._filled]
+                        buf = self._buffers[name] = grown
+                    at = self._filled
+                    for c in chunks:
+                        buf[at : at + len(c)] = c
+                        at += len(c)
+                    chunks.clear()
+                out[name] = buf[:filled] if buf is not None else np.zeros(0, dtype)
+            self._filled = filled
         return out
 
     def promotions(self, versions: list[dict[str, Any]]) -> list[dict[str, Any]]:

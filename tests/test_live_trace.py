@@ -110,3 +110,19 @@ def test_each_versions_first_row_is_kept_and_recounted_on_resume() -> None:
     trace.first_rows, trace.rows = {}, 0
     trace.reindex()
     assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8} and trace.rows == 10
+
+
+def test_arrays_are_the_rows_so_far_and_stay_so_while_the_trace_grows() -> None:
+    trace, seen = Trace(), []
+    for i in range(300):  # past several doublings of the buffers
+        t = pa.table(
+            {"ts": [2 * i, 2 * i + 1], "label": np.ones(2, np.int8), "user_id": ["u", "v"], "event_id": ["a", "b"]}
+        )
+        trace.add(t, np.full(2, i / 300), np.full(2, 0.5), version=f"v{i // 100}")
+        if i % 37 == 0:
+            seen.append((trace.arrays(), 2 * (i + 1)))
+    a = trace.arrays()
+    assert a["ts"].tolist() == list(range(600)) and len(a["version"]) == 600 and a["p_base"].dtype == np.float64
+    for old, n in seen:  # an earlier call's arrays are still exactly the rows it saw
+        assert len(old["ts"]) == n and old["ts"].tolist() == list(range(n))
+        assert old["p_base"].tolist() == a["p_base"][:n].tolist()
