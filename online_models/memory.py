@@ -256,7 +256,8 @@ class ErrorCompensationMemory:
             proj = h @ self.planes  # float32: about 3x one float64 matmul and its rounding to float32
             row_max = h.abs().amax(1).double().numpy()  # (B,) NaN/inf propagate: such a row is recomputed
             gamma = 2.0 * self.dim * 2.0**-24 / (1.0 - self.dim * 2.0**-24)  # twice the float32 dot product's bound
-            _fix32(proj.numpy(), h.numpy(), self.planes.numpy(), row_max, self._plane_l1, gamma, k, bits, index.numpy())
+            _fix32(proj.numpy(), h.numpy(), self.planes.numpy(), row_max, self._plane_l1, gamma)
+            _codes(proj.numpy(), k, bits, index.numpy())
         else:
             digits = torch.empty(3, b, self.dim, dtype=torch.int8)
             scale, bad = np.empty(b), np.empty(b, dtype=np.bool_)
@@ -820,14 +821,16 @@ def _combine_kernel(z2, z1, z0, scale, bad, margin, h, planes, num_tables, bits,
             index[i, k] = code + (k << bits)
 
 
-def _fix32_kernel(proj, h, planes, row_max, plane_l1, gamma, num_tables, bits, index):  # pragma: no cover
-    """Bucket ids from a float32 matmul's projections ``proj`` (B, K*L), settled in place. Rounding moves a float32
-    dot product of length D by at most gamma_D * sum_t |h_t P_tj| <= gamma_D * max|h| * |P_j|_1 (any summation
-    order), so where a projection is within ``gamma`` (twice that factor) * ``row_max[i]`` * ``plane_l1[j]`` of
-    zero, or its row is not finite, it is recomputed in float64 from the key, and its code bit set by that. Every
-    sign is then the (float64) dot product's, as :func:`reference_hash` computes it."""
+def _fix32_kernel(proj, h, planes, row_max, plane_l1, gamma):  # pragma: no cover - compiled
+    """Settle a float32 matmul's projections ``proj`` (B, K*L) in place, for :func:`_codes_kernel`. Rounding moves a
+    float32 dot product of length D by at most gamma_D * sum_t |h_t P_tj| <= gamma_D * max|h| * |P_j|_1 (any
+    summation order), so where a projection is within ``gamma`` (twice that factor) * ``row_max[i]`` *
+    ``plane_l1[j]`` of zero, or its row is not finite, it is recomputed in float64 from the key (a positive value
+    too small for float32 is kept positive). Every sign is then the (float64) dot product's, as
+    :func:`reference_hash` computes it."""
     n, width = proj.shape
     d = h.shape[1]
+    tiny = np.float32(1e-45)
     for i in range(n):
         m = row_max[i]
         bad = not m < np.inf
@@ -835,24 +838,13 @@ def _fix32_kernel(proj, h, planes, row_max, plane_l1, gamma, num_tables, bits, i
         unsettled = False
         for j in range(width):  # branch-free, vectorised
             unsettled |= abs(proj[i, j]) <= lim * np.float32(plane_l1[j])
-        for k in range(num_tables):
-            code = 0
-            for b in range(bits):
-                if proj[i, k * bits + b] > 0:
-                    code |= 1 << b
-            index[i, k] = code + (k << bits)
         if unsettled or bad:
             for j in range(width):
                 if bad or abs(proj[i, j]) <= lim * np.float32(plane_l1[j]):
                     v = 0.0
                     for t in range(d):
                         v += np.float64(h[i, t]) * np.float64(planes[t, j])
-                    proj[i, j] = v
-                    k, b = j // bits, j % bits
-                    if v > 0:
-                        index[i, k] |= 1 << b
-                    else:
-                        index[i, k] &= ~(1 << b)
+                    proj[i, j] = max(np.float32(v), tiny) if v > 0 else np.float32(v)
 
 
 def _codes_kernel(proj, num_tables, bits, index):  # pragma: no cover - compiled
