@@ -552,6 +552,7 @@ class DelayedServingLoop(ServingLoop):
         self.final = False  # set by the run once the feature job has emitted everything
         self.read = 0  # store rows read so far (their store-order sequence numbers)
         self.closed_until = -1  # the newest label_ts of a negative read: the join's watermark passed it
+        self.warmup_until = -1  # the first version's horizon: impressions up to it are its warm-up, never scored
         self.clock = -1  # event time of the last timeline step processed
         self.open: pa.Table | None = None  # rows read whose impression or outcome step is still ahead
         self._state: dict[str, np.ndarray] = {}
@@ -640,8 +641,12 @@ class DelayedServingLoop(ServingLoop):
             self.maybe_swap(int(score_at.min()))
         horizon = horizon_of(self.served.entry)
         if self.causal and horizon is not None and self.scored == 0:
-            # the first version learned its warm-up freely: impressions up to its horizon pass unscored
-            early = ~write & (when <= horizon)
+            # the first version learned its warm-up freely (labels up to its horizon, in label order)
+            self.warmup_until = max(self.warmup_until, horizon)
+        if self.causal and self.warmup_until >= 0:
+            # impressions up to the warm-up's horizon pass unscored, whenever they come: one whose label arrived
+            # after the horizon is read later than the warm-up, possibly after scoring began (it is not a leak)
+            early = ~write & (when <= self.warmup_until)
             if early.any():
                 st["scored"][rows[early]] = True
                 self.unscored += int(early.sum())
@@ -713,7 +718,15 @@ class DelayedServingLoop(ServingLoop):
                 t = t.append_column(f"__{c}", pa.array(v.tolist() if v.dtype == object else v))
             pq.write_table(t, d / "open.parquet")
         (d / "timeline.json").write_text(
-            json.dumps({"read": self.read, "closed_until": self.closed_until, "clock": self.clock, "skip": self.skip})
+            json.dumps(
+                {
+                    "read": self.read,
+                    "closed_until": self.closed_until,
+                    "clock": self.clock,
+                    "skip": self.skip,
+                    "warmup_until": self.warmup_until,
+                }
+            )
         )
 
     def load(self, d) -> None:
@@ -722,6 +735,7 @@ class DelayedServingLoop(ServingLoop):
             return
         s = json.loads((d / "timeline.json").read_text())
         self.read, self.closed_until, self.clock, self.skip = s["read"], s["closed_until"], s["clock"], s["skip"]
+        self.warmup_until = int(s.get("warmup_until", -1))
         if (d / "open.parquet").exists():
             t = pq.read_table(d / "open.parquet")
             state = [c for c in t.column_names if c.startswith("__")]

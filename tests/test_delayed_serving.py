@@ -141,3 +141,27 @@ def test_a_resumed_loop_serves_every_impression_once(world, tmp_path) -> None:
     assert not set(a) & set(b)
     assert sorted(a + b) == sorted(full.trace.arrays()["event_id"].tolist())
     assert second.passed == second.read == world["store"].num_rows
+
+
+def test_a_warm_up_impression_read_after_scoring_began_is_passed_over_not_a_leak(world) -> None:
+    """The first version learned its warm-up freely: the first labels in label order, up to its horizon. An
+    impression before that horizon whose label came later (a negative closes a window after the impression) is
+    read later than the warm-up. When serving reads the store in small steps, scoring has begun by then: such an
+    impression is still the warm-up's (never scored), not an event the version would serve after learning it.
+    This is the CausalityError the delayed-label run test met when its first scoring step came early."""
+    loop = DelayedServingLoop(
+        str(world["root"] / "examples"), world["registry"], dict(SERVING_MEMORY), window_ms=WINDOW, batch_size=16
+    )
+    steps = 0
+    while loop.step(max_batches=1):
+        steps += 1
+    loop.final = True
+    while loop.step(max_batches=1):
+        steps += 1
+    store = world["store"]
+    horizon = world["registry"].entry(world["registry"].versions()[0]).training_range["trained_until_ts"]
+    ts, seq = store["ts"].to_numpy(), np.arange(store.num_rows)
+    want = set(store["event_id"].to_numpy(zero_copy_only=False)[(seq >= FREE) & (ts > horizon)].tolist())
+    a = loop.trace.arrays()
+    assert steps > 100 and set(a["event_id"].tolist()) == want and loop.scored == len(want)
+    assert loop.scored + loop.unscored == store.num_rows  # unscored: the warm-up rows and impressions
