@@ -22,7 +22,7 @@ Semantics (all in event time, ``W`` = the attribution window):
   newest event time read from each (a partition not read yet holds it at -1); a
   window closes when ``t + W < watermark`` (strictly: a record at exactly the
   watermark may still be unread in another partition). A partition that has had
-  no record planned for ``idle_timeout_ms`` of processing time (the plans'
+  no valid record read for ``idle_timeout_ms`` of processing time (the plans'
   clock) stops holding it, as Flink's ``withIdleness``; the watermark never
   moves back when it wakes up;
 - an impression behind the watermark (``t + W < watermark``: its window would
@@ -141,7 +141,7 @@ class JoinState:
     #: newest event time read per (joint) partition
     partition_ts: dict[int, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
-    #: processing time (the plan's clock, ms) each known partition last had records planned, or was first seen
+    #: processing time (the plan's clock, ms) each known partition last had valid records read, or was first seen
     partition_active_ms: dict[int, int] = field(default_factory=dict)
     #: the watermark of the last batch (kept: with idle partitions left out, the minimum could move back)
     last_watermark: int | None = None
