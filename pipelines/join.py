@@ -307,10 +307,9 @@ def join_batch(
         imps = imps.filter(pa.array(~dup))
 
     # 1b. impressions whose window closed before they arrived: dropped, counted, remembered as closed
-    behind = _behind(imps, wm_before, W)
+    imps, behind = _split_behind(imps, wm_before, W)
     if behind is not None:
         stats["impressions_behind_watermark"] = behind.num_rows
-        imps = imps.filter(pc.greater_equal(pc.add(imps["ts"], W), wm_before))
 
     # 2. impression-side features; impressions too late for them are dropped here (no example)
     imps, new_imp, fstats = _impression_features(imps, state, cfg.features)
@@ -480,15 +479,16 @@ def join_batch(
     return JoinResult(examples, dlq, new_state, stats)
 
 
-def _behind(imps: pa.Table, wm: int, window_ms: int) -> pa.Table | None:
-    """The impressions whose window had closed before they arrived (``ts + W < wm``), as closed rows."""
+def _split_behind(imps: pa.Table, wm: int, window_ms: int) -> tuple[pa.Table, pa.Table | None]:
+    """The impressions still in time, and those whose window had closed before they arrived (``ts + W < wm``) as
+    closed rows (None when there are none)."""
     if not imps.num_rows or wm < 0:
-        return None
+        return imps, None
     late = pc.less(pc.add(imps["ts"], window_ms), wm)
     if not pc.any(late).as_py():
-        return None
+        return imps, None
     rows = imps.filter(late)
-    return pa.table(
+    closed = pa.table(
         {
             "impression_id": rows["impression_id"],
             "imp_ts": rows["ts"],
@@ -496,6 +496,7 @@ def _behind(imps: pa.Table, wm: int, window_ms: int) -> pa.Table | None:
         },
         schema=_CLOSED_SCHEMA,
     )
+    return imps.filter(pc.invert(late)), closed
 
 
 def _watermark(
