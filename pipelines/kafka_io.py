@@ -16,6 +16,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as Errors
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 from kafka.protocol.consumer import FetchRequest, IsolationLevel
 
 from pipelines.config import KafkaConfig
@@ -44,6 +45,15 @@ def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int | Non
             pass
     finally:
         client.close()
+
+
+def key_partition(key: str, num_partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client and kafka-python).
+
+    >>> [key_partition(k, 4) for k in ["196", "186", "22", "244"]]
+    [0, 0, 3, 2]
+    """
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % num_partitions
 
 
 def producer(cfg: KafkaConfig, **overrides) -> KafkaProducer:

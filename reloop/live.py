@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from kafka.partitioner.default import murmur2
 
 from jobs.examples import ExampleStore, Position
 from jobs.registry import ModelRegistry
@@ -60,7 +59,7 @@ from jobs.scoring import (
     serve_timeline,
 )
 from online_models.metrics import auc, logloss
-from pipelines.kafka_io import producer
+from pipelines.kafka_io import key_partition, producer
 from pipelines.side_features import SideTableSource
 
 _TRACE_COLUMNS = (
@@ -461,24 +460,23 @@ class PredictionLog:
         self.topic, self.run_id, self.features = topic, run_id, features
         self.producer = client if client is not None else producer(kafka_cfg)
         self.sent = 0
-        self._partitions: list[int] | None = None
+        self._partitions: int | None = None
         self._partition_of: dict[str, int] = {}
-        self._tail = f', "run_id": {_json_str(run_id)}}}'
+        self._run = f', "run_id": {_json_str(run_id)}'
 
     def _partition(self, key: str) -> int:
         p = self._partition_of.get(key)
         if p is None:
             if len(self._partition_of) > 1_000_000:  # bounded: a stream of endless new users
                 self._partition_of.clear()
-            parts = self._partitions
-            p = self._partition_of[key] = parts[(murmur2(key.encode()) & 0x7FFFFFFF) % len(parts)]
+            p = self._partition_of[key] = key_partition(key, self._partitions)
         return p
 
     def __call__(
         self, table: pa.Table, p_base: np.ndarray, p_mem: np.ndarray, p_prev: np.ndarray | None, version: str
     ) -> None:
         if self._partitions is None:
-            self._partitions = sorted(self.producer.partitions_for(self.topic))  # as kafka-python's default
+            self._partitions = len(self.producer.partitions_for(self.topic))
         ids, ts, users, items, labels = (
             table[c].to_pylist() for c in ("event_id", "ts", "user_id", "item_id", "label")
         )
@@ -489,24 +487,15 @@ class PredictionLog:
         send, topic = self.producer.send, self.topic
         for j in range(table.num_rows):
             user = users[j]
+            extra = f', "p_prev": {prev[j]}' if prev is not None and prev[j] != "null" else ""
+            for f, vals in feats.items():
+                if isinstance(vals[j], (int, float)) and np.isfinite(vals[j]):
+                    extra += f", {_json_str(f)}: {json.dumps(vals[j])}"
             rec = (
                 f'{{"event_id": {_json_str(ids[j])}, "ts": {int(ts[j])}, "user_id": {_json_str(user)}, '
                 f'"item_id": {_json_str(items[j])}, "label": {int(labels[j])}, "p": {pm[j]}, "p_base": {pb[j]}'
-                + head
-                + self._tail
+                f"{head}{self._run}{extra}}}"
             )
-            if (prev is not None and prev[j] != "null") or feats:
-                extra = "".join(
-                    f", {_json_str(f)}: {json.dumps(vals[j])}"
-                    for f, vals in feats.items()
-                    if isinstance(vals[j], (int, float)) and np.isfinite(vals[j])
-                )
-                rec = (
-                    rec[:-1]
-                    + (f', "p_prev": {prev[j]}' if prev is not None and prev[j] != "null" else "")
-                    + extra
-                    + "}"
-                )
             key = str(user)
             send(topic, key=key.encode(), value=rec.encode(), partition=self._partition(key))
         self.sent += table.num_rows

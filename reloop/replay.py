@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from kafka.errors import KafkaError
-from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
 from online_models.errors import ReloopError
 from pipelines.config import KafkaConfig
-from pipelines.kafka_io import ensure_topics, partition_count, producer
+from pipelines.kafka_io import ensure_topics, key_partition, partition_count, producer
 from reloop.datasets import CORE_COLUMNS
 from reloop.synthetic import FEEDBACK_COLUMNS, IMPRESSION_COLUMNS, SyntheticError
 from reloop.synthetic import label_delay as split
@@ -124,7 +123,7 @@ def partitions_for(keys: list[str], num_partitions: int) -> list[int]:
     for k in keys:
         p = cache.get(k)
         if p is None:
-            p = cache[k] = (murmur2(k.encode()) & 0x7FFFFFFF) % num_partitions
+            p = cache[k] = key_partition(k, num_partitions)
         out.append(p)
     return out
 
