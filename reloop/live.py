@@ -97,7 +97,6 @@ class Trace:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     #: the row where each version first appears: every row it served is at or after it (what the gate scans)
     first_rows: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-    rows: int = 0
     #: the columns as growing buffers (the chunk lists above hold what was added since the last arrays())
     _buffers: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     _filled: int = 0
@@ -125,17 +124,15 @@ class Trace:
             self.p_mem.append(p_mem)
             self.p_prev.append(np.full(len(p_base), np.nan) if p_prev is None else p_prev)
             self.version.append(np.full(len(p_base), version, object))
-            self.first_rows.setdefault(version, self.rows)
-            self.rows += len(p_base)
+            # the rows before this chunk: those merged into the buffers and those still in chunks
+            self.first_rows.setdefault(version, self._filled + sum(len(c) for c in self.version[:-1]))
             self.horizon.append(np.full(len(p_base), -1 if horizon is None else horizon, np.int64))
 
     def reindex(self) -> None:
-        """Recount the rows and each version's first row after the columns were set whole (a resumed run)."""
-        versions = self.arrays()["version"]
-        names, first = np.unique(versions, return_index=True)
+        """Recount each version's first row after the columns were set whole (a resumed run)."""
+        names, first = np.unique(self.arrays()["version"], return_index=True)
         with self.lock:
             self.first_rows = {str(v): int(i) for v, i in zip(names, first)}
-            self.rows = len(versions)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every column as one array (views of the rows so far: later rows never change them).

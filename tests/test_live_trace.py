@@ -103,13 +103,16 @@ def test_each_versions_first_row_is_kept_and_recounted_on_resume() -> None:
     for version in ("v1", "v1", "v2", "v1", "v3"):
         t = pa.table({"ts": [1, 2], "label": np.ones(2, np.int8), "user_id": ["u", "v"], "event_id": ["a", "b"]})
         trace.add(t, np.full(2, 0.5), np.full(2, 0.5), version=version)
-    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8} and trace.rows == 10
+        if version == "v2":
+            trace.arrays()  # rows merged into the buffers count as much as rows still in chunks
+    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8}
     a = trace.arrays()
+    assert len(a["version"]) == 10
     for v, first in trace.first_rows.items():
         assert int(np.flatnonzero(a["version"] == v)[0]) == first
-    trace.first_rows, trace.rows = {}, 0
+    trace.first_rows = {}
     trace.reindex()
-    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8} and trace.rows == 10
+    assert trace.first_rows == {"v1": 0, "v2": 4, "v3": 8}
 
 
 def test_arrays_are_the_rows_so_far_and_stay_so_while_the_trace_grows() -> None:
