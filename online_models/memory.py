@@ -186,7 +186,7 @@ class ErrorCompensationMemory:
         self._planes_bf16 = planes.bfloat16() if self.precision == "bfloat16" else None
         self._planes64 = planes.double()
         # per plane, |P_j|_1: bounds a float32 matmul's rounding of a projection (see _fix32_kernel)
-        self._plane_l1 = planes.double().abs().sum(0).numpy()
+        self._plane_l1 = self._planes64.abs().sum(0).numpy()
         ints = planes * _PLANE_SCALE
         self._planes_i8: torch.Tensor | None = None
         self._margin: np.ndarray | None = None
