@@ -539,6 +539,12 @@ class IncrementalTrainer:
             self._allowed_at = time.monotonic() - self.config.poll_seconds
             self._wake.set()
 
+    def _settle(self, seconds: float) -> None:
+        """A part-batch waits for the clock to stand still this long, or until told it does (:meth:`allow`)."""
+        with self.times("wait: a part-batch settles"):
+            self._wake.wait(seconds)
+        self._wake.clear()
+
     def _bound(self) -> int | None:
         if self.allowed is None and self.config.free_examples is None:
             return None
@@ -596,19 +602,15 @@ class IncrementalTrainer:
                     break
             if got:
                 idle_since = time.monotonic()
-                if settle > 0:  # a part-batch is waiting for the clock to settle (or to be told it stands still)
-                    with self.times("wait: a part-batch settles"):
-                        self._wake.wait(settle)
-                    self._wake.clear()
+                if settle > 0:
+                    self._settle(settle)
             elif cfg.idle_exit is not None and time.monotonic() - idle_since >= cfg.idle_exit:
                 break
             else:
                 if self._since_ckpt and time.monotonic() - self._ckpt_time >= cfg.checkpoint_seconds:
                     self.checkpoint(wait=False)
-                if settle > 0:  # a part-batch is waiting for the clock to settle (or to be told it stands still)
-                    with self.times("wait: a part-batch settles"):
-                        self._wake.wait(settle)
-                    self._wake.clear()
+                if settle > 0:
+                    self._settle(settle)
                 else:  # new examples are polled for; a raised serving clock wakes the wait at once
                     with self.times("wait: serving clock or new examples"):
                         self._wake.wait(cfg.poll_seconds)
